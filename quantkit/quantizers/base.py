@@ -62,6 +62,11 @@ class Quantizer(ABC):
     ) -> dict[str, QuantizedWeight]:
         """Quantize every Linear of ``arch.linears`` in ``layer``; keys are those names."""
 
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Float tensors to export beside the last layer quantized (e.g. KV-cache scales),
+        named relative to the layer (``"self_attn.k_scale"``)."""
+        return {}
+
 
 QUANTIZERS: dict[str, type[Quantizer]] = {}
 
