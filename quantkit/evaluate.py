@@ -1,0 +1,37 @@
+"""Perplexity of a saved model or quantized checkpoint, through transformers.
+
+transformers decompresses compressed-tensors/GPTQ/AWQ checkpoints on load, so this measures
+what a user will actually load. For models larger than memory the layerwise engine measures
+perplexity during ``run`` instead (base and quantized in one streaming pass).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .calibration import TextRequest, load_tokens
+from .engine import make_batches
+from .model import resolve_model_dir
+
+
+def evaluate_checkpoint(checkpoint: str | Path, source: str = "shakespeare-eval", num_samples: int = 16,
+                        max_seq_length: int = 512, batch_size: int = 4) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_dir(str(checkpoint))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokens = load_tokens(TextRequest(source, num_samples, max_seq_length, True, 0, False), tokenizer, path)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for batch in make_batches(tokens, batch_size):
+            logits = model(batch).logits[:, :-1].float()
+            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
+            count += batch[:, 1:].numel()
+    return {"checkpoint": str(checkpoint), "perplexity": math.exp(nll / count), "source": source,
+            "num_windows": len(tokens), "seq_len": max_seq_length}

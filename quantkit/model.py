@@ -1,0 +1,161 @@
+"""ModelSource: where a model's files are, and lazy access to its tensors.
+
+Weights are read one tensor at a time from memory-mapped safetensors shards, so holding a
+``ModelSource`` costs nothing until a layer asks for its tensors. ``materialized`` counts the
+bytes of tensors handed out and still alive: tests use it to prove the engine keeps one
+layer in memory, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+def resolve_model_dir(model: str, revision: str | None = None, token: str | None = None) -> Path:
+    """A local folder as is, or a hub id downloaded (config, tokenizer, safetensors only)."""
+    if model.startswith("builtin:"):
+        from .assets import builtin_model_dir
+
+        return builtin_model_dir(model)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise ModelError(f"model: {model} is not a folder with config.json")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(model, revision=revision, token=token, allow_patterns=_WEIGHT_PATTERNS)
+        )
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise ModelError(
+            f"model: '{model}' is neither a local folder nor a reachable hub repo "
+            f"({type(e).__name__}); check the path, the id, or your network/HF_TOKEN"
+        ) from None
+
+
+@dataclass
+class _Counter:
+    alive: int = 0
+    peak: int = 0
+
+    def add(self, n: int) -> None:
+        self.alive += n
+        self.peak = max(self.peak, self.alive)
+
+    def sub(self, n: int) -> None:
+        self.alive -= n
+
+
+@dataclass
+class ModelSource:
+    """A resolved model folder with its config and a lazy tensor reader."""
+
+    path: Path
+    config: dict[str, Any]
+    weight_map: dict[str, str]
+    materialized: _Counter = field(default_factory=_Counter)
+
+    @classmethod
+    def open(
+        cls,
+        model: str,
+        revision: str | None = None,
+        allow_pickle: bool = False,
+        token: str | None = None,
+    ) -> "ModelSource":
+        path = resolve_model_dir(model, revision, token)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ModelError(f"model: {path} has no config.json")
+        try:
+            config = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelError(f"model: {cfg_file} is not valid JSON ({e})") from None
+        return cls(path=path, config=config, weight_map=_weight_map(path, allow_pickle))
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor from its shard; counted in ``materialized`` while alive."""
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise ModelError(f"model: tensor '{name}' is missing from {self.path}")
+        with safe_open(self.path / shard, framework="pt") as f:
+            t = f.get_tensor(name)
+        n = t.numel() * t.element_size()
+        self.materialized.add(n)
+        weakref.finalize(t, self.materialized.sub, n)
+        return t
+
+    def tensors_with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        """All tensors under ``prefix`` (e.g. ``model.layers.3.``), keys without the prefix."""
+        return {
+            name[len(prefix):]: self.tensor(name)
+            for name in self.weight_map
+            if name.startswith(prefix)
+        }
+
+    def tokenizer_files(self) -> list[Path]:
+        names = (
+            "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+            "chat_template.jinja", "chat_template.json",
+        )
+        return [self.path / n for n in names if (self.path / n).is_file()]
+
+
+def _weight_map(path: Path, allow_pickle: bool) -> dict[str, str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    shards = sorted(p.name for p in path.glob("*.safetensors"))
+    if shards:
+        out: dict[str, str] = {}
+        for s in shards:
+            with safe_open(path / s, framework="pt") as f:
+                out.update({k: s for k in f.keys()})
+        return out
+    pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    if pickles and not allow_pickle:
+        raise ModelError(
+            f"model: {path} has only pickle weights ({pickles[0]}); pickle can run code when "
+            "loaded. Convert to safetensors, or set model.allow_pickle: true if you trust it"
+        )
+    if pickles:
+        return _convert_pickle(path, pickles)
+    raise ModelError(f"model: {path} has no *.safetensors weights")
+
+
+def _convert_pickle(path: Path, pickles: list[str]) -> dict[str, str]:
+    """Opted-in pickle: convert once to safetensors in a cache beside the model."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit")) / "pickle"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    for name in pickles:
+        log.warning("loading pickle weights %s because model.allow_pickle is true", path / name)
+        sd = torch.load(path / name, map_location="cpu", weights_only=True)
+        target = out_dir / (Path(name).stem + ".safetensors")
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(target))
+        weight_map.update({k: str(target) for k in sd})
+    return weight_map

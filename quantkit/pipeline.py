@@ -1,0 +1,186 @@
+"""pipeline.run: recipe in, published checkpoint (and report) out.
+
+Everything that can be checked without reading weights is checked first: the recipe, the
+model's config and architecture, group sizes against the model's dimensions, sequence length
+against its context, and the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .architectures import Architecture, architecture_for
+from .calibration import TextRequest, load_tokens
+from .card import base_license, render_card
+from .checkpoint import CheckpointWriter
+from .engine import LayerCallback, LayerwiseEngine
+from .errors import QuantkitError, RecipeError
+from .formats import FORMATS
+from .layers import ModelSkeleton
+from .model import ModelSource
+from .quantizers import QUANTIZERS
+from .recipe import RecipeBase, parse_size
+from .scheme import Scheme
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RecipeError(f"device: '{name}' asked for but CUDA is not available; use device: cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, config: dict[str, Any]) -> torch.dtype:
+    if name == "auto":
+        name = str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
+    return _DTYPES.get(name, torch.float32)
+
+
+def check_model_fits_scheme(config: dict[str, Any], arch: Architecture, scheme: Scheme, where: str) -> None:
+    """Group sizes must divide every quantized Linear's input size: say so before reading weights."""
+    ws = scheme.weights
+    if ws.strategy != "group" or not ws.group_size:
+        return
+    dims = {"hidden_size": config["hidden_size"], "intermediate_size": config["intermediate_size"]}
+    heads = config["num_attention_heads"]
+    dims["num_attention_heads × head_dim"] = heads * config.get("head_dim", config["hidden_size"] // heads)
+    for name, d in dims.items():
+        if d % ws.group_size:
+            divisors = [g for g in (32, 64, 128) if all(v % g == 0 for v in dims.values())]
+            raise RecipeError(f"{where}: quantization.group_size {ws.group_size} does not divide the model's "
+                              f"{name} ({d}); use one of {divisors or [-1]}")
+
+
+def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None = None) -> dict[str, Any]:
+    """Quantize, evaluate, export and (if asked) push; returns the report."""
+    started = time.perf_counter()
+    token = os.environ.get("HF_TOKEN")
+    source = ModelSource.open(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle, token)
+    arch = architecture_for(source.config, f"model {recipe.model.id}")
+    params = recipe.quantization
+    scheme = params.scheme()
+    check_model_fits_scheme(source.config, arch, scheme, "recipe")
+    max_pos = source.config.get("max_position_embeddings")
+    for section, spec in (("calibration", recipe.calibration), ("evaluate", recipe.evaluate)):
+        if max_pos and spec.max_seq_length > max_pos:
+            raise RecipeError(f"recipe: {section}.max_seq_length {spec.max_seq_length} exceeds the model's "
+                              f"max_position_embeddings ({max_pos})")
+    device = resolve_device(recipe.device)
+    dtype = resolve_dtype(recipe.model.dtype, source.config)
+    fmt = FORMATS[recipe.format_name]()
+    writer = CheckpointWriter(recipe.export.output_dir, fmt, dtype, parse_size(recipe.export.max_shard_size),
+                              recipe.export.overwrite)
+    writer.check_target()
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    quantizer = QUANTIZERS[params.method](params, source.config)
+    calib: list[torch.Tensor] = []
+    cal = recipe.calibration
+    if quantizer.needs_calibration:
+        calib = load_tokens(
+            TextRequest(cal.source, cal.num_samples, cal.max_seq_length, cal.packing, cal.seed, True,
+                        cal.split, cal.subset, cal.text_column, cal.messages_column),
+            tokenizer, source.path,
+            generate=lambda n, length, seed: _self_generate(source.path, dtype, device, n, length, seed),
+        )
+    evaluation = None
+    ev = recipe.evaluate
+    if ev.enabled:
+        evaluation = load_tokens(TextRequest(ev.source, ev.num_samples, ev.max_seq_length, True, 0, False,
+                                             ev.split, None, ev.text_column), tokenizer, source.path)
+
+    skeleton = ModelSkeleton(source, arch, device, dtype)
+    writer.start()
+    try:
+        result = LayerwiseEngine(skeleton, quantizer, writer, quiet, on_layer).run(calib, evaluation, cal.batch_size)
+        report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started)
+        config = dict(source.config)
+        config["quantization_config"] = fmt.quantization_config(scheme, [arch.lm_head])
+        config["torch_dtype"] = str(dtype).replace("torch.", "")
+        extra_files = {"report.json": json.dumps(report, indent=2),
+                       "README.md": render_card(report, base_license(source.path))}
+        copy = source.tokenizer_files() + [p for p in [source.path / "generation_config.json"] if p.is_file()]
+        writer.finalize(config, extra_files, copy)
+    except BaseException:
+        writer.abort()
+        raise
+    log.info("wrote %s", recipe.export.output_dir)
+    if recipe.push is not None:
+        from .hub import push_folder
+
+        p = recipe.push
+        push_folder(recipe.export.output_dir, p.repo_id, private=p.private, revision=p.revision,
+                    commit_message=p.commit_message)
+    return report
+
+
+def _self_generate(model_dir: Path, dtype: torch.dtype, device: torch.device, n: int, length: int, seed: int):
+    from .selfgen import sample_from_model
+
+    return sample_from_model(model_dir, dtype, device, n, length, seed)
+
+
+def _report(recipe: RecipeBase, source: ModelSource, scheme: Scheme, device: torch.device,
+            calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, result: Any,
+            writer: CheckpointWriter, started: float) -> dict[str, Any]:
+    base_bytes = sum((source.path / s).stat().st_size for s in set(source.weight_map.values()))
+    ev = recipe.evaluate
+    evaluation_report = None
+    if evaluation:
+        evaluation_report = {
+            "source": ev.source, "num_windows": len(evaluation), "seq_len": ev.max_seq_length,
+            "perplexity_base": result.perplexity_base, "perplexity_quantized": result.perplexity_quantized,
+        }
+    cal = recipe.calibration
+    return {
+        "quantkit_version": __version__,
+        "model": recipe.model.id,
+        "revision": recipe.model.revision,
+        "method": recipe.quantization.method,
+        "quantization": recipe.quantization.model_dump(),
+        "scheme": {"weights": asdict(scheme.weights),
+                   "input_activations": asdict(scheme.input_activations) if scheme.input_activations else None},
+        "scheme_name": scheme_name(scheme),
+        "format": recipe.format_name,
+        "output_dir": str(recipe.export.output_dir),
+        "device": str(device),
+        "calibration": {"source": cal.source, "num_samples": len(calib), "max_seq_length": cal.max_seq_length,
+                        "packing": cal.packing, "seed": cal.seed},
+        "evaluation": evaluation_report,
+        "size_bytes": {"base": base_bytes, "quantized": writer.total_bytes},
+        "timing": {"total_seconds": time.perf_counter() - started,
+                   "layer_seconds_mean": sum(result.layer_seconds) / max(len(result.layer_seconds), 1)},
+        "serve_command": f"vllm serve {recipe.export.output_dir}",
+    }
+
+
+def scheme_name(scheme: Scheme) -> str:
+    """The usual short name: W4A16, W8A8, FP8, W8A8-FP8-static ..."""
+    w, a = scheme.weights, scheme.input_activations
+    if w.type == "float":
+        return "FP8" + ("" if a is None or a.dynamic else "-static")
+    name = f"W{w.num_bits}A{a.num_bits if a else 16}"
+    if w.strategy == "group":
+        name += f"-g{w.group_size}"
+    if not w.symmetric:
+        name += "-asym"
+    return name + ("" if a is None or a.dynamic else "-static")
+
+
+__all__ = ["run", "QuantkitError"]

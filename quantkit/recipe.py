@@ -1,0 +1,218 @@
+"""The recipe: everything a run needs, validated before any weight is read.
+
+A recipe comes from YAML (``load_recipe``) or keyword arguments (``make_recipe``); both go
+through the same pydantic models, so an unknown key, a wrong type or a method/format pair
+that cannot work is reported with the field's dotted path, before the model is touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from .errors import RecipeError
+from .formats import FORMATS
+from .quantizers import QUANTIZERS, QuantizerParams
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    id: str = Field(description="Hub id (org/name) or local folder with config.json and safetensors")
+    revision: str | None = Field(None, description="Hub branch, tag or commit")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Compute/export dtype of unquantized tensors; auto = config's torch_dtype"
+    )
+    trust_remote_code: bool = Field(False, description="Only built-in architectures run; kept off")
+    allow_pickle: bool = Field(False, description="Accept .bin/.pt pickle weights (can run code)")
+
+
+class CalibrationSpec(_Strict):
+    source: str = Field(
+        "shakespeare",
+        description="Shipped set name (see calibration/), 'self' (text sampled from the model), "
+        "a local .jsonl/.json/.csv/.parquet/.txt file, or a hub dataset id",
+    )
+    subset: str | None = Field(None, description="Hub dataset config name")
+    split: str = Field("train", description="Dataset split")
+    text_column: str = Field("text", description="Column holding plain text")
+    messages_column: str | None = Field(
+        None, description="Column of chat messages; formatted with the tokenizer's chat template"
+    )
+    num_samples: int = Field(128, gt=0, description="Number of calibration sequences")
+    max_seq_length: int = Field(512, gt=0, description="Tokens per sequence")
+    packing: bool = Field(True, description="Concatenate texts into full-length sequences, else truncate each")
+    seed: int = Field(0, description="Shuffling/sampling seed: same seed, same tokens")
+    batch_size: int = Field(8, gt=0, description="Sequences per forward pass")
+
+
+class EvaluateSpec(_Strict):
+    enabled: bool = Field(True, description="Measure perplexity of base and quantized model")
+    source: str = Field("shakespeare-eval", description="Text for perplexity; same forms as calibration.source")
+    split: str = "train"
+    text_column: str = "text"
+    num_samples: int = Field(16, gt=0, description="Number of evaluation windows")
+    max_seq_length: int = Field(512, gt=0, description="Tokens per window")
+
+
+class ExportSpec(_Strict):
+    output_dir: Path = Field(description="Folder to write; appears only when complete")
+    format: str | None = Field(None, description="compressed-tensors | awq | gptq; default: the method's")
+    max_shard_size: str = Field("5GB", description="Largest safetensors shard, e.g. 2GB or 500MB")
+    overwrite: bool = Field(False, description="Replace an existing output_dir")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        parse_size(v)
+        return v
+
+
+class PushSpec(_Strict):
+    repo_id: str = Field(description="Hub repo to create or update, org/name")
+    private: bool = False
+    revision: str | None = Field(None, description="Branch to push to")
+    commit_message: str | None = None
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*$", re.I)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"'{text}' is not a size like 5GB or 500MB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+class RecipeBase(_Strict):
+    model: ModelSpec
+    quantization: QuantizerParams
+    calibration: CalibrationSpec = CalibrationSpec()
+    export: ExportSpec
+    evaluate: EvaluateSpec = EvaluateSpec()
+    push: PushSpec | None = None
+    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N")
+
+    @property
+    def format_name(self) -> str:
+        return self.export.format or QUANTIZERS[self.quantization.method].default_format
+
+
+@functools.cache
+def _recipe_model(methods: tuple[str, ...]) -> type[RecipeBase]:
+    params = tuple(QUANTIZERS[m].Params for m in methods)
+    qtype: Any = params[0] if len(params) == 1 else Annotated[Union[params], Field(discriminator="method")]
+    return create_model("Recipe", __base__=RecipeBase, quantization=(qtype, ...))
+
+
+def recipe_model() -> type[RecipeBase]:
+    """The Recipe class for the quantizers registered now (plugins may add more)."""
+    return _recipe_model(tuple(sorted(QUANTIZERS)))
+
+
+Recipe = RecipeBase
+
+
+def make_recipe(data: dict[str, Any], where: str = "recipe") -> RecipeBase:
+    """Validate a nested dict into a Recipe, or raise RecipeError naming the field."""
+    try:
+        recipe = recipe_model().model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_describe(e, data, where)) from None
+    _check_format(recipe, where)
+    return recipe
+
+
+def load_recipe(path: str | Path) -> RecipeBase:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{path}:{at} malformed YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping with model, quantization, export, ...")
+    return make_recipe(data, where=str(path))
+
+
+def _check_format(recipe: RecipeBase, where: str) -> None:
+    name = recipe.format_name
+    if name not in FORMATS:
+        raise RecipeError(f"{where}: export.format '{name}' is unknown; choose one of {', '.join(sorted(FORMATS))}")
+    reason = FORMATS[name]().unsupported_reason(recipe.quantization.scheme())
+    if reason:
+        raise RecipeError(f"{where}: export.format '{name}' cannot store quantization.method "
+                          f"'{recipe.quantization.method}' as configured: {reason}")
+
+
+def _describe(e: ValidationError, data: dict[str, Any], where: str) -> str:
+    """First error as one line: dotted field path, what is wrong, and a 'did you mean'."""
+    err = e.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    if loc[:1] == ["quantization"] and len(loc) > 1 and loc[1] in QUANTIZERS:
+        loc.pop(1)  # the discriminator tag pydantic inserts is not a field the user wrote
+    field = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        msg = f"{where}: unknown field '{field}'"
+        hint = _did_you_mean(loc, data)
+        return msg + (f"; did you mean '{hint}'?" if hint else "")
+    if err["type"] == "union_tag_invalid":
+        method = err.get("input", {}).get("method") if isinstance(err.get("input"), dict) else None
+        hint = difflib.get_close_matches(str(method), QUANTIZERS, n=1)
+        return (f"{where}: quantization.method '{method}' is unknown; choose one of "
+                f"{', '.join(sorted(QUANTIZERS))}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+    if err["type"] == "missing":
+        return f"{where}: missing required field '{field}'"
+    return f"{where}: field '{field}': {err['msg']} (got {err.get('input')!r})"
+
+
+def _did_you_mean(loc: list[str], data: dict[str, Any]) -> str | None:
+    model: type[BaseModel] = recipe_model()
+    node: Any = data
+    for part in loc[:-1]:
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None) if field else None
+        if part == "quantization" and isinstance(node, dict) and node.get("method") in QUANTIZERS:
+            model = QUANTIZERS[node["method"]].Params
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            for arg in getattr(ann, "__args__", ()):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    model = arg
+    hit = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
+    return ".".join(loc[:-1] + hit[:1]) if hit else None
+
+
+def recipe_fields_help() -> str:
+    """Every recipe field with its description: the epilog of ``run --help``."""
+    lines = []
+    sections = {"model": ModelSpec, "calibration": CalibrationSpec, "export": ExportSpec,
+                "evaluate": EvaluateSpec, "push": PushSpec}
+    for section, model in sections.items():
+        lines.append(f"{section}:")
+        for name, f in model.model_fields.items():
+            default = "required" if f.is_required() else f"default {f.default!r}"
+            lines.append(f"  {name} ({default}): {f.description or ''}")
+    lines.append("quantization (method-specific):")
+    for method in sorted(QUANTIZERS):
+        fields = QUANTIZERS[method].Params.model_fields
+        opts = ", ".join(f"{n}={f.default!r}" for n, f in fields.items() if n != "method")
+        lines.append(f"  method: {method}  [{opts}]")
+    lines.append("device: auto | cpu | cuda | cuda:N (default auto)")
+    return "\n".join(lines)
