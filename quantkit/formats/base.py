@@ -13,7 +13,7 @@ from typing import Callable, ClassVar
 
 import torch
 
-from ..scheme import QuantizedWeight, Scheme
+from ..scheme import ActivationScheme, QuantizedWeight, Scheme
 
 
 class Format(ABC):
@@ -30,8 +30,20 @@ class Format(ABC):
         """Tensors for the Linear at ``prefix`` (e.g. ``model.layers.0.mlp.up_proj``)."""
 
     @abstractmethod
-    def quantization_config(self, scheme: Scheme, ignore: list[str]) -> dict:
-        """The ``quantization_config`` entry of config.json; ``ignore`` lists float Linears."""
+    def quantization_config(
+        self, scheme: Scheme, ignore: list[str], kv_cache: ActivationScheme | None = None
+    ) -> dict:
+        """The ``quantization_config`` entry of config.json; ``ignore`` lists float Linears.
+
+        ``kv_cache`` describes a quantized KV cache (its ``k_scale``/``v_scale`` tensors are
+        written by the checkpoint writer); only call with it when ``kv_cache_reason`` is None.
+        """
+
+    def kv_cache_reason(self, kv_cache: ActivationScheme | None) -> str | None:
+        """Why this format cannot describe ``kv_cache``, or None when it can (or none is asked)."""
+        if kv_cache is None:
+            return None
+        return f"the {self.name} format cannot describe a quantized KV cache; use compressed-tensors"
 
 
 FORMATS: dict[str, type[Format]] = {}

@@ -1,0 +1,93 @@
+"""Pure bit-packing of integer codes into int32 words, shared by every format.
+
+Codes here are *unsigned* (``0 .. 2**bits - 1``); ``to_unsigned``/``to_signed`` move between
+them and the signed codes ``QuantizedWeight`` keeps. A word holds ``32 // bits`` codes, the
+``k``-th code of a run at bits ``k*bits .. k*bits + bits - 1`` (least significant first): the
+order of compressed-tensors, GPTQ and, after AWQ's interleave, AWQ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+"""Slot ``k`` of an AWQ word holds column ``AWQ_PACK_ORDER[k]`` of its block of eight."""
+
+AWQ_UNPACK_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+"""Inverse of ``AWQ_PACK_ORDER``: column ``j`` sits in slot ``AWQ_UNPACK_ORDER[j]``."""
+
+
+def pack_factor(bits: int) -> int:
+    if bits <= 0 or 32 % bits:
+        raise ValueError(f"cannot pack {bits}-bit codes into int32 words: 32 is not a multiple")
+    return 32 // bits
+
+
+def to_unsigned(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes ``[-2**(b-1), 2**(b-1))`` as unsigned int32 codes ``[0, 2**b)``."""
+    return codes.to(torch.int32) + (1 << (bits - 1))
+
+
+def to_signed(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes ``[0, 2**b)`` back to signed int8 codes."""
+    return (codes.to(torch.int32) - (1 << (bits - 1))).to(torch.int8)
+
+
+def _wrap_int32(x: torch.Tensor) -> torch.Tensor:
+    """int64 holding a 32-bit pattern -> int32 with the same bits (two's complement)."""
+    x = x & 0xFFFFFFFF
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Pack unsigned ``bits``-bit ``values`` along ``dim`` (its size a multiple of 32 // bits)."""
+    pf = pack_factor(bits)
+    v = values.to(torch.int64)
+    if v.numel() and (v.min() < 0 or v.max() >= (1 << bits)):
+        raise ValueError(f"values out of the unsigned {bits}-bit range [0, {(1 << bits) - 1}]")
+    v = v.movedim(dim, -1)
+    n = v.shape[-1]
+    if n % pf:
+        raise ValueError(f"dimension {dim} has {n} codes, not a multiple of {pf}")
+    v = v.reshape(*v.shape[:-1], n // pf, pf)
+    shifts = torch.arange(pf, dtype=torch.int64) * bits
+    words = (v << shifts).sum(dim=-1)
+    return _wrap_int32(words).movedim(-1, dim).contiguous()
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Inverse of ``pack_int32``: unsigned int32 codes, ``dim`` grown by ``32 // bits``."""
+    if packed.dtype != torch.int32:
+        raise ValueError(f"expected int32 words, got {packed.dtype}")
+    pf = pack_factor(bits)
+    w = packed.to(torch.int64).movedim(dim, -1) & 0xFFFFFFFF
+    shifts = torch.arange(pf, dtype=torch.int64) * bits
+    v = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    v = v.reshape(*w.shape[:-1], w.shape[-1] * pf)
+    return v.to(torch.int32).movedim(-1, dim).contiguous()
+
+
+def awq_interleave(values: torch.Tensor) -> torch.Tensor:
+    """Reorder each block of eight columns (last dim) into AWQ's slot order."""
+    n = values.shape[-1]
+    if n % 8:
+        raise ValueError(f"AWQ packs columns in blocks of 8; got {n}")
+    blocks = values.reshape(*values.shape[:-1], n // 8, 8)
+    return blocks[..., list(AWQ_PACK_ORDER)].reshape(values.shape)
+
+
+def awq_deinterleave(values: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``awq_interleave``."""
+    n = values.shape[-1]
+    blocks = values.reshape(*values.shape[:-1], n // 8, 8)
+    return blocks[..., list(AWQ_UNPACK_ORDER)].reshape(values.shape)
+
+
+def pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit ``[rows, cols]`` -> AWQ int32 ``[rows, cols // 8]``."""
+    return pack_int32(awq_interleave(values), 4, dim=-1)
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """AWQ int32 ``[rows, cols // 8]`` -> unsigned 4-bit ``[rows, cols]``."""
+    return awq_deinterleave(unpack_int32(packed, 4, dim=-1))

@@ -1,0 +1,267 @@
+"""GPTQ (Frantar et al., 2022): quantize columns one at a time, pushing each column's
+rounding error onto the columns not yet quantized through the inverse Hessian.
+
+Follows the IST-DASLab reference (``gptq.py``): dead columns, dampening, the upper Cholesky
+factor of ``H⁻¹``, and lazy block updates. Two deliberate differences, both documented
+where they happen: a failed Cholesky is retried with more damping instead of crashing, and
+with dynamic groups the block size is a multiple of the group size so each group's scale
+is taken from its fully error-updated weights (the reference reads stale columns when the
+group is smaller than the block).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..errors import NumericsError
+from ..scheme import QuantizedWeight, Scheme, WeightScheme
+from .base import LayerCalibration, Quantizer, QuantizerParams, register_quantizer
+from .hessian import HessianAccumulator
+from .rtn import dequantize_codes, qparams, quantize_codes, weight_qparams
+
+log = logging.getLogger(__name__)
+
+MAX_DAMP_RETRIES = 6
+
+
+def _inverse_hessian_factor(
+    h: torch.Tensor, dampening_frac: float, name: str, max_retries: int = MAX_DAMP_RETRIES
+) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = frac · mean(diag H)``.
+
+    If ``H + λI`` is not numerically positive definite, ``λ`` grows ×10 per retry (each
+    logged); after ``max_retries`` a NumericsError says what to change. One host sync per
+    attempt, never per column.
+    """
+    # A real Hessian has a positive diagonal once dead columns are patched; the clamp keeps
+    # damping positive for anything else so the retries can only help.
+    damp = dampening_frac * torch.diagonal(h).mean().clamp_min(1e-8)
+    eye = torch.arange(h.shape[0], device=h.device)
+    for attempt in range(max_retries + 1):
+        hd = h.clone()
+        hd[eye, eye] += damp
+        low, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper
+        if attempt < max_retries:
+            log.warning(
+                "GPTQ %s: Hessian not positive definite with dampening %.3g x mean(diag); "
+                "retrying with 10x more dampening",
+                name,
+                dampening_frac * 10**attempt,
+            )
+            damp = damp * 10
+    raise NumericsError(
+        f"GPTQ {name}: Cholesky of the Hessian failed even with dampening_frac "
+        f"{dampening_frac * 10**max_retries:.3g}; check the calibration activations for "
+        "NaN/Inf or use more calibration samples"
+    )
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: Scheme,
+    *,
+    block_size: int = 128,
+    dampening_frac: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    name: str = "weight",
+) -> QuantizedWeight:
+    """GPTQ-quantize ``w`` ``[out, in]`` given the Hessian ``[in, in]`` of its inputs.
+
+    Runs on ``w``'s device in float32. With ``act_order`` columns are visited by decreasing
+    Hessian diagonal; for dynamic groups the result then carries ``g_idx`` (groups are runs
+    of that visiting order). With ``static_groups`` the group parameters are fixed from the
+    unpermuted weight before any update, so groups stay in natural order and ``g_idx`` is
+    None. Channel and tensor strategies fix their parameters up front, as the reference does.
+    """
+    ws: WeightScheme = scheme.weights
+    if ws.type != "int":
+        raise ValueError("GPTQ quantizes to integer codes; use the fp8 quantizer for float codes")
+    out_f, in_f = w.shape
+    if hessian.shape != (in_f, in_f):
+        raise ValueError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match in_features {in_f}")
+    group = (ws.group_size or in_f) if ws.strategy == "group" else None
+    if group is not None and in_f % group:
+        raise ValueError(f"{name}: in_features {in_f} is not a multiple of group_size {group}")
+    dynamic_groups = group is not None and not static_groups
+    device = w.device
+
+    W = w.detach().to(torch.float32).clone()
+    H = hessian.detach().to(device=device, dtype=torch.float32).clone()
+    if not bool(torch.isfinite(H).all()):
+        raise NumericsError(f"GPTQ {name}: the Hessian has NaN/Inf; the calibration activations are not finite")
+    # Columns whose input was always zero: their weight cannot matter, so zero it and give
+    # the Hessian a unit diagonal there (reference behaviour).
+    dead = torch.diagonal(H) == 0
+    H.diagonal().masked_fill_(dead, 1.0)
+    W.masked_fill_(dead.unsqueeze(0), 0.0)
+
+    # Per-column parameters fixed before the loop (natural order), when not dynamic groups.
+    col_scale = col_zero = None
+    if not dynamic_groups:
+        scale, zero = weight_qparams(W, ws)
+        if group is not None:
+            col_scale = scale.repeat_interleave(group, dim=1)
+            col_zero = None if zero is None else zero.repeat_interleave(group, dim=1)
+        else:
+            col_scale = scale.reshape(-1, 1).expand(out_f, in_f)
+            col_zero = None if zero is None else zero.reshape(-1, 1).expand(out_f, in_f)
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+        if col_scale is not None:
+            col_scale = col_scale[:, perm]
+            col_zero = None if col_zero is None else col_zero[:, perm]
+
+    Hinv = _inverse_hessian_factor(H, dampening_frac, name)
+    del H
+
+    bs = max(1, block_size)
+    if dynamic_groups:
+        bs = max(group, (bs // group) * group)
+    codes = torch.empty(out_f, in_f, dtype=torch.int8, device=device)
+    group_scales: list[torch.Tensor] = []
+    group_zeros: list[torch.Tensor] = []
+    s = z = None
+    for i1 in range(0, in_f, bs):
+        i2 = min(i1 + bs, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if dynamic_groups:
+                if j % group == 0:
+                    # Blocks are whole groups, so W1 holds this group's up-to-date weights.
+                    s, z = qparams(W1[:, i : i + group], ws)
+                    group_scales.append(s)
+                    if z is not None:
+                        group_zeros.append(z)
+            else:
+                s = col_scale[:, j : j + 1]
+                z = None if col_zero is None else col_zero[:, j : j + 1]
+            c = quantize_codes(W1[:, i : i + 1], s, z, ws)
+            q = dequantize_codes(c, s, z)[:, 0]
+            codes[:, j] = c[:, 0]
+            err = (W1[:, i] - q) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
+            Err1[:, i] = err
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
+
+    g_idx = None
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        codes = codes[:, invperm]
+        if dynamic_groups:
+            g_idx = (torch.arange(in_f, device=device) // group)[invperm].to(torch.int32)
+
+    if dynamic_groups:
+        scale = torch.cat(group_scales, dim=1)
+        zero = torch.cat(group_zeros, dim=1) if group_zeros else None
+    if not bool(torch.isfinite(scale).all()):
+        raise NumericsError(f"GPTQ {name}: non-finite scales; the weight has NaN/Inf")
+    out_scheme = scheme
+    if ws.actorder != (g_idx is not None):
+        out_scheme = Scheme(_with_actorder(ws, g_idx is not None), scheme.input_activations)
+    return QuantizedWeight(codes=codes, scale=scale, zero_point=zero, scheme=out_scheme, g_idx=g_idx)
+
+
+def _with_actorder(ws: WeightScheme, actorder: bool) -> WeightScheme:
+    return replace(ws, actorder=actorder)
+
+
+class GPTQParams(QuantizerParams):
+    """GPTQ weight-only quantization (W4A16 / W8A16)."""
+
+    method: Literal["gptq"] = "gptq"
+    bits: Literal[4, 8] = 4
+    group_size: Literal[-1, 32, 64, 128] = 128
+    symmetric: bool = True
+    act_order: bool = False
+    static_groups: bool = False
+    dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
+    block_size: int = Field(128, ge=1)
+
+    def scheme(self) -> Scheme:
+        channel = self.group_size == -1
+        return Scheme(
+            WeightScheme(
+                num_bits=self.bits,
+                symmetric=self.symmetric,
+                strategy="channel" if channel else "group",
+                group_size=None if channel else self.group_size,
+                # g_idx exists only for act-order with dynamic groups.
+                actorder=self.act_order and not self.static_groups and not channel,
+            )
+        )
+
+
+def collect_hessians(arch, hooks: dict | None = None) -> tuple[dict[str, HessianAccumulator], dict]:
+    """One Hessian accumulator per input group, keyed by every Linear of the group, and the
+    hooks (merged into ``hooks``) that feed them: only the group's first Linear is hooked."""
+    hooks = dict(hooks or {})
+    accs: dict[str, HessianAccumulator] = {}
+    for g in arch.groups:
+        acc = HessianAccumulator(g.linears[0])
+        for n in g.linears:
+            accs[n] = acc
+        hooks[g.linears[0]] = _chain(hooks.get(g.linears[0]), acc.add)
+    return accs, hooks
+
+
+def _chain(first, second):
+    if first is None:
+        return second
+
+    def both(x: torch.Tensor) -> None:
+        first(x)
+        second(x)
+
+    return both
+
+
+def gptq_layer(
+    layer, arch, accs: dict[str, HessianAccumulator], scheme: Scheme, **kwargs
+) -> dict[str, QuantizedWeight]:
+    """GPTQ every Linear of ``arch`` with the Hessians already accumulated in ``accs``."""
+    return {
+        name: gptq_quantize(
+            layer.get_submodule(name).weight.data, accs[name].hessian(), scheme, name=name, **kwargs
+        )
+        for name in arch.linears
+    }
+
+
+@register_quantizer("gptq")
+class GPTQQuantizer(Quantizer):
+    Params = GPTQParams
+    needs_calibration = True
+    default_format = "compressed-tensors"
+
+    def quantize_layer(self, layer, arch, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
+        p: GPTQParams = self.params  # type: ignore[assignment]
+        accs, hooks = collect_hessians(arch)
+        calib.run(hooks)
+        return gptq_layer(
+            layer,
+            arch,
+            accs,
+            self.scheme,
+            block_size=p.block_size,
+            dampening_frac=p.dampening_frac,
+            act_order=p.act_order,
+            static_groups=p.static_groups,
+        )

@@ -1,0 +1,47 @@
+"""Running Hessian ``H = 2/n Σ x xᵀ`` of a Linear's inputs, as GPTQ needs it.
+
+One accumulator serves every Linear of an input group (q/k/v; gate/up): they read the same
+tensor, so the Hessian is gathered once and shared.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import CalibrationError
+
+
+class HessianAccumulator:
+    """Accumulates ``2/n Σ x xᵀ`` in float32 with one matmul per batch.
+
+    The running mean is rescaled per batch (as in the GPTQ reference) so the magnitude of
+    ``H`` does not grow with the number of tokens. Token counts are host integers taken from
+    shapes, so ``add`` never synchronises with the device.
+    """
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        self.tokens = 0
+        self.calls = 0
+        self._h: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Fold in a batch of inputs ``[tokens, in_features]``."""
+        t = x.shape[0]
+        if t == 0:
+            return
+        self.calls += 1
+        x = x.to(torch.float32)
+        if self._h is None:
+            self._h = torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=torch.float32)
+        n = self.tokens
+        self.tokens = n + t
+        self._h.addmm_(x.T, x, beta=n / self.tokens, alpha=2.0 / self.tokens)
+
+    def hessian(self) -> torch.Tensor:
+        if self._h is None:
+            raise CalibrationError(
+                f"no calibration tokens reached {self.name or 'this module'}; "
+                "check the calibration set is not empty"
+            )
+        return self._h

@@ -1,0 +1,89 @@
+"""W8A8 int8 with dynamic per-token activation scales (nothing about activations is
+calibrated), plus the weight pipeline the static variant shares.
+
+Weights: int8, per output channel, symmetric, by RTN or by GPTQ (channel-wise). Optional
+SmoothQuant folds activation outliers into the weights first.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from pydantic import Field
+
+from ..scheme import ActivationScheme, QuantizedWeight, Scheme, WeightScheme
+from .base import LayerCalibration, Quantizer, QuantizerParams, register_quantizer
+from .gptq import collect_hessians, gptq_layer
+from .rtn import quantize_rtn
+from .smoothquant import smooth_layer
+
+INT8_CHANNEL = WeightScheme(num_bits=8, type="int", symmetric=True, strategy="channel", group_size=None)
+
+
+class W8A8Params(QuantizerParams):
+    """Fields both int8 W8A8 methods share."""
+
+    weight_method: Literal["rtn", "gptq"] = "rtn"
+    smoothquant_alpha: float | None = Field(None, ge=0.0, le=1.0)
+    # Used only with weight_method: gptq.
+    dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
+    block_size: int = Field(128, ge=1)
+    act_order: bool = False
+
+
+class DynamicInt8Params(W8A8Params):
+    method: Literal["dynamic_int8"] = "dynamic_int8"
+
+    def scheme(self) -> Scheme:
+        return Scheme(INT8_CHANNEL, ActivationScheme(8, "int", True, "token", dynamic=True))
+
+
+def quantize_w8a8_layer(
+    layer,
+    arch,
+    calib: LayerCalibration,
+    params: W8A8Params,
+    scheme: Scheme,
+    observe: Callable[[], dict] | None = None,
+) -> tuple[dict[str, QuantizedWeight], dict]:
+    """Smooth (optional), then one calibration pass for whatever is still needed (GPTQ
+    Hessians and ``observe()``'s hooks, keyed by Linear name), then quantize the weights.
+
+    ``observe`` returns fresh hooks; it is called after smoothing so the observers see the
+    smoothed activations. Returns the weights and those hooks (holding their statistics).
+    """
+    if params.smoothquant_alpha is not None:
+        smooth_layer(layer, arch, calib, params.smoothquant_alpha)
+    hooks = observe() if observe is not None else {}
+    obs_hooks = dict(hooks)
+    accs = None
+    if params.weight_method == "gptq":
+        accs, hooks = collect_hessians(arch, hooks)
+    if hooks:
+        calib.run(hooks)
+    if accs is not None:
+        weights = gptq_layer(
+            layer, arch, accs, scheme,
+            block_size=params.block_size, dampening_frac=params.dampening_frac, act_order=params.act_order,
+        )
+    else:
+        weights = {n: quantize_rtn(layer.get_submodule(n).weight.data, scheme) for n in arch.linears}
+    return weights, obs_hooks
+
+
+@register_quantizer("dynamic_int8")
+class DynamicInt8Quantizer(Quantizer):
+    Params = DynamicInt8Params
+    # True for the class because recipes may ask for GPTQ or SmoothQuant; an instance with
+    # neither (plain RTN weights) needs no calibration data and says so.
+    needs_calibration = True
+    default_format = "compressed-tensors"
+
+    def __init__(self, params, model_config) -> None:
+        super().__init__(params, model_config)
+        self.needs_calibration = params.weight_method == "gptq" or params.smoothquant_alpha is not None
+
+    def quantize_layer(self, layer, arch, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
+        weights, _ = quantize_w8a8_layer(layer, arch, calib, self.params, self.scheme)
+        return weights

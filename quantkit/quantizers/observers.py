@@ -1,0 +1,99 @@
+"""Activation observers: a static per-tensor range from calibration activations.
+
+The statistics are pure functions over a tensor of samples (``minmax_amax``,
+``percentile_amax``, ``mse_amax``); ``TensorObserver`` streams calibration batches into
+them with bounded memory (exact running max, plus a uniform random subsample of at most
+``max_samples`` values for the percentile and MSE statistics).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+ObserverKind = Literal["minmax", "percentile", "mse"]
+_TINY = 1e-12
+
+
+def minmax_amax(x: torch.Tensor) -> torch.Tensor:
+    """``max |x|`` as a float32 scalar tensor."""
+    return x.detach().abs().amax().to(torch.float32)
+
+
+def percentile_amax(x: torch.Tensor, percentile: float) -> torch.Tensor:
+    """The ``percentile``-th percentile of ``|x|`` (nearest rank), float32 scalar."""
+    a = x.detach().reshape(-1).abs().to(torch.float32)
+    k = min(a.numel(), max(1, math.ceil(percentile / 100.0 * a.numel())))
+    return a.kthvalue(k).values
+
+
+def mse_amax(x: torch.Tensor, num_bits: int = 8, grid: int = 100, min_ratio: float = 0.2) -> torch.Tensor:
+    """The clipping range in ``[min_ratio, 1] · max|x|`` minimising the symmetric int fake-
+    quantisation error ``||x − Q(x)||²`` over ``grid`` evenly spaced candidates."""
+    a = x.detach().reshape(-1).to(torch.float32)
+    amax = a.abs().amax()
+    qmax = 2 ** (num_bits - 1) - 1
+    ratios = torch.linspace(1.0, min_ratio, grid, device=a.device)
+    losses = []
+    for r in ratios:
+        scale = (amax * r / qmax).clamp_min(_TINY)
+        q = torch.round(a / scale).clamp(-qmax - 1, qmax) * scale
+        losses.append((q - a).pow(2).sum())
+    return amax * ratios[torch.stack(losses).argmin()]
+
+
+def int_scale(amax: torch.Tensor, num_bits: int = 8) -> torch.Tensor:
+    """Symmetric int activation scale ``amax / qmax`` as the ``[1]`` float32 input_scale."""
+    return (amax.to(torch.float32) / (2 ** (num_bits - 1) - 1)).clamp_min(_TINY).reshape(1)
+
+
+class TensorObserver:
+    """Streams ``[tokens, in]`` batches; ``amax()`` gives the chosen statistic."""
+
+    def __init__(
+        self,
+        kind: ObserverKind = "minmax",
+        percentile: float = 99.99,
+        num_bits: int = 8,
+        max_samples: int = 1 << 22,
+    ) -> None:
+        self.kind = kind
+        self.percentile = percentile
+        self.num_bits = num_bits
+        self.max_samples = max_samples
+        self._max: torch.Tensor | None = None
+        self._samples: list[torch.Tensor] = []
+        self._count = 0
+        self._rate = 1.0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        m = minmax_amax(x)
+        self._max = m if self._max is None else torch.maximum(self._max, m)
+        if self.kind == "minmax":
+            return
+        flat = x.reshape(-1)
+        k = round(flat.numel() * self._rate)
+        if k < flat.numel():
+            flat = flat[torch.randint(flat.numel(), (k,), device=flat.device)]
+        self._samples.append(flat.to(torch.float32))
+        self._count += flat.numel()
+        while self._count > self.max_samples:
+            # Keep a random half and halve the rate: still a uniform sample of everything.
+            allv = torch.cat(self._samples)
+            keep = allv[torch.randperm(allv.numel(), device=allv.device)[: allv.numel() // 2]]
+            self._samples, self._count, self._rate = [keep], keep.numel(), self._rate / 2
+
+    def samples(self) -> torch.Tensor:
+        return torch.cat(self._samples)
+
+    def amax(self) -> torch.Tensor:
+        if self._max is None:
+            raise ValueError("observer saw no activations")
+        if self.kind == "minmax":
+            return self._max
+        if self.kind == "percentile":
+            return percentile_amax(self.samples(), self.percentile)
+        return mse_amax(self.samples(), self.num_bits)

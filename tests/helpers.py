@@ -1,0 +1,114 @@
+"""Test helpers shared by the quantizer tests: a fake LayerCalibration, tiny real decoder
+layers built from a config, and inputs with a chosen covariance."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from quantkit.architectures import ARCHITECTURES, InputGroup
+
+LLAMA = ARCHITECTURES["LlamaForCausalLM"]
+
+
+class FakeCalibration:
+    """Holds the layer's calibration inputs and streams them through it with forward
+    pre-hooks, like the engine's LayerCalibration. Each batch is a tensor (positional input)
+    or a dict of keyword arguments. ``runs`` counts passes; ``hook_calls`` counts calls per
+    hooked Linear."""
+
+    def __init__(self, layer: nn.Module, batches: list) -> None:
+        self.layer = layer
+        self.batches = batches
+        self.runs = 0
+        self.hook_calls: dict[str, int] = {}
+
+    def run(self, hooks: Mapping[str, object]) -> None:
+        self.runs += 1
+        handles = []
+        for name, hook in hooks.items():
+            def pre(mod, args, name=name, hook=hook):
+                x = args[0]
+                self.hook_calls[name] = self.hook_calls.get(name, 0) + 1
+                hook(x.reshape(-1, x.shape[-1]))
+
+            handles.append(self.layer.get_submodule(name).register_forward_pre_hook(pre))
+        try:
+            with torch.no_grad():
+                for b in self.batches:
+                    self.layer(**b) if isinstance(b, dict) else self.layer(b)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def correlated_inputs(n: int, d: int, generator: torch.Generator, outliers: int = 0, outlier_gain: float = 50.0) -> torch.Tensor:
+    """``[n, d]`` float32 inputs with a random covariance (what makes GPTQ beat RTN);
+    optionally a few channels scaled by ``outlier_gain`` (what AWQ and SmoothQuant target)."""
+    a = torch.randn(d, d, generator=generator) / d**0.5
+    x = torch.randn(n, d, generator=generator) @ (a + 0.5 * torch.eye(d))
+    if outliers:
+        idx = torch.randperm(d, generator=generator)[:outliers]
+        x[:, idx] *= outlier_gain
+    return x
+
+
+class SingleLinear(nn.Module):
+    """A one-Linear "layer" with a matching one-group architecture, for quantizer tests."""
+
+    def __init__(self, in_f: int, out_f: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_f, out_f, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def single_linear_arch():
+    from quantkit.architectures import Architecture
+
+    return Architecture("single", "", "", "", "", (InputGroup(("proj",), "input", True),))
+
+
+def tiny_llama_config(gqa: bool = False, **overrides):
+    from transformers import LlamaConfig
+
+    cfg = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2 if gqa else 4,
+        head_dim=16,
+        num_hidden_layers=1,
+        vocab_size=128,
+        rms_norm_eps=1e-6,
+    )
+    cfg.update(overrides)
+    config = LlamaConfig(**cfg)
+    config._attn_implementation = "eager"
+    return config
+
+
+def tiny_llama_layer(seed: int = 0, gqa: bool = False, batches: int = 2, seq: int = 16, outliers: int = 0):
+    """A real LlamaDecoderLayer with random weights (norms too), its calibration batches as
+    keyword arguments, and its config as the dict a config.json gives."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    torch.manual_seed(seed)
+    config = tiny_llama_config(gqa)
+    layer = LlamaDecoderLayer(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight.copy_(0.5 + torch.rand_like(norm.weight))
+    rope = LlamaRotaryEmbedding(config)
+    g = torch.Generator().manual_seed(seed + 1)
+    data = []
+    for _ in range(batches):
+        x = torch.randn(1, seq, config.hidden_size, generator=g)
+        if outliers:
+            x[..., :outliers] *= 20.0
+        pos = torch.arange(seq).unsqueeze(0)
+        data.append({"hidden_states": x, "position_embeddings": rope(x, pos), "position_ids": pos})
+    return layer, data, config.to_dict()

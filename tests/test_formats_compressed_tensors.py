@@ -1,0 +1,206 @@
+import pytest
+import torch
+from compressed_tensors.compressors.base import BaseCompressor
+from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, preset_name_to_scheme
+
+from formats_support import fp8, int8_w8a8, make_qw, w4, with_scale_dtype
+from quantkit.errors import ExportError
+from quantkit.formats import FORMATS, default_format_for
+from quantkit.formats.packing import to_signed, unpack_int32
+from quantkit.scheme import FP8_DTYPE, ActivationScheme, Scheme, WeightScheme
+
+CT = FORMATS["compressed-tensors"]()
+P = "model.layers.0.mlp.up_proj"
+
+SCHEMES = {
+    "w4-sym-g32": w4(True, 32),
+    "w4-asym-g32": w4(False, 32),
+    "w4-asym-channel": w4(False, None),
+    "w4-sym-actorder-static": w4(True, 64, actorder=True),
+    "w8-sym-g64": w4(True, 64, bits=8),
+    "w8-asym-channel": w4(False, None, bits=8),
+    "int8-channel-dyn-token": int8_w8a8("channel", "token", True),
+    "int8-tensor-static": int8_w8a8("tensor", "tensor", False),
+    "fp8-channel-dyn-token": fp8("channel", "token", True),
+    "fp8-tensor-static": fp8("tensor", "tensor", False),
+    "fp8-channel-weight-only": fp8("channel", None),
+}
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def local(tensors):
+    return {k[len(P) + 1 :]: v for k, v in tensors.items()}
+
+
+def unpack_ct(sd, scheme, dtype):
+    """Our own inverse of the compressed-tensors layout: codes, scale, zero point."""
+    ws = scheme.weights
+    if "weight_packed" in sd:
+        out_f, in_f = sd["weight_shape"].tolist()
+        codes = to_signed(unpack_int32(sd["weight_packed"], ws.num_bits, 1), ws.num_bits)[:, :in_f]
+        zp = sd.get("weight_zero_point")
+        zp = None if zp is None else to_signed(unpack_int32(zp, ws.num_bits, 0), ws.num_bits)[:out_f]
+        return codes, sd["weight_scale"], zp
+    return sd["weight"], sd["weight_scale"], None
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+@pytest.mark.parametrize("seed", [0, 7])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_round_trip_bit_exact(name, seed, dtype):
+    scheme = SCHEMES[name]
+    assert CT.unsupported_reason(scheme) is None
+    qw = make_qw(scheme, seed)
+    sd = local(CT.weight_tensors(P, qw, dtype))
+    codes, scale, zp = unpack_ct(sd, scheme, dtype)
+    if scheme.weights.type == "float":
+        assert codes.dtype == FP8_DTYPE
+        assert torch.equal(codes.view(torch.uint8), qw.codes.view(torch.uint8))
+    else:
+        assert torch.equal(codes, qw.codes)
+    packed = "weight_packed" in sd
+    assert scale.dtype == (dtype if packed else torch.float32)
+    assert torch.equal(scale, qw.scale.to(scale.dtype))
+    assert (zp is None) == (qw.zero_point is None)
+    if zp is not None:
+        assert torch.equal(zp, qw.zero_point)
+    act = scheme.input_activations
+    if act is not None and not act.dynamic:
+        assert sd["input_scale"].dtype == torch.float32 and torch.equal(sd["input_scale"], qw.input_scale)
+    else:
+        assert "input_scale" not in sd
+    assert "weight_g_idx" not in sd
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+@pytest.mark.parametrize("seed", [3, 11])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_library_decompresses_to_our_dequantized_weight(name, seed, dtype):
+    """Oracle: the installed compressed-tensors compressor for the format we declare."""
+    scheme = SCHEMES[name]
+    qw = make_qw(scheme, seed)
+    cfg = CT.quantization_config(scheme, ["lm_head"])
+    parsed = QuantizationConfig.model_validate(cfg)
+    ct_scheme = parsed.config_groups["group_0"]
+    compressor = BaseCompressor.get_value_from_registry(cfg["format"])
+    sd = local(CT.weight_tensors(P, qw, dtype))
+    assert set(sd) == set(compressor.compression_param_names(ct_scheme)) | (
+        {"input_scale"} if "input_scale" in sd else set()
+    )
+    got = compressor.decompress(sd, ct_scheme)["weight"]
+    stored_scale_dtype = sd["weight_scale"].dtype
+    want = with_scale_dtype(qw, stored_scale_dtype).dequantize(torch.float32)
+    torch.testing.assert_close(got.to(torch.float32), want.to(got.dtype).to(torch.float32), rtol=0, atol=0)
+
+
+PRESETS = {
+    "w4-sym-g32": ("W4A16", {"group_size": 32}),
+    "w8-asym-channel": None,
+    "int8-channel-dyn-token": ("W8A8", {}),
+    "fp8-channel-dyn-token": ("FP8_DYNAMIC", {}),
+    "fp8-tensor-static": ("FP8", {}),
+}
+
+
+@pytest.mark.parametrize("name", [k for k, v in PRESETS.items() if v])
+def test_config_matches_library_presets(name):
+    preset, weight_overrides = PRESETS[name]
+    want = preset_name_to_scheme(preset, ["Linear"])
+    for key, value in weight_overrides.items():
+        setattr(want.weights, key, value)
+    cfg = CT.quantization_config(SCHEMES[name], ["lm_head"])
+    got = QuantizationConfig.model_validate(cfg).config_groups["group_0"]
+    # observers only steer calibration in llm-compressor; loaders never read them
+    drop = {"observer", "observer_kwargs"}
+    assert got.weights.model_dump(exclude=drop) == want.weights.model_dump(exclude=drop)
+    acts = [a and a.model_dump(exclude=drop) for a in (got.input_activations, want.input_activations)]
+    assert acts[0] == acts[1]
+    assert cfg["quant_method"] == "compressed-tensors"
+    assert cfg["quantization_status"] == "compressed"
+    assert cfg["ignore"] == ["lm_head"]
+    assert cfg["config_groups"]["group_0"]["targets"] == ["Linear"]
+
+
+@pytest.mark.parametrize(
+    "name,fmt",
+    [("w4-asym-g32", "pack-quantized"), ("int8-tensor-static", "int-quantized"),
+     ("fp8-channel-dyn-token", "float-quantized"), ("fp8-channel-weight-only", "naive-quantized")],
+)
+def test_format_names_match_library_inference(name, fmt):
+    from compressed_tensors.compressors.format import infer_module_format
+
+    cfg = CT.quantization_config(SCHEMES[name], [])
+    assert cfg["format"] == fmt
+    ct_scheme = QuantizationScheme.model_validate(cfg["config_groups"]["group_0"])
+    assert infer_module_format(torch.nn.Linear, ct_scheme).value == fmt
+
+
+def test_config_loads_in_transformers():
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    kv = ActivationScheme(num_bits=8, type="float", strategy="tensor", dynamic=False)
+    cfg = CT.quantization_config(SCHEMES["w4-asym-g32"], ["lm_head"], kv_cache=kv)
+    hf = CompressedTensorsConfig.from_dict(cfg)
+    q = hf.quantization_config
+    assert q.format == "pack-quantized"
+    assert q.kv_cache_scheme.type == "float" and q.kv_cache_scheme.num_bits == 8
+    assert q.kv_cache_scheme.strategy == "tensor" and not q.kv_cache_scheme.dynamic
+    assert q.ignore == ["lm_head"]
+
+
+def test_actorder_is_described_as_weight_order():
+    cfg = CT.quantization_config(SCHEMES["w4-sym-actorder-static"], [])
+    assert cfg["config_groups"]["group_0"]["weights"]["actorder"] == "weight"
+    assert "actorder" not in CT.quantization_config(SCHEMES["w4-sym-g32"], [])["config_groups"]["group_0"]["weights"]
+
+
+def test_permuted_g_idx_is_refused():
+    qw = make_qw(w4(True, 32, actorder=True), 5, permute=True)
+    with pytest.raises(ExportError, match="g_idx"):
+        CT.weight_tensors(P, qw, torch.bfloat16)
+
+
+def test_natural_g_idx_is_accepted_and_dropped():
+    qw = make_qw(w4(True, 32, actorder=True), 5)
+    qw.g_idx = (torch.arange(128) // 32).to(torch.int32)
+    assert "model.layers.0.mlp.up_proj.weight_g_idx" not in CT.weight_tensors(P, qw, torch.bfloat16)
+
+
+def test_static_scheme_without_input_scale_is_refused():
+    qw = make_qw(SCHEMES["int8-tensor-static"], 1)
+    qw.input_scale = None
+    with pytest.raises(ExportError, match="input_scale"):
+        CT.weight_tensors(P, qw, torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "scheme,needle",
+    [
+        (w4(True, 32, bits=3), "bits"),
+        (Scheme(WeightScheme(num_bits=4, strategy="tensor", group_size=None)), "strategy"),
+        (Scheme(WeightScheme(num_bits=4, group_size=32), ActivationScheme()), "8-bit"),
+        (Scheme(WeightScheme(num_bits=8, type="float", strategy="group", group_size=32)), "strategy"),
+        (Scheme(WeightScheme(num_bits=8, strategy="channel", group_size=None), ActivationScheme(type="float")), "weights"),
+        (Scheme(WeightScheme(num_bits=8, strategy="channel", group_size=None), ActivationScheme(dynamic=False)), "dynamic"),
+        (Scheme(WeightScheme(num_bits=8, strategy="channel", group_size=None), ActivationScheme(symmetric=False)), "asymmetric"),
+    ],
+)
+def test_invalid_schemes_have_reasons(scheme, needle):
+    reason = CT.unsupported_reason(scheme)
+    assert isinstance(reason, str) and needle in reason
+    with pytest.raises(ExportError):
+        CT.quantization_config(scheme, [])
+
+
+def test_kv_cache_reasons():
+    assert CT.kv_cache_reason(None) is None
+    assert CT.kv_cache_reason(ActivationScheme(type="float", strategy="tensor", dynamic=False)) is None
+    assert "FP8" in CT.kv_cache_reason(ActivationScheme(type="int", strategy="tensor", dynamic=False))
+    assert "static" in CT.kv_cache_reason(ActivationScheme(type="float", strategy="token", dynamic=True))
+    assert "compressed-tensors" in FORMATS["gptq"]().kv_cache_reason(ActivationScheme(type="float"))
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_default_format_is_valid_for_supported_schemes(name):
+    fmt = FORMATS[default_format_for(SCHEMES[name])]()
+    assert fmt.unsupported_reason(SCHEMES[name]) is None
