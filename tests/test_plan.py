@@ -403,3 +403,12 @@ def test_schemes_order_and_tensor_parallel_totals(config, tp):
         count_parameters(shape) + 2 * 63 * shape.hidden_size
     ) * 2
     assert math.isclose(kv_bytes_per_token(shape, "fp8") * 2, kv_bytes_per_token(shape))
+
+
+def test_forward_peak_dominates_with_a_small_vocab():
+    config = {**LLAMA_70B, "vocab_size": 32000}  # Llama-2-70B shape: the MLP, not the sampler, peaks
+    row = plan_config(config, "H200").row("w4a16")
+    act = hand_activation(8192, 28672, 32000, 8192, 1024)
+    assert act == 8192 * (2 * 8192 + 3 * 28672) * 2 + GiB // 4
+    assert row.activation_bytes == act
+    assert row.kv_budget_bytes == int(150_109_880_320 * 0.9) - hand_w4a16_bytes(8192, 28672, 80, 32000) - act
