@@ -43,7 +43,7 @@ from huggingface_hub.hf_api import RepoFile
 
 from quantkit.errors import ExportError, HubError
 
-LOG = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 STALE_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
@@ -168,7 +168,7 @@ def push_folder(
     user = call("check the token", api.whoami, retry_connect=False)
     if not isinstance(user, dict):
         raise _endpoint_error(endpoint, "GET /api/whoami-v2 did not answer a JSON object")
-    LOG.info("pushing %s to %s@%s on %s as %s", folder, repo_id, branch, endpoint, user.get("name", "?"))
+    log.info("pushing %s to %s@%s on %s as %s", folder, repo_id, branch, endpoint, user.get("name", "?"))
     call(
         "create the repo", lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     )
@@ -197,12 +197,12 @@ def push_folder(
     )
     files = _verify(folder, remote, f"{repo_id}@{branch}")
     changed = info.oid != before.sha
-    LOG.info(
-        "%s %d files to %s@%s, commit %s",
-        "pushed" if changed else "unchanged:",
-        len(files),
+    log.info(
+        "%s %s@%s: %d files verified, commit %s",
+        "pushed to" if changed else "nothing new for",
         repo_id,
         branch,
+        len(files),
         info.oid,
     )
     return PushResult(repo_id, branch, info.oid, info.commit_url, files, changed)
@@ -251,8 +251,8 @@ def _verify(folder: Path, remote_entries: list, where: str) -> tuple[str, ...]:
             )
     extra = sorted(set(remote) - set(local) - {".gitattributes"})
     if extra:
-        LOG.info("%s also holds files this folder does not have: %s", where, ", ".join(extra))
-    LOG.debug("verified %d files on %s", len(local), where)
+        log.info("%s also holds files this folder does not have: %s", where, ", ".join(extra))
+    log.debug("verified %d files on %s", len(local), where)
     return tuple(local)
 
 
@@ -281,7 +281,7 @@ def _with_retries(
             transient = _is_transient(cause) and (retry_connect or not isinstance(cause, httpx2.ConnectError))
             if transient and attempt < policy.max_attempts:
                 delay = policy.delay(attempt)
-                LOG.warning(
+                log.warning(
                     "%s: %s; retry %d of %d in %.0f s",
                     step,
                     _redact(_describe(cause), token),
@@ -337,15 +337,15 @@ def _hub_error(
 ) -> HubError:
     status = _status(exc)
     url = str(getattr(getattr(getattr(exc, "response", None), "request", None), "url", ""))
-    if "xet" in url.lower() or "xet" in str(exc).lower():
-        return HubError(
-            f"{step}: the Hub at {endpoint} refused the Xet upload protocol: set HF_HUB_DISABLE_XET=1 to "
-            "upload through plain LFS"
-        )
     if transient:
         return HubError(
             f"{step}: the Hub at {endpoint} kept failing ({_describe(exc)}) after {attempts} attempts: "
             "try again later; re-running the push resumes where it stopped"
+        )
+    if "xet" in url.lower() or "xet" in str(exc).lower():
+        return HubError(
+            f"{step}: the Hub at {endpoint} refused the Xet upload protocol: set HF_HUB_DISABLE_XET=1 to "
+            "upload through plain LFS"
         )
     if isinstance(exc, httpx2.ConnectError):
         return HubError(f"cannot connect to {endpoint} ({exc}): check HF_ENDPOINT and the network")

@@ -2,17 +2,14 @@
 
     python -m quantkit push OUTPUT_DIR REPO_ID [--private] [--revision R] [--message M]
 
-
-Token from HF_TOKEN or the stored ``hf auth login``; endpoint from HF_ENDPOINT. Prints one line per
-outcome (pushed, unchanged, or the error) and returns the exit status.
+Token from HF_TOKEN or the stored ``hf auth login``; endpoint from HF_ENDPOINT. The handler prints one
+line for a push (pushed, or nothing to push) and lets a `QuantkitError` propagate: ``cli.main`` prints
+it as one line and exits non-zero (``--debug`` keeps the traceback), as for every subcommand.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-
-from quantkit.errors import QuantkitError
 
 
 def add_push_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -35,17 +32,13 @@ def add_push_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 def run_push(args: argparse.Namespace) -> int:
     from quantkit.hub import push_folder  # huggingface_hub loads only when pushing
 
-    try:
-        result = push_folder(
-            args.output_dir,
-            args.repo_id,
-            private=args.private,
-            revision=args.revision,
-            commit_message=args.message,
-        )
-    except QuantkitError as e:
-        print(f"quantkit push: error: {e}", file=sys.stderr)
-        return 1
+    result = push_folder(
+        args.output_dir,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.message,
+    )
     where, commit, n = f"{result.repo_id}@{result.revision}", result.commit_oid[:12], len(result.files)
     if result.changed:
         print(f"pushed {n} files to {where}, commit {commit}, verified: {result.commit_url}")
