@@ -1,0 +1,222 @@
+"""AWQ (Lin et al., 2024): activation-aware per-channel scaling before group quantization.
+
+Per input group: ``s = mean|x|^ratio`` (normalised), with the ratio picked on a grid in
+[0, 1) to minimise ``Σ_linears ||X Wᵀ − (X/s) Q(W·s)ᵀ||²`` on captured tokens; ``s`` is
+folded into the producer (norm weight, or v_proj/up_proj output rows) so the float layer is
+unchanged; then each weight's per-group clipping range is shrunk on a grid to minimise its
+output error, and the weight is round-to-nearest quantized. Ratio 0 is plain RTN, so on the
+captured tokens AWQ is never worse than RTN.
+
+Memory: captured inputs are a uniform sample of at most ``max_calib_tokens`` rows per group
+(kept in the activation dtype); losses are summed over token chunks (``[chunk, out]``
+buffers), and the clip search works on per-group Gram matrices (``[in/g, g, g]``), chunked
+over output rows. Nothing is ``[grid, tokens, out]``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..architectures import InputGroup, can_fold_v_into_o
+from ..scheme import QuantizedWeight, Scheme, WeightScheme
+from .base import LayerCalibration, Quantizer, QuantizerParams, register_quantizer
+from .rtn import quantize_rtn
+from .sampling import RowSample
+
+# Chunk sizes bound temporary buffers to about this many float32 elements (128 MiB).
+_CHUNK_ELEMS = 1 << 25
+# The clip search skips these, as AutoAWQ does: their error shows up in attention scores,
+# which a Linear-output loss does not measure.
+_NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
+MAX_SHRINK = 0.5
+
+
+class ChannelAbsMean:
+    """Running mean of ``|x|`` per input channel over every calibration token."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        s = x.detach().abs().to(torch.float32).sum(dim=0)
+        self.total = s if self.total is None else self.total + s
+        self.count += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.count, 1)
+
+
+def _output_sq_error(x: torch.Tensor, dw: torch.Tensor, x_div: torch.Tensor | None = None) -> torch.Tensor:
+    """``||(X / x_div) ΔWᵀ||²`` summed over token chunks, float32 scalar."""
+    chunk = max(1, _CHUNK_ELEMS // max(dw.shape[0], dw.shape[1]))
+    total = torch.zeros((), device=dw.device, dtype=torch.float32)
+    for t in range(0, x.shape[0], chunk):
+        xc = x[t : t + chunk].to(torch.float32)
+        if x_div is not None:
+            xc = xc / x_div
+        total += (xc @ dw.T).pow(2).sum()
+    return total
+
+
+def awq_scale_search(
+    weights: Sequence[torch.Tensor], x: torch.Tensor, x_mean: torch.Tensor, scheme: Scheme, grid: int = 20
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-input-channel scale ``s`` (float32 ``[in]``) minimising the group's output
+    error, and the losses of every ratio ``k/grid`` (``[grid]``; index 0 is RTN)."""
+    ws = [w.detach().to(torch.float32) for w in weights]
+    xm = x_mean.to(device=ws[0].device, dtype=torch.float32)
+    losses, scales = [], []
+    for k in range(grid):
+        s = xm.pow(k / grid).clamp_min(1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        loss = torch.zeros((), device=xm.device)
+        for w in ws:
+            dq = quantize_rtn(w * s, scheme).dequantize() / s
+            loss = loss + _output_sq_error(x, w - dq)
+        losses.append(loss)
+        scales.append(s)
+    losses_t = torch.stack(losses)
+    return torch.stack(scales)[losses_t.argmin()], losses_t
+
+
+def _clip(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, g: int) -> torch.Tensor:
+    out_f, in_f = w.shape
+    wg = w.reshape(out_f, in_f // g, g)
+    return torch.maximum(torch.minimum(wg, hi.unsqueeze(-1)), lo.unsqueeze(-1)).reshape(out_f, in_f)
+
+
+def awq_clip_search(
+    w: torch.Tensor, x: torch.Tensor, scheme: Scheme, grid: int = 20, max_shrink: float = MAX_SHRINK
+) -> torch.Tensor:
+    """``w`` (float32) with each (row, group) clamped to the shrunk range ``r·[min, max]``,
+    ``r ∈ {1, 1−1/grid, …} ≥ 1 − max_shrink``, that minimises that group's contribution to
+    the output error on ``x``; groups are scored independently (per-group Gram matrices)."""
+    ws = scheme.weights
+    w = w.detach().to(torch.float32)
+    out_f, in_f = w.shape
+    g = ws.group_size if ws.strategy == "group" and ws.group_size else in_f
+    ng = in_f // g
+    gram = torch.zeros(ng, g, g, device=w.device, dtype=torch.float32)
+    chunk = max(1, _CHUNK_ELEMS // in_f)
+    for t in range(0, x.shape[0], chunk):
+        xc = x[t : t + chunk].to(torch.float32).reshape(-1, ng, g).transpose(0, 1)  # [ng, T, g]
+        gram += xc.transpose(1, 2) @ xc
+    wg = w.reshape(out_f, ng, g)
+    if ws.symmetric:
+        hi0 = wg.abs().amax(-1)
+        lo0 = -hi0
+    else:
+        hi0 = wg.amax(-1).clamp_min(0)
+        lo0 = wg.amin(-1).clamp_max(0)
+    best_loss = torch.full((out_f, ng), float("inf"), device=w.device)
+    best_r = torch.ones(out_f, ng, device=w.device)
+    row_chunk = max(1, _CHUNK_ELEMS // in_f)
+    for i in range(int(max_shrink * grid)):
+        r = 1.0 - i / grid
+        wc = _clip(w, lo0 * r, hi0 * r, g)
+        dw = (w - quantize_rtn(wc, scheme).dequantize()).reshape(out_f, ng, g)
+        loss = torch.empty(out_f, ng, device=w.device)
+        for o in range(0, out_f, row_chunk):
+            d = dw[o : o + row_chunk].transpose(0, 1)  # [ng, rows, g]
+            loss[o : o + row_chunk] = ((d @ gram) * d).sum(-1).transpose(0, 1)
+        better = loss < best_loss
+        best_loss = torch.where(better, loss, best_loss)
+        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+    return _clip(w, lo0 * best_r, hi0 * best_r, g)
+
+
+@torch.no_grad()
+def fold_awq_scales(producer: nn.Module, producer_is_norm: bool, linears: Sequence[nn.Linear], s: torch.Tensor) -> None:
+    """``producer`` output ``/= s`` (a norm's weight and bias, or a Linear's output rows and
+    bias), the consumers' input columns ``*= s``: the float function is unchanged."""
+    params = [producer.weight, getattr(producer, "bias", None)]
+    for p in params:
+        if p is None:
+            continue
+        div = s if (producer_is_norm or p.dim() == 1) else s.unsqueeze(1)
+        p.copy_((p.to(torch.float32) / div).to(p.dtype))
+    for lin in linears:
+        lin.weight.copy_((lin.weight.to(torch.float32) * s).to(lin.weight.dtype))
+
+
+class AWQParams(QuantizerParams):
+    """AWQ weight-only quantization; defaults are W4A16 asymmetric, group 128."""
+
+    method: Literal["awq"] = "awq"
+    bits: Literal[4, 8] = 4
+    group_size: Literal[-1, 32, 64, 128] = 128
+    symmetric: bool = False
+    grid: int = Field(20, ge=2, le=100)
+    clip_search: bool = True
+    max_calib_tokens: int = Field(4096, ge=16)
+
+    def scheme(self) -> Scheme:
+        channel = self.group_size == -1
+        return Scheme(
+            WeightScheme(
+                num_bits=self.bits,
+                symmetric=self.symmetric,
+                strategy="channel" if channel else "group",
+                group_size=None if channel else self.group_size,
+            )
+        )
+
+
+@register_quantizer("awq")
+class AWQQuantizer(Quantizer):
+    Params = AWQParams
+    needs_calibration = True
+    default_format = "compressed-tensors"
+
+    def _can_fold(self, group: InputGroup) -> bool:
+        if group.producer_is_norm:
+            return True
+        if group.producer.endswith("v_proj"):
+            return can_fold_v_into_o(self.model_config)
+        return True  # up_proj → down_proj: elementwise product, rows map one-to-one
+
+    def quantize_layer(self, layer, arch, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
+        p: AWQParams = self.params  # type: ignore[assignment]
+        samples = {g.linears[0]: RowSample(p.max_calib_tokens) for g in arch.groups}
+        means = {g.linears[0]: ChannelAbsMean() for g in arch.groups}
+
+        def hook(name):
+            def h(x: torch.Tensor) -> None:
+                samples[name].add(x)
+                means[name].add(x)
+
+            return h
+
+        # One pass over the float layer: folding keeps the float function, so the inputs
+        # captured here stay valid (divided by s) after every group is scaled.
+        calib.run({name: hook(name) for name in samples})
+
+        x_div: dict[str, torch.Tensor | None] = {}
+        for g in arch.groups:
+            key = g.linears[0]
+            linears = [layer.get_submodule(n) for n in g.linears]
+            x_div[key] = None
+            if not self._can_fold(g):
+                continue
+            x = samples[key].rows()
+            s, _ = awq_scale_search([lin.weight for lin in linears], x, means[key].mean(), self.scheme, p.grid)
+            fold_awq_scales(layer.get_submodule(g.producer), g.producer_is_norm, linears, s)
+            x_div[key] = s
+
+        out: dict[str, QuantizedWeight] = {}
+        for g in arch.groups:
+            key = g.linears[0]
+            x = samples[key].rows()
+            if x_div[key] is not None:
+                x = x.to(torch.float32) / x_div[key]
+            for name in g.linears:
+                w = layer.get_submodule(name).weight.data.to(torch.float32)
+                if p.clip_search and name not in _NO_CLIP:
+                    w = awq_clip_search(w, x, self.scheme, p.grid)
+                out[name] = quantize_rtn(w, self.scheme)
+        return out

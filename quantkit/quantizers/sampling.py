@@ -1,0 +1,37 @@
+"""A bounded uniform sample of calibration tokens, so captured inputs never outgrow memory."""
+
+from __future__ import annotations
+
+import torch
+
+
+class RowSample:
+    """Keeps each row (token) of the batches it is given with probability ``rate``; when more
+    than ``cap`` rows are held, a random half is dropped and ``rate`` halves, so what is
+    held is always a uniform sample of everything seen. Row counts are host integers taken
+    from shapes: no device sync."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.rate = 1.0
+        self.count = 0
+        self.seen = 0
+        self._rows: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        n = x.shape[0]
+        self.seen += n
+        k = round(n * self.rate)
+        if k < n:
+            x = x[torch.randperm(n, device=x.device)[:k]]
+        else:
+            x = x.detach().clone()  # the caller may reuse its activation buffer
+        self._rows.append(x)
+        self.count += x.shape[0]
+        while self.count > self.cap:
+            allx = torch.cat(self._rows)
+            keep = allx[torch.randperm(allx.shape[0], device=allx.device)[: allx.shape[0] // 2]]
+            self._rows, self.count, self.rate = [keep], keep.shape[0], self.rate / 2
+
+    def rows(self) -> torch.Tensor:
+        return torch.cat(self._rows)
