@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-seq-length", type=int, default=512, help="tokens per window")
     ev.add_argument("--json", action="store_true", help="print JSON")
     ev.set_defaults(func=_eval)
+
+    from .hub_cli import add_push_command
+    from .plan_cli import add_plan_command
+
+    add_plan_command(sub)
+    add_push_command(sub)
     return parser
 
 
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not args.debug:
-        for noisy in ("transformers", "datasets", "httpx", "huggingface_hub", "urllib3"):
+        for noisy in ("transformers", "datasets", "httpx", "httpx2", "huggingface_hub", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.func(args)

@@ -30,7 +30,9 @@ class WeightScheme:
     symmetric: bool = True
     strategy: Strategy = "group"
     group_size: int | None = 128
-    actorder: bool = False
+    # None: natural column order. "static": columns quantized in activation order but groups
+    # stay contiguous (no g_idx needed). "group": groups follow activation order (g_idx).
+    actorder: Literal["static", "group"] | None = None
 
     @property
     def qmin(self) -> int:

@@ -8,7 +8,7 @@ from quantkit.quantizers.rtn import quantize_rtn
 from quantkit.scheme import ActivationScheme, QuantizedWeight, Scheme, WeightScheme
 
 
-def w4(sym: bool = True, group: int | None = 32, actorder: bool = False, bits: int = 4) -> Scheme:
+def w4(sym: bool = True, group: int | None = 32, actorder: str | None = None, bits: int = 4) -> Scheme:
     strategy = "group" if group else "channel"
     return Scheme(WeightScheme(num_bits=bits, symmetric=sym, strategy=strategy, group_size=group, actorder=actorder))
 

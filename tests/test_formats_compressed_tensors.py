@@ -3,7 +3,7 @@ import torch
 from compressed_tensors.compressors.base import BaseCompressor
 from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, preset_name_to_scheme
 
-from formats_support import fp8, int8_w8a8, make_qw, w4, with_scale_dtype
+from tests.formats_support import fp8, int8_w8a8, make_qw, w4, with_scale_dtype
 from quantkit.errors import ExportError
 from quantkit.formats import FORMATS, default_format_for
 from quantkit.formats.packing import to_signed, unpack_int32
@@ -16,7 +16,7 @@ SCHEMES = {
     "w4-sym-g32": w4(True, 32),
     "w4-asym-g32": w4(False, 32),
     "w4-asym-channel": w4(False, None),
-    "w4-sym-actorder-static": w4(True, 64, actorder=True),
+    "w4-sym-actorder-static": w4(True, 64, actorder="static"),
     "w8-sym-g64": w4(True, 64, bits=8),
     "w8-asym-channel": w4(False, None, bits=8),
     "int8-channel-dyn-token": int8_w8a8("channel", "token", True),
@@ -155,13 +155,13 @@ def test_actorder_is_described_as_weight_order():
 
 
 def test_permuted_g_idx_is_refused():
-    qw = make_qw(w4(True, 32, actorder=True), 5, permute=True)
+    qw = make_qw(w4(True, 32, actorder="static"), 5, permute=True)
     with pytest.raises(ExportError, match="g_idx"):
         CT.weight_tensors(P, qw, torch.bfloat16)
 
 
 def test_natural_g_idx_is_accepted_and_dropped():
-    qw = make_qw(w4(True, 32, actorder=True), 5)
+    qw = make_qw(w4(True, 32, actorder="static"), 5)
     qw.g_idx = (torch.arange(128) // 32).to(torch.int32)
     assert "model.layers.0.mlp.up_proj.weight_g_idx" not in CT.weight_tensors(P, qw, torch.bfloat16)
 

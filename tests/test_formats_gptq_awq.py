@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from formats_support import fp8, int8_w8a8, make_qw, w4, with_scale_dtype
+from tests.formats_support import fp8, int8_w8a8, make_qw, w4, with_scale_dtype
 from quantkit.errors import ExportError
 from quantkit.formats import FORMATS
 from quantkit.formats.packing import to_signed, unpack_awq, unpack_int32
@@ -19,8 +19,8 @@ GPTQ_SCHEMES = {
     "w4-asym-channel": w4(False, None),
     "w8-sym-g64": w4(True, 64, bits=8),
     "w8-asym-g32": w4(False, 32, bits=8),
-    "w4-sym-actorder": w4(True, 32, actorder=True),
-    "w8-asym-actorder": w4(False, 64, actorder=True, bits=8),
+    "w4-sym-actorder": w4(True, 32, actorder="group"),
+    "w8-asym-actorder": w4(False, 64, actorder="group", bits=8),
 }
 
 
@@ -78,7 +78,7 @@ def test_gptq_round_trip_and_vllm_oracle(name, seed):
     scheme = GPTQ_SCHEMES[name]
     assert GPTQ.unsupported_reason(scheme) is None
     bits = scheme.weights.num_bits
-    qw = make_qw(scheme, seed, out_f=64, in_f=128, permute=scheme.weights.actorder)
+    qw = make_qw(scheme, seed, out_f=64, in_f=128, permute=scheme.weights.actorder == "group")
     sd = local(GPTQ.weight_tensors(P, qw, torch.bfloat16))
     n_groups = qw.scale.shape[1]
     assert sd["qweight"].shape == (128 * bits // 32, 64) and sd["qweight"].dtype == torch.int32
@@ -130,7 +130,7 @@ def test_gptq_v1_refuses_zero_point_at_lowest_code():
 
 def test_gptq_refuses_permuted_g_idx_without_actorder():
     qw = make_qw(w4(True, 32), 2)
-    qw.g_idx = make_qw(w4(True, 32, actorder=True), 2, permute=True).g_idx
+    qw.g_idx = make_qw(w4(True, 32, actorder="group"), 2, permute=True).g_idx
     with pytest.raises(ExportError, match="desc_act"):
         GPTQ.weight_tensors(P, qw, torch.float16)
 
@@ -142,13 +142,13 @@ def test_gptq_configs():
     }
     cfg = GPTQ.quantization_config(w4(False, None, bits=8), [])
     assert (cfg["bits"], cfg["group_size"], cfg["sym"], cfg["desc_act"]) == (8, -1, False, False)
-    assert GPTQ.quantization_config(w4(True, 64, actorder=True), [])["desc_act"] is True
+    assert GPTQ.quantization_config(w4(True, 64, actorder="group"), [])["desc_act"] is True
 
 
 def test_gptq_config_loads_in_transformers():
     from transformers import GPTQConfig
 
-    hf = GPTQConfig.from_dict(GPTQ.quantization_config(w4(False, 64, actorder=True), []))
+    hf = GPTQConfig.from_dict(GPTQ.quantization_config(w4(False, 64, actorder="group"), []))
     assert (hf.bits, hf.group_size, hf.desc_act, hf.sym, hf.format) == (4, 64, True, False, "gptq")
 
 
@@ -170,7 +170,7 @@ def test_awq_config_and_transformers():
         (AWQ, w4(True, 128), "asymmetric"),
         (AWQ, w4(False, 128, bits=8), "4-bit"),
         (AWQ, w4(False, None), "group"),
-        (AWQ, w4(False, 128, actorder=True), "act-order"),
+        (AWQ, w4(False, 128, actorder="group"), "act-order"),
         (AWQ, fp8("channel", None), "4-bit"),
         (AWQ, int8_w8a8(), "weight-only"),
         (AWQ, w4(False, 128, bits=3), "4-bit"),

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from formats_support import fp8, int8_w8a8, w4
+from tests.formats_support import fp8, int8_w8a8, w4
 from quantkit.formats import FORMATS
 from quantkit.quantizers.rtn import quantize_rtn
 

@@ -142,9 +142,9 @@ def test_act_order_g_idx_and_static_groups():
     assert dyn.g_idx is not None and dyn.g_idx.dtype == torch.int32
     assert torch.bincount(dyn.g_idx.long()).tolist() == [32] * 4
     assert not torch.equal(dyn.g_idx.long(), torch.arange(128) // 32)
-    assert dyn.scheme.weights.actorder
+    assert dyn.scheme.weights.actorder == "group"
     static = gptq_quantize(w, _hessian(x).float(), scheme, act_order=True, static_groups=True)
-    assert static.g_idx is None and not static.scheme.weights.actorder
+    assert static.g_idx is None and static.scheme.weights.actorder == "static"
     scale, zero = weight_qparams(w, scheme.weights)
     assert torch.equal(static.scale, scale) and torch.equal(static.zero_point, zero)
 

@@ -63,6 +63,9 @@ def _weights_reason(scheme: Scheme) -> str | None:
                 "weight-only int quantization needs strategy 'group' or 'channel' "
                 f"(vLLM's Marlin/Machete kernels), not {ws.strategy!r}"
             )
+        if ws.actorder == "group":
+            return ("act-order with dynamic groups needs a permuting g_idx, which compressed-tensors "
+                    ">= 0.20 cannot store; set static_groups: true, or export.format: gptq")
         return None
     if ws.num_bits != 8:
         return f"int weights with quantized activations must be 8-bit (W8A8), got {ws.num_bits}"
@@ -98,7 +101,7 @@ def _weight_args(scheme: Scheme) -> dict:
         "strategy": ws.strategy,
         "dynamic": False,
     }
-    if ws.actorder and ws.strategy == "group":
+    if ws.actorder == "static" and ws.strategy == "group":
         args["actorder"] = "weight"
     return args
 

@@ -54,7 +54,7 @@ class GPTQFormat(Format):
         out_f, in_f = qw.shape
         if in_f % pf or out_f % pf:
             raise ExportError(f"{prefix}: GPTQ needs in and out features divisible by {pf}, got {qw.shape}")
-        if has_permuted_groups(qw) and not scheme.weights.actorder:
+        if has_permuted_groups(qw) and scheme.weights.actorder != "group":
             raise ExportError(f"{prefix}: g_idx permutes groups but the scheme has actorder off (desc_act)")
         if qw.zero_point is None:
             zeros = torch.full(qw.scale.shape, 1 << (bits - 1), dtype=torch.int32)
@@ -86,7 +86,7 @@ class GPTQFormat(Format):
             "checkpoint_format": "gptq",
             "bits": ws.num_bits,
             "group_size": ws.group_size if grouped else -1,
-            "desc_act": bool(ws.actorder and grouped),
+            "desc_act": ws.actorder == "group" and grouped,
             "sym": ws.symmetric,
             "lm_head": False,
         }

@@ -173,14 +173,11 @@ def gptq_quantize(
         zero = torch.cat(group_zeros, dim=1) if group_zeros else None
     if not bool(torch.isfinite(scale).all()):
         raise NumericsError(f"GPTQ {name}: non-finite scales; the weight has NaN/Inf")
+    actorder = "group" if g_idx is not None else "static" if act_order and ws.strategy == "group" else None
     out_scheme = scheme
-    if ws.actorder != (g_idx is not None):
-        out_scheme = Scheme(_with_actorder(ws, g_idx is not None), scheme.input_activations)
+    if ws.actorder != actorder:
+        out_scheme = Scheme(replace(ws, actorder=actorder), scheme.input_activations)
     return QuantizedWeight(codes=codes, scale=scale, zero_point=zero, scheme=out_scheme, g_idx=g_idx)
-
-
-def _with_actorder(ws: WeightScheme, actorder: bool) -> WeightScheme:
-    return replace(ws, actorder=actorder)
 
 
 class GPTQParams(QuantizerParams):
@@ -203,8 +200,7 @@ class GPTQParams(QuantizerParams):
                 symmetric=self.symmetric,
                 strategy="channel" if channel else "group",
                 group_size=None if channel else self.group_size,
-                # g_idx exists only for act-order with dynamic groups.
-                actorder=self.act_order and not self.static_groups and not channel,
+                actorder=None if channel or not self.act_order else "static" if self.static_groups else "group",
             )
         )
 
