@@ -27,6 +27,7 @@ from .errors import QuantkitError, RecipeError
 from .formats import FORMATS
 from .layers import ModelSkeleton
 from .model import ModelSource
+from .plan import serve_command
 from .quantizers import QUANTIZERS
 from .recipe import RecipeBase, parse_size
 from .scheme import Scheme
@@ -105,13 +106,16 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
         evaluation = load_tokens(TextRequest(ev.source, ev.num_samples, ev.max_seq_length, True, 0, False,
                                              ev.split, None, ev.text_column), tokenizer, source.path)
 
-    skeleton = ModelSkeleton(source, arch, device, dtype)
+    # CPUs here run bf16 matmuls ~8x slower than fp32, so compute in fp32 and export in dtype.
+    compute_dtype = torch.float32 if device.type == "cpu" else dtype
+    skeleton = ModelSkeleton(source, arch, device, compute_dtype)
     writer.start()
     try:
         result = LayerwiseEngine(skeleton, quantizer, writer, quiet, on_layer).run(calib, evaluation, cal.batch_size)
+        writer.flush()
         report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started)
         config = dict(source.config)
-        config["quantization_config"] = fmt.quantization_config(scheme, [arch.lm_head])
+        config["quantization_config"] = fmt.quantization_config(scheme, [arch.lm_head], params.kv_cache_scheme())
         config["torch_dtype"] = str(dtype).replace("torch.", "")
         extra_files = {"report.json": json.dumps(report, indent=2),
                        "README.md": render_card(report, base_license(source.path))}
@@ -166,8 +170,20 @@ def _report(recipe: RecipeBase, source: ModelSource, scheme: Scheme, device: tor
         "size_bytes": {"base": base_bytes, "quantized": writer.total_bytes},
         "timing": {"total_seconds": time.perf_counter() - started,
                    "layer_seconds_mean": sum(result.layer_seconds) / max(len(result.layer_seconds), 1)},
-        "serve_command": f"vllm serve {recipe.export.output_dir}",
+        "serve_command": serve_command(
+            recipe.push.repo_id if recipe.push else str(recipe.export.output_dir), source.config,
+            plan_scheme_key(scheme), kv_cache_dtype="fp8" if recipe.quantization.kv_cache_scheme() else "auto"),
     }
+
+
+def plan_scheme_key(scheme: Scheme) -> str:
+    """The planner's name for the closest precision (it sizes the serve line)."""
+    w, a = scheme.weights, scheme.input_activations
+    if w.type == "float":
+        return "fp8"
+    if a is not None or w.num_bits == 8:
+        return "w8a8-int8"
+    return "w4a16" if w.symmetric else "w4a16-asym"
 
 
 def scheme_name(scheme: Scheme) -> str:

@@ -153,7 +153,9 @@ def _check_format(recipe: RecipeBase, where: str) -> None:
     name = recipe.format_name
     if name not in FORMATS:
         raise RecipeError(f"{where}: export.format '{name}' is unknown; choose one of {', '.join(sorted(FORMATS))}")
-    reason = FORMATS[name]().unsupported_reason(recipe.quantization.scheme())
+    fmt = FORMATS[name]()
+    reason = fmt.unsupported_reason(recipe.quantization.scheme()) or fmt.kv_cache_reason(
+        recipe.quantization.kv_cache_scheme())
     if reason:
         raise RecipeError(f"{where}: export.format '{name}' cannot store quantization.method "
                           f"'{recipe.quantization.method}' as configured: {reason}")

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from ..architectures import Architecture
-from ..scheme import QuantizedWeight, Scheme
+from ..scheme import ActivationScheme, QuantizedWeight, Scheme
 
 InputHook = Callable[[torch.Tensor], None]
 
@@ -42,6 +42,10 @@ class QuantizerParams(BaseModel):
 
     def scheme(self) -> Scheme:
         raise NotImplementedError
+
+    def kv_cache_scheme(self) -> ActivationScheme | None:
+        """The KV-cache quantization this method calibrates, if any."""
+        return None
 
 
 class Quantizer(ABC):

@@ -45,6 +45,9 @@ class FP8Params(QuantizerParams):
             ActivationScheme(8, "float", True, "token" if dynamic else "tensor", dynamic=dynamic),
         )
 
+    def kv_cache_scheme(self) -> ActivationScheme | None:
+        return ActivationScheme(8, "float", True, "tensor", dynamic=False) if self.kv_cache else None
+
 
 @register_quantizer("fp8")
 class FP8Quantizer(Quantizer):
