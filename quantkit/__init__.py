@@ -14,7 +14,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def quantize(recipe: "str | Path | Any | None" = None, *, quiet: bool = False, **options: Any) -> dict[str, Any]:
+def quantize(recipe: "str | Path | Any | None" = None, *, quiet: bool = False, resume: bool = False,
+             **options: Any) -> dict[str, Any]:
     """Run a recipe (a YAML path, a Recipe, or the recipe's sections as keyword arguments).
 
     ``model`` may be given as a plain string (the id); every other section is a dict with
@@ -31,7 +32,7 @@ def quantize(recipe: "str | Path | Any | None" = None, *, quiet: bool = False, *
         recipe = load_recipe(recipe)
     elif not isinstance(recipe, RecipeBase):
         raise TypeError("recipe must be a path, a Recipe, or None with keyword arguments")
-    return pipeline.run(recipe, quiet=quiet)
+    return pipeline.run(recipe, quiet=quiet, resume=resume)
 
 
 def load_recipe(path: "str | Path"):

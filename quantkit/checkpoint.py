@@ -1,9 +1,9 @@
-"""CheckpointWriter: sharded safetensors written as layers finish, published atomically.
+"""CheckpointWriter: sharded safetensors in a staging folder, published atomically.
 
 Every format shares this: tensors are buffered until ``max_shard_size``, each full shard is a
-complete file in a hidden work folder beside ``output_dir``, and only when the index, config
-and tokenizer are written is the folder renamed into place. A failure leaves any previous
-output untouched.
+complete file in the staging folder (inside the run's hidden work folder beside
+``output_dir``), and only when the index, config and tokenizer are written is the folder
+renamed into place. A failure leaves any previous output untouched.
 """
 
 from __future__ import annotations
@@ -28,14 +28,17 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 def work_dir_for(output_dir: Path) -> Path:
+    """The hidden folder beside the output (same filesystem, so the final rename is atomic)."""
+    output_dir = Path(output_dir)
     return output_dir.parent / f".{output_dir.name}.quantkit-partial"
 
 
 class CheckpointWriter:
-    def __init__(self, output_dir: Path, fmt: Format, dtype: torch.dtype, max_shard_size: int, overwrite: bool):
+    def __init__(self, output_dir: Path, staging_dir: Path, fmt: Format, dtype: torch.dtype,
+                 max_shard_size: int, overwrite: bool):
         self.output_dir = Path(output_dir)
         self.fmt, self.dtype, self.max_shard_size, self.overwrite = fmt, dtype, max_shard_size, overwrite
-        self.work_dir = work_dir_for(self.output_dir)
+        self.work_dir = Path(staging_dir)
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0
         self._shards: list[tuple[str, list[str]]] = []
@@ -120,7 +123,3 @@ class CheckpointWriter:
         if old.exists():
             shutil.rmtree(old)
 
-    def abort(self) -> None:
-        self._buffer = {}
-        if self.work_dir.exists():
-            shutil.rmtree(self.work_dir, ignore_errors=True)

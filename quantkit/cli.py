@@ -25,7 +25,7 @@ def _run(args: argparse.Namespace) -> int:
         recipe.export.output_dir = Path(args.output_dir)
     if args.overwrite:
         recipe.export.overwrite = True
-    report = pipeline.run(recipe, quiet=args.quiet)
+    report = pipeline.run(recipe, quiet=args.quiet, resume=args.resume)
     ev = report.get("evaluation")
     if ev:
         print(f"perplexity: base {ev['perplexity_base']:.3f} -> quantized {ev['perplexity_quantized']:.3f} "
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="recipe YAML file (see recipes/)")
     run.add_argument("--output-dir", help="override export.output_dir")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    run.add_argument("--resume", action="store_true",
+                     help="continue a killed run from its last finished layer (same recipe)")
     run.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     run.set_defaults(func=_run)

@@ -2,9 +2,9 @@
 
 Only one decoder layer's weights, the calibration hidden states and (when evaluating) two
 evaluation streams live on the device. Each layer is: loaded from the shards, measured on the
-base evaluation stream, quantized against the calibration stream, written out, switched to
-its fake-quantized weights, and run again to produce the next layer's inputs, so error
-propagates as it will at inference. Base and quantized perplexity come out of the same pass,
+base evaluation stream, quantized against the calibration stream, saved to the work folder,
+switched to its fake-quantized weights, and run again to produce the next layer's inputs, so
+error propagates as it will at inference. Base and quantized perplexity come out of the same pass,
 which is what makes evaluating a model larger than memory possible.
 """
 
@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointWriter
 from .errors import DeviceMemoryError, NumericsError
 from .layers import ModelSkeleton, embed
 from .quantizers.base import InputHook, Quantizer
 from .scheme import QuantizedWeight
+from .workdir import LayerRecord, WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -70,24 +70,28 @@ class EngineResult:
     perplexity_base: float | None = None
     perplexity_quantized: float | None = None
     layer_seconds: list[float] = field(default_factory=list)
-    quantized_bytes: int = 0
 
 
 class LayerwiseEngine:
-    def __init__(self, skeleton: ModelSkeleton, quantizer: Quantizer, writer: CheckpointWriter,
-                 quiet: bool = False, on_layer: LayerCallback | None = None):
-        self.sk, self.quantizer, self.writer, self.quiet, self.on_layer = skeleton, quantizer, writer, quiet, on_layer
+    """Quantizes layers ``start..n-1`` and replays ``0..start-1`` from the work folder."""
 
-    def run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int) -> EngineResult:
+    def __init__(self, skeleton: ModelSkeleton, quantizer: Quantizer, workdir: WorkDir, fingerprint: str,
+                 quiet: bool = False, on_layer: LayerCallback | None = None):
+        self.sk, self.quantizer, self.workdir, self.fingerprint = skeleton, quantizer, workdir, fingerprint
+        self.quiet, self.on_layer = quiet, on_layer
+
+    def run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
+            start: int = 0) -> EngineResult:
         try:
-            return self._run(calib, evaluation, batch_size)
+            return self._run(calib, evaluation, batch_size, start)
         except torch.OutOfMemoryError:
             raise DeviceMemoryError(
                 "out of device memory: lower calibration.num_samples, calibration.max_seq_length "
                 "or calibration.batch_size (activations of all samples stay on the device)"
             ) from None
 
-    def _run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int) -> EngineResult:
+    def _run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
+             start: int) -> EngineResult:
         sk, arch, result = self.sk, self.sk.arch, EngineResult()
         calib_batches = make_batches(calib, batch_size)
         eval_batches = make_batches(evaluation, batch_size) if evaluation else []
@@ -97,51 +101,54 @@ class LayerwiseEngine:
             h_calib = [embed(b, weight, sk.device, sk.dtype) for b in calib_batches]
             h_base = [embed(b, weight, sk.device, sk.dtype) for b in eval_batches]
         h_quant = [h.clone() for h in h_base]
-        self.writer.add(arch.embed + ".weight", weight)
         del weight
 
-        bar = tqdm(range(sk.num_layers), desc="quantizing layers", unit="layer", disable=self.quiet)
+        if start:
+            log.info("resuming: replaying %d finished layers from %s", start, self.workdir.root)
+        bar = tqdm(range(sk.num_layers), desc="quantizing layers", unit="layer", disable=self.quiet, initial=0)
         for i in bar:
-            start = time.perf_counter()
+            began = time.perf_counter()
             layer = sk.load_layer(i)
-            for name, p in layer.named_parameters():
-                _check_finite(p, f"{sk.layer_prefix(i)}{name}")
+            if i >= start:
+                for name, p in layer.named_parameters():
+                    _check_finite(p, f"{sk.layer_prefix(i)}{name}")
             with torch.no_grad():
                 h_base = [sk.run_layer(layer, h) for h in h_base]
-            qweights = self.quantizer.quantize_layer(layer, arch, _LayerCalibration(sk, layer, h_calib, self.quiet))
-            self._export_layer(i, layer, qweights)
-            for name, qw in qweights.items():
-                layer.get_submodule(name).weight.data = qw.dequantize(sk.dtype).to(sk.device)
-            if self.on_layer is not None:
-                self.on_layer(i, layer, qweights)
+            if i < start:
+                record = self.workdir.load_layer(i)
+            else:
+                qweights = self.quantizer.quantize_layer(layer, arch, _LayerCalibration(sk, layer, h_calib, self.quiet))
+                quantized = {f"{name}.weight" for name in qweights}
+                floats = {k: v.detach().clone() for k, v in layer.state_dict().items() if k not in quantized}
+                record = LayerRecord(floats, dict(qweights), self.quantizer.extra_tensors())
+                self.workdir.save_layer(i, record, self.fingerprint)
+            apply_record(layer, record, sk.device, sk.dtype)
+            if self.on_layer is not None and i >= start:
+                self.on_layer(i, layer, record.quantized)
             with torch.no_grad():
                 h_calib = [sk.run_layer(layer, h) for h in h_calib]
                 h_quant = [sk.run_layer(layer, h) for h in h_quant]
-            _check_finite_list(h_calib, f"outputs of layer {i} on calibration data")
-            del layer, qweights
-            result.layer_seconds.append(time.perf_counter() - start)
+            _check_finite_list(h_calib + h_quant, f"outputs of layer {i}")
+            del layer, record
+            if i >= start:
+                result.layer_seconds.append(time.perf_counter() - began)
 
-        norm = sk.final_norm()
-        self.writer.add(arch.final_norm + ".weight", norm.weight)
-        head = sk.lm_head_weight()
-        if not sk.tied:
-            self.writer.add(arch.lm_head + ".weight", head)
         if eval_batches:
-            head = head.to(device=sk.device, dtype=sk.dtype)
+            norm = sk.final_norm()
+            head = sk.lm_head_weight().to(device=sk.device, dtype=sk.dtype)
             result.perplexity_base = perplexity(h_base, eval_batches, norm, head)
             result.perplexity_quantized = perplexity(h_quant, eval_batches, norm, head)
         return result
 
-    def _export_layer(self, i: int, layer: nn.Module, qweights: Mapping[str, QuantizedWeight]) -> None:
-        prefix = self.sk.layer_prefix(i)
-        quantized = {f"{name}.weight" for name in qweights}
-        for name, t in layer.state_dict().items():
-            if name not in quantized:
-                self.writer.add(prefix + name, t)
-        for name, qw in qweights.items():
-            self.writer.add_quantized(prefix + name, qw)
-        for name, t in self.quantizer.extra_tensors().items():
-            self.writer.add(prefix + name, t, keep_dtype=True)
+
+def apply_record(layer: nn.Module, record: LayerRecord, device: torch.device, dtype: torch.dtype) -> None:
+    """Give ``layer`` its quantized form: fake-quantized weights plus its (possibly folded) floats.
+
+    Fresh and resumed runs both go through here, so their next-layer inputs are bit-identical.
+    """
+    state = {k: v.to(device) for k, v in record.floats.items()}
+    state.update({f"{name}.weight": qw.dequantize(dtype).to(device) for name, qw in record.quantized.items()})
+    layer.load_state_dict(state, strict=True)
 
 
 def perplexity(hidden: list[torch.Tensor], tokens: list[torch.Tensor], norm: nn.Module, head: torch.Tensor) -> float:

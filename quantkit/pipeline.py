@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,9 +22,10 @@ from . import __version__
 from .architectures import Architecture, architecture_for
 from .calibration import TextRequest, load_tokens
 from .card import base_license, render_card
-from .checkpoint import CheckpointWriter
+from .checkpoint import CheckpointWriter, work_dir_for
 from .engine import LayerCallback, LayerwiseEngine
-from .errors import QuantkitError, RecipeError
+from .errors import ExportError, QuantkitError, RecipeError
+from .export import export_checkpoint
 from .formats import FORMATS
 from .layers import ModelSkeleton
 from .model import ModelSource
@@ -31,6 +33,7 @@ from .plan import serve_command
 from .quantizers import QUANTIZERS
 from .recipe import RecipeBase, parse_size
 from .scheme import Scheme
+from .workdir import WorkDir, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +69,13 @@ def check_model_fits_scheme(config: dict[str, Any], arch: Architecture, scheme: 
                               f"{name} ({d}); use one of {divisors or [-1]}")
 
 
-def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None = None) -> dict[str, Any]:
-    """Quantize, evaluate, export and (if asked) push; returns the report."""
+def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None = None,
+        resume: bool = False) -> dict[str, Any]:
+    """Quantize, evaluate, export and (if asked) push; returns the report.
+
+    With ``resume`` a run killed part-way continues from its last finished layer (kept in a
+    hidden work folder beside ``export.output_dir``) and writes the same checkpoint.
+    """
     started = time.perf_counter()
     token = os.environ.get("HF_TOKEN")
     source = ModelSource.open(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle, token)
@@ -83,9 +91,11 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     device = resolve_device(recipe.device)
     dtype = resolve_dtype(recipe.model.dtype, source.config)
     fmt = FORMATS[recipe.format_name]()
-    writer = CheckpointWriter(recipe.export.output_dir, fmt, dtype, parse_size(recipe.export.max_shard_size),
-                              recipe.export.overwrite)
+    workdir = WorkDir(work_dir_for(recipe.export.output_dir))
+    writer = CheckpointWriter(recipe.export.output_dir, workdir.export, fmt, dtype,
+                              parse_size(recipe.export.max_shard_size), recipe.export.overwrite)
     writer.check_target()
+    check_disk_space(recipe.export.output_dir, source.config, scheme)
 
     from transformers import AutoTokenizer
 
@@ -109,10 +119,14 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     # CPUs here run bf16 matmuls ~8x slower than fp32, so compute in fp32 and export in dtype.
     compute_dtype = torch.float32 if device.type == "cpu" else dtype
     skeleton = ModelSkeleton(source, arch, device, compute_dtype)
-    writer.start()
+    run_id = fingerprint(__version__, recipe.model.model_dump(mode="json"), params.model_dump(mode="json"),
+                         cal.model_dump(mode="json"), source.weight_map, calib)
+    start = workdir.start(run_id, resume)
     try:
-        result = LayerwiseEngine(skeleton, quantizer, writer, quiet, on_layer).run(calib, evaluation, cal.batch_size)
-        writer.flush()
+        engine = LayerwiseEngine(skeleton, quantizer, workdir, run_id, quiet, on_layer)
+        result = engine.run(calib, evaluation, cal.batch_size, start)
+        writer.start()
+        export_checkpoint(skeleton, workdir, writer, quiet)
         report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started)
         config = dict(source.config)
         config["quantization_config"] = fmt.quantization_config(scheme, [arch.lm_head], params.kv_cache_scheme())
@@ -122,8 +136,12 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
         copy = source.tokenizer_files() + [p for p in [source.path / "generation_config.json"] if p.is_file()]
         writer.finalize(config, extra_files, copy)
     except BaseException:
-        writer.abort()
+        if workdir.layer_path(0).is_file():
+            log.warning("finished layers are kept in %s; run again with --resume to continue", workdir.root)
+        else:
+            workdir.remove()
         raise
+    workdir.remove()
     log.info("wrote %s", recipe.export.output_dir)
     if recipe.push is not None:
         from .hub import push_folder
@@ -132,6 +150,26 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
         push_folder(recipe.export.output_dir, p.repo_id, private=p.private, revision=p.revision,
                     commit_message=p.commit_message)
     return report
+
+
+def check_disk_space(output_dir: Path, config: dict[str, Any], scheme: Scheme) -> None:
+    """Refuse to start when the work files plus the checkpoint cannot fit on the output's disk.
+
+    The estimate is the planner's checkpoint size plus the work folder's unpacked codes
+    (one byte per quantized weight, as int8/fp8 codes).
+    """
+    from .plan import ModelShape, get_scheme, weight_bytes
+
+    shape = ModelShape.from_config(config)
+    needed = weight_bytes(shape, get_scheme(plan_scheme_key(scheme))).total
+    needed += weight_bytes(shape, get_scheme("w8a8-int8")).linears
+    target = Path(output_dir).resolve().parent
+    while not target.exists():
+        target = target.parent
+    free = shutil.disk_usage(target).free
+    if free < needed:
+        raise ExportError(f"export.output_dir {output_dir}: {free / 1e9:.1f} GB free on its disk, about "
+                          f"{needed / 1e9:.1f} GB needed (work files + checkpoint); free space or choose another folder")
 
 
 def _self_generate(model_dir: Path, dtype: torch.dtype, device: torch.device, n: int, length: int, seed: int):

@@ -1,0 +1,115 @@
+"""The work folder of a run: finished layers on disk, so a killed run can resume.
+
+After each decoder layer the engine saves what it produced in the neutral representation
+(quantized Linears plus the layer's float tensors, in compute dtype, and extra tensors such as
+KV scales) and then records the layer as finished in ``state.json``. Resuming replays the
+finished layers from these files (a forward pass each, no quantization) to rebuild the next
+layer's inputs exactly, then goes on. The export stage streams the same files into shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import ExportError
+from .scheme import ActivationScheme, QuantizedWeight, Scheme, WeightScheme
+
+_FIELDS = ("codes", "scale", "zero_point", "g_idx", "input_scale")
+
+
+class LayerRecord:
+    """One finished layer: float tensors, quantized Linears, extra tensors (names relative to it)."""
+
+    def __init__(self, floats: dict[str, torch.Tensor], quantized: dict[str, QuantizedWeight],
+                 extra: dict[str, torch.Tensor]):
+        self.floats, self.quantized, self.extra = floats, quantized, extra
+
+
+class WorkDir:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.layers = self.root / "layers"
+        self.export = self.root / "export"
+        self.state_file = self.root / "state.json"
+
+    def start(self, fingerprint: str, resume: bool) -> int:
+        """Prepare the folder; return how many layers are already finished (0 unless resuming)."""
+        if resume and self.state_file.is_file():
+            state = json.loads(self.state_file.read_text())
+            if state.get("fingerprint") != fingerprint:
+                raise ExportError(f"--resume: the work folder {self.root} belongs to a different recipe, model "
+                                  "or calibration; delete it or run without --resume")
+            shutil.rmtree(self.export, ignore_errors=True)
+            return int(state["finished_layers"])
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        self.layers.mkdir(parents=True)
+        self._write_state(fingerprint, 0)
+        return 0
+
+    def _write_state(self, fingerprint: str, finished: int) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "finished_layers": finished}))
+        os.replace(tmp, self.state_file)
+
+    def layer_path(self, i: int) -> Path:
+        return self.layers / f"{i:05d}.safetensors"
+
+    def save_layer(self, i: int, record: LayerRecord, fingerprint: str) -> None:
+        """Write layer ``i`` atomically, then mark it finished: a kill leaves either both or neither."""
+        tensors: dict[str, torch.Tensor] = {f"float.{k}": v for k, v in record.floats.items()}
+        tensors.update({f"extra.{k}": v for k, v in record.extra.items()})
+        schemes = {}
+        for name, qw in record.quantized.items():
+            schemes[name] = {"weights": asdict(qw.scheme.weights),
+                             "input_activations": asdict(qw.scheme.input_activations) if qw.scheme.input_activations else None}
+            for f in _FIELDS:
+                t = getattr(qw, f)
+                if t is not None:
+                    tensors[f"q.{name}.{f}"] = t
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        tmp = self.layer_path(i).with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"schemes": json.dumps(schemes)})
+        os.replace(tmp, self.layer_path(i))
+        self._write_state(fingerprint, i + 1)
+
+    def load_layer(self, i: int) -> LayerRecord:
+        path = self.layer_path(i)
+        with safe_open(path, framework="pt") as f:
+            schemes = json.loads(f.metadata()["schemes"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        floats = {k[6:]: v for k, v in tensors.items() if k.startswith("float.")}
+        extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
+        quantized = {}
+        for name, s in schemes.items():
+            act = s["input_activations"]
+            scheme = Scheme(WeightScheme(**s["weights"]), ActivationScheme(**act) if act else None)
+            parts = {f: tensors.get(f"q.{name}.{f}") for f in _FIELDS}
+            quantized[name] = QuantizedWeight(scheme=scheme, **parts)
+        return LayerRecord(floats, quantized, extra)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable hash of everything that decides a run's layer results."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(p, (list, tuple)):
+            h.update(fingerprint(*p).encode())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()
