@@ -1,0 +1,115 @@
+"""End-to-end slice: recipe -> calibration -> layerwise GPTQ -> compressed-tensors -> reload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import quantkit
+from quantkit import pipeline
+from quantkit.errors import ExportError
+from quantkit.recipe import make_recipe
+
+
+def _recipe(model, text, out, **quant):
+    return {
+        "model": {"id": str(model)},
+        "quantization": {"method": "gptq", "bits": 4, "group_size": 128, "symmetric": True, **quant},
+        "calibration": {"source": str(text), "num_samples": 8, "max_seq_length": 64, "batch_size": 4},
+        "evaluate": {"source": str(text), "num_samples": 4, "max_seq_length": 64},
+        "export": {"output_dir": str(out)},
+    }
+
+
+def test_checkpoint_reloads_in_transformers_with_fake_quant_logits(tiny_llama, text_file, tmp_path):
+    """The exported W4A16 g128 pack-quantized checkpoint decompresses, through transformers and
+    compressed-tensors, to exactly the fake-quantized model quantkit propagated layer by layer."""
+    from transformers import AutoModelForCausalLM
+
+    fake: dict[str, torch.Tensor] = {}
+
+    def keep(i, layer, qweights):
+        fake.update({f"model.layers.{i}.{k}": v.clone() for k, v in layer.state_dict().items()})
+        assert set(qweights) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+
+    out = tmp_path / "out"
+    report = pipeline.run(make_recipe(_recipe(tiny_llama, text_file, out)), quiet=True, on_layer=keep)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    reference.load_state_dict(fake, strict=False)
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = torch.randint(3, base.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got, orig = reference(tokens).logits, loaded(tokens).logits, base(tokens).logits
+    # Same weights bit for bit (scales stored in float32 here), so only summation order differs.
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    assert not torch.allclose(got, orig, atol=1e-3)  # it really is quantized
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and cfg["config_groups"]["group_0"]["weights"]["group_size"] == 128
+    assert report["evaluation"]["perplexity_quantized"] > 0
+
+
+def test_library_call_and_cli_write_identical_checkpoints(tiny_llama, text_file, tmp_path):
+    import yaml
+
+    from quantkit.cli import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    quantkit.quantize(**_recipe(tiny_llama, text_file, a), quiet=True)
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump(_recipe(tiny_llama, text_file, b)))
+    assert main(["--quiet", "run", str(recipe_file)]) == 0
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_existing_output_refused_before_reading_weights(tiny_llama, text_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous")
+    from quantkit.model import ModelSource
+
+    monkeypatch.setattr(ModelSource, "tensor", lambda *a: pytest.fail("a weight was read"))
+    with pytest.raises(ExportError, match="exists; choose another folder or set export.overwrite: true"):
+        pipeline.run(make_recipe(_recipe(tiny_llama, text_file, out)), quiet=True)
+    assert (out / "keep.txt").read_text() == "previous"
+
+
+def test_failure_leaves_previous_output_untouched(tiny_llama, text_file, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous")
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(pipeline, "export_checkpoint", boom)
+    recipe = _recipe(tiny_llama, text_file, out)
+    recipe["export"]["overwrite"] = True
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        pipeline.run(make_recipe(recipe), quiet=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_overwrite_replaces_output(tiny_llama, text_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    recipe = _recipe(tiny_llama, text_file, out)
+    recipe["export"]["overwrite"] = True
+    pipeline.run(make_recipe(recipe), quiet=True)
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
+    assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
+
+
+def test_group_size_that_does_not_divide_model_is_a_recipe_error(tiny_llama, text_file, tmp_path):
+    from quantkit.errors import RecipeError
+
+    model = tiny_llama.parent / "odd"
+    from tests.tiny_models import make_tiny_model
+
+    make_tiny_model(model, layers=1, hidden=192, intermediate=384, heads=3, kv_heads=1)
+    with pytest.raises(RecipeError, match=r"group_size 128 does not divide the model's hidden_size \(192\); use one of \[32, 64\]"):
+        pipeline.run(make_recipe(_recipe(model, text_file, tmp_path / "o")), quiet=True)
