@@ -1,0 +1,85 @@
+"""A run killed with SIGKILL part-way resumes from its last finished layer, bit-identically."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+
+from tests.tiny_models import make_tiny_model
+
+
+def test_kill_then_resume_gives_identical_checkpoint(tmp_path, text_file):
+    model = make_tiny_model(tmp_path / "m", layers=6, hidden=128, intermediate=256)
+    recipe = {
+        "model": {"id": str(model)},
+        "quantization": {"method": "gptq", "group_size": 64, "act_order": True, "static_groups": True},
+        "calibration": {"source": str(text_file), "num_samples": 8, "max_seq_length": 64},
+        "evaluate": {"source": str(text_file), "num_samples": 2, "max_seq_length": 64},
+        "export": {"output_dir": str(tmp_path / "killed"), "max_shard_size": "200KB"},
+    }
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(recipe))
+    recipe["export"]["output_dir"] = str(tmp_path / "straight")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(recipe))
+    cmd = [sys.executable, "-m", "quantkit", "--quiet", "run"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    proc = subprocess.Popen(cmd + [str(tmp_path / "a.yaml")], env=env, stderr=subprocess.PIPE)
+    state = tmp_path / ".killed.quantkit-partial" / "state.json"
+    finished = 0
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file():
+            try:
+                finished = json.loads(state.read_text())["finished_layers"]
+            except (ValueError, KeyError):
+                finished = 0
+            if finished >= 2:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
+    assert 2 <= finished < 6
+    assert not (tmp_path / "killed").exists()  # nothing half-written where users look
+
+    resumed = subprocess.run(cmd[:3] + ["run", "--resume", str(tmp_path / "a.yaml")], env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming: replaying" in resumed.stderr
+    straight = subprocess.run(cmd + [str(tmp_path / "b.yaml")], env=env, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    a, b = tmp_path / "killed", tmp_path / "straight"
+    names = sorted(p.name for p in b.iterdir() if p.name not in ("report.json", "README.md"))
+    assert sorted(p.name for p in a.iterdir() if p.name not in ("report.json", "README.md")) == names
+    assert sum(n.endswith(".safetensors") for n in names) > 1
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
+    assert ra["evaluation"] == rb["evaluation"]
+    assert not (tmp_path / ".killed.quantkit-partial").exists()
+
+
+def test_resume_refuses_work_of_another_recipe(tmp_path, text_file):
+    from quantkit import pipeline
+    from quantkit.errors import ExportError
+    from quantkit.recipe import make_recipe
+    from quantkit.workdir import WorkDir
+
+    model = make_tiny_model(tmp_path / "m", layers=1, hidden=128, intermediate=256)
+    out = tmp_path / "out"
+    WorkDir(tmp_path / ".out.quantkit-partial").start("someone-else", resume=False)
+    recipe = make_recipe({"model": {"id": str(model)}, "quantization": {"method": "rtn"},
+                          "evaluate": {"enabled": False}, "export": {"output_dir": str(out)}})
+    try:
+        pipeline.run(recipe, quiet=True, resume=True)
+    except ExportError as e:
+        assert "belongs to a different recipe" in str(e)
+    else:
+        raise AssertionError("resume accepted a work folder of another run")
