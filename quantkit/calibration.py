@@ -133,7 +133,7 @@ def _from_dataset(req: TextRequest, tokenizer: Any) -> list[str]:
                                        f"'{path.suffix}' (use {', '.join(_FILE_BUILDERS)})")
             kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-        elif req.source.endswith(tuple(_FILE_BUILDERS)) or req.source.startswith((".", "/", "~")):
+        elif not path.exists() and (req.source.endswith(tuple(_FILE_BUILDERS)) or req.source.startswith((".", "/", "~"))):
             raise CalibrationError(f"calibration.source {path}: file not found")
         else:
             ds = datasets.load_dataset(req.source, req.subset, split=req.split)
