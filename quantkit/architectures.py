@@ -68,7 +68,7 @@ def architecture_for(config: dict[str, Any], where: str) -> Architecture:
         if n in ARCHITECTURES:
             return ARCHITECTURES[n]
     raise ModelError(
-        f"{where}: unsupported architecture {names or '(none given)'}; "
+        f"{where}: unsupported architecture {', '.join(map(str, names)) or '(config.json names none)'}; "
         f"supported: {', '.join(sorted(ARCHITECTURES))}"
     )
 

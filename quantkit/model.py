@@ -8,6 +8,7 @@ layer in memory, whatever the model's size.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -35,8 +36,11 @@ def resolve_model_dir(model: str, revision: str | None = None, token: str | None
     path = Path(model).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or model.startswith((".", "/", "~")):
-        raise ModelError(f"model: {model} is not a folder with config.json")
+    if path.exists():
+        raise ModelError(f"model.id: {model} is a file; give the model's folder (config.json, *.safetensors, "
+                         "tokenizer) or a hub id (org/name)")
+    if model.startswith((".", "/", "~")):
+        raise ModelError(f"model.id: {model} does not exist; give a local model folder or a hub id (org/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -46,7 +50,7 @@ def resolve_model_dir(model: str, revision: str | None = None, token: str | None
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
         raise ModelError(
-            f"model: '{model}' is neither a local folder nor a reachable hub repo "
+            f"model.id: '{model}' is neither a local folder nor a reachable hub repo "
             f"({type(e).__name__}); check the path, the id, or your network/HF_TOKEN"
         ) from None
 
@@ -84,11 +88,11 @@ class ModelSource:
         path = resolve_model_dir(model, revision, token)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
-            raise ModelError(f"model: {path} has no config.json")
+            raise ModelError(f"model.id: {path} has no config.json; give the folder of a Hugging Face model")
         try:
             config = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
-            raise ModelError(f"model: {cfg_file} is not valid JSON ({e})") from None
+            raise ModelError(f"model.id: {cfg_file} is not valid JSON ({e})") from None
         return cls(path=path, config=config, weight_map=_weight_map(path, allow_pickle))
 
     def has(self, name: str) -> bool:
@@ -137,24 +141,34 @@ def _weight_map(path: Path, allow_pickle: bool) -> dict[str, str]:
     pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
     if pickles and not allow_pickle:
         raise ModelError(
-            f"model: {path} has only pickle weights ({pickles[0]}); pickle can run code when "
+            f"model.id: {path} has only pickle weights ({pickles[0]}); pickle can run code when "
             "loaded. Convert to safetensors, or set model.allow_pickle: true if you trust it"
         )
     if pickles:
         return _convert_pickle(path, pickles)
-    raise ModelError(f"model: {path} has no *.safetensors weights")
+    raise ModelError(f"model.id: {path} has no weights (no *.safetensors, nor *.bin/*.pt to load with "
+                     "model.allow_pickle: true)")
 
 
 def _convert_pickle(path: Path, pickles: list[str]) -> dict[str, str]:
     """Opted-in pickle: convert once to safetensors in a cache beside the model."""
     from safetensors.torch import save_file
 
-    out_dir = Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit")) / "pickle"
+    # One folder per model: two models' pytorch_model.bin must not convert onto one file.
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    out_dir = Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit")) / "pickle" / key
     out_dir.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
     for name in pickles:
         log.warning("loading pickle weights %s because model.allow_pickle is true", path / name)
-        sd = torch.load(path / name, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(path / name, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses anything but tensors and containers
+            raise ModelError(f"model.id: {path / name} is not a plain state dict of tensors "
+                             f"({type(e).__name__}); convert it to safetensors") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ModelError(f"model.id: {path / name} is not a flat state dict of tensors; "
+                             "convert it to safetensors")
         target = out_dir / (Path(name).stem + ".safetensors")
         save_file({k: v.contiguous() for k, v in sd.items()}, str(target))
         weight_map.update({k: str(target) for k in sd})

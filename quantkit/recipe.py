@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from .architectures import ARCHITECTURES
 from .errors import RecipeError
 from .formats import FORMATS
 from .quantizers import QUANTIZERS, QuantizerParams
@@ -31,8 +32,18 @@ class ModelSpec(_Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Compute/export dtype of unquantized tensors; auto = config's torch_dtype"
     )
-    trust_remote_code: bool = Field(False, description="Only built-in architectures run; kept off")
+    trust_remote_code: bool = Field(False, description="Must stay false: only built-in architectures run")
     allow_pickle: bool = Field(False, description="Accept .bin/.pt pickle weights (can run code)")
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _no_remote_code(cls, v: bool) -> bool:
+        # Accepting true and ignoring it would let a user believe a custom model ran as its
+        # authors wrote it; quantkit only ever runs its built-in architecture layouts.
+        if v:
+            raise ValueError("quantkit never runs a model's own code, only its built-in architectures ("
+                             f"{', '.join(sorted(ARCHITECTURES))}); remove it or set false")
+        return v
 
 
 class CalibrationSpec(_Strict):
@@ -139,17 +150,23 @@ def load_recipe(path: str | Path) -> RecipeBase:
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{path}:{at} malformed YAML ({getattr(e, 'problem', e)})") from None
+        at = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+        raise RecipeError(f"{path}:{at} malformed YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with model, quantization, export, ...")
     return make_recipe(data, where=str(path))
 
 
 def _check_format(recipe: RecipeBase, where: str) -> None:
+    ws = recipe.quantization.scheme().weights
+    if ws.strategy == "group" and (ws.group_size or 0) <= 0:
+        raise RecipeError(f"{where}: field 'quantization.group_size': use -1 (one scale per output channel) "
+                          f"or a positive group size such as 32, 64 or 128 (got {ws.group_size})")
     name = recipe.format_name
     if name not in FORMATS:
         raise RecipeError(f"{where}: export.format '{name}' is unknown; choose one of {', '.join(sorted(FORMATS))}")
@@ -168,21 +185,32 @@ def _describe(e: ValidationError, data: dict[str, Any], where: str) -> str:
     if loc[:1] == ["quantization"] and len(loc) > 1 and loc[1] in QUANTIZERS:
         loc.pop(1)  # the discriminator tag pydantic inserts is not a field the user wrote
     field = ".".join(loc) or "(top level)"
+    methods = ", ".join(sorted(QUANTIZERS))
     if err["type"] == "extra_forbidden":
         msg = f"{where}: unknown field '{field}'"
-        hint = _did_you_mean(loc, data)
-        return msg + (f"; did you mean '{hint}'?" if hint else "")
+        hint, known = _did_you_mean(loc, data)
+        return msg + (f"; did you mean '{hint}'?" if hint else f"; expected one of {', '.join(known)}")
     if err["type"] == "union_tag_invalid":
         method = err.get("input", {}).get("method") if isinstance(err.get("input"), dict) else None
         hint = difflib.get_close_matches(str(method), QUANTIZERS, n=1)
-        return (f"{where}: quantization.method '{method}' is unknown; choose one of "
-                f"{', '.join(sorted(QUANTIZERS))}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        return (f"{where}: quantization.method '{method}' is unknown; choose one of {methods}"
+                + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+    if err["type"] == "union_tag_not_found":
+        return f"{where}: missing required field 'quantization.method'; choose one of {methods}"
     if err["type"] == "missing":
         return f"{where}: missing required field '{field}'"
-    return f"{where}: field '{field}': {err['msg']} (got {err.get('input')!r})"
+    if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        msg = "should be a mapping of its own fields"
+    elif err["type"] == "value_error":
+        msg = str(err.get("ctx", {}).get("error", err["msg"]))
+    else:
+        msg = err["msg"]
+    got = repr(err.get("input"))
+    return f"{where}: field '{field}': {msg} (got {got if len(got) <= 60 else got[:57] + '...'})"
 
 
-def _did_you_mean(loc: list[str], data: dict[str, Any]) -> str | None:
+def _did_you_mean(loc: list[str], data: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """The closest known field to the unknown one at ``loc`` (dotted), and the known fields there."""
     model: type[BaseModel] = recipe_model()
     node: Any = data
     for part in loc[:-1]:
@@ -197,8 +225,9 @@ def _did_you_mean(loc: list[str], data: dict[str, Any]) -> str | None:
             for arg in getattr(ann, "__args__", ()):
                 if isinstance(arg, type) and issubclass(arg, BaseModel):
                     model = arg
-    hit = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
-    return ".".join(loc[:-1] + hit[:1]) if hit else None
+    known = list(model.model_fields)
+    hit = difflib.get_close_matches(loc[-1], known, n=1)
+    return (".".join(loc[:-1] + hit) if hit else None), known
 
 
 def recipe_fields_help() -> str:

@@ -24,9 +24,9 @@ def sample_from_model(model_dir: Path, dtype: torch.dtype, device: torch.device,
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     kwargs = {"device_map": "auto"} if device.type == "cuda" else {}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False, **kwargs).eval()
     if device.type != "cuda":
         model.to(device)
     gen = torch.Generator().manual_seed(seed)
