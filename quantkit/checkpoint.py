@@ -61,6 +61,9 @@ class CheckpointWriter:
         t = tensor.detach().to("cpu")
         if t.is_floating_point() and not keep_dtype:
             t = t.to(self.dtype)
+            if not torch.isfinite(t).all():
+                raise ExportError(f"{name} overflows {str(self.dtype).replace('torch.', '')} on export; "
+                                  "set model.dtype: bfloat16 or float32")
         self._put(name, t)
 
     def _put(self, name: str, t: torch.Tensor) -> None:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .errors import DeviceMemoryError, NumericsError
 from .layers import ModelSkeleton, embed
+from .model import ModelSource
 from .quantizers.base import InputHook, Quantizer
 from .scheme import QuantizedWeight
 from .workdir import LayerRecord, WorkDir
@@ -96,7 +97,7 @@ class LayerwiseEngine:
         calib_batches = make_batches(calib, batch_size)
         eval_batches = make_batches(evaluation, batch_size) if evaluation else []
         weight = sk.embed_weight()
-        _check_finite(weight, arch.embed)
+        _check_finite(weight, arch.embed + ".weight", sk.source)
         with torch.no_grad():
             h_calib = [embed(b, weight, sk.device, sk.dtype) for b in calib_batches]
             h_base = [embed(b, weight, sk.device, sk.dtype) for b in eval_batches]
@@ -111,7 +112,7 @@ class LayerwiseEngine:
             layer = sk.load_layer(i)
             if i >= start:
                 for name, p in layer.named_parameters():
-                    _check_finite(p, f"{sk.layer_prefix(i)}{name}")
+                    _check_finite(p, f"{sk.layer_prefix(i)}{name}", sk.source)
             with torch.no_grad():
                 h_base = [sk.run_layer(layer, h) for h in h_base]
             if i < start:
@@ -128,7 +129,8 @@ class LayerwiseEngine:
             with torch.no_grad():
                 h_calib = [sk.run_layer(layer, h) for h in h_calib]
                 h_quant = [sk.run_layer(layer, h) for h in h_quant]
-            _check_finite_list(h_calib + h_quant, f"outputs of layer {i}")
+            _check_finite_list(h_calib, f"outputs of layer {i} on calibration data", sk.dtype)
+            _check_finite_list(h_quant, f"outputs of layer {i} on evaluation data", sk.dtype)
             del layer, record
             if i >= start:
                 result.layer_seconds.append(time.perf_counter() - began)
@@ -163,12 +165,14 @@ def perplexity(hidden: list[torch.Tensor], tokens: list[torch.Tensor], norm: nn.
     return math.exp(nll / count)
 
 
-def _check_finite(t: torch.Tensor, where: str) -> None:
+def _check_finite(t: torch.Tensor, name: str, source: ModelSource) -> None:
     if t.is_floating_point() and not torch.isfinite(t).all():
-        raise NumericsError(f"{where} contains NaN or Inf; the checkpoint is damaged or the dtype overflows "
-                            "(try model.dtype: float32 or bfloat16)")
+        raise NumericsError(f"model: tensor {name} in {source.path / source.weight_map.get(name, '?')} contains "
+                            "NaN or Inf; the checkpoint is damaged (re-download or re-convert it)")
 
 
-def _check_finite_list(ts: list[torch.Tensor], where: str) -> None:
+def _check_finite_list(ts: list[torch.Tensor], where: str, dtype: torch.dtype) -> None:
     if ts and not torch.isfinite(torch.stack([t.float().abs().amax() for t in ts])).all():
-        raise NumericsError(f"{where} contain NaN or Inf; try model.dtype: bfloat16 or float32 instead of float16")
+        advice = ("try model.dtype: bfloat16 or float32 instead of float16" if dtype == torch.float16
+                  else "the layer's weights overflow even in this dtype; check the checkpoint")
+        raise NumericsError(f"{where} contain NaN or Inf (computed in {str(dtype).replace('torch.', '')}); {advice}")

@@ -24,8 +24,8 @@ def evaluate_checkpoint(checkpoint: str | Path, source: str = "shakespeare-eval"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_dir(str(checkpoint))
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
     tokens = load_tokens(TextRequest(source, num_samples, max_seq_length, True, 0, False), tokenizer, path)
     nll, count = 0.0, 0
     with torch.no_grad():

@@ -99,7 +99,7 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
     quantizer = QUANTIZERS[params.method](params, source.config)
     calib: list[torch.Tensor] = []
     cal = recipe.calibration
@@ -114,7 +114,8 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     ev = recipe.evaluate
     if ev.enabled:
         evaluation = load_tokens(TextRequest(ev.source, ev.num_samples, ev.max_seq_length, True, 0, False,
-                                             ev.split, None, ev.text_column), tokenizer, source.path)
+                                             ev.split, None, ev.text_column, section="evaluate"),
+                                 tokenizer, source.path)
 
     # CPUs here run bf16 matmuls ~8x slower than fp32, so compute in fp32 and export in dtype.
     compute_dtype = torch.float32 if device.type == "cpu" else dtype

@@ -339,8 +339,8 @@ def test_nan_or_inf_in_weights(tmp_path, model_dir, bad, capsys):
     model = poisoned(model_dir, tmp_path / "bad", lambda sd: sd["model.layers.0.mlp.up_proj.weight"].__setitem__((5, 3), bad))
     path = recipe_file(tmp_path, model)
     assert cli_error(capsys, "run", path) == (
-        "error: model.layers.0.mlp.up_proj.weight contains NaN or Inf; the checkpoint is damaged or the dtype "
-        "overflows (try model.dtype: float32 or bfloat16)")
+        f"error: model: tensor model.layers.0.mlp.up_proj.weight in {model / 'model.safetensors'} contains NaN or "
+        "Inf; the checkpoint is damaged (re-download or re-convert it)")
     assert not (tmp_path / "out").exists()
 
 
@@ -354,8 +354,8 @@ def test_activations_overflow(tmp_path, model_dir, text_file, capsys):
     sections["quantization"] = {"method": "fp8", "activations": "static"}  # calibrated, no Hessian to fail first
     path = recipe_file(tmp_path, model, **sections)
     assert cli_error(capsys, "run", path) == (
-        "error: outputs of layer 0 on calibration data contain NaN or Inf; try model.dtype: bfloat16 or "
-        "float32 instead of float16")
+        "error: outputs of layer 0 on calibration data contain NaN or Inf (computed in float32); the layer's "
+        "weights overflow even in this dtype; check the checkpoint")
     assert not (tmp_path / "out").exists()
 
 
