@@ -1,0 +1,62 @@
+"""The command line: help describes every option, progress bars show ETA, --quiet silences them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+
+from quantkit.cli import build_parser
+from quantkit.quantizers import QUANTIZERS
+from quantkit.recipe import CalibrationSpec, EvaluateSpec, ExportSpec, ModelSpec, PushSpec
+
+
+def test_run_help_lists_every_recipe_field_and_method(capsys):
+    try:
+        build_parser().parse_args(["run", "--help"])
+    except SystemExit:
+        pass
+    text = capsys.readouterr().out
+    for spec in (ModelSpec, CalibrationSpec, EvaluateSpec, ExportSpec, PushSpec):
+        for name in spec.model_fields:
+            assert f"  {name} (" in text, name
+    for method, cls in QUANTIZERS.items():
+        assert f"method: {method}" in text
+        for field in cls.Params.model_fields:
+            if field != "method":
+                assert f"{field}=" in text, (method, field)
+    for flag in ("--resume", "--overwrite", "--output-dir", "--quiet"):
+        assert flag in text
+
+
+def test_top_level_help_lists_every_command(capsys):
+    try:
+        build_parser().parse_args(["--help"])
+    except SystemExit:
+        pass
+    text = capsys.readouterr().out
+    for command in ("run", "validate", "eval", "plan", "push"):
+        assert f"    {command} " in text
+
+
+def _run(tmp_path, tiny_llama, text_file, *flags):
+    recipe = {"model": {"id": str(tiny_llama)}, "quantization": {"method": "gptq", "group_size": 64},
+              "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 32},
+              "evaluate": {"source": str(text_file), "num_samples": 2, "max_seq_length": 32},
+              "export": {"output_dir": str(tmp_path / "out"), "overwrite": True}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    return subprocess.run([sys.executable, "-m", "quantkit", *flags, "run", str(tmp_path / "r.yaml")],
+                          capture_output=True, text=True)
+
+
+def test_progress_bar_with_eta_and_quiet(tmp_path, tiny_llama, text_file):
+    loud = _run(tmp_path, tiny_llama, text_file)
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    assert "quantizing layers: 100%" in loud.stderr and "2/2 [" in loud.stderr
+    assert "<" in loud.stderr.split("quantizing layers")[1]  # tqdm's elapsed<remaining (ETA)
+    assert "perplexity: base" in loud.stdout
+    quiet = _run(tmp_path, tiny_llama, text_file, "--quiet")
+    assert quiet.returncode == 0
+    assert "quantizing layers" not in quiet.stderr and quiet.stderr.strip() == ""
+    assert "perplexity: base" in quiet.stdout
