@@ -1,8 +1,8 @@
 """CalibrationSet: turn a text source into token sequences, deterministically and cached.
 
 One loader serves calibration and evaluation. Sources are resolved in this order: a shipped
-definition in ``calibration/``, ``self`` (text sampled from the model), a local file, else a
-hub dataset id. Tokenized results are cached under a key made of everything that can change
+definition in ``calibration/``, ``self`` (text sampled from the model), a ``.safetensors`` file
+of token ids (used as they are, no tokenizer), a local text file, else a hub dataset id. Tokenized results are cached under a key made of everything that can change
 them (the request, the tokenizer's files, the source file's size and mtime).
 """
 
@@ -63,6 +63,8 @@ def load_tokens(req: TextRequest, tokenizer: Any, model_dir: Path | None = None,
         if generate is None:
             raise CalibrationError("calibration.source 'self' needs the model; use it through quantkit.quantize")
         return generate(req.num_samples, req.max_seq_length, req.seed)
+    if req.source.endswith(".safetensors"):
+        return load_token_file(req)
     key = _cache_key(req, tokenizer, model_dir)
     cached = cache_dir() / "tokens" / f"{key}.safetensors"
     if cached.is_file():
@@ -76,6 +78,40 @@ def load_tokens(req: TextRequest, tokenizer: Any, model_dir: Path | None = None,
     if len(seqs) < req.num_samples:  # said on every run, cached or not
         log.warning("%s.source '%s' gave %d sequences of the %d asked for (num_samples); "
                     "continuing with %d", req.section, req.source, len(seqs), req.num_samples, len(seqs))
+    return seqs
+
+
+def load_token_file(req: TextRequest) -> list[torch.Tensor]:
+    """Pre-tokenized sequences from a ``.safetensors`` file, for runs that must see exactly
+    these token ids (benchmarks against other tools, replaying another tool's calibration).
+
+    The file holds either one 2-D integer tensor ``input_ids`` ``[num_sequences, length]`` or
+    1-D integer tensors ``s0``, ``s1``, ... (the layout of quantkit's own token cache). The
+    first ``num_samples`` sequences are used in file order (no shuffling: the ids are the
+    point), each cut to ``max_seq_length``.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    where = f"{req.section}.source {req.source}"
+    path = Path(req.source).expanduser()
+    if not path.is_file():
+        raise CalibrationError(f"{where}: file not found")
+    try:
+        data = load_file(str(path))
+    except SafetensorError as e:
+        raise CalibrationError(f"{where}: not a readable safetensors file ({e})") from None
+    if "input_ids" in data and data["input_ids"].dim() == 2:
+        seqs = list(data["input_ids"])
+    else:
+        seqs = [data.get(f"s{i}") for i in range(len(data))]
+    if not seqs or any(s is None or s.dim() != 1 or len(s) == 0 or s.is_floating_point() for s in seqs):
+        raise CalibrationError(f"{where}: expected one 2-D integer tensor 'input_ids' [sequences, tokens] "
+                               "or non-empty 1-D integer tensors s0, s1, ...")
+    seqs = [s[: req.max_seq_length].to(torch.long).contiguous() for s in seqs[: req.num_samples]]
+    if len(seqs) < req.num_samples:
+        log.warning("%s holds %d sequences of the %d asked for (num_samples); continuing with %d",
+                    where, len(seqs), req.num_samples, len(seqs))
     return seqs
 
 

@@ -71,6 +71,24 @@ class EngineResult:
     perplexity_base: float | None = None
     perplexity_quantized: float | None = None
     layer_seconds: list[float] = field(default_factory=list)
+    # Seconds per stage summed over layers (load, quantize, save, propagate, ...).
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _Clock:
+    """Adds wall time per stage into ``phases``; on CUDA it synchronises at each stage end
+    (a handful of syncs per layer) so a stage is charged for its own device work."""
+
+    def __init__(self, phases: dict[str, float], device: torch.device):
+        self.phases, self.sync = phases, device.type == "cuda"
+        self.t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.phases[stage] = self.phases.get(stage, 0.0) + now - self.t
+        self.t = now
 
 
 class LayerwiseEngine:
@@ -96,13 +114,17 @@ class LayerwiseEngine:
         sk, arch, result = self.sk, self.sk.arch, EngineResult()
         calib_batches = make_batches(calib, batch_size)
         eval_batches = make_batches(evaluation, batch_size) if evaluation else []
+        clock = _Clock(result.phase_seconds, sk.device)
         weight = sk.embed_weight()
         _check_finite(weight, arch.embed + ".weight", sk.source)
+        # Once onto the device, not once per batch; the host copy is dropped at once.
+        weight = weight.to(device=sk.device, dtype=sk.dtype)
         with torch.no_grad():
             h_calib = [embed(b, weight, sk.device, sk.dtype) for b in calib_batches]
             h_base = [embed(b, weight, sk.device, sk.dtype) for b in eval_batches]
         h_quant = [h.clone() for h in h_base]
         del weight
+        clock.lap("embed")
 
         if start:
             log.info("resuming: replaying %d finished layers from %s", start, self.workdir.root)
@@ -111,18 +133,21 @@ class LayerwiseEngine:
             began = time.perf_counter()
             layer = sk.load_layer(i)
             if i >= start:
-                for name, p in layer.named_parameters():
-                    _check_finite(p, f"{sk.layer_prefix(i)}{name}", sk.source)
+                _check_finite_layer(layer, sk, i)
+            clock.lap("load")
             with torch.no_grad():
                 h_base = [sk.run_layer(layer, h) for h in h_base]
+            clock.lap("evaluate")
             if i < start:
                 record = self.workdir.load_layer(i)
             else:
                 qweights = self.quantizer.quantize_layer(layer, arch, _LayerCalibration(sk, layer, h_calib, self.quiet))
+                clock.lap("quantize")
                 quantized = {f"{name}.weight" for name in qweights}
                 floats = {k: v.detach().clone() for k, v in layer.state_dict().items() if k not in quantized}
                 record = LayerRecord(floats, dict(qweights), self.quantizer.extra_tensors())
                 self.workdir.save_layer(i, record, self.fingerprint)
+                clock.lap("save")
             apply_record(layer, record, sk.device, sk.dtype)
             if self.on_layer is not None and i >= start:
                 self.on_layer(i, layer, record.quantized)
@@ -131,6 +156,7 @@ class LayerwiseEngine:
                 h_quant = [sk.run_layer(layer, h) for h in h_quant]
             _check_finite_list(h_calib, f"outputs of layer {i} on calibration data", sk.dtype)
             _check_finite_list(h_quant, f"outputs of layer {i} on evaluation data", sk.dtype)
+            clock.lap("propagate")
             del layer, record
             if i >= start:
                 result.layer_seconds.append(time.perf_counter() - began)
@@ -169,6 +195,14 @@ def _check_finite(t: torch.Tensor, name: str, source: ModelSource) -> None:
     if t.is_floating_point() and not torch.isfinite(t).all():
         raise NumericsError(f"model: tensor {name} in {source.path / source.weight_map.get(name, '?')} contains "
                             "NaN or Inf; the checkpoint is damaged (re-download or re-convert it)")
+
+
+def _check_finite_layer(layer: nn.Module, sk: ModelSkeleton, i: int) -> None:
+    """One host sync for the whole layer; names the bad tensor only when there is one."""
+    params = [p for p in layer.parameters() if p.is_floating_point()]
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        for name, p in layer.named_parameters():
+            _check_finite(p, f"{sk.layer_prefix(i)}{name}", sk.source)
 
 
 def _check_finite_list(ts: list[torch.Tensor], where: str, dtype: torch.dtype) -> None:

@@ -126,8 +126,10 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     try:
         engine = LayerwiseEngine(skeleton, quantizer, workdir, run_id, quiet, on_layer)
         result = engine.run(calib, evaluation, cal.batch_size, start)
+        exporting = time.perf_counter()
         writer.start()
         export_checkpoint(skeleton, workdir, writer, quiet)
+        result.phase_seconds["export"] = time.perf_counter() - exporting
         report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started)
         config = dict(source.config)
         config["quantization_config"] = fmt.quantization_config(scheme, [arch.lm_head], params.kv_cache_scheme())
@@ -208,7 +210,9 @@ def _report(recipe: RecipeBase, source: ModelSource, scheme: Scheme, device: tor
         "evaluation": evaluation_report,
         "size_bytes": {"base": base_bytes, "quantized": writer.total_bytes},
         "timing": {"total_seconds": time.perf_counter() - started,
-                   "layer_seconds_mean": sum(result.layer_seconds) / max(len(result.layer_seconds), 1)},
+                   "layer_seconds_mean": sum(result.layer_seconds) / max(len(result.layer_seconds), 1),
+                   "layer_seconds": result.layer_seconds,
+                   "phase_seconds": result.phase_seconds},
         "serve_command": serve_command(
             recipe.push.repo_id if recipe.push else str(recipe.export.output_dir), source.config,
             plan_scheme_key(scheme), kv_cache_dtype="fp8" if recipe.quantization.kv_cache_scheme() else "auto"),

@@ -50,7 +50,8 @@ class CalibrationSpec(_Strict):
     source: str = Field(
         "shakespeare",
         description="Shipped set name (see calibration/), 'self' (text sampled from the model), "
-        "a local .jsonl/.json/.csv/.parquet/.txt file, or a hub dataset id",
+        "a local .jsonl/.json/.csv/.parquet/.txt file, a .safetensors file of token ids "
+        "('input_ids' [n, len], used as is), or a hub dataset id",
     )
     subset: str | None = Field(None, description="Hub dataset config name")
     split: str = Field("train", description="Dataset split")

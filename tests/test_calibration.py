@@ -147,3 +147,26 @@ def test_play_markdown_becomes_plain_scenes():
     (scene,) = split_play(md)
     assert scene.startswith("(Enter HAMLET)\n\nHAMLET: To be, or not to be.")
     assert "**" not in scene and "#" not in scene
+
+
+def test_safetensors_token_file_is_used_as_is(tmp_path, tok):
+    from safetensors.torch import save_file
+
+    ids = torch.randint(0, 100, (5, 12), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids}, str(tmp_path / "ids.safetensors"))
+    seqs = load_tokens(TextRequest(str(tmp_path / "ids.safetensors"), 3, 10), tok)
+    assert [s.tolist() for s in seqs] == ids[:3, :10].tolist()
+    assert all(s.dtype == torch.long for s in seqs)
+    save_file({"s0": ids[0], "s1": ids[1, :7]}, str(tmp_path / "cache.safetensors"))
+    seqs = load_tokens(TextRequest(str(tmp_path / "cache.safetensors"), 8, 12), None)
+    assert [s.tolist() for s in seqs] == [ids[0].tolist(), ids[1, :7].tolist()]
+
+
+def test_safetensors_token_file_of_floats_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": torch.zeros(2, 4)}, str(tmp_path / "f.safetensors"))
+    with pytest.raises(CalibrationError, match="integer tensor 'input_ids'"):
+        load_tokens(TextRequest(str(tmp_path / "f.safetensors"), 2, 4), None)
+    with pytest.raises(CalibrationError, match="file not found"):
+        load_tokens(TextRequest(str(tmp_path / "missing.safetensors"), 2, 4), None)

