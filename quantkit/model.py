@@ -46,7 +46,8 @@ def resolve_model_dir(model: str, revision: str | None = None, token: str | None
 
     try:
         return Path(
-            snapshot_download(model, revision=revision, token=token, allow_patterns=_WEIGHT_PATTERNS)
+            snapshot_download(model, revision=revision, token=token, allow_patterns=_WEIGHT_PATTERNS,
+                              endpoint=os.environ.get("HF_ENDPOINT"))
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
         raise ModelError(

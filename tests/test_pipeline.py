@@ -113,3 +113,25 @@ def test_group_size_that_does_not_divide_model_is_a_recipe_error(tiny_llama, tex
     make_tiny_model(model, layers=1, hidden=192, intermediate=384, heads=3, kv_heads=1)
     with pytest.raises(RecipeError, match=r"group_size 128 does not divide the model's hidden_size \(192\); use one of \[32, 64\]"):
         pipeline.run(make_recipe(_recipe(model, text_file, tmp_path / "o")), quiet=True)
+
+
+def test_too_little_disk_is_refused_before_reading_weights(tiny_llama, text_file, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from quantkit.model import ModelSource
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(ModelSource, "tensor", lambda *a: pytest.fail("a weight was read"))
+    with pytest.raises(ExportError, match=r"0\.0 GB free on its disk, about 0\.0\d* GB needed"):
+        pipeline.run(make_recipe(_recipe(tiny_llama, text_file, tmp_path / "out")), quiet=True)
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parent.parent.glob("recipes/*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    from quantkit.recipe import load_recipe
+
+    recipe = load_recipe(path)
+    assert recipe.export.output_dir.parts[0] == "out"
