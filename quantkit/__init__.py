@@ -36,9 +36,28 @@ def quantize(recipe: "str | Path | Any | None" = None, *, quiet: bool = False, r
 
 
 def load_recipe(path: "str | Path"):
+    """Read and validate a recipe YAML (nothing is loaded or downloaded)."""
     from .recipe import load_recipe as _load
 
     return _load(path)
 
 
-__all__ = ["quantize", "load_recipe", "__version__"]
+def plan(model: str, **options: Any):
+    """Memory plan and ``vllm serve`` line for ``model`` (reads only config.json).
+
+    ``quantkit.plan("meta-llama/Llama-3.1-70B-Instruct", gpu="A100-80GB")``; options are
+    those of :func:`quantkit.planner.plan_model`. Returns a typed ``PlanResult``.
+    """
+    from .planner import plan_model
+
+    return plan_model(model, **options)
+
+
+def push(folder: "str | Path", repo_id: str, **options: Any):
+    """Upload a finished output folder to the Hub and verify it (see :func:`quantkit.hub.push_folder`)."""
+    from .hub import push_folder
+
+    return push_folder(folder, repo_id, **options)
+
+
+__all__ = ["quantize", "load_recipe", "plan", "push", "__version__"]

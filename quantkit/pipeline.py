@@ -29,7 +29,7 @@ from .export import export_checkpoint
 from .formats import FORMATS
 from .layers import ModelSkeleton
 from .model import ModelSource
-from .plan import serve_command
+from .planner import serve_command
 from .quantizers import QUANTIZERS
 from .recipe import RecipeBase, parse_size
 from .scheme import Scheme
@@ -161,7 +161,7 @@ def check_disk_space(output_dir: Path, config: dict[str, Any], scheme: Scheme) -
     The estimate is the planner's checkpoint size plus the work folder's unpacked codes
     (one byte per quantized weight, as int8/fp8 codes).
     """
-    from .plan import ModelShape, get_scheme, weight_bytes
+    from .planner import ModelShape, get_scheme, weight_bytes
 
     shape = ModelShape.from_config(config)
     needed = weight_bytes(shape, get_scheme(plan_scheme_key(scheme))).total

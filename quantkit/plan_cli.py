@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from .gpus import GPUS, GiB
 
 if TYPE_CHECKING:
-    from .plan import PlanResult
+    from .planner import PlanResult
 
 
 def add_plan_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
     ``QuantkitError`` propagates: the main CLI prints it in one line.
     """
-    from .plan import plan_model
+    from .planner import plan_model
 
     result = plan_model(
         args.model,

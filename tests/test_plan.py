@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from quantkit.errors import ModelError, QuantkitError
 from quantkit.gpus import GPUError, get_gpu
-from quantkit.plan import (
+from quantkit.planner import (
     ModelShape,
     PlanError,
     count_parameters,
