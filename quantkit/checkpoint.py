@@ -79,17 +79,42 @@ class CheckpointWriter:
         self._put(name, t)
 
     def _put(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().to("cpu").contiguous()
+        n = t.numel() * t.element_size()
+        f = self._open(name)
+        if n:
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._record(name, _DTYPES[t.dtype], list(t.shape), n)
+
+    def add_file_range(self, name: str, dtype: str, shape: list[int], path: Path, start: int, end: int) -> None:
+        """Copy a tensor's bytes as they are from another safetensors file (``dtype`` in its
+        notation), 64 MiB at a time: the embedding and lm_head never sit whole in memory."""
+        f = self._open(name)
+        with open(path, "rb") as src:
+            src.seek(start)
+            left = end - start
+            while left:
+                chunk = src.read(min(left, 64 << 20))
+                if not chunk:
+                    raise ExportError(f"{path}: ends inside tensor {name}; the model file is truncated")
+                f.write(chunk)
+                left -= len(chunk)
+        self._record(name, dtype, shape, end - start)
+
+    def export_dtype_name(self) -> str:
+        return _DTYPES[self.dtype]
+
+    def _open(self, name: str):
         if name in self._names:
             raise ExportError(f"internal: tensor {name} written twice")
         self._names.add(name)
         if self._file is None:
             self._file = open(self.work_dir / self._part_name(), "wb")
             self._file.seek(HEADER_ROOM)
-        t = t.detach().to("cpu").contiguous()
-        n = t.numel() * t.element_size()
-        if n:
-            self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)
-        self._entries[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+        return self._file
+
+    def _record(self, name: str, dtype: str, shape: list[int], n: int) -> None:
+        self._entries[name] = {"dtype": dtype, "shape": shape,
                                "data_offsets": [self._buffer_bytes, self._buffer_bytes + n]}
         self._buffer_bytes += n
         if self._buffer_bytes >= self.max_shard_size:

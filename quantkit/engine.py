@@ -115,10 +115,9 @@ class LayerwiseEngine:
         calib_batches = make_batches(calib, batch_size)
         eval_batches = make_batches(evaluation, batch_size) if evaluation else []
         clock = _Clock(result.phase_seconds, sk.device)
-        weight = sk.embed_weight()
+        # Onto the device once (in chunks, so the host never holds it whole), not once per batch.
+        weight = sk.embed_weight_on_device()
         _check_finite(weight, arch.embed + ".weight", sk.source)
-        # Once onto the device, not once per batch; the host copy is dropped at once.
-        weight = weight.to(device=sk.device, dtype=sk.dtype)
         with torch.no_grad():
             h_calib = [embed(b, weight, sk.device, sk.dtype) for b in calib_batches]
             h_base = [embed(b, weight, sk.device, sk.dtype) for b in eval_batches]
@@ -163,7 +162,7 @@ class LayerwiseEngine:
 
         if eval_batches:
             norm = sk.final_norm()
-            head = sk.lm_head_weight().to(device=sk.device, dtype=sk.dtype)
+            head = sk.source.tensor_on(sk.lm_head_source_name(), sk.device, sk.dtype)
             result.perplexity_base = perplexity(h_base, eval_batches, norm, head)
             result.perplexity_quantized = perplexity(h_quant, eval_batches, norm, head)
         return result

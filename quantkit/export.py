@@ -22,7 +22,7 @@ from .workdir import WorkDir
 
 def export_checkpoint(skeleton: ModelSkeleton, workdir: WorkDir, writer: CheckpointWriter, quiet: bool) -> None:
     arch, source = skeleton.arch, skeleton.source
-    writer.add(arch.embed + ".weight", skeleton.embed_weight())
+    _copy_from_source(writer, skeleton, arch.embed + ".weight", arch.embed + ".weight")
     for i in tqdm(range(skeleton.num_layers), desc="writing shards", unit="layer", disable=quiet):
         record = workdir.load_layer(i)
         prefix = skeleton.layer_prefix(i)
@@ -35,8 +35,18 @@ def export_checkpoint(skeleton: ModelSkeleton, workdir: WorkDir, writer: Checkpo
     for name, t in source.tensors_with_prefix(arch.final_norm + ".").items():
         writer.add(f"{arch.final_norm}.{name}", t)
     if not skeleton.tied:
-        writer.add(arch.lm_head + ".weight", skeleton.lm_head_weight())
+        _copy_from_source(writer, skeleton, skeleton.lm_head_source_name(), arch.lm_head + ".weight")
     writer.flush()
+
+
+def _copy_from_source(writer: CheckpointWriter, skeleton: ModelSkeleton, src: str, dst: str) -> None:
+    """Byte for byte when the source already has the export dtype (no cast, so nothing can
+    overflow), else read, cast and checked by ``writer.add``."""
+    path, dtype, shape, start, end = skeleton.source.tensor_location(src)
+    if dtype == writer.export_dtype_name():
+        writer.add_file_range(dst, dtype, shape, path, start, end)
+    else:
+        writer.add(dst, skeleton.source.tensor(src))
 
 
 def _to(qw: QuantizedWeight, device: torch.device) -> QuantizedWeight:

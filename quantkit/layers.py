@@ -45,7 +45,10 @@ class ModelSkeleton:
     def load_layer(self, i: int) -> nn.Module:
         """Decoder layer ``i`` with its weights read from the shards onto the device."""
         layer = copy.deepcopy(self.meta.get_submodule(self.arch.layers_prefix)[i])
-        state = self.source.tensors_with_prefix(self.layer_prefix(i))
+        prefix = self.layer_prefix(i)
+        # One tensor at a time onto the device: the host never holds the whole layer.
+        state = {name[len(prefix):]: self.source.tensor(name).to(device=self.device, dtype=self.dtype)
+                 for name in self.source.weight_map if name.startswith(prefix)}
         layer.load_state_dict(state, strict=True, assign=True)
         return layer.to(device=self.device, dtype=self.dtype).eval()
 
@@ -64,9 +67,16 @@ class ModelSkeleton:
     def embed_weight(self) -> torch.Tensor:
         return self.source.tensor(self.arch.embed + ".weight")
 
-    def lm_head_weight(self) -> torch.Tensor:
+    def embed_weight_on_device(self) -> torch.Tensor:
+        return self.source.tensor_on(self.arch.embed + ".weight", self.device, self.dtype)
+
+    def lm_head_source_name(self) -> str:
+        """The source tensor that holds the output head (the embedding when tied)."""
         name = self.arch.embed if self.tied and not self.source.has(self.arch.lm_head + ".weight") else self.arch.lm_head
-        return self.source.tensor(name + ".weight")
+        return name + ".weight"
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.source.tensor(self.lm_head_source_name())
 
     def final_norm(self) -> nn.Module:
         norm = copy.deepcopy(self.meta.get_submodule(self.arch.final_norm))

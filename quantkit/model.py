@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,41 @@ class ModelSource:
         self.materialized.add(n)
         weakref.finalize(t, self.materialized.sub, n)
         return t
+
+    def tensor_location(self, name: str) -> tuple[Path, str, list[int], int, int]:
+        """Where ``name``'s bytes lie: (shard file, safetensors dtype such as ``BF16``, shape,
+        first byte, end byte), read from the shard's header alone."""
+        shard = self.weight_map.get(name)
+        if shard is None:
+            raise ModelError(f"model: tensor '{name}' is missing from {self.path}")
+        path = self.path / shard
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            entry = json.loads(f.read(n))[name]
+        begin, end = entry["data_offsets"]
+        return path, entry["dtype"], list(entry["shape"]), 8 + n + begin, 8 + n + end
+
+    def tensor_on(self, name: str, device: torch.device, dtype: torch.dtype,
+                  chunk_bytes: int = 64 << 20) -> torch.Tensor:
+        """``name`` on ``device`` in ``dtype``, read in row chunks of about ``chunk_bytes``.
+
+        A 128k-vocabulary embedding is 1-2 GB: read whole, it is held twice on the host (the
+        mapped file pages and the copy). Each chunk maps the shard anew, so host memory holds
+        one chunk at a time.
+        """
+        if device.type == "cpu":
+            return self.tensor(name).to(dtype)
+        path = self.path / self.weight_map[name]
+        with safe_open(path, framework="pt") as f:
+            shape = f.get_slice(name).get_shape()
+        out = torch.empty(shape, device=device, dtype=dtype)
+        if not shape or not out.numel():
+            return self.tensor(name).to(device=device, dtype=dtype)
+        rows = max(1, chunk_bytes // max(1, out[0].numel() * out.element_size()))
+        for i in range(0, shape[0], rows):
+            with safe_open(path, framework="pt") as f:
+                out[i : i + rows] = f.get_slice(name)[i : i + rows].to(device=device, dtype=dtype)
+        return out
 
     def tensors_with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """All tensors under ``prefix`` (e.g. ``model.layers.3.``), keys without the prefix."""

@@ -13,13 +13,13 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import ExportError
 from .scheme import ActivationScheme, QuantizedWeight, Scheme, WeightScheme
@@ -77,9 +77,8 @@ class WorkDir:
                 t = getattr(qw, f)
                 if t is not None:
                     tensors[f"q.{name}.{f}"] = t
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         tmp = self.layer_path(i).with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"schemes": json.dumps(schemes)})
+        write_safetensors(tmp, tensors, {"schemes": json.dumps(schemes)})
         os.replace(tmp, self.layer_path(i))
         self._write_state(fingerprint, i + 1)
 
@@ -100,6 +99,30 @@ class WorkDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file written one tensor at a time, each brought to the host only while
+    it is written (``save_file`` wants every tensor on the host and copies them all again into
+    one bytes object: twice a layer's size in host memory)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-len(raw)) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def fingerprint(*parts: Any) -> str:
