@@ -253,6 +253,7 @@ def run_case(case: str, tool: str, work: Path, n: int, length: int, batch: int, 
     shape, layers, method = CASES[case]
     model = build_model(shape, layers, work / f"model-{shape}-{layers}")
     calib = build_calibration(work / f"calib-{n}x{length}.safetensors", n, length)
+    os.sync()  # the model just written must not be flushed to disk during a timed run
     out = work / f"out-{case}-{tool}"
     result_file = work / f"result-{case}-{tool}.json"
     result_file.unlink(missing_ok=True)

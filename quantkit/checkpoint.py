@@ -83,7 +83,7 @@ class CheckpointWriter:
         n = t.numel() * t.element_size()
         f = self._open(name)
         if n:
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            _write_all(f, t.reshape(-1).view(torch.uint8).numpy().data)
         self._record(name, _DTYPES[t.dtype], list(t.shape), n)
 
     def add_file_range(self, name: str, dtype: str, shape: list[int], path: Path, start: int, end: int) -> None:
@@ -91,13 +91,21 @@ class CheckpointWriter:
         notation), 64 MiB at a time: the embedding and lm_head never sit whole in memory."""
         f = self._open(name)
         with open(path, "rb") as src:
-            src.seek(start)
-            left = end - start
+            pos, left = start, end - start
+            try:  # in the kernel, no bytes through Python
+                while left:
+                    n = os.copy_file_range(src.fileno(), f.fileno(), left, pos)
+                    if n == 0:
+                        break
+                    pos, left = pos + n, left - n
+            except (AttributeError, OSError):  # no copy_file_range (or not across these files)
+                pass
+            src.seek(pos)
             while left:
                 chunk = src.read(min(left, 64 << 20))
                 if not chunk:
                     raise ExportError(f"{path}: ends inside tensor {name}; the model file is truncated")
-                f.write(chunk)
+                _write_all(f, chunk)
                 left -= len(chunk)
         self._record(name, dtype, shape, end - start)
 
@@ -109,7 +117,8 @@ class CheckpointWriter:
             raise ExportError(f"internal: tensor {name} written twice")
         self._names.add(name)
         if self._file is None:
-            self._file = open(self.work_dir / self._part_name(), "wb")
+            # unbuffered: copy_file_range writes at the descriptor's offset too
+            self._file = open(self.work_dir / self._part_name(), "wb", buffering=0)
             self._file.seek(HEADER_ROOM)
         return self._file
 
@@ -136,7 +145,7 @@ class CheckpointWriter:
         path = Path(f.name)
         if len(header) + 8 <= HEADER_ROOM:
             f.seek(0)
-            f.write(struct.pack("<Q", HEADER_ROOM - 8) + header + b" " * (HEADER_ROOM - 8 - len(header)))
+            _write_all(f, struct.pack("<Q", HEADER_ROOM - 8) + header + b" " * (HEADER_ROOM - 8 - len(header)))
             f.close()
         else:
             f.close()
@@ -186,3 +195,9 @@ class CheckpointWriter:
         if old.exists():
             shutil.rmtree(old)
 
+
+def _write_all(f, data) -> None:
+    """An unbuffered write may take fewer bytes than given (Linux caps one write near 2 GiB)."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        view = view[f.write(view):]

@@ -135,7 +135,8 @@ class LayerwiseEngine:
                 _check_finite_layer(layer, sk, i)
             clock.lap("load")
             with torch.no_grad():
-                h_base = [sk.run_layer(layer, h) for h in h_base]
+                for j, h in enumerate(h_base):
+                    h_base[j] = sk.run_layer(layer, h)
             clock.lap("evaluate")
             if i < start:
                 record = self.workdir.load_layer(i)
@@ -151,8 +152,12 @@ class LayerwiseEngine:
             if self.on_layer is not None and i >= start:
                 self.on_layer(i, layer, record.quantized)
             with torch.no_grad():
-                h_calib = [sk.run_layer(layer, h) for h in h_calib]
-                h_quant = [sk.run_layer(layer, h) for h in h_quant]
+                # Batch by batch in place: each input is freed as its output appears, so the
+                # activations are on the device once, not twice (2 GiB for 128 x 2048 at 4096 wide).
+                for j, h in enumerate(h_calib):
+                    h_calib[j] = sk.run_layer(layer, h)
+                for j, h in enumerate(h_quant):
+                    h_quant[j] = sk.run_layer(layer, h)
             _check_finite_list(h_calib, f"outputs of layer {i} on calibration data", sk.dtype)
             _check_finite_list(h_quant, f"outputs of layer {i} on evaluation data", sk.dtype)
             clock.lap("propagate")

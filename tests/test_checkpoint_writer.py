@@ -39,3 +39,24 @@ def test_streamed_shards_read_back_exactly(tmp_path, monkeypatch, room, shard):
         assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
         assert torch.equal(got[k].reshape(-1).view(torch.uint8), want[k].reshape(-1).view(torch.uint8)), k
     assert w.total_bytes == sum(v.numel() * v.element_size() for v in want.values())
+
+
+def test_tensor_copied_byte_for_byte_from_a_source_file(tmp_path):
+    from safetensors.torch import save_file
+
+    src = {"x": torch.randn(5, 3).to(torch.bfloat16), "emb": torch.randn(7, 4).to(torch.bfloat16)}
+    save_file(src, str(tmp_path / "src.safetensors"))
+    from quantkit.model import ModelSource
+
+    source = ModelSource(path=tmp_path, config={}, weight_map={"x": "src.safetensors", "emb": "src.safetensors"})
+    w = CheckpointWriter(tmp_path / "out", tmp_path / "stage", FORMATS["compressed-tensors"](), torch.bfloat16,
+                         10**9, overwrite=False)
+    w.start()
+    w.add("first", torch.arange(3, dtype=torch.int32))
+    path, dtype, shape, start, end = source.tensor_location("emb")
+    assert (dtype, shape) == ("BF16", [7, 4])
+    w.add_file_range("model.emb", dtype, shape, path, start, end)
+    w.finalize({"model_type": "llama"}, {}, [])
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as st:
+        assert torch.equal(st.get_tensor("model.emb"), src["emb"])
+        assert torch.equal(st.get_tensor("first"), torch.arange(3, dtype=torch.int32))
