@@ -239,3 +239,68 @@ def test_checkpoint_matches_fake_quantized_model(workspace, case_id, model_name,
         got = loaded(ids).logits.float()
     assert want.abs().max() > 0.1  # not a degenerate model
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4 if exact else 5e-3)
+
+
+def test_output_folder_contents(workspace):
+    """What a published folder holds: shards + index, config, generation config, tokenizer,
+    report, and a model card with Hub metadata, the evaluation table and a serve line."""
+    import yaml
+
+    import quantkit
+
+    root, calib, model = workspace
+    base = model("llama")
+    (base / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: [en]\n---\n# tiny base\n")
+    out = root / "out-folder"
+    report = quantkit.quantize(
+        model=str(base), quiet=True,
+        quantization={"method": "gptq", "bits": 4, "group_size": 64},
+        calibration={"source": str(calib), "num_samples": 4, "max_seq_length": 64},
+        evaluate={"source": str(calib), "num_samples": 2, "max_seq_length": 64},
+        export={"output_dir": str(out), "max_shard_size": "200KB"},
+        device="cpu",
+    )
+    assert not list(root.glob(".out-folder.quantkit-*")), "work folder left behind"
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 3 and not (out / "model.safetensors").exists()
+    assert {s.name for s in shards} == set(index["weight_map"].values())
+    assert all(s.name.endswith(f"-of-{len(shards):05d}.safetensors") for s in shards)
+    seen, total = {}, 0
+    for s in shards:
+        with safe_open(s, "pt") as st:
+            sizes = [st.get_tensor(k).numel() * st.get_tensor(k).element_size() for k in st.keys()]
+            seen.update({k: s.name for k in st.keys()})
+        total += sum(sizes)
+        assert sum(sizes) <= 200_000 or len(sizes) == 1, f"{s.name}: {sum(sizes)} bytes in {len(sizes)} tensors"
+    assert seen == index["weight_map"] and index["metadata"]["total_size"] == total
+    assert "model.layers.1.mlp.down_proj.weight_packed" in seen and "lm_head.weight" in seen
+
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 64
+    assert json.loads((out / "generation_config.json").read_text()) == \
+        json.loads((base / "generation_config.json").read_text())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes()
+    assert transformers.AutoTokenizer.from_pretrained(out)("to be").input_ids
+
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    ev = on_disk["evaluation"]
+    assert ev["perplexity_base"] > 1 and ev["perplexity_quantized"] > 1
+
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["base_model"] == str(base)
+    assert meta["base_model_relation"] == "quantized"
+    assert meta["library_name"] == "transformers"
+    assert meta["license"] == "apache-2.0"
+    assert {"quantkit", "gptq", "compressed-tensors"} <= set(meta["tags"])
+    assert f"| base | {ev['perplexity_base']:.3f} |" in card
+    assert f"| quantized | {ev['perplexity_quantized']:.3f} |" in card
+    serve = [ln for ln in card.splitlines() if ln.startswith("vllm serve ")]
+    assert serve and str(out) in serve[0] and serve[0] == on_disk["serve_command"].splitlines()[0]
