@@ -35,7 +35,7 @@ def _check_module():
 
 def test_vllm_generates_fake_quantized_tokens(tmp_path):
     check = _check_module()
-    cases = os.environ.get("QUANTKIT_VLLM_CASES", "w4a16-asym-ct w8a8-int8-dyn").split()
+    cases = os.environ.get("QUANTKIT_VLLM_CASES", "w4a16-ct w8a8-int8-dyn").split()
     rc = check.main(["--work-dir", str(tmp_path), "--vllm-python", VLLM_PYTHON, "--device", "cpu",
                      "--only", *cases])
     state = json.loads((tmp_path / "vllm-check.json").read_text())
