@@ -157,7 +157,7 @@ def vllm_one(args) -> None:
         result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
         result["text"] = [o.outputs[0].text for o in outs]
     except Exception as e:  # reported in the table, not raised: one refusal must not hide the rest
-        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        result["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
     Path(args.result).write_text(json.dumps(result))
 
 
