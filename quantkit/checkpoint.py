@@ -73,8 +73,13 @@ class CheckpointWriter:
         t = t.contiguous()
         if t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()
+        size = t.numel() * t.element_size()
+        # Close the shard before a tensor that would push it past the limit: max_shard_size is
+        # the largest shard (only a single tensor bigger than the limit gets a shard above it).
+        if self._buffer and self._buffer_bytes + size > self.max_shard_size:
+            self.flush()
         self._buffer[name] = t
-        self._buffer_bytes += t.numel() * t.element_size()
+        self._buffer_bytes += size
         if self._buffer_bytes >= self.max_shard_size:
             self.flush()
 
