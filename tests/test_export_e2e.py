@@ -48,7 +48,7 @@ CASES = [  # id, model, format, quantization
     ("gptq-asym-g32-w8-ct", "llama-tied", "compressed-tensors",
      {"method": "gptq", "bits": 8, "group_size": 32, "symmetric": False}),
     ("gptq-sym-g32-actorder-gptq", "qwen2-tied", "gptq",
-     {"method": "gptq", "bits": 4, "group_size": 32, "act_order": True}),
+     {"method": "gptq", "bits": 4, "group_size": 32, "act_order": True, "static_groups": True}),
     ("gptq-asym-g64-gptq", "llama", "gptq", {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False}),
     ("gptq-sym-channel-gptq", "mistral", "gptq", {"method": "gptq", "bits": 4, "group_size": -1}),
     ("awq-g64-awq", "llama", "awq", {"method": "awq", "bits": 4, "group_size": 64, "grid": 8}),

@@ -40,6 +40,10 @@ class GPTQFormat(Format):
             return f"GPTQ export supports {GPTQ_BITS} bits, got {ws.num_bits}"
         if ws.strategy not in ("group", "channel"):
             return f"GPTQ needs strategy 'group' or 'channel', not {ws.strategy!r}"
+        if ws.actorder == "group" and ws.strategy == "group":
+            # vLLM >= 0.32 refuses such checkpoints when it parses the config
+            # (utils/gptq_utils.py: "GPTQ group activation ordering (desc_act=True) is no longer supported").
+            return "act-order with dynamic groups (desc_act: true) is no longer served by vLLM; set static_groups: true"
         return None
 
     def weight_tensors(
