@@ -123,11 +123,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="16×128 calibration, 8×128 evaluation (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="16x128 calibration, 8x128 evaluation (a smoke run)")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help=f"comma-separated subset of: {', '.join(METHODS)}")
     ap.add_argument("--calib", default="64x256", help="calibration samples x tokens (default 64x256)")
     ap.add_argument("--eval", default="16x256", help="evaluation windows x tokens (default 16x256)")
+    ap.add_argument("--save", type=Path, help="also write the header and table to this file, after every row")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "quantkit-bench",
                     help="where the checkpoints are written (one folder per method)")
     args = ap.parse_args(argv)
@@ -139,17 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = (8, 128) if args.quick else tuple(int(v) for v in args.eval.split("x"))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    header = (f"quantkit methods on {MODEL} (SmolLM2-135M-Instruct), CPU: {os.cpu_count()} cores, "
+              f"torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.machine()}, {date.today()}\n"
+              f"calibration: shakespeare {calib[0]}x{calib[1]} tokens; evaluation: shakespeare-eval "
+              f"{evaluation[0]}x{evaluation[1]} tokens; W8A8/FP8 perplexity includes activation fake-quantization\n")
     rows = []
     for key in keys:
         print(f"[{key}] running ...", file=sys.stderr, flush=True)
         rows.append(run_one(key, calib, evaluation, args.out))
         r = rows[-1]
         print(f"[{key}] ppl {r['ppl']:.3f} (base {r['ppl_base']:.3f}), {r['seconds']:.0f} s", file=sys.stderr, flush=True)
-    print(f"quantkit methods on {MODEL} (SmolLM2-135M-Instruct), CPU: {os.cpu_count()} cores, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.machine()}, {date.today()}")
-    print(f"calibration: shakespeare {calib[0]}x{calib[1]} tokens; evaluation: shakespeare-eval "
-          f"{evaluation[0]}x{evaluation[1]} tokens; W8A8/FP8 perplexity includes activation fake-quantization")
-    print()
+        if args.save:
+            args.save.write_text(header + "\n" + table(rows) + "\n")
+    print(header)
     print(table(rows))
     return 0
 
