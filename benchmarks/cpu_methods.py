@@ -17,9 +17,11 @@ the export. Size is the checkpoint's safetensors on disk (embeddings stay bf16 i
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
+import subprocess
 import sys
 import time
 from datetime import date
@@ -121,6 +123,33 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def run_parallel(keys: list[str], args: argparse.Namespace, calib, evaluation) -> list[dict[str, Any]]:
+    """Each row in its own single-threaded process, ``args.jobs`` at a time; rows in ``keys`` order."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    pending, running, done = list(keys), {}, {}
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            key = pending.pop(0)
+            out = args.out / f"{key}.row.json"
+            cmd = [sys.executable, __file__, "--methods", key, "--calib", f"{calib[0]}x{calib[1]}",
+                   "--eval", f"{evaluation[0]}x{evaluation[1]}", "--out", str(args.out), "--row-json", str(out)]
+            print(f"[{key}] running ...", file=sys.stderr, flush=True)
+            running[key] = (subprocess.Popen(cmd, env=env), out)
+        time.sleep(2)
+        for key, (proc, out) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[key]
+            if proc.returncode != 0:
+                raise SystemExit(f"row {key} failed (exit {proc.returncode})")
+            done[key] = json.loads(out.read_text())
+            r = done[key]
+            print(f"[{key}] ppl {r['ppl']:.3f} (base {r['ppl_base']:.3f}), {r['seconds']:.0f} s", file=sys.stderr,
+                  flush=True)
+    return [done[k] for k in sorted(keys, key=list(METHODS).index)]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="16x128 calibration, 8x128 evaluation (a smoke run)")
@@ -128,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated subset of: {', '.join(METHODS)}")
     ap.add_argument("--calib", default="64x256", help="calibration samples x tokens (default 64x256)")
     ap.add_argument("--eval", default="16x256", help="evaluation windows x tokens (default 16x256)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="rows run in this many processes at once, one thread each (for a shared, busy machine)")
+    ap.add_argument("--row-json", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--save", type=Path, help="also write the header and table to this file, after every row")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "quantkit-bench",
                     help="where the checkpoints are written (one folder per method)")
@@ -144,8 +176,14 @@ def main(argv: list[str] | None = None) -> int:
               f"torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.machine()}, {date.today()}\n"
               f"calibration: shakespeare {calib[0]}x{calib[1]} tokens; evaluation: shakespeare-eval "
               f"{evaluation[0]}x{evaluation[1]} tokens; W8A8/FP8 perplexity includes activation fake-quantization\n")
+    if args.row_json:  # a worker of --jobs: one row, as JSON
+        args.row_json.write_text(json.dumps(run_one(keys[0], calib, evaluation, args.out)))
+        return 0
     rows = []
-    for key in keys:
+    if args.jobs > 1:
+        rows = run_parallel(keys, args, calib, evaluation)
+        header = header.replace(f"({torch.get_num_threads()} threads)", f"({args.jobs} rows at once, 1 thread each)")
+    for key in keys if args.jobs <= 1 else []:
         print(f"[{key}] running ...", file=sys.stderr, flush=True)
         rows.append(run_one(key, calib, evaluation, args.out))
         r = rows[-1]
