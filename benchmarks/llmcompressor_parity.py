@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     version = subprocess.run([py, "-c", "import llmcompressor, compressed_tensors, transformers, torch; "
                               "print(llmcompressor.__version__, compressed_tensors.__version__, "
                               "transformers.__version__, torch.__version__)"],
-                             capture_output=True, text=True).stdout.split()
+                             capture_output=True, text=True).stdout.strip().splitlines()[-1:]
+    version = version[0].split() if version else []  # its import logs to stdout: keep the last line
     if args.level == "module":
         return module_level(args, model_dir, tokens, version)
 
