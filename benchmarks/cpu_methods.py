@@ -4,11 +4,10 @@
 
 Each row is one ``pipeline.run`` of ``builtin:smollm2-135m`` (SmolLM2-135M-Instruct, bf16)
 with the same calibration text (``shakespeare``) and evaluation text (``shakespeare-eval``).
-Perplexity comes from the engine's streaming pass (base and quantized in one pass). The
-engine runs the layers with the dequantized weights only; for the W8A8 and FP8 rows this
-script also fake-quantizes every quantized Linear's input the way the server will (per token
-for dynamic schemes, with the exported ``input_scale`` for static ones), so their perplexity
-includes activation quantization. FP8 KV-cache scales are exported but not simulated.
+Perplexity comes from the engine's streaming pass (base and quantized in one pass), which
+runs each quantized layer with its dequantized weights and, for W8A8 and FP8, its inputs
+fake-quantized the way the server will (per token when dynamic, with the exported
+``input_scale`` when static). FP8 KV-cache scales are exported but not simulated.
 
 Time is the whole run on CPU: quantization plus the base and quantized evaluation passes and
 the export. Size is the checkpoint's safetensors on disk (embeddings stay bf16 in every row).
@@ -35,7 +34,6 @@ sys.path.insert(0, str(ROOT))
 
 from quantkit import pipeline  # noqa: E402
 from quantkit.recipe import make_recipe  # noqa: E402
-from quantkit.scheme import FP8_DTYPE, FP8_MAX  # noqa: E402
 
 MODEL = "builtin:smollm2-135m"
 
@@ -61,31 +59,6 @@ METHODS: dict[str, tuple[str, dict[str, Any], str | None]] = {
 }
 
 
-def fake_quantize_input(x: torch.Tensor, scheme, input_scale: torch.Tensor | None) -> torch.Tensor:
-    """``x`` through the activation quantizer a W8A8/FP8 kernel applies, back in x's dtype."""
-    xf = x.to(torch.float32)
-    if scheme.dynamic:
-        qmax = FP8_MAX if scheme.type == "float" else 2 ** (scheme.num_bits - 1) - 1
-        scale = (xf.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(1e-12)
-    else:
-        scale = input_scale.to(device=x.device, dtype=torch.float32)
-    if scheme.type == "float":
-        q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).to(torch.float32)
-    else:
-        q = torch.round(xf / scale).clamp(-(2 ** (scheme.num_bits - 1)), 2 ** (scheme.num_bits - 1) - 1)
-    return (q * scale).to(x.dtype)
-
-
-def simulate_activations(_index: int, layer, qweights) -> None:
-    """on_layer callback: from now on each quantized Linear sees its input quantized."""
-    for name, qw in qweights.items():
-        act = qw.scheme.input_activations
-        if act is None:
-            continue
-        layer.get_submodule(name).register_forward_pre_hook(
-            lambda _m, args, act=act, s=qw.input_scale: (fake_quantize_input(args[0], act, s),) + args[1:])
-
-
 def run_one(key: str, calib: tuple[int, int], evaluation: tuple[int, int], out_root: Path) -> dict[str, Any]:
     label, quant, fmt = METHODS[key]
     out_dir = out_root / key
@@ -98,7 +71,7 @@ def run_one(key: str, calib: tuple[int, int], evaluation: tuple[int, int], out_r
         "device": "cpu",
     }, where=f"benchmark {key}")
     started = time.perf_counter()
-    report = pipeline.run(recipe, quiet=True, on_layer=simulate_activations)
+    report = pipeline.run(recipe, quiet=True)
     seconds = time.perf_counter() - started
     ev = report["evaluation"]
     return {
