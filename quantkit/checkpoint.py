@@ -1,7 +1,10 @@
 """CheckpointWriter: sharded safetensors in a staging folder, published atomically.
 
-Every format shares this: tensors are buffered until ``max_shard_size``, each full shard is a
-complete file in the staging folder (inside the run's hidden work folder beside
+Every format shares this: each tensor is written to the open shard file as it arrives (host
+memory holds one tensor, never a shard: buffering a 5 GB shard, which safetensors' save_file
+then copies again into bytes, made the host peak twice the checkpoint), the shard's header
+goes into room reserved at the file's start once ``max_shard_size`` is reached, each full
+shard is a complete file in the staging folder (inside the run's hidden work folder beside
 ``output_dir``), and only when the index, config and tokenizer are written is the folder
 renamed into place. A failure leaves any previous output untouched.
 """
@@ -12,11 +15,11 @@ import json
 import logging
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from .errors import ExportError
 from .formats.base import Format
@@ -25,6 +28,17 @@ from .scheme import QuantizedWeight
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
+# Room for a shard's JSON header (about 120 bytes a tensor: a 5 GB shard of Llama-8B layers
+# has about 300 tensors). The header is padded with spaces to fill it, which the safetensors
+# format allows; a header that does not fit is written by copying the shard once.
+HEADER_ROOM = 256 * 1024
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def work_dir_for(output_dir: Path) -> Path:
@@ -39,8 +53,10 @@ class CheckpointWriter:
         self.output_dir = Path(output_dir)
         self.fmt, self.dtype, self.max_shard_size, self.overwrite = fmt, dtype, max_shard_size, overwrite
         self.work_dir = Path(staging_dir)
-        self._buffer: dict[str, torch.Tensor] = {}
+        self._file = None
+        self._entries: dict[str, dict[str, Any]] = {}
         self._buffer_bytes = 0
+        self._names: set[str] = set()
         self._shards: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
 
@@ -57,7 +73,7 @@ class CheckpointWriter:
         self.work_dir.mkdir(parents=True)
 
     def add(self, name: str, tensor: torch.Tensor, keep_dtype: bool = False) -> None:
-        """Buffer one tensor; float tensors are cast to the export dtype unless ``keep_dtype``."""
+        """Write one tensor; float tensors are cast to the export dtype unless ``keep_dtype``."""
         t = tensor.detach().to("cpu")
         if t.is_floating_point() and not keep_dtype:
             t = t.to(self.dtype)
@@ -67,34 +83,54 @@ class CheckpointWriter:
         self._put(name, t)
 
     def _put(self, name: str, t: torch.Tensor) -> None:
-        if name in self._buffer:
+        if name in self._names:
             raise ExportError(f"internal: tensor {name} written twice")
-        # A view into a larger storage would make safetensors write (or refuse) the whole storage.
-        t = t.contiguous()
-        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            t = t.clone()
-        size = t.numel() * t.element_size()
+        self._names.add(name)
+        t = t.detach().to("cpu").contiguous()
+        n = tensor_bytes(t)
         # Close the shard before a tensor that would push it past the limit: max_shard_size is
         # the largest shard (only a single tensor bigger than the limit gets a shard above it).
-        if self._buffer and self._buffer_bytes + size > self.max_shard_size:
+        if self._file is not None and self._buffer_bytes and self._buffer_bytes + n > self.max_shard_size:
             self.flush()
-        self._buffer[name] = t
-        self._buffer_bytes += size
-        if self._buffer_bytes >= self.max_shard_size:
-            self.flush()
+        if self._file is None:
+            self._file = open(self.work_dir / self._part_name(), "wb")
+            self._file.seek(HEADER_ROOM)
+        if n:
+            self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._entries[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+                               "data_offsets": [self._buffer_bytes, self._buffer_bytes + n]}
+        self._buffer_bytes += n
+
+    def _part_name(self) -> str:
+        return f"part-{len(self._shards) + 1:05d}.safetensors"
 
     def add_quantized(self, prefix: str, qw: QuantizedWeight) -> None:
         for name, t in self.fmt.weight_tensors(prefix, qw, self.dtype).items():
             self._put(name, t.detach().to("cpu"))
 
     def flush(self) -> None:
-        if not self._buffer:
+        """Close the open shard: its header goes into the room reserved at the start."""
+        if self._file is None:
             return
-        name = f"part-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._buffer, str(self.work_dir / name), metadata={"format": "pt"})
-        self._shards.append((name, list(self._buffer)))
+        f, self._file = self._file, None
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        path = Path(f.name)
+        if len(header) + 8 <= HEADER_ROOM:
+            f.seek(0)
+            f.write(struct.pack("<Q", HEADER_ROOM - 8) + header + b" " * (HEADER_ROOM - 8 - len(header)))
+            f.close()
+        else:
+            f.close()
+            pad = (-len(header)) % 8  # data starts 8-byte aligned, as safetensors writes it
+            tmp = path.with_suffix(".tmp")
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                dst.write(struct.pack("<Q", len(header) + pad) + header + b" " * pad)
+                src.seek(HEADER_ROOM)
+                shutil.copyfileobj(src, dst, 64 << 20)
+            os.replace(tmp, path)
+        self._shards.append((path.name, list(self._entries)))
         self.total_bytes += self._buffer_bytes
-        self._buffer, self._buffer_bytes = {}, 0
+        self._entries, self._buffer_bytes = {}, 0
 
     def finalize(self, config: dict[str, Any], files: dict[str, str | bytes], copy_files: list[Path]) -> Path:
         """Name shards, write index/config/extra files, then publish the folder atomically."""

@@ -61,7 +61,7 @@ class GPTQFormat(Format):
         if has_permuted_groups(qw) and scheme.weights.actorder != "group":
             raise ExportError(f"{prefix}: g_idx permutes groups but the scheme has actorder off (desc_act)")
         if qw.zero_point is None:
-            zeros = torch.full(qw.scale.shape, 1 << (bits - 1), dtype=torch.int32)
+            zeros = torch.full(qw.scale.shape, 1 << (bits - 1), dtype=torch.int32, device=qw.scale.device)
         else:
             zeros = to_unsigned(qw.zero_point, bits)
             if bool((zeros == 0).any()):

@@ -16,7 +16,7 @@ def group_size_of(qw: QuantizedWeight) -> int:
 
 def natural_g_idx(qw: QuantizedWeight) -> torch.Tensor:
     """The g_idx of columns in their natural order, ``i // group_size``, int32 ``[in]``."""
-    return (torch.arange(qw.shape[1]) // group_size_of(qw)).to(torch.int32)
+    return (torch.arange(qw.shape[1], device=qw.codes.device) // group_size_of(qw)).to(torch.int32)
 
 
 def has_permuted_groups(qw: QuantizedWeight) -> bool:

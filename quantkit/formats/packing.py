@@ -50,7 +50,7 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     if n % pf:
         raise ValueError(f"dimension {dim} has {n} codes, not a multiple of {pf}")
     v = v.reshape(*v.shape[:-1], n // pf, pf)
-    shifts = torch.arange(pf, dtype=torch.int64) * bits
+    shifts = torch.arange(pf, dtype=torch.int64, device=v.device) * bits
     words = (v << shifts).sum(dim=-1)
     return _wrap_int32(words).movedim(-1, dim).contiguous()
 
@@ -61,7 +61,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         raise ValueError(f"expected int32 words, got {packed.dtype}")
     pf = pack_factor(bits)
     w = packed.to(torch.int64).movedim(dim, -1) & 0xFFFFFFFF
-    shifts = torch.arange(pf, dtype=torch.int64) * bits
+    shifts = torch.arange(pf, dtype=torch.int64, device=w.device) * bits
     v = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     v = v.reshape(*w.shape[:-1], w.shape[-1] * pf)
     return v.to(torch.int32).movedim(-1, dim).contiguous()

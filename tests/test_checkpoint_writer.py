@@ -1,0 +1,41 @@
+"""CheckpointWriter streams tensors into shards: files safetensors reads back exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from quantkit import checkpoint
+from quantkit.checkpoint import CheckpointWriter
+from quantkit.formats import FORMATS
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    return {"a.bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16), "b.i32": torch.arange(7, dtype=torch.int32),
+            "c.f32": torch.randn(4, generator=g), "d.fp8": torch.randn(2, 3, generator=g).to(torch.float8_e4m3fn),
+            "e.i8": torch.tensor([-3, 4], dtype=torch.int8), "f.empty": torch.zeros(0, 4),
+            "g.scalar": torch.tensor(2.5)}
+
+
+@pytest.mark.parametrize("room", [checkpoint.HEADER_ROOM, 64])  # 64: header overflows, shard is rewritten
+@pytest.mark.parametrize("shard", [10**9, 40])
+def test_streamed_shards_read_back_exactly(tmp_path, monkeypatch, room, shard):
+    monkeypatch.setattr(checkpoint, "HEADER_ROOM", room)
+    w = CheckpointWriter(tmp_path / "out", tmp_path / "stage", FORMATS["compressed-tensors"](), torch.bfloat16,
+                         shard, overwrite=False)
+    w.start()
+    want = _tensors()
+    for k, v in want.items():
+        w.add(k, v, keep_dtype=True)
+    w.finalize({"model_type": "llama"}, {}, [])
+    got = {}
+    for f in sorted((tmp_path / "out").glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            got.update({k: st.get_tensor(k) for k in st.keys()})
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape
+        assert torch.equal(got[k].reshape(-1).view(torch.uint8), want[k].reshape(-1).view(torch.uint8)), k
+    assert w.total_bytes == sum(v.numel() * v.element_size() for v in want.values())
