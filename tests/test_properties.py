@@ -17,7 +17,6 @@ from quantkit.formats.packing import (
     pack_awq,
     pack_int32,
     to_signed,
-    to_unsigned,
     unpack_awq,
     unpack_int32,
 )

@@ -50,9 +50,7 @@ class GPTQFormat(Format):
         self, prefix: str, qw: QuantizedWeight, dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
         scheme = qw.scheme
-        reason = self.unsupported_reason(scheme)
-        if reason:
-            raise ExportError(f"{prefix}: GPTQ cannot store this scheme: {reason}")
+        self.require(scheme, prefix)
         bits = scheme.weights.num_bits
         pf = pack_factor(bits)
         out_f, in_f = qw.shape
@@ -80,9 +78,7 @@ class GPTQFormat(Format):
     def quantization_config(
         self, scheme: Scheme, ignore: list[str], kv_cache: ActivationScheme | None = None
     ) -> dict:
-        reason = self.unsupported_reason(scheme) or self.kv_cache_reason(kv_cache)
-        if reason:
-            raise ExportError(f"GPTQ cannot describe this scheme: {reason}")
+        self.require(scheme, "quantization_config", kv_cache)
         ws = scheme.weights
         grouped = ws.strategy == "group"
         return {
