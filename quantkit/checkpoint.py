@@ -81,7 +81,7 @@ class CheckpointWriter:
     def _put(self, name: str, t: torch.Tensor) -> None:
         t = t.detach().to("cpu").contiguous()
         n = t.numel() * t.element_size()
-        f = self._open(name)
+        f = self._open(name, n)
         if n:
             _write_all(f, t.reshape(-1).view(torch.uint8).numpy().data)
         self._record(name, _DTYPES[t.dtype], list(t.shape), n)
@@ -89,7 +89,7 @@ class CheckpointWriter:
     def add_file_range(self, name: str, dtype: str, shape: list[int], path: Path, start: int, end: int) -> None:
         """Copy a tensor's bytes as they are from another safetensors file (``dtype`` in its
         notation), 64 MiB at a time: the embedding and lm_head never sit whole in memory."""
-        f = self._open(name)
+        f = self._open(name, end - start)
         with open(path, "rb") as src:
             pos, left = start, end - start
             try:  # in the kernel, no bytes through Python
@@ -112,10 +112,15 @@ class CheckpointWriter:
     def export_dtype_name(self) -> str:
         return _DTYPES[self.dtype]
 
-    def _open(self, name: str):
+    def _open(self, name: str, n: int):
+        """The open shard, ready for ``n`` more bytes of tensor ``name``."""
         if name in self._names:
             raise ExportError(f"internal: tensor {name} written twice")
         self._names.add(name)
+        # Close the shard before a tensor that would push it past the limit: max_shard_size is
+        # the largest shard (only a single tensor bigger than the limit gets a shard above it).
+        if self._file is not None and self._buffer_bytes and self._buffer_bytes + n > self.max_shard_size:
+            self.flush()
         if self._file is None:
             # unbuffered: copy_file_range writes at the descriptor's offset too
             self._file = open(self.work_dir / self._part_name(), "wb", buffering=0)
@@ -126,8 +131,6 @@ class CheckpointWriter:
         self._entries[name] = {"dtype": dtype, "shape": shape,
                                "data_offsets": [self._buffer_bytes, self._buffer_bytes + n]}
         self._buffer_bytes += n
-        if self._buffer_bytes >= self.max_shard_size:
-            self.flush()
 
     def _part_name(self) -> str:
         return f"part-{len(self._shards) + 1:05d}.safetensors"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .activations import attach_activation_quantizers
 from .errors import DeviceMemoryError, NumericsError
 from .layers import ModelSkeleton, embed
 from .model import ModelSource
@@ -174,13 +175,15 @@ class LayerwiseEngine:
 
 
 def apply_record(layer: nn.Module, record: LayerRecord, device: torch.device, dtype: torch.dtype) -> None:
-    """Give ``layer`` its quantized form: fake-quantized weights plus its (possibly folded) floats.
+    """Give ``layer`` its quantized form: fake-quantized weights, its (possibly folded) floats,
+    and its input activations quantized where the scheme says so.
 
     Fresh and resumed runs both go through here, so their next-layer inputs are bit-identical.
     """
     state = {k: v.to(device) for k, v in record.floats.items()}
     state.update({f"{name}.weight": qw.dequantize(dtype).to(device) for name, qw in record.quantized.items()})
     layer.load_state_dict(state, strict=True)
+    attach_activation_quantizers(layer, record.quantized)
 
 
 def perplexity(hidden: list[torch.Tensor], tokens: list[torch.Tensor], norm: nn.Module, head: torch.Tensor) -> float:

@@ -19,8 +19,8 @@ GPTQ_SCHEMES = {
     "w4-asym-channel": w4(False, None),
     "w8-sym-g64": w4(True, 64, bits=8),
     "w8-asym-g32": w4(False, 32, bits=8),
-    "w4-sym-actorder": w4(True, 32, actorder="group"),
-    "w8-asym-actorder": w4(False, 64, actorder="group", bits=8),
+    "w4-sym-actorder": w4(True, 32, actorder="static"),
+    "w8-asym-actorder": w4(False, 64, actorder="static", bits=8),
 }
 
 
@@ -78,7 +78,7 @@ def test_gptq_round_trip_and_vllm_oracle(name, seed):
     scheme = GPTQ_SCHEMES[name]
     assert GPTQ.unsupported_reason(scheme) is None
     bits = scheme.weights.num_bits
-    qw = make_qw(scheme, seed, out_f=64, in_f=128, permute=scheme.weights.actorder == "group")
+    qw = make_qw(scheme, seed, out_f=64, in_f=128)
     sd = local(GPTQ.weight_tensors(P, qw, torch.bfloat16))
     n_groups = qw.scale.shape[1]
     assert sd["qweight"].shape == (128 * bits // 32, 64) and sd["qweight"].dtype == torch.int32
@@ -142,14 +142,15 @@ def test_gptq_configs():
     }
     cfg = GPTQ.quantization_config(w4(False, None, bits=8), [])
     assert (cfg["bits"], cfg["group_size"], cfg["sym"], cfg["desc_act"]) == (8, -1, False, False)
-    assert GPTQ.quantization_config(w4(True, 64, actorder="group"), [])["desc_act"] is True
+    assert GPTQ.quantization_config(w4(True, 64, actorder="static"), [])["desc_act"] is False
+    assert "static_groups: true" in GPTQ.unsupported_reason(w4(True, 64, actorder="group"))
 
 
 def test_gptq_config_loads_in_transformers():
     from transformers import GPTQConfig
 
-    hf = GPTQConfig.from_dict(GPTQ.quantization_config(w4(False, 64, actorder="group"), []))
-    assert (hf.bits, hf.group_size, hf.desc_act, hf.sym, hf.format) == (4, 64, True, False, "gptq")
+    hf = GPTQConfig.from_dict(GPTQ.quantization_config(w4(False, 64, actorder="static"), []))
+    assert (hf.bits, hf.group_size, hf.desc_act, hf.sym, hf.format) == (4, 64, False, False, "gptq")
 
 
 def test_awq_config_and_transformers():

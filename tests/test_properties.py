@@ -17,7 +17,6 @@ from quantkit.formats.packing import (
     pack_awq,
     pack_int32,
     to_signed,
-    to_unsigned,
     unpack_awq,
     unpack_int32,
 )
@@ -64,7 +63,7 @@ def quantization(draw) -> tuple[dict, list[str]]:
     dynamic_groups = method == "gptq" and q["act_order"] and not q["static_groups"] and q["group_size"] != -1
     if not dynamic_groups:
         formats.append("compressed-tensors")
-    if weight_only_int:
+    if weight_only_int and not dynamic_groups:
         formats.append("gptq")
         if q["bits"] == 4 and not q["symmetric"] and q["group_size"] != -1 and not (method == "gptq" and q["act_order"]):
             formats.append("awq")

@@ -42,9 +42,7 @@ class AWQFormat(Format):
     def weight_tensors(
         self, prefix: str, qw: QuantizedWeight, dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
-        reason = self.unsupported_reason(qw.scheme)
-        if reason:
-            raise ExportError(f"{prefix}: AWQ cannot store this scheme: {reason}")
+        self.require(qw.scheme, prefix)
         if has_permuted_groups(qw):
             raise ExportError(f"{prefix}: AWQ cannot store a g_idx that permutes groups")
         out_f, _ = qw.shape
@@ -60,9 +58,7 @@ class AWQFormat(Format):
     def quantization_config(
         self, scheme: Scheme, ignore: list[str], kv_cache: ActivationScheme | None = None
     ) -> dict:
-        reason = self.unsupported_reason(scheme) or self.kv_cache_reason(kv_cache)
-        if reason:
-            raise ExportError(f"AWQ cannot describe this scheme: {reason}")
+        self.require(scheme, "quantization_config", kv_cache)
         return {
             "quant_method": "awq",
             "version": "gemm",

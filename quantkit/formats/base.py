@@ -13,6 +13,7 @@ from typing import Callable, ClassVar
 
 import torch
 
+from ..errors import ExportError
 from ..scheme import ActivationScheme, QuantizedWeight, Scheme
 
 
@@ -38,6 +39,15 @@ class Format(ABC):
         ``kv_cache`` describes a quantized KV cache (its ``k_scale``/``v_scale`` tensors are
         written by the checkpoint writer); only call with it when ``kv_cache_reason`` is None.
         """
+
+    def require(self, scheme: Scheme, where: str, kv_cache: ActivationScheme | None = None) -> None:
+        """Raise ExportError naming ``where`` when this format cannot store ``scheme``/``kv_cache``.
+
+        Recipe validation already refuses such pairs; this guards direct library use.
+        """
+        reason = self.unsupported_reason(scheme) or self.kv_cache_reason(kv_cache)
+        if reason:
+            raise ExportError(f"{where}: the {self.name} format cannot store this scheme: {reason}")
 
     def kv_cache_reason(self, kv_cache: ActivationScheme | None) -> str | None:
         """Why this format cannot describe ``kv_cache``, or None when it can (or none is asked)."""

@@ -137,9 +137,7 @@ class CompressedTensorsFormat(Format):
         self, prefix: str, qw: QuantizedWeight, dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
         scheme = qw.scheme
-        reason = self.unsupported_reason(scheme)
-        if reason:
-            raise ExportError(f"{prefix}: compressed-tensors cannot store this scheme: {reason}")
+        self.require(scheme, prefix)
         fmt = compression_format(scheme)
         if fmt == "pack-quantized":
             return self._packed(prefix, qw, dtype)
@@ -186,9 +184,7 @@ class CompressedTensorsFormat(Format):
     def quantization_config(
         self, scheme: Scheme, ignore: list[str], kv_cache: ActivationScheme | None = None
     ) -> dict:
-        reason = self.unsupported_reason(scheme) or self.kv_cache_reason(kv_cache)
-        if reason:
-            raise ExportError(f"compressed-tensors cannot describe this scheme: {reason}")
+        self.require(scheme, "quantization_config", kv_cache)
         fmt = compression_format(scheme)
         act = scheme.input_activations
         group = {

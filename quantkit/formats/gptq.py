@@ -40,15 +40,17 @@ class GPTQFormat(Format):
             return f"GPTQ export supports {GPTQ_BITS} bits, got {ws.num_bits}"
         if ws.strategy not in ("group", "channel"):
             return f"GPTQ needs strategy 'group' or 'channel', not {ws.strategy!r}"
+        if ws.actorder == "group" and ws.strategy == "group":
+            # vLLM >= 0.32 refuses such checkpoints when it parses the config
+            # (utils/gptq_utils.py: "GPTQ group activation ordering (desc_act=True) is no longer supported").
+            return "act-order with dynamic groups (desc_act: true) is no longer served by vLLM; set static_groups: true"
         return None
 
     def weight_tensors(
         self, prefix: str, qw: QuantizedWeight, dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
         scheme = qw.scheme
-        reason = self.unsupported_reason(scheme)
-        if reason:
-            raise ExportError(f"{prefix}: GPTQ cannot store this scheme: {reason}")
+        self.require(scheme, prefix)
         bits = scheme.weights.num_bits
         pf = pack_factor(bits)
         out_f, in_f = qw.shape
@@ -76,9 +78,7 @@ class GPTQFormat(Format):
     def quantization_config(
         self, scheme: Scheme, ignore: list[str], kv_cache: ActivationScheme | None = None
     ) -> dict:
-        reason = self.unsupported_reason(scheme) or self.kv_cache_reason(kv_cache)
-        if reason:
-            raise ExportError(f"GPTQ cannot describe this scheme: {reason}")
+        self.require(scheme, "quantization_config", kv_cache)
         ws = scheme.weights
         grouped = ws.strategy == "group"
         return {

@@ -22,9 +22,9 @@ from pydantic import Field
 from torch import nn
 
 from ..architectures import InputGroup, can_fold_v_into_o
-from ..scheme import QuantizedWeight, Scheme, WeightScheme
+from ..scheme import QuantizedWeight, Scheme
 from .base import LayerCalibration, Quantizer, QuantizerParams, register_quantizer
-from .rtn import quantize_rtn
+from .rtn import quantize_rtn, weight_only_scheme
 from .sampling import RowSample
 
 # Chunk sizes bound temporary buffers to about this many float32 elements (128 MiB).
@@ -156,15 +156,7 @@ class AWQParams(QuantizerParams):
     max_calib_tokens: int = Field(4096, ge=16)
 
     def scheme(self) -> Scheme:
-        channel = self.group_size == -1
-        return Scheme(
-            WeightScheme(
-                num_bits=self.bits,
-                symmetric=self.symmetric,
-                strategy="channel" if channel else "group",
-                group_size=None if channel else self.group_size,
-            )
-        )
+        return weight_only_scheme(self.bits, self.group_size, self.symmetric)
 
 
 @register_quantizer("awq")

@@ -23,7 +23,7 @@ from ..errors import NumericsError
 from ..scheme import QuantizedWeight, Scheme, WeightScheme
 from .base import LayerCalibration, Quantizer, QuantizerParams, register_quantizer
 from .hessian import HessianAccumulator
-from .rtn import dequantize_codes, qparams, quantize_codes, weight_qparams
+from .rtn import qparams, weight_only_scheme, weight_qparams
 
 log = logging.getLogger(__name__)
 
@@ -290,16 +290,8 @@ class GPTQParams(QuantizerParams):
     block_size: int = Field(128, ge=1)
 
     def scheme(self) -> Scheme:
-        channel = self.group_size == -1
-        return Scheme(
-            WeightScheme(
-                num_bits=self.bits,
-                symmetric=self.symmetric,
-                strategy="channel" if channel else "group",
-                group_size=None if channel else self.group_size,
-                actorder=None if channel or not self.act_order else "static" if self.static_groups else "group",
-            )
-        )
+        actorder = ("static" if self.static_groups else "group") if self.act_order else None
+        return weight_only_scheme(self.bits, self.group_size, self.symmetric, actorder)
 
 
 def collect_hessians(arch, hooks: dict | None = None) -> tuple[dict[str, HessianAccumulator], dict]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Callable, Literal
 
-import torch
 from pydantic import Field
 
 from ..scheme import ActivationScheme, QuantizedWeight, Scheme, WeightScheme

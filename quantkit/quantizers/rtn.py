@@ -109,15 +109,14 @@ class RTNParams(QuantizerParams):
     symmetric: bool = True
 
     def scheme(self) -> Scheme:
-        strategy = "channel" if self.group_size == -1 else "group"
-        return Scheme(
-            WeightScheme(
-                num_bits=self.bits,
-                symmetric=self.symmetric,
-                strategy=strategy,
-                group_size=None if strategy == "channel" else self.group_size,
-            )
-        )
+        return weight_only_scheme(self.bits, self.group_size, self.symmetric)
+
+
+def weight_only_scheme(bits: int, group_size: int, symmetric: bool, actorder: str | None = None) -> Scheme:
+    """The W{bits}A16 scheme of the weight-only methods; ``group_size`` -1 means per channel."""
+    channel = group_size == -1
+    return Scheme(WeightScheme(num_bits=bits, symmetric=symmetric, strategy="channel" if channel else "group",
+                               group_size=None if channel else group_size, actorder=None if channel else actorder))
 
 
 @register_quantizer("rtn")

