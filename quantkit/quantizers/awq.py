@@ -162,8 +162,6 @@ class AWQParams(QuantizerParams):
 @register_quantizer("awq")
 class AWQQuantizer(Quantizer):
     Params = AWQParams
-    needs_calibration = True
-    default_format = "compressed-tensors"
 
     def _can_fold(self, group: InputGroup) -> bool:
         if group.producer_is_norm:

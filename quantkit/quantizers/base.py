@@ -52,7 +52,9 @@ class Quantizer(ABC):
     """Base of every quantizer; subclasses set ``Params`` and register with a name."""
 
     Params: ClassVar[type[QuantizerParams]]
-    needs_calibration: ClassVar[bool] = True
+    # Read from the instance: a method may need data only for some parameters (fp8 static
+    # activations, int8 with GPTQ weights) and sets it in __init__.
+    needs_calibration: bool = True
     default_format: ClassVar[str] = "compressed-tensors"
 
     def __init__(self, params: QuantizerParams, model_config: dict) -> None:

@@ -52,10 +52,6 @@ class FP8Params(QuantizerParams):
 @register_quantizer("fp8")
 class FP8Quantizer(Quantizer):
     Params = FP8Params
-    # True for the class (static activations and KV scales need data); an instance with
-    # dynamic activations and no KV cache needs none and says so.
-    needs_calibration = True
-    default_format = "compressed-tensors"
 
     def __init__(self, params, model_config) -> None:
         super().__init__(params, model_config)

@@ -359,8 +359,6 @@ def split_rows(qw: QuantizedWeight, names: list[str], rows: list[int]) -> dict[s
 @register_quantizer("gptq")
 class GPTQQuantizer(Quantizer):
     Params = GPTQParams
-    needs_calibration = True
-    default_format = "compressed-tensors"
 
     def quantize_layer(self, layer, arch, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
         p: GPTQParams = self.params  # type: ignore[assignment]

@@ -74,10 +74,6 @@ def quantize_w8a8_layer(
 @register_quantizer("dynamic_int8")
 class DynamicInt8Quantizer(Quantizer):
     Params = DynamicInt8Params
-    # True for the class because recipes may ask for GPTQ or SmoothQuant; an instance with
-    # neither (plain RTN weights) needs no calibration data and says so.
-    needs_calibration = True
-    default_format = "compressed-tensors"
 
     def __init__(self, params, model_config) -> None:
         super().__init__(params, model_config)

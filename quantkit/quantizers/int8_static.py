@@ -28,8 +28,6 @@ class StaticInt8Params(W8A8Params):
 @register_quantizer("static_int8")
 class StaticInt8Quantizer(Quantizer):
     Params = StaticInt8Params
-    needs_calibration = True
-    default_format = "compressed-tensors"
 
     def quantize_layer(self, layer, arch, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
         p: StaticInt8Params = self.params  # type: ignore[assignment]
