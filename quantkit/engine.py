@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +46,8 @@ def make_batches(seqs: list[torch.Tensor], batch_size: int) -> list[torch.Tensor
 class _LayerCalibration:
     """The LayerCalibration the quantizers see: runs the float layer over calibration batches."""
 
-    def __init__(self, skeleton: ModelSkeleton, layer: nn.Module, hidden: list[torch.Tensor], quiet: bool):
-        self.skeleton, self.layer, self.hidden, self.quiet = skeleton, layer, hidden, quiet
-        self.passes = 0
+    def __init__(self, skeleton: ModelSkeleton, layer: nn.Module, hidden: list[torch.Tensor]):
+        self.skeleton, self.layer, self.hidden = skeleton, layer, hidden
 
     def run(self, hooks: Mapping[str, InputHook]) -> None:
         handles = [
@@ -64,7 +63,6 @@ class _LayerCalibration:
         finally:
             for handle in handles:
                 handle.remove()
-        self.passes += 1
 
 
 @dataclass
@@ -128,7 +126,7 @@ class LayerwiseEngine:
 
         if start:
             log.info("resuming: replaying %d finished layers from %s", start, self.workdir.root)
-        bar = tqdm(range(sk.num_layers), desc="quantizing layers", unit="layer", disable=self.quiet, initial=0)
+        bar = tqdm(range(sk.num_layers), desc="quantizing layers", unit="layer", disable=self.quiet)
         for i in bar:
             began = time.perf_counter()
             layer = sk.load_layer(i)
@@ -142,7 +140,7 @@ class LayerwiseEngine:
             if i < start:
                 record = self.workdir.load_layer(i)
             else:
-                qweights = self.quantizer.quantize_layer(layer, arch, _LayerCalibration(sk, layer, h_calib, self.quiet))
+                qweights = self.quantizer.quantize_layer(layer, arch, _LayerCalibration(sk, layer, h_calib))
                 clock.lap("quantize")
                 quantized = {f"{name}.weight" for name in qweights}
                 floats = {k: v.detach().clone() for k, v in layer.state_dict().items() if k not in quantized}
@@ -169,8 +167,9 @@ class LayerwiseEngine:
         if eval_batches:
             norm = sk.final_norm()
             head = sk.source.tensor_on(sk.lm_head_source_name(), sk.device, sk.dtype)
-            result.perplexity_base = perplexity(h_base, eval_batches, norm, head)
-            result.perplexity_quantized = perplexity(h_quant, eval_batches, norm, head)
+            result.perplexity_base = perplexity((F.linear(norm(h[:, :-1]), head), t) for h, t in zip(h_base, eval_batches))
+            result.perplexity_quantized = perplexity(
+                (F.linear(norm(h[:, :-1]), head), t) for h, t in zip(h_quant, eval_batches))
         return result
 
 
@@ -186,15 +185,19 @@ def apply_record(layer: nn.Module, record: LayerRecord, device: torch.device, dt
     attach_activation_quantizers(layer, record.quantized)
 
 
-def perplexity(hidden: list[torch.Tensor], tokens: list[torch.Tensor], norm: nn.Module, head: torch.Tensor) -> float:
-    """exp(mean next-token NLL) over every position of every batch."""
+def perplexity(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """exp(mean next-token NLL) over every position of every batch.
+
+    ``batches`` yields ``(logits, tokens)``: the logits of positions ``:-1`` of ``tokens``.
+    A generator keeps one batch's logits in memory at a time.
+    """
     nll, count = 0.0, 0
     with torch.no_grad():
-        for h, t in zip(hidden, tokens):
-            t = t.to(h.device)
-            logits = F.linear(norm(h[:, :-1]), head).float()
-            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t[:, 1:].reshape(-1), reduction="sum").item()
-            count += t[:, 1:].numel()
+        for logits, tokens in batches:
+            target = tokens[:, 1:].to(logits.device)
+            logits = logits.float()
+            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
+            count += target.numel()
     return math.exp(nll / count)
 
 

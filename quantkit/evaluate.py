@@ -7,15 +7,13 @@ perplexity during ``run`` instead (base and quantized in one streaming pass).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .calibration import TextRequest, load_tokens
-from .engine import make_batches
+from .engine import make_batches, perplexity
 from .model import resolve_model_dir
 
 
@@ -27,11 +25,6 @@ def evaluate_checkpoint(checkpoint: str | Path, source: str = "shakespeare-eval"
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
     tokens = load_tokens(TextRequest(source, num_samples, max_seq_length, True, 0, False), tokenizer, path)
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for batch in make_batches(tokens, batch_size):
-            logits = model(batch).logits[:, :-1].float()
-            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum").item()
-            count += batch[:, 1:].numel()
-    return {"checkpoint": str(checkpoint), "perplexity": math.exp(nll / count), "source": source,
+    ppl = perplexity((model(batch).logits[:, :-1], batch) for batch in make_batches(tokens, batch_size))
+    return {"checkpoint": str(checkpoint), "perplexity": ppl, "source": source,
             "num_windows": len(tokens), "seq_len": max_seq_length}
