@@ -95,7 +95,7 @@ def llmc_quantize(method: str, model_dir: Path, tokens: Path, out_dir: Path) -> 
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.awq import AWQModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from safetensors.torch import load_file
