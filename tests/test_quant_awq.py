@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quantkit.quantizers import QUANTIZERS
-from quantkit.quantizers.awq import AWQParams, awq_clip_search, awq_scale_search
+from quantkit.quantizers.awq import AWQParams, awq_clip_search, awq_scale_search, gram, output_sq_error
 from quantkit.quantizers.rtn import quantize_rtn
 from quantkit.quantizers.sampling import RowSample
 
@@ -31,6 +31,16 @@ def test_awq_beats_rtn_on_outlier_channels():
     assert awq < 0.8 * rtn, (awq, rtn)
     # The reported loss of ratio 0 is RTN's.
     assert losses[0].item() == pytest.approx(rtn**2, rel=1e-3)
+
+
+@pytest.mark.parametrize("tokens", [40, 300])
+def test_output_error_through_gram_matches_float64(tokens):
+    g = torch.Generator().manual_seed(2)
+    x = correlated_inputs(tokens, 96, g, outliers=2, outlier_gain=20.0)
+    dw = torch.randn(48, 96, generator=g) * 1e-2
+    ref = (x.double() @ dw.double().T).pow(2).sum().item()
+    assert output_sq_error(x, dw).item() == pytest.approx(ref, rel=1e-5)
+    assert output_sq_error(x, dw, gram(x)).item() == pytest.approx(ref, rel=1e-4)
 
 
 def test_clip_search_never_worse_per_group():
