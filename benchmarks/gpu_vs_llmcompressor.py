@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(r["log_tail"], flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
-    measured = "llmcompressor" in tools or bool(earlier)
+    measured = any("llmcompressor" in r for r in results.values())
     print()
     print(table(results, measured))
     print("\nquantkit per-layer profile (stages are nested: calibration forward includes the hooks' "
