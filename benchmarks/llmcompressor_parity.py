@@ -102,6 +102,12 @@ def llmc_quantize(method: str, model_dir: Path, tokens: Path, out_dir: Path) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ids = load_file(str(tokens))["calibration"]
+    if not torch.cuda.is_available():
+        # 0.14's AWQ pins its cached activations for faster host-to-GPU copies, which raises
+        # without an accelerator; pinning changes no value, so skip it on a CPU-only machine.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
     # fp32 like quantkit's CPU compute (bf16 matmuls are several times slower on these CPUs).
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)

