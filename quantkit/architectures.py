@@ -77,3 +77,12 @@ def can_fold_v_into_o(config: dict[str, Any]) -> bool:
     """v_proj's output rows map one-to-one onto o_proj's input columns only without GQA."""
     heads = config["num_attention_heads"]
     return config.get("num_key_value_heads", heads) == heads
+
+
+def foldable(group: InputGroup, config: dict[str, Any]) -> bool:
+    """Whether a per-channel scale on ``group``'s input can be folded exactly into its producer:
+    a norm's weight, up_proj's output rows (down_proj reads ``act(gate) * up``, elementwise),
+    or v_proj's output rows where there is no GQA."""
+    if group.producer.endswith("v_proj"):
+        return can_fold_v_into_o(config)
+    return True

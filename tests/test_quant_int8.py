@@ -34,21 +34,32 @@ def test_smoothing_scales_formula():
     torch.testing.assert_close(smoothing_scales(a, ws, alpha).double(), ref, rtol=1e-5, atol=0)
 
 
-def test_smoothquant_preserves_float_layer_output():
-    layer, data, _ = tiny_llama_layer(seed=1, outliers=3)
+@pytest.mark.parametrize("gqa", [False, True])
+def test_smoothquant_preserves_float_layer_output(gqa):
+    layer, data, config = tiny_llama_layer(seed=1, gqa=gqa, outliers=3)
     with torch.no_grad():
+        # Outlier channels in down_proj's input too (up_proj rows 0..2 scaled up).
+        layer.mlp.up_proj.weight[:3] *= 30.0
         before = [layer(**b).double() for b in data]
-        amax_before = _group_inputs(layer, data)["self_attn.q_proj"].abs().amax(0)
-        norm_before = layer.input_layernorm.weight.clone()
-        smooth_layer(layer, LLAMA, FakeCalibration(layer, data), alpha=0.5)
+        inputs_before = _group_inputs(layer, data)
+        params_before = {n: p.clone() for n, p in layer.named_parameters()}
+        smooth_layer(layer, LLAMA, FakeCalibration(layer, data), alpha=0.5, model_config=config)
         after = [layer(**b).double() for b in data]
-    assert not torch.equal(norm_before, layer.input_layernorm.weight)
+    changed = {n for n, p in layer.named_parameters() if not torch.equal(p, params_before[n])}
+    # Every exact fold happens (v_proj → o_proj only without GQA), and nothing else changes.
+    expected = {"input_layernorm.weight", "post_attention_layernorm.weight", "mlp.up_proj.weight",
+                "mlp.gate_proj.weight", "mlp.down_proj.weight", "self_attn.q_proj.weight",
+                "self_attn.k_proj.weight", "self_attn.v_proj.weight"}
+    if not gqa:
+        expected |= {"self_attn.o_proj.weight"}
+    assert changed == expected
     for x, y in zip(before, after):
         torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-4)
     # The outlier channels are flattened: the max/median channel range shrinks.
-    amax_after = _group_inputs(layer, data)["self_attn.q_proj"].abs().amax(0)
-    spread = lambda a: (a.max() / a.median()).item()  # noqa: E731
-    assert spread(amax_after) < 0.5 * spread(amax_before)
+    inputs_after = _group_inputs(layer, data)
+    spread = lambda a: (a.abs().amax(0).max() / a.abs().amax(0).median()).item()  # noqa: E731
+    for name in ("self_attn.q_proj", "mlp.down_proj"):
+        assert spread(inputs_after[name]) < 0.5 * spread(inputs_before[name]), name
 
 
 def test_observers_statistics():

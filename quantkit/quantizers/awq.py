@@ -19,11 +19,11 @@ from typing import Literal, Sequence
 
 import torch
 from pydantic import Field
-from torch import nn
 
-from ..architectures import InputGroup, can_fold_v_into_o
+from ..architectures import foldable
 from ..scheme import QuantizedWeight, Scheme
 from .base import LayerCalibration, Quantizer, QuantizerParams, register_quantizer
+from .folding import fold_scales
 from .rtn import quantize_rtn, weight_only_scheme
 from .sampling import RowSample
 
@@ -143,20 +143,6 @@ def awq_clip_search(
     return _clip(w, lo0 * best_r, hi0 * best_r, g)
 
 
-@torch.no_grad()
-def fold_awq_scales(producer: nn.Module, producer_is_norm: bool, linears: Sequence[nn.Linear], s: torch.Tensor) -> None:
-    """``producer`` output ``/= s`` (a norm's weight and bias, or a Linear's output rows and
-    bias), the consumers' input columns ``*= s``: the float function is unchanged."""
-    params = [producer.weight, getattr(producer, "bias", None)]
-    for p in params:
-        if p is None:
-            continue
-        div = s if (producer_is_norm or p.dim() == 1) else s.unsqueeze(1)
-        p.copy_((p.to(torch.float32) / div).to(p.dtype))
-    for lin in linears:
-        lin.weight.copy_((lin.weight.to(torch.float32) * s).to(lin.weight.dtype))
-
-
 class AWQParams(QuantizerParams):
     """AWQ weight-only quantization; defaults are W4A16 asymmetric, group 128."""
 
@@ -175,13 +161,6 @@ class AWQParams(QuantizerParams):
 @register_quantizer("awq")
 class AWQQuantizer(Quantizer):
     Params = AWQParams
-
-    def _can_fold(self, group: InputGroup) -> bool:
-        if group.producer_is_norm:
-            return True
-        if group.producer.endswith("v_proj"):
-            return can_fold_v_into_o(self.model_config)
-        return True  # up_proj → down_proj: elementwise product, rows map one-to-one
 
     def quantize_layer(self, layer, arch, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
         p: AWQParams = self.params  # type: ignore[assignment]
@@ -204,11 +183,11 @@ class AWQQuantizer(Quantizer):
             key = g.linears[0]
             linears = [layer.get_submodule(n) for n in g.linears]
             x_div[key] = None
-            if not self._can_fold(g):
+            if not foldable(g, self.model_config):
                 continue
             x = samples[key].rows()
             s, _ = awq_scale_search([lin.weight for lin in linears], x, means[key].mean(), self.scheme, p.grid)
-            fold_awq_scales(layer.get_submodule(g.producer), g.producer_is_norm, linears, s)
+            fold_scales(layer.get_submodule(g.producer), g.producer_is_norm, linears, s)
             x_div[key] = s
 
         out: dict[str, QuantizedWeight] = {}

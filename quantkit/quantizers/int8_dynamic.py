@@ -44,6 +44,7 @@ def quantize_w8a8_layer(
     calib: LayerCalibration,
     params: W8A8Params,
     scheme: Scheme,
+    model_config: dict,
     observe: Callable[[], dict] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], dict]:
     """Smooth (optional), then one calibration pass for whatever is still needed (GPTQ
@@ -53,7 +54,7 @@ def quantize_w8a8_layer(
     smoothed activations. Returns the weights and those hooks (holding their statistics).
     """
     if params.smoothquant_alpha is not None:
-        smooth_layer(layer, arch, calib, params.smoothquant_alpha)
+        smooth_layer(layer, arch, calib, params.smoothquant_alpha, model_config)
     hooks = observe() if observe is not None else {}
     obs_hooks = dict(hooks)
     accs = None
@@ -80,5 +81,5 @@ class DynamicInt8Quantizer(Quantizer):
         self.needs_calibration = params.weight_method == "gptq" or params.smoothquant_alpha is not None
 
     def quantize_layer(self, layer, arch, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
-        weights, _ = quantize_w8a8_layer(layer, arch, calib, self.params, self.scheme)
+        weights, _ = quantize_w8a8_layer(layer, arch, calib, self.params, self.scheme, self.model_config)
         return weights

@@ -33,7 +33,7 @@ class StaticInt8Quantizer(Quantizer):
         p: StaticInt8Params = self.params  # type: ignore[assignment]
         observers = {g.linears[0]: TensorObserver(p.observer, p.percentile) for g in arch.groups}
         weights, _ = quantize_w8a8_layer(
-            layer, arch, calib, p, self.scheme, observe=lambda: {n: o.add for n, o in observers.items()}
+            layer, arch, calib, p, self.scheme, self.model_config, observe=lambda: {n: o.add for n, o in observers.items()}
         )
         for g in arch.groups:
             scale = int_scale(observers[g.linears[0]].amax())
