@@ -2,11 +2,13 @@
 
     bash scripts/llmcompressor_venv.sh /work/llmc-venv          # once: the reference's venv
     QUANTKIT_CACHE=/work/qk-cache python benchmarks/llmcompressor_parity.py \
-        --llmc-python /work/llmc-venv/bin/python [--calib 32x256] [--eval 16x256] [--methods gptq,awq]
+        --llmc-python /work/llmc-venv/bin/python [--calib 32x256] [--eval 16x256] [--methods gptq,awq] \
+        [--seeds 0,1,2,3]
 
 Steps, all on CPU:
 1. (this venv) the calibration and evaluation token ids quantkit uses (``shakespeare`` and
-   ``shakespeare-eval``, packed, as the pipeline loads them) are written to tokens.safetensors;
+   ``shakespeare-eval``, packed, as the pipeline loads them) are written to a tokens file, one
+   per calibration seed (the seed shuffles which passages are drawn; evaluation is the same);
 2. (this venv) quantkit quantizes builtin:smollm2-135m with each method, exporting
    compressed-tensors;
 3. (llm-compressor's venv, a subprocess) ``oneshot`` runs GPTQModifier / AWQModifier +
@@ -17,6 +19,11 @@ Steps, all on CPU:
    with transformers and its perplexity measured on the same evaluation ids by the same code.
 
 Time is quantize + save wall clock (model load included for quantkit, not for oneshot).
+
+With several ``--seeds`` every step runs once per calibration draw and the table adds the mean
+over seeds: one GPTQ run moves by a few tenths of a perplexity point with nothing but float
+summation order changed, so a single draw cannot rank two implementations of the same
+algorithm.
 
 ``--level module`` is the cheap variant for machines where a whole-model oneshot does not fit
 the time (llm-compressor's GPTQ column loop costs seconds per Linear on 2 CPU cores): the
@@ -57,7 +64,7 @@ def _pair(text: str) -> tuple[int, int]:
 
 # ---- step 1 and 2: this venv (quantkit) ---------------------------------------------------
 
-def dump_tokens(model_dir: Path, calib: tuple[int, int], evaluation: tuple[int, int], path: Path) -> None:
+def dump_tokens(model_dir: Path, calib: tuple[int, int], evaluation: tuple[int, int], seed: int, path: Path) -> None:
     """The exact token ids pipeline.run loads for these calibration/evaluate sections."""
     import torch
     from safetensors.torch import save_file
@@ -66,19 +73,20 @@ def dump_tokens(model_dir: Path, calib: tuple[int, int], evaluation: tuple[int, 
     from quantkit.calibration import TextRequest, load_tokens
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    cal = load_tokens(TextRequest("shakespeare", calib[0], calib[1], True, 0, True), tok, model_dir)
+    cal = load_tokens(TextRequest("shakespeare", calib[0], calib[1], True, seed, True), tok, model_dir)
     ev = load_tokens(TextRequest("shakespeare-eval", evaluation[0], evaluation[1], True, 0, False), tok, model_dir)
     save_file({"calibration": torch.stack(cal), "evaluation": torch.stack(ev)}, str(path))
 
 
-def quantkit_quantize(method: str, calib: tuple[int, int], out_dir: Path) -> float:
+def quantkit_quantize(method: str, calib: tuple[int, int], seed: int, out_dir: Path) -> float:
     from quantkit import pipeline
     from quantkit.recipe import make_recipe
 
     recipe = make_recipe({
         "model": {"id": MODEL},
         "quantization": QUANTKIT[method],
-        "calibration": {"source": "shakespeare", "num_samples": calib[0], "max_seq_length": calib[1]},
+        "calibration": {"source": "shakespeare", "num_samples": calib[0], "max_seq_length": calib[1],
+                        "seed": seed},
         "evaluate": {"enabled": False},
         "export": {"output_dir": str(out_dir), "format": "compressed-tensors", "overwrite": True},
         "device": "cpu",
@@ -298,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", default="32x256", help="calibration samples x tokens")
     ap.add_argument("--eval", default="16x256", help="evaluation windows x tokens")
     ap.add_argument("--methods", default="gptq,awq")
+    ap.add_argument("--seeds", default="0", help="calibration draws, comma-separated; the table adds their mean")
     ap.add_argument("--level", choices=["model", "module"], default="model",
                     help="model: whole-model oneshot and perplexity; module: GPTQ core on chosen layers")
     ap.add_argument("--layers", default="0,15,29", help="decoder layers for --level module")
@@ -318,8 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     calib, evaluation = _pair(args.calib), _pair(args.eval)
     model_dir = builtin_model_dir(MODEL)
     args.work.mkdir(parents=True, exist_ok=True)
-    tokens = args.work / "tokens.safetensors"
-    dump_tokens(model_dir, calib, evaluation, tokens)
+    seeds = [int(v) for v in args.seeds.split(",")]
+    tokens = {seed: args.work / f"tokens-seed{seed}.safetensors" for seed in seeds}
+    for seed in seeds:
+        dump_tokens(model_dir, calib, evaluation, seed, tokens[seed])
     py = args.llmc_python
     version = subprocess.run([py, "-c", "import llmcompressor, compressed_tensors, transformers, torch; "
                               "print(llmcompressor.__version__, compressed_tensors.__version__, "
@@ -327,38 +338,47 @@ def main(argv: list[str] | None = None) -> int:
                              capture_output=True, text=True).stdout.strip().splitlines()[-1:]
     version = version[0].split() if version else []  # its import logs to stdout: keep the last line
     if args.level == "module":
-        return module_level(args, model_dir, tokens, version)
+        return module_level(args, model_dir, tokens[seeds[0]], version)
 
-    times: dict[tuple[str, str], float] = {}
-    dirs: dict[tuple[str, str], Path] = {}
-    for m in methods:
-        dirs["quantkit", m] = args.work / f"quantkit-{m}"
-        print(f"[quantkit {m}] ...", file=sys.stderr, flush=True)
-        times["quantkit", m] = quantkit_quantize(m, calib, dirs["quantkit", m])
-        print(f"[quantkit {m}] {times['quantkit', m]:.0f} s", file=sys.stderr, flush=True)
-        dirs["llmc", m] = args.work / f"llmcompressor-{m}"
-        print(f"[llm-compressor {m}] ...", file=sys.stderr, flush=True)
-        times["llmc", m] = _run_reference(py, "--phase", "llmc-quantize", "--method", m, "--model-dir",
-                                          str(model_dir), "--tokens", str(tokens), "--out-dir",
-                                          str(dirs["llmc", m]))["seconds"]
-        print(f"[llm-compressor {m}] {times['llmc', m]:.0f} s", file=sys.stderr, flush=True)
-    ppl = _run_reference(py, "--phase", "evaluate", "--tokens", str(tokens), "--checkpoints", str(model_dir),
-                         *[str(d) for d in dirs.values()])
+    times: dict[tuple[str, str, int], float] = {}
+    dirs: dict[tuple[str, str, int], Path] = {}
+    for seed in seeds:
+        for m in methods:
+            dirs["quantkit", m, seed] = args.work / f"quantkit-{m}-seed{seed}"
+            print(f"[quantkit {m} seed {seed}] ...", file=sys.stderr, flush=True)
+            times["quantkit", m, seed] = quantkit_quantize(m, calib, seed, dirs["quantkit", m, seed])
+            print(f"[quantkit {m} seed {seed}] {times['quantkit', m, seed]:.0f} s", file=sys.stderr, flush=True)
+            dirs["llmc", m, seed] = args.work / f"llmcompressor-{m}-seed{seed}"
+            print(f"[llm-compressor {m} seed {seed}] ...", file=sys.stderr, flush=True)
+            times["llmc", m, seed] = _run_reference(
+                py, "--phase", "llmc-quantize", "--method", m, "--model-dir", str(model_dir), "--tokens",
+                str(tokens[seed]), "--out-dir", str(dirs["llmc", m, seed]))["seconds"]
+            print(f"[llm-compressor {m} seed {seed}] {times['llmc', m, seed]:.0f} s", file=sys.stderr, flush=True)
+    # Evaluation ids do not depend on the seed: score everything on the first tokens file.
+    ppl = _run_reference(py, "--phase", "evaluate", "--tokens", str(tokens[seeds[0]]), "--checkpoints",
+                         str(model_dir), *[str(d) for d in dirs.values()])
 
     base = ppl[str(model_dir)]
     print(f"quantkit vs llm-compressor {version[0] if version else '?'} (compressed-tensors "
           f"{version[1] if len(version) > 1 else '?'}, transformers {version[2] if len(version) > 2 else '?'}) on "
           f"{MODEL} (SmolLM2-135M-Instruct), CPU {os.cpu_count()} cores")
-    print(f"same calibration ids: shakespeare {calib[0]}x{calib[1]}; same evaluation ids: shakespeare-eval "
-          f"{evaluation[0]}x{evaluation[1]}; perplexity of each checkpoint loaded by transformers, one code path")
+    print(f"same calibration ids: shakespeare {calib[0]}x{calib[1]}, seeds {args.seeds}; same evaluation ids: "
+          f"shakespeare-eval {evaluation[0]}x{evaluation[1]}; perplexity of each checkpoint loaded by transformers, "
+          "one code path")
     print()
-    print("| method | quantkit ppl | llm-compressor ppl | base ppl | quantkit time (s) | llm-compressor time (s) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| method | calibration seed | quantkit ppl | llm-compressor ppl | base ppl | quantkit time (s) "
+          "| llm-compressor time (s) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for m in methods:
-        print(f"| {LABELS[m]} | {ppl[str(dirs['quantkit', m])]:.3f} | {ppl[str(dirs['llmc', m])]:.3f} | {base:.3f} "
-              f"| {times['quantkit', m]:.0f} | {times['llmc', m]:.0f} |")
+        rows = [(ppl[str(dirs["quantkit", m, s])], ppl[str(dirs["llmc", m, s])], times["quantkit", m, s],
+                 times["llmc", m, s]) for s in seeds]
+        for seed, (qk, lc, tq, tl) in zip(seeds, rows):
+            print(f"| {LABELS[m]} | {seed} | {qk:.3f} | {lc:.3f} | {base:.3f} | {tq:.0f} | {tl:.0f} |")
+        if len(seeds) > 1:
+            mean = [sum(col) / len(col) for col in zip(*rows)]
+            print(f"| {LABELS[m]} | mean of {len(seeds)} | **{mean[0]:.3f}** | **{mean[1]:.3f}** | {base:.3f} "
+                  f"| {mean[2]:.0f} | {mean[3]:.0f} |")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
