@@ -380,5 +380,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"| {mean[2]:.0f} | {mean[3]:.0f} |")
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
