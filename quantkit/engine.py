@@ -23,8 +23,7 @@ from tqdm.auto import tqdm
 
 from .activations import attach_activation_quantizers
 from .errors import DeviceMemoryError, NumericsError
-from .layers import ModelSkeleton, embed
-from .model import ModelSource
+from .graph.runtime import LayerInputs, ModelRunner
 from .quantizers.base import InputHook, Quantizer
 from .scheme import QuantizedWeight
 from .workdir import LayerRecord, WorkDir
@@ -44,10 +43,11 @@ def make_batches(seqs: list[torch.Tensor], batch_size: int) -> list[torch.Tensor
 
 
 class _LayerCalibration:
-    """The LayerCalibration the quantizers see: runs the float layer over calibration batches."""
+    """The LayerCalibration the quantizers see: runs the float layer over calibration batches,
+    each with the arguments the model's own forward gives layer ``index``."""
 
-    def __init__(self, skeleton: ModelSkeleton, layer: nn.Module, hidden: list[torch.Tensor]):
-        self.skeleton, self.layer, self.hidden = skeleton, layer, hidden
+    def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs]):
+        self.runner, self.index, self.layer, self.batches = runner, index, layer, batches
 
     def run(self, hooks: Mapping[str, InputHook]) -> None:
         handles = [
@@ -58,8 +58,8 @@ class _LayerCalibration:
         ]
         try:
             with torch.no_grad():
-                for h in self.hidden:
-                    self.skeleton.run_layer(self.layer, h)
+                for b in self.batches:
+                    self.runner.run_layer(self.layer, b.hidden, b.calls[self.index])
         finally:
             for handle in handles:
                 handle.remove()
@@ -93,9 +93,9 @@ class _Clock:
 class LayerwiseEngine:
     """Quantizes layers ``start..n-1`` and replays ``0..start-1`` from the work folder."""
 
-    def __init__(self, skeleton: ModelSkeleton, quantizer: Quantizer, workdir: WorkDir, fingerprint: str,
+    def __init__(self, runner: ModelRunner, quantizer: Quantizer, workdir: WorkDir, fingerprint: str,
                  quiet: bool = False, on_layer: LayerCallback | None = None):
-        self.sk, self.quantizer, self.workdir, self.fingerprint = skeleton, quantizer, workdir, fingerprint
+        self.sk, self.quantizer, self.workdir, self.fingerprint = runner, quantizer, workdir, fingerprint
         self.quiet, self.on_layer = quiet, on_layer
 
     def run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
@@ -110,18 +110,15 @@ class LayerwiseEngine:
 
     def _run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
              start: int) -> EngineResult:
-        sk, arch, result = self.sk, self.sk.arch, EngineResult()
+        sk, result = self.sk, EngineResult()
         calib_batches = make_batches(calib, batch_size)
         eval_batches = make_batches(evaluation, batch_size) if evaluation else []
         clock = _Clock(result.phase_seconds, sk.device)
-        # Onto the device once (in chunks, so the host never holds it whole), not once per batch.
-        weight = sk.embed_weight_on_device()
-        _check_finite(weight, arch.embed + ".weight", sk.source)
-        with torch.no_grad():
-            h_calib = [embed(b, weight, sk.device, sk.dtype) for b in calib_batches]
-            h_base = [embed(b, weight, sk.device, sk.dtype) for b in eval_batches]
-        h_quant = [h.clone() for h in h_base]
-        del weight
+        # The model's own forward embeds every batch and gives each layer its arguments; the
+        # embedding is on the device only while it does.
+        calib_in = sk.capture(calib_batches)
+        base_in = sk.capture(eval_batches)
+        quant_in = [LayerInputs(b.hidden.clone(), b.calls) for b in base_in]
         clock.lap("embed")
 
         if start:
@@ -131,16 +128,17 @@ class LayerwiseEngine:
             began = time.perf_counter()
             layer = sk.load_layer(i)
             if i >= start:
-                _check_finite_layer(layer, sk, i)
+                sk.check_finite(layer, i)
             clock.lap("load")
             with torch.no_grad():
-                for j, h in enumerate(h_base):
-                    h_base[j] = sk.run_layer(layer, h)
+                for b in base_in:
+                    b.hidden = sk.run_layer(layer, b.hidden, b.calls[i])
             clock.lap("evaluate")
             if i < start:
                 record = self.workdir.load_layer(i)
             else:
-                qweights = self.quantizer.quantize_layer(layer, arch, _LayerCalibration(sk, layer, h_calib))
+                qweights = self.quantizer.quantize_layer(layer, sk.graph.layer(i),
+                                                         _LayerCalibration(sk, i, layer, calib_in))
                 clock.lap("quantize")
                 quantized = {f"{name}.weight" for name in qweights}
                 floats = {k: v.detach().clone() for k, v in layer.state_dict().items() if k not in quantized}
@@ -153,23 +151,23 @@ class LayerwiseEngine:
             with torch.no_grad():
                 # Batch by batch in place: each input is freed as its output appears, so the
                 # activations are on the device once, not twice (2 GiB for 128 x 2048 at 4096 wide).
-                for j, h in enumerate(h_calib):
-                    h_calib[j] = sk.run_layer(layer, h)
-                for j, h in enumerate(h_quant):
-                    h_quant[j] = sk.run_layer(layer, h)
-            _check_finite_list(h_calib, f"outputs of layer {i} on calibration data", sk.dtype)
-            _check_finite_list(h_quant, f"outputs of layer {i} on evaluation data", sk.dtype)
+                for b in calib_in:
+                    b.hidden = sk.run_layer(layer, b.hidden, b.calls[i])
+                for b in quant_in:
+                    b.hidden = sk.run_layer(layer, b.hidden, b.calls[i])
+            _check_finite_list([b.hidden for b in calib_in], f"outputs of layer {i} on calibration data", sk.dtype)
+            _check_finite_list([b.hidden for b in quant_in], f"outputs of layer {i} on evaluation data", sk.dtype)
             clock.lap("propagate")
             del layer, record
             if i >= start:
                 result.layer_seconds.append(time.perf_counter() - began)
 
         if eval_batches:
-            norm = sk.final_norm()
-            head = sk.source.tensor_on(sk.lm_head_source_name(), sk.device, sk.dtype)
-            result.perplexity_base = perplexity((F.linear(norm(h[:, :-1]), head), t) for h, t in zip(h_base, eval_batches))
+            result.perplexity_base = perplexity(
+                (sk.logits(b.hidden, t)[:, :-1], t) for b, t in zip(base_in, eval_batches))
             result.perplexity_quantized = perplexity(
-                (F.linear(norm(h[:, :-1]), head), t) for h, t in zip(h_quant, eval_batches))
+                (sk.logits(b.hidden, t)[:, :-1], t) for b, t in zip(quant_in, eval_batches))
+            sk.release()
         return result
 
 
@@ -199,20 +197,6 @@ def perplexity(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
             nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
             count += target.numel()
     return math.exp(nll / count)
-
-
-def _check_finite(t: torch.Tensor, name: str, source: ModelSource) -> None:
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        raise NumericsError(f"model: tensor {name} in {source.path / source.weight_map.get(name, '?')} contains "
-                            "NaN or Inf; the checkpoint is damaged (re-download or re-convert it)")
-
-
-def _check_finite_layer(layer: nn.Module, sk: ModelSkeleton, i: int) -> None:
-    """One host sync for the whole layer; names the bad tensor only when there is one."""
-    params = [p for p in layer.parameters() if p.is_floating_point()]
-    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-        for name, p in layer.named_parameters():
-            _check_finite(p, f"{sk.layer_prefix(i)}{name}", sk.source)
 
 
 def _check_finite_list(ts: list[torch.Tensor], where: str, dtype: torch.dtype) -> None:

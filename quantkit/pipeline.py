@@ -19,15 +19,15 @@ from typing import Any
 import torch
 
 from . import __version__
-from .architectures import Architecture, architecture_for
 from .calibration import TextRequest, load_tokens
 from .card import base_license, render_card
 from .checkpoint import CheckpointWriter, work_dir_for
 from .engine import LayerCallback, LayerwiseEngine
 from .errors import ExportError, QuantkitError, RecipeError
 from .export import export_checkpoint
+from .graph.model import ModelGraph
+from .graph.runtime import ModelRunner, describe_outside
 from .formats import FORMATS
-from .layers import ModelSkeleton
 from .model import ModelSource
 from .planner import serve_command
 from .quantizers import QUANTIZERS
@@ -54,19 +54,20 @@ def resolve_dtype(name: str, config: dict[str, Any]) -> torch.dtype:
     return _DTYPES.get(name, torch.float32)
 
 
-def check_model_fits_scheme(config: dict[str, Any], arch: Architecture, scheme: Scheme, where: str) -> None:
-    """Group sizes must divide every quantized Linear's input size: say so before reading weights."""
+def check_model_fits_scheme(graph: ModelGraph, scheme: Scheme, where: str) -> None:
+    """Group sizes must divide the input size of every unit the graph quantizes (its real
+    shape, read off the model's own modules): say so before reading weights."""
     ws = scheme.weights
     if ws.strategy != "group" or not ws.group_size:
         return
-    dims = {"hidden_size": config["hidden_size"], "intermediate_size": config["intermediate_size"]}
-    heads = config["num_attention_heads"]
-    dims["num_attention_heads × head_dim"] = heads * config.get("head_dim", config["hidden_size"] // heads)
-    for name, d in dims.items():
-        if d % ws.group_size:
-            divisors = [g for g in (32, 64, 128) if all(v % g == 0 for v in dims.values())]
-            raise RecipeError(f"{where}: quantization.group_size {ws.group_size} does not divide the model's "
-                              f"{name} ({d}); use one of {divisors or [-1]}")
+    units = [(t, u) for t in graph.types for u in t.units]
+    for t, u in units:
+        if u.in_features % ws.group_size:
+            divisors = [g for g in (32, 64, 128) if all(v.in_features % g == 0 for _, v in units)]
+            raise RecipeError(
+                f"{where}: quantization.group_size {ws.group_size} does not divide the input size "
+                f"{u.in_features} of {u.name} ({t.layer_class})", field="quantization.group_size",
+                value=ws.group_size, hint=f"use one of {divisors or [-1]}")
 
 
 def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None = None,
@@ -79,17 +80,21 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     started = time.perf_counter()
     token = os.environ.get("HF_TOKEN")
     source = ModelSource.open(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle, token)
-    arch = architecture_for(source.config, f"model {recipe.model.id}")
     params = recipe.quantization
     scheme = params.scheme()
-    check_model_fits_scheme(source.config, arch, scheme, "recipe")
-    max_pos = source.config.get("max_position_embeddings")
+    device = resolve_device(recipe.device)
+    dtype = resolve_dtype(recipe.model.dtype, source.config)
+    # CPUs here run bf16 matmuls ~8x slower than fp32, so compute in fp32 and export in dtype.
+    compute_dtype = torch.float32 if device.type == "cpu" else dtype
+    # The model's own classes on the meta device and its layer graph: no weight is read.
+    runner = ModelRunner(source, device, compute_dtype, f"model {recipe.model.id}")
+    runner.check_supported()
+    check_model_fits_scheme(runner.graph, scheme, "recipe")
+    max_pos = getattr(runner.text_config, "max_position_embeddings", None)
     for section, spec in (("calibration", recipe.calibration), ("evaluate", recipe.evaluate)):
         if max_pos and spec.max_seq_length > max_pos:
             raise RecipeError(f"recipe: {section}.max_seq_length {spec.max_seq_length} exceeds the model's "
                               f"max_position_embeddings ({max_pos})")
-    device = resolve_device(recipe.device)
-    dtype = resolve_dtype(recipe.model.dtype, source.config)
     fmt = FORMATS[recipe.format_name]()
     workdir = WorkDir(work_dir_for(recipe.export.output_dir))
     writer = CheckpointWriter(recipe.export.output_dir, workdir.export, fmt, dtype,
@@ -117,22 +122,22 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
                                              ev.split, None, ev.text_column, section="evaluate"),
                                  tokenizer, source.path)
 
-    # CPUs here run bf16 matmuls ~8x slower than fp32, so compute in fp32 and export in dtype.
-    compute_dtype = torch.float32 if device.type == "cpu" else dtype
-    skeleton = ModelSkeleton(source, arch, device, compute_dtype)
     run_id = fingerprint(__version__, recipe.model.model_dump(mode="json"), params.model_dump(mode="json"),
                          cal.model_dump(mode="json"), source.weight_map, calib)
     start = workdir.start(run_id, resume)
     try:
-        engine = LayerwiseEngine(skeleton, quantizer, workdir, run_id, quiet, on_layer)
+        engine = LayerwiseEngine(runner, quantizer, workdir, run_id, quiet, on_layer)
         result = engine.run(calib, evaluation, cal.batch_size, start)
         exporting = time.perf_counter()
         writer.start()
-        export_checkpoint(skeleton, workdir, writer, quiet)
+        export_checkpoint(runner, workdir, writer, quiet)
         result.phase_seconds["export"] = time.perf_counter() - exporting
+        outside = describe_outside(runner.model, runner.location.layers)
         report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started)
+        report["unquantized"] = unquantized_report(runner, outside)
         config = dict(source.config)
-        config["quantization_config"] = fmt.quantization_config(scheme, [arch.lm_head], params.kv_cache_scheme())
+        config["quantization_config"] = fmt.quantization_config(
+            scheme, ignored_components(runner, outside), params.kv_cache_scheme())
         config["torch_dtype"] = str(dtype).replace("torch.", "")
         extra_files = {"report.json": json.dumps(report, indent=2),
                        "README.md": render_card(report, base_license(source.path))}
@@ -153,6 +158,34 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
         push_folder(recipe.export.output_dir, p.repo_id, private=p.private, revision=p.revision,
                     commit_message=p.commit_message)
     return report
+
+
+def ignored_components(runner: ModelRunner, outside: list[tuple[str, str]]) -> list[str]:
+    """Names of the module trees outside the decoder layers that hold Linears (lm_head, a
+    vision tower, a projector): a format declares them unquantized, so transformers and vLLM
+    do not look for quantized tensors there. The last path segment is what every naming of the
+    model (transformers', the checkpoint's, vLLM's) shares."""
+    from torch import nn
+
+    names = []
+    for path, _ in outside:
+        if any(isinstance(m, nn.Linear) for m in runner.model.get_submodule(path).modules()):
+            names.append(path.rpartition(".")[2])
+    return names
+
+
+def unquantized_report(runner: ModelRunner, outside: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """What stayed in float and why, for the report and the model card."""
+    names = runner.names
+    out = [{"module": names.source_module(path), "reason": why} for path, why in outside]
+    layers = names.source_module(runner.layer_prefix(0)[:-1]).rpartition(".")[0]
+    seen: set[tuple[str, str]] = set()
+    for g in runner.graph.types:
+        for u in g.unquantized:
+            if (u.module, u.reason) not in seen:
+                seen.add((u.module, u.reason))
+                out.append({"module": f"{layers}.*.{u.module}", "reason": u.reason})
+    return out
 
 
 def check_disk_space(output_dir: Path, config: dict[str, Any], scheme: Scheme) -> None:

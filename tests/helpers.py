@@ -1,5 +1,6 @@
 """Test helpers shared by the quantizer tests: a fake LayerCalibration, tiny real decoder
-layers built from a config, and inputs with a chosen covariance."""
+layers built from a config with their derived layer graphs, and inputs with a chosen
+covariance."""
 
 from __future__ import annotations
 
@@ -8,9 +9,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from quantkit.architectures import ARCHITECTURES, InputGroup
-
-LLAMA = ARCHITECTURES["LlamaForCausalLM"]
+from quantkit.graph import LayerGraph
 
 
 class FakeCalibration:
@@ -55,23 +54,6 @@ def correlated_inputs(n: int, d: int, generator: torch.Generator, outliers: int 
     return x
 
 
-class SingleLinear(nn.Module):
-    """A one-Linear "layer" with a matching one-group architecture, for quantizer tests."""
-
-    def __init__(self, in_f: int, out_f: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(in_f, out_f, bias=False)
-
-    def forward(self, x):
-        return self.proj(x)
-
-
-def single_linear_arch():
-    from quantkit.architectures import Architecture
-
-    return Architecture("single", "", "", "", "", (InputGroup(("proj",), "input", True),))
-
-
 def tiny_llama_config(gqa: bool = False, **overrides):
     from transformers import LlamaConfig
 
@@ -89,6 +71,21 @@ def tiny_llama_config(gqa: bool = False, **overrides):
     config = LlamaConfig(**cfg)
     config._attn_implementation = "eager"
     return config
+
+
+def graph_of(config) -> LayerGraph:
+    """The layer graph quantkit derives for a config's decoder layer (from the model's code)."""
+    from transformers import AutoModel
+
+    from quantkit.graph import derive_layer_graph
+    from quantkit.graph.skeleton import build_meta
+
+    decoder = build_meta(AutoModel._model_mapping[type(config)], config, torch.float32)
+    return derive_layer_graph(decoder, "layers", 0)
+
+
+def llama_graph(gqa: bool = False) -> LayerGraph:
+    return graph_of(tiny_llama_config(gqa))
 
 
 def tiny_llama_layer(seed: int = 0, gqa: bool = False, batches: int = 2, seq: int = 16, outliers: int = 0):

@@ -9,7 +9,9 @@ from quantkit.quantizers import QUANTIZERS
 from quantkit.quantizers.fp8 import FP8Params
 from quantkit.scheme import FP8_DTYPE
 
-from .helpers import LLAMA, FakeCalibration, tiny_llama_layer
+from .helpers import FakeCalibration, llama_graph, tiny_llama_layer
+
+LLAMA = llama_graph()
 
 
 @pytest.mark.parametrize("strategy", ["channel", "tensor"])

@@ -34,7 +34,11 @@ class Format(ABC):
     def quantization_config(
         self, scheme: Scheme, ignore: list[str], kv_cache: ActivationScheme | None = None
     ) -> dict:
-        """The ``quantization_config`` entry of config.json; ``ignore`` lists float Linears.
+        """The ``quantization_config`` entry of config.json.
+
+        ``ignore`` names the module trees whose Linears stay in float (``lm_head``,
+        ``vision_tower``): each is a path segment, matching every module whose dotted name
+        contains it (``model.vision_tower.encoder...``), in whatever naming a loader uses.
 
         ``kv_cache`` describes a quantized KV cache (its ``k_scale``/``v_scale`` tensors are
         written by the checkpoint writer); only call with it when ``kv_cache_reason`` is None.
@@ -54,6 +58,14 @@ class Format(ABC):
         if kv_cache is None:
             return None
         return f"the {self.name} format cannot describe a quantized KV cache; use compressed-tensors"
+
+
+def segment_pattern(segment: str) -> str:
+    """A ``re:`` pattern (compressed-tensors' and vLLM's convention) matching ``segment`` as
+    a path segment of a module name and everything under it."""
+    import re
+
+    return r"re:(.*\.)?" + re.escape(segment) + r"(\..*)?$"
 
 
 FORMATS: dict[str, type[Format]] = {}

@@ -49,10 +49,11 @@ def patch_layers(layers: nn.ModuleList, make: Callable[[int], Callable]) -> Call
     return undo
 
 
-def materialize_on_use(model: nn.Module, skip: nn.Module, make_real: Callable[[str, nn.Module], None]) -> Callable[[], None]:
-    """Before any module outside ``skip`` (the decoder layers) runs with meta tensors, call
-    ``make_real(name, module)``; returns the undo (hooks removed)."""
-    inside = {id(m) for m in skip.modules()}
+def materialize_on_use(model: nn.Module, skip: nn.Module, make_real: Callable[[str, nn.Module], None],
+                       exclude: tuple[nn.Module, ...] = ()) -> Callable[[], None]:
+    """Before any module outside ``skip`` (the decoder layers) and ``exclude`` runs with meta
+    tensors, call ``make_real(name, module)``; returns the undo (hooks removed)."""
+    inside = {id(m) for m in skip.modules()} | {id(m) for e in exclude for m in e.modules()}
     handles = []
     for name, mod in model.named_modules():
         if id(mod) in inside or not is_meta(mod):

@@ -308,7 +308,8 @@ class _Deriver:
     def derive(self) -> LayerGraph:
         self.base = self.t.run(record_ops=True, grad=True)
         run = self.base
-        experts = tuple(n for n, p in self.layer.named_parameters() if p.dim() >= 3)
+        conv_params = {id(p) for m in self.mods.values() if isinstance(m, _CONV) for p in m.parameters()}
+        experts = tuple(n for n, p in self.layer.named_parameters() if p.dim() >= 3 and id(p) not in conv_params)
         if experts:
             self.unsupported.append(
                 f"Mixture-of-Experts experts ({', '.join(experts)}) are not supported yet (issue 16)")
@@ -337,6 +338,8 @@ class _Deriver:
                     p.dim() == 1 for p in m.parameters(recurse=False)):
                 self.unquantized.append(Unquantized(n, "norm: kept in float"))
         units = tuple(self._unit(n) for n in self.quant)
+        if not units and not experts:
+            self.unsupported.append("it has no nn.Linear to quantize (e.g. GPT-2's Conv1D projections)")
         graph = LayerGraph(
             layer_class=type(self.layer).__name__, units=units, groups=groups, readers=readers, writers=writers,
             unquantized=tuple(self.unquantized), unsupported="; ".join(self.unsupported) or None, experts=experts)
@@ -365,13 +368,9 @@ class _Deriver:
         for name, mod in self.mods.items():
             if not isinstance(mod, _CONV):
                 continue
-            call = self.base.first(name)
-            if call is None or call.output is None:
-                continue
-            fed = [n for n in self.run_linears if self.inp[n].requires_grad and call.output.requires_grad
-                   and torch.autograd.grad((self.inp[n] * 1.0).sum(), call.output, retain_graph=True,
-                                           allow_unused=True)[0] is not None]
-            what = f"feeds {', '.join(fed)}" if fed else "runs in it"
+            fed = [n for n in self.run_linears if self.inp[n].requires_grad and torch.autograd.grad(
+                self.inp[n].sum(), mod.weight, retain_graph=True, allow_unused=True)[0] is not None]
+            what = f"feeds {fed[0]}" if fed else "is part of it"  # the first Linear after it reads it
             self.unsupported.append(f"convolution {name} {what} (hybrid convolution/state-space layers are not "
                                     "supported)")
 

@@ -54,8 +54,12 @@ class CheckpointNames:
         """The checkpoint name to write for parameter ``model_name`` (itself when unmapped)."""
         return self.to_source.get(model_name, model_name)
 
-    def source_prefix(self, model_prefix: str, example: str) -> str:
-        """The checkpoint spelling of module ``model_prefix`` (``"model.layers.0.self_attn.q_proj"``),
-        read off one of its parameters (``example``, e.g. ``"weight"``)."""
-        src = self.source_of(f"{model_prefix}.{example}")
-        return src[: -len(example) - 1] if src.endswith("." + example) else model_prefix
+    def source_module(self, module: str) -> str:
+        """The checkpoint spelling of a module path (``"model.language_model.layers.0.self_attn"``
+        → ``"language_model.model.layers.0.self_attn"``), read off any parameter under it."""
+        for model_name, src in self.to_source.items():
+            if model_name.startswith(module + "."):
+                rest = model_name[len(module):]
+                if src.endswith(rest):
+                    return src[: -len(rest)]
+        return module

@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from ..architectures import Architecture
+from ..graph.types import LayerGraph
 from ..scheme import ActivationScheme, QuantizedWeight, Scheme
 
 InputHook = Callable[[torch.Tensor], None]
@@ -64,9 +64,12 @@ class Quantizer(ABC):
 
     @abstractmethod
     def quantize_layer(
-        self, layer: nn.Module, arch: Architecture, calib: LayerCalibration
+        self, layer: nn.Module, graph: LayerGraph, calib: LayerCalibration
     ) -> dict[str, QuantizedWeight]:
-        """Quantize every Linear of ``arch.linears`` in ``layer``; keys are those names."""
+        """Quantize every unit of ``graph`` (``graph.linears``) in ``layer``; keys are their names.
+
+        ``graph`` says which units share an input (``graph.groups``), what produces it and
+        whether a scale folds into it exactly (``group.foldable``, ``graph.fold.fold_scales``)."""
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         """Float tensors to export beside the last layer quantized (e.g. KV-cache scales),

@@ -5,10 +5,12 @@ cast to float8_e4m3fn (round to nearest even). Activations: dynamic per token, o
 per-tensor ``input_scale = amax / 448`` from calibration (min-max; Linears sharing an input
 share it).
 
-KV cache: ``self_attn.k_scale`` / ``self_attn.v_scale`` are ``amax / 448`` of the k_proj and
-v_proj outputs over calibration, computed with the FP8-dequantized weights the server will
-use. vLLM scales the key *after* RoPE; observing k_proj's output is the usual approximation
-(RoPE rotates pairs of channels, so per-token norms are kept but a channel's max may move).
+KV cache: ``<attention>.k_scale`` / ``<attention>.v_scale`` are ``amax / 448`` of the key and
+value rows' outputs (the units the layer graph gives roles k and v: k_proj and v_proj, or the
+row slices of a fused qkv_proj) over calibration, computed with the FP8-dequantized weights
+the server will use. vLLM scales the key *after* RoPE; observing the projection's output is
+the usual approximation (RoPE rotates pairs of channels, so per-token norms are kept but a
+channel's max may move).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from .base import LayerCalibration, Quantizer, QuantizerParams, register_quantiz
 from .observers import minmax_amax
 from .rtn import quantize_rtn
 
-K_PROJ, V_PROJ = "self_attn.k_proj", "self_attn.v_proj"
 _TINY = 1e-12
 
 
@@ -58,49 +59,61 @@ class FP8Quantizer(Quantizer):
         self.needs_calibration = params.activations == "static" or params.kv_cache
         self._extra: dict[str, torch.Tensor] = {}
 
-    def quantize_layer(self, layer, arch, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
+    def quantize_layer(self, layer, graph, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
         p: FP8Params = self.params  # type: ignore[assignment]
-        out = {n: quantize_rtn(layer.get_submodule(n).weight.data, self.scheme) for n in arch.linears}
+        out = {u.name: quantize_rtn(u.matrix(layer).detach(), self.scheme) for u in graph.units}
         hooks = {}
         act_amax: dict[str, torch.Tensor] = {}
         if p.activations == "static":
-            for g in arch.groups:
-                hooks[g.linears[0]] = _running_max(act_amax, g.linears[0], lambda x: x)
+            for g in graph.groups:
+                hooks[g.key] = _running_max(act_amax, g.key, lambda x: x)
         kv_amax: dict[str, torch.Tensor] = {}
-        if p.kv_cache:
-            # k_proj and v_proj read the same input; observe their outputs from that input.
-            first = next(g.linears[0] for g in arch.groups if K_PROJ in g.linears)
-            projs = {}
-            for name in (K_PROJ, V_PROJ):
-                bias = layer.get_submodule(name).bias
-                projs[name] = (out[name].dequantize(torch.float32), None if bias is None else bias.float())
+        kv = _kv_rows(graph) if p.kv_cache else {}
+        for role, (unit, a, b) in kv.items():
+            key = graph.group_of(unit.name).key
+            bias = layer.get_submodule(unit.name).bias
+            w = out[unit.name].dequantize(torch.float32)[a:b]
+            bb = None if bias is None else bias.float()[a:b]
 
-            def kv_hook(x: torch.Tensor, prev=hooks.get(first)) -> None:
+            def kv_hook(x: torch.Tensor, prev=hooks.get(key), role=role, w=w, bb=bb) -> None:
                 if prev is not None:
                     prev(x)
-                xf = x.to(torch.float32)
-                for name, (w, b) in projs.items():
-                    m = minmax_amax(F.linear(xf, w, b))
-                    kv_amax[name] = m if name not in kv_amax else torch.maximum(kv_amax[name], m)
+                m = minmax_amax(F.linear(x.to(torch.float32), w, bb))
+                kv_amax[role] = m if role not in kv_amax else torch.maximum(kv_amax[role], m)
 
-            hooks[first] = kv_hook
+            hooks[key] = kv_hook
         if hooks:
             calib.run(hooks)
         if p.activations == "static":
-            for g in arch.groups:
-                scale = fp8_scale(act_amax[g.linears[0]]).reshape(1)
+            for g in graph.groups:
+                scale = fp8_scale(act_amax[g.key]).reshape(1)
                 for n in g.linears:
                     out[n].input_scale = scale.clone()
         self._extra = {}
-        if p.kv_cache:
-            self._extra = {
-                "self_attn.k_scale": fp8_scale(kv_amax[K_PROJ]).reshape(()),
-                "self_attn.v_scale": fp8_scale(kv_amax[V_PROJ]).reshape(()),
-            }
+        if kv:
+            attention = kv["k"][0].name.rpartition(".")[0]
+            self._extra = {f"{attention}.{role}_scale": fp8_scale(kv_amax[role]).reshape(()) for role in ("k", "v")}
         return out
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         return dict(self._extra)
+
+
+def _kv_rows(graph) -> dict[str, tuple]:
+    """The unit and row range holding the key and the value projection: ``{"k": (unit, a, b),
+    "v": ...}``."""
+    found = {}
+    for u in graph.units:
+        for seg in u.segments:
+            if seg.role in ("k", "v"):
+                found[seg.role] = (u, seg.start, seg.end)
+    if set(found) != {"k", "v"}:
+        from ..errors import RecipeError
+
+        raise RecipeError(f"quantization.kv_cache: {graph.layer_class} has no key/value projection the layer "
+                          "graph can name", field="quantization.kv_cache", value=True,
+                          hint="set kv_cache: false")
+    return found
 
 
 def _running_max(store: dict, key: str, fn):
