@@ -161,16 +161,22 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
 
 
 def ignored_components(runner: ModelRunner, outside: list[tuple[str, str]]) -> list[str]:
-    """Names of the module trees outside the decoder layers that hold Linears (lm_head, a
-    vision tower, a projector): a format declares them unquantized, so transformers and vLLM
-    do not look for quantized tensors there. The last path segment is what every naming of the
-    model (transformers', the checkpoint's, vLLM's) shares."""
+    """The module trees outside the decoder layers that hold Linears (lm_head, a vision tower,
+    a projector), which a format declares unquantized so transformers and vLLM look for no
+    quantized tensors there: a top-level Linear by its name, any other tree by a pattern on its
+    last path segment, which every naming of the model (transformers', the checkpoint's,
+    vLLM's) shares."""
     from torch import nn
+
+    from .formats.base import segment_pattern
 
     names = []
     for path, _ in outside:
-        if any(isinstance(m, nn.Linear) for m in runner.model.get_submodule(path).modules()):
-            names.append(path.rpartition(".")[2])
+        mod = runner.model.get_submodule(path)
+        if isinstance(mod, nn.Linear) and "." not in path:
+            names.append(path)
+        elif any(isinstance(m, nn.Linear) for m in mod.modules()):
+            names.append(segment_pattern(path.rpartition(".")[2]))
     return names
 
 

@@ -36,9 +36,9 @@ class Format(ABC):
     ) -> dict:
         """The ``quantization_config`` entry of config.json.
 
-        ``ignore`` names the module trees whose Linears stay in float (``lm_head``,
-        ``vision_tower``): each is a path segment, matching every module whose dotted name
-        contains it (``model.vision_tower.encoder...``), in whatever naming a loader uses.
+        ``ignore`` lists the float Linears in compressed-tensors' convention: exact module
+        names (``lm_head``) or ``re:`` patterns, as ``segment_pattern`` makes for a whole
+        module tree (a vision tower) in whatever naming a loader uses.
 
         ``kv_cache`` describes a quantized KV cache (its ``k_scale``/``v_scale`` tensors are
         written by the checkpoint writer); only call with it when ``kv_cache_reason`` is None.
@@ -60,12 +60,28 @@ class Format(ABC):
         return f"the {self.name} format cannot describe a quantized KV cache; use compressed-tensors"
 
 
+_SEGMENT = (r"re:(.*\.)?", r"(\..*)?$")
+
+
 def segment_pattern(segment: str) -> str:
-    """A ``re:`` pattern (compressed-tensors' and vLLM's convention) matching ``segment`` as
-    a path segment of a module name and everything under it."""
+    """A ``re:`` pattern (compressed-tensors' and vLLM's convention) matching every module
+    whose dotted name has ``segment`` as a path segment, and everything under it."""
     import re
 
-    return r"re:(.*\.)?" + re.escape(segment) + r"(\..*)?$"
+    return _SEGMENT[0] + re.escape(segment) + _SEGMENT[1]
+
+
+def ignored_segments(ignore: list[str]) -> list[str]:
+    """``ignore`` as plain names (what AWQ's ``modules_to_not_convert`` and other substring
+    matchers take): exact names as they are, ``segment_pattern`` patterns as their segment."""
+    import re
+
+    out = []
+    for entry in ignore:
+        if entry.startswith(_SEGMENT[0]) and entry.endswith(_SEGMENT[1]):
+            entry = re.sub(r"\\(.)", r"\1", entry[len(_SEGMENT[0]):-len(_SEGMENT[1])])
+        out.append(entry)
+    return out
 
 
 FORMATS: dict[str, type[Format]] = {}

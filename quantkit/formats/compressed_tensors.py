@@ -25,7 +25,7 @@ import torch
 
 from ..errors import ExportError
 from ..scheme import ActivationScheme, QuantizedWeight, Scheme
-from .base import Format, register_format, segment_pattern
+from .base import Format, register_format
 from .layout import has_permuted_groups
 from .packing import pack_factor, pack_int32, to_unsigned
 
@@ -200,8 +200,7 @@ class CompressedTensorsFormat(Format):
             "format": fmt,
             "quantization_status": "compressed",
             "config_groups": {"group_0": group},
-            # Exact names for top-level modules (lm_head), patterns for the trees under them.
-            "ignore": [n for seg in ignore for n in (seg, segment_pattern(seg))],
+            "ignore": list(ignore),
             "kv_cache_scheme": None if kv_cache is None else _activation_args(kv_cache),
             "global_compression_ratio": None,
             "sparsity_config": {},

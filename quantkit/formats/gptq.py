@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ExportError
 from ..scheme import ActivationScheme, QuantizedWeight, Scheme
-from .base import Format, register_format, segment_pattern
+from .base import Format, ignored_segments, register_format, segment_pattern
 from .layout import has_permuted_groups, natural_g_idx
 from .packing import pack_factor, pack_int32, to_unsigned
 
@@ -91,7 +91,7 @@ class GPTQFormat(Format):
             "lm_head": False,
         }
         # vLLM's GPTQ config skips modules matching a "-:" rule (gptq_utils.get_dynamic_override).
-        others = [seg for seg in ignore if seg != "lm_head"]
+        others = [seg for seg in ignored_segments(ignore) if seg != "lm_head"]
         if others:
             config["dynamic"] = {"-:" + segment_pattern(seg)[3:]: {} for seg in others}
         return config
