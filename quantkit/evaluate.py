@@ -19,11 +19,15 @@ from .model import resolve_model_dir
 
 def evaluate_checkpoint(checkpoint: str | Path, source: str = "shakespeare-eval", num_samples: int = 16,
                         max_seq_length: int = 512, batch_size: int = 4) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .graph.skeleton import model_class
 
     path = resolve_model_dir(str(checkpoint))
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
+    # The class config.json names: a multimodal checkpoint (Qwen2.5-VL) has no causal-LM auto class.
+    cls = model_class(AutoConfig.from_pretrained(path, trust_remote_code=False), str(checkpoint))
+    model = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
     tokens = load_tokens(TextRequest(source, num_samples, max_seq_length, True, 0, False), tokenizer, path)
     ppl = perplexity((model(batch).logits[:, :-1], batch) for batch in make_batches(tokens, batch_size))
     return {"checkpoint": str(checkpoint), "perplexity": ppl, "source": source,

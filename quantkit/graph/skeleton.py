@@ -47,7 +47,7 @@ def build_meta(cls: type, config, dtype: torch.dtype, attn_implementation: str |
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     with torch.device("meta"):
-        return cls._from_config(config, **kwargs)
+        return cls._from_config(config, **kwargs).eval()  # inference: no dropout anywhere
 
 
 @dataclass(frozen=True)
