@@ -10,6 +10,7 @@ which is what makes evaluating a model larger than memory possible.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -24,7 +25,8 @@ from tqdm.auto import tqdm
 from .activations import attach_activation_quantizers
 from .errors import DeviceMemoryError, NumericsError
 from .graph.runtime import LayerInputs, ModelRunner
-from .quantizers.base import InputHook, Quantizer
+from .graph.attention import observe_attention
+from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, Quantizer
 from .scheme import QuantizedWeight
 from .workdir import LayerRecord, WorkDir
 
@@ -50,19 +52,36 @@ class _LayerCalibration:
         self.runner, self.index, self.layer, self.batches = runner, index, layer, batches
 
     def run(self, hooks: Mapping[str, InputHook]) -> None:
-        handles = [
-            self.layer.get_submodule(name).register_forward_pre_hook(
-                lambda _m, args, fn=fn: fn(args[0].reshape(-1, args[0].shape[-1]))
-            )
-            for name, fn in hooks.items()
-        ]
-        try:
-            with torch.no_grad():
-                for b in self.batches:
-                    self.runner.run_layer(self.layer, b.hidden, b.calls[self.index])
-        finally:
-            for handle in handles:
-                handle.remove()
+        def forward() -> None:
+            for b in self.batches:  # outputs dropped as they come: activations stay on the device once
+                self.runner.run_layer(self.layer, b.hidden, b.calls[self.index])
+
+        run_calibration(self.layer, hooks, forward)
+
+
+def run_calibration(layer: nn.Module, hooks: Mapping[str, InputHook], forward: Callable[[], object]) -> None:
+    """Call ``forward()`` (every calibration batch through ``layer``) with ``hooks`` attached:
+    Linear names get their input, the attention names what ``layer``'s attention receives."""
+    inside = {id(m) for m in layer.modules()}
+    handles = [
+        layer.get_submodule(name).register_forward_pre_hook(
+            lambda _m, args, fn=fn: fn(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for name, fn in hooks.items() if name not in (ATTENTION_KEY, ATTENTION_VALUE)
+    ]
+    seen = {k: hooks[k] for k in (ATTENTION_KEY, ATTENTION_VALUE) if k in hooks}
+
+    def on_attention(module, query, key, value):
+        if id(module) in inside:
+            for k, fn in seen.items():
+                fn(key if k == ATTENTION_KEY else value)
+
+    try:
+        with torch.no_grad(), (observe_attention(on_attention) if seen else contextlib.nullcontext()):
+            forward()
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass

@@ -13,10 +13,9 @@ from quantkit.graph import LayerGraph
 
 
 class FakeCalibration:
-    """Holds the layer's calibration inputs and streams them through it with forward
-    pre-hooks, like the engine's LayerCalibration. Each batch is a tensor (positional input)
-    or a dict of keyword arguments. ``runs`` counts passes; ``hook_calls`` counts calls per
-    hooked Linear."""
+    """Holds the layer's calibration inputs and streams them through it with the engine's
+    hooks (``run_calibration``). Each batch is a tensor (positional input) or a dict of keyword
+    arguments. ``runs`` counts passes; ``hook_calls`` counts calls per hook."""
 
     def __init__(self, layer: nn.Module, batches: list) -> None:
         self.layer = layer
@@ -25,22 +24,22 @@ class FakeCalibration:
         self.hook_calls: dict[str, int] = {}
 
     def run(self, hooks: Mapping[str, object]) -> None:
-        self.runs += 1
-        handles = []
-        for name, hook in hooks.items():
-            def pre(mod, args, name=name, hook=hook):
-                x = args[0]
-                self.hook_calls[name] = self.hook_calls.get(name, 0) + 1
-                hook(x.reshape(-1, x.shape[-1]))
+        from quantkit.engine import run_calibration
 
-            handles.append(self.layer.get_submodule(name).register_forward_pre_hook(pre))
-        try:
-            with torch.no_grad():
-                for b in self.batches:
-                    self.layer(**b) if isinstance(b, dict) else self.layer(b)
-        finally:
-            for h in handles:
-                h.remove()
+        self.runs += 1
+
+        def counted(name, hook):
+            def h(x):
+                self.hook_calls[name] = self.hook_calls.get(name, 0) + 1
+                hook(x)
+
+            return h
+
+        def forward():
+            for b in self.batches:
+                self.layer(**b) if isinstance(b, dict) else self.layer(b)
+
+        run_calibration(self.layer, {n: counted(n, h) for n, h in hooks.items()}, forward)
 
 
 def correlated_inputs(n: int, d: int, generator: torch.Generator, outliers: int = 0, outlier_gain: float = 50.0) -> torch.Tensor:

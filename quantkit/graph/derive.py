@@ -677,7 +677,8 @@ def derive_layer_graph(decoder: nn.Module, layers_attr: str, index: int) -> Laye
     # Tiny matrices: threads only add synchronisation (30x slower on a busy 2-core machine).
     torch.set_num_threads(1)
     try:
-        graph = _derive_tiny(decoder, layers_attr, index, real, modes)
+        with torch.enable_grad():  # dependence queries need autograd, whatever the caller's mode
+            graph = _derive_tiny(decoder, layers_attr, index, real, modes)
     finally:
         torch.set_num_threads(threads)
     graph = override_for(cfg, graph)

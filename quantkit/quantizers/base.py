@@ -20,6 +20,12 @@ from ..scheme import ActivationScheme, QuantizedWeight, Scheme
 
 InputHook = Callable[[torch.Tensor], None]
 
+# Hook names for what the layer's attention receives, besides Linear names: the key and
+# value tensors ``[batch, kv_heads, tokens, head_dim]`` after the model's own k_norm and RoPE,
+# which is what a KV cache stores and what its scales must cover.
+ATTENTION_KEY = "@attention.key"
+ATTENTION_VALUE = "@attention.value"
+
 
 class LayerCalibration(Protocol):
     """Streams the current layer's calibration inputs through the float layer."""
@@ -28,7 +34,8 @@ class LayerCalibration(Protocol):
         """Run every calibration batch through the layer.
 
         ``hooks`` maps a Linear's name inside the layer (``"mlp.down_proj"``) to a function
-        called with that Linear's input, flattened to ``[tokens, in_features]``.
+        called with that Linear's input, flattened to ``[tokens, in_features]``;
+        ``ATTENTION_KEY`` / ``ATTENTION_VALUE`` to one called with the attention's key/value.
         """
         ...
 

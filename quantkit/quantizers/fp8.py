@@ -6,11 +6,10 @@ per-tensor ``input_scale = amax / 448`` from calibration (min-max; Linears shari
 share it).
 
 KV cache: ``<attention>.k_scale`` / ``<attention>.v_scale`` are ``amax / 448`` of the key and
-value rows' outputs (the units the layer graph gives roles k and v: k_proj and v_proj, or the
-row slices of a fused qkv_proj) over calibration, computed with the FP8-dequantized weights
-the server will use. vLLM scales the key *after* RoPE; observing the projection's output is
-the usual approximation (RoPE rotates pairs of channels, so per-token norms are kept but a
-channel's max may move).
+value the layer's attention receives over calibration: after the model's own k_norm (Qwen3,
+Gemma 3, OLMo 2) and RoPE, which is what vLLM's FP8 cache stores. They are observed with the
+float weights in the same calibration pass as the activation scales (the FP8 weights move
+each product by at most 2^-4 relative, the norms and RoPE by far more).
 """
 
 from __future__ import annotations
@@ -18,10 +17,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
+from ..errors import CalibrationError, RecipeError
 from ..scheme import FP8_MAX, ActivationScheme, QuantizedWeight, Scheme, WeightScheme
-from .base import LayerCalibration, Quantizer, QuantizerParams, register_quantizer
+from .base import ATTENTION_KEY, ATTENTION_VALUE, LayerCalibration, Quantizer, QuantizerParams, register_quantizer
 from .observers import minmax_amax
 from .rtn import quantize_rtn
 
@@ -68,20 +67,9 @@ class FP8Quantizer(Quantizer):
             for g in graph.groups:
                 hooks[g.key] = _running_max(act_amax, g.key, lambda x: x)
         kv_amax: dict[str, torch.Tensor] = {}
-        kv = _kv_rows(graph) if p.kv_cache else {}
-        for role, (unit, a, b) in kv.items():
-            key = graph.group_of(unit.name).key
-            bias = layer.get_submodule(unit.name).bias
-            w = out[unit.name].dequantize(torch.float32)[a:b]
-            bb = None if bias is None else bias.float()[a:b]
-
-            def kv_hook(x: torch.Tensor, prev=hooks.get(key), role=role, w=w, bb=bb) -> None:
-                if prev is not None:
-                    prev(x)
-                m = minmax_amax(F.linear(x.to(torch.float32), w, bb))
-                kv_amax[role] = m if role not in kv_amax else torch.maximum(kv_amax[role], m)
-
-            hooks[key] = kv_hook
+        if p.kv_cache:
+            hooks[ATTENTION_KEY] = _running_max(kv_amax, "k", lambda x: x)
+            hooks[ATTENTION_VALUE] = _running_max(kv_amax, "v", lambda x: x)
         if hooks:
             calib.run(hooks)
         if p.activations == "static":
@@ -90,8 +78,11 @@ class FP8Quantizer(Quantizer):
                 for n in g.linears:
                     out[n].input_scale = scale.clone()
         self._extra = {}
-        if kv:
-            attention = kv["k"][0].name.rpartition(".")[0]
+        if p.kv_cache:
+            if set(kv_amax) != {"k", "v"}:
+                raise CalibrationError(f"quantization.kv_cache: no attention call reached {graph.layer_class}",
+                                       field="quantization.kv_cache", hint="set kv_cache: false")
+            attention = _attention_module(graph)
             self._extra = {f"{attention}.{role}_scale": fp8_scale(kv_amax[role]).reshape(()) for role in ("k", "v")}
         return out
 
@@ -99,21 +90,14 @@ class FP8Quantizer(Quantizer):
         return dict(self._extra)
 
 
-def _kv_rows(graph) -> dict[str, tuple]:
-    """The unit and row range holding the key and the value projection: ``{"k": (unit, a, b),
-    "v": ...}``."""
-    found = {}
+def _attention_module(graph) -> str:
+    """The module the k/v scales belong to: the parent of the unit holding the key rows
+    (``self_attn`` for k_proj as for a fused qkv_proj), where vLLM looks for them."""
     for u in graph.units:
-        for seg in u.segments:
-            if seg.role in ("k", "v"):
-                found[seg.role] = (u, seg.start, seg.end)
-    if set(found) != {"k", "v"}:
-        from ..errors import RecipeError
-
-        raise RecipeError(f"quantization.kv_cache: {graph.layer_class} has no key/value projection the layer "
-                          "graph can name", field="quantization.kv_cache", value=True,
-                          hint="set kv_cache: false")
-    return found
+        if "k" in u.roles:
+            return u.name.rpartition(".")[0]
+    raise RecipeError(f"quantization.kv_cache: {graph.layer_class} has no key projection the layer graph can name",
+                      field="quantization.kv_cache", value=True, hint="set kv_cache: false")
 
 
 def _running_max(store: dict, key: str, fn):
