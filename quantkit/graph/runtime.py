@@ -189,10 +189,14 @@ class ModelRunner:
 def _real_buffers(model: nn.Module, name: str, module: nn.Module, device: torch.device) -> None:
     """Non-persistent buffers (RoPE tables, Gemma's embedding scale) computed by the model's
     own ``_init_weights``; parameters stay on the meta device, where init is a no-op."""
+    found = False
     for sub in module.modules():
         for bname, buf in list(sub._buffers.items()):
             if buf is not None and buf.is_meta:
                 sub._buffers[bname] = torch.empty_like(buf, device=device)
+                found = True
+    if not found:  # most decoder layers: nothing to compute
+        return
     init = owner_of(model, name)._init_weights
     with torch.no_grad():
         for sub in module.modules():
