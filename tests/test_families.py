@@ -26,8 +26,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from quantkit.engine import _LayerCalibration, make_batches
 from quantkit.formats import FORMATS
 from quantkit.graph.runtime import ModelRunner
@@ -35,6 +33,7 @@ from quantkit.model import ModelSource
 from quantkit.pipeline import run
 from quantkit.quantizers import QUANTIZERS
 from quantkit.recipe import make_recipe
+from tests.test_export_e2e import read_tensors
 from tests.tiny_models import MULTIMODAL_FAMILIES, TEXT_FAMILIES, make_tiny_model, model_class_for
 
 transformers = pytest.importorskip("transformers")
@@ -69,14 +68,6 @@ def workspace(tmp_path_factory):
         return made[family]
 
     return root, text, model
-
-
-def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
 
 
 def load(folder: Path, **kwargs):

@@ -220,3 +220,47 @@ def test_a_wrong_rotation_claim_is_caught(instances, family):
     forced = replace(graph, readers=tuple(replace(r, rotatable=True) for r in graph.readers), writers=writers)
     assert forced.rotatable and not graph.rotatable
     assert rotation_error(inst, 0, forced) > 1e-3
+
+
+# --------------------------------------------------------------------------- Mixture-of-Experts (issue 16)
+
+
+def test_moe_layers_are_refused_but_their_graph_derives():
+    """Experts are 3-D parameters: the layer type is refused in one line (issue 16 lifts it);
+    the rest derives, and a fold into the norm that also feeds the router and the experts is
+    found not exact (the verification catches what a naive "norm → shared expert" rule misses)."""
+    import transformers as tf
+
+    from quantkit.errors import ModelError
+
+    cfg = tf.Qwen2MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=256, num_experts=4, num_experts_per_tok=2)
+    meta = build_meta(tf.Qwen2MoeForCausalLM, cfg, torch.float32)
+    graph = derive_model_graph(meta, locate_decoder(meta, "moe"))
+    layer = graph.layer(0)
+    assert layer.experts == ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+    with pytest.raises(ModelError) as err:
+        graph.check_supported("model moe")
+    assert str(err.value).startswith("model moe: model.layers.0 (Qwen2MoeDecoderLayer, layers 0): Mixture-of-Experts "
+                                     "experts (mlp.experts.gate_up_proj, mlp.experts.down_proj) are not supported yet")
+    shared = next(g for g in layer.groups if "mlp.shared_expert.up_proj" in g.linears)
+    assert shared.producer.module == "post_attention_layernorm" and not shared.producer.exact
+    assert "other readers" in shared.producer.reason
+
+
+def test_a_unit_is_a_matrix_slice_of_a_parameter():
+    """How an expert is addressed (issue 16): param[expert][rows], a view, not a copy."""
+    from torch import nn
+
+    from quantkit.graph import Unit
+
+    layer = nn.Module()
+    layer.experts = nn.Module()
+    layer.experts.gate_up_proj = nn.Parameter(torch.randn(4, 6, 5))
+    up = Unit("experts.up[2]", "experts.gate_up_proj", 5, 3, expert=2, rows=(3, 6))
+    m = up.matrix(layer)
+    assert m.shape == (3, 5) and torch.equal(m, layer.experts.gate_up_proj[2, 3:6])
+    with torch.no_grad():
+        m.mul_(2)
+    assert torch.equal(layer.experts.gate_up_proj[2, 3:6], m)

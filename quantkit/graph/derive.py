@@ -25,7 +25,6 @@ never reaches a checkpoint. ``overrides.py`` holds what tracing cannot decide.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import replace
@@ -145,7 +144,8 @@ class _Tiny:
                 cfg.intermediate_size = next(i for i in _INTERMEDIATE_CHOICES if i not in taken)
                 sizes[cfg.intermediate_size] = inter
         register_trace_attention()
-        model = build_meta(type(decoder), cfg, torch.float64, TRACE_ATTENTION)
+        # Eager experts (a loop over each expert's matrices): grouped-matmul kernels take no float64.
+        model = build_meta(type(decoder), cfg, torch.float64, TRACE_ATTENTION, experts_implementation="eager")
         layers = getattr(model, layers_attr)
         prefix = f"{layers_attr}.{index}"
         self.layer = materialize(model, prefix, "cpu").eval()
@@ -350,6 +350,8 @@ class _Deriver:
     def _grads(self, sink: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
         """Which output channels of each Linear in ``names`` influence ``sink``."""
         outs = [self.out[n] for n in names]
+        if not outs:
+            return {}
         if not sink.requires_grad:
             return {n: torch.zeros(o.shape[-1], dtype=torch.bool) for n, o in zip(names, outs)}
         cot = torch.randn(sink.shape, dtype=sink.dtype, generator=self.t.gen)
@@ -357,11 +359,14 @@ class _Deriver:
         return {n: _channel_mask(g, o.shape[-1]) for n, g, o in zip(names, grads, outs)}
 
     def _routers(self) -> list[str]:
+        """Linears scoring experts: one output per expert, reaching a ``topk`` (everything
+        before the MoE block reaches it too, through the residual stream, but with another width)."""
         topk = [op.inputs[0] for op in self.base.ops if op.name == "topk" and isinstance(op.inputs[0], torch.Tensor)]
         found: set[str] = set()
         for t in topk:
             if t.requires_grad:
-                found |= {n for n, m in self._grads(t, self.run_linears).items() if bool(m.any())}
+                found |= {n for n, m in self._grads(t, self.run_linears).items()
+                          if bool(m.any()) and m.shape[0] == t.shape[-1]}
         return [n for n in self.run_linears if n in found]
 
     def _convs(self) -> None:
@@ -627,7 +632,17 @@ def _real_segments(real: nn.Module, tiny: _Tiny, names: tuple[str, ...]) -> dict
     dtype = next(real.parameters()).dtype
     x = torch.empty(BATCH, TOKENS, tiny.h_real, device="meta", dtype=dtype)
     call = LayerCall(_to_meta(tiny.call.args, dtype), _to_meta(tiny.call.kwargs, dtype))
-    run = run_layer(real, x, call, record_ops=True)
+    # Experts (3-D parameters) pick tokens by value, which the meta device cannot do; they hold
+    # no Linear unit, so a stand-in that keeps the shape serves.
+    experts = [m for m in real.modules() if any(p.dim() >= 3 for p in m.parameters(recurse=False))
+               and not isinstance(m, _CONV)]
+    for m in experts:
+        m.forward = lambda hidden_states, *a, **k: torch.zeros_like(hidden_states)
+    try:
+        run = run_layer(real, x, call, record_ops=True)
+    finally:
+        for m in experts:
+            m.__dict__.pop("forward", None)
     outs = {}
     for n in names:
         c = run.first(n)
@@ -705,10 +720,3 @@ def _derive_tiny(decoder: nn.Module, layers_attr: str, index: int, real: nn.Modu
 
 def _failed(real: nn.Module, why: str) -> LayerGraph:
     return LayerGraph(type(real).__name__, (), (), unsupported=f"its graph cannot be derived ({why})")
-
-
-def describe(graph: LayerGraph) -> dict[str, Any]:
-    """The graph as plain data (docs, debugging, ``quantkit plan``)."""
-    from dataclasses import asdict
-
-    return json.loads(json.dumps(asdict(graph), default=str))

@@ -41,11 +41,14 @@ def model_class(config, where: str) -> type:
         hint="upgrade transformers if the architecture is newer than it")
 
 
-def build_meta(cls: type, config, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
+def build_meta(cls: type, config, dtype: torch.dtype, attn_implementation: str | None = None,
+               experts_implementation: str | None = None) -> nn.Module:
     """The whole model on the meta device: shapes and code, no memory."""
     kwargs = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
     with torch.device("meta"):
         return cls._from_config(config, **kwargs).eval()  # inference: no dropout anywhere
 

@@ -191,12 +191,6 @@ class LayerGraph:
                 return u
         raise KeyError(name)
 
-    def group_of(self, name: str) -> InputGroup:
-        for g in self.groups:
-            if name in g.linears:
-                return g
-        raise KeyError(name)
-
     @property
     def rotatable(self) -> bool:
         """The residual stream can be rotated exactly through this layer."""
