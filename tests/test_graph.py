@@ -247,6 +247,9 @@ def test_moe_layers_are_refused_but_their_graph_derives():
     shared = next(g for g in layer.groups if "mlp.shared_expert.up_proj" in g.linears)
     assert shared.producer.module == "post_attention_layernorm" and not shared.producer.exact
     assert "other readers" in shared.producer.reason
+    # The one fact tracing cannot see: vLLM serves the shared-expert gate in float (overrides.py).
+    assert "mlp.shared_expert_gate" not in layer.linears + shared.linears
+    assert any(u.module == "mlp.shared_expert_gate" and "vLLM" in u.reason for u in layer.unquantized)
 
 
 def test_a_unit_is_a_matrix_slice_of_a_parameter():

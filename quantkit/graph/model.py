@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import ModelError
-from .derive import _signature, derive_layer_graph
+from .derive import derive_layer_graph
+from .instance import signature
 from .skeleton import DecoderLocation
 from .types import LayerGraph
 
@@ -53,7 +54,7 @@ def derive_model_graph(model: nn.Module, location: DecoderLocation) -> ModelGrap
     types: list[LayerGraph] = []
     kinds: list[int] = []
     for i, layer in enumerate(layers):
-        sig = _signature(layer)
+        sig = signature(layer)
         if sig not in seen:
             seen[sig] = len(types)
             types.append(derive_layer_graph(decoder, layers_attr, i))

@@ -21,12 +21,12 @@ class Override:
 
 
 OVERRIDES: dict[str, Override] = {
-    # A text-only forward skips Mllama's cross-attention layers (they read image states), so
-    # calibration never reaches them: tracing sees a layer that runs, serving does not.
-    "mllama_text_model": Override(
-        why="cross-attention layers run only with image inputs, which text calibration never gives",
-        unsupported="Mllama's text decoder interleaves cross-attention layers that text-only calibration "
-                    "never runs"),
+    # vLLM builds Qwen2-MoE's shared-expert gate (a [1, hidden] Linear scaling the shared
+    # expert's output through a sigmoid) as a plain torch.nn.Linear outside any quantization
+    # config (vllm/model_executor/models/qwen2_moe.py), so it can only load it in float; the
+    # trace sees an ordinary Linear.
+    "qwen2_moe": Override(why="vLLM loads it as a plain float Linear (no quantization method)",
+                          keep_float=("mlp.shared_expert_gate",)),
 }
 
 
