@@ -65,3 +65,7 @@ class DeviceMemoryError(QuantkitError):
 
 class HubError(QuantkitError):
     """Talking to the Hub failed in a way retrying will not fix (auth, permissions, endpoint)."""
+
+
+class PlanError(QuantkitError):
+    """The plan request cannot be answered (bad tensor-parallel size, unknown scheme, ...)."""
