@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import seeding
 from .activations import attach_activation_quantizers
 from .errors import DeviceMemoryError, NumericsError
 from .layers import ModelSkeleton, embed
@@ -46,8 +47,13 @@ def make_batches(seqs: list[torch.Tensor], batch_size: int) -> list[torch.Tensor
 class _LayerCalibration:
     """The LayerCalibration the quantizers see: runs the float layer over calibration batches."""
 
-    def __init__(self, skeleton: ModelSkeleton, layer: nn.Module, hidden: list[torch.Tensor]):
+    def __init__(self, skeleton: ModelSkeleton, layer: nn.Module, hidden: list[torch.Tensor], seed: int,
+                 index: int):
         self.skeleton, self.layer, self.hidden = skeleton, layer, hidden
+        self.seed, self.index = seed, index
+
+    def generator(self, name: str) -> torch.Generator:
+        return seeding.generator(self.seed, self.index, name)
 
     def run(self, hooks: Mapping[str, InputHook]) -> None:
         handles = [
@@ -94,9 +100,9 @@ class LayerwiseEngine:
     """Quantizes layers ``start..n-1`` and replays ``0..start-1`` from the work folder."""
 
     def __init__(self, skeleton: ModelSkeleton, quantizer: Quantizer, workdir: WorkDir, fingerprint: str,
-                 quiet: bool = False, on_layer: LayerCallback | None = None):
+                 quiet: bool = False, on_layer: LayerCallback | None = None, *, seed: int):
         self.sk, self.quantizer, self.workdir, self.fingerprint = skeleton, quantizer, workdir, fingerprint
-        self.quiet, self.on_layer = quiet, on_layer
+        self.quiet, self.on_layer, self.seed = quiet, on_layer, seed
 
     def run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
             start: int = 0) -> EngineResult:
@@ -140,7 +146,8 @@ class LayerwiseEngine:
             if i < start:
                 record = self.workdir.load_layer(i)
             else:
-                qweights = self.quantizer.quantize_layer(layer, arch, _LayerCalibration(sk, layer, h_calib))
+                calibration = _LayerCalibration(sk, layer, h_calib, self.seed, i)
+                qweights = self.quantizer.quantize_layer(layer, arch, calibration)
                 clock.lap("quantize")
                 quantized = {f"{name}.weight" for name in qweights}
                 floats = {k: v.detach().clone() for k, v in layer.state_dict().items() if k not in quantized}

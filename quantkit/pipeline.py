@@ -124,7 +124,7 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
                          cal.model_dump(mode="json"), source.weight_map, calib)
     start = workdir.start(run_id, resume)
     try:
-        engine = LayerwiseEngine(skeleton, quantizer, workdir, run_id, quiet, on_layer)
+        engine = LayerwiseEngine(skeleton, quantizer, workdir, run_id, quiet, on_layer, seed=cal.seed)
         result = engine.run(calib, evaluation, cal.batch_size, start)
         exporting = time.perf_counter()
         writer.start()

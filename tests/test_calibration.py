@@ -135,11 +135,19 @@ def test_fewer_sequences_than_asked_warns_and_continues(tmp_path, tok, caplog):
 def test_self_generated_source_samples_from_the_model(tiny_llama, tok):
     from quantkit.selfgen import sample_from_model
 
-    a = sample_from_model(tiny_llama, torch.float32, torch.device("cpu"), 3, 20, seed=3)
-    b = sample_from_model(tiny_llama, torch.float32, torch.device("cpu"), 3, 20, seed=3)
+    def sample(seed):
+        return sample_from_model(tiny_llama, torch.float32, torch.device("cpu"), 3, 20, seed=seed)
+
+    a = sample(3)
+    torch.manual_seed(1234)  # the global RNG neither decides the draw ...
+    b = sample(3)
+    state = torch.get_rng_state()
+    c = sample(4)
+    assert torch.equal(torch.get_rng_state(), state)  # ... nor is drawn from
     assert [len(s) for s in a] == [20] * 3
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert len({tuple(s.tolist()) for s in a}) == 3
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
 def test_play_markdown_becomes_plain_scenes():

@@ -164,7 +164,7 @@ class AWQQuantizer(Quantizer):
 
     def quantize_layer(self, layer, arch, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
         p: AWQParams = self.params  # type: ignore[assignment]
-        samples = {g.linears[0]: RowSample(p.max_calib_tokens) for g in arch.groups}
+        samples = {g.linears[0]: RowSample(p.max_calib_tokens, calib.generator(g.linears[0])) for g in arch.groups}
         means = {g.linears[0]: ChannelAbsMean() for g in arch.groups}
 
         def hook(name):

@@ -31,7 +31,8 @@ class StaticInt8Quantizer(Quantizer):
 
     def quantize_layer(self, layer, arch, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
         p: StaticInt8Params = self.params  # type: ignore[assignment]
-        observers = {g.linears[0]: TensorObserver(p.observer, p.percentile) for g in arch.groups}
+        observers = {g.linears[0]: TensorObserver(p.observer, p.percentile, generator=calib.generator(g.linears[0]))
+                     for g in arch.groups}
         weights, _ = quantize_w8a8_layer(
             layer, arch, calib, p, self.scheme, self.model_config, observe=lambda: {n: o.add for n, o in observers.items()}
         )
