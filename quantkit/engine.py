@@ -53,7 +53,7 @@ class _LayerCalibration:
         self.seed, self.index = seed, index
 
     def generator(self, name: str) -> torch.Generator:
-        return seeding.generator(self.seed, self.index, name)
+        return seeding.generator(self.seed, self.index, name, device=self.skeleton.device)
 
     def run(self, hooks: Mapping[str, InputHook]) -> None:
         handles = [

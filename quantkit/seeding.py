@@ -19,6 +19,17 @@ def derive_seed(seed: int, *where: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def generator(seed: int, *where: object) -> torch.Generator:
-    """A CPU generator for the draw at ``where``; indices drawn with it move to the data's device."""
-    return torch.Generator().manual_seed(derive_seed(seed, *where))
+def generator(seed: int, *where: object, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` for the draw at ``where``. Draw on the data's device: the same
+    seed gives the same numbers on every run there (CPU and CUDA draws differ from each other)."""
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, *where))
+
+
+def randperm(n: int, gen: torch.Generator) -> torch.Tensor:
+    """A permutation of ``range(n)`` drawn from ``gen``, on its device."""
+    return torch.randperm(n, generator=gen, device=gen.device)
+
+
+def randint(high: int, count: int, gen: torch.Generator) -> torch.Tensor:
+    """``count`` integers in ``[0, high)`` drawn from ``gen``, on its device."""
+    return torch.randint(high, (count,), generator=gen, device=gen.device)

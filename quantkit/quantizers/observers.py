@@ -14,6 +14,8 @@ from typing import Literal
 
 import torch
 
+from ..seeding import randint, randperm
+
 ObserverKind = Literal["minmax", "percentile", "mse"]
 _TINY = 1e-12
 
@@ -52,8 +54,8 @@ def int_scale(amax: torch.Tensor, num_bits: int = 8) -> torch.Tensor:
 
 class TensorObserver:
     """Streams ``[tokens, in]`` batches; ``amax()`` gives the chosen statistic. The subsample
-    is drawn from ``generator`` (a CPU one), so the statistic is the same on every run with
-    the same seed."""
+    is drawn from ``generator`` (on the data's device), so the statistic is the same on every
+    run with the same seed."""
 
     def __init__(
         self,
@@ -83,13 +85,13 @@ class TensorObserver:
         flat = x.reshape(-1)
         k = round(flat.numel() * self._rate)
         if k < flat.numel():
-            flat = flat[torch.randint(flat.numel(), (k,), generator=self.generator).to(flat.device)]
+            flat = flat[randint(flat.numel(), k, self.generator).to(flat.device)]
         self._samples.append(flat.to(torch.float32))
         self._count += flat.numel()
         while self._count > self.max_samples:
             # Keep a random half and halve the rate: still a uniform sample of everything.
             allv = torch.cat(self._samples)
-            keep = allv[torch.randperm(allv.numel(), generator=self.generator)[: allv.numel() // 2].to(allv.device)]
+            keep = allv[randperm(allv.numel(), self.generator)[: allv.numel() // 2].to(allv.device)]
             self._samples, self._count, self._rate = [keep], keep.numel(), self._rate / 2
 
     def samples(self) -> torch.Tensor:
