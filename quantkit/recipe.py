@@ -11,15 +11,19 @@ import difflib
 import functools
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator
 
+from . import shipped
 from .architectures import ARCHITECTURES
 from .errors import RecipeError
 from .formats import FORMATS
 from .quantizers import QUANTIZERS, QuantizerParams
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 
 class _Strict(BaseModel):
@@ -49,8 +53,8 @@ class ModelSpec(_Strict):
 class CalibrationSpec(_Strict):
     source: str = Field(
         "shakespeare",
-        description="Shipped set name (see calibration/), 'self' (text sampled from the model), "
-        "a local .jsonl/.json/.csv/.parquet/.txt file, a .safetensors file of token ids "
+        description="Shipped set name (shakespeare, shakespeare-eval, quantkit-chat), 'self' (text sampled from "
+        "the model), a local .jsonl/.json/.csv/.parquet/.txt file, a .safetensors file of token ids "
         "('input_ids' [n, len], used as is), or a hub dataset id",
     )
     subset: str | None = Field(None, description="Hub dataset config name")
@@ -115,6 +119,12 @@ class RecipeBase(_Strict):
     evaluate: EvaluateSpec = EvaluateSpec()
     push: PushSpec | None = None
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N")
+    # Where the recipe came from (its file, or quantize()): errors found later name it too.
+    _where: str = PrivateAttr("recipe")
+
+    @property
+    def where(self) -> str:
+        return self._where
 
     @property
     def format_name(self) -> str:
@@ -143,15 +153,22 @@ def make_recipe(data: dict[str, Any], where: str = "recipe") -> RecipeBase:
     except ValidationError as e:
         raise RecipeError(_describe(e, data, where)) from None
     _check_format(recipe, where)
+    recipe._where = where
     return recipe
 
 
 def load_recipe(path: str | Path) -> RecipeBase:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
+    """Read and validate a recipe file, or a recipe the package ships named without a path
+    (``smollm2-gptq``: see ``quantkit.shipped.recipe_names()``). A file of that name wins."""
+    source: Path | Traversable = Path(path).expanduser()
+    if not source.is_file():
+        named = shipped.recipe(str(path))
+        if named is None:
+            raise RecipeError(f"{path}: recipe file not found", file=str(path),
+                              hint="give a recipe YAML file or a shipped recipe: " + ", ".join(shipped.recipe_names()))
+        source = named
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(source.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
     except yaml.YAMLError as e:

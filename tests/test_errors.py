@@ -100,7 +100,11 @@ def test_malformed_yaml_names_line_and_column(tmp_path, capsys):
 
 
 def test_recipe_file_missing(tmp_path, capsys):
-    assert cli_error(capsys, "run", tmp_path / "nope.yaml") == f"error: {tmp_path / 'nope.yaml'}: recipe file not found"
+    from quantkit.shipped import recipe_names
+
+    assert cli_error(capsys, "run", tmp_path / "nope.yaml") == (
+        f"error: {tmp_path / 'nope.yaml'}: recipe file not found; give a recipe YAML file or a shipped recipe: "
+        + ", ".join(recipe_names()))
 
 
 def test_misspelled_key_suggests_the_field(tmp_path, model_dir, capsys):
