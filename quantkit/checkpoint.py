@@ -43,6 +43,13 @@ def work_dir_for(output_dir: Path) -> Path:
     return output_dir.parent / f".{output_dir.name}.quantkit-partial"
 
 
+def check_target(output_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing output before any weight is read, unless overwrite is set."""
+    if Path(output_dir).exists() and not overwrite:
+        raise ExportError(f"export.output_dir {output_dir} exists", field="export.output_dir", value=str(output_dir),
+                          file=output_dir, hint="choose another folder or set export.overwrite: true")
+
+
 class CheckpointWriter:
     def __init__(self, output_dir: Path, staging_dir: Path, fmt: Format, dtype: torch.dtype,
                  max_shard_size: int, overwrite: bool):
@@ -56,14 +63,8 @@ class CheckpointWriter:
         self._shards: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
 
-    def check_target(self) -> None:
-        """Refuse an existing output before any weight is read, unless overwrite is set."""
-        if self.output_dir.exists() and not self.overwrite:
-            raise ExportError(f"export.output_dir {self.output_dir} exists; choose another folder "
-                              "or set export.overwrite: true")
-
     def start(self) -> None:
-        self.check_target()
+        check_target(self.output_dir, self.overwrite)
         if self.work_dir.exists():
             shutil.rmtree(self.work_dir)
         self.work_dir.mkdir(parents=True)

@@ -16,16 +16,24 @@ from .errors import QuantkitError
 log = logging.getLogger("quantkit")
 
 
-def _run(args: argparse.Namespace) -> int:
-    from . import pipeline
+def _recipe(args: argparse.Namespace):
+    """The recipe with the command line's overrides applied (the same for validate and run)."""
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
+    if args.model:
+        recipe.model.id, recipe.model.revision = args.model, None
     if args.output_dir:
         recipe.export.output_dir = Path(args.output_dir)
     if args.overwrite:
         recipe.export.overwrite = True
-    report = pipeline.run(recipe, quiet=args.quiet, resume=args.resume)
+    return recipe
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import pipeline
+
+    report = pipeline.run(_recipe(args), quiet=args.quiet, resume=args.resume)
     ev = report.get("evaluation")
     if ev:
         print(f"perplexity: base {ev['perplexity_base']:.3f} -> quantized {ev['perplexity_quantized']:.3f} "
@@ -38,10 +46,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .recipe import load_recipe
+    from . import preflight
 
-    recipe = load_recipe(args.recipe)
-    print(f"{args.recipe}: valid ({recipe.quantization.method} -> {recipe.format_name})")
+    try:
+        plan = preflight.check(_recipe(args))
+    except QuantkitError as e:
+        if args.json:  # the error as data on stdout; main prints its line on stderr
+            print(json.dumps({"valid": False, "error": e.to_dict()}, indent=2))
+        raise
+    print(json.dumps({"valid": True, "plan": plan.to_dict()}, indent=2) if args.json else plan.to_text())
     return 0
 
 
@@ -58,6 +71,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .recipe import recipe_fields_help
+    from .shipped import recipe_names
 
     parser = argparse.ArgumentParser(
         prog="quantkit",
@@ -70,17 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="quantize as a recipe says, evaluate, export (and push)",
                          description="Quantize as RECIPE says. Recipe fields:\n\n" + recipe_fields_help(),
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("recipe", help="recipe YAML file (see recipes/)")
-    run.add_argument("--output-dir", help="override export.output_dir")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    val = sub.add_parser("validate", help="check a recipe against its model without reading any weight, "
+                         "and print the plan of the run", description="Everything run checks before it reads a "
+                         "weight (reads config.json and shard headers only), and the plan: model shape, groups "
+                         "checked, sizes, disk needed.")
+    for p in (run, val):
+        p.add_argument("recipe", help="recipe YAML file, or a shipped recipe's name: " + ", ".join(recipe_names()))
+        p.add_argument("--model", help="override model.id (a local folder or hub id; the recipe's revision is dropped)")
+        p.add_argument("--output-dir", help="override export.output_dir")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     run.add_argument("--resume", action="store_true",
                      help="continue a killed run from its last finished layer (same recipe)")
     run.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     run.set_defaults(func=_run)
 
-    val = sub.add_parser("validate", help="check a recipe without reading any weight")
-    val.add_argument("recipe", help="recipe YAML file")
+    val.add_argument("--json", action="store_true", help="print the plan (or the error) as JSON")
     val.set_defaults(func=_validate)
 
     ev = sub.add_parser("eval", help="perplexity of a model or quantized checkpoint folder")

@@ -119,11 +119,19 @@ class ModelSource:
         if shard is None:
             raise ModelError(f"model: tensor '{name}' is missing from {self.path}")
         path = self.path / shard
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            entry = json.loads(f.read(n))[name]
+        header, data_start = read_safetensors_header(path)
+        entry = header[name]
         begin, end = entry["data_offsets"]
-        return path, entry["dtype"], list(entry["shape"]), 8 + n + begin, 8 + n + end
+        return path, entry["dtype"], list(entry["shape"]), data_start + begin, data_start + end
+
+    def tensor_headers(self) -> dict[str, dict[str, Any]]:
+        """Every tensor's header entry (``dtype``, ``shape``, ``data_offsets``) from the shard
+        headers alone: what validation knows of the weights without reading one."""
+        entries: dict[str, dict[str, Any]] = {}
+        for shard in sorted(set(self.weight_map.values())):
+            header, _ = read_safetensors_header(self.path / shard)
+            entries.update({k: v for k, v in header.items() if k != "__metadata__"})
+        return entries
 
     def tensor_on(self, name: str, device: torch.device, dtype: torch.dtype,
                   chunk_bytes: int = 64 << 20) -> torch.Tensor:
@@ -162,6 +170,25 @@ class ModelSource:
             "chat_template.jinja", "chat_template.json",
         )
         return [self.path / n for n in names if (self.path / n).is_file()]
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and the offset where its tensor data starts."""
+    def unreadable(why: str) -> ModelError:
+        return ModelError(f"model: {path} is not a readable safetensors file ({why})", file=path,
+                          hint="re-download or re-convert the model")
+
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > os.fstat(f.fileno()).st_size - 8:
+                raise unreadable(f"header length {n} exceeds the file")
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise unreadable(type(e).__name__) from None
+    if not isinstance(header, dict):
+        raise unreadable("header is not a mapping")
+    return header, 8 + n
 
 
 def _weight_map(path: Path, allow_pickle: bool) -> dict[str, str]:

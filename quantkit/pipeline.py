@@ -1,16 +1,13 @@
 """pipeline.run: recipe in, published checkpoint (and report) out.
 
-Everything that can be checked without reading weights is checked first: the recipe, the
-model's config and architecture, group sizes against the model's dimensions, sequence length
-against its context, and the output folder.
+Everything that can be checked without reading weights is checked first, by the same
+validation ``quantkit validate`` runs (``preflight.check``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,13 +15,12 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .architectures import Architecture, architecture_for
+from . import __version__, preflight
 from .calibration import TextRequest, load_tokens
 from .card import base_license, render_card
 from .checkpoint import CheckpointWriter, work_dir_for
 from .engine import LayerCallback, LayerwiseEngine
-from .errors import ExportError, QuantkitError, RecipeError
+from .errors import QuantkitError
 from .export import export_checkpoint
 from .formats import FORMATS
 from .layers import ModelSkeleton
@@ -33,40 +29,10 @@ from .planner import serve_command
 from .quantizers import QUANTIZERS
 from .recipe import RecipeBase, parse_size
 from .scheme import Scheme
+from .scheme_names import plan_scheme_key, scheme_name
 from .workdir import WorkDir, fingerprint
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RecipeError(f"device: '{name}' asked for but CUDA is not available; use device: cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, config: dict[str, Any]) -> torch.dtype:
-    if name == "auto":
-        name = str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
-    return _DTYPES.get(name, torch.float32)
-
-
-def check_model_fits_scheme(config: dict[str, Any], arch: Architecture, scheme: Scheme, where: str) -> None:
-    """Group sizes must divide every quantized Linear's input size: say so before reading weights."""
-    ws = scheme.weights
-    if ws.strategy != "group" or not ws.group_size:
-        return
-    dims = {"hidden_size": config["hidden_size"], "intermediate_size": config["intermediate_size"]}
-    heads = config["num_attention_heads"]
-    dims["num_attention_heads × head_dim"] = heads * config.get("head_dim", config["hidden_size"] // heads)
-    for name, d in dims.items():
-        if d % ws.group_size:
-            divisors = [g for g in (32, 64, 128) if all(v % g == 0 for v in dims.values())]
-            raise RecipeError(f"{where}: quantization.group_size {ws.group_size} does not divide the model's "
-                              f"{name} ({d}); use one of {divisors or [-1]}")
 
 
 def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None = None,
@@ -77,25 +43,15 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     hidden work folder beside ``export.output_dir``) and writes the same checkpoint.
     """
     started = time.perf_counter()
-    token = os.environ.get("HF_TOKEN")
-    source = ModelSource.open(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle, token)
-    arch = architecture_for(source.config, f"model {recipe.model.id}")
+    plan = preflight.check(recipe)
+    source, arch = plan.source, plan.arch
     params = recipe.quantization
     scheme = params.scheme()
-    check_model_fits_scheme(source.config, arch, scheme, "recipe")
-    max_pos = source.config.get("max_position_embeddings")
-    for section, spec in (("calibration", recipe.calibration), ("evaluate", recipe.evaluate)):
-        if max_pos and spec.max_seq_length > max_pos:
-            raise RecipeError(f"recipe: {section}.max_seq_length {spec.max_seq_length} exceeds the model's "
-                              f"max_position_embeddings ({max_pos})")
-    device = resolve_device(recipe.device)
-    dtype = resolve_dtype(recipe.model.dtype, source.config)
+    device, dtype = torch.device(plan.device), preflight.DTYPES[plan.dtype]
     fmt = FORMATS[recipe.format_name]()
     workdir = WorkDir(work_dir_for(recipe.export.output_dir))
     writer = CheckpointWriter(recipe.export.output_dir, workdir.export, fmt, dtype,
                               parse_size(recipe.export.max_shard_size), recipe.export.overwrite)
-    writer.check_target()
-    check_disk_space(recipe.export.output_dir, source.config, scheme)
 
     from transformers import AutoTokenizer
 
@@ -155,26 +111,6 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     return report
 
 
-def check_disk_space(output_dir: Path, config: dict[str, Any], scheme: Scheme) -> None:
-    """Refuse to start when the work files plus the checkpoint cannot fit on the output's disk.
-
-    The estimate is the planner's checkpoint size plus the work folder's unpacked codes
-    (one byte per quantized weight, as int8/fp8 codes).
-    """
-    from .planner import ModelShape, get_scheme, weight_bytes
-
-    shape = ModelShape.from_config(config)
-    needed = weight_bytes(shape, get_scheme(plan_scheme_key(scheme))).total
-    needed += weight_bytes(shape, get_scheme("w8a8-int8")).linears
-    target = Path(output_dir).resolve().parent
-    while not target.exists():
-        target = target.parent
-    free = shutil.disk_usage(target).free
-    if free < needed:
-        raise ExportError(f"export.output_dir {output_dir}: {free / 1e9:.1f} GB free on its disk, about "
-                          f"{needed / 1e9:.1f} GB needed (work files + checkpoint); free space or choose another folder")
-
-
 def _self_generate(model_dir: Path, dtype: torch.dtype, device: torch.device, n: int, length: int, seed: int):
     from .selfgen import sample_from_model
 
@@ -217,29 +153,6 @@ def _report(recipe: RecipeBase, source: ModelSource, scheme: Scheme, device: tor
             recipe.push.repo_id if recipe.push else str(recipe.export.output_dir), source.config,
             plan_scheme_key(scheme), kv_cache_dtype="fp8" if recipe.quantization.kv_cache_scheme() else "auto"),
     }
-
-
-def plan_scheme_key(scheme: Scheme) -> str:
-    """The planner's name for the closest precision (it sizes the serve line)."""
-    w, a = scheme.weights, scheme.input_activations
-    if w.type == "float":
-        return "fp8"
-    if a is not None or w.num_bits == 8:
-        return "w8a8-int8"
-    return "w4a16" if w.symmetric else "w4a16-asym"
-
-
-def scheme_name(scheme: Scheme) -> str:
-    """The usual short name: W4A16, W8A8, FP8, W8A8-FP8-static ..."""
-    w, a = scheme.weights, scheme.input_activations
-    if w.type == "float":
-        return "FP8" + ("" if a is None or a.dynamic else "-static")
-    name = f"W{w.num_bits}A{a.num_bits if a else 16}"
-    if w.strategy == "group":
-        name += f"-g{w.group_size}"
-    if not w.symmetric:
-        name += "-asym"
-    return name + ("" if a is None or a.dynamic else "-static")
 
 
 __all__ = ["run", "QuantkitError"]
