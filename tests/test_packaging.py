@@ -18,10 +18,10 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "quantkit"
@@ -66,7 +66,7 @@ def test_every_third_party_import_is_a_declared_dependency():
     imported_dists = set()
     for module in sorted(_imported_modules()):
         dists = {_normalize(d) for d in distributions.get(module, [module])}
-        assert dists & (core | extras), f"quantkit imports {module} ({', '.join(dists)}), which pyproject does not declare"
+        assert dists & (core | extras), f"quantkit imports {module} ({', '.join(dists)}); pyproject does not declare it"
         imported_dists |= dists
     unused = core - imported_dists - set(NEEDED_UNIMPORTED)
     assert not unused, f"declared but never imported (and not needed at run time): {sorted(unused)}"
@@ -150,7 +150,8 @@ def test_wheel_outside_the_checkout_validates_and_runs_a_shipped_recipe(wheel_en
     model = make_tiny_model(tmp_path / "model", layers=1, hidden=128, intermediate=256)  # the recipe's 64 x 256 tokens
     where = _in_env(wheel_env, tmp_path, "-c", "import quantkit; print(quantkit.__file__)")
     assert where.returncode == 0, where.stderr
-    assert Path(where.stdout.strip()).is_relative_to(wheel_env), where.stdout  # the wheel's quantkit, not the checkout's
+    # The wheel's quantkit, not the checkout's.
+    assert Path(where.stdout.strip()).is_relative_to(wheel_env), where.stdout
     out = tmp_path / "out"
     # The shipped default recipe with its default calibration and evaluation sets, on a tiny model.
     args = ("smollm2-gptq", "--model", str(model), "--output-dir", str(out))

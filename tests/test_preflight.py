@@ -88,7 +88,8 @@ def test_validate_plans_from_config_and_headers_only(tiny_llama, text_file, tmp_
     assert sizes["base_bytes"] == (tiny_llama / "model.safetensors").stat().st_size
     # W4A16 asymmetric g64: half a byte per code, a 2-byte scale and half a byte of zero point per group;
     # everything else stays float32 (the tiny model's dtype).
-    want = sum(o * i // 2 + o * (i // 64) * 2 + math.ceil(o * (i // 64) / 2) for o, i in (v.shape for v in quantized.values()))
+    want = sum(o * i // 2 + o * (i // 64) * 2 + math.ceil(o * (i // 64) / 2)
+               for o, i in (v.shape for v in quantized.values()))
     want += sum(v.numel() * 4 for k, v in weights.items() if k not in quantized)
     assert sizes["checkpoint_bytes"] == want
     assert sizes["disk_needed_bytes"] == want + sizes["quantized_parameters"]
@@ -102,7 +103,8 @@ def test_validate_plans_from_config_and_headers_only(tiny_llama, text_file, tmp_
     # The text form says the same things.
     assert main(["validate", str(path)]) == 0
     text = capsys.readouterr().out
-    assert text.startswith(f"{path}: valid\n") and "self_attn.q_proj, self_attn.k_proj, self_attn.v_proj: in 256" in text
+    assert text.startswith(f"{path}: valid\n")
+    assert "self_attn.q_proj, self_attn.k_proj, self_attn.v_proj: in 256" in text
     assert f"{str(text_file)} (file): 8 x 64 tokens" in text
 
 
