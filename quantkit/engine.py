@@ -110,9 +110,9 @@ class LayerwiseEngine:
             return self._run(calib, evaluation, batch_size, start)
         except torch.OutOfMemoryError:
             raise DeviceMemoryError(
-                "out of device memory: lower calibration.num_samples, calibration.max_seq_length "
-                "or calibration.batch_size (activations of all samples stay on the device)"
-            ) from None
+                "out of device memory", field="calibration.batch_size",
+                hint="lower calibration.num_samples, calibration.max_seq_length or calibration.batch_size "
+                "(activations of all samples stay on the device)") from None
 
     def _run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
              start: int) -> EngineResult:
@@ -210,8 +210,9 @@ def perplexity(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
 
 def _check_finite(t: torch.Tensor, name: str, source: ModelSource) -> None:
     if t.is_floating_point() and not torch.isfinite(t).all():
-        raise NumericsError(f"model: tensor {name} in {source.path / source.weight_map.get(name, '?')} contains "
-                            "NaN or Inf; the checkpoint is damaged (re-download or re-convert it)")
+        shard = source.path / source.weight_map.get(name, "?")
+        raise NumericsError(f"model: tensor {name} in {shard} contains NaN or Inf", value=name, file=shard,
+                            hint="the checkpoint is damaged (re-download or re-convert it)")
 
 
 def _check_finite_layer(layer: nn.Module, sk: ModelSkeleton, i: int) -> None:
@@ -226,4 +227,5 @@ def _check_finite_list(ts: list[torch.Tensor], where: str, dtype: torch.dtype) -
     if ts and not torch.isfinite(torch.stack([t.float().abs().amax() for t in ts])).all():
         advice = ("try model.dtype: bfloat16 or float32 instead of float16" if dtype == torch.float16
                   else "the layer's weights overflow even in this dtype; check the checkpoint")
-        raise NumericsError(f"{where} contain NaN or Inf (computed in {str(dtype).replace('torch.', '')}); {advice}")
+        raise NumericsError(f"{where} contain NaN or Inf (computed in {str(dtype).replace('torch.', '')})",
+                            field="model.dtype", value=str(dtype).replace("torch.", ""), hint=advice)

@@ -38,10 +38,11 @@ def resolve_model_dir(model: str, revision: str | None = None, token: str | None
     if path.is_dir():
         return path
     if path.exists():
-        raise ModelError(f"model.id: {model} is a file; give the model's folder (config.json, *.safetensors, "
-                         "tokenizer) or a hub id (org/name)")
+        raise ModelError(f"model.id: {model} is a file", field="model.id", value=model, file=path,
+                         hint="give the model's folder (config.json, *.safetensors, tokenizer) or a hub id (org/name)")
     if model.startswith((".", "/", "~")):
-        raise ModelError(f"model.id: {model} does not exist; give a local model folder or a hub id (org/name)")
+        raise ModelError(f"model.id: {model} does not exist", field="model.id", value=model, file=path,
+                         hint="give a local model folder or a hub id (org/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -52,9 +53,8 @@ def resolve_model_dir(model: str, revision: str | None = None, token: str | None
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
         raise ModelError(
-            f"model.id: '{model}' is neither a local folder nor a reachable hub repo "
-            f"({type(e).__name__}); check the path, the id, or your network/HF_TOKEN"
-        ) from None
+            f"model.id: '{model}' is neither a local folder nor a reachable hub repo ({type(e).__name__})",
+            field="model.id", value=model, hint="check the path, the id, or your network/HF_TOKEN") from None
 
 
 @dataclass
@@ -90,11 +90,13 @@ class ModelSource:
         path = resolve_model_dir(model, revision, token)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
-            raise ModelError(f"model.id: {path} has no config.json; give the folder of a Hugging Face model")
+            raise ModelError(f"model.id: {path} has no config.json", field="model.id", value=model, file=cfg_file,
+                             hint="give the folder of a Hugging Face model")
         try:
             config = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
-            raise ModelError(f"model.id: {cfg_file} is not valid JSON ({e})") from None
+            raise ModelError(f"model.id: {cfg_file} is not valid JSON ({e})", field="model.id", value=model,
+                             file=cfg_file) from None
         return cls(path=path, config=config, weight_map=_weight_map(path, allow_pickle))
 
     def has(self, name: str) -> bool:
@@ -104,7 +106,7 @@ class ModelSource:
         """Read one tensor from its shard; counted in ``materialized`` while alive."""
         shard = self.weight_map.get(name)
         if shard is None:
-            raise ModelError(f"model: tensor '{name}' is missing from {self.path}")
+            raise _missing_tensor(name, self.path)
         with safe_open(self.path / shard, framework="pt") as f:
             t = f.get_tensor(name)
         n = t.numel() * t.element_size()
@@ -117,7 +119,7 @@ class ModelSource:
         first byte, end byte), read from the shard's header alone."""
         shard = self.weight_map.get(name)
         if shard is None:
-            raise ModelError(f"model: tensor '{name}' is missing from {self.path}")
+            raise _missing_tensor(name, self.path)
         path = self.path / shard
         header, data_start = read_safetensors_header(path)
         entry = header[name]
@@ -172,6 +174,11 @@ class ModelSource:
         return [self.path / n for n in names if (self.path / n).is_file()]
 
 
+def _missing_tensor(name: str, folder: Path) -> ModelError:
+    return ModelError(f"model: tensor '{name}' is missing from {folder}", value=name, file=folder,
+                      hint="the checkpoint does not match its config; re-download or re-convert it")
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
     """A safetensors file's JSON header and the offset where its tensor data starts."""
     def unreadable(why: str) -> ModelError:
@@ -205,13 +212,13 @@ def _weight_map(path: Path, allow_pickle: bool) -> dict[str, str]:
     pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
     if pickles and not allow_pickle:
         raise ModelError(
-            f"model.id: {path} has only pickle weights ({pickles[0]}); pickle can run code when "
-            "loaded. Convert to safetensors, or set model.allow_pickle: true if you trust it"
-        )
+            f"model.id: {path} has only pickle weights ({pickles[0]}); pickle can run code when loaded",
+            field="model.allow_pickle", value=False, file=path / pickles[0],
+            hint="convert to safetensors, or set model.allow_pickle: true if you trust it")
     if pickles:
         return _convert_pickle(path, pickles)
     raise ModelError(f"model.id: {path} has no weights (no *.safetensors, nor *.bin/*.pt to load with "
-                     "model.allow_pickle: true)")
+                     "model.allow_pickle: true)", field="model.id", file=path)
 
 
 def _convert_pickle(path: Path, pickles: list[str]) -> dict[str, str]:
@@ -228,11 +235,11 @@ def _convert_pickle(path: Path, pickles: list[str]) -> dict[str, str]:
         try:
             sd = torch.load(path / name, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses anything but tensors and containers
-            raise ModelError(f"model.id: {path / name} is not a plain state dict of tensors "
-                             f"({type(e).__name__}); convert it to safetensors") from None
+            raise ModelError(f"model.id: {path / name} is not a plain state dict of tensors ({type(e).__name__})",
+                             field="model.id", file=path / name, hint="convert it to safetensors") from None
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise ModelError(f"model.id: {path / name} is not a flat state dict of tensors; "
-                             "convert it to safetensors")
+            raise ModelError(f"model.id: {path / name} is not a flat state dict of tensors", field="model.id",
+                             file=path / name, hint="convert it to safetensors")
         target = out_dir / (Path(name).stem + ".safetensors")
         save_file({k: v.contiguous() for k, v in sd.items()}, str(target))
         weight_map.update({k: str(target) for k in sd})

@@ -38,13 +38,15 @@ _GROUP_SIZES = (32, 64, 128)
 
 @dataclass(frozen=True)
 class GroupCheck:
-    """Linears of a decoder layer that read one input, with the sizes the shard headers give
-    (the same in every layer, or validation stops), checked against the group size."""
+    """Linears of a decoder layer that read one input, with the sizes the shard headers give,
+    checked against the group size in ``layers`` decoder layers (all of them, unless some
+    layers are shaped otherwise: those get a check of their own)."""
 
     linears: tuple[str, ...]
     in_features: int
     out_features: tuple[int, ...]
     group_size: int | None  # None: one scale per output channel (or per tensor)
+    layers: int
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ class RunPlan:
         for i, g in enumerate(self.groups):
             grouping = f"group {g.group_size} divides it" if g.group_size else "per-channel scales"
             lines.append(f"{'groups' if i == 0 else '':<13}{', '.join(g.linears)}: in {g.in_features}, "
-                         f"out {'/'.join(map(str, g.out_features))}; {grouping}")
+                         f"out {'/'.join(map(str, g.out_features))}; {grouping} ({g.layers} layers)")
         for text in (self.calibration, self.evaluate):
             if text is not None:
                 lines.append(f"{text.section:<13}{text.source} ({text.kind}): {text.num_samples} x "
@@ -184,16 +186,16 @@ def check_groups(arch: Architecture, num_layers: int, headers: dict[str, dict[st
     group_size = ws.group_size if ws.strategy == "group" and ws.group_size else None
     checks = []
     for g in arch.groups:
-        shapes = {tuple(_linear_shape(headers, f"{arch.layers_prefix}.{i}.{n}.weight") for n in g.linears)
-                  for i in range(num_layers)}
-        if len(shapes) != 1:
-            raise ModelError(f"model: {', '.join(g.linears)} differ in shape between decoder layers "
-                             f"({sorted(shapes)})", hint="quantkit quantizes models whose layers are alike")
-        (layer_shapes,) = shapes
-        ins = {i for _, i in layer_shapes}
-        if len(ins) != 1:
-            raise ModelError(f"model: {', '.join(g.linears)} read one input but their input sizes differ ({ins})")
-        checks.append(GroupCheck(g.linears, ins.pop(), tuple(o for o, _ in layer_shapes), group_size))
+        counts: dict[tuple[tuple[int, int], ...], int] = {}
+        for i in range(num_layers):
+            shapes = tuple(_linear_shape(headers, f"{arch.layers_prefix}.{i}.{n}.weight") for n in g.linears)
+            if len({inp for _, inp in shapes}) != 1:
+                raise ModelError(f"model: layer {i}: {', '.join(g.linears)} read one input but their input sizes "
+                                 f"differ ({', '.join(str(inp) for _, inp in shapes)})", value=i,
+                                 hint="the checkpoint does not match its config")
+            counts[shapes] = counts.get(shapes, 0) + 1
+        checks += [GroupCheck(g.linears, shapes[0][1], tuple(o for o, _ in shapes), group_size, n)
+                   for shapes, n in counts.items()]
     if group_size:
         bad = [c for c in checks if c.in_features % group_size]
         if bad:

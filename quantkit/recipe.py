@@ -126,6 +126,10 @@ class RecipeBase(_Strict):
     def where(self) -> str:
         return self._where
 
+    def __eq__(self, other: object) -> bool:
+        # Where a recipe came from does not make it another recipe.
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
     @property
     def format_name(self) -> str:
         return self.export.format or QUANTIZERS[self.quantization.method].default_format
@@ -151,7 +155,7 @@ def make_recipe(data: dict[str, Any], where: str = "recipe") -> RecipeBase:
     try:
         recipe = recipe_model().model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_describe(e, data, where)) from None
+        raise _describe(e, data, where) from None
     _check_format(recipe, where)
     recipe._where = where
     return recipe
@@ -170,61 +174,73 @@ def load_recipe(path: str | Path) -> RecipeBase:
     try:
         data = yaml.safe_load(source.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
-        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start})", file=str(path),
+                          hint="save the recipe as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
-        raise RecipeError(f"{path}:{at} malformed YAML ({getattr(e, 'problem', None) or e})") from None
+        raise RecipeError(f"{path}:{at} malformed YAML ({getattr(e, 'problem', None) or e})", file=str(path)) from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping with model, quantization, export, ...")
-    return make_recipe(data, where=str(path))
+        raise RecipeError(f"{path}: a recipe is a mapping with model, quantization, export, ...", file=str(path),
+                          value=data)
+    try:
+        return make_recipe(data, where=str(path))
+    except RecipeError as e:
+        e.file = str(path)
+        raise
 
 
 def _check_format(recipe: RecipeBase, where: str) -> None:
     ws = recipe.quantization.scheme().weights
     if ws.strategy == "group" and (ws.group_size or 0) <= 0:
-        raise RecipeError(f"{where}: field 'quantization.group_size': use -1 (one scale per output channel) "
-                          f"or a positive group size such as 32, 64 or 128 (got {ws.group_size})")
+        raise RecipeError(f"{where}: field 'quantization.group_size': {ws.group_size} is not a group size",
+                          field="quantization.group_size", value=ws.group_size,
+                          hint="use -1 (one scale per output channel) or a positive group size such as 32, 64 or 128")
     name = recipe.format_name
     if name not in FORMATS:
-        raise RecipeError(f"{where}: export.format '{name}' is unknown; choose one of {', '.join(sorted(FORMATS))}")
+        raise RecipeError(f"{where}: export.format '{name}' is unknown", field="export.format", value=name,
+                          hint=f"choose one of {', '.join(sorted(FORMATS))}")
     fmt = FORMATS[name]()
     reason = fmt.unsupported_reason(recipe.quantization.scheme()) or fmt.kv_cache_reason(
         recipe.quantization.kv_cache_scheme())
     if reason:
         raise RecipeError(f"{where}: export.format '{name}' cannot store quantization.method "
-                          f"'{recipe.quantization.method}' as configured: {reason}")
+                          f"'{recipe.quantization.method}' as configured: {reason}", field="export.format", value=name)
 
 
-def _describe(e: ValidationError, data: dict[str, Any], where: str) -> str:
-    """First error as one line: dotted field path, what is wrong, and a 'did you mean'."""
+def _describe(e: ValidationError, data: dict[str, Any], where: str) -> RecipeError:
+    """The first error, naming the dotted field path and what is wrong, with a 'did you mean'."""
     err = e.errors()[0]
     loc = [str(p) for p in err["loc"]]
     if loc[:1] == ["quantization"] and len(loc) > 1 and loc[1] in QUANTIZERS:
         loc.pop(1)  # the discriminator tag pydantic inserts is not a field the user wrote
     field = ".".join(loc) or "(top level)"
     methods = ", ".join(sorted(QUANTIZERS))
+    value = err.get("input")
     if err["type"] == "extra_forbidden":
-        msg = f"{where}: unknown field '{field}'"
-        hint, known = _did_you_mean(loc, data)
-        return msg + (f"; did you mean '{hint}'?" if hint else f"; expected one of {', '.join(known)}")
+        close, known = _did_you_mean(loc, data)
+        return RecipeError(f"{where}: unknown field '{field}'", field=field, value=value,
+                           hint=f"did you mean '{close}'?" if close else f"expected one of {', '.join(known)}")
     if err["type"] == "union_tag_invalid":
-        method = err.get("input", {}).get("method") if isinstance(err.get("input"), dict) else None
-        hint = difflib.get_close_matches(str(method), QUANTIZERS, n=1)
-        return (f"{where}: quantization.method '{method}' is unknown; choose one of {methods}"
-                + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        method = value.get("method") if isinstance(value, dict) else None
+        close = difflib.get_close_matches(str(method), QUANTIZERS, n=1)
+        return RecipeError(f"{where}: quantization.method '{method}' is unknown", field="quantization.method",
+                           value=method,
+                           hint=f"choose one of {methods}" + (f" (did you mean '{close[0]}'?)" if close else ""))
     if err["type"] == "union_tag_not_found":
-        return f"{where}: missing required field 'quantization.method'; choose one of {methods}"
+        return RecipeError(f"{where}: missing required field 'quantization.method'", field="quantization.method",
+                           hint=f"choose one of {methods}")
     if err["type"] == "missing":
-        return f"{where}: missing required field '{field}'"
+        return RecipeError(f"{where}: missing required field '{field}'", field=field)
     if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
         msg = "should be a mapping of its own fields"
     elif err["type"] == "value_error":
         msg = str(err.get("ctx", {}).get("error", err["msg"]))
     else:
         msg = err["msg"]
-    got = repr(err.get("input"))
-    return f"{where}: field '{field}': {msg} (got {got if len(got) <= 60 else got[:57] + '...'})"
+    got = repr(value)
+    return RecipeError(f"{where}: field '{field}': {msg} (got {got if len(got) <= 60 else got[:57] + '...'})",
+                       field=field, value=value)
 
 
 def _did_you_mean(loc: list[str], data: dict[str, Any]) -> tuple[str | None, list[str]]:

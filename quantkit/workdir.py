@@ -48,7 +48,8 @@ class WorkDir:
             state = json.loads(self.state_file.read_text())
             if state.get("fingerprint") != fingerprint:
                 raise ExportError(f"--resume: the work folder {self.root} belongs to a different recipe, model "
-                                  "or calibration; delete it or run without --resume")
+                                  "or calibration", field="--resume", file=self.root,
+                                  hint="delete it or run without --resume")
             shutil.rmtree(self.export, ignore_errors=True)
             return int(state["finished_layers"])
         if self.root.exists():

@@ -80,6 +80,7 @@ def test_resume_refuses_work_of_another_recipe(tmp_path, text_file):
     try:
         pipeline.run(recipe, quiet=True, resume=True)
     except ExportError as e:
-        assert "belongs to a different recipe" in str(e)
+        assert (e.field, e.file) == ("--resume", str(tmp_path / ".out.quantkit-partial"))
+        assert e.hint == "delete it or run without --resume"
     else:
         raise AssertionError("resume accepted a work folder of another run")

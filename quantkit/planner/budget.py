@@ -47,7 +47,8 @@ def kv_bytes_per_token(shape: ModelShape, kv_cache_dtype: KVCacheDtype = "auto",
     """
     dtype_bytes = {"auto": 2, "fp8": 1}.get(kv_cache_dtype)
     if dtype_bytes is None:
-        raise PlanError(f"--kv-cache-dtype: expected auto or fp8, got {kv_cache_dtype!r}")
+        raise PlanError(f"--kv-cache-dtype: expected auto or fp8, got {kv_cache_dtype!r}", field="--kv-cache-dtype",
+                        value=kv_cache_dtype)
     return shape.num_layers * kv_heads_per_gpu(shape, tp) * shape.head_dim * 2 * dtype_bytes
 
 
@@ -176,9 +177,10 @@ def required_context(shape: ModelShape, context: int | None) -> int:
 
 def check_request(batch: int, context: int | None, util: float) -> None:
     if batch < 1:
-        raise PlanError(f"--batch: must be at least 1, got {batch}")
+        raise PlanError(f"--batch: must be at least 1, got {batch}", field="--batch", value=batch)
     if context is not None and context < 1:
-        raise PlanError(f"--context: must be at least 1, got {context}")
+        raise PlanError(f"--context: must be at least 1, got {context}", field="--context", value=context)
     if not 0 < util <= 1:
-        raise PlanError(f"--gpu-memory-utilization: must be in (0, 1], got {util}")
+        raise PlanError(f"--gpu-memory-utilization: must be in (0, 1], got {util}", field="--gpu-memory-utilization",
+                        value=util)
 

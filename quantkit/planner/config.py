@@ -23,17 +23,18 @@ def load_config(model: str, revision: str | None = None) -> dict[str, Any]:
     if path.is_dir():
         path = path / "config.json"
         if not path.is_file():
-            raise ModelError(f"{path}: no config.json in this folder")
+            raise ModelError(f"{path}: no config.json in this folder", field="model", value=model, file=path)
     elif not path.is_file():
         if model.startswith((".", "/", "~")) or model.count("/") > 1:
-            raise ModelError(f"model: {model} is not a folder with config.json")
+            raise ModelError(f"model: {model} is not a folder with config.json", field="model", value=model,
+                             file=path)
         path = _download_config(model, revision)
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path}: cannot read as JSON ({e})") from None
+        raise ModelError(f"{path}: cannot read as JSON ({e})", field="model", value=model, file=path) from None
     if not isinstance(config, dict):
-        raise ModelError(f"{path}: expected a JSON object")
+        raise ModelError(f"{path}: expected a JSON object", field="model", value=model, file=path)
     return config
 
 
@@ -45,7 +46,6 @@ def _download_config(repo_id: str, revision: str | None) -> Path:
         return Path(hf_hub_download(repo_id, "config.json", revision=revision))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
         raise ModelError(
-            f"model: cannot get config.json of '{repo_id}' (not a local folder; Hub said "
-            f"{type(e).__name__}); check the path, the id, or your network/HF_TOKEN"
-        ) from None
+            f"model: cannot get config.json of '{repo_id}' (not a local folder; Hub said {type(e).__name__})",
+            field="model", value=repo_id, hint="check the path, the id, or your network/HF_TOKEN") from None
 

@@ -69,11 +69,12 @@ def get_scheme(name: str, group_size: int | None = None) -> PrecisionScheme:
     aliases = {"int8": "w8a8-int8", "w8a8": "w8a8-int8", "fp8-dynamic": "fp8", "gptq": "w4a16", "awq": "w4a16-asym"}
     key = aliases.get(key, key)
     if key not in SCHEMES:
-        raise PlanError(f"scheme: unknown {name!r}; known: {', '.join(SCHEMES)}")
+        raise PlanError(f"scheme: unknown {name!r}", field="scheme", value=name, hint=f"known: {', '.join(SCHEMES)}")
     scheme = SCHEMES[key]
     if group_size is not None and scheme.group_size is not None and group_size != scheme.group_size:
         if group_size <= 0:
-            raise PlanError(f"--group-size: must be positive, got {group_size}")
+            raise PlanError(f"--group-size: must be positive, got {group_size}", field="--group-size",
+                            value=group_size)
         label = scheme.label.replace(f"g{scheme.group_size}", f"g{group_size}")
         scheme = PrecisionScheme(**{**asdict(scheme), "group_size": group_size, "label": label})
     return scheme

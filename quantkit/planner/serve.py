@@ -79,8 +79,8 @@ def serve_command(
         if not row.fits:
             raise PlanError(
                 f"serve_command: {scheme.label} of {model_path_or_id} does not fit on {gpus} x {device.name} "
-                f"(longest context {row.max_model_len} tokens); use more GPUs or a smaller scheme"
-            )
+                f"(longest context {row.max_model_len} tokens)", field="gpu", value=device.name,
+                hint="use more GPUs or a smaller scheme")
         util = gpu_memory_utilization
     else:
         check_tensor_parallel(shape, gpus)

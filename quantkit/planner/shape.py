@@ -43,7 +43,8 @@ class ModelShape:
         def need(key: str) -> int:
             value = cfg.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ModelError(f"{where}: field '{key}' must be a positive integer, got {value!r}")
+                raise ModelError(f"{where}: field '{key}' must be a positive integer, got {value!r}", field=key,
+                                 value=value, file=where)
             return value
 
         hidden, heads = need("hidden_size"), need("num_attention_heads")
@@ -80,15 +81,14 @@ def kv_heads_per_gpu(shape: ModelShape, tp: int) -> int:
 def check_tensor_parallel(shape: ModelShape, tp: int) -> None:
     """vLLM's rules: heads divide evenly, KV heads split evenly or replicate evenly."""
     if tp < 1:
-        raise PlanError(f"--gpus: must be at least 1, got {tp}")
+        raise PlanError(f"--gpus: must be at least 1, got {tp}", field="--gpus", value=tp)
     if shape.num_heads % tp:
-        raise PlanError(
-            f"--gpus {tp}: num_attention_heads={shape.num_heads} is not divisible by it; "
-            f"use a divisor such as {_divisors(shape.num_heads)}"
-        )
+        raise PlanError(f"--gpus {tp}: num_attention_heads={shape.num_heads} is not divisible by it", field="--gpus",
+                        value=tp, hint=f"use a divisor such as {_divisors(shape.num_heads)}")
     kv = shape.num_kv_heads
     if (tp <= kv and kv % tp) or (tp > kv and tp % kv):
-        raise PlanError(f"--gpus {tp}: num_key_value_heads={kv} neither splits nor replicates evenly")
+        raise PlanError(f"--gpus {tp}: num_key_value_heads={kv} neither splits nor replicates evenly",
+                        field="--gpus", value=tp)
 
 
 def _divisors(n: int) -> str:
