@@ -14,7 +14,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -256,9 +256,10 @@ def _sizes(source: ModelSource, arch: Architecture, headers: dict[str, dict[str,
 
 
 def _plain(value: Any) -> Any:
+    """Dataclasses as dicts and tuples as lists, all the way down: what JSON gives back."""
     if hasattr(value, "__dataclass_fields__"):
-        return asdict(value)
-    if isinstance(value, tuple):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     return value
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+import quantkit
 from quantkit import model as model_module
 from quantkit.cli import main
 from quantkit.errors import ExportError, RecipeError
@@ -100,6 +101,9 @@ def test_validate_plans_from_config_and_headers_only(tiny_llama, text_file, tmp_
     assert plan["calibration"] == {"section": "calibration", "source": str(text_file), "kind": "file",
                                    "num_samples": 8, "max_seq_length": 64}
     assert plan["evaluate"] is None and plan["scheme"] == "W4A16-g64-asym" and plan["format"] == "compressed-tensors"
+    assert {g["layers"] for g in plan["groups"]} == {config["num_hidden_layers"]}
+    # The library call gives the same plan.
+    assert quantkit.validate(path).to_dict() == plan
     # The text form says the same things.
     assert main(["validate", str(path)]) == 0
     text = capsys.readouterr().out
