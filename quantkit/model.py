@@ -30,6 +30,41 @@ _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt",
 
 def resolve_model_dir(model: str, revision: str | None = None, token: str | None = None) -> Path:
     """A local folder as is, or a hub id downloaded (config, tokenizer, safetensors only)."""
+    local = local_model_dir(model)
+    if local is not None:
+        return local
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(
+            snapshot_download(model, revision=revision, token=token, allow_patterns=_WEIGHT_PATTERNS,
+                              endpoint=os.environ.get("HF_ENDPOINT"))
+        )
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise unreachable_hub_model(model, e) from None
+
+
+def cached_hub_model_dir(model: str, revision: str | None = None) -> Path | None:
+    """The hub model's folder in the local Hugging Face cache, if that revision is there."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model, revision=revision, allow_patterns=_WEIGHT_PATTERNS,
+                                      local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+def unreachable_hub_model(model: str, e: Exception) -> ModelError:
+    return ModelError(
+        f"model.id: '{model}' is neither a local folder nor a reachable hub repo ({type(e).__name__})",
+        field="model.id", value=model, hint="check the path, the id, or your network/HF_TOKEN")
+
+
+def local_model_dir(model: str) -> Path | None:
+    """A built-in model's or a local model's folder; None when ``model`` is a hub id."""
     if model.startswith("builtin:"):
         from .assets import builtin_model_dir
 
@@ -43,18 +78,7 @@ def resolve_model_dir(model: str, revision: str | None = None, token: str | None
     if model.startswith((".", "/", "~")):
         raise ModelError(f"model.id: {model} does not exist", field="model.id", value=model, file=path,
                          hint="give a local model folder or a hub id (org/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(
-            snapshot_download(model, revision=revision, token=token, allow_patterns=_WEIGHT_PATTERNS,
-                              endpoint=os.environ.get("HF_ENDPOINT"))
-        )
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        raise ModelError(
-            f"model.id: '{model}' is neither a local folder nor a reachable hub repo ({type(e).__name__})",
-            field="model.id", value=model, hint="check the path, the id, or your network/HF_TOKEN") from None
+    return None
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from . import __version__, preflight
+from .architectures import architecture_for
 from .calibration import TextRequest, load_tokens
 from .card import base_license, render_card
 from .checkpoint import CheckpointWriter, work_dir_for
@@ -44,7 +46,10 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     """
     started = time.perf_counter()
     plan = preflight.check(recipe)
-    source, arch = plan.source, plan.arch
+    # Only now are a hub model's weights downloaded.
+    source = ModelSource.open(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle,
+                              os.environ.get("HF_TOKEN"))
+    arch = architecture_for(source.config, f"model {recipe.model.id}")
     params = recipe.quantization
     scheme = params.scheme()
     device, dtype = torch.device(plan.device), preflight.DTYPES[plan.dtype]

@@ -5,7 +5,10 @@ It reads the recipe, the model's config.json and its safetensors shard headers (
 shapes), never a tensor's data: the model's shape, every quantized Linear's real input size
 against the group size, the calibration and evaluation sources and lengths (for the sections
 that run), the device, the output folder, and the disk the work files and checkpoint need.
-``validate`` prints the ``RunPlan``; ``run`` starts from it.
+A model on the Hub is not downloaded for this: config.json and the shard headers are fetched
+alone (``get_safetensors_metadata`` reads each shard's first bytes). A built-in model is
+converted once on first use, and an opted-in pickle model once to safetensors (both cached),
+before their headers can be read. ``validate`` prints the ``RunPlan``; ``run`` starts with it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ from .architectures import Architecture, architecture_for
 from .calibration import source_kind
 from .checkpoint import check_target
 from .errors import ExportError, ModelError, RecipeError
-from .model import ModelSource
+from .model import ModelSource, cached_hub_model_dir, local_model_dir, unreachable_hub_model
 from .planner import ModelShape, get_scheme
 from .quantizers import QUANTIZERS
 from .recipe import RecipeBase
@@ -69,6 +72,7 @@ class SizePlan:
     quantized_parameters: int
     shards: int
     base_bytes: int
+    download_bytes: int  # the base model's shards, for a model on the Hub not downloaded yet
     checkpoint_bytes: int
     work_bytes: int
     disk_needed_bytes: int
@@ -76,9 +80,20 @@ class SizePlan:
 
 
 @dataclass(frozen=True)
+class ModelFiles:
+    """What validation reads of a model: config.json and its safetensors shard headers."""
+
+    location: str  # the local folder, or the hub id (and revision)
+    config: dict[str, Any]
+    headers: dict[str, dict[str, Any]]  # tensor name -> dtype, shape, data_offsets
+    shards: int
+    shard_bytes: int
+    remote: bool  # on the Hub and not downloaded
+
+
+@dataclass(frozen=True)
 class RunPlan:
-    """What a run will do, validated. ``to_dict``/``to_json`` give the data fields; ``source``
-    and ``arch`` are what the run goes on with (the opened model and its layout)."""
+    """What a run will do, validated; ``to_dict``/``to_json`` give it as plain data."""
 
     recipe: str
     model: str
@@ -95,11 +110,9 @@ class RunPlan:
     output_dir: str
     overwrite: bool
     sizes: SizePlan
-    source: ModelSource = field(repr=False, compare=False)
-    arch: Architecture = field(repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.compare}
+        return _plain(self)
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -131,6 +144,8 @@ class RunPlan:
             f"disk         checkpoint about {_mb(z.checkpoint_bytes)} + work files {_mb(z.work_bytes)} = "
             f"{_mb(z.disk_needed_bytes)} needed, {_mb(z.disk_free_bytes)} free",
         ]
+        if z.download_bytes:
+            lines.append(f"download     {_mb(z.download_bytes)} of shards into the Hugging Face cache")
         return "\n".join(lines)
 
 
@@ -138,29 +153,79 @@ def check(recipe: RecipeBase) -> RunPlan:
     """Validate ``recipe`` against its model and machine; raise the first problem as a
     ``QuantkitError`` naming it, else return the plan. Reads no weight."""
     where = recipe.where
-    source = ModelSource.open(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle,
-                              os.environ.get("HF_TOKEN"))
-    arch = architecture_for(source.config, f"model {recipe.model.id}")
-    shape = ModelShape.from_config(source.config, where=str(source.path / "config.json"))
+    model = model_files(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle, os.environ.get("HF_TOKEN"))
+    arch = architecture_for(model.config, f"model {recipe.model.id}")
+    shape = ModelShape.from_config(model.config, where=f"{model.location}/config.json")
     params = recipe.quantization
     scheme = params.scheme()
-    headers = source.tensor_headers()
-    groups = check_groups(arch, shape.num_layers, headers, scheme, where)
-    quantizer = QUANTIZERS[params.method](params, source.config)
+    groups = check_groups(arch, shape.num_layers, model.headers, scheme, where)
+    quantizer = QUANTIZERS[params.method](params, model.config)
     cal, ev = recipe.calibration, recipe.evaluate
     texts = [("calibration", cal) if quantizer.needs_calibration else None, ("evaluate", ev) if ev.enabled else None]
     calibration, evaluate = (None if t is None else _text_plan(*t, shape) for t in texts)
     device = resolve_device(recipe.device)
-    dtype = resolve_dtype(recipe.model.dtype, source.config)
+    dtype = resolve_dtype(recipe.model.dtype, model.config)
     output_dir = Path(recipe.export.output_dir)
     check_target(output_dir, recipe.export.overwrite)
-    sizes = _sizes(source, arch, headers, scheme, dtype, output_dir)
+    sizes = _sizes(model, arch, scheme, dtype, output_dir)
     return RunPlan(
-        recipe=where, model=recipe.model.id, model_dir=str(source.path), shape=shape, method=params.method,
+        recipe=where, model=recipe.model.id, model_dir=model.location, shape=shape, method=params.method,
         format=recipe.format_name, scheme=scheme_name(scheme), device=str(device),
         dtype=str(dtype).replace("torch.", ""), groups=groups, calibration=calibration, evaluate=evaluate,
-        output_dir=str(output_dir), overwrite=recipe.export.overwrite, sizes=sizes, source=source, arch=arch,
+        output_dir=str(output_dir), overwrite=recipe.export.overwrite, sizes=sizes,
     )
+
+
+def model_files(model: str, revision: str | None, allow_pickle: bool, token: str | None) -> ModelFiles:
+    """config.json and the shard headers of a local or built-in model, or of a hub model
+    without downloading its weights (from the local cache when the Hub cannot be reached)."""
+    folder = local_model_dir(model)
+    if folder is None:
+        try:
+            return _hub_files(model, revision, token)
+        except ModelError:
+            folder = cached_hub_model_dir(model, revision)
+            if folder is None or not any(folder.glob("*.safetensors")):
+                raise
+    source = ModelSource.open(str(folder), None, allow_pickle)
+    shards = sorted(set(source.weight_map.values()))
+    return ModelFiles(str(source.path), source.config, source.tensor_headers(), len(shards),
+                      sum((source.path / s).stat().st_size for s in shards), remote=False)
+
+
+def _hub_files(repo_id: str, revision: str | None, token: str | None) -> ModelFiles:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        NotASafetensorsRepoError,
+        SafetensorsParsingError,
+    )
+
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token)
+    try:
+        config_file = Path(api.hf_hub_download(repo_id, "config.json", revision=revision))
+        meta = api.get_safetensors_metadata(repo_id, revision=revision)
+    except NotASafetensorsRepoError:
+        raise ModelError(f"model.id: '{repo_id}' has no safetensors weights on the Hub", field="model.id",
+                         value=repo_id, hint="quantkit downloads safetensors only: convert the model, or download "
+                         "it and set model.allow_pickle: true") from None
+    except SafetensorsParsingError as e:
+        raise ModelError(f"model.id: '{repo_id}': a shard header on the Hub is not readable ({e})",
+                         field="model.id", value=repo_id) from None
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise unreachable_hub_model(repo_id, e) from None
+    try:
+        config = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"model.id: {repo_id}'s config.json is not valid JSON ({e})", field="model.id",
+                         value=repo_id, file=config_file) from None
+    headers = {name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)}
+               for f in meta.files_metadata.values() for name, t in f.tensors.items()}
+    data_bytes = sum(max((t.data_offsets[1] for t in f.tensors.values()), default=0)
+                     for f in meta.files_metadata.values())
+    location = repo_id + (f"@{revision}" if revision else "")
+    return ModelFiles(location, config, headers, len(meta.files_metadata), data_bytes, remote=True)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -225,9 +290,9 @@ def _text_plan(section: str, spec: Any, shape: ModelShape) -> TextPlan:
     return TextPlan(section, spec.source, source_kind(spec.source, section), spec.num_samples, spec.max_seq_length)
 
 
-def _sizes(source: ModelSource, arch: Architecture, headers: dict[str, dict[str, Any]], scheme: Scheme,
-           dtype: torch.dtype, output_dir: Path) -> SizePlan:
+def _sizes(model: ModelFiles, arch: Architecture, scheme: Scheme, dtype: torch.dtype, output_dir: Path) -> SizePlan:
     """Refuse to start when the work files plus the checkpoint cannot fit on the output's disk."""
+    headers = model.headers
     ws = scheme.weights
     precision = get_scheme(plan_scheme_key(scheme), ws.group_size if ws.strategy == "group" else None)
     prefix = arch.layers_prefix + "."
@@ -238,15 +303,14 @@ def _sizes(source: ModelSource, arch: Architecture, headers: dict[str, dict[str,
     checkpoint = sum(precision.linear_bytes(*headers[n]["shape"]) if n in linears else numel[n] * element
                      for n in headers)
     work = sum(numel[n] for n in linears)
-    shards = sorted(set(source.weight_map.values()))
     target = output_dir.resolve().parent
     while not target.exists():
         target = target.parent
     free = shutil.disk_usage(target).free
     sizes = SizePlan(
-        parameters=sum(numel.values()), quantized_parameters=work, shards=len(shards),
-        base_bytes=sum((source.path / s).stat().st_size for s in shards), checkpoint_bytes=checkpoint,
-        work_bytes=work, disk_needed_bytes=checkpoint + work, disk_free_bytes=free)
+        parameters=sum(numel.values()), quantized_parameters=work, shards=model.shards, base_bytes=model.shard_bytes,
+        download_bytes=model.shard_bytes if model.remote else 0, checkpoint_bytes=checkpoint, work_bytes=work,
+        disk_needed_bytes=checkpoint + work, disk_free_bytes=free)
     if free < sizes.disk_needed_bytes:
         raise ExportError(f"export.output_dir {output_dir}: {free / 1e9:.1f} GB free on its disk, about "
                           f"{sizes.disk_needed_bytes / 1e9:.1f} GB needed (work files + checkpoint)",

@@ -17,6 +17,7 @@ from quantkit import model as model_module
 from quantkit.cli import main
 from quantkit.errors import ExportError, RecipeError
 from quantkit.model import ModelSource
+from tests.test_hub import hub  # noqa: F401  (fixture)
 from tests.tiny_models import make_tiny_model
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -172,3 +173,33 @@ def test_missing_linear_named_before_any_weight(tiny_llama, tmp_path, no_weights
     with pytest.raises(ModelError) as e:
         preflight.check(load_recipe(_recipe(tmp_path, model)))
     assert e.value.value == "model.layers.1.mlp.up_proj.weight"
+
+
+def test_hub_model_is_validated_from_config_and_shard_headers_without_download(hub, tiny_llama, tmp_path,
+                                                                                monkeypatch, capsys):
+    """A model on the (stand-in) Hub: config.json and the shard headers are fetched alone (ranged
+    reads of each shard's first bytes), the weights are not downloaded, and the plan is the one
+    the same model gets from a local folder."""
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    from tests.test_hub import TOKEN, USER
+
+    api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+    api.create_repo(f"{USER}/tiny-base")
+    api.upload_folder(folder_path=str(tiny_llama), repo_id=f"{USER}/tiny-base")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    _, local, _ = _validate_json(capsys, _recipe(tmp_path, tiny_llama))
+    rc, remote, err = _validate_json(capsys, _recipe(tmp_path, f"{USER}/tiny-base"))
+    assert rc == 0, err
+    local, remote = local["plan"], remote["plan"]
+    assert remote["model_dir"] == f"{USER}/tiny-base" and remote["sizes"]["download_bytes"] > 0
+    for key in ("shape", "groups", "scheme", "format"):
+        assert remote[key] == local[key], key
+    for key in ("parameters", "quantized_parameters", "shards", "checkpoint_bytes", "work_bytes"):
+        assert remote["sizes"][key] == local["sizes"][key], key
+    assert [p for p, _ in hub.state.ranged] == ["model.safetensors"]  # one header read
+    assert not list(cache.rglob("*.safetensors"))  # and no shard downloaded
