@@ -175,8 +175,8 @@ def test_missing_linear_named_before_any_weight(tiny_llama, tmp_path, no_weights
     assert e.value.value == "model.layers.1.mlp.up_proj.weight"
 
 
-def test_hub_model_is_validated_from_config_and_shard_headers_without_download(hub, tiny_llama, tmp_path,
-                                                                                monkeypatch, capsys):
+def test_hub_model_validated_from_headers_without_download(hub, tiny_llama, tmp_path, monkeypatch,  # noqa: F811
+                                                           capsys):
     """A model on the (stand-in) Hub: config.json and the shard headers are fetched alone (ranged
     reads of each shard's first bytes), the weights are not downloaded, and the plan is the one
     the same model gets from a local folder."""
