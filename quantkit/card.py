@@ -59,7 +59,8 @@ def render_card(report: dict[str, Any], license_: str | None) -> str:
         f"- calibration: `{cal['source']}`, {cal['num_samples']} sequences × {cal['max_seq_length']} tokens "
         f"(packing {cal['packing']}, seed {cal['seed']})",
         f"- quantization parameters: `{report['quantization']}`",
-        f"- device: {report['device']} (timings are in report.json; the card is the same on every run of a recipe)",
+        # No timings here: they vary from run to run, and the card is otherwise the same (report.json has them).
+        f"- device: {report['device']}",
         "",
     ]
     return "\n".join(lines)
