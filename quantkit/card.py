@@ -51,6 +51,12 @@ def render_card(report: dict[str, Any], license_: str | None) -> str:
             f"| quantized | {ev['perplexity_quantized']:.3f} | {report['size_bytes']['quantized'] / 1e9:.3f} GB |",
             "",
         ]
+        if ev.get("kl_mean") is not None:
+            lines += [
+                f"Next-token distribution of the quantized model against the base model over the same "
+                f"{ev['positions']} positions: KL divergence mean {ev['kl_mean']:.4f} nats, p99 {ev['kl_p99']:.4f} "
+                f"nats; the most likely token agrees at {100 * ev['top1_agreement']:.2f}% of positions.", "",
+            ]
     else:
         lines += ["Not evaluated (evaluate.enabled: false).", ""]
     cal = report["calibration"]
