@@ -1,4 +1,4 @@
-"""The command line: ``python -m quantkit run|validate|eval|plan|push``.
+"""The command line: ``python -m quantkit run|validate|eval|bench|plan|push``.
 
 A ``QuantkitError`` is printed as one line and exits 2; ``--debug`` shows the traceback.
 """
@@ -46,6 +46,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.tasks:
+        return _eval_tasks(args)
     from .evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, source=args.source, num_samples=args.num_samples,
@@ -53,6 +55,34 @@ def _eval(args: argparse.Namespace) -> int:
     print(json.dumps(result, indent=2) if args.json else
           f"{args.checkpoint}: perplexity {result['perplexity']:.3f} on {result['num_windows']} windows "
           f"x {result['seq_len']} tokens of {result['source']}")
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    from .accuracy import compare_on_tasks
+    from .output_report import add_section, read_report
+
+    folder = Path(args.checkpoint)
+    report = read_report(folder)
+    base = args.base or (report or {}).get("model")
+    if base is None:
+        raise QuantkitError(f"{folder} has no report.json naming its base model", field="--base",
+                            hint="pass --base MODEL (folder, hub id or builtin:smollm2-135m)")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = compare_on_tasks(base, folder, tasks, backend=args.backend, device=args.device,
+                              batch_size=args.batch_size, limit=args.limit, num_fewshot=args.num_fewshot,
+                              include_paths=[Path(p) for p in args.include_path], quiet=args.quiet).report
+    if report is not None:
+        add_section(folder, "tasks", result)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for task, metrics in result["tasks"].items():
+        for metric, m in metrics.items():
+            rec = "-" if m["recovery"] is None else f"{100 * m['recovery']:.1f}%"
+            print(f"{task} {metric}: base {m['base']:.4f} -> quantized {m['quantized']:.4f} (recovery {rec})")
+    if report is not None:
+        print(f"wrote the tasks section of {folder / 'report.json'} and {folder / 'README.md'}")
     return 0
 
 
@@ -83,8 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("recipe", help="recipe YAML file")
     val.set_defaults(func=_validate)
 
-    ev = sub.add_parser("eval", help="perplexity of a model or quantized checkpoint folder")
+    ev = sub.add_parser("eval", help="perplexity of a checkpoint, or lm-eval task accuracy of base and quantized",
+                        description="Without --tasks: perplexity of one model. With --tasks: the same lm-eval "
+                                    "tasks on the base model and the quantized checkpoint, with the recovery "
+                                    "ratio, written into the folder's report.json and model card "
+                                    "(needs pip install 'quantkit[eval]').")
     ev.add_argument("checkpoint", help="folder written by `run`, a model folder, or builtin:smollm2-135m")
+    ev.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. quantkit_mc,quantkit_gen (offline, "
+                                    "shipped) or hellaswag,arc_easy")
+    ev.add_argument("--base", help="base model to compare against (default: the model in report.json)")
+    ev.add_argument("--backend", default="auto", help="auto (vLLM if installed, else hf) | hf | vllm")
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda (hf backend)")
+    ev.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (hf backend)")
+    ev.add_argument("--limit", type=int, help="first N documents of each task (quick checks only)")
+    ev.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    ev.add_argument("--include-path", action="append", default=[], help="folder of your lm-eval task YAMLs")
     ev.add_argument("--source", default="shakespeare-eval", help="text source (as calibration.source)")
     ev.add_argument("--num-samples", type=int, default=16, help="number of windows")
     ev.add_argument("--max-seq-length", type=int, default=512, help="tokens per window")
@@ -110,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not args.debug:
-        for noisy in ("transformers", "datasets", "httpx", "httpx2", "huggingface_hub", "urllib3"):
+        for noisy in ("transformers", "datasets", "httpx", "httpx2", "huggingface_hub", "urllib3", "lm_eval", "vllm"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.func(args)
