@@ -101,14 +101,36 @@ def run_lm_eval(path: Path, tasks: list[str], backend: str, manager: Any, device
     """lm-eval's results for one model folder (its ``results``, ``higher_is_better``, ``n-samples``
     and, with ``log_samples``, the per-document ``samples``)."""
     import lm_eval
+    from lm_eval.api.registry import get_model
 
-    out = lm_eval.simple_evaluate(model=backend, model_args=model_args(backend, path, device, batch_size),
-                                  tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                                  log_samples=log_samples, bootstrap_iters=1000, random_seed=0,
-                                  numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    lm = get_model(backend)(**model_args(backend, path, device, batch_size))
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                      num_fewshot=num_fewshot, log_samples=log_samples, bootstrap_iters=1000,
+                                      random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+                                      fewshot_random_seed=0)
+    finally:
+        _release(lm)
     if out is None:
         raise QuantkitError(f"lm-eval returned no results for {path}", file=path)
     return out
+
+
+def _release(lm: Any) -> None:
+    """Free one model before the next loads: a vLLM engine holds its share of device memory
+    (and an engine-core process) until shut down, and the second model would not fit beside it."""
+    import gc
+
+    import torch
+
+    engine = getattr(getattr(lm, "model", None), "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    if core is not None:
+        core.shutdown()
+    del lm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def metric_table(base: dict[str, Any], quantized: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
