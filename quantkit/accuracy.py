@@ -13,26 +13,20 @@ import contextlib
 import importlib.util
 import logging
 import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from .errors import MissingDependencyError, QuantkitError
+from .errors import QuantkitError
+from .extras import require
 from .model import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).resolve().parent / "eval_tasks"
 BACKENDS = ("auto", "hf", "vllm")
-
-
-def require(module: str, package: str, extra: str, needed_by: str) -> None:
-    """Raise the one-line error naming the extra to install when ``module`` is missing."""
-    if importlib.util.find_spec(module) is None:
-        raise MissingDependencyError(f"{package} is not installed ({needed_by} needs it)",
-                                     hint=f"pip install 'quantkit[{extra}]'", value=package)
 
 
 def pick_backend(backend: str) -> str:

@@ -87,8 +87,9 @@ def _eval_tasks(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .accuracy import require
     from .bench import BenchSettings, benchmark, subprocess_runner, vllm_python
+
+    from .extras import require
 
     python = vllm_python(args.vllm_python)
     require("matplotlib", "matplotlib", "bench", "quantkit bench")

@@ -11,9 +11,10 @@ import torch
 import yaml
 
 from quantkit import pipeline
-from quantkit.accuracy import TASKS_DIR, compare_on_tasks, metric_table, recovery, require
+from quantkit.accuracy import TASKS_DIR, compare_on_tasks, metric_table, recovery
 from quantkit.cli import main
 from quantkit.errors import MissingDependencyError
+from quantkit.extras import require
 from quantkit.recipe import make_recipe
 
 pytest.importorskip("lm_eval", reason="the eval extra is part of the CI install (scripts/install.sh)")
