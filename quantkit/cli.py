@@ -30,6 +30,8 @@ def _run(args: argparse.Namespace) -> int:
     if ev:
         print(f"perplexity: base {ev['perplexity_base']:.3f} -> quantized {ev['perplexity_quantized']:.3f} "
               f"({ev['num_windows']} windows x {ev['seq_len']} tokens of {ev['source']})")
+        print(f"next-token KL from base: mean {ev['kl_mean']:.4f} nats, p99 {ev['kl_p99']:.4f}; "
+              f"top-1 agreement {100 * ev['top1_agreement']:.2f}%")
     size = report["size_bytes"]
     print(f"size: {size['base'] / 1e6:.1f} MB -> {size['quantized'] / 1e6:.1f} MB; "
           f"time {report['timing']['total_seconds']:.1f} s")
