@@ -143,6 +143,7 @@ def markdown(data: dict[str, Any], plots: list[str]) -> str:
         for i, prompt in enumerate(prompts):
             lines += [f"**Prompt:** {prompt}", ""]
             for m in answered:
-                answer = m["serving"]["answers"][kind][i]["answer"].strip().replace("```", "` ` `")
-                lines += [f"*{m['name']}*:", "", "```text", answer or "(empty)", "```", ""]
+                answer = m["serving"]["answers"][kind][i]["answer"].strip()
+                fence = "````" if "```" in answer else "```"  # code answers carry their own fences
+                lines += [f"*{m['name']}*:", "", fence + "text", answer or "(empty)", fence, ""]
     return "\n".join(lines)

@@ -52,6 +52,6 @@ def test_bench_serves_base_and_quantized_with_vllm(tmp_path):
     base = data["models"][0]["serving"]["answers"]
     assert "Tokyo" in base["short_qa"][0]["answer"]
     md = (bench / "bench.md").read_text()
-    assert "| base (SmolLM2-135M-Instruct) |" in md and "| fp8 (FP8) |" in md
+    assert "| base (builtin:smollm2-135m) |" in md and "| fp8 (FP8) |" in md
     for png in ("quality_vs_size.png", "quality_vs_speed.png", "throughput.png"):
         assert (bench / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
