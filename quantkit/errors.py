@@ -65,3 +65,7 @@ class DeviceMemoryError(QuantkitError):
 
 class HubError(QuantkitError):
     """Talking to the Hub failed in a way retrying will not fix (auth, permissions, endpoint)."""
+
+
+class MissingDependencyError(QuantkitError):
+    """An optional package a command needs is not installed; the hint names the extra."""
