@@ -69,3 +69,7 @@ class HubError(QuantkitError):
 
 class PlanError(QuantkitError):
     """The plan request cannot be answered (bad tensor-parallel size, unknown scheme, ...)."""
+
+
+class MissingDependencyError(QuantkitError):
+    """An optional package a command needs is not installed; the hint names the extra."""
