@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import struct
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import ModelError
+from .shard_check import model_file_error, read_entries, shard_entries
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +91,11 @@ class ModelSource:
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise ModelError(f"model.id: {path} has no config.json; give the folder of a Hugging Face model")
-        try:
-            config = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelError(f"model.id: {cfg_file} is not valid JSON ({e})") from None
-        return cls(path=path, config=config, weight_map=_weight_map(path, allow_pickle))
+        return cls(path=path, config=read_config(cfg_file), weight_map=_weight_map(path, allow_pickle))
+
+    def shard_files(self) -> list[Path]:
+        """The weight files, each once, in name order."""
+        return [self.path / s for s in sorted(set(self.weight_map.values()))]
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
@@ -119,11 +119,8 @@ class ModelSource:
         if shard is None:
             raise ModelError(f"model: tensor '{name}' is missing from {self.path}")
         path = self.path / shard
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            entry = json.loads(f.read(n))[name]
-        begin, end = entry["data_offsets"]
-        return path, entry["dtype"], list(entry["shape"]), 8 + n + begin, 8 + n + end
+        entry = read_entries(path)[name]
+        return path, entry.dtype, list(entry.shape), entry.begin, entry.end
 
     def tensor_on(self, name: str, device: torch.device, dtype: torch.dtype,
                   chunk_bytes: int = 64 << 20) -> torch.Tensor:
@@ -164,16 +161,49 @@ class ModelSource:
         return [self.path / n for n in names if (self.path / n).is_file()]
 
 
+def read_config(cfg_file: Path) -> dict[str, Any]:
+    """config.json as a dict; a malformed one, or one of an already-quantized model, is refused."""
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"model.id: {cfg_file} is not valid JSON ({e})", field="model.id", file=cfg_file,
+                         hint="fix or re-download config.json") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"model.id: {cfg_file} is not a JSON object of config fields", field="model.id",
+                         file=cfg_file, hint="fix or re-download config.json")
+    quantized = config.get("quantization_config")
+    if quantized is not None:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise ModelError(f"model.id: {cfg_file.parent} is already quantized ({method}: config.json has a "
+                         "quantization_config)", field="model.id", value=str(cfg_file.parent), file=cfg_file,
+                         hint="give the original float model (its bf16/fp16 safetensors)")
+    return config
+
+
 def _weight_map(path: Path, allow_pickle: bool) -> dict[str, str]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        return dict(json.loads(index.read_text())["weight_map"])
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            weight_map = e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelError(f"model.id: {index} is not a valid index (JSON with a weight_map of tensor -> "
+                             "shard file)", field="model.id", file=index, hint="fix or re-download it")
+        return dict(weight_map)
     shards = sorted(p.name for p in path.glob("*.safetensors"))
     if shards:
         out: dict[str, str] = {}
         for s in shards:
-            with safe_open(path / s, framework="pt") as f:
-                out.update({k: s for k in f.keys()})
+            entries, problems = shard_entries(path / s)
+            if problems and not entries:  # else the tensors' own problems are all reported at the check
+                raise model_file_error(problems[0], path / s)
+            for k in entries:
+                if k in out:
+                    raise ModelError(f"model.id: tensor {k} is in both {path / out[k]} and {path / s}, and no "
+                                     "model.safetensors.index.json says which to use", field="model.id",
+                                     file=path / s, hint="remove the stale shard")
+                out[k] = s
         return out
     pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
     if pickles and not allow_pickle:
