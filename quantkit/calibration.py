@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from .errors import CalibrationError
+from .text_rows import check_chat_rows, check_local_text
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,8 @@ def _from_dataset(req: TextRequest, tokenizer: Any) -> list[str]:
             # datasets fails on empty files with unrelated errors (IndexError, "no data")
             if path.stat().st_size < 4096 and not path.read_bytes().strip():
                 raise CalibrationError(f"{req.section}.source {path}: the file is empty")
+            if builder != "parquet":
+                check_local_text(path, req.section, builder)
             kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
         elif not path.exists() and (req.source.endswith(tuple(_FILE_BUILDERS)) or req.source.startswith((".", "/", "~"))):
@@ -194,7 +197,19 @@ def _from_dataset(req: TextRequest, tokenizer: Any) -> list[str]:
     if req.messages_column:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise CalibrationError(f"{req.section}.messages_column '{column}' needs a tokenizer with a chat template")
-        return [tokenizer.apply_chat_template(m, tokenize=False) for m in ds[column]]
+        rows = ds[column]
+        where = f"{req.section}.source '{req.source}'"
+        check_chat_rows(rows, where, column)
+        docs = []
+        for i, m in enumerate(rows, start=1):
+            try:
+                docs.append(tokenizer.apply_chat_template(m, tokenize=False))
+            except Exception as e:  # the model's own Jinja template raises what it likes
+                raise CalibrationError(f"{where}: row {i}: the chat template refused these messages "
+                                       f"({type(e).__name__}: {' '.join(str(e).split())[:200]})",
+                                       field=f"{req.section}.messages_column",
+                                       hint="fix the row or use text_column with plain text") from None
+        return docs
     return [str(t) for t in ds[column]]
 
 
