@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import QuantkitError
+from .errors import Interrupted, QuantkitError
 
 log = logging.getLogger("quantkit")
 
@@ -22,7 +22,7 @@ def _run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     if args.output_dir:
-        recipe.export.output_dir = Path(args.output_dir)
+        recipe.export.output_dir = Path(args.output_dir).expanduser()
     if args.overwrite:
         recipe.export.overwrite = True
     report = pipeline.run(recipe, quiet=args.quiet, resume=args.resume)
@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.func(args)
+    except Interrupted as e:  # the run said what it kept; exit as the shell would for the signal
+        if args.debug:
+            raise
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return 128 + e.signal
     except QuantkitError as e:
         if args.debug:
             raise

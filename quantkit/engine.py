@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .activations import attach_activation_quantizers
 from .errors import DeviceMemoryError, NumericsError
+from .finite_check import check_quantized, damaged_source_error
 from .layers import ModelSkeleton, embed
 from .model import ModelSource
 from .quantizers.base import InputHook, Quantizer
@@ -141,6 +142,8 @@ class LayerwiseEngine:
                 record = self.workdir.load_layer(i)
             else:
                 qweights = self.quantizer.quantize_layer(layer, arch, _LayerCalibration(sk, layer, h_calib))
+                for name, qw in qweights.items():
+                    check_quantized(sk.layer_prefix(i) + name, qw)
                 clock.lap("quantize")
                 quantized = {f"{name}.weight" for name in qweights}
                 floats = {k: v.detach().clone() for k, v in layer.state_dict().items() if k not in quantized}
@@ -203,8 +206,7 @@ def perplexity(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
 
 def _check_finite(t: torch.Tensor, name: str, source: ModelSource) -> None:
     if t.is_floating_point() and not torch.isfinite(t).all():
-        raise NumericsError(f"model: tensor {name} in {source.path / source.weight_map.get(name, '?')} contains "
-                            "NaN or Inf; the checkpoint is damaged (re-download or re-convert it)")
+        raise damaged_source_error(name, source.path / source.weight_map.get(name, "?"))
 
 
 def _check_finite_layer(layer: nn.Module, sk: ModelSkeleton, i: int) -> None:

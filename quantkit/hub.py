@@ -38,10 +38,13 @@ from typing import TypeVar
 
 import httpx2  # the HTTP library huggingface_hub 2.x is built on; its errors reach us unwrapped
 from huggingface_hub import HfApi, constants, get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import validate_repo_id
 
 from quantkit.errors import ExportError, HubError
+from quantkit.output_guard import MARKER
+from quantkit.shard_check import check_complete_safetensors, shard_entries
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,7 @@ def check_complete_output(folder: str | Path) -> None:
     Example:
         >>> check_complete_output("out/llama8b-awq")  # doctest: +SKIP
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     redo = "re-run the quantization into a fresh output_dir"
     if not folder.is_dir():
         raise ExportError(f"{folder} is not a folder: give the output_dir of a finished quantization")
@@ -107,10 +110,26 @@ def check_complete_output(folder: str | Path) -> None:
             raise ExportError(f"{index} names shards that are not in {folder}: {', '.join(missing)}; {redo}")
     elif not (folder / "model.safetensors").is_file():
         raise ExportError(f"{folder} has neither model.safetensors nor model.safetensors.index.json: {redo}")
+    for shard in sorted(folder.glob("*.safetensors")):
+        check_complete_safetensors(shard)
+    if index.is_file():
+        for name, shard in sorted(weight_map.items()):
+            if name not in shard_entries(folder / shard)[0]:
+                raise ExportError(f"{index} lists tensor {name} in {shard}, which does not hold it; {redo}",
+                                  file=folder / shard)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ExportError(f"{folder} has no tokenizer file ({' or '.join(TOKENIZER_FILES)}): {redo}")
     if not (folder / "README.md").is_file():
         raise ExportError(f"{folder} has no README.md model card: {redo}")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Raise `HubError` unless ``repo_id`` is a valid Hub model id (``namespace/name`` or ``name``)."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise HubError(f"'{repo_id}' is not a valid Hub repo id ({' '.join(str(e).split())})", field="repo_id",
+                       value=repo_id, hint="use namespace/name: letters, digits, '-', '_' and '.'") from None
 
 
 def _read_json(path: Path, redo: str):
@@ -149,7 +168,8 @@ def push_folder(
         >>> push_folder("out/llama8b-awq", "me/llama8b-awq", private=True)  # doctest: +SKIP
         PushResult(repo_id='me/llama8b-awq', revision='main', commit_oid='3f2a…', ...)
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
+    check_repo_id(repo_id)
     check_complete_output(folder)
     token = token or get_token()
     if not token:
@@ -189,6 +209,7 @@ def push_folder(
             revision=branch,
             commit_message=message,
             delete_patterns=STALE_WEIGHT_PATTERNS,
+            ignore_patterns=[MARKER],
         ),
     )
     remote = call(
@@ -215,7 +236,8 @@ def _local_files(folder: Path) -> dict[str, Path]:
     return {
         p.relative_to(folder).as_posix(): p
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and not any(part in _SKIPPED_DIRS for part in p.relative_to(folder).parts)
+        if p.is_file() and p.name != MARKER
+        and not any(part in _SKIPPED_DIRS for part in p.relative_to(folder).parts)
     }
 
 

@@ -24,15 +24,21 @@ from .calibration import TextRequest, load_tokens
 from .card import base_license, render_card
 from .checkpoint import CheckpointWriter, work_dir_for
 from .engine import LayerCallback, LayerwiseEngine
-from .errors import ExportError, QuantkitError, RecipeError
+from .errors import ExportError, Interrupted, QuantkitError, RecipeError
 from .export import export_checkpoint
+from .finite_check import check_source_tensors
 from .formats import FORMATS
+from .interrupts import as_run_failure, signal_name, signal_of, terminate_as_interrupt
 from .layers import ModelSkeleton
 from .model import ModelSource
-from .planner import serve_command
+from .output_guard import check_output_dir, run_inputs
+from .planner import ModelShape, serve_command
 from .quantizers import QUANTIZERS
 from .recipe import RecipeBase, parse_size
+from .run_lock import RunLock
 from .scheme import Scheme
+from .shard_check import check_model_files
+from .weight_fingerprint import check_unchanged, fingerprint_weights
 from .workdir import WorkDir, fingerprint
 
 log = logging.getLogger(__name__)
@@ -41,11 +47,23 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 
 def resolve_device(name: str) -> torch.device:
+    """The recipe's ``device`` as a torch device, or a `RecipeError` saying what exists here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RecipeError(f"device: '{name}' asked for but CUDA is not available; use device: cpu")
-    return torch.device(name)
+    hint = "use device: auto, cpu, cuda or cuda:N"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RecipeError(f"device: '{name}' is not a device", field="device", value=name, hint=hint) from None
+    if device.type not in ("cpu", "cuda"):
+        raise RecipeError(f"device: '{name}' is not supported", field="device", value=name, hint=hint)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"device: '{name}' asked for but CUDA is not available; use device: cpu",
+                          field="device", value=name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RecipeError(f"device: '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)",
+                          field="device", value=name, hint=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def resolve_dtype(name: str, config: dict[str, Any]) -> torch.dtype:
@@ -74,85 +92,129 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     """Quantize, evaluate, export and (if asked) push; returns the report.
 
     With ``resume`` a run killed part-way continues from its last finished layer (kept in a
-    hidden work folder beside ``export.output_dir``) and writes the same checkpoint.
+    hidden work folder beside ``export.output_dir``) and writes the same checkpoint. One run at
+    a time holds an output folder; Ctrl-C, SIGTERM or a full disk end the run with one line
+    saying what was kept, the output untouched.
     """
     started = time.perf_counter()
     token = os.environ.get("HF_TOKEN")
     source = ModelSource.open(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle, token)
+    ModelShape.from_config(source.config, str(source.path / "config.json"))
     arch = architecture_for(source.config, f"model {recipe.model.id}")
     params = recipe.quantization
     scheme = params.scheme()
     check_model_fits_scheme(source.config, arch, scheme, "recipe")
-    max_pos = source.config.get("max_position_embeddings")
-    for section, spec in (("calibration", recipe.calibration), ("evaluate", recipe.evaluate)):
-        if max_pos and spec.max_seq_length > max_pos:
-            raise RecipeError(f"recipe: {section}.max_seq_length {spec.max_seq_length} exceeds the model's "
-                              f"max_position_embeddings ({max_pos})")
+    quantizer = QUANTIZERS[params.method](params, source.config)
+    check_context_length(source.config, recipe, quantizer.needs_calibration)
     device = resolve_device(recipe.device)
     dtype = resolve_dtype(recipe.model.dtype, source.config)
     fmt = FORMATS[recipe.format_name]()
-    workdir = WorkDir(work_dir_for(recipe.export.output_dir))
-    writer = CheckpointWriter(recipe.export.output_dir, workdir.export, fmt, dtype,
+    output_dir = recipe.export.output_dir
+    workdir = WorkDir(work_dir_for(output_dir))
+    check_output_dir(output_dir, workdir.root, run_inputs(source.path, source.shard_files(), _text_sources(recipe)),
+                     recipe.export.overwrite)
+    writer = CheckpointWriter(output_dir, workdir.export, fmt, dtype,
                               parse_size(recipe.export.max_shard_size), recipe.export.overwrite)
-    writer.check_target()
-    check_disk_space(recipe.export.output_dir, source.config, scheme)
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
-    quantizer = QUANTIZERS[params.method](params, source.config)
-    calib: list[torch.Tensor] = []
-    cal = recipe.calibration
-    if quantizer.needs_calibration:
-        calib = load_tokens(
-            TextRequest(cal.source, cal.num_samples, cal.max_seq_length, cal.packing, cal.seed, True,
-                        cal.split, cal.subset, cal.text_column, cal.messages_column),
-            tokenizer, source.path,
-            generate=lambda n, length, seed: _self_generate(source.path, dtype, device, n, length, seed),
-        )
-    evaluation = None
-    ev = recipe.evaluate
-    if ev.enabled:
-        evaluation = load_tokens(TextRequest(ev.source, ev.num_samples, ev.max_seq_length, True, 0, False,
-                                             ev.split, None, ev.text_column, section="evaluate"),
-                                 tokenizer, source.path)
-
+    check_disk_space(output_dir, source.config, scheme)
     # CPUs here run bf16 matmuls ~8x slower than fp32, so compute in fp32 and export in dtype.
     compute_dtype = torch.float32 if device.type == "cpu" else dtype
     skeleton = ModelSkeleton(source, arch, device, compute_dtype)
-    run_id = fingerprint(__version__, recipe.model.model_dump(mode="json"), params.model_dump(mode="json"),
-                         cal.model_dump(mode="json"), source.weight_map, calib)
-    start = workdir.start(run_id, resume)
-    try:
-        engine = LayerwiseEngine(skeleton, quantizer, workdir, run_id, quiet, on_layer)
-        result = engine.run(calib, evaluation, cal.batch_size, start)
-        exporting = time.perf_counter()
-        writer.start()
-        export_checkpoint(skeleton, workdir, writer, quiet)
-        result.phase_seconds["export"] = time.perf_counter() - exporting
-        report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started)
-        config = dict(source.config)
-        config["quantization_config"] = fmt.quantization_config(scheme, [arch.lm_head], params.kv_cache_scheme())
-        config["torch_dtype"] = str(dtype).replace("torch.", "")
-        extra_files = {"report.json": json.dumps(report, indent=2),
-                       "README.md": render_card(report, base_license(source.path))}
-        copy = source.tokenizer_files() + [p for p in [source.path / "generation_config.json"] if p.is_file()]
-        writer.finalize(config, extra_files, copy)
-    except BaseException:
-        if workdir.layer_path(0).is_file():
-            log.warning("finished layers are kept in %s; run again with --resume to continue", workdir.root)
-        else:
-            workdir.remove()
-        raise
-    workdir.remove()
-    log.info("wrote %s", recipe.export.output_dir)
-    if recipe.push is not None:
-        from .hub import push_folder
+    check_model_files(source, skeleton.meta, skeleton.tied)
+    check_source_tensors(source, [arch.embed + ".weight", skeleton.lm_head_source_name()]
+                         + [n for n in source.weight_map if n.startswith(arch.final_norm + ".")])
 
-        p = recipe.push
-        push_folder(recipe.export.output_dir, p.repo_id, private=p.private, revision=p.revision,
-                    commit_message=p.commit_message)
+    with RunLock(output_dir, recipe.source_file), terminate_as_interrupt():
+        weights = fingerprint_weights(source.path, list(source.weight_map.values()),
+                                      recipe.model.fingerprint == "full", quiet)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
+        calib: list[torch.Tensor] = []
+        cal = recipe.calibration
+        if quantizer.needs_calibration:
+            calib = load_tokens(
+                TextRequest(cal.source, cal.num_samples, cal.max_seq_length, cal.packing, cal.seed, True,
+                            cal.split, cal.subset, cal.text_column, cal.messages_column),
+                tokenizer, source.path,
+                generate=lambda n, length, seed: _self_generate(source.path, dtype, device, n, length, seed),
+            )
+        evaluation = None
+        ev = recipe.evaluate
+        if ev.enabled:
+            evaluation = load_tokens(TextRequest(ev.source, ev.num_samples, ev.max_seq_length, True, 0, False,
+                                                 ev.split, None, ev.text_column, section="evaluate"),
+                                     tokenizer, source.path)
+
+        run_id = fingerprint(__version__, recipe.model.model_dump(mode="json"), params.model_dump(mode="json"),
+                             cal.model_dump(mode="json"), source.weight_map, calib)
+        start = workdir.start(run_id, resume, weights, source.path)
+        try:
+            engine = LayerwiseEngine(skeleton, quantizer, workdir, run_id, quiet, on_layer)
+            result = engine.run(calib, evaluation, cal.batch_size, start)
+            exporting = time.perf_counter()
+            writer.start()
+            export_checkpoint(skeleton, workdir, writer, quiet)
+            result.phase_seconds["export"] = time.perf_counter() - exporting
+            report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started)
+            config = dict(source.config)
+            config["quantization_config"] = fmt.quantization_config(scheme, [arch.lm_head], params.kv_cache_scheme())
+            config["torch_dtype"] = str(dtype).replace("torch.", "")
+            extra_files = {"report.json": json.dumps(report, indent=2),
+                           "README.md": render_card(report, base_license(source.path))}
+            copy = source.tokenizer_files() + [p for p in [source.path / "generation_config.json"] if p.is_file()]
+            check_unchanged(weights, fingerprint_weights(source.path, list(weights)), source.path,
+                            "before publishing")
+            writer.finalize(config, extra_files, copy)
+        except BaseException as e:
+            failure = as_run_failure(e, workdir.root, workdir.finished_layers(), skeleton.num_layers, output_dir,
+                                     writer.published)
+            if writer.published or not workdir.layer_path(0).is_file():
+                workdir.remove()
+            elif failure is None:
+                log.warning("finished layers are kept in %s; run again with --resume to continue", workdir.root)
+            else:
+                shutil.rmtree(workdir.export, ignore_errors=True)  # resume exports anew; free its space now
+            if failure is None:
+                raise
+            raise failure from None
+        workdir.remove()
+        log.info("wrote %s", output_dir)
+        if recipe.push is not None:
+            _push(output_dir, recipe.push)
     return report
+
+
+def check_context_length(config: dict[str, Any], recipe: RecipeBase, calibrates: bool) -> None:
+    """Sequences longer than the model's context, in the sections that run."""
+    max_pos = config.get("max_position_embeddings")
+    sections = [("calibration", recipe.calibration)] if calibrates else []
+    sections += [("evaluate", recipe.evaluate)] if recipe.evaluate.enabled else []
+    for section, spec in sections:
+        if isinstance(max_pos, int) and spec.max_seq_length > max_pos:
+            raise RecipeError(f"recipe: {section}.max_seq_length {spec.max_seq_length} exceeds the model's "
+                              f"max_position_embeddings ({max_pos})", field=f"{section}.max_seq_length",
+                              value=spec.max_seq_length)
+
+
+def _text_sources(recipe: RecipeBase) -> dict[str, str]:
+    """The local files a run reads text from, by recipe field (only for the sections that run)."""
+    sources = {"calibration.source": recipe.calibration.source}
+    if recipe.evaluate.enabled:
+        sources["evaluate.source"] = recipe.evaluate.source
+    return sources
+
+
+def _push(output_dir: Path, push: Any) -> None:
+    """Push the published folder; an interrupt here leaves the checkpoint complete, so say so."""
+    from .hub import push_folder
+
+    try:
+        push_folder(output_dir, push.repo_id, private=push.private, revision=push.revision,
+                    commit_message=push.commit_message)
+    except KeyboardInterrupt as e:
+        raise Interrupted(f"interrupted by {signal_name(e)} during the push; the checkpoint in {output_dir} is "
+                          "complete", signal=signal_of(e),
+                          hint=f"push it with: quantkit push {output_dir} {push.repo_id}") from None
 
 
 def check_disk_space(output_dir: Path, config: dict[str, Any], scheme: Scheme) -> None:

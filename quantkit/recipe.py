@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator
 
 from .architectures import ARCHITECTURES
-from .errors import RecipeError
+from .errors import HubError, RecipeError
 from .formats import FORMATS
 from .quantizers import QUANTIZERS, QuantizerParams
 
@@ -34,6 +34,10 @@ class ModelSpec(_Strict):
     )
     trust_remote_code: bool = Field(False, description="Must stay false: only built-in architectures run")
     allow_pickle: bool = Field(False, description="Accept .bin/.pt pickle weights (can run code)")
+    fingerprint: Literal["quick", "full"] = Field(
+        "quick", description="How --resume checks the weights did not change: quick = shard sizes, mtimes and "
+        "headers; full = hash every byte (reads the model once more; a copied model still resumes)"
+    )
 
     @field_validator("trust_remote_code")
     @classmethod
@@ -65,6 +69,11 @@ class CalibrationSpec(_Strict):
     seed: int = Field(0, description="Shuffling/sampling seed: same seed, same tokens")
     batch_size: int = Field(8, gt=0, description="Sequences per forward pass")
 
+    @field_validator("source")
+    @classmethod
+    def _home(cls, v: str) -> str:
+        return expand_home(v)
+
 
 class EvaluateSpec(_Strict):
     enabled: bool = Field(True, description="Measure perplexity of base and quantized model")
@@ -73,6 +82,11 @@ class EvaluateSpec(_Strict):
     text_column: str = "text"
     num_samples: int = Field(16, gt=0, description="Number of evaluation windows")
     max_seq_length: int = Field(512, gt=0, description="Tokens per window")
+
+    @field_validator("source")
+    @classmethod
+    def _home(cls, v: str) -> str:
+        return expand_home(v)
 
 
 class ExportSpec(_Strict):
@@ -87,12 +101,34 @@ class ExportSpec(_Strict):
         parse_size(v)
         return v
 
+    @field_validator("output_dir")
+    @classmethod
+    def _home(cls, v: Path) -> Path:
+        return v.expanduser()
+
 
 class PushSpec(_Strict):
     repo_id: str = Field(description="Hub repo to create or update, org/name")
     private: bool = False
     revision: str | None = Field(None, description="Branch to push to")
     commit_message: str | None = None
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, v: str) -> str:
+        # Checked here, not when the push starts hours later.
+        from .hub import check_repo_id
+
+        try:
+            check_repo_id(v)
+        except HubError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+
+def expand_home(source: str) -> str:
+    """``~/...`` text sources are local files; other sources (shipped names, hub ids) stay as given."""
+    return str(Path(source).expanduser()) if source.startswith("~") else source
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*$", re.I)
@@ -115,6 +151,19 @@ class RecipeBase(_Strict):
     evaluate: EvaluateSpec = EvaluateSpec()
     push: PushSpec | None = None
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N")
+    # The YAML file this recipe came from, when it came from one (the run lock names it).
+    _source_file: Path | None = PrivateAttr(None)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("use auto, cpu, cuda or cuda:N")
+        return v
+
+    @property
+    def source_file(self) -> str | None:
+        return None if self._source_file is None else str(self._source_file)
 
     @property
     def format_name(self) -> str:
@@ -147,7 +196,7 @@ def make_recipe(data: dict[str, Any], where: str = "recipe") -> RecipeBase:
 
 
 def load_recipe(path: str | Path) -> RecipeBase:
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
@@ -160,7 +209,9 @@ def load_recipe(path: str | Path) -> RecipeBase:
         raise RecipeError(f"{path}:{at} malformed YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with model, quantization, export, ...")
-    return make_recipe(data, where=str(path))
+    recipe = make_recipe(data, where=str(path))
+    recipe._source_file = path.resolve()
+    return recipe
 
 
 def _check_format(recipe: RecipeBase, where: str) -> None:

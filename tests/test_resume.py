@@ -74,7 +74,7 @@ def test_resume_refuses_work_of_another_recipe(tmp_path, text_file):
 
     model = make_tiny_model(tmp_path / "m", layers=1, hidden=128, intermediate=256)
     out = tmp_path / "out"
-    WorkDir(tmp_path / ".out.quantkit-partial").start("someone-else", resume=False)
+    WorkDir(tmp_path / ".out.quantkit-partial").start("someone-else", resume=False, weights={}, model_dir=model)
     recipe = make_recipe({"model": {"id": str(model)}, "quantization": {"method": "rtn"},
                           "evaluate": {"enabled": False}, "export": {"output_dir": str(out)}})
     try:
