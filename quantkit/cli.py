@@ -56,6 +56,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above zero (argparse prints the refusal as one line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number above 0, got '{text}'")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .recipe import recipe_fields_help
 
@@ -86,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity of a model or quantized checkpoint folder")
     ev.add_argument("checkpoint", help="folder written by `run`, a model folder, or builtin:smollm2-135m")
     ev.add_argument("--source", default="shakespeare-eval", help="text source (as calibration.source)")
-    ev.add_argument("--num-samples", type=int, default=16, help="number of windows")
-    ev.add_argument("--max-seq-length", type=int, default=512, help="tokens per window")
+    ev.add_argument("--num-samples", type=positive_int, default=16, help="number of windows")
+    ev.add_argument("--max-seq-length", type=positive_int, default=512, help="tokens per window")
     ev.add_argument("--json", action="store_true", help="print JSON")
     ev.set_defaults(func=_eval)
 

@@ -41,7 +41,7 @@ def damaged_source_error(name: str, file: Path) -> NumericsError:
 def check_source_tensors(source, names: list[str], chunk_bytes: int = 64 << 20) -> None:
     """Refuse non-finite values in the named tensors of ``source`` (a `ModelSource`), read in row
     chunks of about ``chunk_bytes`` so host memory holds one chunk of a 2 GB embedding."""
-    for name in names:
+    for name in dict.fromkeys(names):  # a tied lm_head is the embedding: read it once
         path = source.path / source.weight_map[name]
         with safe_open(path, framework="pt") as f:
             part = f.get_slice(name)

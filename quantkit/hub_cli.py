@@ -31,9 +31,11 @@ def add_push_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from quantkit.hub import push_folder  # huggingface_hub loads only when pushing
+    from quantkit.hub import check_complete_output, check_repo_id, push_folder  # huggingface_hub loads here
     from quantkit.run_lock import RunLock
 
+    check_repo_id(args.repo_id)
+    check_complete_output(args.output_dir)  # before the lock, which would create a missing folder's parents
     with RunLock(Path(args.output_dir).expanduser(), recipe="(quantkit push)"):  # no run may replace it meanwhile
         result = push_folder(
             args.output_dir,

@@ -88,10 +88,7 @@ class ModelSource:
         token: str | None = None,
     ) -> "ModelSource":
         path = resolve_model_dir(model, revision, token)
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise ModelError(f"model.id: {path} has no config.json; give the folder of a Hugging Face model")
-        return cls(path=path, config=read_config(cfg_file), weight_map=_weight_map(path, allow_pickle))
+        return cls(path=path, config=read_config(path / "config.json"), weight_map=_weight_map(path, allow_pickle))
 
     def shard_files(self) -> list[Path]:
         """The weight files, each once, in name order."""
@@ -161,8 +158,24 @@ class ModelSource:
         return [self.path / n for n in names if (self.path / n).is_file()]
 
 
-def read_config(cfg_file: Path) -> dict[str, Any]:
-    """config.json as a dict; a malformed one, or one of an already-quantized model, is refused."""
+def load_tokenizer(model_dir: Path) -> Any:
+    """The model's tokenizer, or `ModelError` when its files are missing or broken."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a missing or malformed tokenizer
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ModelError(f"model.id: {model_dir}: the tokenizer cannot be loaded ({type(e).__name__}: {first})",
+                         field="model.id", value=str(model_dir),
+                         hint="the folder needs tokenizer.json or tokenizer.model with tokenizer_config.json") from None
+
+
+def read_config(cfg_file: Path, quantized_ok: bool = False) -> dict[str, Any]:
+    """config.json as a dict; a malformed one is refused, and so is one of an already-quantized
+    model unless ``quantized_ok`` (evaluating a checkpoint)."""
+    if not cfg_file.is_file():
+        raise ModelError(f"model.id: {cfg_file.parent} has no config.json; give the folder of a Hugging Face model")
     try:
         config = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -172,7 +185,7 @@ def read_config(cfg_file: Path) -> dict[str, Any]:
         raise ModelError(f"model.id: {cfg_file} is not a JSON object of config fields", field="model.id",
                          file=cfg_file, hint="fix or re-download config.json")
     quantized = config.get("quantization_config")
-    if quantized is not None:
+    if quantized is not None and not quantized_ok:
         method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
         raise ModelError(f"model.id: {cfg_file.parent} is already quantized ({method}: config.json has a "
                          "quantization_config)", field="model.id", value=str(cfg_file.parent), file=cfg_file,

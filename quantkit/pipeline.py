@@ -30,7 +30,7 @@ from .finite_check import check_source_tensors
 from .formats import FORMATS
 from .interrupts import as_run_failure, signal_name, signal_of, terminate_as_interrupt
 from .layers import ModelSkeleton
-from .model import ModelSource
+from .model import ModelSource, load_tokenizer
 from .output_guard import check_output_dir, run_inputs
 from .planner import ModelShape, serve_command
 from .quantizers import QUANTIZERS
@@ -120,35 +120,35 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     compute_dtype = torch.float32 if device.type == "cpu" else dtype
     skeleton = ModelSkeleton(source, arch, device, compute_dtype)
     check_model_files(source, skeleton.meta, skeleton.tied)
+    tokenizer = load_tokenizer(source.path)
     check_source_tensors(source, [arch.embed + ".weight", skeleton.lm_head_source_name()]
                          + [n for n in source.weight_map if n.startswith(arch.final_norm + ".")])
 
     with RunLock(output_dir, recipe.source_file), terminate_as_interrupt():
-        weights = fingerprint_weights(source.path, list(source.weight_map.values()),
-                                      recipe.model.fingerprint == "full", quiet)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
-        calib: list[torch.Tensor] = []
-        cal = recipe.calibration
-        if quantizer.needs_calibration:
-            calib = load_tokens(
-                TextRequest(cal.source, cal.num_samples, cal.max_seq_length, cal.packing, cal.seed, True,
-                            cal.split, cal.subset, cal.text_column, cal.messages_column),
-                tokenizer, source.path,
-                generate=lambda n, length, seed: _self_generate(source.path, dtype, device, n, length, seed),
-            )
-        evaluation = None
-        ev = recipe.evaluate
-        if ev.enabled:
-            evaluation = load_tokens(TextRequest(ev.source, ev.num_samples, ev.max_seq_length, True, 0, False,
-                                                 ev.split, None, ev.text_column, section="evaluate"),
-                                     tokenizer, source.path)
-
-        run_id = fingerprint(__version__, recipe.model.model_dump(mode="json"), params.model_dump(mode="json"),
-                             cal.model_dump(mode="json"), source.weight_map, calib)
-        start = workdir.start(run_id, resume, weights, source.path)
+        started_work = False
         try:
+            weights = fingerprint_weights(source.path, list(source.weight_map.values()),
+                                          recipe.model.fingerprint == "full", quiet)
+            calib: list[torch.Tensor] = []
+            cal = recipe.calibration
+            if quantizer.needs_calibration:
+                calib = load_tokens(
+                    TextRequest(cal.source, cal.num_samples, cal.max_seq_length, cal.packing, cal.seed, True,
+                                cal.split, cal.subset, cal.text_column, cal.messages_column),
+                    tokenizer, source.path,
+                    generate=lambda n, length, seed: _self_generate(source.path, dtype, device, n, length, seed),
+                )
+            evaluation = None
+            ev = recipe.evaluate
+            if ev.enabled:
+                evaluation = load_tokens(TextRequest(ev.source, ev.num_samples, ev.max_seq_length, True, 0, False,
+                                                     ev.split, None, ev.text_column, section="evaluate"),
+                                         tokenizer, source.path)
+
+            run_id = fingerprint(__version__, recipe.model.model_dump(mode="json"), params.model_dump(mode="json"),
+                                 cal.model_dump(mode="json"), source.weight_map, calib)
+            start = workdir.start(run_id, resume, weights, source.path)
+            started_work = True
             engine = LayerwiseEngine(skeleton, quantizer, workdir, run_id, quiet, on_layer)
             result = engine.run(calib, evaluation, cal.batch_size, start)
             exporting = time.perf_counter()
@@ -168,12 +168,8 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
         except BaseException as e:
             failure = as_run_failure(e, workdir.root, workdir.finished_layers(), skeleton.num_layers, output_dir,
                                      writer.published)
-            if writer.published or not workdir.layer_path(0).is_file():
-                workdir.remove()
-            elif failure is None:
-                log.warning("finished layers are kept in %s; run again with --resume to continue", workdir.root)
-            else:
-                shutil.rmtree(workdir.export, ignore_errors=True)  # resume exports anew; free its space now
+            if started_work:
+                _clean_up_after_failure(workdir, writer, failure)
             if failure is None:
                 raise
             raise failure from None
@@ -182,6 +178,17 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
         if recipe.push is not None:
             _push(output_dir, recipe.push)
     return report
+
+
+def _clean_up_after_failure(workdir: WorkDir, writer: CheckpointWriter, failure: QuantkitError | None) -> None:
+    """Keep finished layers for --resume; after an interrupt or a full disk (whose line says what
+    was kept) also free the half-written export, which a resume writes anew."""
+    if writer.published or not workdir.layer_path(0).is_file():
+        workdir.remove()
+    elif failure is None:
+        log.warning("finished layers are kept in %s; run again with --resume to continue", workdir.root)
+    else:
+        shutil.rmtree(workdir.export, ignore_errors=True)
 
 
 def check_context_length(config: dict[str, Any], recipe: RecipeBase, calibrates: bool) -> None:

@@ -81,6 +81,14 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise `ExportError` naming the run that holds it."""
+        try:
+            self._acquire()
+        except OSError as e:
+            raise ExportError(f"export.output_dir {self.output_dir}: cannot create the lock file {self.path} "
+                              f"({e.strerror or e})", field="export.output_dir", value=str(self.output_dir),
+                              file=self.path, hint="choose a folder you can write to") from None
+
+    def _acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             created = True

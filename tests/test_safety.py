@@ -511,6 +511,23 @@ def test_careless_input_is_one_line(tmp_path, model, capsys, case):
     assert not out.exists()
 
 
+def test_model_without_a_tokenizer_is_refused_before_the_run(tmp_path, model):
+    m = copy_model(model, tmp_path / "m")
+    for f in m.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(ModelError) as e:
+        run(m, tmp_path / "out")
+    assert e.value.message.startswith(f"model.id: {m}: the tokenizer cannot be loaded (")
+    assert e.value.hint == "the folder needs tokenizer.json or tokenizer.model with tokenizer_config.json"
+    assert not lock_path_for(tmp_path / "out").exists()
+
+
+def test_eval_of_a_damaged_checkpoint_is_one_line(tmp_path, model, capsys):
+    m = copy_model(model, tmp_path / "m")
+    DAMAGE["header-past-end"][0](m / SHARD)
+    assert cli_error(capsys, "eval", m).startswith(f"error: {m / SHARD}: header length ")
+
+
 def test_push_refuses_an_invalid_repo_id_before_anything(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: any request would fail otherwise
     assert cli_error(capsys, "push", tmp_path, "a/b/c") == (
