@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import Interrupted, QuantkitError
+from .interrupts import signal_name, signal_of, terminate_as_interrupt
 
 log = logging.getLogger("quantkit")
 
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         for noisy in ("transformers", "datasets", "httpx", "httpx2", "huggingface_hub", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        return args.func(args)
+        with terminate_as_interrupt():  # SIGTERM unwinds like Ctrl-C, at any stage of any command
+            return args.func(args)
     except Interrupted as e:  # the run said what it kept; exit as the shell would for the signal
         if args.debug:
             raise
@@ -135,6 +137,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"interrupted by {signal_name(e)}", file=sys.stderr)
+        return 128 + signal_of(e)
