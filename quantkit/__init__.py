@@ -24,15 +24,17 @@ def quantize(recipe: "str | Path | Any | None" = None, *, quiet: bool = False, r
     from . import pipeline
     from .recipe import RecipeBase, load_recipe, make_recipe
 
+    recipe_file = None
     if recipe is None:
         if isinstance(options.get("model"), str):
             options["model"] = {"id": options["model"]}
         recipe = make_recipe(options, where="quantize()")
     elif isinstance(recipe, (str, Path)):
-        recipe = load_recipe(recipe)
+        recipe_file = Path(recipe).expanduser()
+        recipe = load_recipe(recipe_file)
     elif not isinstance(recipe, RecipeBase):
         raise TypeError("recipe must be a path, a Recipe, or None with keyword arguments")
-    return pipeline.run(recipe, quiet=quiet, resume=resume)
+    return pipeline.run(recipe, quiet=quiet, resume=resume, recipe_file=recipe_file)
 
 
 def load_recipe(path: "str | Path"):

@@ -26,7 +26,7 @@ def _run(args: argparse.Namespace) -> int:
         recipe.export.output_dir = Path(args.output_dir).expanduser()
     if args.overwrite:
         recipe.export.overwrite = True
-    report = pipeline.run(recipe, quiet=args.quiet, resume=args.resume)
+    report = pipeline.run(recipe, quiet=args.quiet, resume=args.resume, recipe_file=Path(args.recipe).expanduser())
     ev = report.get("evaluation")
     if ev:
         print(f"perplexity: base {ev['perplexity_base']:.3f} -> quantized {ev['perplexity_quantized']:.3f} "

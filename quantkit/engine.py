@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .activations import attach_activation_quantizers
 from .errors import DeviceMemoryError, NumericsError
-from .finite_check import check_quantized, damaged_source_error
+from .finite_check import check_quantized, check_written, damaged_source_error
 from .layers import ModelSkeleton, embed
 from .model import ModelSource
 from .quantizers.base import InputHook, Quantizer
@@ -148,6 +148,8 @@ class LayerwiseEngine:
                 quantized = {f"{name}.weight" for name in qweights}
                 floats = {k: v.detach().clone() for k, v in layer.state_dict().items() if k not in quantized}
                 record = LayerRecord(floats, dict(qweights), self.quantizer.extra_tensors())
+                for name, t in {**record.floats, **record.extra}.items():  # folded norms, KV scales
+                    check_written(sk.layer_prefix(i) + name, t)
                 self.workdir.save_layer(i, record, self.fingerprint)
                 clock.lap("save")
             apply_record(layer, record, sk.device, sk.dtype)

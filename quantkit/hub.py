@@ -43,7 +43,6 @@ from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import validate_repo_id
 
 from quantkit.errors import ExportError, HubError
-from quantkit.output_guard import MARKER
 from quantkit.shard_check import check_complete_safetensors, shard_entries
 
 log = logging.getLogger(__name__)
@@ -209,7 +208,6 @@ def push_folder(
             revision=branch,
             commit_message=message,
             delete_patterns=STALE_WEIGHT_PATTERNS,
-            ignore_patterns=[MARKER],
         ),
     )
     remote = call(
@@ -236,8 +234,7 @@ def _local_files(folder: Path) -> dict[str, Path]:
     return {
         p.relative_to(folder).as_posix(): p
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MARKER
-        and not any(part in _SKIPPED_DIRS for part in p.relative_to(folder).parts)
+        if p.is_file() and not any(part in _SKIPPED_DIRS for part in p.relative_to(folder).parts)
     }
 
 

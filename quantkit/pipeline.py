@@ -88,8 +88,11 @@ def check_model_fits_scheme(config: dict[str, Any], arch: Architecture, scheme: 
 
 
 def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None = None,
-        resume: bool = False) -> dict[str, Any]:
+        resume: bool = False, recipe_file: Path | None = None) -> dict[str, Any]:
     """Quantize, evaluate, export and (if asked) push; returns the report.
+
+    ``recipe_file``, the YAML the recipe came from, is named in the run's lock (so a second run
+    says which recipe holds the folder).
 
     With ``resume`` a run killed part-way continues from its last finished layer (kept in a
     hidden work folder beside ``export.output_dir``) and writes the same checkpoint. One run at
@@ -124,7 +127,8 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     check_source_tensors(source, [arch.embed + ".weight", skeleton.lm_head_source_name()]
                          + [n for n in source.weight_map if n.startswith(arch.final_norm + ".")])
 
-    with RunLock(output_dir, recipe.source_file), terminate_as_interrupt():
+    with RunLock(output_dir, None if recipe_file is None else str(Path(recipe_file).resolve())), \
+            terminate_as_interrupt():
         started_work = False
         try:
             weights = fingerprint_weights(source.path, list(source.weight_map.values()),

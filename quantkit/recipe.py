@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from .architectures import ARCHITECTURES
 from .errors import HubError, RecipeError
@@ -151,8 +151,6 @@ class RecipeBase(_Strict):
     evaluate: EvaluateSpec = EvaluateSpec()
     push: PushSpec | None = None
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N")
-    # The YAML file this recipe came from, when it came from one (the run lock names it).
-    _source_file: Path | None = PrivateAttr(None)
 
     @field_validator("device")
     @classmethod
@@ -160,10 +158,6 @@ class RecipeBase(_Strict):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
             raise ValueError("use auto, cpu, cuda or cuda:N")
         return v
-
-    @property
-    def source_file(self) -> str | None:
-        return None if self._source_file is None else str(self._source_file)
 
     @property
     def format_name(self) -> str:
@@ -209,9 +203,7 @@ def load_recipe(path: str | Path) -> RecipeBase:
         raise RecipeError(f"{path}:{at} malformed YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with model, quantization, export, ...")
-    recipe = make_recipe(data, where=str(path))
-    recipe._source_file = path.resolve()
-    return recipe
+    return make_recipe(data, where=str(path))
 
 
 def _check_format(recipe: RecipeBase, where: str) -> None:

@@ -38,7 +38,7 @@ from quantkit.quantizers import QUANTIZERS
 from quantkit.recipe import make_recipe
 from quantkit.run_lock import RunLock, _process_start, lock_path_for
 from quantkit.scheme import QuantizedWeight, Scheme, WeightScheme
-from tests.test_errors import cli_error
+from tests.test_errors import cli_error, gptq, recipe_file
 from tests.tiny_models import make_tiny_model, write_text_file
 
 
@@ -338,8 +338,7 @@ def test_index_naming_a_missing_shard_or_the_wrong_shard_lists_every_problem(tmp
 def test_damaged_shard_is_one_cli_line(tmp_path, model, capsys):
     m = copy_model(model, tmp_path / "m")
     DAMAGE["truncated"][0](m / SHARD)
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe_data(m, tmp_path / "out")))
+    path = recipe_file(tmp_path, m)
     raw = (m / SHARD).read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8:8 + n])
@@ -399,17 +398,6 @@ def test_writer_never_publishes_non_finite_or_zero_scales(tmp_path):
 # --------------------------------------------------------------------------- 7. careless input, one line
 
 
-def recipe_file(tmp_path: Path, data: dict) -> Path:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def gptq_on(text: Path, **calibration) -> dict:
-    return {"quantization": {"method": "gptq", "bits": 4, "group_size": 32},
-            "calibration": {"source": str(text), "num_samples": 2, "max_seq_length": 32, **calibration}}
-
-
 @pytest.mark.parametrize("errno_, said", [(errno.ENOSPC, "no space left on the disk"),
                                           (errno.EFBIG, "the file-size limit (ulimit -f) was reached")])
 def test_full_disk_says_what_is_kept_for_resume(tmp_path, model, monkeypatch, capsys, errno_, said):
@@ -426,7 +414,7 @@ def test_full_disk_says_what_is_kept_for_resume(tmp_path, model, monkeypatch, ca
 
     monkeypatch.setattr(workdir_module, "write_safetensors", full_at_second_layer)
     out, work = tmp_path / "out", tmp_path / ".out.quantkit-partial"
-    path = recipe_file(tmp_path, recipe_data(model, out))
+    path = recipe_file(tmp_path, model)
     assert cli_error(capsys, "run", path) == (
         f"error: {said} while writing {work}; 1 of 2 layers are finished and kept in {work}; {out} is untouched; "
         "free space (or raise the limit), then run again with --resume to continue")
@@ -439,7 +427,7 @@ def test_file_size_limit_is_one_line_for_real(tmp_path, model, capsys):
     import resource
 
     out, work = tmp_path / "out", tmp_path / ".out.quantkit-partial"
-    path = recipe_file(tmp_path, recipe_data(model, out))
+    path = recipe_file(tmp_path, model)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     # A work layer (~40 KB) fits; the exported shard, written from byte 256 KiB on, does not.
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
@@ -475,14 +463,14 @@ def test_careless_input_is_one_line(tmp_path, model, capsys, case):
     elif case == "chat-shape":
         (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
                                              + json.dumps({"messages": "hello"}) + "\n")
-        extra = gptq_on(tmp_path / "chat.jsonl", messages_column="messages")
+        extra = gptq(tmp_path / "chat.jsonl", messages_column="messages")
     else:
         name = {"non-utf8-jsonl": "t.jsonl", "non-utf8-txt": "t.txt", "bad-json-row": "t.jsonl"}[case]
         second = b'{"text": "caf\xe9"}' if case == "non-utf8-jsonl" else b"\xff\xfe" if case == "non-utf8-txt" \
             else b'{"text": "unterminated}'
         (tmp_path / name).write_bytes(b'{"text": "fine"}\n' + second + b"\n")
-        extra = gptq_on(tmp_path / name)
-    path = recipe_file(tmp_path, recipe_data(m, out, **extra))
+        extra = gptq(tmp_path / name)
+    path = recipe_file(tmp_path, m, export={"output_dir": str(out)}, **extra)
     text = tmp_path / ("t.txt" if case == "non-utf8-txt" else "t.jsonl")
     expected = {
         "config-list": f"model.id: {m / 'config.json'} is not a JSON object of config fields; fix or re-download "
@@ -539,7 +527,7 @@ def test_push_refuses_an_invalid_repo_id_before_anything(tmp_path, capsys, monke
 def test_home_in_every_path_expands(tmp_path, model, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     write_text_file(tmp_path / "calib.jsonl", n_docs=8)
-    data = recipe_data(model, Path("~/out"), **gptq_on(Path("~/calib.jsonl")))
+    data = recipe_data(model, Path("~/out"), **gptq(Path("~/calib.jsonl")))
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
     assert main(["--quiet", "run", "~/r.yaml"]) == 0
     assert main(["--quiet", "run", "~/r.yaml", "--output-dir", "~/out2"]) == 0
@@ -589,9 +577,8 @@ def test_signal_mid_run_leaves_output_untouched_lock_released_and_work_resumable
     out.mkdir()
     (out / MARKER).write_text(marker_text())
     (out / "config.json").write_text("previous")
-    data = recipe_data(slow_model, out, **gptq_on(text_file, num_samples=8, max_seq_length=64))
-    data["export"]["overwrite"] = True
-    path = recipe_file(tmp_path, data)
+    path = recipe_file(tmp_path, slow_model, **gptq(text_file, num_samples=8),
+                       export={"output_dir": str(out), "overwrite": True})
     state = tmp_path / ".out.quantkit-partial" / "state.json"
     watcher = SignalAfterFirstLayer(state, sig, total=4)
     watcher.start()
