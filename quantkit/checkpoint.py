@@ -201,15 +201,21 @@ class CheckpointWriter:
             raise ExportError(f"{e.message} (it appeared or changed during the run); the finished checkpoint is "
                               f"kept in {self.work_dir}", field=e.field, value=e.value, hint=e.hint) from None
         old = old_dir_for(self.output_dir)
-        if old.exists():  # a leftover of a publish killed after its swap: the output is newer
-            shutil.rmtree(old)
+        _remove(old)  # left by a publish killed after its swap: the output is newer
         with deferred_interrupts():
             if self.output_dir.exists():
                 os.replace(self.output_dir, old)
             os.replace(self.work_dir, self.output_dir)
             self.published = True
-            if old.exists():
-                shutil.rmtree(old)
+            _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder, or only the link when it is one (never what a linked output pointed to)."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _write_all(f, data) -> None:

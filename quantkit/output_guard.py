@@ -95,7 +95,7 @@ def check_replaceable(output_dir: Path, overwrite: bool) -> None:
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir():
-        raise ExportError(f"{FIELD} {output_dir} is a file", field=FIELD, value=str(output_dir),
+        raise ExportError(f"{FIELD} {output_dir} exists and is not a folder", field=FIELD, value=str(output_dir),
                           hint="choose a folder path that does not exist")
     if not overwrite:
         raise ExportError(f"{FIELD} {output_dir} exists", field=FIELD, value=str(output_dir),

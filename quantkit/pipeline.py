@@ -24,7 +24,7 @@ from .calibration import TextRequest, load_tokens
 from .card import base_license, render_card
 from .checkpoint import CheckpointWriter, work_dir_for
 from .engine import LayerCallback, LayerwiseEngine
-from .errors import ExportError, Interrupted, QuantkitError, RecipeError
+from .errors import ExportError, Interrupted, ModelError, QuantkitError, RecipeError
 from .export import export_checkpoint
 from .finite_check import check_source_tensors
 from .formats import FORMATS
@@ -121,7 +121,7 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     check_disk_space(output_dir, source.config, scheme)
     # CPUs here run bf16 matmuls ~8x slower than fp32, so compute in fp32 and export in dtype.
     compute_dtype = torch.float32 if device.type == "cpu" else dtype
-    skeleton = ModelSkeleton(source, arch, device, compute_dtype)
+    skeleton = build_skeleton(source, arch, device, compute_dtype)
     check_model_files(source, skeleton.meta, skeleton.tied)
     tokenizer = load_tokenizer(source.path)
     check_source_tensors(source, [arch.embed + ".weight", skeleton.lm_head_source_name()]
@@ -193,6 +193,18 @@ def _clean_up_after_failure(workdir: WorkDir, writer: CheckpointWriter, failure:
         log.warning("finished layers are kept in %s; run again with --resume to continue", workdir.root)
     else:
         shutil.rmtree(workdir.export, ignore_errors=True)
+
+
+def build_skeleton(source: ModelSource, arch: Architecture, device: torch.device, dtype: torch.dtype) -> ModelSkeleton:
+    """The model on the meta device; a config.json transformers refuses (an unknown model_type, a
+    malformed rope_scaling ...) is a `ModelError` naming it, not a traceback."""
+    try:
+        return ModelSkeleton(source, arch, device, dtype)
+    except Exception as e:  # transformers' config classes raise many types
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ModelError(f"model.id: {source.path / 'config.json'}: transformers cannot build the model from it "
+                         f"({type(e).__name__}: {first})", field="model.id", file=source.path / "config.json",
+                         hint="fix or re-download config.json") from None
 
 
 def check_context_length(config: dict[str, Any], recipe: RecipeBase, calibrates: bool) -> None:

@@ -155,6 +155,16 @@ def test_overwrite_replaces_only_a_folder_quantkit_wrote(tmp_path, model):
     assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
 
 
+def test_linked_output_is_replaced_without_touching_its_target(tmp_path, model):
+    target = tmp_path / "previous"
+    run(model, target)
+    before = snapshot(target)
+    (tmp_path / "out").symlink_to(target)
+    run(model, tmp_path / "out", export={"output_dir": str(tmp_path / "out"), "overwrite": True})
+    assert not (tmp_path / "out").is_symlink() and (tmp_path / "out" / MARKER).is_file()
+    assert snapshot(target) == before
+
+
 def test_publish_killed_between_its_renames_gives_the_old_output_back(tmp_path, model):
     out = tmp_path / "out"
     parked = old_dir_for(out)
@@ -497,6 +507,16 @@ def test_careless_input_is_one_line(tmp_path, model, capsys, case):
     }[case]
     assert cli_error(capsys, "run", path) == f"error: {expected}"
     assert not out.exists()
+
+
+def test_config_transformers_refuses_is_one_error(tmp_path, model):
+    m = copy_model(model, tmp_path / "m")
+    config = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**config, "rope_scaling": "garbage"}))
+    with pytest.raises(ModelError) as e:
+        run(m, tmp_path / "out")
+    assert e.value.message.startswith(f"model.id: {m / 'config.json'}: transformers cannot build the model from it (")
+    assert e.value.file == str(m / "config.json")
 
 
 def test_model_without_a_tokenizer_is_refused_before_the_run(tmp_path, model):
