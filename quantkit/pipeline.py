@@ -220,7 +220,7 @@ def check_context_length(config: dict[str, Any], recipe: RecipeBase, calibrates:
 
 
 def _text_sources(recipe: RecipeBase) -> dict[str, str]:
-    """The local files a run reads text from, by recipe field (only for the sections that run)."""
+    """The text sources the recipe names, by recipe field (protected from the output even where unused)."""
     sources = {"calibration.source": recipe.calibration.source}
     if recipe.evaluate.enabled:
         sources["evaluate.source"] = recipe.evaluate.source
