@@ -221,10 +221,7 @@ def check_context_length(config: dict[str, Any], recipe: RecipeBase, calibrates:
 
 def _text_sources(recipe: RecipeBase) -> dict[str, str]:
     """The text sources the recipe names, by recipe field (protected from the output even where unused)."""
-    sources = {"calibration.source": recipe.calibration.source}
-    if recipe.evaluate.enabled:
-        sources["evaluate.source"] = recipe.evaluate.source
-    return sources
+    return {"calibration.source": recipe.calibration.source, "evaluate.source": recipe.evaluate.source}
 
 
 def _push(output_dir: Path, push: Any) -> None:
