@@ -125,7 +125,7 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     check_model_files(source, skeleton.meta, skeleton.tied)
     tokenizer = load_tokenizer(source.path)
     check_source_tensors(source, [arch.embed + ".weight", skeleton.lm_head_source_name()]
-                         + [n for n in source.weight_map if n.startswith(arch.final_norm + ".")])
+                         + [n for n in source.weight_map if n.startswith(arch.final_norm + ".")], device)
 
     with RunLock(output_dir, None if recipe_file is None else str(Path(recipe_file).resolve())), \
             terminate_as_interrupt():
