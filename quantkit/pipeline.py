@@ -91,13 +91,11 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
         resume: bool = False, recipe_file: Path | None = None) -> dict[str, Any]:
     """Quantize, evaluate, export and (if asked) push; returns the report.
 
-    ``recipe_file``, the YAML the recipe came from, is named in the run's lock (so a second run
-    says which recipe holds the folder).
-
     With ``resume`` a run killed part-way continues from its last finished layer (kept in a
     hidden work folder beside ``export.output_dir``) and writes the same checkpoint. One run at
     a time holds an output folder; Ctrl-C, SIGTERM or a full disk end the run with one line
-    saying what was kept, the output untouched.
+    saying what was kept, the output untouched. ``recipe_file``, the YAML the recipe came from,
+    is named in the run's lock, so a second run says which recipe holds the folder.
     """
     started = time.perf_counter()
     token = os.environ.get("HF_TOKEN")
