@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .activations import attach_activation_quantizers
+from .divergence import compare_streams
 from .errors import DeviceMemoryError, NumericsError
 from .finite_check import check_quantized, check_written, damaged_source_error
 from .layers import ModelSkeleton, embed
@@ -70,6 +71,8 @@ class _LayerCalibration:
 class EngineResult:
     perplexity_base: float | None = None
     perplexity_quantized: float | None = None
+    # KL of the quantized next-token distribution from the base's, top-1 agreement (divergence.py).
+    divergence: dict[str, float | int] | None = None
     layer_seconds: list[float] = field(default_factory=list)
     # Seconds per stage summed over layers (load, quantize, save, propagate, ...).
     phase_seconds: dict[str, float] = field(default_factory=dict)
@@ -172,9 +175,13 @@ class LayerwiseEngine:
         if eval_batches:
             norm = sk.final_norm()
             head = sk.source.tensor_on(sk.lm_head_source_name(), sk.device, sk.dtype)
-            result.perplexity_base = perplexity((F.linear(norm(h[:, :-1]), head), t) for h, t in zip(h_base, eval_batches))
-            result.perplexity_quantized = perplexity(
-                (F.linear(norm(h[:, :-1]), head), t) for h, t in zip(h_quant, eval_batches))
+            streams = tqdm(zip(h_base, h_quant, eval_batches), total=len(eval_batches), desc="comparing logits",
+                           unit="batch", disable=self.quiet)
+            compared = compare_streams(((hb[:, :-1], hq[:, :-1], t[:, 1:]) for hb, hq, t in streams),
+                                       lambda h: F.linear(norm(h), head), head.shape[0])
+            result.perplexity_base, result.perplexity_quantized = compared.perplexity_base, compared.perplexity_quantized
+            result.divergence = compared.divergence()
+            clock.lap("evaluate")
         return result
 
 

@@ -67,6 +67,10 @@ class HubError(QuantkitError):
     """Talking to the Hub failed in a way retrying will not fix (auth, permissions, endpoint)."""
 
 
+class MissingDependencyError(QuantkitError):
+    """An optional package a command needs is not installed; the hint names the extra."""
+
+
 class Interrupted(QuantkitError, KeyboardInterrupt):
     """A run stopped by Ctrl-C or SIGTERM; the message says what was kept for ``--resume``.
 

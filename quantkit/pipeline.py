@@ -271,6 +271,7 @@ def _report(recipe: RecipeBase, source: ModelSource, scheme: Scheme, device: tor
         evaluation_report = {
             "source": ev.source, "num_windows": len(evaluation), "seq_len": ev.max_seq_length,
             "perplexity_base": result.perplexity_base, "perplexity_quantized": result.perplexity_quantized,
+            **(result.divergence or {}),
         }
     cal = recipe.calibration
     return {
