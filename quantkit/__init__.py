@@ -24,7 +24,9 @@ def quantize(recipe: "str | Path | Any | None" = None, *, quiet: bool = False, r
     """
     from . import pipeline
 
-    return pipeline.run(_recipe(recipe, options, "quantize()"), quiet=quiet, resume=resume)
+    recipe_file = Path(recipe).expanduser() if isinstance(recipe, (str, Path)) else None
+    return pipeline.run(_recipe(recipe, options, "quantize()"), quiet=quiet, resume=resume,
+                        recipe_file=recipe_file)
 
 
 def validate(recipe: "str | Path | Any | None" = None, **options: Any):

@@ -26,6 +26,7 @@ import yaml
 
 from . import shipped
 from .errors import CalibrationError
+from .text_rows import check_chat_rows, check_local_text
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,8 @@ def _from_dataset(req: TextRequest, tokenizer: Any) -> list[str]:
             if path.stat().st_size < 4096 and not path.read_bytes().strip():
                 raise CalibrationError(f"{req.section}.source {path}: the file is empty", field=f"{req.section}.source",
                                        value=req.source, file=path)
+            if builder != "parquet":
+                check_local_text(path, req.section, builder)
             kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
         elif not path.exists() and _looks_local(req.source):
@@ -256,7 +259,19 @@ def _from_dataset(req: TextRequest, tokenizer: Any) -> list[str]:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise CalibrationError(f"{req.section}.messages_column '{column}' needs a tokenizer with a chat template",
                                    field=f"{req.section}.messages_column", value=column)
-        return [tokenizer.apply_chat_template(m, tokenize=False) for m in ds[column]]
+        rows = ds[column]
+        where = f"{req.section}.source '{req.source}'"
+        check_chat_rows(rows, where, column)
+        docs = []
+        for i, m in enumerate(rows, start=1):
+            try:
+                docs.append(tokenizer.apply_chat_template(m, tokenize=False))
+            except Exception as e:  # the model's own Jinja template raises what it likes
+                raise CalibrationError(f"{where}: row {i}: the chat template refused these messages "
+                                       f"({type(e).__name__}: {' '.join(str(e).split())[:200]})",
+                                       field=f"{req.section}.messages_column",
+                                       hint="fix the row or use text_column with plain text") from None
+        return docs
     return [str(t) for t in ds[column]]
 
 

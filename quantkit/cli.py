@@ -11,7 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import QuantkitError
+from .errors import Interrupted, QuantkitError
+from .interrupts import signal_name, signal_of, terminate_as_interrupt
 
 log = logging.getLogger("quantkit")
 
@@ -24,7 +25,7 @@ def _recipe(args: argparse.Namespace):
     if args.model:
         recipe.model.id, recipe.model.revision = args.model, None
     if args.output_dir:
-        recipe.export.output_dir = Path(args.output_dir)
+        recipe.export.output_dir = Path(args.output_dir).expanduser()
     if args.overwrite:
         recipe.export.overwrite = True
     return recipe
@@ -33,7 +34,8 @@ def _recipe(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     from . import pipeline
 
-    report = pipeline.run(_recipe(args), quiet=args.quiet, resume=args.resume)
+    report = pipeline.run(_recipe(args), quiet=args.quiet, resume=args.resume,
+                          recipe_file=Path(args.recipe).expanduser())
     ev = report.get("evaluation")
     if ev:
         print(f"perplexity: base {ev['perplexity_base']:.3f} -> quantized {ev['perplexity_quantized']:.3f} "
@@ -125,6 +127,17 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above zero (argparse prints the refusal as one line)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number above 0, got '{text}'")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .recipe import recipe_fields_help
     from .shipped import recipe_names
@@ -169,13 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--base", help="base model to compare against (default: the model in report.json)")
     ev.add_argument("--backend", default="auto", help="auto (vLLM if installed, else hf) | hf | vllm")
     ev.add_argument("--device", default="auto", help="auto | cpu | cuda (hf backend)")
-    ev.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (hf backend)")
-    ev.add_argument("--limit", type=int, help="first N documents of each task (quick checks only)")
+    ev.add_argument("--batch-size", type=positive_int, default=8, help="lm-eval batch size (hf backend)")
+    ev.add_argument("--limit", type=positive_int, help="first N documents of each task (quick checks only)")
     ev.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
     ev.add_argument("--include-path", action="append", default=[], help="folder of your lm-eval task YAMLs")
     ev.add_argument("--source", default="shakespeare-eval", help="text source (as calibration.source)")
-    ev.add_argument("--num-samples", type=int, default=16, help="number of windows")
-    ev.add_argument("--max-seq-length", type=int, default=512, help="tokens per window")
+    ev.add_argument("--num-samples", type=positive_int, default=16, help="number of windows")
+    ev.add_argument("--max-seq-length", type=positive_int, default=512, help="tokens per window")
     ev.add_argument("--json", action="store_true", help="print JSON")
     ev.set_defaults(func=_eval)
 
@@ -219,12 +232,18 @@ def main(argv: list[str] | None = None) -> int:
         for noisy in ("transformers", "datasets", "httpx", "httpx2", "huggingface_hub", "urllib3", "lm_eval", "vllm"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        return args.func(args)
+        with terminate_as_interrupt():  # SIGTERM unwinds like Ctrl-C, at any stage of any command
+            return args.func(args)
+    except Interrupted as e:  # the run said what it kept; exit as the shell would for the signal
+        if args.debug:
+            raise
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return 128 + e.signal
     except QuantkitError as e:
         if args.debug:
             raise
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"interrupted by {signal_name(e)}", file=sys.stderr)
+        return 128 + signal_of(e)

@@ -25,6 +25,7 @@ from . import seeding
 from .activations import attach_activation_quantizers
 from .divergence import compare_streams
 from .errors import DeviceMemoryError, NumericsError
+from .finite_check import check_quantized, check_written, damaged_source_error
 from .layers import ModelSkeleton, embed
 from .model import ModelSource
 from .quantizers.base import InputHook, Quantizer
@@ -151,10 +152,14 @@ class LayerwiseEngine:
             else:
                 calibration = _LayerCalibration(sk, layer, h_calib, self.seed, i)
                 qweights = self.quantizer.quantize_layer(layer, arch, calibration)
+                for name, qw in qweights.items():
+                    check_quantized(sk.layer_prefix(i) + name, qw)
                 clock.lap("quantize")
                 quantized = {f"{name}.weight" for name in qweights}
                 floats = {k: v.detach().clone() for k, v in layer.state_dict().items() if k not in quantized}
                 record = LayerRecord(floats, dict(qweights), self.quantizer.extra_tensors())
+                for name, t in {**record.floats, **record.extra}.items():  # folded norms, KV scales
+                    check_written(sk.layer_prefix(i) + name, t)
                 self.workdir.save_layer(i, record, self.fingerprint)
                 clock.lap("save")
             apply_record(layer, record, sk.device, sk.dtype)
@@ -217,9 +222,7 @@ def perplexity(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
 
 def _check_finite(t: torch.Tensor, name: str, source: ModelSource) -> None:
     if t.is_floating_point() and not torch.isfinite(t).all():
-        shard = source.path / source.weight_map.get(name, "?")
-        raise NumericsError(f"model: tensor {name} in {shard} contains NaN or Inf", value=name, file=shard,
-                            hint="the checkpoint is damaged (re-download or re-convert it)")
+        raise damaged_source_error(name, source.path / source.weight_map.get(name, "?"))
 
 
 def _check_finite_layer(layer: nn.Module, sk: ModelSkeleton, i: int) -> None:

@@ -38,10 +38,12 @@ from typing import TypeVar
 
 import httpx2  # the HTTP library huggingface_hub 2.x is built on; its errors reach us unwrapped
 from huggingface_hub import HfApi, constants, get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import validate_repo_id
 
 from quantkit.errors import ExportError, HubError
+from quantkit.shard_check import check_complete_safetensors, shard_entries
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ def check_complete_output(folder: str | Path) -> None:
     Example:
         >>> check_complete_output("out/llama8b-awq")  # doctest: +SKIP
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise ExportError(f"{folder} is not a folder", field="folder", value=str(folder), file=folder,
                           hint="give the output_dir of a finished quantization")
@@ -105,6 +107,12 @@ def check_complete_output(folder: str | Path) -> None:
             raise _incomplete(index, f"names shards that are not in {folder}: {', '.join(missing)}")
     elif not (folder / "model.safetensors").is_file():
         raise _incomplete(folder, "has neither model.safetensors nor model.safetensors.index.json")
+    for shard in sorted(folder.glob("*.safetensors")):
+        check_complete_safetensors(shard)
+    if index.is_file():
+        for name, shard in sorted(weight_map.items()):
+            if name not in shard_entries(folder / shard)[0]:
+                raise _incomplete(index, f"lists tensor {name} in {shard}, which does not hold it")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise _incomplete(folder, f"has no tokenizer file ({' or '.join(TOKENIZER_FILES)})")
     if not (folder / "README.md").is_file():
@@ -113,6 +121,15 @@ def check_complete_output(folder: str | Path) -> None:
 
 def _incomplete(path: Path, what: str) -> ExportError:
     return ExportError(f"{path} {what}", file=path, hint="re-run the quantization into a fresh output_dir")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Raise `HubError` unless ``repo_id`` is a valid Hub model id (``namespace/name`` or ``name``)."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise HubError(f"'{repo_id}' is not a valid Hub repo id ({' '.join(str(e).split())})", field="repo_id",
+                       value=repo_id, hint="use namespace/name: letters, digits, '-', '_' and '.'") from None
 
 
 def _read_json(path: Path):
@@ -151,7 +168,8 @@ def push_folder(
         >>> push_folder("out/llama8b-awq", "me/llama8b-awq", private=True)  # doctest: +SKIP
         PushResult(repo_id='me/llama8b-awq', revision='main', commit_oid='3f2a…', ...)
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
+    check_repo_id(repo_id)
     check_complete_output(folder)
     token = token or get_token()
     if not token:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import struct
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import ModelError
+from .shard_check import model_file_error, model_file_problems, raise_problems, read_entries, shard_entries
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +112,11 @@ class ModelSource:
         token: str | None = None,
     ) -> "ModelSource":
         path = resolve_model_dir(model, revision, token)
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise ModelError(f"model.id: {path} has no config.json", field="model.id", value=model, file=cfg_file,
-                             hint="give the folder of a Hugging Face model")
-        try:
-            config = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelError(f"model.id: {cfg_file} is not valid JSON ({e})", field="model.id", value=model,
-                             file=cfg_file) from None
-        return cls(path=path, config=config, weight_map=_weight_map(path, allow_pickle))
+        return cls(path=path, config=read_config(path / "config.json"), weight_map=_weight_map(path, allow_pickle))
+
+    def shard_files(self) -> list[Path]:
+        """The weight files, each once, in name order."""
+        return [self.path / s for s in sorted(set(self.weight_map.values()))]
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
@@ -145,18 +140,16 @@ class ModelSource:
         if shard is None:
             raise _missing_tensor(name, self.path)
         path = self.path / shard
-        header, data_start = read_safetensors_header(path)
-        entry = header[name]
-        begin, end = entry["data_offsets"]
-        return path, entry["dtype"], list(entry["shape"]), data_start + begin, data_start + end
+        entry = read_entries(path)[name]
+        return path, entry.dtype, list(entry.shape), entry.begin, entry.end
 
     def tensor_headers(self) -> dict[str, dict[str, Any]]:
-        """Every tensor's header entry (``dtype``, ``shape``, ``data_offsets``) from the shard
-        headers alone: what validation knows of the weights without reading one."""
+        """Every tensor's ``dtype`` and ``shape`` from the shard headers alone (each checked):
+        what validation knows of the weights without reading one."""
+        raise_problems(model_file_problems(self.path, self.weight_map, {}, tied=True))
         entries: dict[str, dict[str, Any]] = {}
-        for shard in sorted(set(self.weight_map.values())):
-            header, _ = read_safetensors_header(self.path / shard)
-            entries.update({k: v for k, v in header.items() if k != "__metadata__"})
+        for shard in self.shard_files():
+            entries.update({k: {"dtype": e.dtype, "shape": list(e.shape)} for k, e in read_entries(shard).items()})
         return entries
 
     def tensor_on(self, name: str, device: torch.device, dtype: torch.dtype,
@@ -203,35 +196,66 @@ def _missing_tensor(name: str, folder: Path) -> ModelError:
                       hint="the checkpoint does not match its config; re-download or re-convert it")
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's JSON header and the offset where its tensor data starts."""
-    def unreadable(why: str) -> ModelError:
-        return ModelError(f"model: {path} is not a readable safetensors file ({why})", file=path,
-                          hint="re-download or re-convert the model")
+def load_tokenizer(model_dir: Path) -> Any:
+    """The model's tokenizer, or `ModelError` when its files are missing or broken."""
+    from transformers import AutoTokenizer
 
     try:
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            if n > os.fstat(f.fileno()).st_size - 8:
-                raise unreadable(f"header length {n} exceeds the file")
-            header = json.loads(f.read(n))
-    except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise unreadable(type(e).__name__) from None
-    if not isinstance(header, dict):
-        raise unreadable("header is not a mapping")
-    return header, 8 + n
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a missing or malformed tokenizer
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ModelError(f"model.id: {model_dir}: the tokenizer cannot be loaded ({type(e).__name__}: {first})",
+                         field="model.id", value=str(model_dir),
+                         hint="the folder needs tokenizer.json or tokenizer.model with tokenizer_config.json") from None
+
+
+def read_config(cfg_file: Path, quantized_ok: bool = False) -> dict[str, Any]:
+    """config.json as a dict; a malformed one is refused, and so is one of an already-quantized
+    model unless ``quantized_ok`` (evaluating a checkpoint)."""
+    if not cfg_file.is_file():
+        raise ModelError(f"model.id: {cfg_file.parent} has no config.json", field="model.id",
+                         value=str(cfg_file.parent), file=cfg_file, hint="give the folder of a Hugging Face model")
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"model.id: {cfg_file} is not valid JSON ({e})", field="model.id", file=cfg_file,
+                         hint="fix or re-download config.json") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"model.id: {cfg_file} is not a JSON object of config fields", field="model.id",
+                         file=cfg_file, hint="fix or re-download config.json")
+    quantized = config.get("quantization_config")
+    if quantized is not None and not quantized_ok:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise ModelError(f"model.id: {cfg_file.parent} is already quantized ({method}: config.json has a "
+                         "quantization_config)", field="model.id", value=str(cfg_file.parent), file=cfg_file,
+                         hint="give the original float model (its bf16/fp16 safetensors)")
+    return config
 
 
 def _weight_map(path: Path, allow_pickle: bool) -> dict[str, str]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        return dict(json.loads(index.read_text())["weight_map"])
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            weight_map = e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelError(f"model.id: {index} is not a valid index (JSON with a weight_map of tensor -> "
+                             "shard file)", field="model.id", file=index, hint="fix or re-download it")
+        return dict(weight_map)
     shards = sorted(p.name for p in path.glob("*.safetensors"))
     if shards:
         out: dict[str, str] = {}
         for s in shards:
-            with safe_open(path / s, framework="pt") as f:
-                out.update({k: s for k in f.keys()})
+            entries, problems = shard_entries(path / s)
+            if problems and not entries:  # else the tensors' own problems are all reported at the check
+                raise model_file_error(problems[0], path / s)
+            for k in entries:
+                if k in out:
+                    raise ModelError(f"model.id: tensor {k} is in both {path / out[k]} and {path / s}, and no "
+                                     "model.safetensors.index.json says which to use", field="model.id",
+                                     file=path / s, hint="remove the stale shard")
+                out[k] = s
         return out
     pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
     if pickles and not allow_pickle:

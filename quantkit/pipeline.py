@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,32 +18,41 @@ from typing import Any
 import torch
 
 from . import __version__, preflight
-from .architectures import architecture_for
+from .architectures import Architecture, architecture_for
 from .calibration import TextRequest, load_tokens
 from .card import base_license, render_card
 from .checkpoint import CheckpointWriter, work_dir_for
 from .engine import LayerCallback, LayerwiseEngine
-from .errors import QuantkitError
+from .errors import Interrupted, ModelError, QuantkitError
 from .export import export_checkpoint
+from .finite_check import check_source_tensors
 from .formats import FORMATS
+from .interrupts import as_run_failure, signal_name, signal_of, terminate_as_interrupt
 from .layers import ModelSkeleton
-from .model import ModelSource
+from .model import ModelSource, load_tokenizer
+from .output_guard import check_output_dir, run_inputs
 from .planner import serve_command
 from .quantizers import QUANTIZERS
 from .recipe import RecipeBase, parse_size
+from .run_lock import RunLock
 from .scheme import Scheme
 from .scheme_names import plan_scheme_key, scheme_name
+from .shard_check import check_model_files
+from .weight_fingerprint import check_unchanged, fingerprint_weights
 from .workdir import WorkDir, fingerprint
 
 log = logging.getLogger(__name__)
 
 
 def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None = None,
-        resume: bool = False) -> dict[str, Any]:
+        resume: bool = False, recipe_file: Path | None = None) -> dict[str, Any]:
     """Quantize, evaluate, export and (if asked) push; returns the report.
 
     With ``resume`` a run killed part-way continues from its last finished layer (kept in a
-    hidden work folder beside ``export.output_dir``) and writes the same checkpoint.
+    hidden work folder beside ``export.output_dir``) and writes the same checkpoint. One run at
+    a time holds an output folder; Ctrl-C, SIGTERM or a full disk end the run with one line
+    saying what was kept, the output untouched. ``recipe_file``, the YAML the recipe came from,
+    is named in the run's lock, so a second run says which recipe holds the folder.
     """
     started = time.perf_counter()
     plan = preflight.check(recipe)
@@ -52,68 +62,114 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     arch = architecture_for(source.config, f"model {recipe.model.id}")
     params = recipe.quantization
     scheme = params.scheme()
+    quantizer = QUANTIZERS[params.method](params, source.config)
     device, dtype = torch.device(plan.device), preflight.DTYPES[plan.dtype]
     fmt = FORMATS[recipe.format_name]()
-    workdir = WorkDir(work_dir_for(recipe.export.output_dir))
-    writer = CheckpointWriter(recipe.export.output_dir, workdir.export, fmt, dtype,
+    output_dir = recipe.export.output_dir
+    workdir = WorkDir(work_dir_for(output_dir))
+    check_output_dir(output_dir, workdir.root, run_inputs(source.path, source.shard_files(), preflight.text_sources(recipe)),
+                     recipe.export.overwrite)
+    writer = CheckpointWriter(output_dir, workdir.export, fmt, dtype,
                               parse_size(recipe.export.max_shard_size), recipe.export.overwrite)
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
-    quantizer = QUANTIZERS[params.method](params, source.config)
-    calib: list[torch.Tensor] = []
-    cal = recipe.calibration
-    if quantizer.needs_calibration:
-        calib = load_tokens(
-            TextRequest(cal.source, cal.num_samples, cal.max_seq_length, cal.packing, cal.seed, True,
-                        cal.split, cal.subset, cal.text_column, cal.messages_column),
-            tokenizer, source.path,
-            generate=lambda n, length, seed: _self_generate(source.path, dtype, device, n, length, seed),
-        )
-    evaluation = None
-    ev = recipe.evaluate
-    if ev.enabled:
-        evaluation = load_tokens(TextRequest(ev.source, ev.num_samples, ev.max_seq_length, True, 0, False,
-                                             ev.split, None, ev.text_column, section="evaluate"),
-                                 tokenizer, source.path)
-
     # CPUs here run bf16 matmuls ~8x slower than fp32, so compute in fp32 and export in dtype.
     compute_dtype = torch.float32 if device.type == "cpu" else dtype
-    skeleton = ModelSkeleton(source, arch, device, compute_dtype)
-    run_id = fingerprint(__version__, recipe.model.model_dump(mode="json"), params.model_dump(mode="json"),
-                         cal.model_dump(mode="json"), source.weight_map, calib)
-    start = workdir.start(run_id, resume)
-    try:
-        engine = LayerwiseEngine(skeleton, quantizer, workdir, run_id, quiet, on_layer, seed=cal.seed)
-        result = engine.run(calib, evaluation, cal.batch_size, start)
-        exporting = time.perf_counter()
-        writer.start()
-        export_checkpoint(skeleton, workdir, writer, quiet)
-        result.phase_seconds["export"] = time.perf_counter() - exporting
-        report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started)
-        config = dict(source.config)
-        config["quantization_config"] = fmt.quantization_config(scheme, [arch.lm_head], params.kv_cache_scheme())
-        config["torch_dtype"] = str(dtype).replace("torch.", "")
-        extra_files = {"report.json": json.dumps(report, indent=2),
-                       "README.md": render_card(report, base_license(source.path))}
-        copy = source.tokenizer_files() + [p for p in [source.path / "generation_config.json"] if p.is_file()]
-        writer.finalize(config, extra_files, copy)
-    except BaseException:
-        if workdir.layer_path(0).is_file():
-            log.warning("finished layers are kept in %s; run again with --resume to continue", workdir.root)
-        else:
-            workdir.remove()
-        raise
-    workdir.remove()
-    log.info("wrote %s", recipe.export.output_dir)
-    if recipe.push is not None:
-        from .hub import push_folder
+    skeleton = build_skeleton(source, arch, device, compute_dtype)
+    check_model_files(source, skeleton.meta, skeleton.tied)
+    tokenizer = load_tokenizer(source.path)
+    check_source_tensors(source, [arch.embed + ".weight", skeleton.lm_head_source_name()]
+                         + [n for n in source.weight_map if n.startswith(arch.final_norm + ".")], device)
 
-        p = recipe.push
-        push_folder(recipe.export.output_dir, p.repo_id, private=p.private, revision=p.revision,
-                    commit_message=p.commit_message)
+    with RunLock(output_dir, None if recipe_file is None else str(Path(recipe_file).resolve())), \
+            terminate_as_interrupt():
+        started_work = False
+        try:
+            weights = fingerprint_weights(source.path, list(source.weight_map.values()),
+                                          recipe.model.fingerprint == "full", quiet)
+            calib: list[torch.Tensor] = []
+            cal = recipe.calibration
+            if quantizer.needs_calibration:
+                calib = load_tokens(
+                    TextRequest(cal.source, cal.num_samples, cal.max_seq_length, cal.packing, cal.seed, True,
+                                cal.split, cal.subset, cal.text_column, cal.messages_column),
+                    tokenizer, source.path,
+                    generate=lambda n, length, seed: _self_generate(source.path, dtype, device, n, length, seed),
+                )
+            evaluation = None
+            ev = recipe.evaluate
+            if ev.enabled:
+                evaluation = load_tokens(TextRequest(ev.source, ev.num_samples, ev.max_seq_length, True, 0, False,
+                                                     ev.split, None, ev.text_column, section="evaluate"),
+                                         tokenizer, source.path)
+
+            run_id = fingerprint(__version__, recipe.model.model_dump(mode="json"), params.model_dump(mode="json"),
+                                 cal.model_dump(mode="json"), source.weight_map, calib)
+            start = workdir.start(run_id, resume, weights, source.path)
+            started_work = True
+            engine = LayerwiseEngine(skeleton, quantizer, workdir, run_id, quiet, on_layer, seed=cal.seed)
+            result = engine.run(calib, evaluation, cal.batch_size, start)
+            exporting = time.perf_counter()
+            writer.start()
+            export_checkpoint(skeleton, workdir, writer, quiet)
+            result.phase_seconds["export"] = time.perf_counter() - exporting
+            report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started)
+            config = dict(source.config)
+            config["quantization_config"] = fmt.quantization_config(scheme, [arch.lm_head], params.kv_cache_scheme())
+            config["torch_dtype"] = str(dtype).replace("torch.", "")
+            extra_files = {"report.json": json.dumps(report, indent=2),
+                           "README.md": render_card(report, base_license(source.path))}
+            copy = source.tokenizer_files() + [p for p in [source.path / "generation_config.json"] if p.is_file()]
+            check_unchanged(weights, fingerprint_weights(source.path, list(weights)), source.path,
+                            "before publishing")
+            writer.finalize(config, extra_files, copy)
+        except BaseException as e:
+            failure = as_run_failure(e, workdir.root, workdir.finished_layers(), skeleton.num_layers, output_dir,
+                                     writer.published)
+            if started_work:
+                _clean_up_after_failure(workdir, writer, failure)
+            if failure is None:
+                raise
+            raise failure from None
+        workdir.remove()
+        log.info("wrote %s", output_dir)
+        if recipe.push is not None:
+            _push(output_dir, recipe.push)
     return report
+
+
+def _clean_up_after_failure(workdir: WorkDir, writer: CheckpointWriter, failure: QuantkitError | None) -> None:
+    """Keep finished layers for --resume; after an interrupt or a full disk (whose line says what
+    was kept) also free the half-written export, which a resume writes anew."""
+    if writer.published or not workdir.layer_path(0).is_file():
+        workdir.remove()
+    elif failure is None:
+        log.warning("finished layers are kept in %s; run again with --resume to continue", workdir.root)
+    else:
+        shutil.rmtree(workdir.export, ignore_errors=True)
+
+
+def build_skeleton(source: ModelSource, arch: Architecture, device: torch.device, dtype: torch.dtype) -> ModelSkeleton:
+    """The model on the meta device; a config.json transformers refuses (an unknown model_type, a
+    malformed rope_scaling ...) is a `ModelError` naming it, not a traceback."""
+    try:
+        return ModelSkeleton(source, arch, device, dtype)
+    except Exception as e:  # transformers' config classes raise many types
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ModelError(f"model.id: {source.path / 'config.json'}: transformers cannot build the model from it "
+                         f"({type(e).__name__}: {first})", field="model.id", file=source.path / "config.json",
+                         hint="fix or re-download config.json") from None
+
+
+def _push(output_dir: Path, push: Any) -> None:
+    """Push the published folder; an interrupt here leaves the checkpoint complete, so say so."""
+    from .hub import push_folder
+
+    try:
+        push_folder(output_dir, push.repo_id, private=push.private, revision=push.revision,
+                    commit_message=push.commit_message)
+    except KeyboardInterrupt as e:
+        raise Interrupted(f"interrupted by {signal_name(e)} during the push; the checkpoint in {output_dir} is "
+                          "complete", signal=signal_of(e),
+                          hint=f"push it with: quantkit push {output_dir} {push.repo_id}") from None
 
 
 def _self_generate(model_dir: Path, dtype: torch.dtype, device: torch.device, n: int, length: int, seed: int):

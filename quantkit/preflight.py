@@ -23,9 +23,10 @@ import torch
 
 from .architectures import Architecture, architecture_for
 from .calibration import source_kind
-from .checkpoint import check_target
 from .errors import ExportError, ModelError, RecipeError
+from .checkpoint import work_dir_for
 from .model_files import ModelFiles, model_files
+from .output_guard import check_output_placement, check_replaceable, run_inputs
 from .planner import ModelShape, get_scheme
 from .quantizers import QUANTIZERS
 from .recipe import RecipeBase
@@ -152,7 +153,11 @@ def check(recipe: RecipeBase) -> RunPlan:
     device = resolve_device(recipe.device)
     dtype = resolve_dtype(recipe.model.dtype, model.config)
     output_dir = Path(recipe.export.output_dir)
-    check_target(output_dir, recipe.export.overwrite)
+    if not model.remote:
+        shards = sorted(Path(model.location).glob("*.safetensors"))
+        check_output_placement(output_dir, work_dir_for(output_dir),
+                               run_inputs(Path(model.location), shards, text_sources(recipe)))
+    check_replaceable(output_dir, recipe.export.overwrite)
     sizes = _sizes(model, arch, scheme, dtype, output_dir)
     return RunPlan(
         recipe=where, model=recipe.model.id, model_dir=model.location, shape=shape, method=params.method,
@@ -162,13 +167,29 @@ def check(recipe: RecipeBase) -> RunPlan:
     )
 
 
+def text_sources(recipe: RecipeBase) -> dict[str, str]:
+    """The text sources the recipe names, by recipe field (protected from the output even where unused)."""
+    return {"calibration.source": recipe.calibration.source, "evaluate.source": recipe.evaluate.source}
+
+
 def resolve_device(name: str) -> torch.device:
+    """The recipe's ``device`` as a torch device, or a `RecipeError` saying what exists here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    hint = "use device: auto, cpu, cuda or cuda:N"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RecipeError(f"device: '{name}' is not a device", field="device", value=name, hint=hint) from None
+    if device.type not in ("cpu", "cuda"):
+        raise RecipeError(f"device: '{name}' is not supported", field="device", value=name, hint=hint)
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise RecipeError(f"device: '{name}' asked for but CUDA is not available", field="device", value=name,
                           hint="use device: cpu")
-    return torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RecipeError(f"device: '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)",
+                          field="device", value=name, hint=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def resolve_dtype(name: str, config: dict[str, Any]) -> torch.dtype:
@@ -210,9 +231,12 @@ def check_groups(arch: Architecture, num_layers: int, headers: dict[str, dict[st
 def _linear_shape(headers: dict[str, dict[str, Any]], name: str) -> tuple[int, int]:
     entry = headers.get(name)
     shape = entry.get("shape") if isinstance(entry, dict) else None
+    if entry is None:
+        raise ModelError(f"model: tensor {name} is missing from the shards", field="model.id", value=name,
+                         hint="the checkpoint does not match its config; re-download or re-convert it")
     if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
-        raise ModelError(f"model: tensor {name} is {'missing' if entry is None else f'shaped {shape}'}, "
-                         "expected a 2-D Linear weight", value=name, hint="the checkpoint does not match its config")
+        raise ModelError(f"model: tensor {name} is shaped {shape}, expected a 2-D Linear weight", field="model.id",
+                         value=name, hint="the checkpoint does not match its config")
     return shape[0], shape[1]
 
 

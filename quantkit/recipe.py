@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from . import shipped
 from .architectures import ARCHITECTURES
-from .errors import RecipeError
+from .errors import HubError, RecipeError
 from .formats import FORMATS
 from .quantizers import QUANTIZERS, QuantizerParams
 
@@ -38,6 +38,10 @@ class ModelSpec(_Strict):
     )
     trust_remote_code: bool = Field(False, description="Must stay false: only built-in architectures run")
     allow_pickle: bool = Field(False, description="Accept .bin/.pt pickle weights (can run code)")
+    fingerprint: Literal["quick", "full"] = Field(
+        "quick", description="How --resume checks the weights did not change: quick = shard sizes, mtimes and "
+        "headers; full = hash every byte (reads the model once more; a copied model still resumes)"
+    )
 
     @field_validator("trust_remote_code")
     @classmethod
@@ -69,6 +73,11 @@ class CalibrationSpec(_Strict):
     seed: int = Field(0, description="Shuffling/sampling seed: same seed, same tokens")
     batch_size: int = Field(8, gt=0, description="Sequences per forward pass")
 
+    @field_validator("source")
+    @classmethod
+    def _home(cls, v: str) -> str:
+        return expand_home(v)
+
 
 class EvaluateSpec(_Strict):
     enabled: bool = Field(True, description="Measure perplexity of base and quantized model")
@@ -77,6 +86,11 @@ class EvaluateSpec(_Strict):
     text_column: str = "text"
     num_samples: int = Field(16, gt=0, description="Number of evaluation windows")
     max_seq_length: int = Field(512, gt=0, description="Tokens per window")
+
+    @field_validator("source")
+    @classmethod
+    def _home(cls, v: str) -> str:
+        return expand_home(v)
 
 
 class ExportSpec(_Strict):
@@ -91,12 +105,34 @@ class ExportSpec(_Strict):
         parse_size(v)
         return v
 
+    @field_validator("output_dir")
+    @classmethod
+    def _home(cls, v: Path) -> Path:
+        return v.expanduser()
+
 
 class PushSpec(_Strict):
     repo_id: str = Field(description="Hub repo to create or update, org/name")
     private: bool = False
     revision: str | None = Field(None, description="Branch to push to")
     commit_message: str | None = None
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, v: str) -> str:
+        # Checked here, not when the push starts hours later.
+        from .hub import check_repo_id
+
+        try:
+            check_repo_id(v)
+        except HubError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+
+def expand_home(source: str) -> str:
+    """``~/...`` text sources are local files; other sources (shipped names, hub ids) stay as given."""
+    return str(Path(source).expanduser()) if source.startswith("~") else source
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*$", re.I)
@@ -129,6 +165,13 @@ class RecipeBase(_Strict):
     def __eq__(self, other: object) -> bool:
         # Where a recipe came from does not make it another recipe.
         return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("use auto, cpu, cuda or cuda:N")
+        return v
 
     @property
     def format_name(self) -> str:

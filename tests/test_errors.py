@@ -123,7 +123,7 @@ def test_unknown_key_without_close_match_lists_the_fields(tmp_path, model_dir, c
     path = recipe_file(tmp_path, model_dir, model={"id": str(model_dir), "flavour": "x"})
     assert cli_error(capsys, "run", path) == (
         f"error: {path}: unknown field 'model.flavour'; expected one of id, revision, dtype, "
-        "trust_remote_code, allow_pickle")
+        "trust_remote_code, allow_pickle, fingerprint")
 
 
 def test_misspelled_method(tmp_path, model_dir, capsys):

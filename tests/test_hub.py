@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import logging
 import socket
 import threading
@@ -247,6 +248,27 @@ def test_no_token_anywhere_is_refused_before_any_request(hub, tmp_path, monkeypa
     assert hub.state.requests == []
 
 
+def _cut(path, drop, keep=None):
+    """What an interrupted copy leaves: the file's first bytes only."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[:keep if keep is not None else len(raw) - drop])
+
+
+def _misplace_tensor(out):
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = "model-00001-of-00002.safetensors"
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_invalid_repo_id_is_refused_before_any_request(hub, tmp_path):
+    out = tmp_path / "out"
+    make_output(out, sharded=False)
+    with pytest.raises(HubError) as e:
+        push(hub, out, repo_id="alice/tiny int4")
+    assert e.value.message.startswith("'alice/tiny int4' is not a valid Hub repo id (")
+    assert hub.state.requests == []
+
+
 def _drop_quant_config(out):
     (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
 
@@ -261,6 +283,13 @@ def _drop_quant_config(out):
         (lambda out: [(out / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")], "", "tokenizer"),
         (lambda out: (out / "README.md").unlink(), "", "README.md"),
         (lambda out: (out / "config.json").write_text("{not json"), "config.json", "not valid JSON"),
+        (lambda out: _cut(out / "model-00002-of-00002.safetensors", 4096), "model-00002-of-00002.safetensors",
+         r"model-00002-of-00002.safetensors: tensor lm_head.weight: ends at byte \d+ of data but the file holds \d+ "
+         r"\(the file is truncated\)"),
+        (lambda out: _cut(out / "model-00001-of-00002.safetensors", 10**9, keep=20), "model-00001-of-00002.safetensors",
+         r"model-00001-of-00002.safetensors: header length \d+ exceeds the file's 20 bytes"),
+        (_misplace_tensor, "model.safetensors.index.json",
+         "lists tensor lm_head.weight in model-00001-of-00002.safetensors, which does not hold it"),
     ],
 )
 def test_incomplete_output_is_refused_before_any_request(hub, tmp_path, breakage, file, named):
@@ -271,7 +300,7 @@ def test_incomplete_output_is_refused_before_any_request(hub, tmp_path, breakage
         push(hub, out)
     assert exc.value.file == str(out / file).rstrip("/") and exc.value.hint == (
         "re-run the quantization into a fresh output_dir")
-    assert named in exc.value.message  # says what is missing
+    assert re.search(named, exc.value.message)  # says what is missing
     assert hub.state.requests == []
 
 

@@ -81,9 +81,17 @@ def test_existing_output_refused_before_reading_weights(tiny_llama, text_file, t
     assert (out / "keep.txt").read_text() == "previous"
 
 
-def test_failure_leaves_previous_output_untouched(tiny_llama, text_file, tmp_path, monkeypatch):
-    out = tmp_path / "out"
+def _previous_output(out):
+    """A folder as an earlier quantkit run left it (the marker is what lets overwrite replace it)."""
+    from quantkit.output_guard import MARKER, marker_text
+
     out.mkdir()
+    (out / MARKER).write_text(marker_text())
+    return out
+
+
+def test_failure_leaves_previous_output_untouched(tiny_llama, text_file, tmp_path, monkeypatch):
+    out = _previous_output(tmp_path / "out")
     (out / "keep.txt").write_text("previous")
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
@@ -93,12 +101,11 @@ def test_failure_leaves_previous_output_untouched(tiny_llama, text_file, tmp_pat
     recipe["export"]["overwrite"] = True
     with pytest.raises(RuntimeError, match="disk on fire"):
         pipeline.run(make_recipe(recipe), quiet=True)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".quantkit-output.json", "keep.txt"]
 
 
 def test_overwrite_replaces_output(tiny_llama, text_file, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
+    out = _previous_output(tmp_path / "out")
     (out / "stale.txt").write_text("old")
     recipe = _recipe(tiny_llama, text_file, out)
     recipe["export"]["overwrite"] = True
