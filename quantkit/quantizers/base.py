@@ -15,10 +15,16 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from ..architectures import Architecture
+from ..graph.types import LayerGraph
 from ..scheme import ActivationScheme, QuantizedWeight, Scheme
 
 InputHook = Callable[[torch.Tensor], None]
+
+# Hook names for what the layer's attention receives, besides Linear names: the key and
+# value tensors ``[batch, kv_heads, tokens, head_dim]`` after the model's own k_norm and RoPE,
+# which is what a KV cache stores and what its scales must cover.
+ATTENTION_KEY = "@attention.key"
+ATTENTION_VALUE = "@attention.value"
 
 
 class LayerCalibration(Protocol):
@@ -28,7 +34,8 @@ class LayerCalibration(Protocol):
         """Run every calibration batch through the layer.
 
         ``hooks`` maps a Linear's name inside the layer (``"mlp.down_proj"``) to a function
-        called with that Linear's input, flattened to ``[tokens, in_features]``.
+        called with that Linear's input, flattened to ``[tokens, in_features]``;
+        ``ATTENTION_KEY`` / ``ATTENTION_VALUE`` to one called with the attention's key/value.
         """
         ...
 
@@ -69,9 +76,12 @@ class Quantizer(ABC):
 
     @abstractmethod
     def quantize_layer(
-        self, layer: nn.Module, arch: Architecture, calib: LayerCalibration
+        self, layer: nn.Module, graph: LayerGraph, calib: LayerCalibration
     ) -> dict[str, QuantizedWeight]:
-        """Quantize every Linear of ``arch.linears`` in ``layer``; keys are those names."""
+        """Quantize every unit of ``graph`` (``graph.linears``) in ``layer``; keys are their names.
+
+        ``graph`` says which units share an input (``graph.groups``), what produces it and
+        whether a scale folds into it exactly (``group.foldable``, ``graph.fold.fold_scales``)."""
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         """Float tensors to export beside the last layer quantized (e.g. KV-cache scales),

@@ -305,16 +305,16 @@ class GPTQParams(QuantizerParams):
         return weight_only_scheme(self.bits, self.group_size, self.symmetric, actorder)
 
 
-def collect_hessians(arch, hooks: dict | None = None) -> tuple[dict[str, HessianAccumulator], dict]:
+def collect_hessians(graph, hooks: dict | None = None) -> tuple[dict[str, HessianAccumulator], dict]:
     """One Hessian accumulator per input group, keyed by every Linear of the group, and the
     hooks (merged into ``hooks``) that feed them: only the group's first Linear is hooked."""
     hooks = dict(hooks or {})
     accs: dict[str, HessianAccumulator] = {}
-    for g in arch.groups:
-        acc = HessianAccumulator(g.linears[0])
+    for g in graph.groups:
+        acc = HessianAccumulator(g.key)
         for n in g.linears:
             accs[n] = acc
-        hooks[g.linears[0]] = _chain(hooks.get(g.linears[0]), acc.add)
+        hooks[g.key] = _chain(hooks.get(g.key), acc.add)
     return accs, hooks
 
 
@@ -330,9 +330,9 @@ def _chain(first, second):
 
 
 def gptq_layer(
-    layer, arch, accs: dict[str, HessianAccumulator], scheme: Scheme, **kwargs
+    layer, graph, accs: dict[str, HessianAccumulator], scheme: Scheme, **kwargs
 ) -> dict[str, QuantizedWeight]:
-    """GPTQ every Linear of ``arch`` with the Hessians already accumulated in ``accs``.
+    """GPTQ every unit of ``graph`` with the Hessians already accumulated in ``accs``.
 
     Linears that share a Hessian (q/k/v; gate/up) are solved as one weight with their rows
     stacked: GPTQ treats rows independently given ``H`` (scales are per row or per row-group,
@@ -341,10 +341,10 @@ def gptq_layer(
     """
     out: dict[str, QuantizedWeight] = {}
     by_acc: dict[int, list[str]] = {}
-    for name in arch.linears:
+    for name in graph.linears:
         by_acc.setdefault(id(accs[name]), []).append(name)
     for names in by_acc.values():
-        weights = [layer.get_submodule(n).weight.data for n in names]
+        weights = [graph.unit(n).matrix(layer).detach() for n in names]
         hessian = accs[names[0]].hessian()
         if len(names) == 1 or scheme.weights.strategy == "tensor":  # a tensor scale spans one weight
             for n, w in zip(names, weights):
@@ -371,13 +371,13 @@ def split_rows(qw: QuantizedWeight, names: list[str], rows: list[int]) -> dict[s
 class GPTQQuantizer(Quantizer):
     Params = GPTQParams
 
-    def quantize_layer(self, layer, arch, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
+    def quantize_layer(self, layer, graph, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
         p: GPTQParams = self.params  # type: ignore[assignment]
-        accs, hooks = collect_hessians(arch)
+        accs, hooks = collect_hessians(graph)
         calib.run(hooks)
         return gptq_layer(
             layer,
-            arch,
+            graph,
             accs,
             self.scheme,
             block_size=p.block_size,

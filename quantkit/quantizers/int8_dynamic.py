@@ -40,11 +40,10 @@ class DynamicInt8Params(W8A8Params):
 
 def quantize_w8a8_layer(
     layer,
-    arch,
+    graph,
     calib: LayerCalibration,
     params: W8A8Params,
     scheme: Scheme,
-    model_config: dict,
     observe: Callable[[], dict] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], dict]:
     """Smooth (optional), then one calibration pass for whatever is still needed (GPTQ
@@ -54,21 +53,21 @@ def quantize_w8a8_layer(
     smoothed activations. Returns the weights and those hooks (holding their statistics).
     """
     if params.smoothquant_alpha is not None:
-        smooth_layer(layer, arch, calib, params.smoothquant_alpha, model_config)
+        smooth_layer(layer, graph, calib, params.smoothquant_alpha)
     hooks = observe() if observe is not None else {}
     obs_hooks = dict(hooks)
     accs = None
     if params.weight_method == "gptq":
-        accs, hooks = collect_hessians(arch, hooks)
+        accs, hooks = collect_hessians(graph, hooks)
     if hooks:
         calib.run(hooks)
     if accs is not None:
         weights = gptq_layer(
-            layer, arch, accs, scheme,
+            layer, graph, accs, scheme,
             block_size=params.block_size, dampening_frac=params.dampening_frac, act_order=params.act_order,
         )
     else:
-        weights = {n: quantize_rtn(layer.get_submodule(n).weight.data, scheme) for n in arch.linears}
+        weights = {u.name: quantize_rtn(u.matrix(layer).detach(), scheme) for u in graph.units}
     return weights, obs_hooks
 
 
@@ -80,6 +79,6 @@ class DynamicInt8Quantizer(Quantizer):
         super().__init__(params, model_config)
         self.needs_calibration = params.weight_method == "gptq" or params.smoothquant_alpha is not None
 
-    def quantize_layer(self, layer, arch, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
-        weights, _ = quantize_w8a8_layer(layer, arch, calib, self.params, self.scheme, self.model_config)
+    def quantize_layer(self, layer, graph, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
+        weights, _ = quantize_w8a8_layer(layer, graph, calib, self.params, self.scheme)
         return weights

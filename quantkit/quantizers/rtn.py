@@ -124,8 +124,5 @@ class RTNQuantizer(Quantizer):
     Params = RTNParams
     needs_calibration = False
 
-    def quantize_layer(self, layer, arch, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
-        return {
-            name: quantize_rtn(layer.get_submodule(name).weight.data, self.scheme)
-            for name in arch.linears
-        }
+    def quantize_layer(self, layer, graph, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
+        return {u.name: quantize_rtn(u.matrix(layer).detach(), self.scheme) for u in graph.units}
