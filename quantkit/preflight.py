@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .calibration import source_kind
-from .errors import ExportError, RecipeError
+from .errors import ExportError, ModelError, RecipeError
 from .checkpoint import work_dir_for
 from .graph.view import ModelView, config_from_dict, model_view
 from .model_files import ModelFiles, model_files
@@ -147,9 +147,11 @@ def check(recipe: RecipeBase) -> RunPlan:
     device = resolve_device(recipe.device)
     dtype = resolve_dtype(recipe.model.dtype, model.config)
     named = f"model {recipe.model.id}"
-    view = model_view(config_from_dict(model.config, named), model.headers, dtype, named)
+    config_file = f"{model.location}/config.json"
+    view = model_view(config_from_dict(model.config, config_file, named), model.headers, dtype, config_file, named)
     view.check_supported(named)
     groups = check_groups(view, scheme, where)
+    check_linear_tensors(view, model.headers)
     quantizer = QUANTIZERS[params.method](params, model.config)
     cal, ev = recipe.calibration, recipe.evaluate
     texts = [("calibration", cal) if quantizer.needs_calibration else None, ("evaluate", ev) if ev.enabled else None]
@@ -206,22 +208,42 @@ def check_groups(view: ModelView, scheme: Scheme, where: str) -> tuple[GroupChec
     ws = scheme.weights
     group_size = ws.group_size if ws.strategy == "group" and ws.group_size else None
     graph = view.graph
-    checks = []
+    checks, classes = [], []
     for t, layer in enumerate(graph.types):
         for g in layer.groups:
             units = [layer.unit(n) for n in g.linears]
             checks.append(GroupCheck(g.linears, units[0].in_features, tuple(u.out_features for u in units),
                                      group_size, len(graph.layers_of(t))))
+            classes.append(layer.layer_class)
     if group_size:
-        bad = [c for c in checks if c.in_features % group_size]
+        bad = [(c, cls) for c, cls in zip(checks, classes) if c.in_features % group_size]
         if bad:
-            sizes = {c.in_features for c in checks}
+            (c, cls), sizes = bad[0], {c.in_features for c in checks}
             fits = [s for s in _GROUP_SIZES if all(d % s == 0 for d in sizes)] or [-1]
             raise RecipeError(
                 f"{where}: quantization.group_size {group_size} does not divide the input size "
-                f"({bad[0].in_features}) of {', '.join(bad[0].linears)}", field="quantization.group_size",
+                f"{c.in_features} of {c.linears[0]} ({cls})", field="quantization.group_size",
                 value=group_size, hint=f"use one of {fits}")
     return tuple(checks)
+
+
+def check_linear_tensors(view: ModelView, headers: dict[str, dict[str, Any]]) -> None:
+    """Every Linear the layers quantize is in the shard headers with the shape the config
+    implies: a missing or reshaped one stops here, before any weight is read."""
+    graph = view.graph
+    for i in range(view.location.num_layers):
+        for u in graph.layer(i).units:
+            if u.expert is None and u.rows is None:
+                name = view.names.source_of(graph.layer_prefix(i) + u.param)
+                entry = headers.get(name)
+                if entry is None:
+                    raise ModelError(f"model: tensor {name} is missing from the shards", field="model.id",
+                                     value=name, hint="the checkpoint does not match its config; re-download or "
+                                     "re-convert it")
+                if list(entry["shape"]) != [u.out_features, u.in_features]:
+                    raise ModelError(f"model: tensor {name} has shape {list(entry['shape'])}, the config implies "
+                                     f"{[u.out_features, u.in_features]}", field="model.id", value=name,
+                                     hint="the checkpoint does not match its config")
 
 
 def _text_plan(section: str, spec: Any, shape: ModelShape) -> TextPlan:

@@ -321,7 +321,7 @@ def test_damaged_shard_is_refused_before_any_layer_runs(tmp_path, model, monkeyp
     problems = [e.value.message.split(" (and ")[0]] + caplog.messages
     assert any(named in p for p in problems), problems
     assert e.value.field == "model.id"
-    if damage != "missing-tensor":
+    if damage not in ("missing-tensor", "wrong-shape"):  # validation finds these in the headers, before the files
         assert all(p.startswith(f"{m / SHARD}: ") for p in problems) and e.value.file == str(m / SHARD)
 
 
