@@ -226,7 +226,7 @@ def _did_you_mean(loc: list[str], data: dict[str, Any]) -> tuple[str | None, lis
             for arg in getattr(ann, "__args__", ()):
                 if isinstance(arg, type) and issubclass(arg, BaseModel):
                     model = arg
-    known = list(model.model_fields)
+    known = [f.alias or n for n, f in model.model_fields.items()]
     hit = difflib.get_close_matches(loc[-1], known, n=1)
     return (".".join(loc[:-1] + hit) if hit else None), known
 

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from .errors import ExportError
 from .scheme import ActivationScheme, QuantizedWeight, Scheme, WeightScheme
 
-_FIELDS = ("codes", "scale", "zero_point", "g_idx", "input_scale")
+_FIELDS = QuantizedWeight.TENSORS
 
 
 class LayerRecord:

@@ -162,8 +162,9 @@ class AWQParams(QuantizerParams):
 class AWQQuantizer(Quantizer):
     Params = AWQParams
 
-    def quantize_layer(self, layer, arch, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
+    def quantize_layer(self, layer, arch, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: AWQParams = self.params  # type: ignore[assignment]
+        names = self.schemes_or_default(arch, schemes)
         samples = {g.linears[0]: RowSample(p.max_calib_tokens) for g in arch.groups}
         means = {g.linears[0]: ChannelAbsMean() for g in arch.groups}
 
@@ -196,7 +197,7 @@ class AWQQuantizer(Quantizer):
             x = samples[key].rows()
             if x_div[key] is not None:
                 x = x.to(torch.float32) / x_div[key]
-            for name in g.linears:
+            for name in (n for n in g.linears if n in names):
                 w = layer.get_submodule(name).weight.data.to(torch.float32)
                 if p.clip_search and name not in _NO_CLIP:
                     w = awq_clip_search(w, x, self.scheme, p.grid)

@@ -12,11 +12,12 @@ from abc import ABC, abstractmethod
 from typing import Callable, ClassVar, Mapping, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ..architectures import Architecture
 from ..scheme import ActivationScheme, QuantizedWeight, Scheme
+from ..targets import ANY_LINEAR, SchemeAssignment, pattern_error
 
 InputHook = Callable[[torch.Tensor], None]
 
@@ -39,9 +40,26 @@ class QuantizerParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str
+    targets: list[str] = Field(
+        [ANY_LINEAR], description="Linears to quantize: 'Linear' (all), full module names, or 're:<regex>'")
+    ignore: list[str] = Field(
+        [], description="Linears left in float, as targets (e.g. 're:.*\\.0\\.mlp\\.down_proj$')")
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if (why := pattern_error(p)) is not None:
+                raise ValueError(why)
+        return v
 
     def scheme(self) -> Scheme:
+        """The scheme of every targeted Linear no override names."""
         raise NotImplementedError
+
+    def assignment(self) -> SchemeAssignment:
+        """Which Linears are quantized, and how."""
+        return SchemeAssignment(self.scheme(), tuple(self.targets), tuple(self.ignore))
 
     def kv_cache_scheme(self) -> ActivationScheme | None:
         """The KV-cache quantization this method calibrates, if any."""
@@ -61,12 +79,25 @@ class Quantizer(ABC):
         self.params = params
         self.model_config = model_config
         self.scheme = params.scheme()
+        self.assignment = params.assignment()
+
+    def layer_schemes(self, prefix: str, arch: Architecture) -> dict[str, Scheme]:
+        """The Linears of the decoder layer at ``prefix`` (``model.layers.3.``) to quantize,
+        by their names inside the layer, and their schemes."""
+        resolved = self.assignment.resolve(prefix + n for n in arch.linears)
+        return {n[len(prefix):]: s for n, s in resolved.items()}
 
     @abstractmethod
     def quantize_layer(
-        self, layer: nn.Module, arch: Architecture, calib: LayerCalibration
+        self, layer: nn.Module, arch: Architecture, calib: LayerCalibration,
+        schemes: Mapping[str, Scheme] | None = None,
     ) -> dict[str, QuantizedWeight]:
-        """Quantize every Linear of ``arch.linears`` in ``layer``; keys are those names."""
+        """Quantize the Linears of ``schemes`` (names inside the layer) with their schemes,
+        or, without it, every Linear of ``arch.linears`` with ``self.scheme``; keys are those
+        names. Linears left out stay float (their weights may still be rescaled by folding)."""
+
+    def schemes_or_default(self, arch: Architecture, schemes: Mapping[str, Scheme] | None) -> dict[str, Scheme]:
+        return dict(schemes) if schemes is not None else {n: self.scheme for n in arch.linears}
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         """Float tensors to export beside the last layer quantized (e.g. KV-cache scales),

@@ -58,9 +58,10 @@ class FP8Quantizer(Quantizer):
         self.needs_calibration = params.activations == "static" or params.kv_cache
         self._extra: dict[str, torch.Tensor] = {}
 
-    def quantize_layer(self, layer, arch, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
+    def quantize_layer(self, layer, arch, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: FP8Params = self.params  # type: ignore[assignment]
-        out = {n: quantize_rtn(layer.get_submodule(n).weight.data, self.scheme) for n in arch.linears}
+        names = self.schemes_or_default(arch, schemes)
+        out = {n: quantize_rtn(layer.get_submodule(n).weight.data, self.scheme) for n in names}
         hooks = {}
         act_amax: dict[str, torch.Tensor] = {}
         if p.activations == "static":
@@ -72,8 +73,9 @@ class FP8Quantizer(Quantizer):
             first = next(g.linears[0] for g in arch.groups if K_PROJ in g.linears)
             projs = {}
             for name in (K_PROJ, V_PROJ):
-                bias = layer.get_submodule(name).bias
-                projs[name] = (out[name].dequantize(torch.float32), None if bias is None else bias.float())
+                lin = layer.get_submodule(name)
+                w = out[name].dequantize(torch.float32) if name in out else lin.weight.data.float()
+                projs[name] = (w, None if lin.bias is None else lin.bias.float())
 
             def kv_hook(x: torch.Tensor, prev=hooks.get(first)) -> None:
                 if prev is not None:
@@ -90,7 +92,8 @@ class FP8Quantizer(Quantizer):
             for g in arch.groups:
                 scale = fp8_scale(act_amax[g.linears[0]]).reshape(1)
                 for n in g.linears:
-                    out[n].input_scale = scale.clone()
+                    if n in out:
+                        out[n].input_scale = scale.clone()
         self._extra = {}
         if p.kv_cache:
             self._extra = {

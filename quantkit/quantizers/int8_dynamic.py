@@ -46,13 +46,16 @@ def quantize_w8a8_layer(
     scheme: Scheme,
     model_config: dict,
     observe: Callable[[], dict] | None = None,
+    names=None,
 ) -> tuple[dict[str, QuantizedWeight], dict]:
     """Smooth (optional), then one calibration pass for whatever is still needed (GPTQ
     Hessians and ``observe()``'s hooks, keyed by Linear name), then quantize the weights.
 
     ``observe`` returns fresh hooks; it is called after smoothing so the observers see the
-    smoothed activations. Returns the weights and those hooks (holding their statistics).
+    smoothed activations. Returns the weights of ``names`` (default: every Linear) and those
+    hooks (holding their statistics).
     """
+    names = list(arch.linears if names is None else names)
     if params.smoothquant_alpha is not None:
         smooth_layer(layer, arch, calib, params.smoothquant_alpha, model_config)
     hooks = observe() if observe is not None else {}
@@ -64,11 +67,11 @@ def quantize_w8a8_layer(
         calib.run(hooks)
     if accs is not None:
         weights = gptq_layer(
-            layer, arch, accs, scheme,
+            layer, arch, accs, {n: scheme for n in names},
             block_size=params.block_size, dampening_frac=params.dampening_frac, act_order=params.act_order,
         )
     else:
-        weights = {n: quantize_rtn(layer.get_submodule(n).weight.data, scheme) for n in arch.linears}
+        weights = {n: quantize_rtn(layer.get_submodule(n).weight.data, scheme) for n in names}
     return weights, obs_hooks
 
 
@@ -80,6 +83,8 @@ class DynamicInt8Quantizer(Quantizer):
         super().__init__(params, model_config)
         self.needs_calibration = params.weight_method == "gptq" or params.smoothquant_alpha is not None
 
-    def quantize_layer(self, layer, arch, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
-        weights, _ = quantize_w8a8_layer(layer, arch, calib, self.params, self.scheme, self.model_config)
+    def quantize_layer(self, layer, arch, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
+        names = self.schemes_or_default(arch, schemes)
+        weights, _ = quantize_w8a8_layer(layer, arch, calib, self.params, self.scheme, self.model_config,
+                                         names=names)
         return weights
