@@ -140,7 +140,8 @@ class LayerwiseEngine:
             if i < start:
                 record = self.workdir.load_layer(i)
             else:
-                qweights = self.quantizer.quantize_layer(layer, arch, _LayerCalibration(sk, layer, h_calib))
+                qweights = self.quantizer.quantize_layer(layer, arch, _LayerCalibration(sk, layer, h_calib),
+                                                         self.quantizer.layer_schemes(sk.layer_prefix(i), arch))
                 clock.lap("quantize")
                 quantized = {f"{name}.weight" for name in qweights}
                 floats = {k: v.detach().clone() for k, v in layer.state_dict().items() if k not in quantized}

@@ -20,6 +20,7 @@ import torch
 
 from . import __version__
 from .architectures import Architecture, architecture_for
+from .assignment_check import decoder_linear_names, resolve_assignment
 from .calibration import TextRequest, load_tokens
 from .card import base_license, render_card
 from .checkpoint import CheckpointWriter, work_dir_for
@@ -30,6 +31,7 @@ from .formats import FORMATS
 from .layers import ModelSkeleton
 from .model import ModelSource
 from .planner import serve_command
+from .presets import scheme_name
 from .quantizers import QUANTIZERS
 from .recipe import RecipeBase, parse_size
 from .scheme import Scheme
@@ -57,7 +59,7 @@ def resolve_dtype(name: str, config: dict[str, Any]) -> torch.dtype:
 def check_model_fits_scheme(config: dict[str, Any], arch: Architecture, scheme: Scheme, where: str) -> None:
     """Group sizes must divide every quantized Linear's input size: say so before reading weights."""
     ws = scheme.weights
-    if ws.strategy != "group" or not ws.group_size:
+    if ws.layout.kind != "group" or not ws.group_size:
         return
     dims = {"hidden_size": config["hidden_size"], "intermediate_size": config["intermediate_size"]}
     heads = config["num_attention_heads"]
@@ -82,7 +84,10 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     arch = architecture_for(source.config, f"model {recipe.model.id}")
     params = recipe.quantization
     scheme = params.scheme()
-    check_model_fits_scheme(source.config, arch, scheme, "recipe")
+    assignment = params.assignment()
+    for s in assignment.schemes:
+        check_model_fits_scheme(source.config, arch, s, "recipe")
+    linear_schemes = resolve_assignment(assignment, source.config, arch, "recipe")
     max_pos = source.config.get("max_position_embeddings")
     for section, spec in (("calibration", recipe.calibration), ("evaluate", recipe.evaluate)):
         if max_pos and spec.max_seq_length > max_pos:
@@ -130,9 +135,12 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
         writer.start()
         export_checkpoint(skeleton, workdir, writer, quiet)
         result.phase_seconds["export"] = time.perf_counter() - exporting
-        report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started)
+        report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started, linear_schemes)
         config = dict(source.config)
-        config["quantization_config"] = fmt.quantization_config(scheme, [arch.lm_head], params.kv_cache_scheme())
+        float_linears = [n for n in decoder_linear_names(source.config, arch) if n not in linear_schemes]
+        config["quantization_config"] = fmt.quantization_config(
+            scheme if assignment.uniform else linear_schemes, [arch.lm_head, *float_linears],
+            params.kv_cache_scheme())
         config["torch_dtype"] = str(dtype).replace("torch.", "")
         extra_files = {"report.json": json.dumps(report, indent=2),
                        "README.md": render_card(report, base_license(source.path))}
@@ -183,7 +191,7 @@ def _self_generate(model_dir: Path, dtype: torch.dtype, device: torch.device, n:
 
 def _report(recipe: RecipeBase, source: ModelSource, scheme: Scheme, device: torch.device,
             calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, result: Any,
-            writer: CheckpointWriter, started: float) -> dict[str, Any]:
+            writer: CheckpointWriter, started: float, linear_schemes: dict[str, Scheme]) -> dict[str, Any]:
     base_bytes = sum((source.path / s).stat().st_size for s in set(source.weight_map.values()))
     ev = recipe.evaluate
     evaluation_report = None
@@ -202,6 +210,7 @@ def _report(recipe: RecipeBase, source: ModelSource, scheme: Scheme, device: tor
         "scheme": {"weights": asdict(scheme.weights),
                    "input_activations": asdict(scheme.input_activations) if scheme.input_activations else None},
         "scheme_name": scheme_name(scheme),
+        "linears": _linear_counts(linear_schemes),
         "format": recipe.format_name,
         "output_dir": str(recipe.export.output_dir),
         "device": str(device),
@@ -229,17 +238,12 @@ def plan_scheme_key(scheme: Scheme) -> str:
     return "w4a16" if w.symmetric else "w4a16-asym"
 
 
-def scheme_name(scheme: Scheme) -> str:
-    """The usual short name: W4A16, W8A8, FP8, W8A8-FP8-static ..."""
-    w, a = scheme.weights, scheme.input_activations
-    if w.type == "float":
-        return "FP8" + ("" if a is None or a.dynamic else "-static")
-    name = f"W{w.num_bits}A{a.num_bits if a else 16}"
-    if w.strategy == "group":
-        name += f"-g{w.group_size}"
-    if not w.symmetric:
-        name += "-asym"
-    return name + ("" if a is None or a.dynamic else "-static")
+def _linear_counts(linear_schemes: dict[str, Scheme]) -> dict[str, int]:
+    """How many decoder Linears each scheme quantized (one entry unless the recipe is mixed)."""
+    counts: dict[str, int] = {}
+    for s in linear_schemes.values():
+        counts[scheme_name(s)] = counts.get(scheme_name(s), 0) + 1
+    return counts
 
 
 __all__ = ["run", "QuantkitError"]

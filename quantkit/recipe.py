@@ -164,19 +164,26 @@ def load_recipe(path: str | Path) -> RecipeBase:
 
 
 def _check_format(recipe: RecipeBase, where: str) -> None:
-    ws = recipe.quantization.scheme().weights
-    if ws.strategy == "group" and (ws.group_size or 0) <= 0:
-        raise RecipeError(f"{where}: field 'quantization.group_size': use -1 (one scale per output channel) "
-                          f"or a positive group size such as 32, 64 or 128 (got {ws.group_size})")
+    assignment = recipe.quantization.assignment()
+    for ws in (s.weights for s in assignment.schemes):
+        if ws.strategy == "group" and (ws.group_size or 0) <= 0:
+            raise RecipeError(f"{where}: field 'quantization.group_size': use -1 (one scale per output channel) "
+                              f"or a positive group size such as 32, 64 or 128 (got {ws.group_size})")
     name = recipe.format_name
     if name not in FORMATS:
         raise RecipeError(f"{where}: export.format '{name}' is unknown; choose one of {', '.join(sorted(FORMATS))}")
     fmt = FORMATS[name]()
-    reason = fmt.unsupported_reason(recipe.quantization.scheme()) or fmt.kv_cache_reason(
-        recipe.quantization.kv_cache_scheme())
-    if reason:
-        raise RecipeError(f"{where}: export.format '{name}' cannot store quantization.method "
-                          f"'{recipe.quantization.method}' as configured: {reason}")
+    if not assignment.uniform and fmt.mixed_reason():
+        field = next(f for f in ("overrides", "ignore", "targets") if getattr(recipe.quantization, f, None)
+                     and getattr(recipe.quantization, f) != ["Linear"])
+        raise RecipeError(f"{where}: export.format '{name}' cannot store a mixed recipe: {fmt.mixed_reason()}",
+                          field=f"quantization.{field}", value=getattr(recipe.quantization, field),
+                          hint="use export.format: compressed-tensors")
+    for scheme in assignment.schemes:
+        reason = fmt.unsupported_reason(scheme) or fmt.kv_cache_reason(recipe.quantization.kv_cache_scheme())
+        if reason:
+            raise RecipeError(f"{where}: export.format '{name}' cannot store quantization.method "
+                              f"'{recipe.quantization.method}' as configured: {reason}")
 
 
 def _describe(e: ValidationError, data: dict[str, Any], where: str) -> str:

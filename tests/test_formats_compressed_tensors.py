@@ -282,9 +282,9 @@ def test_mixed_schemes_write_one_group_each_and_resolve_in_the_library():
     cfg = CT.quantization_config(schemes, ignore)
     assert cfg["format"] == "mixed-precision"
     groups = cfg["config_groups"]
-    assert list(groups) == ["group_0", "group_1"] and groups["group_0"]["targets"] == ["Linear"]
-    assert groups["group_0"]["format"] == "nvfp4-pack-quantized" and groups["group_1"]["format"] == "float-quantized"
-    assert groups["group_1"]["targets"] == ["model.layers.0.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    assert list(groups) == ["group_0", "group_1"] and groups["group_1"]["targets"] == ["Linear"]
+    assert groups["group_1"]["format"] == "nvfp4-pack-quantized" and groups["group_0"]["format"] == "float-quantized"
+    assert groups["group_0"]["targets"] == ["model.layers.0.mlp.down_proj", "model.layers.2.mlp.down_proj"]
     apply_quantization_config(model, QuantizationConfig.model_validate(cfg), show_progress=False)
     for name in linears + ["lm_head"]:
         got = getattr(model.get_submodule(name), "quantization_scheme", None)

@@ -26,7 +26,9 @@ A mixed recipe writes one config group per distinct scheme: the most common one 
 ``Linear``, the others list their modules by full name, which every loader gives precedence
 over a class target (compressed-tensors' ``match_targets`` orders exact names first, vLLM's
 ``find_matched_target`` tries names before classes); Linears left in float are listed in
-``ignore``.
+``ignore``. transformers' ``dequantize=True`` load path decompresses every dense module with
+one group (``get_dense_scheme``), so mixed checkpoints load in transformers the default way
+(compressed modules, decompressed module by module with their own group).
 
 compressed-tensors 0.20 rejects ``actorder="group"`` (the only mode that stored a g_idx), so
 act-order is described as ``actorder="weight"``: columns were visited in activation order but
@@ -310,12 +312,12 @@ class CompressedTensorsFormat(Format):
         groups = scheme_groups(schemes)
         for scheme in groups:
             self.require(scheme, "quantization_config", kv_cache)
-        # The most common scheme (the first one on a tie) targets every Linear by class.
+        # The most common scheme (the first one on a tie) targets every Linear by class, listed
+        # last: compressed-tensors' matcher stops at a module's first matching target when it
+        # notes which targets matched, and would warn that the named ones matched nothing.
         default = max(groups, key=lambda s: len(groups[s]))
-        config_groups = {"group_0": config_group(default, ["Linear"])}
-        for scheme, names in groups.items():
-            if scheme != default:
-                config_groups[f"group_{len(config_groups)}"] = config_group(scheme, sorted(names))
+        named = [config_group(s, sorted(names)) for s, names in groups.items() if s != default]
+        config_groups = {f"group_{i}": g for i, g in enumerate([*named, config_group(default, ["Linear"])])}
         formats = {g["format"] for g in config_groups.values()}
         return {
             "quant_method": QUANT_METHOD,
