@@ -34,7 +34,7 @@ from ..scheme import QuantizedWeight, Scheme, WeightScheme
 from .activation_params import observe_input_globals
 from .base import LayerCalibration, Quantizer, register_quantizer
 from .hessian import HessianAccumulator
-from .rtn import weight_global_scale, weight_only_scheme, weight_qparams
+from .rtn import fused_global_scales, weight_global_scale, weight_only_scheme, weight_qparams
 from .scheme_params import SchemeParams
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def gptq_quantize(
             scale = scale[:: ws.block_size[0]].contiguous()
     if not bool(torch.isfinite(scale).all()):
         raise NumericsError(f"GPTQ {name}: non-finite scales; the weight has NaN/Inf")
-    actorder = "group" if g_idx is not None else "static" if act_order and ws.strategy == "group" else None
+    actorder = "group" if g_idx is not None else "static" if act_order and group is not None else None
     out_scheme = scheme
     if ws.actorder != actorder:
         out_scheme = Scheme(replace(ws, actorder=actorder), scheme.input_activations)
@@ -359,7 +359,7 @@ class GPTQParams(SchemeParams):
         """Record act-order on group layouts: "static" (groups fixed first, contiguous) or
         "group" (groups follow the visiting order; needs a g_idx)."""
         ws = scheme.weights
-        if not self.act_order or ws.strategy not in ("group", "tensor_group", "block"):
+        if not self.act_order or column_group_width(ws, 0) is None:
             return scheme
         return Scheme(replace(ws, actorder="static" if self.static_groups else "group"), scheme.input_activations)
 
@@ -410,10 +410,11 @@ def gptq_layer(
     by_key: dict[tuple[int, Scheme], list[str]] = {}
     for name, scheme in schemes.items():
         by_key.setdefault((id(accs[name]), scheme), []).append(name)
+    globals_ = fused_global_scales(layer, [g.linears for g in arch.groups], schemes)
     for (_, scheme), names in by_key.items():
         weights = [layer.get_submodule(n).weight.data for n in names]
         hessian = accs[names[0]].hessian()
-        shared = weight_global_scale(weights, scheme.weights)
+        shared = globals_.get(names[0])
         if not _stackable(scheme.weights, [w.shape[0] for w in weights]):
             for n, w in zip(names, weights):
                 out[n] = gptq_quantize(w, hessian, scheme, name=n, global_scale=shared, **kwargs)

@@ -105,11 +105,11 @@ class RTNParams(SchemeParams):
         return weight_only_scheme(bits, group_size, symmetric)
 
 
-def weight_only_scheme(bits: int, group_size: int, symmetric: bool, actorder: str | None = None) -> Scheme:
+def weight_only_scheme(bits: int, group_size: int, symmetric: bool) -> Scheme:
     """The W{bits}A16 scheme of the weight-only methods; ``group_size`` -1 means per channel."""
     channel = group_size == -1
     return Scheme(WeightScheme(num_bits=bits, symmetric=symmetric, strategy="channel" if channel else "group",
-                               group_size=None if channel else group_size, actorder=None if channel else actorder))
+                               group_size=None if channel else group_size))
 
 
 @register_quantizer("rtn")
