@@ -231,9 +231,13 @@ def _report(recipe: RecipeBase, source: ModelSource, scheme: Scheme, device: tor
 def plan_scheme_key(scheme: Scheme) -> str:
     """The planner's name for the closest precision (it sizes the serve line)."""
     w, a = scheme.weights, scheme.input_activations
+    if w.type == "float" and w.num_bits == 4:
+        return "nvfp4" if w.has_global_scale else "mxfp4"
     if w.type == "float":
-        return "fp8"
-    if a is not None or w.num_bits == 8:
+        return "fp8-block" if w.strategy == "block" else "fp8"
+    if w.num_bits == 4 and a is not None and a.type == "float":
+        return "w4afp8"
+    if w.num_bits == 8:
         return "w8a8-int8"
     return "w4a16" if w.symmetric else "w4a16-asym"
 
