@@ -68,9 +68,8 @@ def architecture_for(config: dict[str, Any], where: str) -> Architecture:
         if n in ARCHITECTURES:
             return ARCHITECTURES[n]
     raise ModelError(
-        f"{where}: unsupported architecture {', '.join(map(str, names)) or '(config.json names none)'}; "
-        f"supported: {', '.join(sorted(ARCHITECTURES))}"
-    )
+        f"{where}: unsupported architecture {', '.join(map(str, names)) or '(config.json names none)'}",
+        field="architectures", value=names, hint=f"supported: {', '.join(sorted(ARCHITECTURES))}")
 
 
 def can_fold_v_into_o(config: dict[str, Any]) -> bool:

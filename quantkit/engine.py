@@ -21,8 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import seeding
 from .activations import attach_activation_quantizers
+from .divergence import compare_streams
 from .errors import DeviceMemoryError, NumericsError
+from .finite_check import check_quantized, check_written, damaged_source_error
 from .layers import ModelSkeleton, embed
 from .model import ModelSource
 from .quantizers.base import InputHook, Quantizer
@@ -46,8 +49,13 @@ def make_batches(seqs: list[torch.Tensor], batch_size: int) -> list[torch.Tensor
 class _LayerCalibration:
     """The LayerCalibration the quantizers see: runs the float layer over calibration batches."""
 
-    def __init__(self, skeleton: ModelSkeleton, layer: nn.Module, hidden: list[torch.Tensor]):
+    def __init__(self, skeleton: ModelSkeleton, layer: nn.Module, hidden: list[torch.Tensor], seed: int,
+                 index: int):
         self.skeleton, self.layer, self.hidden = skeleton, layer, hidden
+        self.seed, self.index = seed, index
+
+    def generator(self, name: str) -> torch.Generator:
+        return seeding.generator(self.seed, self.index, name, device=self.skeleton.device)
 
     def run(self, hooks: Mapping[str, InputHook]) -> None:
         handles = [
@@ -69,6 +77,8 @@ class _LayerCalibration:
 class EngineResult:
     perplexity_base: float | None = None
     perplexity_quantized: float | None = None
+    # KL of the quantized next-token distribution from the base's, top-1 agreement (divergence.py).
+    divergence: dict[str, float | int] | None = None
     layer_seconds: list[float] = field(default_factory=list)
     # Seconds per stage summed over layers (load, quantize, save, propagate, ...).
     phase_seconds: dict[str, float] = field(default_factory=dict)
@@ -94,9 +104,9 @@ class LayerwiseEngine:
     """Quantizes layers ``start..n-1`` and replays ``0..start-1`` from the work folder."""
 
     def __init__(self, skeleton: ModelSkeleton, quantizer: Quantizer, workdir: WorkDir, fingerprint: str,
-                 quiet: bool = False, on_layer: LayerCallback | None = None):
+                 quiet: bool = False, on_layer: LayerCallback | None = None, *, seed: int):
         self.sk, self.quantizer, self.workdir, self.fingerprint = skeleton, quantizer, workdir, fingerprint
-        self.quiet, self.on_layer = quiet, on_layer
+        self.quiet, self.on_layer, self.seed = quiet, on_layer, seed
 
     def run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
             start: int = 0) -> EngineResult:
@@ -104,9 +114,9 @@ class LayerwiseEngine:
             return self._run(calib, evaluation, batch_size, start)
         except torch.OutOfMemoryError:
             raise DeviceMemoryError(
-                "out of device memory: lower calibration.num_samples, calibration.max_seq_length "
-                "or calibration.batch_size (activations of all samples stay on the device)"
-            ) from None
+                "out of device memory", field="calibration.batch_size",
+                hint="lower calibration.num_samples, calibration.max_seq_length or calibration.batch_size "
+                "(activations of all samples stay on the device)") from None
 
     def _run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
              start: int) -> EngineResult:
@@ -140,12 +150,17 @@ class LayerwiseEngine:
             if i < start:
                 record = self.workdir.load_layer(i)
             else:
-                qweights = self.quantizer.quantize_layer(layer, arch, _LayerCalibration(sk, layer, h_calib),
+                calibration = _LayerCalibration(sk, layer, h_calib, self.seed, i)
+                qweights = self.quantizer.quantize_layer(layer, arch, calibration,
                                                          self.quantizer.layer_schemes(sk.layer_prefix(i), arch))
+                for name, qw in qweights.items():
+                    check_quantized(sk.layer_prefix(i) + name, qw)
                 clock.lap("quantize")
                 quantized = {f"{name}.weight" for name in qweights}
                 floats = {k: v.detach().clone() for k, v in layer.state_dict().items() if k not in quantized}
                 record = LayerRecord(floats, dict(qweights), self.quantizer.extra_tensors())
+                for name, t in {**record.floats, **record.extra}.items():  # folded norms, KV scales
+                    check_written(sk.layer_prefix(i) + name, t)
                 self.workdir.save_layer(i, record, self.fingerprint)
                 clock.lap("save")
             apply_record(layer, record, sk.device, sk.dtype)
@@ -168,9 +183,13 @@ class LayerwiseEngine:
         if eval_batches:
             norm = sk.final_norm()
             head = sk.source.tensor_on(sk.lm_head_source_name(), sk.device, sk.dtype)
-            result.perplexity_base = perplexity((F.linear(norm(h[:, :-1]), head), t) for h, t in zip(h_base, eval_batches))
-            result.perplexity_quantized = perplexity(
-                (F.linear(norm(h[:, :-1]), head), t) for h, t in zip(h_quant, eval_batches))
+            streams = tqdm(zip(h_base, h_quant, eval_batches), total=len(eval_batches), desc="comparing logits",
+                           unit="batch", disable=self.quiet)
+            compared = compare_streams(((hb[:, :-1], hq[:, :-1], t[:, 1:]) for hb, hq, t in streams),
+                                       lambda h: F.linear(norm(h), head), head.shape[0])
+            result.perplexity_base, result.perplexity_quantized = compared.perplexity_base, compared.perplexity_quantized
+            result.divergence = compared.divergence()
+            clock.lap("evaluate")
         return result
 
 
@@ -204,8 +223,7 @@ def perplexity(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
 
 def _check_finite(t: torch.Tensor, name: str, source: ModelSource) -> None:
     if t.is_floating_point() and not torch.isfinite(t).all():
-        raise NumericsError(f"model: tensor {name} in {source.path / source.weight_map.get(name, '?')} contains "
-                            "NaN or Inf; the checkpoint is damaged (re-download or re-convert it)")
+        raise damaged_source_error(name, source.path / source.weight_map.get(name, "?"))
 
 
 def _check_finite_layer(layer: nn.Module, sk: ModelSkeleton, i: int) -> None:
@@ -220,4 +238,5 @@ def _check_finite_list(ts: list[torch.Tensor], where: str, dtype: torch.dtype) -
     if ts and not torch.isfinite(torch.stack([t.float().abs().amax() for t in ts])).all():
         advice = ("try model.dtype: bfloat16 or float32 instead of float16" if dtype == torch.float16
                   else "the layer's weights overflow even in this dtype; check the checkpoint")
-        raise NumericsError(f"{where} contain NaN or Inf (computed in {str(dtype).replace('torch.', '')}); {advice}")
+        raise NumericsError(f"{where} contain NaN or Inf (computed in {str(dtype).replace('torch.', '')})",
+                            field="model.dtype", value=str(dtype).replace("torch.", ""), hint=advice)

@@ -14,15 +14,19 @@ import torch
 
 from .calibration import TextRequest, load_tokens
 from .engine import make_batches, perplexity
-from .model import resolve_model_dir
+from .model import load_tokenizer, read_config, resolve_model_dir
+from .shard_check import read_entries
 
 
 def evaluate_checkpoint(checkpoint: str | Path, source: str = "shakespeare-eval", num_samples: int = 16,
                         max_seq_length: int = 512, batch_size: int = 4) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model_dir(str(checkpoint))
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    read_config(path / "config.json", quantized_ok=True)
+    for shard in sorted(path.glob("*.safetensors")):  # a damaged file is one line, not a loader traceback
+        read_entries(shard)
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
     tokens = load_tokens(TextRequest(source, num_samples, max_seq_length, True, 0, False), tokenizer, path)
     ppl = perplexity((model(batch).logits[:, :-1], batch) for batch in make_batches(tokens, batch_size))

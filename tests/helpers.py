@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from quantkit.architectures import ARCHITECTURES, InputGroup
+from quantkit.seeding import generator
 
 LLAMA = ARCHITECTURES["LlamaForCausalLM"]
 
@@ -19,11 +20,15 @@ class FakeCalibration:
     or a dict of keyword arguments. ``runs`` counts passes; ``hook_calls`` counts calls per
     hooked Linear."""
 
-    def __init__(self, layer: nn.Module, batches: list) -> None:
+    def __init__(self, layer: nn.Module, batches: list, seed: int = 0) -> None:
         self.layer = layer
         self.batches = batches
+        self.seed = seed
         self.runs = 0
         self.hook_calls: dict[str, int] = {}
+
+    def generator(self, name: str) -> torch.Generator:
+        return generator(self.seed, 0, name)
 
     def run(self, hooks: Mapping[str, object]) -> None:
         self.runs += 1

@@ -9,8 +9,10 @@ import pytest
 
 from quantkit.errors import RecipeError
 from quantkit.pipeline import run
-from quantkit.presets import PRESETS, scheme_name
+from quantkit.preflight import check
+from quantkit.presets import PRESETS
 from quantkit.recipe import make_recipe
+from quantkit.scheme_names import scheme_name
 from tests.tiny_models import make_tiny_model
 
 
@@ -103,7 +105,25 @@ def test_model_dependent_refusals_come_before_any_weight(model_dir, tmp_path, mo
     monkeypatch.setattr(ModelSource, "tensor", no_weights)
     data = recipe(quant, model=str(model_dir))
     data["export"]["output_dir"] = str(tmp_path / "out")
+    with pytest.raises(RecipeError) as shown:  # what `quantkit validate` prints
+        check(make_recipe(data))
     with pytest.raises(RecipeError) as e:
         run(make_recipe(data), quiet=True)
-    assert e.value.field == field and needle in str(e.value)
+    assert e.value.field == shown.value.field == field and needle in e.value.message
     assert not (tmp_path / "out").exists()
+
+
+def test_validation_plans_a_mixed_recipe_per_linear(model_dir, tmp_path):
+    """The plan counts each scheme's Linears, checks each group size against the Linears that
+    get it (64 divides every input; the float Linears have none), and sizes the checkpoint so."""
+    data = recipe({"method": "rtn", "bits": 4, "group_size": 64, "ignore": ["re:model\\.layers\\.0\\.mlp\\."],
+                   "overrides": [{"targets": ["re:.*down_proj$"], "bits": 8}]}, model=str(model_dir))
+    data["export"]["output_dir"] = str(tmp_path / "out")
+    plan = check(make_recipe(data))
+    assert plan.linears == {"W4A16-g64": 2 * 4 + 2, "W8A16-g64": 1}
+    by_scheme = {(g.linears, g.scheme): g for g in plan.groups}
+    assert by_scheme[(("mlp.gate_proj", "mlp.up_proj"), "float")].layers == 1
+    assert by_scheme[(("mlp.down_proj",), "W8A16-g64")].group_size == 64
+    uniform = recipe({"method": "rtn", "bits": 4, "group_size": 64}, model=str(model_dir))
+    uniform["export"]["output_dir"] = str(tmp_path / "out")
+    assert check(make_recipe(uniform)).sizes.checkpoint_bytes < plan.sizes.checkpoint_bytes

@@ -64,7 +64,8 @@ class Format(ABC):
         """
         reason = self.unsupported_reason(scheme) or self.kv_cache_reason(kv_cache)
         if reason:
-            raise ExportError(f"{where}: the {self.name} format cannot store this scheme: {reason}")
+            raise ExportError(f"{where}: the {self.name} format cannot store this scheme: {reason}", file=where,
+                              field="export.format", value=self.name)
 
     def mixed_reason(self) -> str | None:
         """Why this format cannot store a mixed recipe (overrides, ignored or untargeted
@@ -78,7 +79,8 @@ class Format(ABC):
         """The one scheme of a format without mixed schemes, or ExportError."""
         groups = scheme_groups(schemes)
         if len(groups) != 1:
-            raise ExportError(f"quantization_config: {self.mixed_reason()}")
+            raise ExportError(f"quantization_config: {self.mixed_reason()}", field="export.format", value=self.name,
+                              hint="use export.format: compressed-tensors")
         return next(iter(groups))
 
     def kv_cache_reason(self, kv_cache: ActivationScheme | None) -> str | None:

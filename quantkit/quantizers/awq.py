@@ -165,7 +165,7 @@ class AWQQuantizer(Quantizer):
     def quantize_layer(self, layer, arch, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: AWQParams = self.params  # type: ignore[assignment]
         names = self.schemes_or_default(arch, schemes)
-        samples = {g.linears[0]: RowSample(p.max_calib_tokens) for g in arch.groups}
+        samples = {g.linears[0]: RowSample(p.max_calib_tokens, calib.generator(g.linears[0])) for g in arch.groups}
         means = {g.linears[0]: ChannelAbsMean() for g in arch.groups}
 
         def hook(name):

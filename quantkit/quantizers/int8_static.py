@@ -32,7 +32,8 @@ class StaticInt8Quantizer(Quantizer):
     def quantize_layer(self, layer, arch, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: StaticInt8Params = self.params  # type: ignore[assignment]
         names = self.schemes_or_default(arch, schemes)
-        observers = {g.linears[0]: TensorObserver(p.observer, p.percentile) for g in arch.groups}
+        observers = {g.linears[0]: TensorObserver(p.observer, p.percentile, generator=calib.generator(g.linears[0]))
+                     for g in arch.groups}
         weights, _ = quantize_w8a8_layer(
             layer, arch, calib, p, self.scheme, self.model_config,
             observe=lambda: {n: o.add for n, o in observers.items()}, names=names,
