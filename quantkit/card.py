@@ -59,6 +59,13 @@ def render_card(report: dict[str, Any], license_: str | None) -> str:
             ]
     else:
         lines += ["Not evaluated (evaluate.enabled: false).", ""]
+    kept = report.get("unquantized") or []
+    if kept:
+        lines += ["## What stayed unquantized", "",
+                  "Copied from the base model in its own precision (every other tensor of the base "
+                  "checkpoint is in this one too):", ""]
+        lines += [f"- `{k['module']}`: {k['reason']}" for k in kept]
+        lines += [""]
     lines += _task_lines(report.get("tasks"))
     cal = report["calibration"]
     lines += [

@@ -116,6 +116,11 @@ class CheckpointWriter:
                 left -= len(chunk)
         self._record(name, dtype, shape, end - start)
 
+    @property
+    def written(self) -> set[str]:
+        """Names of every tensor written so far."""
+        return set(self._names)
+
     def export_dtype_name(self) -> str:
         return _DTYPES[self.dtype]
 

@@ -10,6 +10,7 @@ which is what makes evaluating a model larger than memory possible.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -25,10 +26,10 @@ from . import seeding
 from .activations import attach_activation_quantizers
 from .divergence import compare_streams
 from .errors import DeviceMemoryError, NumericsError
-from .finite_check import check_quantized, check_written, damaged_source_error
-from .layers import ModelSkeleton, embed
-from .model import ModelSource
-from .quantizers.base import InputHook, Quantizer
+from .finite_check import check_quantized, check_written
+from .graph.attention import observe_attention
+from .graph.runtime import LayerInputs, ModelRunner
+from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, Quantizer
 from .scheme import QuantizedWeight
 from .workdir import LayerRecord, WorkDir
 
@@ -47,30 +48,46 @@ def make_batches(seqs: list[torch.Tensor], batch_size: int) -> list[torch.Tensor
 
 
 class _LayerCalibration:
-    """The LayerCalibration the quantizers see: runs the float layer over calibration batches."""
+    """The LayerCalibration the quantizers see: runs the float layer over calibration batches,
+    each with the arguments the model's own forward gives layer ``index``."""
 
-    def __init__(self, skeleton: ModelSkeleton, layer: nn.Module, hidden: list[torch.Tensor], seed: int,
-                 index: int):
-        self.skeleton, self.layer, self.hidden = skeleton, layer, hidden
-        self.seed, self.index = seed, index
+    def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs], seed: int):
+        self.runner, self.index, self.layer, self.batches, self.seed = runner, index, layer, batches, seed
 
     def generator(self, name: str) -> torch.Generator:
-        return seeding.generator(self.seed, self.index, name, device=self.skeleton.device)
+        return seeding.generator(self.seed, self.index, name, device=self.runner.device)
 
     def run(self, hooks: Mapping[str, InputHook]) -> None:
-        handles = [
-            self.layer.get_submodule(name).register_forward_pre_hook(
-                lambda _m, args, fn=fn: fn(args[0].reshape(-1, args[0].shape[-1]))
-            )
-            for name, fn in hooks.items()
-        ]
-        try:
-            with torch.no_grad():
-                for h in self.hidden:
-                    self.skeleton.run_layer(self.layer, h)
-        finally:
-            for handle in handles:
-                handle.remove()
+        def forward() -> None:
+            for b in self.batches:  # outputs dropped as they come: activations stay on the device once
+                self.runner.run_layer(self.layer, b.hidden, b.calls[self.index])
+
+        run_calibration(self.layer, hooks, forward)
+
+
+def run_calibration(layer: nn.Module, hooks: Mapping[str, InputHook], forward: Callable[[], object]) -> None:
+    """Call ``forward()`` (every calibration batch through ``layer``) with ``hooks`` attached:
+    Linear names get their input, the attention names what ``layer``'s attention receives."""
+    inside = {id(m) for m in layer.modules()}
+    handles = [
+        layer.get_submodule(name).register_forward_pre_hook(
+            lambda _m, args, fn=fn: fn(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for name, fn in hooks.items() if name not in (ATTENTION_KEY, ATTENTION_VALUE)
+    ]
+    seen = {k: hooks[k] for k in (ATTENTION_KEY, ATTENTION_VALUE) if k in hooks}
+
+    def on_attention(module, query, key, value):
+        if id(module) in inside:
+            for k, fn in seen.items():
+                fn(key if k == ATTENTION_KEY else value)
+
+    try:
+        with torch.no_grad(), (observe_attention(on_attention) if seen else contextlib.nullcontext()):
+            forward()
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass
@@ -103,9 +120,9 @@ class _Clock:
 class LayerwiseEngine:
     """Quantizes layers ``start..n-1`` and replays ``0..start-1`` from the work folder."""
 
-    def __init__(self, skeleton: ModelSkeleton, quantizer: Quantizer, workdir: WorkDir, fingerprint: str,
+    def __init__(self, runner: ModelRunner, quantizer: Quantizer, workdir: WorkDir, fingerprint: str,
                  quiet: bool = False, on_layer: LayerCallback | None = None, *, seed: int):
-        self.sk, self.quantizer, self.workdir, self.fingerprint = skeleton, quantizer, workdir, fingerprint
+        self.sk, self.quantizer, self.workdir, self.fingerprint = runner, quantizer, workdir, fingerprint
         self.quiet, self.on_layer, self.seed = quiet, on_layer, seed
 
     def run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
@@ -120,18 +137,15 @@ class LayerwiseEngine:
 
     def _run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
              start: int) -> EngineResult:
-        sk, arch, result = self.sk, self.sk.arch, EngineResult()
+        sk, result = self.sk, EngineResult()
         calib_batches = make_batches(calib, batch_size)
         eval_batches = make_batches(evaluation, batch_size) if evaluation else []
         clock = _Clock(result.phase_seconds, sk.device)
-        # Onto the device once (in chunks, so the host never holds it whole), not once per batch.
-        weight = sk.embed_weight_on_device()
-        _check_finite(weight, arch.embed + ".weight", sk.source)
-        with torch.no_grad():
-            h_calib = [embed(b, weight, sk.device, sk.dtype) for b in calib_batches]
-            h_base = [embed(b, weight, sk.device, sk.dtype) for b in eval_batches]
-        h_quant = [h.clone() for h in h_base]
-        del weight
+        # The model's own forward embeds every batch and gives each layer its arguments; the
+        # embedding is on the device only while it does.
+        calib_in = sk.capture(calib_batches)
+        base_in = sk.capture(eval_batches)
+        quant_in = [LayerInputs(b.hidden.clone(), b.calls) for b in base_in]
         clock.lap("embed")
 
         if start:
@@ -141,18 +155,19 @@ class LayerwiseEngine:
             began = time.perf_counter()
             layer = sk.load_layer(i)
             if i >= start:
-                _check_finite_layer(layer, sk, i)
+                sk.check_finite(layer, i)
             clock.lap("load")
             with torch.no_grad():
-                for j, h in enumerate(h_base):
-                    h_base[j] = sk.run_layer(layer, h)
+                for b in base_in:
+                    b.hidden = sk.run_layer(layer, b.hidden, b.calls[i])
             clock.lap("evaluate")
             if i < start:
                 record = self.workdir.load_layer(i)
             else:
-                calibration = _LayerCalibration(sk, layer, h_calib, self.seed, i)
-                qweights = self.quantizer.quantize_layer(layer, arch, calibration,
-                                                         self.quantizer.layer_schemes(sk.layer_prefix(i), arch))
+                calibration = _LayerCalibration(sk, i, layer, calib_in, self.seed)
+                graph = sk.graph.layer(i)
+                qweights = self.quantizer.quantize_layer(layer, graph, calibration,
+                                                         self.quantizer.layer_schemes(sk.layer_prefix(i), graph))
                 for name, qw in qweights.items():
                     check_quantized(sk.layer_prefix(i) + name, qw)
                 clock.lap("quantize")
@@ -169,24 +184,24 @@ class LayerwiseEngine:
             with torch.no_grad():
                 # Batch by batch in place: each input is freed as its output appears, so the
                 # activations are on the device once, not twice (2 GiB for 128 x 2048 at 4096 wide).
-                for j, h in enumerate(h_calib):
-                    h_calib[j] = sk.run_layer(layer, h)
-                for j, h in enumerate(h_quant):
-                    h_quant[j] = sk.run_layer(layer, h)
-            _check_finite_list(h_calib, f"outputs of layer {i} on calibration data", sk.dtype)
-            _check_finite_list(h_quant, f"outputs of layer {i} on evaluation data", sk.dtype)
+                for b in calib_in:
+                    b.hidden = sk.run_layer(layer, b.hidden, b.calls[i])
+                for b in quant_in:
+                    b.hidden = sk.run_layer(layer, b.hidden, b.calls[i])
+            _check_finite_list([b.hidden for b in calib_in], f"outputs of layer {i} on calibration data", sk.dtype)
+            _check_finite_list([b.hidden for b in quant_in], f"outputs of layer {i} on evaluation data", sk.dtype)
             clock.lap("propagate")
             del layer, record
             if i >= start:
                 result.layer_seconds.append(time.perf_counter() - began)
 
         if eval_batches:
-            norm = sk.final_norm()
-            head = sk.source.tensor_on(sk.lm_head_source_name(), sk.device, sk.dtype)
-            streams = tqdm(zip(h_base, h_quant, eval_batches), total=len(eval_batches), desc="comparing logits",
+            # The model's own head (final norm, lm_head, softcap) gives each batch's logits.
+            streams = tqdm(zip(base_in, quant_in, eval_batches), total=len(eval_batches), desc="comparing logits",
                            unit="batch", disable=self.quiet)
-            compared = compare_streams(((hb[:, :-1], hq[:, :-1], t[:, 1:]) for hb, hq, t in streams),
-                                       lambda h: F.linear(norm(h), head), head.shape[0])
+            compared = compare_streams(((sk.logits(b.hidden, t)[:, :-1], sk.logits(q.hidden, t)[:, :-1], t[:, 1:])
+                                        for b, q, t in streams), lambda logits: logits, sk.text_config.vocab_size)
+            sk.release()
             result.perplexity_base, result.perplexity_quantized = compared.perplexity_base, compared.perplexity_quantized
             result.divergence = compared.divergence()
             clock.lap("evaluate")
@@ -219,19 +234,6 @@ def perplexity(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
             nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
             count += target.numel()
     return math.exp(nll / count)
-
-
-def _check_finite(t: torch.Tensor, name: str, source: ModelSource) -> None:
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        raise damaged_source_error(name, source.path / source.weight_map.get(name, "?"))
-
-
-def _check_finite_layer(layer: nn.Module, sk: ModelSkeleton, i: int) -> None:
-    """One host sync for the whole layer; names the bad tensor only when there is one."""
-    params = [p for p in layer.parameters() if p.is_floating_point()]
-    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-        for name, p in layer.named_parameters():
-            _check_finite(p, f"{sk.layer_prefix(i)}{name}", sk.source)
 
 
 def _check_finite_list(ts: list[torch.Tensor], where: str, dtype: torch.dtype) -> None:

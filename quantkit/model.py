@@ -146,7 +146,7 @@ class ModelSource:
     def tensor_headers(self) -> dict[str, dict[str, Any]]:
         """Every tensor's ``dtype`` and ``shape`` from the shard headers alone (each checked):
         what validation knows of the weights without reading one."""
-        raise_problems(model_file_problems(self.path, self.weight_map, {}, tied=True))
+        raise_problems(model_file_problems(self.path, self.weight_map, {}))
         entries: dict[str, dict[str, Any]] = {}
         for shard in self.shard_files():
             entries.update({k: {"dtype": e.dtype, "shape": list(e.shape)} for k, e in read_entries(shard).items()})

@@ -18,18 +18,17 @@ from typing import Any
 import torch
 
 from . import __version__, preflight
-from .architectures import Architecture, architecture_for
 from .assignment_check import decoder_linear_names
 from .calibration import TextRequest, load_tokens
 from .card import base_license, render_card
 from .checkpoint import CheckpointWriter, work_dir_for
 from .engine import LayerCallback, LayerwiseEngine
-from .errors import Interrupted, ModelError, QuantkitError
+from .errors import Interrupted, QuantkitError
 from .export import export_checkpoint
 from .finite_check import check_source_tensors
 from .formats import FORMATS
+from .graph.runtime import ModelRunner, describe_outside
 from .interrupts import as_run_failure, signal_name, signal_of, terminate_as_interrupt
-from .layers import ModelSkeleton
 from .model import ModelSource, load_tokenizer
 from .output_guard import check_output_dir, run_inputs
 from .planner import serve_command
@@ -60,27 +59,28 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     # Only now are a hub model's weights downloaded.
     source = ModelSource.open(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle,
                               os.environ.get("HF_TOKEN"))
-    arch = architecture_for(source.config, f"model {recipe.model.id}")
     params = recipe.quantization
     scheme = params.scheme()
     assignment = params.assignment()
-    linear_schemes = assignment.resolve(decoder_linear_names(source.config, arch))
     quantizer = QUANTIZERS[params.method](params, source.config)
     device, dtype = torch.device(plan.device), preflight.DTYPES[plan.dtype]
     fmt = FORMATS[recipe.format_name]()
     output_dir = recipe.export.output_dir
     workdir = WorkDir(work_dir_for(output_dir))
-    check_output_dir(output_dir, workdir.root, run_inputs(source.path, source.shard_files(), preflight.text_sources(recipe)),
+    check_output_dir(output_dir, workdir.root,
+                     run_inputs(source.path, source.shard_files(), preflight.text_sources(recipe)),
                      recipe.export.overwrite)
     writer = CheckpointWriter(output_dir, workdir.export, fmt, dtype,
                               parse_size(recipe.export.max_shard_size), recipe.export.overwrite)
     # CPUs here run bf16 matmuls ~8x slower than fp32, so compute in fp32 and export in dtype.
     compute_dtype = torch.float32 if device.type == "cpu" else dtype
-    skeleton = build_skeleton(source, arch, device, compute_dtype)
-    check_model_files(source, skeleton.meta, skeleton.tied)
+    # The model's own classes on the meta device and its layer graph: no weight is read.
+    runner = ModelRunner(source, device, compute_dtype, f"model {recipe.model.id}")
+    runner.check_supported()
+    linear_schemes = assignment.resolve(decoder_linear_names(runner.graph))
+    check_model_files(runner)
     tokenizer = load_tokenizer(source.path)
-    check_source_tensors(source, [arch.embed + ".weight", skeleton.lm_head_source_name()]
-                         + [n for n in source.weight_map if n.startswith(arch.final_norm + ".")], device)
+    check_source_tensors(source, runner.outside_text_sources(), device)
 
     with RunLock(output_dir, None if recipe_file is None else str(Path(recipe_file).resolve())), \
             terminate_as_interrupt():
@@ -108,18 +108,23 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
                                  cal.model_dump(mode="json"), source.weight_map, calib)
             start = workdir.start(run_id, resume, weights, source.path)
             started_work = True
-            engine = LayerwiseEngine(skeleton, quantizer, workdir, run_id, quiet, on_layer, seed=cal.seed)
+            engine = LayerwiseEngine(runner, quantizer, workdir, run_id, quiet, on_layer, seed=cal.seed)
             result = engine.run(calib, evaluation, cal.batch_size, start)
             exporting = time.perf_counter()
             writer.start()
-            export_checkpoint(skeleton, workdir, writer, quiet)
+            export_checkpoint(runner, workdir, writer, quiet)
             result.phase_seconds["export"] = time.perf_counter() - exporting
+            outside = describe_outside(runner.model, runner.location.layers)
             report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started,
                              linear_schemes)
+            report["unquantized"] = unquantized_report(runner, outside)
             config = dict(source.config)
-            float_linears = [n for n in decoder_linear_names(source.config, arch) if n not in linear_schemes]
+            # The checkpoint's names, as transformers and vLLM match them.
+            named = {runner.names.source_module(n): s for n, s in linear_schemes.items()}
+            floats = [runner.names.source_module(n) for n in decoder_linear_names(runner.graph)
+                      if n not in linear_schemes]
             config["quantization_config"] = fmt.quantization_config(
-                scheme if assignment.uniform else linear_schemes, [arch.lm_head, *float_linears],
+                scheme if assignment.uniform else named, [*ignored_components(runner, outside), *floats],
                 params.kv_cache_scheme())
             config["torch_dtype"] = str(dtype).replace("torch.", "")
             extra_files = {"report.json": json.dumps(report, indent=2),
@@ -129,7 +134,7 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
                             "before publishing")
             writer.finalize(config, extra_files, copy)
         except BaseException as e:
-            failure = as_run_failure(e, workdir.root, workdir.finished_layers(), skeleton.num_layers, output_dir,
+            failure = as_run_failure(e, workdir.root, workdir.finished_layers(), runner.num_layers, output_dir,
                                      writer.published)
             if started_work:
                 _clean_up_after_failure(workdir, writer, failure)
@@ -143,6 +148,40 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     return report
 
 
+def ignored_components(runner: ModelRunner, outside: list[tuple[str, str]]) -> list[str]:
+    """The module trees outside the decoder layers that hold Linears (lm_head, a vision tower,
+    a projector), which a format declares unquantized so transformers and vLLM look for no
+    quantized tensors there: a top-level Linear by its name, any other tree by a pattern on its
+    last path segment, which every naming of the model (transformers', the checkpoint's,
+    vLLM's) shares."""
+    from torch import nn
+
+    from .formats.base import segment_pattern
+
+    names = []
+    for path, _ in outside:
+        mod = runner.model.get_submodule(path)
+        if isinstance(mod, nn.Linear) and "." not in path:
+            names.append(path)
+        elif any(isinstance(m, nn.Linear) for m in mod.modules()):
+            names.append(segment_pattern(path.rpartition(".")[2]))
+    return names
+
+
+def unquantized_report(runner: ModelRunner, outside: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """What stayed in float and why, for the report and the model card."""
+    names = runner.names
+    out = [{"module": names.source_module(path), "reason": why} for path, why in outside]
+    layers = names.source_module(runner.layer_prefix(0)[:-1]).rpartition(".")[0]
+    seen: set[tuple[str, str]] = set()
+    for g in runner.graph.types:
+        for u in g.unquantized:
+            if (u.module, u.reason) not in seen:
+                seen.add((u.module, u.reason))
+                out.append({"module": f"{layers}.*.{u.module}", "reason": u.reason})
+    return out
+
+
 def _clean_up_after_failure(workdir: WorkDir, writer: CheckpointWriter, failure: QuantkitError | None) -> None:
     """Keep finished layers for --resume; after an interrupt or a full disk (whose line says what
     was kept) also free the half-written export, which a resume writes anew."""
@@ -152,18 +191,6 @@ def _clean_up_after_failure(workdir: WorkDir, writer: CheckpointWriter, failure:
         log.warning("finished layers are kept in %s; run again with --resume to continue", workdir.root)
     else:
         shutil.rmtree(workdir.export, ignore_errors=True)
-
-
-def build_skeleton(source: ModelSource, arch: Architecture, device: torch.device, dtype: torch.dtype) -> ModelSkeleton:
-    """The model on the meta device; a config.json transformers refuses (an unknown model_type, a
-    malformed rope_scaling ...) is a `ModelError` naming it, not a traceback."""
-    try:
-        return ModelSkeleton(source, arch, device, dtype)
-    except Exception as e:  # transformers' config classes raise many types
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ModelError(f"model.id: {source.path / 'config.json'}: transformers cannot build the model from it "
-                         f"({type(e).__name__}: {first})", field="model.id", file=source.path / "config.json",
-                         hint="fix or re-download config.json") from None
 
 
 def _push(output_dir: Path, push: Any) -> None:

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from .architectures import Architecture, architecture_for
 from .assignment_check import resolve_assignment
 from .calibration import source_kind
-from .errors import ExportError, ModelError, RecipeError
+from .errors import ExportError, RecipeError
 from .checkpoint import work_dir_for
+from .graph.view import ModelView, config_from_dict, model_view
 from .model_files import ModelFiles, model_files
 from .output_guard import check_output_placement, check_replaceable, run_inputs
 from .planner import ModelShape, get_scheme
@@ -149,25 +149,27 @@ def check(recipe: RecipeBase) -> RunPlan:
     ``QuantkitError`` naming it, else return the plan. Reads no weight."""
     where = recipe.where
     model = model_files(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle, os.environ.get("HF_TOKEN"))
-    arch = architecture_for(model.config, f"model {recipe.model.id}")
     shape = ModelShape.from_config(model.config, where=f"{model.location}/config.json")
     params = recipe.quantization
     scheme = params.scheme()
-    linear_schemes = resolve_assignment(params.assignment(), model.config, arch, where)
-    groups = check_groups(arch, shape.num_layers, model.headers, linear_schemes, where)
+    device = resolve_device(recipe.device)
+    dtype = resolve_dtype(recipe.model.dtype, model.config)
+    named = f"model {recipe.model.id}"
+    view = model_view(config_from_dict(model.config, named), model.headers, dtype, named)
+    view.check_supported(named)
+    linear_schemes = resolve_assignment(params.assignment(), view.graph, where)
+    groups = check_groups(view, linear_schemes, where)
     quantizer = QUANTIZERS[params.method](params, model.config)
     cal, ev = recipe.calibration, recipe.evaluate
     texts = [("calibration", cal) if quantizer.needs_calibration else None, ("evaluate", ev) if ev.enabled else None]
     calibration, evaluate = (None if t is None else _text_plan(*t, shape) for t in texts)
-    device = resolve_device(recipe.device)
-    dtype = resolve_dtype(recipe.model.dtype, model.config)
     output_dir = Path(recipe.export.output_dir)
     if not model.remote:
         shards = sorted(Path(model.location).glob("*.safetensors"))
         check_output_placement(output_dir, work_dir_for(output_dir),
                                run_inputs(Path(model.location), shards, text_sources(recipe)))
     check_replaceable(output_dir, recipe.export.overwrite)
-    sizes = _sizes(model, linear_schemes, dtype, output_dir)
+    sizes = _sizes(model, view, linear_schemes, dtype, output_dir)
     linears: dict[str, int] = {}
     for s in linear_schemes.values():
         linears[scheme_name(s)] = linears.get(scheme_name(s), 0) + 1
@@ -210,25 +212,22 @@ def resolve_dtype(name: str, config: dict[str, Any]) -> torch.dtype:
     return DTYPES.get(name, torch.float32)
 
 
-def check_groups(arch: Architecture, num_layers: int, headers: dict[str, dict[str, Any]],
-                 linear_schemes: dict[str, Scheme], where: str) -> tuple[GroupCheck, ...]:
-    """Every decoder Linear's ``[out, in]`` from the headers; the group size of its scheme
-    (``linear_schemes``, by full name; absent: not quantized) must divide each ``in``. A Linear
-    missing, or shaped differently in another layer, stops here too."""
+def check_groups(view: ModelView, linear_schemes: dict[str, Scheme], where: str) -> tuple[GroupCheck, ...]:
+    """Every decoder Linear's ``[out, in]`` as the model's own modules have it (one check per
+    input group of each decoder-layer type and scheme); the group size of its scheme
+    (``linear_schemes``, by full name; absent: not quantized) must divide each ``in``."""
+    graph = view.graph
     checks = []
-    for g in arch.groups:
-        counts: dict[tuple[tuple[tuple[int, int], ...], Scheme | None], int] = {}
-        for i in range(num_layers):
-            shapes = tuple(_linear_shape(headers, f"{arch.layers_prefix}.{i}.{n}.weight") for n in g.linears)
-            if len({inp for _, inp in shapes}) != 1:
-                raise ModelError(f"model: layer {i}: {', '.join(g.linears)} read one input but their input sizes "
-                                 f"differ ({', '.join(str(inp) for _, inp in shapes)})", value=i,
-                                 hint="the checkpoint does not match its config")
-            key = (shapes, linear_schemes.get(f"{arch.layers_prefix}.{i}.{g.linears[0]}"))
-            counts[key] = counts.get(key, 0) + 1
-        checks += [GroupCheck(g.linears, shapes[0][1], tuple(o for o, _ in shapes), _group_size(scheme), n,
-                              "float" if scheme is None else scheme_name(scheme))
-                   for (shapes, scheme), n in counts.items()]
+    for t, layer in enumerate(graph.types):
+        for g in layer.groups:
+            units = [layer.unit(n) for n in g.linears]
+            counts: dict[Scheme | None, int] = {}
+            for i in graph.layers_of(t):
+                scheme = linear_schemes.get(graph.layer_prefix(i) + g.key)
+                counts[scheme] = counts.get(scheme, 0) + 1
+            checks += [GroupCheck(g.linears, units[0].in_features, tuple(u.out_features for u in units),
+                                  _group_size(scheme), n, "float" if scheme is None else scheme_name(scheme))
+                       for scheme, n in counts.items()]
     bad = [c for c in checks if c.group_size and c.in_features % c.group_size]
     if bad:
         sizes = {c.in_features for c in checks if c.group_size}
@@ -247,18 +246,6 @@ def _group_size(scheme: Scheme | None) -> int | None:
     return scheme.weights.group_size
 
 
-def _linear_shape(headers: dict[str, dict[str, Any]], name: str) -> tuple[int, int]:
-    entry = headers.get(name)
-    shape = entry.get("shape") if isinstance(entry, dict) else None
-    if entry is None:
-        raise ModelError(f"model: tensor {name} is missing from the shards", field="model.id", value=name,
-                         hint="the checkpoint does not match its config; re-download or re-convert it")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
-        raise ModelError(f"model: tensor {name} is shaped {shape}, expected a 2-D Linear weight", field="model.id",
-                         value=name, hint="the checkpoint does not match its config")
-    return shape[0], shape[1]
-
-
 def _text_plan(section: str, spec: Any, shape: ModelShape) -> TextPlan:
     if spec.max_seq_length > shape.max_position_embeddings:
         raise RecipeError(f"recipe: {section}.max_seq_length {spec.max_seq_length} exceeds the model's "
@@ -267,11 +254,20 @@ def _text_plan(section: str, spec: Any, shape: ModelShape) -> TextPlan:
     return TextPlan(section, spec.source, source_kind(spec.source, section), spec.num_samples, spec.max_seq_length)
 
 
-def _sizes(model: ModelFiles, linear_schemes: dict[str, Scheme], dtype: torch.dtype, output_dir: Path) -> SizePlan:
+def _sizes(model: ModelFiles, view: ModelView, linear_schemes: dict[str, Scheme], dtype: torch.dtype,
+           output_dir: Path) -> SizePlan:
     """Refuse to start when the work files plus the checkpoint cannot fit on the output's disk."""
     headers = model.headers
     precisions = {s: get_scheme(plan_scheme_key(s), _group_size(s)) for s in set(linear_schemes.values())}
-    linears = {f"{name}.weight": precisions[s] for name, s in linear_schemes.items()}
+    graph = view.graph
+    linears = {}
+    for i in range(view.location.num_layers):
+        prefix = graph.layer_prefix(i)
+        for u in graph.layer(i).units:
+            scheme = linear_schemes.get(prefix + u.name)
+            source = view.names.source_of(prefix + u.param)
+            if scheme is not None and source in headers:
+                linears[source] = precisions[scheme]
     numel = {name: math.prod(h["shape"]) for name, h in headers.items()}
     element = _DTYPE_BYTES[str(dtype).replace("torch.", "")]
     checkpoint = sum(linears[n].linear_bytes(*headers[n]["shape"]) if n in linears else numel[n] * element

@@ -17,7 +17,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator
 
 from . import shipped
-from .architectures import ARCHITECTURES
 from .errors import HubError, RecipeError
 from .formats import FORMATS
 from .quantizers import QUANTIZERS, QuantizerParams
@@ -36,7 +35,7 @@ class ModelSpec(_Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Compute/export dtype of unquantized tensors; auto = config's torch_dtype"
     )
-    trust_remote_code: bool = Field(False, description="Must stay false: only built-in architectures run")
+    trust_remote_code: bool = Field(False, description="Must stay false: only architectures transformers implements run")
     allow_pickle: bool = Field(False, description="Accept .bin/.pt pickle weights (can run code)")
     fingerprint: Literal["quick", "full"] = Field(
         "quick", description="How --resume checks the weights did not change: quick = shard sizes, mtimes and "
@@ -47,10 +46,10 @@ class ModelSpec(_Strict):
     @classmethod
     def _no_remote_code(cls, v: bool) -> bool:
         # Accepting true and ignoring it would let a user believe a custom model ran as its
-        # authors wrote it; quantkit only ever runs its built-in architecture layouts.
+        # authors wrote it; quantkit only ever runs the classes transformers itself implements.
         if v:
-            raise ValueError("quantkit never runs a model's own code, only its built-in architectures ("
-                             f"{', '.join(sorted(ARCHITECTURES))}); remove it or set false")
+            raise ValueError("quantkit never runs a model's own code, only the architectures transformers "
+                             "implements; remove it or set false")
         return v
 
 

@@ -29,11 +29,14 @@ def sample_from_model(model_dir: Path, dtype: torch.dtype, device: torch.device,
     The whole model is loaded through transformers; on CUDA it is spread with
     ``device_map="auto"`` (offloading what does not fit), so any size works, slowly.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .graph.skeleton import model_class
 
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     kwargs = {"device_map": "auto"} if device.type == "cuda" else {}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False, **kwargs).eval()
+    cls = model_class(AutoConfig.from_pretrained(model_dir, trust_remote_code=False), str(model_dir))
+    model = cls.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False, **kwargs).eval()
     if device.type != "cuda":
         model.to(device)
     special = set(tok.all_special_ids)

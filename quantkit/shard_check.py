@@ -18,9 +18,8 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Collection, Mapping
 
-from torch import nn
 
 from .errors import ExportError, ModelError
 
@@ -134,17 +133,13 @@ def read_entries(path: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def expected_tensors(meta_model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the tensors a model built from its config loads (meta device)."""
-    return {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
-
-
 def model_file_problems(model_dir: Path, weight_map: Mapping[str, str], expected: Mapping[str, tuple[int, ...]],
-                        tied: bool, lm_head: str = "lm_head.weight") -> list[str]:
-    """Every problem of a model folder's shards against its index and its config's tensors.
+                        tied: Collection[str] = ()) -> list[str]:
+    """Every problem of a model folder's shards against its index and its config's tensors
+    (``expected``: checkpoint name -> shape).
 
     Tensors the shards hold but the model does not use are fine (old checkpoints carry rotary
-    buffers). A tied model may omit ``lm_head``.
+    buffers). A tensor in ``tied`` (lm_head of a tied model) may be absent.
     """
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
@@ -174,7 +169,7 @@ def model_file_problems(model_dir: Path, weight_map: Mapping[str, str], expected
     for name, shape in expected.items():
         shard = weight_map.get(name)
         if shard is None:
-            if not (tied and name == lm_head):
+            if name not in tied:
                 problems.append(f"{model_dir}: tensor {name} is missing from {listed_in} "
                                 f"(the config implies shape {list(shape)})")
             continue
@@ -193,13 +188,17 @@ def model_file_problems(model_dir: Path, weight_map: Mapping[str, str], expected
     return problems
 
 
-def check_model_files(source, meta_model: nn.Module, tied: bool) -> None:
+def check_model_files(runner) -> None:
     """Refuse a model whose shards do not match its index and config, before any layer runs.
 
-    ``source`` is a `ModelSource`; ``meta_model`` the model built from its config on the meta
-    device. Each problem is logged as one line; the first is raised as `ModelError`.
+    ``runner`` is the `ModelRunner` (the model built from its config on the meta device, and
+    its checkpoint names). Each problem is logged as one line; the first is raised as `ModelError`.
     """
-    raise_problems(model_file_problems(source.path, source.weight_map, expected_tensors(meta_model), tied))
+    names = runner.names
+    expected = {names.source_of(k): tuple(v.shape) for k, v in runner.model.state_dict().items()
+                if k not in names.converted.values()}
+    tied = {names.source_of(k) for k in (getattr(runner.model, "all_tied_weights_keys", None) or {})}
+    raise_problems(model_file_problems(runner.source.path, runner.source.weight_map, expected, tied))
 
 
 def raise_problems(problems: list[str]) -> None:

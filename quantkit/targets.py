@@ -4,7 +4,7 @@ Patterns are written as compressed-tensors writes them: ``Linear`` (every quanti
 Linear), ``re:<regex>`` (``re.match`` against the full name, so anchored at its start, as
 both compressed-tensors and vLLM match), or an exact full name such as
 ``model.layers.3.mlp.down_proj``. The names come from whatever lists a model's Linears (today
-``quantkit.architectures``); nothing here knows a model.
+``quantkit.graph``, the layer graph); nothing here knows a model.
 
 A ``SchemeAssignment`` resolves: a Linear is quantized when it matches ``targets`` and not
 ``ignore``; its scheme is the last override whose targets match it, else the default.

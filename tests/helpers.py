@@ -1,5 +1,6 @@
 """Test helpers shared by the quantizer tests: a fake LayerCalibration, tiny real decoder
-layers built from a config, and inputs with a chosen covariance."""
+layers built from a config with their derived layer graphs, and inputs with a chosen
+covariance."""
 
 from __future__ import annotations
 
@@ -8,17 +9,14 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from quantkit.architectures import ARCHITECTURES, InputGroup
+from quantkit.graph import LayerGraph
 from quantkit.seeding import generator
-
-LLAMA = ARCHITECTURES["LlamaForCausalLM"]
 
 
 class FakeCalibration:
-    """Holds the layer's calibration inputs and streams them through it with forward
-    pre-hooks, like the engine's LayerCalibration. Each batch is a tensor (positional input)
-    or a dict of keyword arguments. ``runs`` counts passes; ``hook_calls`` counts calls per
-    hooked Linear."""
+    """Holds the layer's calibration inputs and streams them through it with the engine's
+    hooks (``run_calibration``). Each batch is a tensor (positional input) or a dict of keyword
+    arguments. ``runs`` counts passes; ``hook_calls`` counts calls per hook."""
 
     def __init__(self, layer: nn.Module, batches: list, seed: int = 0) -> None:
         self.layer = layer
@@ -31,22 +29,22 @@ class FakeCalibration:
         return generator(self.seed, 0, name)
 
     def run(self, hooks: Mapping[str, object]) -> None:
-        self.runs += 1
-        handles = []
-        for name, hook in hooks.items():
-            def pre(mod, args, name=name, hook=hook):
-                x = args[0]
-                self.hook_calls[name] = self.hook_calls.get(name, 0) + 1
-                hook(x.reshape(-1, x.shape[-1]))
+        from quantkit.engine import run_calibration
 
-            handles.append(self.layer.get_submodule(name).register_forward_pre_hook(pre))
-        try:
-            with torch.no_grad():
-                for b in self.batches:
-                    self.layer(**b) if isinstance(b, dict) else self.layer(b)
-        finally:
-            for h in handles:
-                h.remove()
+        self.runs += 1
+
+        def counted(name, hook):
+            def h(x):
+                self.hook_calls[name] = self.hook_calls.get(name, 0) + 1
+                hook(x)
+
+            return h
+
+        def forward():
+            for b in self.batches:
+                self.layer(**b) if isinstance(b, dict) else self.layer(b)
+
+        run_calibration(self.layer, {n: counted(n, h) for n, h in hooks.items()}, forward)
 
 
 def correlated_inputs(n: int, d: int, generator: torch.Generator, outliers: int = 0, outlier_gain: float = 50.0) -> torch.Tensor:
@@ -58,23 +56,6 @@ def correlated_inputs(n: int, d: int, generator: torch.Generator, outliers: int 
         idx = torch.randperm(d, generator=generator)[:outliers]
         x[:, idx] *= outlier_gain
     return x
-
-
-class SingleLinear(nn.Module):
-    """A one-Linear "layer" with a matching one-group architecture, for quantizer tests."""
-
-    def __init__(self, in_f: int, out_f: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(in_f, out_f, bias=False)
-
-    def forward(self, x):
-        return self.proj(x)
-
-
-def single_linear_arch():
-    from quantkit.architectures import Architecture
-
-    return Architecture("single", "", "", "", "", (InputGroup(("proj",), "input", True),))
 
 
 def tiny_llama_config(gqa: bool = False, **overrides):
@@ -94,6 +75,21 @@ def tiny_llama_config(gqa: bool = False, **overrides):
     config = LlamaConfig(**cfg)
     config._attn_implementation = "eager"
     return config
+
+
+def graph_of(config) -> LayerGraph:
+    """The layer graph quantkit derives for a config's decoder layer (from the model's code)."""
+    from transformers import AutoModel
+
+    from quantkit.graph import derive_layer_graph
+    from quantkit.graph.skeleton import build_meta
+
+    decoder = build_meta(AutoModel._model_mapping[type(config)], config, torch.float32)
+    return derive_layer_graph(decoder, "layers", 0)
+
+
+def llama_graph(gqa: bool = False) -> LayerGraph:
+    return graph_of(tiny_llama_config(gqa))
 
 
 def tiny_llama_layer(seed: int = 0, gqa: bool = False, batches: int = 2, seq: int = 16, outliers: int = 0):

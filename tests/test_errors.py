@@ -18,10 +18,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from quantkit.cli import main
-from quantkit.layers import ModelSkeleton
+from quantkit.graph.runtime import ModelRunner
 from tests.tiny_models import make_tiny_model, write_text_file
 
-SUPPORTED = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
 FAKE_TOKEN = "hf_QuantkitFakeToken7Zq9XwV3LmN0pR"
 
 
@@ -182,8 +181,8 @@ def test_method_format_mismatch_before_any_weight(tmp_path, quantization, fmt, e
 def test_trust_remote_code_true_is_refused(tmp_path, model_dir, capsys):
     path = recipe_file(tmp_path, model_dir, model={"id": str(model_dir), "trust_remote_code": True})
     assert cli_error(capsys, "validate", path) == (
-        f"error: {path}: field 'model.trust_remote_code': quantkit never runs a model's own code, only its "
-        f"built-in architectures ({SUPPORTED}); remove it or set false (got True)")
+        f"error: {path}: field 'model.trust_remote_code': quantkit never runs a model's own code, only the "
+        "architectures transformers implements; remove it or set false (got True)")
     path = recipe_file(tmp_path, model_dir, model={"id": str(model_dir), "trust_remote_code": False})
     assert main(["validate", str(path)]) == 0
 
@@ -268,13 +267,38 @@ def test_pickle_weights_load_when_allowed(tmp_path, model_dir, pickle_model, cap
         assert torch.equal(expected[name], got[name]), name
 
 
-def test_unsupported_architecture_lists_supported(tmp_path, model_dir, capsys):
-    model = copy_model(model_dir, tmp_path / "gpt2")
+def test_architecture_transformers_lacks_is_refused(tmp_path, model_dir, capsys):
+    model = copy_model(model_dir, tmp_path / "custom")
     cfg = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]}))
+    (model / "config.json").write_text(json.dumps({**cfg, "architectures": ["MyOwnForCausalLM"]}))
     path = recipe_file(tmp_path, model)
     assert cli_error(capsys, "run", path) == (
-        f"error: model {model}: unsupported architecture GPT2LMHeadModel; supported: {SUPPORTED}")
+        f"error: model {model}: architecture MyOwnForCausalLM is not implemented by the installed transformers; "
+        "quantkit runs only models transformers implements (no remote code); upgrade transformers if the "
+        "architecture is newer than it")
+
+
+def test_layer_type_it_cannot_handle_is_refused_before_any_weight(tmp_path, monkeypatch, capsys):
+    """A hybrid model whose convolution layers feed a Linear (LFM2): one line naming the
+    layer type, its layers and the reason, before a single weight is read."""
+    import transformers as tf
+
+    from quantkit.model import ModelSource
+    from tests.tiny_models import build_tokenizer
+
+    model = tmp_path / "lfm2"
+    tok = build_tokenizer(model)
+    cfg = tf.Lfm2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
+                        layer_types=["conv", "full_attention", "conv"])
+    tf.Lfm2ForCausalLM(cfg).save_pretrained(model)
+    monkeypatch.setattr(ModelSource, "tensor", lambda *a: pytest.fail("a weight was read"))
+    path = recipe_file(tmp_path, model)
+    assert cli_error(capsys, "run", path) == (
+        f"error: model {model}: model.layers.0 (Lfm2DecoderLayer, layers 0, 2): convolution conv.conv feeds "
+        "conv.out_proj (hybrid convolution/state-space layers are not supported); this layer type cannot be "
+        "quantized yet")
+    assert not (tmp_path / "out").exists()
 
 
 def test_sequence_longer_than_model_context(tmp_path, model_dir, text_file, capsys):
@@ -364,10 +388,10 @@ def test_activations_overflow(tmp_path, model_dir, text_file, capsys):
 
 
 def test_out_of_device_memory_gives_advice(tmp_path, model_dir, text_file, monkeypatch, capsys):
-    def oom(self, layer, hidden):
+    def oom(self, layer, hidden, call):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(ModelSkeleton, "run_layer", oom)
+    monkeypatch.setattr(ModelRunner, "run_layer", oom)
     path = recipe_file(tmp_path, model_dir, **gptq(text_file))
     assert cli_error(capsys, "run", path) == (
         "error: out of device memory; lower calibration.num_samples, calibration.max_seq_length or "

@@ -121,9 +121,14 @@ def test_group_size_that_does_not_divide_model_is_a_recipe_error(tiny_llama, tex
     from tests.tiny_models import make_tiny_model
 
     make_tiny_model(model, layers=1, hidden=192, intermediate=384, heads=3, kv_heads=1)
-    with pytest.raises(RecipeError) as e:
+    with pytest.raises(RecipeError) as err:
         pipeline.run(make_recipe(_recipe(model, text_file, tmp_path / "o")), quiet=True)
-    assert (e.value.field, e.value.value, e.value.hint) == ("quantization.group_size", 128, "use one of [32, 64]")
+    # Checked against the layer graph's real Linear shapes: the first Linear reading the
+    # 192-wide hidden state is named, and the divisors offered divide every Linear's input.
+    e = err.value
+    assert (e.field, e.value, e.hint) == ("quantization.group_size", 128, "use one of [32, 64]")
+    assert e.message == ("recipe: quantization.group_size 128 does not divide the input size 192 of "
+                         "self_attn.q_proj (LlamaDecoderLayer)")
 
 
 def test_too_little_disk_is_refused_before_reading_weights(tiny_llama, text_file, tmp_path, monkeypatch):

@@ -10,7 +10,9 @@ from quantkit.quantizers.awq import AWQParams, awq_clip_search, awq_scale_search
 from quantkit.quantizers.rtn import quantize_rtn
 from quantkit.quantizers.sampling import RowSample
 
-from .helpers import LLAMA, FakeCalibration, correlated_inputs, tiny_llama_layer
+from .helpers import FakeCalibration, correlated_inputs, llama_graph, tiny_llama_layer
+
+LLAMA = llama_graph()
 
 SCHEME = AWQParams(group_size=32).scheme()
 
@@ -77,19 +79,21 @@ def test_awq_layer_folds_exactly_and_beats_rtn(gqa):
     with torch.no_grad():
         ref = [layer(**b).double() for b in data]
     rtn_layer, _, _ = tiny_llama_layer(seed=2, gqa=gqa, batches=4, seq=32, outliers=3)
+    graph = llama_graph(gqa)
     rtn_w = QUANTIZERS["rtn"](QUANTIZERS["rtn"].Params(group_size=32, symmetric=False), cfg).quantize_layer(
-        rtn_layer, LLAMA, FakeCalibration(rtn_layer, data)
+        rtn_layer, graph, FakeCalibration(rtn_layer, data)
     )
     o_before = layer.self_attn.o_proj.weight.clone()
     q = QUANTIZERS["awq"](AWQParams(group_size=32, max_calib_tokens=64), cfg)
     calib = FakeCalibration(layer, data)
-    out = q.quantize_layer(layer, LLAMA, calib)
-    assert calib.runs == 1 and set(out) == set(LLAMA.linears)
+    out = q.quantize_layer(layer, graph, calib)
+    assert calib.runs == 1 and set(out) == set(graph.linears)
     # Folding alone leaves the float layer's function unchanged.
     with torch.no_grad():
         for b, r in zip(data, ref):
             torch.testing.assert_close(layer(**b).double(), r, rtol=1e-4, atol=1e-4)
-    # With GQA v_proj rows cannot map onto o_proj columns, so o_proj is not rescaled.
+    # With GQA o_proj's columns of query heads sharing a kv head would need one tied scale
+    # (the graph records the tie); AWQ leaves such a group alone, as llm-compressor does.
     assert torch.equal(layer.self_attn.o_proj.weight, o_before) == gqa
     awq_err = _layer_out_error(layer, ref, data, out)
     rtn_err = _layer_out_error(rtn_layer, ref, data, rtn_w)

@@ -9,7 +9,9 @@ from quantkit.quantizers import QUANTIZERS
 from quantkit.quantizers.fp8 import FP8Params
 from quantkit.scheme import FP8_DTYPE
 
-from .helpers import LLAMA, FakeCalibration, tiny_llama_layer
+from .helpers import FakeCalibration, llama_graph, tiny_llama_layer
+
+LLAMA = llama_graph()
 
 
 @pytest.mark.parametrize("strategy", ["channel", "tensor"])
@@ -53,11 +55,22 @@ def test_fp8_static_and_kv_scales_are_minmax():
         for n in g.linears:
             assert out[n].input_scale.shape == (1,)
             assert out[n].input_scale.item() == pytest.approx(expect, rel=1e-6)
-    x = torch.cat(seen["self_attn.q_proj"])
+    # The KV cache stores the key after RoPE (and the value as projected): its scales are
+    # their amax over calibration, computed here from the float layer by hand.
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    keys, values = [], []
+    for b, x in zip(data, seen["self_attn.q_proj"]):
+        x = x.reshape(b["hidden_states"].shape[0], -1, x.shape[-1])
+        k = (x @ attn.k_proj.weight.double().T).view(*x.shape[:2], -1, attn.head_dim).transpose(1, 2)
+        cos, sin = (t.double() for t in b["position_embeddings"])
+        _, k = apply_rotary_pos_emb(k, k, cos, sin)
+        keys.append(k.abs().max())
+        values.append((x @ attn.v_proj.weight.double().T).abs().max())
     extra = q.extra_tensors()
     assert set(extra) == {"self_attn.k_scale", "self_attn.v_scale"}
-    for key, name in (("self_attn.k_scale", "self_attn.k_proj"), ("self_attn.v_scale", "self_attn.v_proj")):
-        y = x @ out[name].dequantize().double().T
+    for key, want in (("self_attn.k_scale", max(keys)), ("self_attn.v_scale", max(values))):
         assert extra[key].shape == () and extra[key].dtype == torch.float32
-        assert extra[key].item() == pytest.approx(y.abs().max().item() / 448, rel=1e-5)
+        assert extra[key].item() == pytest.approx(want.item() / 448, rel=1e-5)
     assert q.scheme.input_activations.strategy == "tensor" and not q.scheme.input_activations.dynamic

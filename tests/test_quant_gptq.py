@@ -14,7 +14,9 @@ from quantkit.quantizers.hessian import HessianAccumulator
 from quantkit.quantizers.rtn import quantize_rtn, weight_qparams
 from quantkit.scheme import Scheme, WeightScheme
 
-from .helpers import LLAMA, FakeCalibration, correlated_inputs, tiny_llama_layer
+from .helpers import FakeCalibration, correlated_inputs, llama_graph, tiny_llama_layer
+
+LLAMA = llama_graph()
 
 
 def _scheme(bits=4, sym=True, group=128):

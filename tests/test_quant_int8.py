@@ -12,7 +12,9 @@ from quantkit.quantizers.observers import TensorObserver, int_scale, minmax_amax
 from quantkit.quantizers.rtn import quantize_rtn
 from quantkit.quantizers.smoothquant import smooth_layer, smoothing_scales
 
-from .helpers import LLAMA, FakeCalibration, tiny_llama_layer
+from .helpers import FakeCalibration, llama_graph, tiny_llama_layer
+
+LLAMA = llama_graph()
 
 
 def _group_inputs(layer, data):
@@ -43,7 +45,7 @@ def test_smoothquant_preserves_float_layer_output(gqa):
         before = [layer(**b).double() for b in data]
         inputs_before = _group_inputs(layer, data)
         params_before = {n: p.clone() for n, p in layer.named_parameters()}
-        smooth_layer(layer, LLAMA, FakeCalibration(layer, data), alpha=0.5, model_config=config)
+        smooth_layer(layer, llama_graph(gqa), FakeCalibration(layer, data), alpha=0.5)
         after = [layer(**b).double() for b in data]
     changed = {n for n, p in layer.named_parameters() if not torch.equal(p, params_before[n])}
     # Every exact fold happens (v_proj → o_proj only without GQA), and nothing else changes.

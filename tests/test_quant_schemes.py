@@ -14,8 +14,10 @@ from quantkit.quantizers import QUANTIZERS
 from quantkit.quantizers.gptq import GPTQParams, gptq_quantize
 from quantkit.quantizers.rtn import RTNParams, quantize_rtn
 
-from .helpers import LLAMA, FakeCalibration, correlated_inputs, tiny_llama_layer
+from .helpers import FakeCalibration, correlated_inputs, llama_graph, tiny_llama_layer
 from .test_grids import _ref_e2m1
+
+LLAMA = llama_graph()
 
 F8 = torch.float8_e4m3fn
 

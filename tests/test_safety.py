@@ -32,7 +32,7 @@ from quantkit.cli import main
 from quantkit.errors import ExportError, ModelError, NumericsError
 from quantkit.formats import FORMATS
 from quantkit.interrupts import Terminated, terminate_as_interrupt
-from quantkit.layers import ModelSkeleton
+from quantkit.graph.runtime import ModelRunner
 from quantkit.output_guard import MARKER, marker_text, old_dir_for
 from quantkit.quantizers import QUANTIZERS
 from quantkit.recipe import make_recipe
@@ -314,7 +314,7 @@ def test_damaged_shard_is_refused_before_any_layer_runs(tmp_path, model, monkeyp
     m = copy_model(model, tmp_path / "m")
     breakage, named = DAMAGE[damage]
     breakage(m / SHARD)
-    monkeypatch.setattr(ModelSkeleton, "load_layer", lambda *a: pytest.fail("a layer ran"))
+    monkeypatch.setattr(ModelRunner, "load_layer", lambda *a: pytest.fail("a layer ran"))
     caplog.set_level(logging.ERROR)
     with pytest.raises(ModelError) as e:
         run(m, tmp_path / "out")
@@ -335,7 +335,7 @@ def test_index_naming_a_missing_shard_or_the_wrong_shard_lists_every_problem(tmp
     (m / "model.safetensors.index.json").write_text(json.dumps(index))
     (m / shards[2]).unlink()
     caplog.set_level(logging.ERROR)
-    monkeypatch.setattr(ModelSkeleton, "load_layer", lambda *a: pytest.fail("a layer ran"))
+    monkeypatch.setattr(ModelRunner, "load_layer", lambda *a: pytest.fail("a layer ran"))
     with pytest.raises(ModelError) as e:
         run(m, tmp_path / "out")
     problems = [e.value.message.split(" (and ")[0]] + caplog.messages
@@ -476,7 +476,7 @@ def test_file_size_limit_is_one_line_for_real(tmp_path, model, capsys):
     assert main(["--quiet", "run", "--resume", str(path)]) == 0 and (out / "config.json").is_file()
 
 
-@pytest.mark.parametrize("case", ["config-list", "config-no-hidden", "quantized", "device", "under-a-file",
+@pytest.mark.parametrize("case", ["config-list", "config-bad-hidden", "quantized", "device", "under-a-file",
                                   "repo-id", "chat-shape", "non-utf8-jsonl", "non-utf8-txt", "bad-json-row"])
 def test_careless_input_is_one_line(tmp_path, model, capsys, case):
     m, out = model, tmp_path / "out"
@@ -484,7 +484,7 @@ def test_careless_input_is_one_line(tmp_path, model, capsys, case):
     if case.startswith(("config", "quantized")):
         m = copy_model(model, tmp_path / "m")
         config = json.loads((m / "config.json").read_text())
-        config = {"config-list": [config], "config-no-hidden": {k: v for k, v in config.items() if k != "hidden_size"},
+        config = {"config-list": [config], "config-bad-hidden": {**config, "hidden_size": "wide"},
                   "quantized": {**config, "quantization_config": {"quant_method": "gptq"}}}[case]
         (m / "config.json").write_text(json.dumps(config))
     elif case == "device":
@@ -509,7 +509,7 @@ def test_careless_input_is_one_line(tmp_path, model, capsys, case):
     expected = {
         "config-list": f"model.id: {m / 'config.json'} is not a JSON object of config fields; fix or re-download "
                        "config.json",
-        "config-no-hidden": f"{m / 'config.json'}: field 'hidden_size' must be a positive integer, got None",
+        "config-bad-hidden": f"{m / 'config.json'}: field 'hidden_size' must be a positive integer, got 'wide'",
         "quantized": f"model.id: {m} is already quantized (gptq: config.json has a quantization_config); give the "
                      "original float model (its bf16/fp16 safetensors)",
         "device": f"{path}: field 'device': use auto, cpu, cuda or cuda:N (got 'gpu')",

@@ -1,4 +1,4 @@
-"""Tiny Llama/Qwen2/Mistral-shaped models with random weights and a locally trained tokenizer.
+"""Tiny models of every supported family with random weights and a locally trained tokenizer.
 
 Nothing is downloaded: the tokenizer is a byte-level BPE trained with the `tokenizers`
 library on project-written text, and weights come from a seeded random init.
@@ -38,24 +38,82 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 384):
     return fast
 
 
+def family_config(arch: str, vocab: int, layers: int = 2, hidden: int = 128, intermediate: int = 256,
+                  heads: int = 4, kv_heads: int = 2, tied: bool = False, bos: int = 1, eos: int = 2):
+    """A config from the family's own transformers config class, with tiny dimensions.
+
+    Two-layer models alternate the layer types a family has (Gemma 2/3: sliding window then
+    global attention, with a window shorter than the test sequences)."""
+    import transformers as tf
+
+    head_dim = hidden // heads
+    common = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                  max_position_embeddings=1024, tie_word_embeddings=tied, bos_token_id=bos, eos_token_id=eos,
+                  pad_token_id=None)
+    alternating = [("sliding_attention" if i % 2 == 0 else "full_attention") for i in range(layers)]
+    gemma = dict(head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=16, layer_types=alternating,
+                 hidden_activation="gelu_pytorch_tanh")
+    text = {
+        "llama": lambda: tf.LlamaConfig(**common, rms_norm_eps=1e-5),
+        "qwen2": lambda: tf.Qwen2Config(**common, rms_norm_eps=1e-5),
+        "mistral": lambda: tf.MistralConfig(**common, rms_norm_eps=1e-5),
+        "qwen3": lambda: tf.Qwen3Config(**common, head_dim=head_dim, rms_norm_eps=1e-5),
+        "gemma2": lambda: tf.Gemma2Config(**common, **gemma, attn_logit_softcapping=50.0,
+                                          final_logit_softcapping=30.0),
+        "gemma3": lambda: tf.Gemma3TextConfig(**common, **gemma),
+        "phi3": lambda: tf.Phi3Config(**common, rms_norm_eps=1e-5),
+        "olmo2": lambda: tf.Olmo2Config(**common, rms_norm_eps=1e-5),
+        "cohere": lambda: tf.CohereConfig(**common, logit_scale=0.25),
+    }
+    if arch in text:
+        return text[arch]()
+    if arch == "gemma3-vl":
+        text_cfg = {k: v for k, v in {**common, **gemma}.items() if k not in ("tie_word_embeddings",)}
+        return tf.Gemma3Config(
+            text_config=text_cfg, tie_word_embeddings=tied,
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=28, patch_size=14),
+            mm_tokens_per_image=4, image_token_index=vocab - 1, boi_token_index=vocab - 3, eoi_token_index=vocab - 2)
+    if arch == "qwen2.5-vl":
+        text_cfg = {k: v for k, v in common.items() if k not in ("tie_word_embeddings",)}
+        text_cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0,
+                                       "mrope_section": [head_dim // 8, head_dim // 8 * 1, head_dim // 4]}
+        return tf.Qwen2_5_VLConfig(
+            text_config=text_cfg, tie_word_embeddings=tied,
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0]),
+            image_token_id=vocab - 1, video_token_id=vocab - 2, vision_start_token_id=vocab - 3,
+            vision_end_token_id=vocab - 4)
+    raise KeyError(arch)
+
+
+TEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "cohere")
+MULTIMODAL_FAMILIES = ("gemma3-vl", "qwen2.5-vl")
+
+
+def model_class_for(config):
+    """The ForCausalLM / ForConditionalGeneration class a config's family uses."""
+    import transformers as tf
+
+    if isinstance(config, tf.Gemma3Config):
+        return tf.Gemma3ForConditionalGeneration
+    if isinstance(config, tf.Qwen2_5_VLConfig):
+        return tf.Qwen2_5_VLForConditionalGeneration
+    return tf.AutoModelForCausalLM._model_mapping[type(config)]
+
+
 def make_tiny_model(out_dir: Path, arch: str = "llama", layers: int = 2, hidden: int = 128,
                     intermediate: int = 256, heads: int = 4, kv_heads: int = 2, tied: bool = False,
                     seed: int = 0, dtype: torch.dtype = torch.float32, max_shard_size: str = "5GB") -> Path:
     """Write a random-weight model folder (config, safetensors, tokenizer); return it."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out_dir)
-    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
-    config = config_cls(
-        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=len(tokenizer),
-        max_position_embeddings=1024, tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, rms_norm_eps=1e-5,
-    )
+    config = family_config(arch, len(tokenizer), layers, hidden, intermediate, heads, kv_heads, tied,
+                           tokenizer.bos_token_id, tokenizer.eos_token_id)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = model_class_for(config)._from_config(config, dtype=dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import ExportError
 from ..scheme import ActivationScheme, QuantizedWeight, Scheme
-from .base import Format, register_format
+from .base import Format, ignored_segments, register_format
 from .layout import has_permuted_groups
 from .packing import pack_awq, to_unsigned
 
@@ -69,5 +69,5 @@ class AWQFormat(Format):
             "bits": 4,
             "group_size": scheme.weights.group_size,
             "zero_point": True,
-            "modules_to_not_convert": list(ignore) or None,
+            "modules_to_not_convert": ignored_segments(ignore) or None,
         }

@@ -48,7 +48,11 @@ class Format(ABC):
     def quantization_config(
         self, schemes: Scheme | Mapping[str, Scheme], ignore: list[str], kv_cache: ActivationScheme | None = None
     ) -> dict:
-        """The ``quantization_config`` entry of config.json; ``ignore`` lists float Linears.
+        """The ``quantization_config`` entry of config.json.
+
+        ``ignore`` lists the float Linears in compressed-tensors' convention: exact module
+        names (``lm_head``) or ``re:`` patterns, as ``segment_pattern`` makes for a whole
+        module tree (a vision tower) in whatever naming a loader uses.
 
         ``schemes`` is the one scheme of every quantized Linear, or a scheme per Linear's full
         name (a mixed recipe; formats without ``mixed_schemes`` accept one distinct scheme).
@@ -88,6 +92,30 @@ class Format(ABC):
         if kv_cache is None:
             return None
         return f"the {self.name} format cannot describe a quantized KV cache; use compressed-tensors"
+
+
+_SEGMENT = (r"re:(.*\.)?", r"(\..*)?$")
+
+
+def segment_pattern(segment: str) -> str:
+    """A ``re:`` pattern (compressed-tensors' and vLLM's convention) matching every module
+    whose dotted name has ``segment`` as a path segment, and everything under it."""
+    import re
+
+    return _SEGMENT[0] + re.escape(segment) + _SEGMENT[1]
+
+
+def ignored_segments(ignore: list[str]) -> list[str]:
+    """``ignore`` as plain names (what AWQ's ``modules_to_not_convert`` and other substring
+    matchers take): exact names as they are, ``segment_pattern`` patterns as their segment."""
+    import re
+
+    out = []
+    for entry in ignore:
+        if entry.startswith(_SEGMENT[0]) and entry.endswith(_SEGMENT[1]):
+            entry = re.sub(r"\\(.)", r"\1", entry[len(_SEGMENT[0]):-len(_SEGMENT[1])])
+        out.append(entry)
+    return out
 
 
 FORMATS: dict[str, type[Format]] = {}

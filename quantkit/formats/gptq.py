@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ExportError
 from ..scheme import ActivationScheme, QuantizedWeight, Scheme
-from .base import Format, register_format
+from .base import Format, ignored_segments, register_format, segment_pattern
 from .layout import has_permuted_groups, natural_g_idx
 from .packing import pack_factor, pack_int32, to_unsigned
 
@@ -86,7 +86,7 @@ class GPTQFormat(Format):
         self.require(scheme, "quantization_config", kv_cache)
         ws = scheme.weights
         grouped = ws.strategy == "group"
-        return {
+        config = {
             "quant_method": "gptq",
             "checkpoint_format": "gptq",
             "bits": ws.num_bits,
@@ -95,3 +95,8 @@ class GPTQFormat(Format):
             "sym": ws.symmetric,
             "lm_head": False,
         }
+        # vLLM's GPTQ config skips modules matching a "-:" rule (gptq_utils.get_dynamic_override).
+        others = [seg for seg in ignored_segments(ignore) if seg != "lm_head"]
+        if others:
+            config["dynamic"] = {"-:" + segment_pattern(seg)[3:]: {} for seg in others}
+        return config

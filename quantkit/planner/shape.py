@@ -38,7 +38,7 @@ class ModelShape:
     @classmethod
     def from_config(cls, config: dict[str, Any], where: str = "config.json") -> "ModelShape":
         """Read the shape; a missing or malformed field raises ``ModelError`` naming it."""
-        cfg = config.get("text_config", config) if "hidden_size" not in config else config
+        cfg = _text_config(config)
 
         def need(key: str) -> int:
             value = cfg.get(key)
@@ -70,6 +70,20 @@ class ModelShape:
             dtype="float16" if dtype == "float16" else "bfloat16",
             architecture=arch,
         )
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's config with every default filled in by its transformers config
+    class: a multimodal config.json nests it (``text_config``) and writes only the fields that
+    differ from the defaults (Gemma 3's omits num_attention_heads, vocab_size, ...)."""
+    raw = config.get("text_config", config) if "hidden_size" not in config else config
+    try:
+        from transformers import AutoConfig
+
+        full = AutoConfig.for_model(**config).get_text_config(decoder=True).to_dict()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return raw  # not a config transformers knows: read the fields as written
+    return {**full, **{k: v for k, v in raw.items() if v is not None}}
 
 
 def kv_heads_per_gpu(shape: ModelShape, tp: int) -> int:

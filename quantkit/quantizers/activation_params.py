@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..architectures import Architecture
+from ..graph.types import LayerGraph
 from ..grids import global_scale
 from ..scheme import QuantizedWeight, Scheme
 from .base import InputHook
@@ -52,11 +52,11 @@ class InputGlobals:
                 quantized[n].input_global_scale = global_scale(self.amax[hooked], act.grid)
 
 
-def observe_input_globals(arch: Architecture, schemes: Mapping[str, Scheme]) -> InputGlobals:
-    """What to watch for the Linears of ``schemes`` that need an input global scale."""
+def observe_input_globals(graph: LayerGraph, schemes: Mapping[str, Scheme]) -> InputGlobals:
+    """What to watch for the units of ``schemes`` that need an input global scale."""
     members = {}
-    for g in arch.groups:
+    for g in graph.groups:
         names = [n for n in g.linears if n in schemes and observes_inputs(schemes[n])]
         if names:
-            members[g.linears[0]] = names
+            members[g.key] = names
     return InputGlobals(members=members, schemes=schemes)

@@ -2,8 +2,8 @@
 
 Per input group: ``s = mean|x|^ratio`` (normalised), with the ratio picked on a grid in
 [0, 1) to minimise ``Σ_linears ||X Wᵀ − (X/s) Q(W·s)ᵀ||²`` on captured tokens; ``s`` is
-folded into the producer (norm weight, or v_proj/up_proj output rows) so the float layer is
-unchanged; then each weight's per-group clipping range is shrunk on a grid to minimise its
+folded into the producer the layer graph names (norm weight, Gemma's 1 + w, or v/up output
+rows, also as row slices of fused projections) so the float layer is unchanged; then each weight's per-group clipping range is shrunk on a grid to minimise its
 output error, and the weight is round-to-nearest quantized. Ratio 0 is plain RTN, so on the
 captured tokens AWQ is never worse than RTN.
 
@@ -20,18 +20,19 @@ from typing import Literal, Sequence
 import torch
 from pydantic import Field
 
-from ..architectures import foldable
+from ..graph.fold import fold_scales
+from ..graph.types import LayerGraph
 from ..scheme import QuantizedWeight, Scheme
 from .base import LayerCalibration, Quantizer, QuantizerParams, register_quantizer
-from .folding import fold_scales
 from .rtn import quantize_rtn, weight_only_scheme
 from .sampling import RowSample
 
 # Chunk sizes bound temporary buffers to about this many float32 elements (128 MiB).
 _CHUNK_ELEMS = 1 << 25
-# The clip search skips these, as AutoAWQ does: their error shows up in attention scores,
-# which a Linear-output loss does not measure.
-_NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
+# The clip search skips units with query or key rows (q_proj, k_proj, a fused qkv_proj), as
+# AutoAWQ does: their error shows up in attention scores, which a Linear-output loss does
+# not measure.
+_NO_CLIP = ("q", "k")
 MAX_SHRINK = 0.5
 
 
@@ -162,11 +163,11 @@ class AWQParams(QuantizerParams):
 class AWQQuantizer(Quantizer):
     Params = AWQParams
 
-    def quantize_layer(self, layer, arch, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
+    def quantize_layer(self, layer, graph: LayerGraph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: AWQParams = self.params  # type: ignore[assignment]
-        names = self.schemes_or_default(arch, schemes)
-        samples = {g.linears[0]: RowSample(p.max_calib_tokens, calib.generator(g.linears[0])) for g in arch.groups}
-        means = {g.linears[0]: ChannelAbsMean() for g in arch.groups}
+        names = self.schemes_or_default(graph, schemes)
+        samples = {g.key: RowSample(p.max_calib_tokens, calib.generator(g.key)) for g in graph.groups}
+        means = {g.key: ChannelAbsMean() for g in graph.groups}
 
         def hook(name):
             def h(x: torch.Tensor) -> None:
@@ -180,26 +181,25 @@ class AWQQuantizer(Quantizer):
         calib.run({name: hook(name) for name in samples})
 
         x_div: dict[str, torch.Tensor | None] = {}
-        for g in arch.groups:
-            key = g.linears[0]
-            linears = [layer.get_submodule(n) for n in g.linears]
-            x_div[key] = None
-            if not foldable(g, self.model_config):
+        for g in graph.groups:
+            x_div[g.key] = None
+            if not g.foldable:
                 continue
-            x = samples[key].rows()
-            s, _ = awq_scale_search([lin.weight for lin in linears], x, means[key].mean(), self.scheme, p.grid)
-            fold_scales(layer.get_submodule(g.producer), g.producer_is_norm, linears, s)
-            x_div[key] = s
+            x = samples[g.key].rows()
+            weights = [graph.unit(n).matrix(layer) for n in g.linears]
+            s, _ = awq_scale_search(weights, x, means[g.key].mean(), self.scheme, p.grid)
+            fold_scales(layer, g, s)
+            x_div[g.key] = s
 
         out: dict[str, QuantizedWeight] = {}
-        for g in arch.groups:
-            key = g.linears[0]
-            x = samples[key].rows()
-            if x_div[key] is not None:
-                x = x.to(torch.float32) / x_div[key]
+        for g in graph.groups:
+            x = samples[g.key].rows()
+            if x_div[g.key] is not None:
+                x = x.to(torch.float32) / x_div[g.key]
             for name in (n for n in g.linears if n in names):
-                w = layer.get_submodule(name).weight.data.to(torch.float32)
-                if p.clip_search and name not in _NO_CLIP:
+                unit = graph.unit(name)
+                w = unit.matrix(layer).detach().to(torch.float32)
+                if p.clip_search and not set(unit.roles) & set(_NO_CLIP):
                     w = awq_clip_search(w, x, self.scheme, p.grid)
                 out[name] = quantize_rtn(w, self.scheme)
         return out

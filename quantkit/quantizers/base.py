@@ -15,11 +15,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from ..architectures import Architecture
+from ..graph.types import LayerGraph
 from ..scheme import ActivationScheme, QuantizedWeight, Scheme
 from ..targets import ANY_LINEAR, SchemeAssignment, pattern_error
 
 InputHook = Callable[[torch.Tensor], None]
+
+# Hook names for what the layer's attention receives, besides Linear names: the key and
+# value tensors ``[batch, kv_heads, tokens, head_dim]`` after the model's own k_norm and RoPE,
+# which is what a KV cache stores and what its scales must cover.
+ATTENTION_KEY = "@attention.key"
+ATTENTION_VALUE = "@attention.value"
 
 
 class LayerCalibration(Protocol):
@@ -29,7 +35,8 @@ class LayerCalibration(Protocol):
         """Run every calibration batch through the layer.
 
         ``hooks`` maps a Linear's name inside the layer (``"mlp.down_proj"``) to a function
-        called with that Linear's input, flattened to ``[tokens, in_features]``.
+        called with that Linear's input, flattened to ``[tokens, in_features]``;
+        ``ATTENTION_KEY`` / ``ATTENTION_VALUE`` to one called with the attention's key/value.
         """
         ...
 
@@ -86,23 +93,26 @@ class Quantizer(ABC):
         self.scheme = params.scheme()
         self.assignment = params.assignment()
 
-    def layer_schemes(self, prefix: str, arch: Architecture) -> dict[str, Scheme]:
-        """The Linears of the decoder layer at ``prefix`` (``model.layers.3.``) to quantize,
-        by their names inside the layer, and their schemes."""
-        resolved = self.assignment.resolve(prefix + n for n in arch.linears)
+    def layer_schemes(self, prefix: str, graph: LayerGraph) -> dict[str, Scheme]:
+        """The units of the decoder layer at ``prefix`` (``model.layers.3.``) to quantize, by
+        their names inside the layer, and their schemes."""
+        resolved = self.assignment.resolve(prefix + n for n in graph.linears)
         return {n[len(prefix):]: s for n, s in resolved.items()}
 
     @abstractmethod
     def quantize_layer(
-        self, layer: nn.Module, arch: Architecture, calib: LayerCalibration,
+        self, layer: nn.Module, graph: LayerGraph, calib: LayerCalibration,
         schemes: Mapping[str, Scheme] | None = None,
     ) -> dict[str, QuantizedWeight]:
-        """Quantize the Linears of ``schemes`` (names inside the layer) with their schemes,
-        or, without it, every Linear of ``arch.linears`` with ``self.scheme``; keys are those
-        names. Linears left out stay float (their weights may still be rescaled by folding)."""
+        """Quantize the units of ``schemes`` (names inside the layer) with their schemes, or,
+        without it, every unit of ``graph`` (``graph.linears``) with ``self.scheme``; keys are
+        those names. Units left out stay float (their weights may still be rescaled by folding).
 
-    def schemes_or_default(self, arch: Architecture, schemes: Mapping[str, Scheme] | None) -> dict[str, Scheme]:
-        return dict(schemes) if schemes is not None else {n: self.scheme for n in arch.linears}
+        ``graph`` says which units share an input (``graph.groups``), what produces it and
+        whether a scale folds into it exactly (``group.foldable``, ``graph.fold.fold_scales``)."""
+
+    def schemes_or_default(self, graph: LayerGraph, schemes: Mapping[str, Scheme] | None) -> dict[str, Scheme]:
+        return dict(schemes) if schemes is not None else {n: self.scheme for n in graph.linears}
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         """Float tensors to export beside the last layer quantized (e.g. KV-cache scales),

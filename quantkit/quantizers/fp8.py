@@ -5,10 +5,11 @@ cast to float8_e4m3fn (round to nearest even). Activations: dynamic per token, o
 per-tensor ``input_scale = amax / 448`` from calibration (min-max; Linears sharing an input
 share it).
 
-KV cache: ``self_attn.k_scale`` / ``self_attn.v_scale`` are ``amax / 448`` of the k_proj and
-v_proj outputs over calibration, computed with the FP8-dequantized weights the server will
-use. vLLM scales the key *after* RoPE; observing k_proj's output is the usual approximation
-(RoPE rotates pairs of channels, so per-token norms are kept but a channel's max may move).
+KV cache: ``<attention>.k_scale`` / ``<attention>.v_scale`` are ``amax / 448`` of the key and
+value the layer's attention receives over calibration: after the model's own k_norm (Qwen3,
+Gemma 3, OLMo 2) and RoPE, which is what vLLM's FP8 cache stores. They are observed with the
+float weights in the same calibration pass as the activation scales (the FP8 weights move
+each product by at most 2^-4 relative, the norms and RoPE by far more).
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
+from ..errors import CalibrationError, RecipeError
 from ..scheme import FP8_MAX, ActivationScheme, QuantizedWeight, Scheme, WeightScheme
-from .base import LayerCalibration, Quantizer, QuantizerParams, register_quantizer
+from .base import ATTENTION_KEY, ATTENTION_VALUE, LayerCalibration, Quantizer, QuantizerParams, register_quantizer
 from .observers import minmax_amax
 from .rtn import quantize_rtn
 
-K_PROJ, V_PROJ = "self_attn.k_proj", "self_attn.v_proj"
 _TINY = 1e-12
 
 
@@ -58,52 +58,48 @@ class FP8Quantizer(Quantizer):
         self.needs_calibration = params.activations == "static" or params.kv_cache
         self._extra: dict[str, torch.Tensor] = {}
 
-    def quantize_layer(self, layer, arch, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
+    def quantize_layer(self, layer, graph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: FP8Params = self.params  # type: ignore[assignment]
-        names = self.schemes_or_default(arch, schemes)
-        out = {n: quantize_rtn(layer.get_submodule(n).weight.data, self.scheme) for n in names}
+        names = self.schemes_or_default(graph, schemes)
+        out = {n: quantize_rtn(graph.unit(n).matrix(layer).detach(), self.scheme) for n in names}
         hooks = {}
         act_amax: dict[str, torch.Tensor] = {}
         if p.activations == "static":
-            for g in arch.groups:
-                hooks[g.linears[0]] = _running_max(act_amax, g.linears[0], lambda x: x)
+            for g in graph.groups:
+                hooks[g.key] = _running_max(act_amax, g.key, lambda x: x)
         kv_amax: dict[str, torch.Tensor] = {}
         if p.kv_cache:
-            # k_proj and v_proj read the same input; observe their outputs from that input.
-            first = next(g.linears[0] for g in arch.groups if K_PROJ in g.linears)
-            projs = {}
-            for name in (K_PROJ, V_PROJ):
-                lin = layer.get_submodule(name)
-                w = out[name].dequantize(torch.float32) if name in out else lin.weight.data.float()
-                projs[name] = (w, None if lin.bias is None else lin.bias.float())
-
-            def kv_hook(x: torch.Tensor, prev=hooks.get(first)) -> None:
-                if prev is not None:
-                    prev(x)
-                xf = x.to(torch.float32)
-                for name, (w, b) in projs.items():
-                    m = minmax_amax(F.linear(xf, w, b))
-                    kv_amax[name] = m if name not in kv_amax else torch.maximum(kv_amax[name], m)
-
-            hooks[first] = kv_hook
+            hooks[ATTENTION_KEY] = _running_max(kv_amax, "k", lambda x: x)
+            hooks[ATTENTION_VALUE] = _running_max(kv_amax, "v", lambda x: x)
         if hooks:
             calib.run(hooks)
         if p.activations == "static":
-            for g in arch.groups:
-                scale = fp8_scale(act_amax[g.linears[0]]).reshape(1)
+            for g in graph.groups:
+                scale = fp8_scale(act_amax[g.key]).reshape(1)
                 for n in g.linears:
                     if n in out:
                         out[n].input_scale = scale.clone()
         self._extra = {}
         if p.kv_cache:
-            self._extra = {
-                "self_attn.k_scale": fp8_scale(kv_amax[K_PROJ]).reshape(()),
-                "self_attn.v_scale": fp8_scale(kv_amax[V_PROJ]).reshape(()),
-            }
+            if set(kv_amax) != {"k", "v"}:
+                raise CalibrationError(f"quantization.kv_cache: no attention call reached {graph.layer_class}",
+                                       field="quantization.kv_cache", hint="set kv_cache: false")
+            attention = _attention_module(graph)
+            self._extra = {f"{attention}.{role}_scale": fp8_scale(kv_amax[role]).reshape(()) for role in ("k", "v")}
         return out
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         return dict(self._extra)
+
+
+def _attention_module(graph) -> str:
+    """The module the k/v scales belong to: the parent of the unit holding the key rows
+    (``self_attn`` for k_proj as for a fused qkv_proj), where vLLM looks for them."""
+    for u in graph.units:
+        if "k" in u.roles:
+            return u.name.rpartition(".")[0]
+    raise RecipeError(f"quantization.kv_cache: {graph.layer_class} has no key projection the layer graph can name",
+                      field="quantization.kv_cache", value=True, hint="set kv_cache: false")
 
 
 def _running_max(store: dict, key: str, fn):

@@ -364,19 +364,19 @@ class GPTQParams(SchemeParams):
         return Scheme(replace(ws, actorder="static" if self.static_groups else "group"), scheme.input_activations)
 
 
-def collect_hessians(arch, hooks: dict | None = None, names=None) -> tuple[dict[str, HessianAccumulator], dict]:
+def collect_hessians(graph, hooks: dict | None = None, names=None) -> tuple[dict[str, HessianAccumulator], dict]:
     """One Hessian accumulator per input group, keyed by every Linear of the group, and the
     hooks (merged into ``hooks``) that feed them: only the group's first Linear is hooked.
     With ``names``, only groups holding one of them."""
     hooks = dict(hooks or {})
     accs: dict[str, HessianAccumulator] = {}
-    for g in arch.groups:
+    for g in graph.groups:
         if names is not None and not set(g.linears) & set(names):
             continue
-        acc = HessianAccumulator(g.linears[0])
+        acc = HessianAccumulator(g.key)
         for n in g.linears:
             accs[n] = acc
-        hooks[g.linears[0]] = _chain(hooks.get(g.linears[0]), acc.add)
+        hooks[g.key] = _chain(hooks.get(g.key), acc.add)
     return accs, hooks
 
 
@@ -392,9 +392,9 @@ def _chain(first, second):
 
 
 def gptq_layer(
-    layer, arch, accs: dict[str, HessianAccumulator], schemes: Scheme | Mapping[str, Scheme], **kwargs
+    layer, graph, accs: dict[str, HessianAccumulator], schemes: Scheme | Mapping[str, Scheme], **kwargs
 ) -> dict[str, QuantizedWeight]:
-    """GPTQ the Linears of ``schemes`` (or every Linear of ``arch`` with one scheme) with the
+    """GPTQ the units of ``schemes`` (or every unit of ``graph`` with one scheme) with the
     Hessians already accumulated in ``accs``.
 
     Linears that share a Hessian and a scheme (q/k/v; gate/up) are solved as one weight with
@@ -405,14 +405,14 @@ def gptq_layer(
     matrix it fuses them into.
     """
     if isinstance(schemes, Scheme):
-        schemes = {n: schemes for n in arch.linears}
+        schemes = {n: schemes for n in graph.linears}
     out: dict[str, QuantizedWeight] = {}
     by_key: dict[tuple[int, Scheme], list[str]] = {}
     for name, scheme in schemes.items():
         by_key.setdefault((id(accs[name]), scheme), []).append(name)
-    globals_ = fused_global_scales(layer, [g.linears for g in arch.groups], schemes)
+    globals_ = fused_global_scales(layer, graph, schemes)
     for (_, scheme), names in by_key.items():
-        weights = [layer.get_submodule(n).weight.data for n in names]
+        weights = [graph.unit(n).matrix(layer).detach() for n in names]
         hessian = accs[names[0]].hessian()
         shared = globals_.get(names[0])
         if not _stackable(scheme.weights, [w.shape[0] for w in weights]):
@@ -457,15 +457,15 @@ def split_rows(qw: QuantizedWeight, names: list[str], rows: list[int]) -> dict[s
 class GPTQQuantizer(Quantizer):
     Params = GPTQParams
 
-    def quantize_layer(self, layer, arch, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
+    def quantize_layer(self, layer, graph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: GPTQParams = self.params  # type: ignore[assignment]
-        schemes = self.schemes_or_default(arch, schemes)
-        input_globals = observe_input_globals(arch, schemes)
-        accs, hooks = collect_hessians(arch, input_globals.hooks, names=schemes)
+        schemes = self.schemes_or_default(graph, schemes)
+        input_globals = observe_input_globals(graph, schemes)
+        accs, hooks = collect_hessians(graph, input_globals.hooks, names=schemes)
         calib.run(hooks)
         out = gptq_layer(
             layer,
-            arch,
+            graph,
             accs,
             schemes,
             block_size=p.block_size,

@@ -40,11 +40,10 @@ class DynamicInt8Params(W8A8Params):
 
 def quantize_w8a8_layer(
     layer,
-    arch,
+    graph,
     calib: LayerCalibration,
     params: W8A8Params,
     scheme: Scheme,
-    model_config: dict,
     observe: Callable[[], dict] | None = None,
     names=None,
 ) -> tuple[dict[str, QuantizedWeight], dict]:
@@ -55,23 +54,23 @@ def quantize_w8a8_layer(
     smoothed activations. Returns the weights of ``names`` (default: every Linear) and those
     hooks (holding their statistics).
     """
-    names = list(arch.linears if names is None else names)
+    names = list(graph.linears if names is None else names)
     if params.smoothquant_alpha is not None:
-        smooth_layer(layer, arch, calib, params.smoothquant_alpha, model_config)
+        smooth_layer(layer, graph, calib, params.smoothquant_alpha)
     hooks = observe() if observe is not None else {}
     obs_hooks = dict(hooks)
     accs = None
     if params.weight_method == "gptq":
-        accs, hooks = collect_hessians(arch, hooks)
+        accs, hooks = collect_hessians(graph, hooks)
     if hooks:
         calib.run(hooks)
     if accs is not None:
         weights = gptq_layer(
-            layer, arch, accs, {n: scheme for n in names},
+            layer, graph, accs, {n: scheme for n in names},
             block_size=params.block_size, dampening_frac=params.dampening_frac, act_order=params.act_order,
         )
     else:
-        weights = {n: quantize_rtn(layer.get_submodule(n).weight.data, scheme) for n in names}
+        weights = {n: quantize_rtn(graph.unit(n).matrix(layer).detach(), scheme) for n in names}
     return weights, obs_hooks
 
 
@@ -83,8 +82,7 @@ class DynamicInt8Quantizer(Quantizer):
         super().__init__(params, model_config)
         self.needs_calibration = params.weight_method == "gptq" or params.smoothquant_alpha is not None
 
-    def quantize_layer(self, layer, arch, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
-        names = self.schemes_or_default(arch, schemes)
-        weights, _ = quantize_w8a8_layer(layer, arch, calib, self.params, self.scheme, self.model_config,
-                                         names=names)
+    def quantize_layer(self, layer, graph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
+        names = self.schemes_or_default(graph, schemes)
+        weights, _ = quantize_w8a8_layer(layer, graph, calib, self.params, self.scheme, names=names)
         return weights

@@ -29,17 +29,16 @@ class StaticInt8Params(W8A8Params):
 class StaticInt8Quantizer(Quantizer):
     Params = StaticInt8Params
 
-    def quantize_layer(self, layer, arch, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
+    def quantize_layer(self, layer, graph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: StaticInt8Params = self.params  # type: ignore[assignment]
-        names = self.schemes_or_default(arch, schemes)
-        observers = {g.linears[0]: TensorObserver(p.observer, p.percentile, generator=calib.generator(g.linears[0]))
-                     for g in arch.groups}
+        names = self.schemes_or_default(graph, schemes)
+        observers = {g.key: TensorObserver(p.observer, p.percentile, generator=calib.generator(g.key))
+                     for g in graph.groups}
         weights, _ = quantize_w8a8_layer(
-            layer, arch, calib, p, self.scheme, self.model_config,
-            observe=lambda: {n: o.add for n, o in observers.items()}, names=names,
+            layer, graph, calib, p, self.scheme, observe=lambda: {n: o.add for n, o in observers.items()}, names=names,
         )
-        for g in arch.groups:
-            scale = int_scale(observers[g.linears[0]].amax())
+        for g in graph.groups:
+            scale = int_scale(observers[g.key].amax())
             for n in g.linears:
                 if n in weights:
                     weights[n].input_scale = scale.clone()

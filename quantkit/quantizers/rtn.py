@@ -8,11 +8,12 @@ them for a whole weight.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 
+from ..graph.types import LayerGraph
 from ..grids import effective_scale, global_scale, round_to_grid, symmetric_scale, weight_divisor
 from ..scheme import QuantizedWeight, Scheme, WeightScheme
 from .activation_params import observe_input_globals, observes_inputs
@@ -77,17 +78,17 @@ def quantize_rtn(w: torch.Tensor, scheme: Scheme, global_scale: torch.Tensor | N
     return QuantizedWeight(codes=codes, scale=scale, zero_point=zero, scheme=scheme, global_scale=global_scale)
 
 
-def fused_global_scales(layer, groups: Sequence[Sequence[str]], schemes: Mapping[str, Scheme]) -> dict[str, torch.Tensor]:
-    """One global scale per set of Linears that read one input and share a tensor_group
-    scheme (q/k/v; gate/up: the shards vLLM fuses), keyed by each Linear's name."""
+def fused_global_scales(layer, graph: LayerGraph, schemes: Mapping[str, Scheme]) -> dict[str, torch.Tensor]:
+    """One global scale per set of units vLLM fuses into one matrix (``InputGroup.fused``:
+    q/k/v; gate/up) that share a tensor_group scheme, keyed by each unit's name."""
     out: dict[str, torch.Tensor] = {}
-    for names in groups:
+    for names in (s for g in graph.groups for s in g.fused):
         by_scheme: dict[Scheme, list[str]] = {}
         for n in names:
             if n in schemes and schemes[n].weights.has_global_scale:
                 by_scheme.setdefault(schemes[n], []).append(n)
         for scheme, members in by_scheme.items():
-            g = weight_global_scale([layer.get_submodule(n).weight.data for n in members], scheme.weights)
+            g = weight_global_scale([graph.unit(n).matrix(layer).detach() for n in members], scheme.weights)
             out.update({n: g for n in members})
     return out
 
@@ -121,13 +122,13 @@ class RTNQuantizer(Quantizer):
         # only a static activation parameter (NVFP4's input global scale) needs data
         self.needs_calibration = any(observes_inputs(s) for s in self.assignment.schemes)
 
-    def quantize_layer(self, layer, arch, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
-        schemes = self.schemes_or_default(arch, schemes)
-        input_globals = observe_input_globals(arch, schemes)
+    def quantize_layer(self, layer, graph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
+        schemes = self.schemes_or_default(graph, schemes)
+        input_globals = observe_input_globals(graph, schemes)
         if input_globals.hooks:
             calib.run(input_globals.hooks)
-        shared = fused_global_scales(layer, [g.linears for g in arch.groups], schemes)
-        out = {name: quantize_rtn(layer.get_submodule(name).weight.data, s, shared.get(name))
+        shared = fused_global_scales(layer, graph, schemes)
+        out = {name: quantize_rtn(graph.unit(name).matrix(layer).detach(), s, shared.get(name))
                for name, s in schemes.items()}
         input_globals.apply(out)
         return out

@@ -4,9 +4,11 @@ For Linears reading one tensor, ``s_j = max|X_j|^α / max|W_j|^(1-α)`` per inpu
 dividing the producer's output channels by ``s`` and multiplying the Linears' columns by
 ``s`` leaves the float layer's output unchanged while flattening the activations.
 
-Every group whose scale folds exactly is smoothed: the norms (input_layernorm → q/k/v,
-post_attention_layernorm → gate/up, as in the paper and llm-compressor's default mappings),
-and also up_proj → down_proj, and v_proj → o_proj without GQA. down_proj's input is where
+Every group whose scale folds exactly, one free value per channel, is smoothed (the layer
+graph says which): the norms (input_layernorm → q/k/v, post_attention_layernorm → gate/up, as
+in the paper and llm-compressor's default mappings), and also up_proj → down_proj (or the up
+rows of a fused gate_up_proj), and v_proj → o_proj without GQA (under GQA the scale would be
+tied across the query heads sharing a kv head; skipped, as llm-compressor does). down_proj's input is where
 the massive activations live (SmolLM2-135M, layer 11: max |x| 3065 against an rms of 5), and
 a static per-tensor int8 scale sized for them zeroes everything else: smoothing it took
 static W8A8 from 66.8 to 42.0 perplexity there (base 39.1, MSE observer, alpha 0.75).
@@ -19,8 +21,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..architectures import Architecture, foldable
-from .folding import fold_scales
+from ..graph.fold import fold_scales
+from ..graph.types import LayerGraph
 
 _FLOOR = 1e-5
 
@@ -47,22 +49,19 @@ def smoothing_scales(act_amax: torch.Tensor, weights: Sequence[torch.Tensor], al
     return s.clamp_min(_FLOOR)
 
 
-def smooth_layer(
-    layer: nn.Module, arch: Architecture, calib, alpha: float, model_config: dict
-) -> dict[str, torch.Tensor]:
+def smooth_layer(layer: nn.Module, graph: LayerGraph, calib, alpha: float) -> dict[str, torch.Tensor]:
     """Observe the foldable groups' inputs in one calibration pass, then fold scales into
     their producers. Returns the scales by group producer name.
 
     One pass serves every group: folding keeps the float function, so each group's observed
     input is simply divided by its own ``s`` afterwards and the other groups' statistics stay
     valid."""
-    groups = [g for g in arch.groups if foldable(g, model_config)]
-    stats = {g.linears[0]: ChannelAbsMax() for g in groups}
+    groups = [g for g in graph.groups if g.foldable]
+    stats = {g.key: ChannelAbsMax() for g in groups}
     calib.run({name: st.add for name, st in stats.items()})
     scales = {}
     for g in groups:
-        linears = [layer.get_submodule(n) for n in g.linears]
-        s = smoothing_scales(stats[g.linears[0]].amax, [lin.weight for lin in linears], alpha)
-        fold_scales(layer.get_submodule(g.producer), g.producer_is_norm, linears, s)
-        scales[g.producer] = s
+        s = smoothing_scales(stats[g.key].amax, [graph.unit(n).matrix(layer) for n in g.linears], alpha)
+        fold_scales(layer, g, s)
+        scales[g.producer.module] = s
     return scales

@@ -1,0 +1,120 @@
+"""A random float64 instance of one decoder layer, built from the model's own classes.
+
+The layer class comes from a copy of the model's own config: hidden and intermediate sizes
+shrunk (head counts and head size real, so head maps are the real ones), or, for attention
+that takes its head size from hidden / heads, one kv head and its share of query heads, or
+the real sizes. Its arguments come from the tiny text model's own forward (``capture``);
+its weights make every channel distinct.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .capture import LayerCall, capture, materialize_on_use
+from .skeleton import build_meta, materialize
+from .trace import TRACE_ATTENTION, LayerRun, register_trace_attention, run_layer
+
+BATCH, TOKENS = 2, 8
+# Shrunk sizes: distinct from each other and from every real dimension left unshrunk, so
+# each tensor's channels are told apart by their count as well.
+_HIDDEN_CHOICES = (64, 80, 96, 112, 48)
+_INTERMEDIATE_CHOICES = (160, 176, 144, 208, 224)
+MODES = ("shrink", "shrink_heads", "real")
+
+
+class DerivationError(Exception):
+    """The layer's graph cannot be derived; the message says why."""
+
+
+def signature(layer: nn.Module) -> tuple:
+    return (type(layer).__name__,
+            tuple((n, type(m).__name__) for n, m in layer.named_modules()),
+            tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()))
+
+
+def _same_structure(tiny: nn.Module, real: nn.Module, sizes: dict[int, int]) -> bool:
+    """Same parameters, and every dimension either real or a shrunk size (``sizes`` maps a
+    tiny size to the real one; a fused projection may hold several of one, as ``2 * I``)."""
+    a, b = dict(tiny.named_parameters()), dict(real.named_parameters())
+    if a.keys() != b.keys():
+        return False
+
+    def explained(t: int, r: int) -> bool:
+        return t == r or any(t % st == 0 and t // st * sr == r and t // st <= 4 for st, sr in sizes.items())
+
+    return all(p.dim() == b[n].dim() and all(explained(t, r) for t, r in zip(p.shape, b[n].shape))
+               for n, p in a.items())
+
+
+@torch.no_grad()
+def _randomize(layer: nn.Module, gen: torch.Generator) -> None:
+    """Weights that make every channel distinct: Linears ~ N(0, 1/in), 1-D weights in
+    [0.5, 1.5] (positive, not 1, so both x·w and x·(1+w) norms are exercised), biases small."""
+    for name, p in layer.named_parameters():
+        if p.dim() >= 2:
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) / p.shape[-1] ** 0.5)
+        elif name.endswith("bias"):
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        else:
+            p.copy_(0.5 + torch.rand(p.shape, generator=gen, dtype=p.dtype))
+
+
+class TinyLayer:
+    """A float64 instance of layer ``index`` of ``decoder``'s class, and its arguments.
+
+    ``mode`` "shrink": small hidden and intermediate sizes, head counts and head size real;
+    "shrink_heads" (for attention that takes its head size from hidden / heads): one kv head
+    and its share of query heads, head size real; "real": the real sizes. Head maps depend
+    only on the head size and the query heads per kv head, which every mode keeps; row ranges
+    are read off a meta-device run of the real layer (``_real_segments``)."""
+
+    def __init__(self, decoder: nn.Module, layers_attr: str, index: int, mode: str):
+        real = getattr(decoder, layers_attr)[index]
+        cfg = copy.deepcopy(decoder.config)
+        self.h_real = int(cfg.hidden_size)
+        self.h = self.h_real
+        sizes: dict[int, int] = {}
+        if mode != "real":
+            taken = {int(d) for p in real.parameters() for d in p.shape}
+            heads = int(getattr(cfg, "num_attention_heads", 1) or 1)
+            kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+            head_dim = int(getattr(cfg, "head_dim", None) or self.h_real // heads)
+            cfg.head_dim = head_dim
+            if mode == "shrink":
+                self.h = next(h for h in _HIDDEN_CHOICES if h not in taken)
+            else:  # the attention derives its head size from hidden / heads: shrink the heads instead
+                cfg.num_attention_heads, cfg.num_key_value_heads = heads // kv, 1
+                self.h = heads // kv * head_dim
+                sizes[head_dim] = kv * head_dim
+            cfg.hidden_size = self.h
+            sizes[self.h] = self.h_real
+            inter = getattr(cfg, "intermediate_size", None)
+            if isinstance(inter, int) and inter > max(_INTERMEDIATE_CHOICES):
+                cfg.intermediate_size = next(i for i in _INTERMEDIATE_CHOICES if i not in taken)
+                sizes[cfg.intermediate_size] = inter
+        register_trace_attention()
+        # Eager experts (a loop over each expert's matrices): grouped-matmul kernels take no float64.
+        model = build_meta(type(decoder), cfg, torch.float64, TRACE_ATTENTION, experts_implementation="eager")
+        layers = getattr(model, layers_attr)
+        prefix = f"{layers_attr}.{index}"
+        self.layer = materialize(model, prefix, "cpu").eval()
+        if not _same_structure(self.layer, real, sizes):
+            raise DerivationError("the layer's other dimensions change with its hidden or intermediate size")
+        gen = torch.Generator().manual_seed(1234 + index)
+        _randomize(self.layer, gen)
+        x = torch.randn(BATCH, TOKENS, self.h, dtype=torch.float64, generator=gen)
+        undo = materialize_on_use(model, layers, lambda name, m: materialize(model, name, "cpu", m))
+        try:
+            got = capture(lambda: model(inputs_embeds=x, use_cache=False), layers, upto=index)
+        finally:
+            undo()
+        self.x: torch.Tensor = got.hidden
+        self.call: LayerCall = got.calls[index]
+        self.gen = gen
+
+    def run(self, layer: nn.Module | None = None, x: torch.Tensor | None = None, **kw) -> LayerRun:
+        return run_layer(self.layer if layer is None else layer, self.x if x is None else x, self.call, **kw)

@@ -1,0 +1,65 @@
+"""Checkpoint tensor names versus the model's parameter names.
+
+A checkpoint may name its tensors differently from the module tree transformers builds
+(Gemma 3 and other multimodal models keep ``language_model.model.layers...``; Mixtral-style
+MoE checkpoints keep one tensor per expert that transformers fuses). transformers 5 converts
+them on load with its conversion mapping; quantkit applies the same mapping (its own
+functions, not a copy) to know which source tensor is which parameter, and writes the
+checkpoint's own names on export, which are the names vLLM reads.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from torch import nn
+
+
+class CheckpointNames:
+    """Source tensor name → parameter name, for every tensor of a checkpoint."""
+
+    def __init__(self, model: nn.Module, source_names: Iterable[str]):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        conversions = get_model_conversion_mapping(model)
+        renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+        converters = [c for c in conversions if isinstance(c, WeightConverter)]
+        expected = model.state_dict()
+        prefix = getattr(model, "base_model_prefix", None)
+        self.to_model: dict[str, str] = {}
+        self.converted: dict[str, str] = {}  # many-to-one conversions (fused experts)
+        self.unexpected: list[str] = []
+        for src in source_names:
+            name, pattern = rename_source_key(src, renamings, converters, prefix, expected)
+            if name not in expected and src in expected:
+                name, pattern = rename_source_key(src, [], [], prefix, expected)
+            if name not in expected:
+                self.unexpected.append(src)
+            elif pattern is not None:
+                self.converted[src] = name
+            else:
+                self.to_model[src] = name
+        self.to_source = {m: s for s, m in self.to_model.items()}
+
+    def under(self, prefix: str) -> dict[str, str]:
+        """Source tensors whose parameter lies under ``prefix`` (``"model.layers.3."``):
+        parameter name relative to the prefix → source name."""
+        return {m[len(prefix):]: s for s, m in self.to_model.items() if m.startswith(prefix)}
+
+    def converted_under(self, prefix: str) -> list[str]:
+        return [s for s, m in self.converted.items() if m.startswith(prefix)]
+
+    def source_of(self, model_name: str) -> str:
+        """The checkpoint name to write for parameter ``model_name`` (itself when unmapped)."""
+        return self.to_source.get(model_name, model_name)
+
+    def source_module(self, module: str) -> str:
+        """The checkpoint spelling of a module path (``"model.language_model.layers.0.self_attn"``
+        → ``"language_model.model.layers.0.self_attn"``), read off any parameter under it."""
+        for model_name, src in self.to_source.items():
+            if model_name.startswith(module + "."):
+                rest = model_name[len(module):]
+                if src.endswith(rest):
+                    return src[: -len(rest)]
+        return module
