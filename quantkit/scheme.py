@@ -24,6 +24,16 @@ ActStrategy = Literal["tensor", "token", "group", "tensor_group"]
 __all__ = ["FP8_DTYPE", "FP8_MAX", "ActivationScheme", "QuantizedWeight", "Scheme", "WeightScheme"]
 
 
+def _layout(strategy: str, group_size: int | None, block_size: tuple[int, int] | None = None) -> ScaleLayout:
+    """The scale layout of a weight or activation strategy: a channel (weights) or a token
+    (activations) is one row of scales."""
+    if strategy in ("group", "tensor_group"):
+        return ScaleLayout("group", group=group_size)
+    if strategy == "block":
+        return ScaleLayout("block", block=block_size)
+    return ScaleLayout("row" if strategy in ("channel", "token") else "tensor")
+
+
 @dataclass(frozen=True)
 class WeightScheme:
     """How a weight is quantized.
@@ -63,11 +73,7 @@ class WeightScheme:
 
     @property
     def layout(self) -> ScaleLayout:
-        if self.strategy in ("group", "tensor_group"):
-            return ScaleLayout("group", group=self.group_size)
-        if self.strategy == "block":
-            return ScaleLayout("block", block=self.block_size)
-        return ScaleLayout("row" if self.strategy == "channel" else "tensor")
+        return _layout(self.strategy, self.group_size, self.block_size)
 
     @property
     def has_global_scale(self) -> bool:
@@ -97,9 +103,7 @@ class ActivationScheme:
 
     @property
     def layout(self) -> ScaleLayout:
-        if self.strategy in ("group", "tensor_group"):
-            return ScaleLayout("group", group=self.group_size)
-        return ScaleLayout("row" if self.strategy == "token" else "tensor")
+        return _layout(self.strategy, self.group_size)
 
     @property
     def has_global_scale(self) -> bool:

@@ -34,6 +34,15 @@ def pattern_error(pattern: str) -> str | None:
     return None
 
 
+def check_patterns(patterns: list[str]) -> list[str]:
+    """``patterns`` unchanged, or a ValueError saying why the first invalid one is (a recipe
+    field's validator)."""
+    for p in patterns:
+        if (why := pattern_error(p)) is not None:
+            raise ValueError(why)
+    return patterns
+
+
 def matches(name: str, pattern: str) -> bool:
     """Whether the full module name ``name`` of a quantizable Linear matches ``pattern``."""
     if pattern == ANY_LINEAR:

@@ -14,7 +14,7 @@ from quantkit.quantizers import QUANTIZERS
 from quantkit.quantizers.gptq import GPTQParams, gptq_quantize
 from quantkit.quantizers.rtn import RTNParams, quantize_rtn
 
-from .helpers import FakeCalibration, correlated_inputs, llama_graph, tiny_llama_layer
+from .helpers import FakeCalibration, correlated_inputs, group_inputs, llama_graph, tiny_llama_layer
 from .test_grids import _ref_e2m1
 
 LLAMA = llama_graph()
@@ -123,11 +123,9 @@ def test_nvfp4_w4a4_input_global_scales_and_activation_rounding():
     calib = FakeCalibration(layer, data)
     out = q.quantize_layer(layer, LLAMA, calib)
     assert calib.runs == 1
-    seen: dict[str, list] = {}
-    FakeCalibration(layer, data).run(
-        {g.linears[0]: (lambda x, n=g.linears[0]: seen.setdefault(n, []).append(x.double())) for g in LLAMA.groups})
+    seen = group_inputs(layer, data, LLAMA)
     for g in LLAMA.groups:
-        x = torch.cat(seen[g.linears[0]])
+        x = torch.cat(seen[g.key])
         for n in g.linears:
             assert out[n].input_global_scale.item() == pytest.approx(2688 / x.abs().max().item(), rel=1e-6)
     # The simulated activation rounding is NVFP4 per 16-wide token group with that global scale.

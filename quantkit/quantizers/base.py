@@ -17,7 +17,7 @@ from torch import nn
 
 from ..graph.types import LayerGraph
 from ..scheme import ActivationScheme, QuantizedWeight, Scheme
-from ..targets import ANY_LINEAR, SchemeAssignment, pattern_error
+from ..targets import ANY_LINEAR, SchemeAssignment, check_patterns
 
 InputHook = Callable[[torch.Tensor], None]
 
@@ -60,10 +60,7 @@ class QuantizerParams(BaseModel):
     @field_validator("targets", "ignore")
     @classmethod
     def _patterns(cls, v: list[str]) -> list[str]:
-        for p in v:
-            if (why := pattern_error(p)) is not None:
-                raise ValueError(why)
-        return v
+        return check_patterns(v)
 
     def scheme(self) -> Scheme:
         """The scheme of every targeted Linear no override names."""

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..presets import BLOCK_PRESETS, GROUP_SIZE_PRESETS, preset_scheme
 from ..scheme import Scheme
-from ..targets import Override, SchemeAssignment, pattern_error
+from ..targets import Override, SchemeAssignment, check_patterns
 from .base import QuantizerParams
 
 PresetName = Literal["W4A16", "W4A16_ASYM", "W8A16", "W8A8", "W4A8", "W4AFP8", "FP8_DYNAMIC", "FP8_BLOCK",
@@ -64,10 +64,7 @@ class SchemeOverrideSpec(BaseModel):
     @field_validator("targets")
     @classmethod
     def _patterns(cls, v: list[str]) -> list[str]:
-        for p in v:
-            if (why := pattern_error(p)) is not None:
-                raise ValueError(why)
-        return v
+        return check_patterns(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> "SchemeOverrideSpec":
