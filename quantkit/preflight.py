@@ -123,13 +123,13 @@ class RunPlan:
         ]
         mixed = len(self.groups) and {g.scheme for g in self.groups} != {self.scheme}
         if mixed:
-            lines.append(f"{'':<13}mixed: " + ", ".join(f"{n} Linears {name}" for name, n in self.linears.items()))
+            lines.append(f"{'':<13}mixed: " + ", ".join(f"{name} on {n} Linears" for name, n in self.linears.items()))
         for i, g in enumerate(self.groups):
             grouping = (f"group {g.group_size} divides it" if g.group_size else
                         "not quantized" if g.scheme == "float" else "no groups")
             lines.append(f"{'groups' if i == 0 else '':<13}{', '.join(g.linears)}: in {g.in_features}, "
                          f"out {'/'.join(map(str, g.out_features))}; {grouping}"
-                         f"{f' ({g.scheme})' if mixed else ''} ({g.layers} layers)")
+                         f"{f' ({g.scheme})' if mixed and g.scheme != 'float' else ''} ({g.layers} layers)")
         for text in (self.calibration, self.evaluate):
             if text is not None:
                 lines.append(f"{text.section:<13}{text.source} ({text.kind}): {text.num_samples} x "
