@@ -29,7 +29,8 @@ _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt",
 
 
 def resolve_model_dir(model: str, revision: str | None = None, token: str | None = None) -> Path:
-    """A local folder as is, or a hub id downloaded (config, tokenizer, safetensors only)."""
+    """A local folder as is, a local .gguf converted once to a folder, or a hub id downloaded
+    (config, tokenizer, safetensors only)."""
     if model.startswith("builtin:"):
         from .assets import builtin_model_dir
 
@@ -37,6 +38,10 @@ def resolve_model_dir(model: str, revision: str | None = None, token: str | None
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    if path.suffix == ".gguf":
+        from .assets import gguf_model_dir
+
+        return gguf_model_dir(path)
     if path.exists():
         raise ModelError(f"model.id: {model} is a file; give the model's folder (config.json, *.safetensors, "
                          "tokenizer) or a hub id (org/name)")
