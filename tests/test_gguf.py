@@ -58,36 +58,36 @@ def write_gguf(model_dir, path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
+def converted(tmp_path_factory):
+    """(original folder, .gguf, converted folder, cache), the cache set for the module's tests."""
     root = tmp_path_factory.mktemp("gguf")
     model_dir = make_tiny_model(root / "hf", arch="qwen2", layers=2)
     path = root / "tiny-qwen2.gguf"
     write_gguf(model_dir, path)
-    return model_dir, path
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QUANTKIT_CACHE", str(root / "cache"))
+        yield model_dir, path, resolve_model_dir(str(path)), root / "cache"
 
 
-def test_gguf_converts_to_the_same_model(tiny_gguf, tmp_path, monkeypatch):
+def test_gguf_converts_to_the_same_model(converted):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path))
-    model_dir, path = tiny_gguf
-    folder = resolve_model_dir(str(path))
-    assert folder.parent == tmp_path / "models"
+    model_dir, path, folder, cache = converted
+    assert folder.parent == cache / "models"
     original = load_file(str(model_dir / "model.safetensors"))
-    converted = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
-    assert set(original) <= set(converted)
+    state = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    assert set(original) <= set(state)
     for name, tensor in original.items():
-        torch.testing.assert_close(converted[name], tensor.to(torch.bfloat16).float(), rtol=0, atol=0)
+        torch.testing.assert_close(state[name], tensor.to(torch.bfloat16).float(), rtol=0, atol=0)
     assert AutoTokenizer.from_pretrained(folder)(TEXT).input_ids == AutoTokenizer.from_pretrained(model_dir)(TEXT).input_ids
     assert "license: apache-2.0" in (folder / "README.md").read_text()
     stamp = (folder / "config.json").stat().st_mtime_ns
     assert resolve_model_dir(str(path)) == folder and (folder / "config.json").stat().st_mtime_ns == stamp
 
 
-def test_gguf_quantizes_as_model_id(tiny_gguf, tmp_path, monkeypatch):
-    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
-    report = quantkit.quantize(model=str(tiny_gguf[1]), quantization={"method": "rtn", "bits": 4, "group_size": 32},
+def test_gguf_quantizes_as_model_id(converted, tmp_path):
+    report = quantkit.quantize(model=str(converted[1]), quantization={"method": "rtn", "bits": 4, "group_size": 32},
                                calibration={"num_samples": 2, "max_seq_length": 32}, evaluate={"enabled": False},
                                export={"output_dir": str(tmp_path / "out")}, quiet=True)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
