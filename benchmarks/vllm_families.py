@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="out/vllm-families")
     ap.add_argument("--vllm-python", default="/work/vllm-venv/bin/python")
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per vLLM subprocess (start-up included)")
     ap.add_argument("--report", action="store_true", help="only print the table of earlier runs")
     args = ap.parse_args(argv)
     work = Path(args.work)
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             model = build(family, work / family / "model")
             cmd = [sys.executable, str(ROOT / "benchmarks" / "vllm_check.py"), "--model", str(model),
                    "--work-dir", str(work / family / "check"), "--vllm-python", args.vllm_python,
-                   "--max-tokens", str(args.max_tokens), "--only", *args.schemes.split(",")]
+                   "--max-tokens", str(args.max_tokens), "--timeout", str(args.timeout),
+                   "--only", *args.schemes.split(",")]
             with open(work / family / "log.txt", "w") as log:
                 subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
             print(f"{family}: done", file=sys.stderr, flush=True)
