@@ -1,12 +1,16 @@
-"""quantkit vs llm-compressor on one GPU, on random-weight models with real Llama layer shapes.
+"""quantkit vs llm-compressor on one GPU, on random-weight models with real layer shapes.
 
     python benchmarks/gpu_vs_llmcompressor.py --work /tmp/qk-bench            # every case
     python benchmarks/gpu_vs_llmcompressor.py --cases gptq-8b-4,gptq-70b-2    # some cases
     python benchmarks/gpu_vs_llmcompressor.py --tools quantkit                # peers from the reference table
 
-Each case builds (once, cached under ``--work``) a Llama-3.1-8B- or 70B-shaped model with a few
-decoder layers of random weights (real hidden, intermediate, head and vocabulary sizes) as
-bf16 safetensors, plus 128 x 2048 random calibration token ids in a ``.safetensors`` file.
+Each case builds (once, cached under ``--work``) a model with a few decoder layers of random
+weights and otherwise the released model's config: Llama-3.1-8B and 70B, Qwen3-8B (q_norm/k_norm),
+Gemma-3-12B's language model (offset norms, four norms per layer, sliding and global attention,
+head_dim 256, 262k tied vocabulary). The config comes from the family's own transformers config
+class and the tensor names from the model class built on the meta device, so both tools read
+the same bf16 safetensors; norms hold the model's own initial values. Calibration: 128 x 2048
+random token ids in a ``.safetensors`` file.
 quantkit (``quantkit.quantize``, calibration ``source`` = that token file, evaluation off) and
 llm-compressor (``oneshot`` on the model loaded on the CPU, which its sequential pipeline
 onloads one layer at a time, with a ``datasets.Dataset`` of the same ids) each run in their
@@ -18,7 +22,7 @@ peer numbers are the reference measurements below, and the table says so.
 
 Also printed: quantkit's time per stage per layer (a profile: calibration forward, Hessian
 accumulation, GPTQ solve, AWQ search, saving, propagation, export) and full-model
-extrapolations for Llama-3.1-8B (32 layers) and 70B (80 layers) from the per-layer time.
+extrapolations (32, 80, 36 and 48 layers) from the per-layer time.
 """
 
 from __future__ import annotations
@@ -34,11 +38,38 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Real configs with the decoder stack cut to ``layers``; everything else is the released model's.
+_LLAMA3 = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256,
+               max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
+               rope_theta=500000.0, rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+               attention_bias=False, mlp_bias=False)
 SHAPES = {
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-               full_layers=32, name="Llama-3.1-8B"),
-    "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
-                full_layers=80, name="Llama-3.1-70B"),
+    "8b": dict(config=dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                           num_key_value_heads=8, head_dim=128), full_layers=32, name="Llama-3.1-8B"),
+    "70b": dict(config=dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+                            num_key_value_heads=8, head_dim=128), full_layers=80, name="Llama-3.1-70B"),
+    # Qwen/Qwen3-8B: q_norm/k_norm per head, untied head, vocabulary 151936.
+    "qwen3-8b": dict(config=dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=4096,
+                                 intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8,
+                                 head_dim=128, vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                                 rope_theta=1000000.0, hidden_act="silu", tie_word_embeddings=False,
+                                 attention_bias=False),
+                     full_layers=36, name="Qwen3-8B"),
+    # google/gemma-3-12b's language model (Gemma3ForCausalLM): offset norms, pre/post feed-forward
+    # norms, head_dim 256, tied 262208-token head, 1024-token sliding window on five layers in six.
+    # The four layers are three sliding and one global, so both attention kinds and both RoPE bases
+    # are in the timing (the released model's first four are all sliding).
+    "gemma3-12b": dict(config=dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], hidden_size=3840,
+                                   intermediate_size=15360, num_attention_heads=16, num_key_value_heads=8,
+                                   head_dim=256, query_pre_attn_scalar=256, vocab_size=262208,
+                                   max_position_embeddings=131072, rms_norm_eps=1e-6, sliding_window=1024,
+                                   rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                                   rope_scaling={"factor": 8.0, "rope_type": "linear"},
+                                   hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                                   final_logit_softcapping=None, attn_logit_softcapping=None,
+                                   layer_types=["sliding_attention"] * 3 + ["full_attention"]),
+                       full_layers=48, name="Gemma-3-12B (language model)"),
 }
 # case: (shape, decoder layers, method)
 CASES = {
@@ -48,6 +79,10 @@ CASES = {
     "awq-8b-4": ("8b", 4, "awq"),
     "w8a8-8b-4": ("8b", 4, "w8a8"),
     "fp8-8b-4": ("8b", 4, "fp8"),
+    "gptq-qwen3-8b-4": ("qwen3-8b", 4, "gptq"),
+    "awq-qwen3-8b-4": ("qwen3-8b", 4, "awq"),
+    "gptq-gemma3-12b-4": ("gemma3-12b", 4, "gptq"),
+    "awq-gemma3-12b-4": ("gemma3-12b", 4, "awq"),
 }
 # llm-compressor 0.14.0.1 on one H100, same shapes, 128 x 2048 calibration tokens, model on the
 # CPU onloaded per layer (measured before this benchmark existed; its wall time is oneshot's).
@@ -58,61 +93,89 @@ REFERENCE = {
     "w8a8-8b-4": dict(wall_s=40.9, gpu_gib=3.8, rss_gib=25.6),
     "fp8-8b-4": dict(wall_s=0.7, gpu_gib=2.5, rss_gib=5.6),
 }
-VOCAB = 128256
+# Calibration ids are drawn below the smallest vocabulary above, so one file serves every shape.
+CALIBRATION_VOCAB = 128256
 GIB = 1024**3
 
 
 # ---------------------------------------------------------------- model and calibration set
 
+def model_config(shape: str, layers: int):
+    """The shape's transformers config (its own config class) with ``layers`` decoder layers."""
+    from transformers import AutoConfig
+
+    spec = dict(SHAPES[shape]["config"])
+    model_type = spec.pop("model_type")
+    if "layer_types" in spec:
+        spec["layer_types"] = spec["layer_types"][:layers]
+    config = AutoConfig.for_model(model_type, **spec, num_hidden_layers=layers, bos_token_id=1, eos_token_id=2,
+                                  pad_token_id=0)
+    config.dtype = "bfloat16"
+    return config
+
+
+def _shard_of(name: str) -> str:
+    parts = name.split(".")
+    if "layers" in parts:
+        return f"model-layer-{int(parts[parts.index('layers') + 1]):03d}.safetensors"
+    return "model-head.safetensors" if name.startswith("lm_head.") else "model-embed.safetensors"
+
+
+def _init_values(model, names: list[str]) -> dict:
+    """The model's own initial value for each 1-D parameter (norm weights: 1, or 0 for Gemma's
+    offset norms), taken by running its ``_init_weights`` on a CPU copy of the owning module."""
+    import copy
+
+    import torch
+
+    values = {}
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = copy.deepcopy(model.get_submodule(owner_name)).to_empty(device="cpu")
+        with torch.no_grad():
+            getattr(owner, attr).fill_(float("nan"))
+            model._init_weights(owner)
+        value = getattr(owner, attr).detach()
+        values[name] = torch.zeros_like(value) if value.isnan().any() else value.to(torch.bfloat16)
+    return values
+
+
 def build_model(shape: str, layers: int, folder: Path, seed: int = 0) -> Path:
-    """A LlamaForCausalLM folder with ``layers`` random decoder layers (bf16, std 0.02)."""
+    """A model folder of the shape's architecture with ``layers`` random decoder layers (bf16,
+    std 0.02 for matrices, the model's own initial values for norms), one shard per layer."""
     import torch
     from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
 
     if (folder / "config.json").is_file():
         return folder
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    s = SHAPES[shape]
-    h, inter, heads, kv = s["hidden_size"], s["intermediate_size"], s["num_attention_heads"], s["num_key_value_heads"]
-    hd = h // heads
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
-        "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd,
-        "num_hidden_layers": layers, "vocab_size": VOCAB, "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
-        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2,
-        "torch_dtype": "bfloat16",
-    }
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    config = model_config(shape, layers)
+    config.save_pretrained(tmp)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    params = dict(skeleton.named_parameters())  # tied weights appear once
+    vectors = _init_values(skeleton, [n for n, p in params.items() if p.dim() == 1])
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device=dev).manual_seed(seed)
-
-    def rand(*shape_):
-        return (torch.randn(*shape_, generator=g, device=dev, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
-
+    shards: dict[str, list[str]] = {}
+    for name in params:
+        shards.setdefault(_shard_of(name), []).append(name)
     weight_map = {}
-    shards = {"model-embed.safetensors": {"model.embed_tokens.weight": rand(VOCAB, h),
-                                          "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)},
-              "model-head.safetensors": {"lm_head.weight": rand(VOCAB, h)}}
-    for name, tensors in shards.items():
-        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in tensors})
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        t = {p + "self_attn.q_proj.weight": rand(heads * hd, h), p + "self_attn.k_proj.weight": rand(kv * hd, h),
-             p + "self_attn.v_proj.weight": rand(kv * hd, h), p + "self_attn.o_proj.weight": rand(h, heads * hd),
-             p + "mlp.gate_proj.weight": rand(inter, h), p + "mlp.up_proj.weight": rand(inter, h),
-             p + "mlp.down_proj.weight": rand(h, inter),
-             p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-             p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
-        name = f"model-layer-{i:03d}.safetensors"
-        save_file(t, str(tmp / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in t})
-        del t
+    for shard, names in shards.items():
+        tensors = {}
+        for name in names:
+            if name in vectors:
+                tensors[name] = vectors[name]
+            else:
+                shape_ = tuple(params[name].shape)
+                tensors[name] = (torch.randn(*shape_, generator=g, device=dev, dtype=torch.float32) * 0.02
+                                 ).to(torch.bfloat16).cpu()
+        save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in tensors})
+        del tensors
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     write_tokenizer(tmp)
     os.replace(tmp, folder)
@@ -136,7 +199,7 @@ def build_calibration(path: Path, n: int, length: int, seed: int = 0) -> Path:
 
     if not path.is_file():
         g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(3, VOCAB, (n, length), generator=g)
+        ids = torch.randint(3, CALIBRATION_VOCAB, (n, length), generator=g)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"input_ids": ids}, str(path))
     return path

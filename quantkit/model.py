@@ -64,7 +64,8 @@ def unreachable_hub_model(model: str, e: Exception) -> ModelError:
 
 
 def local_model_dir(model: str) -> Path | None:
-    """A built-in model's or a local model's folder; None when ``model`` is a hub id."""
+    """A built-in model's or a local model's folder (a local .gguf converted once to one); None
+    when ``model`` is a hub id."""
     if model.startswith("builtin:"):
         from .assets import builtin_model_dir
 
@@ -72,6 +73,10 @@ def local_model_dir(model: str) -> Path | None:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    if path.suffix == ".gguf":
+        from .assets import gguf_model_dir
+
+        return gguf_model_dir(path)
     if path.exists():
         raise ModelError(f"model.id: {model} is a file", field="model.id", value=model, file=path,
                          hint="give the model's folder (config.json, *.safetensors, tokenizer) or a hub id (org/name)")

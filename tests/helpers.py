@@ -124,15 +124,19 @@ def tiny_llama_layer(seed: int = 0, gqa: bool = False, batches: int = 2, seq: in
     return layer, data, config.to_dict()
 
 
-def load_vllm_check():
-    """benchmarks/vllm_check.py as a module (benchmarks/ is not a package)."""
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "vllm_check.py"
-    spec = importlib.util.spec_from_file_location("vllm_check", path)
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["vllm_check"] = mod
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_vllm_check():
+    return load_benchmark("vllm_check")
