@@ -21,6 +21,7 @@ from torch import nn
 from ..errors import ModelError, NumericsError
 from ..model import ModelSource
 from .capture import LayerCall, capture, inject, materialize_on_use
+from .experts import split_fused
 from .model import ModelGraph, derive_model_graph
 from .names import CheckpointNames
 from .skeleton import build_meta, free, locate_decoder, model_class, owner_of
@@ -76,8 +77,9 @@ class ModelRunner:
             fused = self.names.converted_under(self.layer_prefix(i))
             if fused:
                 raise ModelError(f"{self.where}: {self.layer_prefix(i)[:-1]}: checkpoint tensors such as {fused[0]} "
-                                 "are fused on load (transformers' conversion mapping); not supported yet",
-                                 field="model.id", hint="Mixture-of-Experts checkpoints come with issue 16")
+                                 "are converted on load by an operation quantkit cannot undo per expert "
+                                 "(transformers' conversion mapping)", field="model.id",
+                                 hint="only experts stacked per expert and gate/up concatenated are supported")
 
     def layer_sources(self, i: int) -> dict[str, str]:
         """Layer ``i``'s parameters (names relative to the layer) → checkpoint tensor names."""
@@ -129,8 +131,10 @@ class ModelRunner:
         layer = copy.deepcopy(self.layers[i])
         _real_buffers(self.model, self.layer_prefix(i)[:-1], layer, self.device)
         sources = self.layer_sources(i)
-        state = {}
+        state = self._fused_experts(i, layer)
         for k, v in layer.state_dict().items():
+            if k in state:
+                continue
             src = sources.get(k)
             if src is None:
                 raise ModelError(f"{self.where}: tensor {self.layer_prefix(i)}{k} is missing from {self.source.path}",
@@ -140,6 +144,21 @@ class ModelRunner:
             state[k] = t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
         layer.load_state_dict(state, strict=True, assign=True)
         return layer.eval()
+
+    def _fused_experts(self, i: int, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """Per-expert tensors of layer ``i`` from checkpoint tensors that hold every expert of
+        a block (gpt-oss, Llama 4), split as the fused module lays them out."""
+        prefix = self.layer_prefix(i)
+        out: dict[str, torch.Tensor] = {}
+        for src, (container, leaf) in self.names.fused.items():
+            if not container.startswith(prefix):
+                continue
+            rel = container[len(prefix):]
+            layout = layer.get_submodule(rel).layout
+            t = self.source.tensor(src)
+            for k, v in split_fused(layout, leaf, t).items():
+                out[f"{rel}.{k}"] = v.to(device=self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
+        return out
 
     # ------------------------------------------------------------------ running
     def capture(self, batches: list[torch.Tensor]) -> list[LayerInputs]:
