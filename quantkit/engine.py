@@ -26,6 +26,8 @@ from .activations import attach_activation_quantizers
 from .errors import DeviceMemoryError, NumericsError
 from .graph.runtime import LayerInputs, ModelRunner
 from .graph.attention import observe_attention
+from .graph.experts import all_experts, expert_modules, reset_counts, routed_counts
+from .moe import ExpertCalibration, ExpertReport, rtn_fallback, starved, statistics_tokens, without
 from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, Quantizer
 from .scheme import QuantizedWeight
 from .workdir import LayerRecord, WorkDir
@@ -48,15 +50,26 @@ class _LayerCalibration:
     """The LayerCalibration the quantizers see: runs the float layer over calibration batches,
     each with the arguments the model's own forward gives layer ``index``."""
 
-    def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs]):
+    def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs],
+                 every_expert: bool = True):
         self.runner, self.index, self.layer, self.batches = runner, index, layer, batches
+        self.every_expert = every_expert
+        self.routed: dict[str, list[int]] | None = None  # tokens routed to each expert, from the first run
 
     def run(self, hooks: Mapping[str, InputHook]) -> None:
         def forward() -> None:
             for b in self.batches:  # outputs dropped as they come: activations stay on the device once
                 self.runner.run_layer(self.layer, b.hidden, b.calls[self.index])
 
-        run_calibration(self.layer, hooks, forward)
+        reset_counts(self.layer)
+        with all_experts(self.layer, self.every_expert):
+            run_calibration(self.layer, hooks, forward)
+        if self.routed is None:
+            self.routed = routed_counts(self.layer)
+
+    @property
+    def tokens(self) -> int:
+        return sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self.batches)
 
 
 def run_calibration(layer: nn.Module, hooks: Mapping[str, InputHook], forward: Callable[[], object]) -> None:
@@ -89,6 +102,7 @@ class EngineResult:
     perplexity_base: float | None = None
     perplexity_quantized: float | None = None
     layer_seconds: list[float] = field(default_factory=list)
+    experts: ExpertReport = field(default_factory=ExpertReport)
     # Seconds per stage summed over layers (load, quantize, save, propagate, ...).
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -113,9 +127,10 @@ class LayerwiseEngine:
     """Quantizes layers ``start..n-1`` and replays ``0..start-1`` from the work folder."""
 
     def __init__(self, runner: ModelRunner, quantizer: Quantizer, workdir: WorkDir, fingerprint: str,
-                 quiet: bool = False, on_layer: LayerCallback | None = None):
+                 quiet: bool = False, on_layer: LayerCallback | None = None,
+                 experts: ExpertCalibration = ExpertCalibration()):
         self.sk, self.quantizer, self.workdir, self.fingerprint = runner, quantizer, workdir, fingerprint
-        self.quiet, self.on_layer = quiet, on_layer
+        self.quiet, self.on_layer, self.experts = quiet, on_layer, experts
 
     def run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
             start: int = 0) -> EngineResult:
@@ -156,8 +171,7 @@ class LayerwiseEngine:
             if i < start:
                 record = self.workdir.load_layer(i)
             else:
-                qweights = self.quantizer.quantize_layer(layer, sk.graph.layer(i),
-                                                         _LayerCalibration(sk, i, layer, calib_in))
+                qweights = self._quantize(i, layer, calib_in, result.experts)
                 clock.lap("quantize")
                 quantized = {f"{name}.weight" for name in qweights}
                 floats = {k: v.detach().clone() for k, v in layer.state_dict().items() if k not in quantized}
@@ -188,6 +202,35 @@ class LayerwiseEngine:
                 (sk.logits(b.hidden, t)[:, :-1], t) for b, t in zip(quant_in, eval_batches))
             sk.release()
         return result
+
+
+    def _quantize(self, i: int, layer: nn.Module, calib_in: list[LayerInputs],
+                  report: ExpertReport) -> dict[str, QuantizedWeight]:
+        """The quantizer on layer ``i``; for a Mixture-of-Experts layer, with the experts'
+        calibration mode, their token counts recorded and starved experts rounded instead."""
+        graph = self.sk.graph.layer(i)
+        settings = self.experts
+        calib = _LayerCalibration(self.sk, i, layer, calib_in, settings.all_experts)
+        if not graph.experts:
+            return self.quantizer.quantize_layer(layer, graph, calib)
+        if not self.quantizer.needs_calibration:
+            return self.quantizer.quantize_layer(layer, graph, calib)
+        if settings.all_experts:
+            counts = {n: [calib.tokens] * m.layout.num_experts for n, m in expert_modules(layer)}
+        else:
+            graph = graph.per_expert()
+            calib.run({})  # who is starved must be known before the quantizer hooks them
+            counts = calib.routed or {}
+        where = self.sk.layer_prefix(i)[:-1]
+        hungry = starved(counts, settings)
+        qweights = self.quantizer.quantize_layer(layer, without(graph, hungry), calib)
+        if hungry:
+            report.rtn_fallback += [f"{where}.{n}" for n in
+                                    rtn_fallback(layer, graph, hungry, self.quantizer.scheme, qweights, where)]
+        for name, per in (calib.routed or {}).items():
+            report.routed[f"{where}.{name}"] = per
+            report.statistics_tokens[f"{where}.{name}"] = statistics_tokens(per, calib.tokens, settings)
+        return qweights
 
 
 def apply_record(layer: nn.Module, record: LayerRecord, device: torch.device, dtype: torch.dtype) -> None:

@@ -64,8 +64,19 @@ def family_config(arch: str, vocab: int, layers: int = 2, hidden: int = 128, int
         "olmo2": lambda: tf.Olmo2Config(**common, rms_norm_eps=1e-5),
         "cohere": lambda: tf.CohereConfig(**common, logit_scale=0.25),
     }
+    moe = {  # Mixture-of-Experts: 4 experts, 2 routed per token
+        "mixtral": lambda: tf.MixtralConfig(**common, rms_norm_eps=1e-5, num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(**common, rms_norm_eps=1e-5, moe_intermediate_size=intermediate // 2,
+                                               shared_expert_intermediate_size=intermediate, num_experts=4,
+                                               num_experts_per_tok=2),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(**common, head_dim=head_dim, rms_norm_eps=1e-5,
+                                               moe_intermediate_size=intermediate // 2, num_experts=4,
+                                               num_experts_per_tok=2),
+    }
     if arch in text:
         return text[arch]()
+    if arch in moe:
+        return moe[arch]()
     if arch == "gemma3-vl":
         text_cfg = {k: v for k, v in {**common, **gemma}.items() if k not in ("tie_word_embeddings",)}
         return tf.Gemma3Config(
@@ -88,6 +99,7 @@ def family_config(arch: str, vocab: int, layers: int = 2, hidden: int = 128, int
 
 TEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "cohere")
 MULTIMODAL_FAMILIES = ("gemma3-vl", "qwen2.5-vl")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def model_class_for(config):
@@ -116,8 +128,8 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", layers: int = 2, hidden:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.1 * torch.randn_like(p))  # non-trivial norms, so folding is tested
-            elif p.dim() == 2:
-                p.normal_(0, 0.02 if "embed" in name else hidden ** -0.5)
+            elif p.dim() >= 2:  # Linears and 3-D experts [E, out, in]
+                p.normal_(0, 0.02 if "embed" in name else p.shape[-1] ** -0.5)
             else:
                 p.normal_(0, 0.02)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)

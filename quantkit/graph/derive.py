@@ -484,7 +484,7 @@ def expand_experts(graph: LayerGraph, n: int) -> LayerGraph:
         if expert_of(u.name) is None:
             units.append(u)
         elif u is first:
-            units.extend(replace(b, name=_renamed(b.name, e), param=_renamed(b.param, e), expert=e)
+            units.extend(replace(b, name=_renamed(b.name, e), param=_renamed(b.param, e))
                          for e in range(n) for b in block)
     groups: list[InputGroup] = []
     for g in graph.groups:
