@@ -71,12 +71,16 @@ class CheckpointNames:
     def source_module(self, module: str) -> str:
         """The checkpoint spelling of a module path (``"model.language_model.layers.0.self_attn"``
         → ``"language_model.model.layers.0.self_attn"``), read off any parameter under it."""
+        renamed = None
         for model_name, src in self.to_source.items():
             if model_name.startswith(module + "."):
                 rest = model_name[len(module):]
                 if src.endswith(rest):
                     return src[: -len(rest)]
-        return module
+                if renamed is None:  # the leaf renamed too (Mixtral's w1 for gate_proj): as many segments
+                    depth = rest.count(".")
+                    renamed = ".".join(src.split(".")[:-depth]) if src.count(".") >= depth else None
+        return renamed or module
 
 
 def _expert_name(src: str, pattern: str, converters: list, container: str, leaf: str) -> str | None:

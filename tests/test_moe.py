@@ -1,0 +1,251 @@
+"""Mixture-of-Experts end to end (issue 16).
+
+1. Unfused experts compute what transformers' fused experts compute, for every layout its
+   experts decorator describes (Mixtral's concatenated gate/up; gpt-oss's transposed,
+   interleaved, biased experts with its own clamped gate), routed and all-expert alike.
+2. Each MoE family's full pipeline run: per-expert checkpoint names as the checkpoint (and
+   vLLM's ``expert_params_mapping``) spell them, routers float and in the ignore list,
+   transformers reloads the output and its logits match quantkit's fake-quantized model,
+   token counts per expert in report.json and the card.
+3. An expert the router never picks: with all-expert calibration it gets a Hessian from every
+   token; with routed calibration it is rounded to nearest, with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from quantkit.engine import LayerwiseEngine, _LayerCalibration, make_batches
+from quantkit.graph.experts import UnfusedExperts, split_fused
+from quantkit.graph.runtime import ModelRunner
+from quantkit.model import ModelSource
+from quantkit.moe import ExpertCalibration, ExpertReport
+from quantkit.pipeline import run
+from quantkit.quantizers import QUANTIZERS
+from quantkit.quantizers.gptq import collect_hessians
+from quantkit.quantizers.rtn import quantize_rtn
+from quantkit.recipe import make_recipe
+from tests.test_export_e2e import read_tensors
+from tests.tiny_models import make_tiny_model, model_class_for, write_text_file
+
+transformers = pytest.importorskip("transformers")
+
+FULL_RUN = {"mixtral": "gptq", "qwen2_moe": "gptq", "qwen3_moe": "awq"}
+ROUTED_ONLY = {"qwen2_moe"}  # its run calibrates each expert on its routed tokens only
+METHODS = {
+    "rtn": {"method": "rtn", "bits": 4, "group_size": 64},
+    "gptq": {"method": "gptq", "bits": 4, "group_size": 64},
+    # Symmetric: transformers 5's compressed-tensors MoE decompression reads no zero points
+    # (integrations/compressed_tensors.py), so it cannot reload asymmetric experts; vLLM can.
+    "awq": {"method": "awq", "bits": 4, "group_size": 64, "grid": 4, "max_calib_tokens": 64, "symmetric": True},
+}
+# The checkpoint's (and vLLM's) name of expert 1's gate projection in layer 0.
+EXPERT_NAME = {"mixtral": "model.layers.0.block_sparse_moe.experts.1.w1",
+               "qwen2_moe": "model.layers.0.mlp.experts.1.gate_proj",
+               "qwen3_moe": "model.layers.0.mlp.experts.1.gate_proj"}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    text = write_text_file(root / "text.jsonl")
+    made: dict[str, Path] = {}
+
+    def model(family: str) -> Path:
+        if family not in made:
+            made[family] = make_tiny_model(root / family, arch=family, layers=2, hidden=128, intermediate=256,
+                                           heads=4, kv_heads=2, seed=len(made))
+        return made[family]
+
+    return root, text, model
+
+
+# --------------------------------------------------------------------------- 1. numerics
+
+
+def _fused_and_unfused(cls, config, seed: int):
+    torch.manual_seed(seed)
+    fused = cls(config).to(torch.float64)
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.normal_(0, 0.3)
+    state = {n: p.detach().clone() for n, p in fused.named_parameters()}
+    with torch.device("meta"):
+        skeleton = cls(config).to(torch.float64)
+    unfused = UnfusedExperts(skeleton).to_empty(device="cpu")
+    per_expert = {}
+    for name, t in state.items():
+        per_expert.update(split_fused(unfused.layout, name, t))
+    unfused.load_state_dict(per_expert, strict=True)
+    return fused, unfused
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_unfused_experts_compute_what_the_fused_ones_do(family):
+    if family == "mixtral":
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts as cls
+
+        config = transformers.MixtralConfig(hidden_size=24, intermediate_size=40, num_local_experts=5)
+    else:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as cls
+
+        config = transformers.GptOssConfig(hidden_size=24, intermediate_size=40, num_local_experts=5,
+                                           swiglu_limit=1.5)  # low, so the clamp bites
+    config._experts_implementation = "eager"
+    fused, unfused = _fused_and_unfused(cls, config, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(37, 24, dtype=torch.float64, generator=gen)
+    idx = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(37)])  # expert 4 never picked
+    w = torch.rand(37, 2, dtype=torch.float64, generator=gen)
+    with torch.no_grad():
+        want = fused(x, idx, w)
+        got_routed = unfused(x, idx, w)
+        unfused.all_experts = True
+        got_all = unfused(x, idx, w)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got_routed, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_all, want, rtol=1e-12, atol=1e-12)
+    # Routed counts accumulate over both calls (each token counted once per expert it picks).
+    assert unfused.routed.tolist() == (2 * torch.bincount(idx.flatten(), minlength=5)).tolist()
+
+
+# --------------------------------------------------------------------------- 2. full runs
+
+
+def _fuse_into(reference: torch.nn.Module, fake: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert fake-quantized weights stacked into the reference model's fused parameters."""
+    out = dict(fake)
+    for name, mod in reference.named_modules():
+        if not hasattr(mod, "gate_up_proj") or not isinstance(mod.gate_up_proj, torch.nn.Parameter):
+            continue
+        n = mod.gate_up_proj.shape[0]
+        gate_up = [torch.cat([out.pop(f"{name}.{e}.gate_proj.weight"), out.pop(f"{name}.{e}.up_proj.weight")])
+                   for e in range(n)]
+        out[f"{name}.gate_up_proj"] = torch.stack(gate_up)
+        out[f"{name}.down_proj"] = torch.stack([out.pop(f"{name}.{e}.down_proj.weight") for e in range(n)])
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("family", sorted(FULL_RUN))
+def test_moe_family_end_to_end(workspace, family):
+    root, text, model = workspace
+    base = model(family)
+    out = root / f"out-{family}"
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    report = run(make_recipe({
+        "model": {"id": str(base)},
+        "quantization": METHODS[FULL_RUN[family]],
+        "calibration": {"source": str(text), "num_samples": 4, "max_seq_length": 48, "batch_size": 4,
+                        "all_experts": family not in ROUTED_ONLY},
+        "evaluate": {"source": str(text), "num_samples": 2, "max_seq_length": 40},
+        "export": {"output_dir": str(out)},
+        "device": "cpu",
+    }), quiet=True, on_layer=lambda i, layer, _q: states.setdefault(
+        i, {k: v.detach().clone() for k, v in layer.state_dict().items()}))
+
+    # Per-expert tensors under the checkpoint's own names; routers float and ignored.
+    dst = read_tensors(out)
+    name = EXPERT_NAME[family]
+    assert f"{name}.weight_packed" in dst and f"{name}.weight" not in dst
+    router = "model.layers.0.block_sparse_moe.gate" if family == "mixtral" else "model.layers.0.mlp.gate"
+    assert dst[f"{router}.weight"].dtype == torch.float32
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    router_rule = next(i for i in ignore if i.startswith("re:") and i.endswith(r"\.gate$"))
+    import re
+
+    assert re.match(router_rule[3:], router) and not re.match(router_rule[3:], name)
+
+    # transformers reloads the checkpoint; its logits are the fake-quantized model's.
+    ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    reference = model_class_for(transformers.AutoConfig.from_pretrained(base)).from_pretrained(
+        base, dtype=torch.float32).eval()
+    prefix = ModelRunner(ModelSource.open(str(base)), torch.device("cpu"), torch.float32).layer_prefix
+    fake = _fuse_into(reference, {f"{prefix(i)}{k}": v for i, s in states.items() for k, v in s.items()})
+    assert not set(fake) - set(reference.state_dict())
+    reference.load_state_dict(fake, strict=False)
+    loaded = model_class_for(transformers.AutoConfig.from_pretrained(out)).from_pretrained(
+        out, dtype=torch.float32,
+        quantization_config=transformers.CompressedTensorsConfig(run_compressed=False)).eval()
+    with torch.no_grad():
+        want, got = reference(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+    # Token counts per expert: all routed tokens counted (k per token); statistics from every
+    # token, or from the routed ones.
+    tokens = 4 * 48
+    experts = report["experts"]
+    block = "model.layers.0.block_sparse_moe.experts" if family == "mixtral" else "model.layers.0.mlp.experts"
+    counts = experts["routed_tokens"][block]
+    assert len(counts) == 4 and sum(counts) == 2 * tokens and experts["rtn_fallback"] == []
+    assert experts["statistics_tokens"][block] == (counts if family in ROUTED_ONLY else [tokens] * 4)
+    card = (out / "README.md").read_text()
+    assert "## Experts" in card and f"| {min(counts)} |" in card
+
+
+# --------------------------------------------------------------------------- 3. an expert never picked
+
+
+def _never_pick(gate: torch.nn.Module, expert: int) -> None:
+    """The Qwen3-MoE router with one expert masked out (its own computation otherwise)."""
+    def forward(hidden_states):
+        h = hidden_states.reshape(-1, gate.hidden_dim)
+        logits = F.linear(h, gate.weight)
+        logits[:, expert] = float("-inf")
+        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+        top, idx = torch.topk(probs, gate.top_k, dim=-1)
+        if gate.norm_topk_prob:
+            top = top / top.sum(dim=-1, keepdim=True)
+        return logits, top.to(logits.dtype), idx
+
+    gate.forward = forward
+
+
+@pytest.fixture(scope="module")
+def starved_layer(workspace):
+    _, _, model = workspace
+    runner = ModelRunner(ModelSource.open(str(model("qwen3_moe"))), torch.device("cpu"), torch.float32)
+    ids = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    return runner, runner.capture(make_batches(list(ids), 2))
+
+
+def test_unpicked_expert_gets_every_token_with_all_expert_calibration(starved_layer):
+    runner, batches = starved_layer
+    layer = runner.load_layer(0)
+    _never_pick(layer.mlp.gate, 3)
+    graph = runner.graph.layer(0)
+    calib = _LayerCalibration(runner, 0, layer, batches, every_expert=True)
+    accs, hooks = collect_hessians(graph)
+    calib.run(hooks)
+    assert calib.routed["mlp.experts"][3] == 0 and sum(calib.routed["mlp.experts"]) == 2 * 128
+    h3 = accs["mlp.experts.3.down_proj"]
+    assert h3.tokens == 128 and bool((torch.diagonal(h3.hessian()) > 0).all())
+    assert accs["mlp.experts.3.gate_proj"] is accs["mlp.experts.0.up_proj"]  # one Hessian for every gate/up
+    assert accs["mlp.experts.3.gate_proj"].tokens == 128
+
+
+def test_unpicked_expert_falls_back_to_rtn_with_routed_calibration(starved_layer, caplog):
+    runner, batches = starved_layer
+    layer = runner.load_layer(0)
+    _never_pick(layer.mlp.gate, 3)
+    quantizer = QUANTIZERS["gptq"](QUANTIZERS["gptq"].Params(**METHODS["gptq"]), {})
+    engine = LayerwiseEngine(runner, quantizer, None, "", quiet=True, experts=ExpertCalibration(False, 8))
+    report = ExpertReport()
+    with caplog.at_level(logging.WARNING, logger="quantkit.moe"):
+        out = engine._quantize(0, layer, batches, report)
+    assert set(out) == set(runner.graph.layer(0).linears)
+    assert report.routed["model.layers.0.mlp.experts"][3] == 0
+    assert report.rtn_fallback == [f"model.layers.0.mlp.experts.3.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    assert any("model.layers.0.mlp.experts.3:" in r.getMessage() for r in caplog.records)
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        want = quantize_rtn(layer.get_submodule(f"mlp.experts.3.{p}").weight.detach(), quantizer.scheme)
+        assert torch.equal(out[f"mlp.experts.3.{p}"].codes, want.codes)
+    # The routed experts got GPTQ from their own tokens, not RTN.
+    rtn0 = quantize_rtn(layer.mlp.experts[0].down_proj.weight.detach(), quantizer.scheme)
+    assert not torch.equal(out["mlp.experts.0.down_proj"].codes, rtn0.codes)
