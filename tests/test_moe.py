@@ -249,3 +249,22 @@ def test_unpicked_expert_falls_back_to_rtn_with_routed_calibration(starved_layer
     # The routed experts got GPTQ from their own tokens, not RTN.
     rtn0 = quantize_rtn(layer.mlp.experts[0].down_proj.weight.detach(), quantizer.scheme)
     assert not torch.equal(out["mlp.experts.0.down_proj"].codes, rtn0.codes)
+
+
+def test_stacked_gptq_in_row_chunks_is_the_same_solve(starved_layer, monkeypatch):
+    """Every expert's gate/up share one Hessian and are solved stacked; in chunks (bounded
+    memory) the codes are the same, since GPTQ treats rows independently given the Hessian."""
+    from quantkit.quantizers import gptq
+
+    runner, batches = starved_layer
+    layer = runner.load_layer(0)
+    graph = runner.graph.layer(0)
+    accs, hooks = collect_hessians(graph)
+    _LayerCalibration(runner, 0, layer, batches).run(hooks)
+    scheme = QUANTIZERS["gptq"].Params(**METHODS["gptq"]).scheme()
+    whole = gptq.gptq_layer(layer, graph, accs, scheme)
+    monkeypatch.setattr(gptq, "MAX_STACKED_ELEMENTS", 3 * 64 * 128)  # three expert matrices per solve
+    chunked = gptq.gptq_layer(layer, graph, accs, scheme)
+    assert len(gptq._row_chunks([f"mlp.experts.{e}.up_proj" for e in range(8)], [64 * 128] * 8)) == 3
+    for name, qw in whole.items():
+        assert torch.equal(qw.codes, chunked[name].codes) and torch.equal(qw.scale, chunked[name].scale), name
