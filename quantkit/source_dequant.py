@@ -41,3 +41,64 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     vals = lut[codes.long()]
     vals = torch.ldexp(vals, (scales.to(torch.int32) - 127).unsqueeze(-1))
     return vals.reshape(*b.shape[:-2], b.shape[-2] * b.shape[-1] * 2)
+
+
+class DequantizedSource:
+    """A ``ModelSource`` whose checkpoint is quantized by its authors, seen as the float
+    checkpoint it stands for: ``weight_map`` lists the float tensors (FP8 weights under their
+    own names; gpt-oss's ``X_blocks``/``X_scales`` as ``X``), ``tensor`` dequantizes, and the
+    scale tensors are gone (consumed, never copied to the output). Everything else is the
+    wrapped source's."""
+
+    def __init__(self, source, kind: str, block: tuple[int, int] | None = None):
+        self.base, self.kind, self.block = source, kind, block
+        self.weight_map: dict[str, str] = {}
+        self._parts: dict[str, tuple[str, str]] = {}  # float name -> (codes, scales) source tensors
+        names = source.weight_map
+        for name, shard in names.items():
+            if kind == "fp8" and name.endswith(".weight") and f"{name}_scale_inv" in names:
+                self._parts[name] = (name, f"{name}_scale_inv")
+            elif kind == "mxfp4" and name.endswith("_blocks") and f"{name[:-7]}_scales" in names:
+                self._parts[name[:-7]] = (name, f"{name[:-7]}_scales")
+                name = name[:-7]
+            elif (kind == "fp8" and name.endswith(".weight_scale_inv")) or (
+                    kind == "mxfp4" and name.endswith("_scales") and f"{name[:-7]}_blocks" in names):
+                continue
+            self.weight_map[name] = shard
+
+    def __getattr__(self, attr: str):
+        return getattr(self.base, attr)
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self._parts:
+            return self.base.tensor(name)
+        codes, scales = (self.base.tensor(n) for n in self._parts[name])
+        if self.kind == "fp8":
+            return dequantize_fp8_blocks(codes, scales, self.block)
+        return dequantize_mxfp4(codes, scales).transpose(-1, -2).contiguous()  # as transformers holds them
+
+    def tensor_on(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if name not in self._parts:
+            return self.base.tensor_on(name, device, dtype)
+        return self.tensor(name).to(device=device, dtype=dtype)
+
+    def tensor_location(self, name: str):
+        if name not in self._parts:
+            return self.base.tensor_location(name)
+        path, _, shape, _, _ = self.base.tensor_location(self._parts[name][0])
+        return path, "F32", shape, 0, 0  # not a byte range: read (dequantized) and cast when copied
+
+
+def float_view(source):
+    """``source`` as a float checkpoint: itself, or a ``DequantizedSource`` when its config
+    declares a quantization quantkit reads (FP8 with block scales, MXFP4)."""
+    qc = source.config.get("quantization_config") or {}
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method == "fp8" and qc.get("weight_block_size"):
+        return DequantizedSource(source, "fp8", tuple(qc["weight_block_size"]))
+    if method == "mxfp4":
+        return DequantizedSource(source, "mxfp4")
+    return source

@@ -35,7 +35,7 @@ from tests.tiny_models import make_tiny_model, model_class_for, write_text_file
 
 transformers = pytest.importorskip("transformers")
 
-FULL_RUN = {"mixtral": "gptq", "qwen2_moe": "gptq", "qwen3_moe": "awq"}
+FULL_RUN = {"mixtral": "gptq", "qwen2_moe": "gptq", "qwen3_moe": "awq", "deepseek_v3": "gptq"}
 ROUTED_ONLY = {"qwen2_moe"}  # its run calibrates each expert on its routed tokens only
 METHODS = {
     "rtn": {"method": "rtn", "bits": 4, "group_size": 64},
@@ -44,10 +44,13 @@ METHODS = {
     # (integrations/compressed_tensors.py), so it cannot reload asymmetric experts; vLLM can.
     "awq": {"method": "awq", "bits": 4, "group_size": 64, "grid": 4, "max_calib_tokens": 64, "symmetric": True},
 }
-# The checkpoint's (and vLLM's) name of expert 1's gate projection in layer 0.
-EXPERT_NAME = {"mixtral": "model.layers.0.block_sparse_moe.experts.1.w1",
-               "qwen2_moe": "model.layers.0.mlp.experts.1.gate_proj",
-               "qwen3_moe": "model.layers.0.mlp.experts.1.gate_proj"}
+# The checkpoint's (and vLLM's) names of a MoE block's experts module and router (DeepSeek-V3's
+# first layer is dense).
+BLOCK = {"mixtral": ("model.layers.0.block_sparse_moe.experts", "model.layers.0.block_sparse_moe.gate"),
+         "qwen2_moe": ("model.layers.0.mlp.experts", "model.layers.0.mlp.gate"),
+         "qwen3_moe": ("model.layers.0.mlp.experts", "model.layers.0.mlp.gate"),
+         "deepseek_v3": ("model.layers.1.mlp.experts", "model.layers.1.mlp.gate")}
+GATE = {"mixtral": "w1"}  # expert 1's gate projection leaf; gate_proj elsewhere
 
 
 @pytest.fixture(scope="module")
@@ -118,16 +121,28 @@ def test_unfused_experts_compute_what_the_fused_ones_do(family):
 
 
 def _fuse_into(reference: torch.nn.Module, fake: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-expert fake-quantized weights stacked into the reference model's fused parameters."""
+    """Per-expert fake-quantized weights (and biases) stacked into the reference model's fused
+    parameters, in its layout (gate/up concatenated or interleaved, transposed or not)."""
     out = dict(fake)
     for name, mod in reference.named_modules():
         if not hasattr(mod, "gate_up_proj") or not isinstance(mod.gate_up_proj, torch.nn.Parameter):
             continue
         n = mod.gate_up_proj.shape[0]
-        gate_up = [torch.cat([out.pop(f"{name}.{e}.gate_proj.weight"), out.pop(f"{name}.{e}.up_proj.weight")])
-                   for e in range(n)]
-        out[f"{name}.gate_up_proj"] = torch.stack(gate_up)
-        out[f"{name}.down_proj"] = torch.stack([out.pop(f"{name}.{e}.down_proj.weight") for e in range(n)])
+        for leaf in ("weight", "bias"):
+            if f"{name}.0.down_proj.{leaf}" not in out:
+                continue
+            gate = [out.pop(f"{name}.{e}.gate_proj.{leaf}") for e in range(n)]
+            up = [out.pop(f"{name}.{e}.up_proj.{leaf}") for e in range(n)]
+            down = [out.pop(f"{name}.{e}.down_proj.{leaf}") for e in range(n)]
+            if mod.is_concatenated:
+                gate_up = [torch.cat([g, u]) for g, u in zip(gate, up)]
+            else:
+                gate_up = [torch.stack([g, u], dim=1).reshape(2 * g.shape[0], *g.shape[1:]) for g, u in zip(gate, up)]
+            if leaf == "weight" and mod.is_transposed:
+                gate_up, down = [t.T for t in gate_up], [t.T for t in down]
+            suffix = "" if leaf == "weight" else "_bias"
+            out[f"{name}.gate_up_proj{suffix}"] = torch.stack(gate_up)
+            out[f"{name}.down_proj{suffix}"] = torch.stack(down)
     return out
 
 
@@ -151,15 +166,15 @@ def test_moe_family_end_to_end(workspace, family):
 
     # Per-expert tensors under the checkpoint's own names; routers float and ignored.
     dst = read_tensors(out)
-    name = EXPERT_NAME[family]
+    block, router = BLOCK[family]
+    name = f"{block}.1.{GATE.get(family, 'gate_proj')}"
     assert f"{name}.weight_packed" in dst and f"{name}.weight" not in dst
-    router = "model.layers.0.block_sparse_moe.gate" if family == "mixtral" else "model.layers.0.mlp.gate"
     assert dst[f"{router}.weight"].dtype == torch.float32
     ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
-    router_rule = next(i for i in ignore if i.startswith("re:") and i.endswith(r"\.gate$"))
     import re
 
-    assert re.match(router_rule[3:], router) and not re.match(router_rule[3:], name)
+    router_rule = next(i for i in ignore if i.startswith("re:") and re.match(i[3:], router))
+    assert not re.match(router_rule[3:], name)
 
     # transformers reloads the checkpoint; its logits are the fake-quantized model's.
     ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -181,7 +196,6 @@ def test_moe_family_end_to_end(workspace, family):
     # token, or from the routed ones.
     tokens = 4 * 48
     experts = report["experts"]
-    block = "model.layers.0.block_sparse_moe.experts" if family == "mixtral" else "model.layers.0.mlp.experts"
     counts = experts["routed_tokens"][block]
     assert len(counts) == 4 and sum(counts) == 2 * tokens and experts["rtn_fallback"] == []
     assert experts["statistics_tokens"][block] == (counts if family in ROUTED_ONLY else [tokens] * 4)
@@ -268,3 +282,21 @@ def test_stacked_gptq_in_row_chunks_is_the_same_solve(starved_layer, monkeypatch
     assert len(gptq._row_chunks([f"mlp.experts.{e}.up_proj" for e in range(8)], [64 * 128] * 8)) == 3
     for name, qw in whole.items():
         assert torch.equal(qw.codes, chunked[name].codes) and torch.equal(qw.scale, chunked[name].scale), name
+
+
+def test_experts_fused_in_the_checkpoint_are_refused_before_any_weight(workspace):
+    """gpt-oss stores each block's experts in one tensor, and transformers and vLLM read its
+    experts only fused: per-expert output would not load, so the run stops first, naming the
+    tensor. Its graph derives all the same (experts unfused, the family's clamped gate)."""
+    from quantkit.errors import ModelError
+
+    _, _, model = workspace
+    runner = ModelRunner(ModelSource.open(str(model("gpt_oss"))), torch.device("cpu"), torch.float32)
+    assert runner.graph.layer(0).experts == ("mlp.experts",)
+    with pytest.raises(ModelError) as err:
+        runner.check_supported()
+    import re
+
+    assert re.match(r".*: model\.layers\.\d+\.mlp\.experts\.(gate_up|down)_proj(_bias)? holds every expert",
+                    str(err.value))
+    assert err.value.field == "model.id"

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import ModelError, NumericsError
 from ..model import ModelSource
+from ..source_dequant import float_view
 from .capture import LayerCall, capture, inject, materialize_on_use
 from .experts import split_fused
 from .model import ModelGraph, derive_model_graph
@@ -42,7 +43,9 @@ class ModelRunner:
     def __init__(self, source: ModelSource, device: torch.device, dtype: torch.dtype, where: str = "model"):
         from transformers import AutoConfig
 
-        self.source, self.device, self.dtype, self.where = source, device, dtype, where
+        # A checkpoint quantized by its authors (DeepSeek-V3's FP8, gpt-oss's MXFP4) is read as
+        # the float one it stands for; its scale tensors are consumed, never copied.
+        self.source, self.device, self.dtype, self.where = float_view(source), device, dtype, where
         try:
             self.config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
         except (ValueError, KeyError, OSError) as e:
@@ -53,7 +56,7 @@ class ModelRunner:
         self.location = locate_decoder(self.model, where)
         self.layers: nn.ModuleList = self.model.get_submodule(self.location.layers)
         self.graph: ModelGraph = derive_model_graph(self.model, self.location)
-        self.names = CheckpointNames(self.model, source.weight_map)
+        self.names = CheckpointNames(self.model, self.source.weight_map)
         self._tuple_outputs = False
         self._loaded: list[nn.Module] = []
 
@@ -73,6 +76,13 @@ class ModelRunner:
     def check_supported(self) -> None:
         """Everything that can be refused before a weight is read."""
         self.graph.check_supported(self.where)
+        if self.names.fused:
+            src = next(iter(self.names.fused))
+            raise ModelError(f"{self.where}: {src} holds every expert of its block in one tensor; quantkit writes "
+                             "one quantized tensor per expert, which transformers and vLLM read for this family "
+                             "only fused (gpt-oss, Llama 4)", field="model.id",
+                             hint="quantize a Mixture-of-Experts family whose checkpoint stores experts one by one "
+                                  "(Mixtral, Qwen2/3-MoE, DeepSeek-V3)")
         for i in range(self.num_layers):
             fused = self.names.converted_under(self.layer_prefix(i))
             if fused:
