@@ -105,6 +105,16 @@ def format_plan_table(result: "PlanResult") -> str:
         lines.append("* no tensor cores for this scheme's activations on this GPU")
     lines.append("")
     lines.append(f"recommended: {r.recommended or 'none'}")
+    if r.experts:
+        lines.append(f"Mixture-of-Experts: {r.experts} experts in {r.moe_layers} of the layers (weights above count "
+                     "every expert: vLLM holds them all)")
+    m = r.quantize_memory
+    if m is not None:
+        lines.append(f"quantize (GPTQ, 128 x 2048 calibration tokens): ~{_gib(m.total)} GiB on one device for its "
+                     f"largest layer: weights {_gib(m.layer)} + codes {_gib(m.codes)} + Hessians {_gib(m.hessians)} + "
+                     f"solve {_gib(m.solve)} + activations {_gib(m.activations)}"
+                     + (f" (one Hessian per expert Linear would take {_gib(m.per_expert_hessians)} instead of "
+                        f"{_gib(m.hessians)})" if r.experts else ""))
     lines += [f"note: {n}" for n in r.notes]
     if r.serve_command:
         lines.append(r.serve_command)

@@ -72,6 +72,12 @@ class ModelShape:
     mlp_bias: bool = False
     dtype: str = "bfloat16"
     architecture: str = "unknown"
+    # Mixture-of-Experts: experts per MoE layer, each one's intermediate size, a shared
+    # expert's (0: none), and how many layers are MoE (the rest dense, e.g. DeepSeek's first 3).
+    num_experts: int = 0
+    moe_intermediate_size: int = 0
+    shared_intermediate_size: int = 0
+    moe_layers: int = 0
 
     @classmethod
     def from_config(cls, config: dict[str, Any], where: str = "config.json") -> "ModelShape":
@@ -91,7 +97,12 @@ class ModelShape:
         qwen2 = arch.startswith("Qwen2")
         attn_bias = bool(cfg.get("attention_bias", False)) or qwen2
         dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+        experts, moe_inter, shared, moe_layers = _experts(cfg, need("num_hidden_layers"), need("intermediate_size"))
         return cls(
+            num_experts=experts,
+            moe_intermediate_size=moe_inter,
+            shared_intermediate_size=shared,
+            moe_layers=moe_layers,
             hidden_size=hidden,
             intermediate_size=need("intermediate_size"),
             num_layers=need("num_hidden_layers"),
@@ -107,6 +118,24 @@ class ModelShape:
             dtype="float16" if dtype == "float16" else "bfloat16",
             architecture=arch,
         )
+
+
+def _experts(cfg: dict[str, Any], layers: int, intermediate: int) -> tuple[int, int, int, int]:
+    """(experts, expert intermediate size, shared-expert intermediate size, MoE layers) from
+    the fields the MoE families use (Mixtral/gpt-oss ``num_local_experts``, Qwen ``num_experts``
+    with ``decoder_sparse_step``/``mlp_only_layers``, DeepSeek ``n_routed_experts`` with
+    ``first_k_dense_replace`` and ``n_shared_experts``); zeros for a dense model."""
+    experts = next((v for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if isinstance(v := cfg.get(k), int) and not isinstance(v, bool) and v > 1), 0)
+    if not experts:
+        return 0, 0, 0, 0
+    moe_inter = cfg.get("moe_intermediate_size") or intermediate
+    shared = cfg.get("shared_expert_intermediate_size") or (cfg.get("n_shared_experts") or 0) * moe_inter
+    dense_first = cfg.get("first_k_dense_replace") or 0
+    only_mlp = set(cfg.get("mlp_only_layers") or [])
+    step = cfg.get("decoder_sparse_step") or 1
+    moe_layers = sum(1 for i in range(layers) if i >= dense_first and i not in only_mlp and (i + 1) % step == 0)
+    return experts, int(moe_inter), int(shared), moe_layers
 
 
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -163,15 +192,32 @@ def linear_shapes(shape: ModelShape, tp: int = 1) -> list[LinearShape]:
     q = shape.num_heads * hd // tp
     kv = kv_heads_per_gpu(shape, tp) * hd
     inter = math.ceil(shape.intermediate_size / tp)
-    return [
+    dense = n - shape.moe_layers
+    out = [
         LinearShape("q_proj", q, h, n),
         LinearShape("k_proj", kv, h, n),
         LinearShape("v_proj", kv, h, n),
         LinearShape("o_proj", h, q, n),
-        LinearShape("gate_proj", inter, h, n),
-        LinearShape("up_proj", inter, h, n),
-        LinearShape("down_proj", h, inter, n),
+        LinearShape("gate_proj", inter, h, dense),
+        LinearShape("up_proj", inter, h, dense),
+        LinearShape("down_proj", h, inter, dense),
     ]
+    if shape.moe_layers:  # vLLM splits every expert's intermediate size across ranks
+        e = math.ceil(shape.moe_intermediate_size / tp)
+        count = shape.moe_layers * shape.num_experts
+        out += [LinearShape("experts.gate_proj", e, h, count), LinearShape("experts.up_proj", e, h, count),
+                LinearShape("experts.down_proj", h, e, count)]
+        if shape.shared_intermediate_size:
+            sh = math.ceil(shape.shared_intermediate_size / tp)
+            out += [LinearShape("shared_expert.gate_proj", sh, h, shape.moe_layers),
+                    LinearShape("shared_expert.up_proj", sh, h, shape.moe_layers),
+                    LinearShape("shared_expert.down_proj", h, sh, shape.moe_layers)]
+    return [ls for ls in out if ls.count]
+
+
+def router_params(shape: ModelShape) -> int:
+    """Router weights (``[experts, hidden]`` per MoE layer): kept in 16 bits, replicated."""
+    return shape.moe_layers * shape.num_experts * shape.hidden_size
 
 
 def padded_vocab_per_gpu(shape: ModelShape, tp: int = 1) -> int:
@@ -185,7 +231,7 @@ def count_parameters(shape: ModelShape) -> int:
     linear = sum(ls.out_features * ls.in_features * ls.count for ls in linear_shapes(shape))
     embed = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
     norms = (2 * shape.num_layers + 1) * shape.hidden_size
-    return linear + embed + norms + _bias_params(shape, tp=1)
+    return linear + embed + norms + _bias_params(shape, tp=1) + router_params(shape)
 
 
 def _bias_params(shape: ModelShape, tp: int) -> int:
@@ -198,6 +244,56 @@ def _bias_params(shape: ModelShape, tp: int) -> int:
     if shape.mlp_bias:
         total += (2 * math.ceil(shape.intermediate_size / tp) + shape.hidden_size) * n
     return total
+
+
+@dataclass(frozen=True)
+class QuantizeMemory:
+    """Device memory quantkit needs to GPTQ-quantize one decoder layer (its largest), bytes."""
+
+    layer: int  # the layer's weights in 16 bits
+    codes: int  # its codes (one byte per weight) held until the layer is saved
+    hessians: int  # float32, one per input group (every expert's gate/up share one)
+    solve: int  # GPTQ's working set: a stacked chunk, its errors, the inverse Hessian factor
+    activations: int  # the calibration hidden states, 16 bits
+    per_expert_hessians: int  # what one Hessian per expert Linear would take instead (routed calibration)
+
+    @property
+    def total(self) -> int:
+        return self.layer + self.codes + self.hessians + self.solve + self.activations
+
+
+def quantize_memory(shape: ModelShape, samples: int = 128, seq_len: int = 2048) -> QuantizeMemory:
+    """The quantization-time need of the largest layer (a MoE layer when there is one), under
+    all-expert calibration, which lets every expert's gate/up share one Hessian."""
+    h, hd = shape.hidden_size, shape.head_dim
+    q, kv = shape.num_heads * hd, shape.num_kv_heads * hd
+    attention = 2 * h * q + 2 * h * kv
+    hess = h * h + q * q  # q/k/v share one; o_proj its own
+    if shape.moe_layers:
+        e, i, sh = shape.num_experts, shape.moe_intermediate_size, shape.shared_intermediate_size
+        mlp = 3 * h * (e * i + sh)
+        hess += h * h + e * i * i + sh * sh
+        stacked = 2 * h * (e * i + sh)
+        separate = 2 * e * h * h + e * i * i + sh * sh + h * h
+        extra = e * h
+    else:
+        i = shape.intermediate_size
+        mlp = 3 * h * i
+        hess += h * h + i * i
+        stacked = 2 * h * i
+        separate = hess
+        extra = 0
+    params = attention + mlp
+    chunk = min(stacked, 1 << 28)
+    big = max(h, i, q)
+    return QuantizeMemory(
+        layer=2 * (params + extra),
+        codes=params,
+        hessians=4 * hess,
+        solve=4 * (2 * chunk + 2 * big * big),
+        activations=2 * samples * seq_len * h,
+        per_expert_hessians=4 * (separate + q * q + h * h) if shape.moe_layers else 4 * hess,
+    )
 
 
 # --------------------------------------------------------------------------- schemes
@@ -297,7 +393,7 @@ def weight_bytes(shape: ModelShape, scheme: PrecisionScheme, tp: int = 1) -> Wei
     vocab = padded_vocab_per_gpu(shape, tp)
     embed = vocab * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
     norms = (2 * shape.num_layers + 1) * shape.hidden_size
-    return WeightBytes(linears, 2 * (embed + norms + _bias_params(shape, tp)))
+    return WeightBytes(linears, 2 * (embed + norms + _bias_params(shape, tp) + router_params(shape)))
 
 
 def kv_bytes_per_token(shape: ModelShape, kv_cache_dtype: KVCacheDtype = "auto", tp: int = 1) -> int:
@@ -413,6 +509,9 @@ class PlanResult:
     recommended: str | None
     serve_command: str | None
     notes: list[str] = field(default_factory=list)
+    quantize_memory: QuantizeMemory | None = None  # GPTQ at 128 x 2048 calibration tokens, one layer
+    experts: int = 0  # experts per MoE layer (0: dense)
+    moe_layers: int = 0
 
     def row(self, scheme: str) -> SchemePlan:
         for r in self.rows:
@@ -609,6 +708,9 @@ def plan_config(
         recommended=best,
         serve_command=command,
         notes=notes,
+        quantize_memory=quantize_memory(shape),
+        experts=shape.num_experts,
+        moe_layers=shape.moe_layers,
     )
 
 

@@ -300,3 +300,30 @@ def test_experts_fused_in_the_checkpoint_are_refused_before_any_weight(workspace
     assert re.match(r".*: model\.layers\.\d+\.mlp\.experts\.(gate_up|down)_proj(_bias)? holds every expert",
                     str(err.value))
     assert err.value.field == "model.id"
+
+
+# --------------------------------------------------------------------------- 4. plan
+
+
+@pytest.mark.parametrize("family, config, published", [
+    ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, num_hidden_layers=32), 46.7e9),
+    ("qwen3_moe", dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                       num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                       num_hidden_layers=48), 30.5e9),
+    ("qwen2_moe", dict(hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408, num_experts=60,
+                       shared_expert_intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
+                       vocab_size=151936, num_hidden_layers=24), 14.3e9),  # Qwen1.5-MoE-A2.7B
+])
+def test_plan_counts_every_expert(family, config, published):
+    """The serving size of a MoE model counts every expert (vLLM holds them all): parameter
+    counts match the published model sizes; the quantization-time need of a MoE layer is far
+    below one Hessian per expert Linear."""
+    from quantkit.planner import ModelShape, count_parameters, quantize_memory
+
+    cfg = transformers.CONFIG_MAPPING[family](**config, max_position_embeddings=4096).to_dict()
+    shape = ModelShape.from_config(cfg)
+    assert shape.moe_layers == config["num_hidden_layers"]
+    assert count_parameters(shape) == pytest.approx(published, rel=0.01)
+    mem = quantize_memory(shape)
+    assert mem.hessians < mem.per_expert_hessians
