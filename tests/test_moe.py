@@ -327,3 +327,54 @@ def test_plan_counts_every_expert(family, config, published):
     assert count_parameters(shape) == pytest.approx(published, rel=0.01)
     mem = quantize_memory(shape)
     assert mem.hessians < mem.per_expert_hessians
+
+
+# --------------------------------------------------------------------------- 5. a source in FP8
+
+
+def test_fp8_block_source_quantizes_as_its_dequantized_float(workspace, tmp_path):
+    """DeepSeek-V3 ships FP8 weights with block scales: quantkit reads the float values they
+    stand for, so the checkpoint equals the one made from a float copy holding exactly those
+    values, and the source's scale tensors are not copied."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from quantkit.source_dequant import dequantize_fp8_blocks
+
+    root, text, model = workspace
+    base = model("deepseek_v3")
+    fp8, flt = tmp_path / "fp8", tmp_path / "float"
+    for d in (fp8, flt):
+        shutil.copytree(base, d)
+    shard = next(base.glob("*.safetensors")).name
+    state = load_file(str(base / shard))
+    q, f = {}, {}
+    for name, t in state.items():
+        if ".layers." in name and t.dim() == 2 and name.endswith("proj.weight"):
+            rows, cols = (t.shape[0] + 63) // 64, (t.shape[1] + 63) // 64
+            amax = t.abs().reshape(rows, 64, cols, 64).amax((1, 3)) if t.shape[0] % 64 == 0 and t.shape[1] % 64 == 0 \
+                else torch.full((rows, cols), float(t.abs().max()))
+            s = (amax / 448).clamp_min(1e-12)
+            codes = (t / s.repeat_interleave(64, 0)[:t.shape[0]].repeat_interleave(64, 1)[:, :t.shape[1]]).to(
+                torch.float8_e4m3fn)
+            q[name], q[name + "_scale_inv"] = codes, s
+            f[name] = dequantize_fp8_blocks(codes, s, (64, 64))
+        else:
+            q[name] = f[name] = t
+    save_file(q, str(fp8 / shard), metadata={"format": "pt"})
+    save_file(f, str(flt / shard), metadata={"format": "pt"})
+    config = json.loads((fp8 / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [64, 64]}
+    (fp8 / "config.json").write_text(json.dumps(config))
+    outs = {}
+    for label, folder in (("fp8", fp8), ("float", flt)):
+        outs[label] = tmp_path / f"out-{label}"
+        run(make_recipe({"model": {"id": str(folder)}, "quantization": METHODS["gptq"],
+                         "calibration": {"source": str(text), "num_samples": 2, "max_seq_length": 32, "batch_size": 2},
+                         "evaluate": {"enabled": False}, "export": {"output_dir": str(outs[label])},
+                         "device": "cpu"}), quiet=True)
+    a, b = read_tensors(outs["fp8"]), read_tensors(outs["float"])
+    assert a.keys() == b.keys() and not any(k.endswith("_scale_inv") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
