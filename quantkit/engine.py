@@ -27,7 +27,8 @@ from .errors import DeviceMemoryError, NumericsError
 from .graph.runtime import LayerInputs, ModelRunner
 from .graph.attention import observe_attention
 from .graph.experts import all_experts, expert_modules, reset_counts, routed_counts
-from .moe import ExpertCalibration, ExpertReport, rtn_fallback, starved, statistics_tokens, without
+from .moe import (ExpertCalibration, ExpertReport, rtn_fallback, starved, statistics_budget, statistics_chunks,
+                  statistics_tokens, without)
 from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, Quantizer
 from .scheme import QuantizedWeight
 from .workdir import LayerRecord, WorkDir
@@ -223,7 +224,9 @@ class LayerwiseEngine:
             counts = calib.routed or {}
         where = self.sk.layer_prefix(i)[:-1]
         hungry = starved(counts, settings)
-        qweights = self.quantizer.quantize_layer(layer, without(graph, hungry), calib)
+        qweights: dict[str, QuantizedWeight] = {}
+        for part in statistics_chunks(without(graph, hungry), statistics_budget(self.sk.device)):
+            qweights.update(self.quantizer.quantize_layer(layer, part, calib))
         if hungry:
             report.rtn_fallback += [f"{where}.{n}" for n in
                                     rtn_fallback(layer, graph, hungry, self.quantizer.scheme, qweights, where)]

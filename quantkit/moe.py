@@ -67,6 +67,55 @@ def without(graph: LayerGraph, experts: set[tuple[str, int]]) -> LayerGraph:
     return replace(graph, units=tuple(u for u in graph.units if kept(u.name)), groups=tuple(groups))
 
 
+# Statistics of one calibration pass may take at most this share of the device's free memory.
+STATISTICS_SHARE = 0.5
+
+
+def statistics_budget(device: torch.device) -> int | None:
+    """Bytes one calibration pass's statistics may take: a share of the GPU's free memory;
+    None (no limit) on the CPU, whose memory the operating system manages."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * STATISTICS_SHARE)
+
+
+def statistics_chunks(graph: LayerGraph, budget: int | None) -> list[LayerGraph]:
+    """``graph`` split so that each part's float32 statistics (one ``[in, in]`` matrix per
+    input group, as GPTQ keeps) fit ``budget`` bytes: the first part holds every group not
+    owned by a single expert (attention, a shared expert, and, under all-expert calibration,
+    every expert's gate/up, which share one matrix) plus the first experts' own groups; each
+    further part holds only experts' own groups. Each part costs one more calibration pass, so
+    a layer is split only when it must be (DeepSeek-V3 with per-expert Hessians: ~57 GB)."""
+    owned: dict[tuple[str, int], list[InputGroup]] = {}
+    common: list[InputGroup] = []
+    for g in graph.groups:
+        hits = {expert_of(n) for n in g.linears}
+        if len(hits) == 1 and None not in hits:
+            owned.setdefault(hits.pop(), []).append(g)
+        else:
+            common.append(g)
+
+    def size(groups: list[InputGroup]) -> int:
+        return sum(4 * graph.unit(g.key).in_features ** 2 for g in groups)
+
+    if budget is None or size(graph.groups) <= budget:
+        return [graph]
+    parts: list[list[InputGroup]] = [list(common)]
+    experts_in_part = 0
+    for groups in owned.values():
+        if experts_in_part and size(parts[-1] + groups) > budget:  # at least one expert per part
+            parts.append([])
+            experts_in_part = 0
+        parts[-1].extend(groups)
+        experts_in_part += 1
+    out = []
+    for groups in parts:
+        names = {n for g in groups for n in g.linears}
+        out.append(replace(graph, units=tuple(u for u in graph.units if u.name in names), groups=tuple(groups)))
+    return out
+
+
 def rtn_fallback(layer: nn.Module, graph: LayerGraph, experts: set[tuple[str, int]], scheme: Scheme,
                  quantized: dict[str, QuantizedWeight], where: str) -> list[str]:
     """Round-to-nearest for every unit of ``experts`` (added to ``quantized``); returns their

@@ -378,3 +378,25 @@ def test_fp8_block_source_quantizes_as_its_dequantized_float(workspace, tmp_path
     assert a.keys() == b.keys() and not any(k.endswith("_scale_inv") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_statistics_in_chunks_give_the_same_layer(starved_layer, monkeypatch):
+    """When a layer's statistics do not fit the device (routed calibration keeps one Hessian
+    per expert), experts are calibrated and quantized in chunks, one calibration pass each:
+    the result is the same as in one pass."""
+    from quantkit import engine as engine_module
+    from quantkit.moe import statistics_chunks
+
+    runner, batches = starved_layer
+    quantizer = QUANTIZERS["gptq"](QUANTIZERS["gptq"].Params(**METHODS["gptq"]), {})
+    results = []
+    for budget in (None, 4 * 128 * 128 * 3):  # room for the attention's and one expert's Hessians
+        monkeypatch.setattr(engine_module, "statistics_budget", lambda _device, b=budget: b)
+        layer = runner.load_layer(0)
+        engine = LayerwiseEngine(runner, quantizer, None, "", quiet=True, experts=ExpertCalibration(False, 1))
+        results.append(engine._quantize(0, layer, batches, ExpertReport()))
+    parts = statistics_chunks(runner.graph.layer(0).per_expert(), 4 * 128 * 128 * 3)
+    assert len(parts) == 4 and {u.name for p in parts for u in p.units} == set(runner.graph.layer(0).linears)
+    assert results[0].keys() == results[1].keys()
+    for name, qw in results[0].items():
+        assert torch.equal(qw.codes, results[1][name].codes), name
