@@ -204,7 +204,6 @@ class LayerwiseEngine:
             sk.release()
         return result
 
-
     def _quantize(self, i: int, layer: nn.Module, calib_in: list[LayerInputs],
                   report: ExpertReport) -> dict[str, QuantizedWeight]:
         """The quantizer on layer ``i``; for a Mixture-of-Experts layer, with the experts'
@@ -212,16 +211,13 @@ class LayerwiseEngine:
         graph = self.sk.graph.layer(i)
         settings = self.experts
         calib = _LayerCalibration(self.sk, i, layer, calib_in, settings.all_experts)
-        if not graph.experts:
+        if not graph.experts or not self.quantizer.needs_calibration:
             return self.quantizer.quantize_layer(layer, graph, calib)
-        if not self.quantizer.needs_calibration:
-            return self.quantizer.quantize_layer(layer, graph, calib)
-        if settings.all_experts:
-            counts = {n: [calib.tokens] * m.layout.num_experts for n, m in expert_modules(layer)}
-        else:
+        if not settings.all_experts:
             graph = graph.per_expert()
             calib.run({})  # who is starved must be known before the quantizer hooks them
-            counts = calib.routed or {}
+        counts = {n: statistics_tokens((calib.routed or {}).get(n, [0] * m.layout.num_experts), calib.tokens,
+                                       settings) for n, m in expert_modules(layer)}
         where = self.sk.layer_prefix(i)[:-1]
         hungry = starved(counts, settings)
         qweights: dict[str, QuantizedWeight] = {}

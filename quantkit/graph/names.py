@@ -42,8 +42,8 @@ class CheckpointNames:
             if name not in expected and src in expected:
                 name, pattern = rename_source_key(src, [], [], prefix, expected)
             container, _, leaf = name.rpartition(".")
-            if pattern is not None and container in experts:
-                per_expert = _expert_name(src, pattern, converters, container, leaf)
+            if pattern is not None:
+                per_expert = _expert_name(src, pattern, converters, container, leaf) if container in experts else None
                 if per_expert in expected:
                     self.to_model[src] = per_expert
                 else:
