@@ -42,18 +42,21 @@ class CheckpointNames:
             if name not in expected and src in expected:
                 name, pattern = rename_source_key(src, [], [], prefix, expected)
             container, _, leaf = name.rpartition(".")
-            if pattern is not None:
-                per_expert = _expert_name(src, pattern, converters, container, leaf) if container in experts else None
+            if pattern is not None and container in experts:
+                per_expert = _expert_name(src, pattern, converters, container, leaf)
                 if per_expert in expected:
                     self.to_model[src] = per_expert
                 else:
                     self.converted[src] = name
-            elif name in expected:
-                self.to_model[src] = name
-            elif container in experts:
-                self.fused[src] = (container, leaf)
+            elif name not in expected:
+                if container in experts:
+                    self.fused[src] = (container, leaf)
+                else:
+                    self.unexpected.append(src)
+            elif pattern is not None:
+                self.converted[src] = name
             else:
-                self.unexpected.append(src)
+                self.to_model[src] = name
         self.to_source = {m: s for s, m in self.to_model.items()}
 
     def under(self, prefix: str) -> dict[str, str]:
