@@ -140,8 +140,10 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", layers: int = 2, hidden:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.1 * torch.randn_like(p))  # non-trivial norms, so folding is tested
-            elif p.dim() >= 2:  # Linears and 3-D experts [E, out, in]
-                p.normal_(0, 0.02 if "embed" in name else p.shape[-1] ** -0.5)
+            elif p.dim() == 2:
+                p.normal_(0, 0.02 if "embed" in name else hidden ** -0.5)
+            elif p.dim() == 3:  # fused experts [E, out, in] (gpt-oss: [E, in, out])
+                p.normal_(0, hidden ** -0.5)
             else:
                 p.normal_(0, 0.02)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
