@@ -392,7 +392,11 @@ def run_case(case: str, tool: str, work: Path, n: int, length: int, batch: int, 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     log = work / f"log-{case}-{tool}.txt"
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+        try:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:  # a result too: the tool did not finish in the time given
+            shutil.rmtree(out, ignore_errors=True)
+            return {"error": f"not finished after {timeout:.0f} s (--timeout)", "log_tail": log.read_text()[-3000:]}
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0 or not result_file.is_file():
         tail = log.read_text()[-3000:]
