@@ -92,13 +92,19 @@ class DequantizedSource:
         return path, "F32", shape, 0, 0  # not a byte range: read (dequantized) and cast when copied
 
 
+def read_as_float(quantization_config) -> bool:
+    """The source's own quantization is one quantkit reads as float values (FP8 with block
+    scales, MXFP4)."""
+    qc = quantization_config if isinstance(quantization_config, dict) else {}
+    return (qc.get("quant_method") == "fp8" and bool(qc.get("weight_block_size"))) or qc.get("quant_method") == "mxfp4"
+
+
 def float_view(source):
     """``source`` as a float checkpoint: itself, or a ``DequantizedSource`` when its config
     declares a quantization quantkit reads (FP8 with block scales, MXFP4)."""
     qc = source.config.get("quantization_config") or {}
-    method = qc.get("quant_method") if isinstance(qc, dict) else None
-    if method == "fp8" and qc.get("weight_block_size"):
+    if not read_as_float(qc):
+        return source
+    if qc["quant_method"] == "fp8":
         return DequantizedSource(source, "fp8", tuple(qc["weight_block_size"]))
-    if method == "mxfp4":
-        return DequantizedSource(source, "mxfp4")
-    return source
+    return DequantizedSource(source, "mxfp4")

@@ -319,7 +319,8 @@ def test_plan_counts_every_expert(family, config, published):
     """The serving size of a MoE model counts every expert (vLLM holds them all): parameter
     counts match the published model sizes; the quantization-time need of a MoE layer is far
     below one Hessian per expert Linear."""
-    from quantkit.planner import ModelShape, count_parameters, quantize_memory
+    from quantkit.planner.quantize import quantize_memory
+    from quantkit.planner.shape import ModelShape, count_parameters
 
     cfg = transformers.CONFIG_MAPPING[family](**config, max_position_embeddings=4096).to_dict()
     shape = ModelShape.from_config(cfg)

@@ -39,6 +39,11 @@ class LayerCalibration(Protocol):
         """
         ...
 
+    def generator(self, name: str) -> torch.Generator:
+        """The generator for random draws about ``name`` (a Linear or group) in this layer,
+        seeded from the recipe's seed and the layer index: never draw from the global RNG."""
+        ...
+
 
 class QuantizerParams(BaseModel):
     """Recipe parameters of one method; subclasses fix ``method`` to a Literal."""
