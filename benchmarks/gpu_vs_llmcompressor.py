@@ -165,10 +165,7 @@ def build_model(shape: str, layers: int, folder: Path, seed: int = 0) -> Path:
         save_file(t, str(tmp / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in t})
         del t
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    write_tokenizer(tmp)
-    os.replace(tmp, folder)
-    return folder
+    return _publish(tmp, folder, weight_map)
 
 
 def build_moe_model(shape: str, layers: int, folder: Path, seed: int = 0) -> Path:
@@ -221,6 +218,11 @@ def build_moe_model(shape: str, layers: int, folder: Path, seed: int = 0) -> Pat
         save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
         weight_map.update({k: shard for k in tensors})
         del tensors
+    return _publish(tmp, folder, weight_map)
+
+
+def _publish(tmp: Path, folder: Path, weight_map: dict[str, str]) -> Path:
+    """Index and tokenizer into the folder being built, then move it into place."""
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     write_tokenizer(tmp)
     os.replace(tmp, folder)

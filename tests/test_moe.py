@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,8 +29,9 @@ from quantkit.quantizers import QUANTIZERS
 from quantkit.quantizers.gptq import collect_hessians
 from quantkit.quantizers.rtn import quantize_rtn
 from quantkit.recipe import make_recipe
+from tests.helpers import family_workspace
 from tests.test_export_e2e import read_tensors
-from tests.tiny_models import make_tiny_model, model_class_for, write_text_file
+from tests.tiny_models import model_class_for
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,17 +55,7 @@ GATE = {"mixtral": "w1"}  # expert 1's gate projection leaf; gate_proj elsewhere
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe")
-    text = write_text_file(root / "text.jsonl")
-    made: dict[str, Path] = {}
-
-    def model(family: str) -> Path:
-        if family not in made:
-            made[family] = make_tiny_model(root / family, arch=family, layers=2, hidden=128, intermediate=256,
-                                           heads=4, kv_heads=2, seed=len(made))
-        return made[family]
-
-    return root, text, model
+    return family_workspace(tmp_path_factory, "moe")
 
 
 # --------------------------------------------------------------------------- 1. numerics
@@ -234,7 +224,7 @@ def test_unpicked_expert_gets_every_token_with_all_expert_calibration(starved_la
     layer = runner.load_layer(0)
     _never_pick(layer.mlp.gate, 3)
     graph = runner.graph.layer(0)
-    calib = _LayerCalibration(runner, 0, layer, batches, every_expert=True)
+    calib = _LayerCalibration(runner, 0, layer, batches, 0, every_expert=True)
     accs, hooks = collect_hessians(graph)
     calib.run(hooks)
     assert calib.routed["mlp.experts"][3] == 0 and sum(calib.routed["mlp.experts"]) == 2 * 128
@@ -249,7 +239,7 @@ def test_unpicked_expert_falls_back_to_rtn_with_routed_calibration(starved_layer
     layer = runner.load_layer(0)
     _never_pick(layer.mlp.gate, 3)
     quantizer = QUANTIZERS["gptq"](QUANTIZERS["gptq"].Params(**METHODS["gptq"]), {})
-    engine = LayerwiseEngine(runner, quantizer, None, "", quiet=True, experts=ExpertCalibration(False, 8))
+    engine = LayerwiseEngine(runner, quantizer, None, "", quiet=True, seed=0, experts=ExpertCalibration(False, 8))
     report = ExpertReport()
     with caplog.at_level(logging.WARNING, logger="quantkit.moe"):
         out = engine._quantize(0, layer, batches, report)
@@ -274,7 +264,7 @@ def test_stacked_gptq_in_row_chunks_is_the_same_solve(starved_layer, monkeypatch
     layer = runner.load_layer(0)
     graph = runner.graph.layer(0)
     accs, hooks = collect_hessians(graph)
-    _LayerCalibration(runner, 0, layer, batches).run(hooks)
+    _LayerCalibration(runner, 0, layer, batches, 0).run(hooks)
     scheme = QUANTIZERS["gptq"].Params(**METHODS["gptq"]).scheme()
     whole = gptq.gptq_layer(layer, graph, accs, scheme)
     monkeypatch.setattr(gptq, "MAX_STACKED_ELEMENTS", 3 * 64 * 128)  # three expert matrices per solve
@@ -394,7 +384,7 @@ def test_statistics_in_chunks_give_the_same_layer(starved_layer, monkeypatch):
     for budget in (None, 4 * 128 * 128 * 3):  # room for the attention's and one expert's Hessians
         monkeypatch.setattr(engine_module, "statistics_budget", lambda _device, b=budget: b)
         layer = runner.load_layer(0)
-        engine = LayerwiseEngine(runner, quantizer, None, "", quiet=True, experts=ExpertCalibration(False, 1))
+        engine = LayerwiseEngine(runner, quantizer, None, "", quiet=True, seed=0, experts=ExpertCalibration(False, 1))
         results.append(engine._quantize(0, layer, batches, ExpertReport()))
     parts = statistics_chunks(runner.graph.layer(0).per_expert(), 4 * 128 * 128 * 3)
     assert len(parts) == 4 and {u.name for p in parts for u in p.units} == set(runner.graph.layer(0).linears)
