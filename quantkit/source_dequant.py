@@ -66,6 +66,11 @@ class DequantizedSource:
                 continue
             self.weight_map[name] = shard
 
+    @property
+    def dequantized(self) -> set[str]:
+        """The float tensors this view computes from codes and scales."""
+        return set(self._parts)
+
     def __getattr__(self, attr: str):
         return getattr(self.base, attr)
 
