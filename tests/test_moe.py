@@ -391,3 +391,31 @@ def test_statistics_in_chunks_give_the_same_layer(starved_layer, monkeypatch):
     assert results[0].keys() == results[1].keys()
     for name, qw in results[0].items():
         assert torch.equal(qw.codes, results[1][name].codes), name
+
+
+# --------------------------------------------------------------------------- 6. no broken scale is written
+
+
+def test_an_expert_with_a_zero_scale_stops_the_run_naming_it(workspace, tmp_path):
+    """An all-zero expert (pruned) quantized for a float16 checkpoint: its scales underflow to
+    zero in float16, and the writer refuses the checkpoint naming the expert's tensor under the
+    checkpoint's own name; nothing is published."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from quantkit.errors import NumericsError
+
+    root, text, model = workspace
+    src = tmp_path / "pruned"
+    shutil.copytree(model("mixtral"), src)
+    shard = next(src.glob("*.safetensors"))
+    state = load_file(str(shard))
+    state["model.layers.1.block_sparse_moe.experts.2.w2.weight"].zero_()
+    save_file(state, str(shard), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(NumericsError) as err:
+        run(make_recipe({"model": {"id": str(src), "dtype": "float16"}, "quantization": METHODS["rtn"],
+                         "evaluate": {"enabled": False}, "export": {"output_dir": str(out)}, "device": "cpu"}),
+            quiet=True)
+    assert str(err.value).startswith("model.layers.1.block_sparse_moe.experts.2.w2.weight_scale: a scale is 0.0")
+    assert not out.exists()
