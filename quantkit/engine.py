@@ -28,7 +28,10 @@ from .divergence import compare_streams
 from .errors import DeviceMemoryError, NumericsError
 from .finite_check import check_quantized, check_written
 from .graph.attention import observe_attention
+from .graph.experts import all_experts, expert_modules, reset_counts, routed_counts
 from .graph.runtime import LayerInputs, ModelRunner
+from .moe import (ExpertCalibration, ExpertReport, rtn_fallback, starved, statistics_budget, statistics_chunks,
+                  statistics_tokens, without)
 from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, Quantizer
 from .scheme import QuantizedWeight
 from .workdir import LayerRecord, WorkDir
@@ -51,8 +54,11 @@ class _LayerCalibration:
     """The LayerCalibration the quantizers see: runs the float layer over calibration batches,
     each with the arguments the model's own forward gives layer ``index``."""
 
-    def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs], seed: int):
+    def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs], seed: int,
+                 every_expert: bool = True):
         self.runner, self.index, self.layer, self.batches, self.seed = runner, index, layer, batches, seed
+        self.every_expert = every_expert
+        self.routed: dict[str, list[int]] | None = None  # tokens routed to each expert, from the first run
 
     def generator(self, name: str) -> torch.Generator:
         return seeding.generator(self.seed, self.index, name, device=self.runner.device)
@@ -62,7 +68,15 @@ class _LayerCalibration:
             for b in self.batches:  # outputs dropped as they come: activations stay on the device once
                 self.runner.run_layer(self.layer, b.hidden, b.calls[self.index])
 
-        run_calibration(self.layer, hooks, forward)
+        reset_counts(self.layer)
+        with all_experts(self.layer, self.every_expert):
+            run_calibration(self.layer, hooks, forward)
+        if self.routed is None:
+            self.routed = routed_counts(self.layer)
+
+    @property
+    def tokens(self) -> int:
+        return sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self.batches)
 
 
 def run_calibration(layer: nn.Module, hooks: Mapping[str, InputHook], forward: Callable[[], object]) -> None:
@@ -97,6 +111,7 @@ class EngineResult:
     # KL of the quantized next-token distribution from the base's, top-1 agreement (divergence.py).
     divergence: dict[str, float | int] | None = None
     layer_seconds: list[float] = field(default_factory=list)
+    experts: ExpertReport = field(default_factory=ExpertReport)
     # Seconds per stage summed over layers (load, quantize, save, propagate, ...).
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -121,9 +136,10 @@ class LayerwiseEngine:
     """Quantizes layers ``start..n-1`` and replays ``0..start-1`` from the work folder."""
 
     def __init__(self, runner: ModelRunner, quantizer: Quantizer, workdir: WorkDir, fingerprint: str,
-                 quiet: bool = False, on_layer: LayerCallback | None = None, *, seed: int):
+                 quiet: bool = False, on_layer: LayerCallback | None = None, *, seed: int,
+                 experts: ExpertCalibration = ExpertCalibration()):
         self.sk, self.quantizer, self.workdir, self.fingerprint = runner, quantizer, workdir, fingerprint
-        self.quiet, self.on_layer, self.seed = quiet, on_layer, seed
+        self.quiet, self.on_layer, self.seed, self.experts = quiet, on_layer, seed, experts
 
     def run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
             start: int = 0) -> EngineResult:
@@ -164,10 +180,7 @@ class LayerwiseEngine:
             if i < start:
                 record = self.workdir.load_layer(i)
             else:
-                calibration = _LayerCalibration(sk, i, layer, calib_in, self.seed)
-                graph = sk.graph.layer(i)
-                qweights = self.quantizer.quantize_layer(layer, graph, calibration,
-                                                         self.quantizer.layer_schemes(sk.layer_prefix(i), graph))
+                qweights = self._quantize(i, layer, calib_in, result.experts)
                 for name, qw in qweights.items():
                     check_quantized(sk.layer_prefix(i) + name, qw)
                 clock.lap("quantize")
@@ -206,6 +219,35 @@ class LayerwiseEngine:
             result.divergence = compared.divergence()
             clock.lap("evaluate")
         return result
+
+    def _quantize(self, i: int, layer: nn.Module, calib_in: list[LayerInputs],
+                  report: ExpertReport) -> dict[str, QuantizedWeight]:
+        """The quantizer on layer ``i``; for a Mixture-of-Experts layer, with the experts'
+        calibration mode, their token counts recorded and starved experts rounded instead."""
+        graph = self.sk.graph.layer(i)
+        settings = self.experts
+        calib = _LayerCalibration(self.sk, i, layer, calib_in, self.seed, settings.all_experts)
+        schemes = self.quantizer.layer_schemes(self.sk.layer_prefix(i), graph)
+        if not graph.experts or not self.quantizer.needs_calibration:
+            return self.quantizer.quantize_layer(layer, graph, calib, schemes)
+        if not settings.all_experts:
+            graph = graph.per_expert()
+            calib.run({})  # who is starved must be known before the quantizer hooks them
+        counts = {n: statistics_tokens((calib.routed or {}).get(n, [0] * m.layout.num_experts), calib.tokens,
+                                       settings) for n, m in expert_modules(layer)}
+        where = self.sk.layer_prefix(i)[:-1]
+        hungry = starved(counts, settings)
+        qweights: dict[str, QuantizedWeight] = {}
+        for part in statistics_chunks(without(graph, hungry), statistics_budget(self.sk.device)):
+            qweights.update(self.quantizer.quantize_layer(layer, part, calib,
+                                                          {n: schemes[n] for n in part.linears if n in schemes}))
+        if hungry:
+            report.rtn_fallback += [f"{where}.{n}" for n in
+                                    rtn_fallback(layer, graph, hungry, self.quantizer.scheme, qweights, where)]
+        for name, per in (calib.routed or {}).items():
+            report.routed[f"{where}.{name}"] = per
+            report.statistics_tokens[f"{where}.{name}"] = statistics_tokens(per, calib.tokens, settings)
+        return qweights
 
 
 def apply_record(layer: nn.Module, record: LayerRecord, device: torch.device, dtype: torch.dtype) -> None:

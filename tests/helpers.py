@@ -140,3 +140,21 @@ def load_benchmark(name: str):
 
 def load_vllm_check():
     return load_benchmark("vllm_check")
+
+
+def family_workspace(tmp_path_factory, name: str):
+    """(root, a local calibration text file, ``model(family)``): tiny two-layer models of each
+    family, built on first use and shared by a test module."""
+    from tests.tiny_models import make_tiny_model, write_text_file
+
+    root = tmp_path_factory.mktemp(name)
+    text = write_text_file(root / "text.jsonl")
+    made: dict = {}
+
+    def model(family: str):
+        if family not in made:
+            made[family] = make_tiny_model(root / family, arch=family, layers=2, hidden=128, intermediate=256,
+                                           heads=4, kv_heads=2, seed=len(made))
+        return made[family]
+
+    return root, text, model

@@ -20,7 +20,9 @@ from torch import nn
 
 from ..errors import ModelError, NumericsError
 from ..model import ModelSource
+from ..source_dequant import float_view
 from .capture import LayerCall, capture, inject, materialize_on_use
+from .experts import split_fused
 from .skeleton import free, owner_of
 from .view import model_view
 
@@ -40,7 +42,9 @@ class ModelRunner:
     def __init__(self, source: ModelSource, device: torch.device, dtype: torch.dtype, where: str = "model"):
         from transformers import AutoConfig
 
-        self.source, self.device, self.dtype, self.where = source, device, dtype, where
+        # A checkpoint quantized by its authors (DeepSeek-V3's FP8, gpt-oss's MXFP4) is read as
+        # the float one it stands for; its scale tensors are consumed, never copied.
+        self.source, self.device, self.dtype, self.where = float_view(source), device, dtype, where
         try:
             self.config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
         except (ValueError, KeyError, OSError) as e:
@@ -132,8 +136,10 @@ class ModelRunner:
         layer = copy.deepcopy(self.layers[i])
         _real_buffers(self.model, self.layer_prefix(i)[:-1], layer, self.device)
         sources = self.layer_sources(i)
-        state = {}
+        state = self._fused_experts(i, layer)
         for k, v in layer.state_dict().items():
+            if k in state:
+                continue
             src = sources.get(k)
             if src is None:
                 raise ModelError(f"{self.where}: tensor {self.layer_prefix(i)}{k} is missing from {self.source.path}",
@@ -143,6 +149,21 @@ class ModelRunner:
             state[k] = t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
         layer.load_state_dict(state, strict=True, assign=True)
         return layer.eval()
+
+    def _fused_experts(self, i: int, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """Per-expert tensors of layer ``i`` from checkpoint tensors that hold every expert of
+        a block (gpt-oss, Llama 4), split as the fused module lays them out."""
+        prefix = self.layer_prefix(i)
+        out: dict[str, torch.Tensor] = {}
+        for src, (container, leaf) in self.names.fused.items():
+            if not container.startswith(prefix):
+                continue
+            rel = container[len(prefix):]
+            layout = layer.get_submodule(rel).layout
+            t = self.source.tensor(src)
+            for k, v in split_fused(layout, leaf, t).items():
+                out[f"{rel}.{k}"] = v.to(device=self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
+        return out
 
     # ------------------------------------------------------------------ running
     def capture(self, batches: list[torch.Tensor]) -> list[LayerInputs]:

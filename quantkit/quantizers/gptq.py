@@ -407,11 +407,13 @@ def gptq_layer(
     if isinstance(schemes, Scheme):
         schemes = {n: schemes for n in graph.linears}
     out: dict[str, QuantizedWeight] = {}
-    by_key: dict[tuple[int, Scheme], list[str]] = {}
-    for name, scheme in schemes.items():
-        by_key.setdefault((id(accs[name]), scheme), []).append(name)
     globals_ = fused_global_scales(layer, graph, schemes)
-    for (_, scheme), names in by_key.items():
+    # One stack per Hessian, scheme and global scale (a MoE layer's experts share a Hessian
+    # but each fused gate/up pair has its own global scale).
+    by_key: dict[tuple[int, Scheme, int], list[str]] = {}
+    for name, scheme in schemes.items():
+        by_key.setdefault((id(accs[name]), scheme, id(globals_.get(name))), []).append(name)
+    for (_, scheme, _), names in by_key.items():
         weights = [graph.unit(n).matrix(layer).detach() for n in names]
         hessian = accs[names[0]].hessian()
         shared = globals_.get(names[0])
@@ -419,10 +421,32 @@ def gptq_layer(
             for n, w in zip(names, weights):
                 out[n] = gptq_quantize(w, hessian, scheme, name=n, global_scale=shared, **kwargs)
             continue
-        stacked = gptq_quantize(torch.cat(weights), hessian, scheme, name="+".join(names), global_scale=shared,
-                                **kwargs)
-        out.update(split_rows(stacked, names, [w.shape[0] for w in weights]))
+        for part in _row_chunks(names, [w.shape[0] * w.shape[1] for w in weights]):
+            ws = [weights[names.index(n)] for n in part]
+            stacked = gptq_quantize(torch.cat(ws), hessian, scheme, name="+".join(part), global_scale=shared,
+                                    **kwargs)
+            out.update(split_rows(stacked, part, [w.shape[0] for w in ws]))
     return out
+
+
+# Weights stacked into one GPTQ solve hold at most this many elements (1 GiB in float32, as
+# the solve works): every expert of a MoE layer shares one gate/up Hessian, and DeepSeek-V3's
+# 512 expert matrices stacked at once would take 30 GB in float32 beside the layer.
+MAX_STACKED_ELEMENTS = 1 << 28
+
+
+def _row_chunks(names: list[str], sizes: list[int]) -> list[list[str]]:
+    """``names`` in consecutive runs whose weights hold at most ``MAX_STACKED_ELEMENTS``
+    (one name per run when a single weight is larger)."""
+    runs: list[list[str]] = [[]]
+    total = 0
+    for n, size in zip(names, sizes):
+        if runs[-1] and total + size > MAX_STACKED_ELEMENTS:
+            runs.append([])
+            total = 0
+        runs[-1].append(n)
+        total += size
+    return runs
 
 
 def _stackable(ws: WeightScheme, rows: list[int]) -> bool:
