@@ -32,6 +32,7 @@ from .model import ModelSource
 from .planner import serve_command
 from .quantizers import QUANTIZERS
 from .recipe import RecipeBase, parse_size
+from .rotation.stream import StreamRotation
 from .scheme import Scheme
 from .workdir import WorkDir, fingerprint
 
@@ -89,6 +90,8 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     # The model's own classes on the meta device and its layer graph: no weight is read.
     runner = ModelRunner(source, device, compute_dtype, f"model {recipe.model.id}")
     runner.check_supported()
+    if params.rotate == "hadamard":
+        runner.edits.append(StreamRotation(runner))
     check_model_fits_scheme(runner.graph, scheme, "recipe")
     max_pos = getattr(runner.text_config, "max_position_embeddings", None)
     for section, spec in (("calibration", recipe.calibration), ("evaluate", recipe.evaluate)):
@@ -139,6 +142,8 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
         config["quantization_config"] = fmt.quantization_config(
             scheme, ignored_components(runner, outside), params.kv_cache_scheme())
         config["torch_dtype"] = str(dtype).replace("torch.", "")
+        for edit in runner.edits:
+            config.update(edit.config_updates())
         extra_files = {"report.json": json.dumps(report, indent=2),
                        "README.md": render_card(report, base_license(source.path))}
         copy = source.tokenizer_files() + [p for p in [source.path / "generation_config.json"] if p.is_file()]

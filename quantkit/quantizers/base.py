@@ -9,10 +9,10 @@ exports as they are. It never sees a file format.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar, Mapping, Protocol
+from typing import Callable, ClassVar, Literal, Mapping, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..graph.types import LayerGraph
@@ -46,6 +46,9 @@ class QuantizerParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str
+    rotate: Literal["none", "hadamard"] = Field(
+        "none", description="hadamard: rotate the residual stream (and each value head) by randomized Hadamards "
+        "fused into the weights before quantizing; same function, fewer outliers; vLLM serves it as is")
 
     def scheme(self) -> Scheme:
         raise NotImplementedError
