@@ -9,6 +9,7 @@ import torch
 
 from quantkit.errors import NumericsError
 from quantkit.quantizers import QUANTIZERS
+from quantkit.quantizers.clip import clip_to_gram, group_grams
 from quantkit.quantizers.gptq import GPTQParams, gptq_quantize
 from quantkit.quantizers.hessian import HessianAccumulator
 from quantkit.quantizers.rtn import quantize_rtn, weight_qparams
@@ -220,3 +221,60 @@ def test_params_validation():
         GPTQParams(unknown=1)
     s = GPTQParams(group_size=-1).scheme()
     assert s.weights.strategy == "channel" and s.weights.group_size is None
+
+
+def test_group_grams_are_the_hessian_diagonal_blocks():
+    h = torch.randn(48, 48, dtype=torch.float64)
+    blocks = group_grams(h, 16)
+    assert blocks.shape == (3, 16, 16)
+    for i in range(3):
+        assert torch.equal(blocks[i], h[16 * i:16 * (i + 1), 16 * i:16 * (i + 1)])
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_clip_to_gram_picks_each_groups_best_shrink(sym):
+    """Against a float64 brute force over the same shrink grid: every (row, group) gets the
+    range whose RTN error under its Gram block is smallest, so never worse than min-max."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(8, 64, generator=g)
+    w[:, 5] *= 6  # an outlier column: shrinking its groups' range pays off
+    x = correlated_inputs(512, 64, g)
+    scheme = _scheme(4, sym, 16)
+    grams = group_grams(_hessian(x).float(), 16)
+    got = clip_to_gram(w, grams, scheme, grid=10)
+    ref_scale, _ = weight_qparams(got, scheme.weights)
+    for r in range(8):
+        for k in range(4):
+            cols = slice(16 * k, 16 * (k + 1))
+            gk = grams[k].double()
+
+            def loss(wc):
+                d = (w[r:r + 1, cols] - quantize_rtn(wc, _scheme(4, sym, 16)).dequantize()).double()[0]
+                return float(d @ gk @ d)
+
+            wr = w[r:r + 1, cols]
+            lo, hi = (-wr.abs().max(), wr.abs().max()) if sym else (wr.min().clamp_max(0), wr.max().clamp_min(0))
+            best = min(loss(wr.clamp(lo * (1 - i / 10), hi * (1 - i / 10))) for i in range(5))
+            assert loss(got[r:r + 1, cols]) <= best * (1 + 1e-5) + 1e-9
+    assert (ref_scale < weight_qparams(w, scheme.weights)[0]).any()  # some range did shrink
+
+
+def test_gptq_clip_search_lowers_the_output_error_with_outliers():
+    g = torch.Generator().manual_seed(5)
+    errs = {True: 0.0, False: 0.0}
+    for _ in range(3):
+        w = torch.randn(64, 256, generator=g)
+        w[:, torch.randint(0, 256, (8,), generator=g)] *= 8
+        x = correlated_inputs(1024, 256, g)
+        for clip in errs:
+            qw = gptq_quantize(w, _hessian(x).float(), _scheme(4, True, 32), act_order=True, static_groups=True,
+                               clip_search=clip)
+            errs[clip] += _out_err(w, qw.dequantize(), x)
+    assert errs[True] < errs[False], errs
+
+
+def test_clip_search_needs_fixed_group_scales():
+    with pytest.raises(Exception, match="static_groups"):
+        GPTQParams(clip_search=True, group_size=64)
+    assert GPTQParams(clip_search=True, group_size=64, act_order=True, static_groups=True).clip_search
+    assert GPTQParams(clip_search=True, group_size=-1).clip_search

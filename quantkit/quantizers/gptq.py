@@ -17,10 +17,11 @@ from dataclasses import replace
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..errors import NumericsError
 from ..scheme import QuantizedWeight, Scheme, WeightScheme
+from .clip import clip_to_gram, group_grams
 from .base import LayerCalibration, Quantizer, QuantizerParams, register_quantizer
 from .hessian import HessianAccumulator
 from .rtn import qparams, weight_only_scheme, weight_qparams
@@ -88,6 +89,7 @@ def gptq_quantize(
     dampening_frac: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
+    clip_search: bool = False,
     name: str = "weight",
 ) -> QuantizedWeight:
     """GPTQ-quantize ``w`` ``[out, in]`` given the Hessian ``[in, in]`` of its inputs.
@@ -97,6 +99,9 @@ def gptq_quantize(
     of that visiting order). With ``static_groups`` the group parameters are fixed from the
     unpermuted weight before any update, so groups stay in natural order and ``g_idx`` is
     None. Channel and tensor strategies fix their parameters up front, as the reference does.
+    With ``clip_search`` those up-front parameters come from each group's range shrunk to
+    minimise its RTN error under the Hessian's diagonal block (``clip_to_gram``) instead of
+    the min-max range; dynamic groups take no search (their weights move under the updates).
     """
     ws: WeightScheme = scheme.weights
     if ws.type != "int":
@@ -123,7 +128,11 @@ def gptq_quantize(
     # Per-column parameters fixed before the loop (natural order), when not dynamic groups.
     col_scale = col_zero = None
     if not dynamic_groups:
-        scale, zero = weight_qparams(W, ws)
+        ranged = W
+        if clip_search and ws.strategy != "tensor":
+            ranged = clip_to_gram(W, group_grams(H, group or in_f), scheme)
+        scale, zero = weight_qparams(ranged, ws)
+        del ranged
         if group is not None:
             col_scale = scale.repeat_interleave(group, dim=1)
             col_zero = None if zero is None else zero.repeat_interleave(group, dim=1)
@@ -299,6 +308,15 @@ class GPTQParams(QuantizerParams):
     static_groups: bool = False
     dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
     block_size: int = Field(128, ge=1)
+    clip_search: bool = Field(False, description="shrink each group's range where that lowers its Hessian-weighted "
+                              "error before the column loop (static groups or per channel)")
+
+    @model_validator(mode="after")
+    def _clip_needs_fixed_scales(self) -> "GPTQParams":
+        if self.clip_search and self.group_size != -1 and not self.static_groups:
+            raise ValueError("clip_search chooses group scales before the column loop: set static_groups: true "
+                             "(or group_size: -1)")
+        return self
 
     def scheme(self) -> Scheme:
         actorder = ("static" if self.static_groups else "group") if self.act_order else None
@@ -384,4 +402,5 @@ class GPTQQuantizer(Quantizer):
             dampening_frac=p.dampening_frac,
             act_order=p.act_order,
             static_groups=p.static_groups,
+            clip_search=p.clip_search,
         )

@@ -1,0 +1,198 @@
+"""quantkit's 4-bit (and 8-bit) recipes on real text the project never tuned on, over several
+calibration draws, with 95% intervals: which recipe is closest to bf16, at what time.
+
+    QUANTKIT_CACHE=/work/qk-cache nice -n 10 python benchmarks/quality.py \
+        --rows rtn,gptq-plain,gptq,gptq-rot --seeds 0,1,2 --domains pydoc [--calib 32x256] [--eval 16x256]
+    python benchmarks/quality.py --table            # the table from every run saved so far
+
+Domains (calibration and evaluation always from different documents):
+- ``pydoc``: the Python language reference as Debian ships it
+  (``/usr/lib/python3.11/pydoc_data/topics.py``, package libpython3.11-stdlib; the running
+  interpreter's copy where Debian's is absent): technical English with code. Topics in sorted
+  order alternate between calibration (even) and evaluation (odd).
+- ``shakespeare``: the shipped ``shakespeare`` (comedies and histories) / ``shakespeare-eval``
+  (tragedies) sets.
+
+Each run is one ``pipeline.run`` of ``builtin:smollm2-135m`` (SmolLM2-135M-Instruct); its
+base and quantized perplexity come from the engine's one streaming pass over the same
+evaluation windows, so the difference is paired. A calibration draw is ``calibration.seed``
+(which passages are packed). Each run's result is a JSON file under ``--out``, so several
+processes (different ``--rows``) can share the work and ``--table`` joins them. The interval
+is the mean over draws ± t(0.975, n−1)·s/√n of the relative perplexity increase. Time is the
+engine's quantize phase summed over layers (loading, evaluation and export left out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODEL = "builtin:smollm2-135m"
+_W4 = {"bits": 4, "group_size": 64}
+_ACT = {"act_order": True, "static_groups": True}
+
+# key: (label, quantization section, export format or None for the method's default)
+ROWS: dict[str, tuple[str, dict[str, Any], str | None]] = {
+    "rtn": ("RTN W4A16 g64 sym", {"method": "rtn", **_W4}, None),
+    "rtn-rot": ("RTN W4A16 g64 sym + Hadamard", {"method": "rtn", **_W4, "rotate": "hadamard"}, None),
+    "gptq-plain": ("GPTQ W4A16 g64 sym, no act-order (the old library default)",
+                   {"method": "gptq", **_W4, "act_order": False}, None),
+    "gptq": ("GPTQ W4A16 g64 sym, act-order static", {"method": "gptq", **_W4, **_ACT}, None),
+    "gptq-asym": ("GPTQ W4A16 g64 asym, act-order static",
+                  {"method": "gptq", **_W4, **_ACT, "symmetric": False}, None),
+    "gptq-rot": ("GPTQ W4A16 g64 sym, act-order static + Hadamard",
+                 {"method": "gptq", **_W4, **_ACT, "rotate": "hadamard"}, None),
+    "gptq-asym-rot": ("GPTQ W4A16 g64 asym, act-order static + Hadamard",
+                      {"method": "gptq", **_W4, **_ACT, "symmetric": False, "rotate": "hadamard"}, None),
+    "awq": ("AWQ W4A16 g64 asym (grid 20)", {"method": "awq", **_W4, "symmetric": False}, "awq"),
+    "awq-rot": ("AWQ W4A16 g64 asym (grid 20) + Hadamard",
+                {"method": "awq", **_W4, "symmetric": False, "rotate": "hadamard"}, None),
+    "w8a8": ("W8A8 int8 dynamic, GPTQ weights", {"method": "dynamic_int8", "weight_method": "gptq"}, None),
+    "w8a8-rot": ("W8A8 int8 dynamic, GPTQ weights + Hadamard",
+                 {"method": "dynamic_int8", "weight_method": "gptq", "rotate": "hadamard"}, None),
+    "fp8": ("FP8 dynamic, per-channel weights", {"method": "fp8"}, None),
+    "fp8-rot": ("FP8 dynamic, per-channel weights + Hadamard", {"method": "fp8", "rotate": "hadamard"}, None),
+}
+
+DETERMINISTIC = ("rtn", "fp8")  # methods whose default settings read no calibration data
+
+# t(0.975, df) for the 95% interval of a mean over a few draws
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def _pair(text: str) -> tuple[int, int]:
+    n, length = text.lower().split("x")
+    return int(n), int(length)
+
+
+def pydoc_files(work: Path) -> tuple[Path, Path]:
+    """Calibration and evaluation .jsonl files from the Python reference's topics."""
+    import importlib.util
+
+    debian = Path("/usr/lib/python3.11/pydoc_data/topics.py")
+    if debian.is_file():
+        spec = importlib.util.spec_from_file_location("debian_pydoc_topics", debian)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        topics = module.topics
+    else:
+        from pydoc_data.topics import topics
+    work.mkdir(parents=True, exist_ok=True)
+    paths = work / "pydoc-calib.jsonl", work / "pydoc-eval.jsonl"
+    for part, path in enumerate(paths):
+        with open(path, "w") as f:
+            for i, name in enumerate(sorted(topics)):
+                if i % 2 == part:
+                    f.write(json.dumps({"text": topics[name]}) + "\n")
+    return paths
+
+
+def sources(domain: str, work: Path) -> tuple[str, str]:
+    if domain == "shakespeare":
+        return "shakespeare", "shakespeare-eval"
+    calib, evaluation = pydoc_files(work)
+    return str(calib), str(evaluation)
+
+
+def run_one(key: str, domain: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, int],
+            work: Path) -> dict[str, Any]:
+    from quantkit import pipeline
+    from quantkit.recipe import make_recipe
+
+    label, quant, fmt = ROWS[key]
+    cal_src, eval_src = sources(domain, work)
+    out = work / "checkpoints" / f"{domain}-{key}-{seed}"
+    recipe = make_recipe({
+        "model": {"id": MODEL},
+        "quantization": quant,
+        "calibration": {"source": cal_src, "num_samples": calib[0], "max_seq_length": calib[1], "seed": seed},
+        "evaluate": {"source": eval_src, "num_samples": evaluation[0], "max_seq_length": evaluation[1]},
+        "export": {"output_dir": str(out), "overwrite": True, **({"format": fmt} if fmt else {})},
+        "device": "cpu",
+    })
+    began = time.perf_counter()
+    report = pipeline.run(recipe, quiet=True)
+    ev = report["evaluation"]
+    return {"key": key, "label": label, "domain": domain, "seed": seed, "calib": list(calib),
+            "eval": list(evaluation), "ppl_base": ev["perplexity_base"], "ppl": ev["perplexity_quantized"],
+            "quantize_s": report["timing"]["phase_seconds"].get("quantize", 0.0),
+            "total_s": time.perf_counter() - began}
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% interval (0 for one draw: no interval)."""
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, float("nan")
+    return m, _T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for domain in sorted({r["domain"] for r in results}):
+        rows = [r for r in results if r["domain"] == domain]
+        base = statistics.fmean(r["ppl_base"] for r in rows)
+        lines += [f"\n### {domain} (calibration {rows[0]['calib'][0]}x{rows[0]['calib'][1]}, evaluation "
+                  f"{rows[0]['eval'][0]}x{rows[0]['eval'][1]}; bf16 base perplexity {base:.3f})", "",
+                  "| recipe | draws | ppl (mean) | Δ ppl vs bf16 (mean ± 95%) | quantize s (mean) |",
+                  "|---|---:|---:|---:|---:|"]
+        by_key: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_key.setdefault(r["key"], []).append(r)
+        ordered = sorted(by_key.items(), key=lambda kv: statistics.fmean(x["ppl"] for x in kv[1]))
+        for key, rs in ordered:
+            rel, half = interval([100 * (r["ppl"] / r["ppl_base"] - 1) for r in rs])
+            ci = "" if math.isnan(half) else f" ± {half:.2f}"
+            lines.append(f"| {rs[0]['label']} | {len(rs)} | {statistics.fmean(r['ppl'] for r in rs):.3f} | "
+                         f"+{rel:.2f}%{ci} | {statistics.fmean(r['quantize_s'] for r in rs):.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default="rtn,gptq-plain,gptq,gptq-rot", help=f"comma-separated, of {', '.join(ROWS)}")
+    ap.add_argument("--domains", default="pydoc,shakespeare")
+    ap.add_argument("--seeds", default="0,1,2", help="calibration draws")
+    ap.add_argument("--calib", default="32x256", help="calibration samples x tokens")
+    ap.add_argument("--eval", default="16x256", help="evaluation windows x tokens")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "quantkit-quality")
+    ap.add_argument("--table", action="store_true", help="only print the table of the runs saved under --out")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    results_dir = args.out / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        calib, evaluation = _pair(args.calib), _pair(args.eval)
+        for domain in args.domains.split(","):
+            for key in args.rows.split(","):
+                if key not in ROWS:
+                    raise SystemExit(f"unknown row {key}; choose from {', '.join(ROWS)}")
+                seeds = [int(s) for s in args.seeds.split(",")]
+                if ROWS[key][1]["method"] in DETERMINISTIC:  # no calibration: one run is every draw
+                    seeds = seeds[:1]
+                for seed in seeds:
+                    path = results_dir / f"{domain}-{key}-{seed}-{args.calib}-{args.eval}.json"
+                    if path.is_file():
+                        continue
+                    row = run_one(key, domain, seed, calib, evaluation, args.out)
+                    path.write_text(json.dumps(row))
+                    print(f"{domain} {key} seed {seed}: ppl {row['ppl']:.3f} (base {row['ppl_base']:.3f}), "
+                          f"quantize {row['quantize_s']:.0f} s", flush=True)
+    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
