@@ -55,6 +55,15 @@ ROWS: dict[str, tuple[str, dict[str, Any], str | None]] = {
                  {"method": "gptq", **_W4, **_ACT, "rotate": "hadamard"}, None),
     "gptq-asym-rot": ("GPTQ W4A16 g64 asym, act-order static + Hadamard",
                       {"method": "gptq", **_W4, **_ACT, "symmetric": False, "rotate": "hadamard"}, None),
+    "gptq-clip": ("GPTQ W4A16 g64 sym, act-order static, clip search",
+                  {"method": "gptq", **_W4, **_ACT, "clip_search": True}, None),
+    "gptq-asym-clip": ("GPTQ W4A16 g64 asym, act-order static, clip search",
+                       {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True}, None),
+    "gptq-rot-clip": ("GPTQ W4A16 g64 sym, act-order static, clip search + Hadamard",
+                      {"method": "gptq", **_W4, **_ACT, "clip_search": True, "rotate": "hadamard"}, None),
+    "gptq-asym-rot-clip": ("GPTQ W4A16 g64 asym, act-order static, clip search + Hadamard",
+                           {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True,
+                            "rotate": "hadamard"}, None),
     "awq": ("AWQ W4A16 g64 asym (grid 20)", {"method": "awq", **_W4, "symmetric": False}, "awq"),
     "awq-rot": ("AWQ W4A16 g64 asym (grid 20) + Hadamard",
                 {"method": "awq", **_W4, "symmetric": False, "rotate": "hadamard"}, None),
@@ -91,10 +100,12 @@ def pydoc_files(work: Path) -> tuple[Path, Path]:
     work.mkdir(parents=True, exist_ok=True)
     paths = work / "pydoc-calib.jsonl", work / "pydoc-eval.jsonl"
     for part, path in enumerate(paths):
-        with open(path, "w") as f:
-            for i, name in enumerate(sorted(topics)):
-                if i % 2 == part:
-                    f.write(json.dumps({"text": topics[name]}) + "\n")
+        text = "".join(json.dumps({"text": topics[name]}) + "\n" for i, name in enumerate(sorted(topics))
+                       if i % 2 == part)
+        if not path.is_file() or path.read_text() != text:  # processes sharing --out never see a partial file
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
     return paths
 
 
@@ -106,7 +117,7 @@ def sources(domain: str, work: Path) -> tuple[str, str]:
 
 
 def run_one(key: str, domain: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, int],
-            work: Path) -> dict[str, Any]:
+            work: Path, device: str, model: str) -> dict[str, Any]:
     from quantkit import pipeline
     from quantkit.recipe import make_recipe
 
@@ -114,19 +125,19 @@ def run_one(key: str, domain: str, seed: int, calib: tuple[int, int], evaluation
     cal_src, eval_src = sources(domain, work)
     out = work / "checkpoints" / f"{domain}-{key}-{seed}"
     recipe = make_recipe({
-        "model": {"id": MODEL},
+        "model": {"id": model},
         "quantization": quant,
         "calibration": {"source": cal_src, "num_samples": calib[0], "max_seq_length": calib[1], "seed": seed},
         "evaluate": {"source": eval_src, "num_samples": evaluation[0], "max_seq_length": evaluation[1]},
         "export": {"output_dir": str(out), "overwrite": True, **({"format": fmt} if fmt else {})},
-        "device": "cpu",
+        "device": device,
     })
     began = time.perf_counter()
     report = pipeline.run(recipe, quiet=True)
     ev = report["evaluation"]
     return {"key": key, "label": label, "domain": domain, "seed": seed, "calib": list(calib),
             "eval": list(evaluation), "ppl_base": ev["perplexity_base"], "ppl": ev["perplexity_quantized"],
-            "quantize_s": report["timing"]["phase_seconds"].get("quantize", 0.0),
+            "device": device, "quantize_s": report["timing"]["phase_seconds"].get("quantize", 0.0),
             "total_s": time.perf_counter() - began}
 
 
@@ -167,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", default="32x256", help="calibration samples x tokens")
     ap.add_argument("--eval", default="16x256", help="evaluation windows x tokens")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "quantkit-quality")
+    ap.add_argument("--model", default=MODEL, help="the model (a local folder where the builtin is not installed)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 compute there: runs are not comparable "
+                    "across devices, and results are kept apart)")
     ap.add_argument("--table", action="store_true", help="only print the table of the runs saved under --out")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -174,22 +188,24 @@ def main(argv: list[str] | None = None) -> int:
     results_dir.mkdir(parents=True, exist_ok=True)
     if not args.table:
         calib, evaluation = _pair(args.calib), _pair(args.eval)
+        keys = args.rows.split(",")
+        unknown = [k for k in keys if k not in ROWS]
+        if unknown:
+            raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+        seeds = [int(s) for s in args.seeds.split(",")]
         for domain in args.domains.split(","):
-            for key in args.rows.split(","):
-                if key not in ROWS:
-                    raise SystemExit(f"unknown row {key}; choose from {', '.join(ROWS)}")
-                seeds = [int(s) for s in args.seeds.split(",")]
-                if ROWS[key][1]["method"] in DETERMINISTIC:  # no calibration: one run is every draw
-                    seeds = seeds[:1]
-                for seed in seeds:
-                    path = results_dir / f"{domain}-{key}-{seed}-{args.calib}-{args.eval}.json"
+            for n, seed in enumerate(seeds):  # every row's first draw before any row's second
+                for key in keys:
+                    if n and ROWS[key][1]["method"] in DETERMINISTIC:  # no calibration: one run is every draw
+                        continue
+                    path = results_dir / f"{domain}-{key}-{seed}-{args.calib}-{args.eval}-{args.device}.json"
                     if path.is_file():
                         continue
-                    row = run_one(key, domain, seed, calib, evaluation, args.out)
+                    row = run_one(key, domain, seed, calib, evaluation, args.out, args.device, args.model)
                     path.write_text(json.dumps(row))
                     print(f"{domain} {key} seed {seed}: ppl {row['ppl']:.3f} (base {row['ppl_base']:.3f}), "
                           f"quantize {row['quantize_s']:.0f} s", flush=True)
-    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))]
+    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob(f"*-{args.device}.json"))]
     print(table(results))
     return 0
 
