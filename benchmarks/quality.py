@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=MODEL, help="the model (a local folder where the builtin is not installed)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 compute there: runs are not comparable "
                     "across devices, and results are kept apart)")
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="start no new run after this many seconds (call again to resume where it stopped)")
     ap.add_argument("--table", action="store_true", help="only print the table of the runs saved under --out")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
         seeds = [int(s) for s in args.seeds.split(",")]
+        started = time.perf_counter()
         for domain in args.domains.split(","):
             for n, seed in enumerate(seeds):  # every row's first draw before any row's second
                 for key in keys:
@@ -201,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                     path = results_dir / f"{domain}-{key}-{seed}-{args.calib}-{args.eval}-{args.device}.json"
                     if path.is_file():
                         continue
+                    if time.perf_counter() - started > args.budget_s:
+                        print("time budget spent: run the same command again to continue", flush=True)
+                        break
                     row = run_one(key, domain, seed, calib, evaluation, args.out, args.device, args.model)
                     path.write_text(json.dumps(row))
                     print(f"{domain} {key} seed {seed}: ppl {row['ppl']:.3f} (base {row['ppl_base']:.3f}), "
