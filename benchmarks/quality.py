@@ -151,11 +151,11 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = []
-    for domain in sorted({r["domain"] for r in results}):
-        rows = [r for r in results if r["domain"] == domain]
+    for domain, cal, ev in sorted({(r["domain"], tuple(r["calib"]), tuple(r["eval"])) for r in results}):
+        rows = [r for r in results if (r["domain"], tuple(r["calib"]), tuple(r["eval"])) == (domain, cal, ev)]
         base = statistics.fmean(r["ppl_base"] for r in rows)
-        lines += [f"\n### {domain} (calibration {rows[0]['calib'][0]}x{rows[0]['calib'][1]}, evaluation "
-                  f"{rows[0]['eval'][0]}x{rows[0]['eval'][1]}; bf16 base perplexity {base:.3f})", "",
+        lines += [f"\n### {domain} (calibration {cal[0]}x{cal[1]}, evaluation {ev[0]}x{ev[1]}; "
+                  f"bf16 base perplexity {base:.3f})", "",
                   "| recipe | draws | ppl (mean) | Δ ppl vs bf16 (mean ± 95%) | quantize s (mean) |",
                   "|---|---:|---:|---:|---:|"]
         by_key: dict[str, list[dict[str, Any]]] = {}
@@ -196,21 +196,20 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
         seeds = [int(s) for s in args.seeds.split(",")]
         started = time.perf_counter()
-        for domain in args.domains.split(","):
-            for n, seed in enumerate(seeds):  # every row's first draw before any row's second
-                for key in keys:
-                    if n and ROWS[key][1]["method"] in DETERMINISTIC:  # no calibration: one run is every draw
-                        continue
-                    path = results_dir / f"{domain}-{key}-{seed}-{args.calib}-{args.eval}-{args.device}.json"
-                    if path.is_file():
-                        continue
-                    if time.perf_counter() - started > args.budget_s:
-                        print("time budget spent: run the same command again to continue", flush=True)
-                        break
-                    row = run_one(key, domain, seed, calib, evaluation, args.out, args.device, args.model)
-                    path.write_text(json.dumps(row))
-                    print(f"{domain} {key} seed {seed}: ppl {row['ppl']:.3f} (base {row['ppl_base']:.3f}), "
-                          f"quantize {row['quantize_s']:.0f} s", flush=True)
+        plan = [(domain, seed, key) for domain in args.domains.split(",") for n, seed in enumerate(seeds)
+                for key in keys  # every row's first draw before any row's second
+                if not (n and ROWS[key][1]["method"] in DETERMINISTIC)]  # no calibration: one run is every draw
+        for domain, seed, key in plan:
+            path = results_dir / f"{domain}-{key}-{seed}-{args.calib}-{args.eval}-{args.device}.json"
+            if path.is_file():
+                continue
+            if time.perf_counter() - started > args.budget_s:
+                print("time budget spent: run the same command again to continue", flush=True)
+                break
+            row = run_one(key, domain, seed, calib, evaluation, args.out, args.device, args.model)
+            path.write_text(json.dumps(row))
+            print(f"{domain} {key} seed {seed}: ppl {row['ppl']:.3f} (base {row['ppl_base']:.3f}), "
+                  f"quantize {row['quantize_s']:.0f} s", flush=True)
     results = [json.loads(p.read_text()) for p in sorted(results_dir.glob(f"*-{args.device}.json"))]
     print(table(results))
     return 0
