@@ -26,7 +26,7 @@ from .activations import attach_activation_quantizers
 from .errors import DeviceMemoryError, NumericsError
 from .graph.runtime import LayerInputs, ModelRunner
 from .graph.attention import observe_attention
-from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, Quantizer
+from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, PairedHook, Quantizer
 from .scheme import QuantizedWeight
 from .workdir import LayerRecord, WorkDir
 
@@ -48,15 +48,35 @@ class _LayerCalibration:
     """The LayerCalibration the quantizers see: runs the float layer over calibration batches,
     each with the arguments the model's own forward gives layer ``index``."""
 
-    def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs]):
+    def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs],
+                 float_batches: list[LayerInputs] | None = None):
         self.runner, self.index, self.layer, self.batches = runner, index, layer, batches
+        self.float_batches = float_batches
 
-    def run(self, hooks: Mapping[str, InputHook]) -> None:
+    def _forward(self, batches: list[LayerInputs]) -> Callable[[], None]:
         def forward() -> None:
-            for b in self.batches:  # outputs dropped as they come: activations stay on the device once
+            for b in batches:  # outputs dropped as they come: activations stay on the device once
                 self.runner.run_layer(self.layer, b.hidden, b.calls[self.index])
 
-        run_calibration(self.layer, hooks, forward)
+        return forward
+
+    def run(self, hooks: Mapping[str, InputHook]) -> None:
+        run_calibration(self.layer, hooks, self._forward(self.batches))
+
+    def run_paired(self, hooks: Mapping[str, PairedHook]) -> None:
+        if self.float_batches is None:
+            raise RuntimeError("run_paired needs the float stream: the quantizer must set needs_float_inputs")
+        for quant, flt in zip(self.batches, self.float_batches):
+            run_paired_batch(self.layer, hooks, self._forward([quant]), self._forward([flt]))
+
+
+def run_paired_batch(layer: nn.Module, hooks: Mapping[str, PairedHook], quant: Callable[[], None],
+                     flt: Callable[[], None]) -> None:
+    """One batch through ``layer`` on the float stream (each hooked Linear's input kept), then
+    on the quantized stream (each hook called with both inputs of the same tokens)."""
+    kept: dict[str, list[torch.Tensor]] = {n: [] for n in hooks}
+    run_calibration(layer, {n: kept[n].append for n in hooks}, flt)
+    run_calibration(layer, {n: (lambda x, n=n: hooks[n](x, kept[n].pop(0))) for n in hooks}, quant)
 
 
 def run_calibration(layer: nn.Module, hooks: Mapping[str, InputHook], forward: Callable[[], object]) -> None:
@@ -138,6 +158,10 @@ class LayerwiseEngine:
         calib_in = sk.capture(calib_batches)
         base_in = sk.capture(eval_batches)
         quant_in = [LayerInputs(b.hidden.clone(), b.calls) for b in base_in]
+        # The float model's calibration stream, for quantizers that fit the quantized layer on
+        # its own inputs to the float layer on the float inputs.
+        float_in = [LayerInputs(b.hidden.clone(), b.calls) for b in calib_in] \
+            if self.quantizer.needs_float_inputs else None
         clock.lap("embed")
 
         if start:
@@ -157,13 +181,17 @@ class LayerwiseEngine:
                 record = self.workdir.load_layer(i)
             else:
                 qweights = self.quantizer.quantize_layer(layer, sk.graph.layer(i),
-                                                         _LayerCalibration(sk, i, layer, calib_in))
+                                                         _LayerCalibration(sk, i, layer, calib_in, float_in))
                 clock.lap("quantize")
                 quantized = {f"{name}.weight" for name in qweights}
                 floats = {k: v.detach().clone() for k, v in layer.state_dict().items() if k not in quantized}
                 record = LayerRecord(floats, dict(qweights), self.quantizer.extra_tensors())
                 self.workdir.save_layer(i, record, self.fingerprint)
                 clock.lap("save")
+            if float_in is not None:  # the layer is still float here (folds leave its function as it was)
+                with torch.no_grad():
+                    for b in float_in:
+                        b.hidden = sk.run_layer(layer, b.hidden, b.calls[i])
             apply_record(layer, record, sk.device, sk.dtype)
             if self.on_layer is not None and i >= start:
                 self.on_layer(i, layer, record.quantized)

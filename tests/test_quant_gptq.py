@@ -10,7 +10,7 @@ import torch
 from quantkit.errors import NumericsError
 from quantkit.quantizers import QUANTIZERS
 from quantkit.quantizers.clip import clip_to_gram, group_grams
-from quantkit.quantizers.gptq import GPTQParams, gptq_quantize
+from quantkit.quantizers.gptq import GPTQParams, feedback_target, gptq_quantize
 from quantkit.quantizers.hessian import HessianAccumulator
 from quantkit.quantizers.rtn import quantize_rtn, weight_qparams
 from quantkit.scheme import Scheme, WeightScheme
@@ -278,3 +278,59 @@ def test_clip_search_needs_fixed_group_scales():
         GPTQParams(clip_search=True, group_size=64)
     assert GPTQParams(clip_search=True, group_size=64, act_order=True, static_groups=True).clip_search
     assert GPTQParams(clip_search=True, group_size=-1).clip_search
+
+
+def _noisy_pair(g: torch.Generator, n: int = 2048, d: int = 64, noise: float = 0.3):
+    x = correlated_inputs(n, d, g)
+    return x, x + noise * x.std() * torch.randn(n, d, generator=g)
+
+
+def test_feedback_target_is_the_least_squares_weight():
+    """With negligible damping ``W*`` solves ``min ||X Wᵀ − X̃ W*ᵀ||`` (float64 lstsq); with
+    ``X̃ = X`` it is ``W`` itself."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(16, 64, generator=g)
+    x, xq = _noisy_pair(g)
+    h, cross = _hessian(xq), 2.0 / xq.shape[0] * xq.T.double() @ x.double()
+    got = feedback_target(w, h, cross, 1e-10)
+    want = torch.linalg.lstsq(xq.double(), x.double() @ w.double().T).solution.T
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    same = feedback_target(w, _hessian(x), _hessian(x), 0.01)
+    torch.testing.assert_close(same, w, rtol=1e-5, atol=1e-6)
+
+
+def test_gptq_on_the_feedback_target_fits_the_float_output_better():
+    g = torch.Generator().manual_seed(7)
+    plain = fb = 0.0
+    for _ in range(3):
+        w = torch.randn(32, 64, generator=g)
+        x, xq = _noisy_pair(g)
+        h = _hessian(xq).float()
+        cross = (2.0 / xq.shape[0] * xq.T.double() @ x.double()).float()
+        for target, acc in ((w, "plain"), (feedback_target(w, h, cross, 0.01), "fb")):
+            qw = gptq_quantize(target, h, _scheme(4, True, 16), act_order=True, static_groups=True)
+            err = torch.linalg.norm(x.double() @ w.double().T - xq.double() @ qw.dequantize().double().T).item()
+            plain, fb = (plain + err, fb) if acc == "plain" else (plain, fb + err)
+    assert fb < 0.9 * plain, (fb, plain)
+
+
+def test_input_feedback_pairs_the_float_and_quantized_streams(tiny_llama, text_file, tmp_path):
+    """Through the engine: layer 0's two streams are the same tokens through the same float
+    weights, so its codes equal plain GPTQ's exactly (a mispaired batch or token would move
+    them); from layer 1 the quantized stream differs and so do the codes."""
+    from quantkit.pipeline import run
+    from quantkit.recipe import make_recipe
+
+    codes = {}
+    for fb in (False, True):
+        got = codes[fb] = {}
+        run(make_recipe({
+            "model": {"id": str(tiny_llama)},
+            "quantization": {"method": "gptq", "bits": 4, "group_size": 64, "input_feedback": fb},
+            "calibration": {"source": str(text_file), "num_samples": 6, "max_seq_length": 32, "batch_size": 2},
+            "evaluate": {"enabled": False}, "export": {"output_dir": str(tmp_path / str(fb))}, "device": "cpu"}),
+            quiet=True, on_layer=lambda i, _layer, q, got=got: got.update({(i, n): w.codes for n, w in q.items()}))
+    for (i, name), c in codes[False].items():
+        if i == 0:
+            assert torch.equal(codes[True][(i, name)], c), name
+    assert any(not torch.equal(codes[True][(1, n)], codes[False][(1, n)]) for i, n in codes[False] if i == 1)

@@ -19,6 +19,9 @@ from ..graph.types import LayerGraph
 from ..scheme import ActivationScheme, QuantizedWeight, Scheme
 
 InputHook = Callable[[torch.Tensor], None]
+# Called with a Linear's input on the quantized model's stream and, for the same tokens, on
+# the float model's stream (both ``[tokens, in_features]``).
+PairedHook = Callable[[torch.Tensor, torch.Tensor], None]
 
 # Hook names for what the layer's attention receives, besides Linear names: the key and
 # value tensors ``[batch, kv_heads, tokens, head_dim]`` after the model's own k_norm and RoPE,
@@ -37,6 +40,12 @@ class LayerCalibration(Protocol):
         called with that Linear's input, flattened to ``[tokens, in_features]``;
         ``ATTENTION_KEY`` / ``ATTENTION_VALUE`` to one called with the attention's key/value.
         """
+        ...
+
+    def run_paired(self, hooks: Mapping[str, PairedHook]) -> None:
+        """Run every calibration batch through the layer twice: as the quantized model so far
+        gives it, and as the float model gives it; each hook gets both inputs of its Linear
+        for the same tokens. Only for quantizers with ``needs_float_inputs``."""
         ...
 
 
@@ -65,6 +74,9 @@ class Quantizer(ABC):
     # Read from the instance: a method may need data only for some parameters (fp8 static
     # activations, int8 with GPTQ weights) and sets it in __init__.
     needs_calibration: bool = True
+    # The engine then keeps the float model's calibration stream beside the quantized one
+    # (twice the calibration activations) for ``LayerCalibration.run_paired``.
+    needs_float_inputs: bool = False
     default_format: ClassVar[str] = "compressed-tensors"
 
     def __init__(self, params: QuantizerParams, model_config: dict) -> None:

@@ -297,6 +297,28 @@ def _block_graph(rows: int, n: int, device: torch.device, dynamic: bool, asym: b
     return _GRAPHS[key]
 
 
+def feedback_target(w: torch.Tensor, h_quant: torch.Tensor, cross: torch.Tensor, dampening_frac: float,
+                    name: str = "weight") -> torch.Tensor:
+    """The float weight GPTQ should approximate when its inputs are the quantized model's
+    ``X̃`` but its target is the float layer's output on the float inputs ``X`` (GPTAQ's
+    objective): ``min ||X Wᵀ − X̃ Ŵᵀ||² = ||X̃ (W* − Ŵ)ᵀ||² + const`` with
+    ``W* = W + W (Cᵀ − H̃)(H̃ + λI)⁻¹``, ``H̃ = X̃ᵀX̃`` and ``C = X̃ᵀX`` on the same scale.
+
+    The damping ``λ = frac · mean(diag H̃)`` pulls ``W*`` toward ``W`` (not toward zero): with
+    ``X̃ = X`` it is ``W`` exactly, and directions the calibration tokens barely excite are
+    left alone instead of fitted to noise.
+    """
+    h = h_quant.detach().to(torch.float64).clone()
+    h.diagonal().add_(dampening_frac * torch.diagonal(h).mean().clamp_min(1e-8))
+    low, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise NumericsError(f"GPTQ {name}: the quantized-input Hessian is not positive definite even damped; "
+                            "use more calibration samples or a larger dampening_frac")
+    w64 = w.detach().to(torch.float64)
+    rhs = (cross.to(torch.float64) - h_quant.to(torch.float64)) @ w64.T  # [in, out]
+    return (w64 + torch.cholesky_solve(rhs, low).T).to(torch.float32)
+
+
 class GPTQParams(QuantizerParams):
     """GPTQ weight-only quantization (W4A16 / W8A16)."""
 
@@ -308,6 +330,9 @@ class GPTQParams(QuantizerParams):
     static_groups: bool = False
     dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
     block_size: int = Field(128, ge=1)
+    input_feedback: bool = Field(False, description="fit the quantized layer on its quantized inputs to the float "
+                                 "layer's output on float inputs (GPTAQ's objective); keeps a second calibration "
+                                 "stream")
     clip_search: bool = Field(False, description="shrink each group's range where that lowers its Hessian-weighted "
                               "error before the column loop (static groups or per channel)")
 
@@ -336,6 +361,26 @@ def collect_hessians(graph, hooks: dict | None = None) -> tuple[dict[str, Hessia
     return accs, hooks
 
 
+def collect_paired_hessians(graph) -> tuple[dict[str, HessianAccumulator], dict[str, HessianAccumulator], dict]:
+    """Per input group: the Hessian of the quantized-stream inputs ``X̃ᵀX̃`` and the cross
+    term ``X̃ᵀX`` with the float-stream inputs, keyed by every Linear of the group, and the
+    paired hooks that feed them."""
+    accs: dict[str, HessianAccumulator] = {}
+    crosses: dict[str, HessianAccumulator] = {}
+    hooks = {}
+    for g in graph.groups:
+        acc, cross = HessianAccumulator(g.key), HessianAccumulator(g.key)
+        for n in g.linears:
+            accs[n], crosses[n] = acc, cross
+
+        def both(xq: torch.Tensor, xf: torch.Tensor, acc=acc, cross=cross) -> None:
+            acc.add(xq)
+            cross.add(xq, xf)
+
+        hooks[g.key] = both
+    return accs, crosses, hooks
+
+
 def _chain(first, second):
     if first is None:
         return second
@@ -348,7 +393,8 @@ def _chain(first, second):
 
 
 def gptq_layer(
-    layer, graph, accs: dict[str, HessianAccumulator], scheme: Scheme, **kwargs
+    layer, graph, accs: dict[str, HessianAccumulator], scheme: Scheme,
+    targets: dict[str, torch.Tensor] | None = None, **kwargs
 ) -> dict[str, QuantizedWeight]:
     """GPTQ every unit of ``graph`` with the Hessians already accumulated in ``accs``.
 
@@ -356,13 +402,15 @@ def gptq_layer(
     stacked: GPTQ treats rows independently given ``H`` (scales are per row or per row-group,
     and the error update of a row reads only that row), so this is the same computation with
     one Cholesky factorisation and one sequential column loop instead of three or two.
+    ``targets`` replaces a unit's weight as what GPTQ approximates (``feedback_target``).
     """
+    targets = targets or {}
     out: dict[str, QuantizedWeight] = {}
     by_acc: dict[int, list[str]] = {}
     for name in graph.linears:
         by_acc.setdefault(id(accs[name]), []).append(name)
     for names in by_acc.values():
-        weights = [graph.unit(n).matrix(layer).detach() for n in names]
+        weights = [targets[n] if n in targets else graph.unit(n).matrix(layer).detach() for n in names]
         hessian = accs[names[0]].hessian()
         if len(names) == 1 or scheme.weights.strategy == "tensor":  # a tensor scale spans one weight
             for n, w in zip(names, weights):
@@ -389,15 +437,27 @@ def split_rows(qw: QuantizedWeight, names: list[str], rows: list[int]) -> dict[s
 class GPTQQuantizer(Quantizer):
     Params = GPTQParams
 
+    def __init__(self, params: GPTQParams, model_config: dict) -> None:
+        super().__init__(params, model_config)
+        self.needs_float_inputs = params.input_feedback
+
     def quantize_layer(self, layer, graph, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
         p: GPTQParams = self.params  # type: ignore[assignment]
-        accs, hooks = collect_hessians(graph)
-        calib.run(hooks)
+        targets = None
+        if p.input_feedback:
+            accs, crosses, hooks = collect_paired_hessians(graph)
+            calib.run_paired(hooks)
+            targets = {n: feedback_target(graph.unit(n).matrix(layer), accs[n].hessian(), crosses[n].hessian(),
+                                          p.dampening_frac, n) for n in graph.linears}
+        else:
+            accs, hooks = collect_hessians(graph)
+            calib.run(hooks)
         return gptq_layer(
             layer,
             graph,
             accs,
             self.scheme,
+            targets,
             block_size=p.block_size,
             dampening_frac=p.dampening_frac,
             act_order=p.act_order,
