@@ -275,9 +275,14 @@ def test_gptq_clip_search_lowers_the_output_error_with_outliers():
 
 def test_clip_search_needs_fixed_group_scales():
     with pytest.raises(Exception, match="static_groups"):
-        GPTQParams(clip_search=True, group_size=64)
-    assert GPTQParams(clip_search=True, group_size=64, act_order=True, static_groups=True).clip_search
-    assert GPTQParams(clip_search=True, group_size=-1).clip_search
+        GPTQParams(clip_search=True, group_size=64, static_groups=False)
+    assert GPTQParams(clip_search=True, group_size=64).clip_search
+    assert GPTQParams(clip_search=True, group_size=-1, static_groups=False).clip_search
+
+
+def test_defaults_are_act_order_with_static_groups():
+    p = GPTQParams()
+    assert p.act_order and p.static_groups and p.scheme().weights.actorder == "static"
 
 
 def _noisy_pair(g: torch.Generator, n: int = 2048, d: int = 64, noise: float = 0.3):
