@@ -20,6 +20,11 @@ evaluation windows, so the difference is paired. A calibration draw is ``calibra
 processes (different ``--rows``) can share the work and ``--table`` joins them. The interval
 is the mean over draws ± t(0.975, n−1)·s/√n of the relative perplexity increase. Time is the
 engine's quantize phase summed over layers (loading, evaluation and export left out).
+
+Peers (``--peers llmc-gptq,llmc-awq``) run through ``llmcompressor_parity.py``'s reference
+phases on the same calibration and evaluation ids (written to ``--out/tokens``); their
+checkpoint and the base model are both scored by transformers with one function, and the
+increase is against that base. Their time is ``oneshot`` alone.
 """
 
 from __future__ import annotations
@@ -78,6 +83,12 @@ ROWS: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "fp8": ("FP8 dynamic, per-channel weights", {"method": "fp8"}, None),
     "fp8-rot": ("FP8 dynamic, per-channel weights + Hadamard", {"method": "fp8", "rotate": "hadamard"}, None),
 }
+
+# Peers, run by benchmarks/llmcompressor_parity.py's reference phases (in --peer-python, where
+# llm-compressor is installed) on the same calibration and evaluation ids: GPTQ W4A16 g64 sym
+# with static act-order, damping 0.01, block 128; AWQ W4A16 g64 asym, grid 20.
+PEERS = {"llmc-gptq": ("llm-compressor GPTQ W4A16 g64 sym, act-order static", "gptq"),
+         "llmc-awq": ("llm-compressor AWQ W4A16 g64 asym (grid 20)", "awq")}
 
 DETERMINISTIC = ("rtn", "fp8")  # methods whose default settings read no calibration data
 
@@ -146,6 +157,58 @@ def run_one(key: str, domain: str, seed: int, calib: tuple[int, int], evaluation
             "total_s": time.perf_counter() - began}
 
 
+def dump_tokens(domain: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, int], work: Path,
+                model_dir: Path) -> Path:
+    """The exact ids ``run_one``'s pipeline loads, as the parity script's tokens file."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from quantkit.calibration import TextRequest, load_tokens
+
+    cal_src, eval_src = sources(domain, work)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cal = load_tokens(TextRequest(cal_src, calib[0], calib[1], True, seed, True), tok, model_dir)
+    ev = load_tokens(TextRequest(eval_src, evaluation[0], evaluation[1], True, 0, False, section="evaluate"),
+                     tok, model_dir)
+    path = work / "tokens" / f"{domain}-{seed}-{calib[0]}x{calib[1]}-{evaluation[0]}x{evaluation[1]}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"calibration": torch.stack(cal), "evaluation": torch.stack(ev)}, str(path))
+    return path
+
+
+def run_peer(key: str, domain: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, int],
+             work: Path, model: str, python: str) -> dict[str, Any]:
+    """One peer run and the perplexity of its checkpoint and of the base model, both loaded by
+    transformers and scored by the same function (the parity script's)."""
+    import subprocess
+
+    from quantkit.model import ModelSource
+
+    label, method = PEERS[key]
+    model_dir = ModelSource.open(model).path
+    tokens = dump_tokens(domain, seed, calib, evaluation, work, model_dir)
+    out = work / "checkpoints" / f"{domain}-{key}-{seed}"
+    parity = str(ROOT / "benchmarks" / "llmcompressor_parity.py")
+
+    def phase(*argv: str) -> dict:
+        env = dict(os.environ)
+        if "PEER_PYTHONPATH" in env:  # a separate venv (scripts/llmcompressor_venv.sh) wants its own path
+            env["PYTHONPATH"] = env["PEER_PYTHONPATH"]
+        proc = subprocess.run([python, parity, *argv], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-6000:])
+            raise SystemExit(f"peer step {argv[:2]} failed (exit {proc.returncode})")
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    seconds = phase("--phase", "llmc-quantize", "--method", method, "--model-dir", str(model_dir),
+                    "--tokens", str(tokens), "--out-dir", str(out))["seconds"]
+    ppl = phase("--phase", "evaluate", "--tokens", str(tokens), "--checkpoints", str(model_dir), str(out))
+    return {"key": key, "label": label, "domain": domain, "seed": seed, "calib": list(calib),
+            "eval": list(evaluation), "ppl_base": ppl[str(model_dir)], "ppl": ppl[str(out)],
+            "quantize_s": seconds, "peer": True}
+
+
 def interval(values: list[float]) -> tuple[float, float]:
     """Mean and the half-width of its 95% interval (0 for one draw: no interval)."""
     m = statistics.fmean(values)
@@ -188,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
                     "across devices, and results are kept apart)")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="start no new run after this many seconds (call again to resume where it stopped)")
+    ap.add_argument("--peers", default="", help=f"comma-separated, of {', '.join(PEERS)} (needs llm-compressor "
+                    "in --peer-python)")
+    ap.add_argument("--peer-python", default=sys.executable, help="python where llm-compressor is installed "
+                    "(its PYTHONPATH from $PEER_PYTHONPATH)")
     ap.add_argument("--table", action="store_true", help="only print the table of the runs saved under --out")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -195,15 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     results_dir.mkdir(parents=True, exist_ok=True)
     if not args.table:
         calib, evaluation = _pair(args.calib), _pair(args.eval)
-        keys = args.rows.split(",")
-        unknown = [k for k in keys if k not in ROWS]
+        keys = [k for k in args.rows.split(",") if k] + [k for k in args.peers.split(",") if k]
+        unknown = [k for k in keys if k not in ROWS and k not in PEERS]
         if unknown:
-            raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+            raise SystemExit(f"unknown rows {unknown}; choose from {', '.join([*ROWS, *PEERS])}")
         seeds = [int(s) for s in args.seeds.split(",")]
         started = time.perf_counter()
         plan = [(domain, seed, key) for domain in args.domains.split(",") for n, seed in enumerate(seeds)
                 for key in keys  # every row's first draw before any row's second
-                if not (n and ROWS[key][1]["method"] in DETERMINISTIC)]  # no calibration: one run is every draw
+                if not (n and key in ROWS and ROWS[key][1]["method"] in DETERMINISTIC)]  # no calibration: one run is every draw
         for domain, seed, key in plan:
             path = results_dir / f"{domain}-{key}-{seed}-{args.calib}-{args.eval}-{args.device}.json"
             if path.is_file():
@@ -211,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
             if time.perf_counter() - started > args.budget_s:
                 print("time budget spent: run the same command again to continue", flush=True)
                 break
-            row = run_one(key, domain, seed, calib, evaluation, args.out, args.device, args.model)
+            if key in PEERS:
+                row = run_peer(key, domain, seed, calib, evaluation, args.out, args.model, args.peer_python)
+            else:
+                row = run_one(key, domain, seed, calib, evaluation, args.out, args.device, args.model)
             path.write_text(json.dumps(row))
             print(f"{domain} {key} seed {seed}: ppl {row['ppl']:.3f} (base {row['ppl_base']:.3f}), "
                   f"quantize {row['quantize_s']:.0f} s", flush=True)
