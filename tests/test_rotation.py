@@ -18,11 +18,16 @@ from quantkit.model import ModelSource
 from quantkit.rotation.hadamard import hadamard, random_hadamard
 from quantkit.rotation.stream import StreamRotation
 from tests.helpers import tiny_llama_layer
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import MULTIMODAL_FAMILIES, TEXT_FAMILIES, make_tiny_model
 
 ROTATABLE = ["llama", "qwen2", "mistral", "qwen3", "phi3"]
 REFUSED = {"gemma2": "post_", "gemma3": "post_", "olmo2": "post_", "cohere": "",
            "qwen2.5-vl": "image features", "gemma3-vl": ""}
+
+
+def test_every_family_is_either_rotated_or_refused():
+    """A new family in tests/tiny_models.py must be placed in one list (and so be tested)."""
+    assert sorted(ROTATABLE + list(REFUSED)) == sorted(TEXT_FAMILIES + MULTIMODAL_FAMILIES)
 
 
 @pytest.mark.parametrize("n", [4, 12, 20, 28, 36, 64, 576, 896, 960])
