@@ -22,10 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import seeding
 from .activations import attach_activation_quantizers
+from .divergence import compare_streams
 from .errors import DeviceMemoryError, NumericsError
-from .graph.runtime import LayerInputs, ModelRunner
+from .finite_check import check_quantized, check_written
 from .graph.attention import observe_attention
+from .graph.runtime import LayerInputs, ModelRunner
 from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, PairedHook, Quantizer
 from .scheme import QuantizedWeight
 from .workdir import LayerRecord, WorkDir
@@ -48,10 +51,13 @@ class _LayerCalibration:
     """The LayerCalibration the quantizers see: runs the float layer over calibration batches,
     each with the arguments the model's own forward gives layer ``index``."""
 
-    def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs],
+    def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs], seed: int,
                  float_batches: list[LayerInputs] | None = None):
-        self.runner, self.index, self.layer, self.batches = runner, index, layer, batches
+        self.runner, self.index, self.layer, self.batches, self.seed = runner, index, layer, batches, seed
         self.float_batches = float_batches
+
+    def generator(self, name: str) -> torch.Generator:
+        return seeding.generator(self.seed, self.index, name, device=self.runner.device)
 
     def _forward(self, batches: list[LayerInputs]) -> Callable[[], None]:
         def forward() -> None:
@@ -108,6 +114,8 @@ def run_calibration(layer: nn.Module, hooks: Mapping[str, InputHook], forward: C
 class EngineResult:
     perplexity_base: float | None = None
     perplexity_quantized: float | None = None
+    # KL of the quantized next-token distribution from the base's, top-1 agreement (divergence.py).
+    divergence: dict[str, float | int] | None = None
     layer_seconds: list[float] = field(default_factory=list)
     # Seconds per stage summed over layers (load, quantize, save, propagate, ...).
     phase_seconds: dict[str, float] = field(default_factory=dict)
@@ -133,9 +141,9 @@ class LayerwiseEngine:
     """Quantizes layers ``start..n-1`` and replays ``0..start-1`` from the work folder."""
 
     def __init__(self, runner: ModelRunner, quantizer: Quantizer, workdir: WorkDir, fingerprint: str,
-                 quiet: bool = False, on_layer: LayerCallback | None = None):
+                 quiet: bool = False, on_layer: LayerCallback | None = None, *, seed: int):
         self.sk, self.quantizer, self.workdir, self.fingerprint = runner, quantizer, workdir, fingerprint
-        self.quiet, self.on_layer = quiet, on_layer
+        self.quiet, self.on_layer, self.seed = quiet, on_layer, seed
 
     def run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
             start: int = 0) -> EngineResult:
@@ -143,9 +151,9 @@ class LayerwiseEngine:
             return self._run(calib, evaluation, batch_size, start)
         except torch.OutOfMemoryError:
             raise DeviceMemoryError(
-                "out of device memory: lower calibration.num_samples, calibration.max_seq_length "
-                "or calibration.batch_size (activations of all samples stay on the device)"
-            ) from None
+                "out of device memory", field="calibration.batch_size",
+                hint="lower calibration.num_samples, calibration.max_seq_length or calibration.batch_size "
+                "(activations of all samples stay on the device)") from None
 
     def _run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
              start: int) -> EngineResult:
@@ -180,12 +188,16 @@ class LayerwiseEngine:
             if i < start:
                 record = self.workdir.load_layer(i)
             else:
-                qweights = self.quantizer.quantize_layer(layer, sk.graph.layer(i),
-                                                         _LayerCalibration(sk, i, layer, calib_in, float_in))
+                calibration = _LayerCalibration(sk, i, layer, calib_in, self.seed, float_in)
+                qweights = self.quantizer.quantize_layer(layer, sk.graph.layer(i), calibration)
+                for name, qw in qweights.items():
+                    check_quantized(sk.layer_prefix(i) + name, qw)
                 clock.lap("quantize")
                 quantized = {f"{name}.weight" for name in qweights}
                 floats = {k: v.detach().clone() for k, v in layer.state_dict().items() if k not in quantized}
                 record = LayerRecord(floats, dict(qweights), self.quantizer.extra_tensors())
+                for name, t in {**record.floats, **record.extra}.items():  # folded norms, KV scales
+                    check_written(sk.layer_prefix(i) + name, t)
                 self.workdir.save_layer(i, record, self.fingerprint)
                 clock.lap("save")
             if float_in is not None:  # the layer is still float here (folds leave its function as it was)
@@ -210,11 +222,15 @@ class LayerwiseEngine:
                 result.layer_seconds.append(time.perf_counter() - began)
 
         if eval_batches:
-            result.perplexity_base = perplexity(
-                (sk.logits(b.hidden, t)[:, :-1], t) for b, t in zip(base_in, eval_batches))
-            result.perplexity_quantized = perplexity(
-                (sk.logits(b.hidden, t)[:, :-1], t) for b, t in zip(quant_in, eval_batches))
+            # The model's own head (final norm, lm_head, softcap) gives each batch's logits.
+            streams = tqdm(zip(base_in, quant_in, eval_batches), total=len(eval_batches), desc="comparing logits",
+                           unit="batch", disable=self.quiet)
+            compared = compare_streams(((sk.logits(b.hidden, t)[:, :-1], sk.logits(q.hidden, t)[:, :-1], t[:, 1:])
+                                        for b, q, t in streams), lambda logits: logits, sk.text_config.vocab_size)
             sk.release()
+            result.perplexity_base, result.perplexity_quantized = compared.perplexity_base, compared.perplexity_quantized
+            result.divergence = compared.divergence()
+            clock.lap("evaluate")
         return result
 
 
@@ -250,4 +266,5 @@ def _check_finite_list(ts: list[torch.Tensor], where: str, dtype: torch.dtype) -
     if ts and not torch.isfinite(torch.stack([t.float().abs().amax() for t in ts])).all():
         advice = ("try model.dtype: bfloat16 or float32 instead of float16" if dtype == torch.float16
                   else "the layer's weights overflow even in this dtype; check the checkpoint")
-        raise NumericsError(f"{where} contain NaN or Inf (computed in {str(dtype).replace('torch.', '')}); {advice}")
+        raise NumericsError(f"{where} contain NaN or Inf (computed in {str(dtype).replace('torch.', '')})",
+                            field="model.dtype", value=str(dtype).replace("torch.", ""), hint=advice)

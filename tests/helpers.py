@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from quantkit.graph import LayerGraph
+from quantkit.seeding import generator
 
 
 class FakeCalibration:
@@ -17,11 +18,15 @@ class FakeCalibration:
     hooks (``run_calibration``). Each batch is a tensor (positional input) or a dict of keyword
     arguments. ``runs`` counts passes; ``hook_calls`` counts calls per hook."""
 
-    def __init__(self, layer: nn.Module, batches: list) -> None:
+    def __init__(self, layer: nn.Module, batches: list, seed: int = 0) -> None:
         self.layer = layer
         self.batches = batches
+        self.seed = seed
         self.runs = 0
         self.hook_calls: dict[str, int] = {}
+
+    def generator(self, name: str) -> torch.Generator:
+        return generator(self.seed, 0, name)
 
     def run(self, hooks: Mapping[str, object]) -> None:
         from quantkit.engine import run_calibration

@@ -141,3 +141,20 @@ def test_rotated_checkpoint_loads_with_an_untied_head(families, tmp_path, text_f
             want, got = base(ids).logits, loaded.eval()(ids).logits
         errors[rotate] = float((got - want).abs().max() / want.abs().max())
     assert errors["hadamard"] < 0.05 and errors["hadamard"] < 3 * errors["none"], errors
+
+
+def test_validation_refuses_an_unrotatable_family(families, tmp_path):
+    """``quantkit validate`` (preflight.check) says it before any weight is read."""
+    from quantkit import preflight
+    from quantkit.recipe import make_recipe
+
+    recipe = make_recipe({"model": {"id": str(families("gemma2"))},
+                          "quantization": {"method": "rtn", "bits": 4, "group_size": 64, "rotate": "hadamard"},
+                          "export": {"output_dir": str(tmp_path / "out")}, "device": "cpu"})
+    with pytest.raises(ModelError) as e:
+        preflight.check(recipe)
+    assert e.value.field == "quantization.rotate" and "post_" in str(e.value)
+    ok = make_recipe({"model": {"id": str(families("llama"))},
+                      "quantization": {"method": "rtn", "bits": 4, "group_size": 64, "rotate": "hadamard"},
+                      "export": {"output_dir": str(tmp_path / "out2")}, "device": "cpu"})
+    assert preflight.check(ok).method == "rtn"

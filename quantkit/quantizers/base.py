@@ -48,6 +48,11 @@ class LayerCalibration(Protocol):
         for the same tokens. Only for quantizers with ``needs_float_inputs``."""
         ...
 
+    def generator(self, name: str) -> torch.Generator:
+        """The generator for random draws about ``name`` (a Linear or group) in this layer,
+        seeded from the recipe's seed and the layer index: never draw from the global RNG."""
+        ...
+
 
 class QuantizerParams(BaseModel):
     """Recipe parameters of one method; subclasses fix ``method`` to a Literal."""

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from ..seeding import randperm
+
 
 class RowSample:
     """Keeps each row (token) of the batches it is given with probability ``rate``; when more
     than ``cap`` rows are held, a random half is dropped and ``rate`` halves, so what is
     held is always a uniform sample of everything seen. Row counts are host integers taken
-    from shapes: no device sync."""
+    from shapes: no device sync. Draws come from ``generator`` (on the data's device), so the
+    sample is the same on every run with the same seed."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, generator: torch.Generator) -> None:
         self.cap = cap
+        self.generator = generator
         self.rate = 1.0
         self.count = 0
         self.seen = 0
@@ -23,14 +27,14 @@ class RowSample:
         self.seen += n
         k = round(n * self.rate)
         if k < n:
-            x = x[torch.randperm(n, device=x.device)[:k]]
+            x = x[randperm(n, self.generator)[:k].to(x.device)]
         else:
             x = x.detach().clone()  # the caller may reuse its activation buffer
         self._rows.append(x)
         self.count += x.shape[0]
         while self.count > self.cap:
             allx = torch.cat(self._rows)
-            keep = allx[torch.randperm(allx.shape[0], device=allx.device)[: allx.shape[0] // 2]]
+            keep = allx[randperm(allx.shape[0], self.generator)[: allx.shape[0] // 2].to(allx.device)]
             self._rows, self.count, self.rate = [keep], keep.shape[0], self.rate / 2
 
     def rows(self) -> torch.Tensor:

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import ModelError
 from ..graph.flow import norm_weight_kind, rotation_invariant
+from ..graph.model import ModelGraph
 from ..graph.rotate import rotate_heads, rotate_layer
 from ..graph.runtime import ModelRunner, describe_outside
+from ..graph.skeleton import DecoderLocation
 from .hadamard import random_hadamard
 
 log = logging.getLogger(__name__)
@@ -33,42 +36,63 @@ log = logging.getLogger(__name__)
 _ROWS_PER_STEP = 8192  # embedding/head rows rotated at once: float64 work stays ~0.5 GB at 8192 wide
 
 
+@dataclass(frozen=True)
+class RotationTargets:
+    """The modules outside the decoder layers a stream rotation edits, and how."""
+
+    embed: str
+    norm: str
+    norm_kind: str  # "norm" (x̂·w) or "offset_norm" (x̂·(1 + w))
+    head: str
+    untie: bool  # the head is tied to the embedding: the output needs its own
+
+
+def rotation_targets(model: nn.Module, graph: ModelGraph, location: DecoderLocation, where: str) -> RotationTargets:
+    """Whether the residual stream of ``model`` (the meta skeleton) rotates exactly, and what
+    outside its layers the rotation edits; a ModelError in one line naming why not. Reads no
+    weight, so validation runs it too."""
+
+    def refuse(why: str) -> None:
+        raise ModelError(f"{where}: quantization.rotate: {why}", field="quantization.rotate",
+                         hint="use rotate: none for this model")
+
+    for t, g in enumerate(graph.types):
+        if not g.rotatable:
+            i = graph.layers_of(t)[0]
+            refuse(f"{graph.layer_prefix(i)[:-1]} ({g.layer_class}): {g.rotation_blockers()[0]}")
+    modules = {id(m): n for n, m in model.named_modules()}
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(embed, nn.Embedding) or not isinstance(head, nn.Linear) or head.bias is not None:
+        refuse("the model's input embedding is not a lookup table or its head is not a bias-free Linear")
+    norms = []
+    for path, _ in describe_outside(model, location.layers):
+        mod = model.get_submodule(path)
+        if mod is embed or mod is head:
+            continue
+        if any(p.dim() != 1 for p in mod.parameters()):
+            refuse(f"{path} is outside the decoder layers and may write into the residual stream "
+                   "(image features), which would reach the layers unrotated")
+        norms.append(path)
+    if len(norms) != 1:
+        refuse(f"expected one final norm outside the decoder layers, found {norms or 'none'}")
+    kind = _final_norm_kind(model.get_submodule(norms[0]), embed.embedding_dim)
+    if kind is None:
+        refuse(f"the final norm {norms[0]} does not commute with a rotation (it centres its input or has a bias)")
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    head_name = modules[id(head)]
+    return RotationTargets(modules[id(embed)], norms[0], kind, head_name, f"{head_name}.weight" in tied)
+
+
 class StreamRotation:
     """The edits that rotate ``runner``'s model; refuses (ModelError, one line) a model whose
     stream cannot be rotated exactly, before any weight is read."""
 
     def __init__(self, runner: ModelRunner, seed: int = 0):
-        self.where = runner.where
-        model, graph = runner.model, runner.graph
-        for t, g in enumerate(graph.types):
-            if not g.rotatable:
-                i = graph.layers_of(t)[0]
-                self._refuse(f"{graph.layer_prefix(i)[:-1]} ({g.layer_class}): {g.rotation_blockers()[0]}")
-        modules = {id(m): n for n, m in model.named_modules()}
-        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-        if not isinstance(embed, nn.Embedding) or not isinstance(head, nn.Linear) or head.bias is not None:
-            self._refuse("the model's input embedding is not a lookup table or its head is not a bias-free Linear")
-        self.embed, self.head = modules[id(embed)], modules[id(head)]
-        norms = []
-        for path, _ in describe_outside(model, runner.location.layers):
-            mod = model.get_submodule(path)
-            if mod is embed or mod is head:
-                continue
-            if any(p.dim() != 1 for p in mod.parameters()):
-                self._refuse(f"{path} is outside the decoder layers and may write into the residual stream "
-                             "(image features), which would reach the layers unrotated")
-            norms.append(path)
-        if len(norms) != 1:
-            self._refuse(f"expected one final norm outside the decoder layers, found {norms or 'none'}")
-        self.norm = norms[0]
-        self.norm_kind = _final_norm_kind(model.get_submodule(self.norm), embed.embedding_dim)
-        if self.norm_kind is None:
-            self._refuse(f"the final norm {self.norm} does not commute with a rotation (it centres its input "
-                         "or has a bias)")
-        tied = getattr(model, "all_tied_weights_keys", None) or {}
-        self.untie = f"{self.head}.weight" in tied
+        graph = runner.graph
+        t = rotation_targets(runner.model, graph, runner.location, runner.where)
+        self.embed, self.norm, self.norm_kind, self.head, self.untie = t.embed, t.norm, t.norm_kind, t.head, t.untie
         gen = torch.Generator().manual_seed(seed)
-        self.q = random_hadamard(embed.embedding_dim, gen)
+        self.q = random_hadamard(runner.model.get_input_embeddings().embedding_dim, gen)
         head_dims = {g.producer.channels.head_dim for t in graph.types for g in t.groups
                      if g.producer.kind == "attention_value" and g.producer.exact}
         self.head_q = {d: random_hadamard(d, gen) for d in sorted(head_dims)}
@@ -77,10 +101,6 @@ class StreamRotation:
         if self.untie:
             log.info("rotation: the head was tied to the embedding; the output has its own lm_head "
                      "(tie_word_embeddings: false)")
-
-    def _refuse(self, why: str) -> None:
-        raise ModelError(f"{self.where}: quantization.rotate: {why}", field="quantization.rotate",
-                         hint="use rotate: none for this model")
 
     @property
     def modules(self) -> tuple[str, ...]:
