@@ -28,7 +28,7 @@ from .weight_fingerprint import Fingerprint, check_unchanged, first_change
 
 log = logging.getLogger(__name__)
 
-_FIELDS = ("codes", "scale", "zero_point", "g_idx", "input_scale")
+_FIELDS = QuantizedWeight.TENSORS
 
 
 class LayerRecord:

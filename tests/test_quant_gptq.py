@@ -322,20 +322,23 @@ def test_gptq_on_the_feedback_target_fits_the_float_output_better():
     assert fb < 0.9 * plain, (fb, plain)
 
 
-def test_input_feedback_pairs_the_float_and_quantized_streams(tiny_llama, text_file, tmp_path):
+def test_input_feedback_pairs_the_float_and_quantized_streams(text_file, tmp_path):
     """Through the engine: layer 0's two streams are the same tokens through the same float
     weights, so its codes equal plain GPTQ's exactly (a mispaired batch or token would move
     them); from layer 1 the quantized stream differs and so do the codes."""
     from quantkit.pipeline import run
     from quantkit.recipe import make_recipe
 
+    from .tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", layers=2, hidden=64, intermediate=128)
     codes = {}
     for fb in (False, True):
         got = codes[fb] = {}
         run(make_recipe({
-            "model": {"id": str(tiny_llama)},
-            "quantization": {"method": "gptq", "bits": 4, "group_size": 64, "input_feedback": fb},
-            "calibration": {"source": str(text_file), "num_samples": 6, "max_seq_length": 32, "batch_size": 2},
+            "model": {"id": str(model)},
+            "quantization": {"method": "gptq", "bits": 4, "group_size": 32, "input_feedback": fb},
+            "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 16, "batch_size": 2},
             "evaluate": {"enabled": False}, "export": {"output_dir": str(tmp_path / str(fb))}, "device": "cpu"}),
             quiet=True, on_layer=lambda i, _layer, q, got=got: got.update({(i, n): w.codes for n, w in q.items()}))
     for (i, name), c in codes[False].items():

@@ -134,8 +134,9 @@ class AWQParams(QuantizerParams):
 class AWQQuantizer(Quantizer):
     Params = AWQParams
 
-    def quantize_layer(self, layer, graph: LayerGraph, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
+    def quantize_layer(self, layer, graph: LayerGraph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: AWQParams = self.params  # type: ignore[assignment]
+        names = self.schemes_or_default(graph, schemes)
         samples = {g.key: RowSample(p.max_calib_tokens, calib.generator(g.key)) for g in graph.groups}
         means = {g.key: ChannelAbsMean() for g in graph.groups}
 
@@ -166,7 +167,7 @@ class AWQQuantizer(Quantizer):
             x = samples[g.key].rows()
             if x_div[g.key] is not None:
                 x = x.to(torch.float32) / x_div[g.key]
-            for name in g.linears:
+            for name in (n for n in g.linears if n in names):
                 unit = graph.unit(name)
                 w = unit.matrix(layer).detach().to(torch.float32)
                 if p.clip_search and not set(unit.roles) & set(_NO_CLIP):

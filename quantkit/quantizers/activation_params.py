@@ -1,0 +1,62 @@
+"""Static activation parameters the weight methods calibrate: NVFP4's input global scale.
+
+NVFP4 W4A4 computes each token group's FP8 scale at run time but divides them all by one
+global scale per Linear, fixed from calibration: ``448 · 6 / max|x|`` over every calibration
+token (compressed-tensors' ``static_minmax`` observer). Linears reading one input share it,
+which is also what vLLM needs for the matrices it fuses (it keeps one per fused matrix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from ..graph.types import LayerGraph
+from ..grids import global_scale
+from ..scheme import QuantizedWeight, Scheme
+from .base import InputHook
+from .observers import minmax_amax
+
+
+def observes_inputs(scheme: Scheme) -> bool:
+    """Whether ``scheme`` has an activation parameter fixed from calibration data."""
+    act = scheme.input_activations
+    return act is not None and act.has_global_scale
+
+
+@dataclass
+class InputGlobals:
+    """Hooks that watch the inputs, then ``apply`` puts the global scales on the weights."""
+
+    members: dict[str, list[str]] = field(default_factory=dict)  # hooked Linear -> Linears it serves
+    amax: dict[str, torch.Tensor] = field(default_factory=dict)
+    schemes: Mapping[str, Scheme] = field(default_factory=dict)
+
+    @property
+    def hooks(self) -> dict[str, InputHook]:
+        return {name: self._hook(name) for name in self.members}
+
+    def _hook(self, name: str) -> InputHook:
+        def add(x: torch.Tensor) -> None:
+            m = minmax_amax(x)
+            self.amax[name] = m if name not in self.amax else torch.maximum(self.amax[name], m)
+
+        return add
+
+    def apply(self, quantized: dict[str, QuantizedWeight]) -> None:
+        for hooked, names in self.members.items():
+            for n in names:
+                act = self.schemes[n].input_activations
+                quantized[n].input_global_scale = global_scale(self.amax[hooked], act.grid)
+
+
+def observe_input_globals(graph: LayerGraph, schemes: Mapping[str, Scheme]) -> InputGlobals:
+    """What to watch for the units of ``schemes`` that need an input global scale."""
+    members = {}
+    for g in graph.groups:
+        names = [n for n in g.linears if n in schemes and observes_inputs(schemes[n])]
+        if names:
+            members[g.key] = names
+    return InputGlobals(members=members, schemes=schemes)
