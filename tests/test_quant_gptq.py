@@ -345,3 +345,30 @@ def test_input_feedback_pairs_the_float_and_quantized_streams(text_file, tmp_pat
         if i == 0:
             assert torch.equal(codes[True][(i, name)], c), name
     assert any(not torch.equal(codes[True][(1, n)], codes[False][(1, n)]) for i, n in codes[False] if i == 1)
+
+
+class _SameStreams(FakeCalibration):
+    """Paired calibration whose float stream is the quantized one (as in a model's first layer)."""
+
+    def run_paired(self, hooks) -> None:
+        self.run({k: (lambda x, h=h: h(x, x)) for k, h in hooks.items()})
+
+
+def test_input_feedback_keeps_per_linear_schemes_and_input_global_scales():
+    """input_feedback on an assignment (NVFP4 W4A4 on q/k/v only): with equal streams its
+    target is the weight itself, so it quantizes exactly the assigned Linears as plain GPTQ
+    does, global scales and the input global scale (watched on the quantized stream) included."""
+    from quantkit.presets import preset_scheme
+
+    layer, data, cfg = tiny_llama_layer(seed=3)
+    schemes = {n: preset_scheme("NVFP4") for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+    outs = {}
+    for fb in (False, True):
+        q = QUANTIZERS["gptq"](GPTQParams.model_validate({"input_feedback": fb}), cfg)
+        outs[fb] = q.quantize_layer(layer, llama_graph(), _SameStreams(layer, data), schemes)
+    assert set(outs[True]) == set(schemes)
+    for n in schemes:
+        plain, fb = outs[False][n], outs[True][n]
+        assert torch.equal(fb.codes, plain.codes), n
+        assert torch.equal(fb.global_scale, plain.global_scale), n
+        assert fb.input_global_scale is not None and torch.equal(fb.input_global_scale, plain.input_global_scale), n
