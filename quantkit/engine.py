@@ -32,7 +32,7 @@ from .graph.experts import all_experts, expert_modules, reset_counts, routed_cou
 from .graph.runtime import LayerInputs, ModelRunner
 from .moe import (ExpertCalibration, ExpertReport, rtn_fallback, starved, statistics_budget, statistics_chunks,
                   statistics_tokens, without)
-from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, Quantizer
+from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, PairedHook, Quantizer
 from .scheme import QuantizedWeight
 from .workdir import LayerRecord, WorkDir
 
@@ -55,28 +55,47 @@ class _LayerCalibration:
     each with the arguments the model's own forward gives layer ``index``."""
 
     def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs], seed: int,
-                 every_expert: bool = True):
+                 every_expert: bool = True, float_batches: list[LayerInputs] | None = None):
         self.runner, self.index, self.layer, self.batches, self.seed = runner, index, layer, batches, seed
-        self.every_expert = every_expert
+        self.every_expert, self.float_batches = every_expert, float_batches
         self.routed: dict[str, list[int]] | None = None  # tokens routed to each expert, from the first run
 
     def generator(self, name: str) -> torch.Generator:
         return seeding.generator(self.seed, self.index, name, device=self.runner.device)
 
-    def run(self, hooks: Mapping[str, InputHook]) -> None:
+    def _forward(self, batches: list[LayerInputs]) -> Callable[[], None]:
         def forward() -> None:
-            for b in self.batches:  # outputs dropped as they come: activations stay on the device once
+            for b in batches:  # outputs dropped as they come: activations stay on the device once
                 self.runner.run_layer(self.layer, b.hidden, b.calls[self.index])
 
+        return forward
+
+    def run(self, hooks: Mapping[str, InputHook]) -> None:
         reset_counts(self.layer)
         with all_experts(self.layer, self.every_expert):
-            run_calibration(self.layer, hooks, forward)
+            run_calibration(self.layer, hooks, self._forward(self.batches))
         if self.routed is None:
             self.routed = routed_counts(self.layer)
 
     @property
     def tokens(self) -> int:
         return sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self.batches)
+
+    def run_paired(self, hooks: Mapping[str, PairedHook]) -> None:
+        if self.float_batches is None:
+            raise RuntimeError("run_paired needs the float stream: the quantizer must set needs_float_inputs")
+        with all_experts(self.layer, self.every_expert):
+            for quant, flt in zip(self.batches, self.float_batches):
+                run_paired_batch(self.layer, hooks, self._forward([quant]), self._forward([flt]))
+
+
+def run_paired_batch(layer: nn.Module, hooks: Mapping[str, PairedHook], quant: Callable[[], None],
+                     flt: Callable[[], None]) -> None:
+    """One batch through ``layer`` on the float stream (each hooked Linear's input kept), then
+    on the quantized stream (each hook called with both inputs of the same tokens)."""
+    kept: dict[str, list[torch.Tensor]] = {n: [] for n in hooks}
+    run_calibration(layer, {n: kept[n].append for n in hooks}, flt)
+    run_calibration(layer, {n: (lambda x, n=n: hooks[n](x, kept[n].pop(0))) for n in hooks}, quant)
 
 
 def run_calibration(layer: nn.Module, hooks: Mapping[str, InputHook], forward: Callable[[], object]) -> None:
@@ -162,6 +181,10 @@ class LayerwiseEngine:
         calib_in = sk.capture(calib_batches)
         base_in = sk.capture(eval_batches)
         quant_in = [LayerInputs(b.hidden.clone(), b.calls) for b in base_in]
+        # The float model's calibration stream, for quantizers that fit the quantized layer on
+        # its own inputs to the float layer on the float inputs.
+        float_in = [LayerInputs(b.hidden.clone(), b.calls) for b in calib_in] \
+            if self.quantizer.needs_float_inputs else None
         clock.lap("embed")
 
         if start:
@@ -180,7 +203,7 @@ class LayerwiseEngine:
             if i < start:
                 record = self.workdir.load_layer(i)
             else:
-                qweights = self._quantize(i, layer, calib_in, result.experts)
+                qweights = self._quantize(i, layer, calib_in, float_in, result.experts)
                 for name, qw in qweights.items():
                     check_quantized(sk.layer_prefix(i) + name, qw)
                 clock.lap("quantize")
@@ -191,6 +214,10 @@ class LayerwiseEngine:
                     check_written(sk.layer_prefix(i) + name, t)
                 self.workdir.save_layer(i, record, self.fingerprint)
                 clock.lap("save")
+            if float_in is not None:  # the layer is still float here (folds leave its function as it was)
+                with torch.no_grad():
+                    for b in float_in:
+                        b.hidden = sk.run_layer(layer, b.hidden, b.calls[i])
             apply_record(layer, record, sk.device, sk.dtype)
             if self.on_layer is not None and i >= start:
                 self.on_layer(i, layer, record.quantized)
@@ -220,13 +247,13 @@ class LayerwiseEngine:
             clock.lap("evaluate")
         return result
 
-    def _quantize(self, i: int, layer: nn.Module, calib_in: list[LayerInputs],
+    def _quantize(self, i: int, layer: nn.Module, calib_in: list[LayerInputs], float_in: list[LayerInputs] | None,
                   report: ExpertReport) -> dict[str, QuantizedWeight]:
         """The quantizer on layer ``i``; for a Mixture-of-Experts layer, with the experts'
         calibration mode, their token counts recorded and starved experts rounded instead."""
         graph = self.sk.graph.layer(i)
         settings = self.experts
-        calib = _LayerCalibration(self.sk, i, layer, calib_in, self.seed, settings.all_experts)
+        calib = _LayerCalibration(self.sk, i, layer, calib_in, self.seed, settings.all_experts, float_in)
         schemes = self.quantizer.layer_schemes(self.sk.layer_prefix(i), graph)
         if not graph.experts or not self.quantizer.needs_calibration:
             return self.quantizer.quantize_layer(layer, graph, calib, schemes)

@@ -35,6 +35,7 @@ from .output_guard import check_output_dir, run_inputs
 from .planner import serve_command
 from .quantizers import QUANTIZERS
 from .recipe import RecipeBase, parse_size
+from .rotation.stream import StreamRotation
 from .run_lock import RunLock
 from .scheme import Scheme
 from .scheme_names import plan_scheme_key, scheme_name
@@ -78,6 +79,8 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     # The model's own classes on the meta device and its layer graph: no weight is read.
     runner = ModelRunner(source, device, compute_dtype, f"model {recipe.model.id}")
     runner.check_supported()
+    if params.rotate == "hadamard":
+        runner.edits.append(StreamRotation(runner))
     linear_schemes = assignment.resolve(decoder_linear_names(runner.graph))
     check_model_files(runner)
     tokenizer = load_tokenizer(source.path)
@@ -130,6 +133,8 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
                 scheme if assignment.uniform else named, [*ignored_components(runner, outside), *floats],
                 params.kv_cache_scheme())
             config["torch_dtype"] = str(dtype).replace("torch.", "")
+            for edit in runner.edits:
+                config.update(edit.config_updates())
             extra_files = {"report.json": json.dumps(report, indent=2),
                            "README.md": render_card(report, base_license(source.path))}
             copy = source.tokenizer_files() + [p for p in [source.path / "generation_config.json"] if p.is_file()]

@@ -158,6 +158,10 @@ def check(recipe: RecipeBase) -> RunPlan:
     config_file = f"{model.location}/config.json"
     view = model_view(config_from_dict(model.config, config_file, named), model.headers, dtype, config_file, named)
     view.check_supported(named)
+    if params.rotate == "hadamard":
+        from .rotation.stream import rotation_targets
+
+        rotation_targets(view.model, view.graph, view.location, named)
     linear_schemes = resolve_assignment(params.assignment(), view.graph, where)
     groups = check_groups(view, linear_schemes, where)
     check_linear_tensors(view, model.headers)

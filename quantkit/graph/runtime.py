@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -38,6 +38,21 @@ class LayerInputs:
     calls: list[LayerCall]
 
 
+class WeightEdit(Protocol):
+    """A function-preserving change to the weights applied as each module is loaded (the
+    stream rotation): layers by ``edit_layer``, modules outside them listed in ``modules``."""
+
+    modules: tuple[str, ...]
+
+    def edit_layer(self, i: int, layer: nn.Module) -> None: ...
+
+    def edit_module(self, name: str, module: nn.Module) -> None: ...
+
+    def config_updates(self) -> dict[str, Any]:
+        """Keys of config.json the edited checkpoint needs changed (an untied head)."""
+        ...
+
+
 class ModelRunner:
     def __init__(self, source: ModelSource, device: torch.device, dtype: torch.dtype, where: str = "model"):
         from transformers import AutoConfig
@@ -57,6 +72,7 @@ class ModelRunner:
         self._view = view
         self._tuple_outputs = False
         self._loaded: list[nn.Module] = []
+        self.edits: list[WeightEdit] = []
 
     # ------------------------------------------------------------------ facts
     @property
@@ -91,7 +107,8 @@ class ModelRunner:
         return self.names.under(self.layer_prefix(i))
 
     # ------------------------------------------------------------------ loading
-    def _read(self, model_name: str, like: torch.Tensor) -> torch.Tensor:
+    def read_source(self, model_name: str, like: torch.Tensor) -> torch.Tensor:
+        """Parameter ``model_name`` as the checkpoint has it (no edit applied), on the device."""
         src = self.names.to_source.get(model_name)
         if src is None:
             tied = getattr(self.model, "all_tied_weights_keys", None) or {}
@@ -125,9 +142,26 @@ class ModelRunner:
         """Buffers from the model's own init, parameters from the checkpoint (assigned, not copied)."""
         _real_buffers(self.model, name, module, self.device)
         prefix = f"{name}." if name else ""
-        state = {k: self._read(prefix + k, v) for k, v in module.state_dict().items()}
+        state = {k: self.read_source(prefix + k, v) for k, v in module.state_dict().items()}
         module.load_state_dict(state, strict=True, assign=True)
+        for edit in self.edits:
+            if name in edit.modules:
+                edit.edit_module(name, module)
         self._loaded.append(module)
+
+    def edited_modules(self) -> list[str]:
+        """Modules outside the decoder layers whose parameters an edit changes."""
+        return sorted({n for e in self.edits for n in e.modules})
+
+    def edited_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every parameter of ``edited_modules`` as edited (model names), one module on the
+        device at a time."""
+        for name in self.edited_modules():
+            module = copy.deepcopy(self.model.get_submodule(name))
+            self._make_real(name, module)
+            for k, t in module.named_parameters():
+                yield f"{name}.{k}", t.detach()
+            self.release()
 
     def load_layer(self, i: int) -> nn.Module:
         """Decoder layer ``i`` with its checkpoint tensors on the device (one tensor read at a
@@ -148,6 +182,8 @@ class ModelRunner:
             t = self.source.tensor(src)
             state[k] = t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
         layer.load_state_dict(state, strict=True, assign=True)
+        for edit in self.edits:
+            edit.edit_layer(i, layer)
         return layer.eval()
 
     def _fused_experts(self, i: int, layer: nn.Module) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ exports as they are. It never sees a file format.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar, Mapping, Protocol
+from typing import Callable, ClassVar, Literal, Mapping, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -20,6 +20,9 @@ from ..scheme import ActivationScheme, QuantizedWeight, Scheme
 from ..targets import ANY_LINEAR, SchemeAssignment, check_patterns
 
 InputHook = Callable[[torch.Tensor], None]
+# Called with a Linear's input on the quantized model's stream and, for the same tokens, on
+# the float model's stream (both ``[tokens, in_features]``).
+PairedHook = Callable[[torch.Tensor, torch.Tensor], None]
 
 # Hook names for what the layer's attention receives, besides Linear names: the key and
 # value tensors ``[batch, kv_heads, tokens, head_dim]`` after the model's own k_norm and RoPE,
@@ -40,6 +43,12 @@ class LayerCalibration(Protocol):
         """
         ...
 
+    def run_paired(self, hooks: Mapping[str, PairedHook]) -> None:
+        """Run every calibration batch through the layer twice: as the quantized model so far
+        gives it, and as the float model gives it; each hook gets both inputs of its Linear
+        for the same tokens. Only for quantizers with ``needs_float_inputs``."""
+        ...
+
     def generator(self, name: str) -> torch.Generator:
         """The generator for random draws about ``name`` (a Linear or group) in this layer,
         seeded from the recipe's seed and the layer index: never draw from the global RNG."""
@@ -52,6 +61,9 @@ class QuantizerParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str
+    rotate: Literal["none", "hadamard"] = Field(
+        "none", description="hadamard: rotate the residual stream (and each value head) by randomized Hadamards "
+        "fused into the weights before quantizing; same function, fewer outliers; vLLM serves it as is")
     targets: list[str] = Field(
         [ANY_LINEAR], description="Linears to quantize: 'Linear' (all), full module names, or 're:<regex>'")
     ignore: list[str] = Field(
@@ -82,6 +94,9 @@ class Quantizer(ABC):
     # Read from the instance: a method may need data only for some parameters (fp8 static
     # activations, int8 with GPTQ weights) and sets it in __init__.
     needs_calibration: bool = True
+    # The engine then keeps the float model's calibration stream beside the quantized one
+    # (twice the calibration activations) for ``LayerCalibration.run_paired``.
+    needs_float_inputs: bool = False
     default_format: ClassVar[str] = "compressed-tensors"
 
     def __init__(self, params: QuantizerParams, model_config: dict) -> None:

@@ -26,13 +26,14 @@ from dataclasses import replace
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..errors import NumericsError
 from ..grids import effective_scale, round_to_grid
 from ..scheme import QuantizedWeight, Scheme, WeightScheme
 from .activation_params import observe_input_globals
-from .base import LayerCalibration, Quantizer, register_quantizer
+from .base import InputHook, LayerCalibration, Quantizer, register_quantizer
+from .clip import clip_to_gram, group_grams
 from .hessian import HessianAccumulator
 from .rtn import fused_global_scales, weight_global_scale, weight_only_scheme, weight_qparams
 from .scheme_params import SchemeParams
@@ -99,6 +100,7 @@ def gptq_quantize(
     dampening_frac: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
+    clip_search: bool = False,
     name: str = "weight",
     global_scale: torch.Tensor | None = None,
 ) -> QuantizedWeight:
@@ -109,6 +111,10 @@ def gptq_quantize(
     of that visiting order). With ``static_groups`` the group parameters are fixed from the
     unpermuted weight before any update, so groups stay in natural order and ``g_idx`` is
     None. Channel and tensor strategies fix their parameters up front, as the reference does.
+    With ``clip_search`` those up-front parameters come from each group's range shrunk to
+    minimise its RTN error under the Hessian's diagonal block (``clip_to_gram``) instead of
+    the min-max range, for per-channel and per-group scales; dynamic groups take no search
+    (their weights move under the updates), nor do block, tensor and global-scale layouts.
     A tensor_group scheme uses ``global_scale`` (shared with fused shards) or the weight's own.
     """
     ws: WeightScheme = scheme.weights
@@ -141,7 +147,11 @@ def gptq_quantize(
     # Per-column parameters fixed before the loop (natural order), when not dynamic groups.
     col_scale = col_zero = None
     if not dynamic_groups:
-        scale, zero = weight_qparams(W, ws, global_scale)
+        ranged = W
+        if clip_search and ws.strategy in ("channel", "group"):
+            ranged = clip_to_gram(W, group_grams(H, group or in_f), scheme)
+        scale, zero = weight_qparams(ranged, ws, global_scale)
+        del ranged
         col_scale = ws.layout.expand(effective_scale(scale, global_scale), out_f, in_f)
         col_zero = None if zero is None else ws.layout.expand(zero, out_f, in_f)
 
@@ -340,17 +350,56 @@ def _block_graph(rows: int, n: int, device: torch.device, dynamic: bool, asym: b
     return _GRAPHS[key]
 
 
+def feedback_target(w: torch.Tensor, h_quant: torch.Tensor, cross: torch.Tensor, dampening_frac: float,
+                    name: str = "weight") -> torch.Tensor:
+    """The float weight GPTQ should approximate when its inputs are the quantized model's
+    ``X̃`` but its target is the float layer's output on the float inputs ``X`` (GPTAQ's
+    objective): ``min ||X Wᵀ − X̃ Ŵᵀ||² = ||X̃ (W* − Ŵ)ᵀ||² + const`` with
+    ``W* = W + W (Cᵀ − H̃)(H̃ + λI)⁻¹``, ``H̃ = X̃ᵀX̃`` and ``C = X̃ᵀX`` on the same scale.
+
+    The damping ``λ = frac · mean(diag H̃)`` pulls ``W*`` toward ``W`` (not toward zero): with
+    ``X̃ = X`` it is ``W`` exactly, and directions the calibration tokens barely excite are
+    left alone instead of fitted to noise.
+    """
+    h = h_quant.detach().to(torch.float64).clone()
+    h.diagonal().add_(dampening_frac * torch.diagonal(h).mean().clamp_min(1e-8))
+    low, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise NumericsError(f"GPTQ {name}: the quantized-input Hessian is not positive definite even damped; "
+                            "use more calibration samples or a larger dampening_frac")
+    w64 = w.detach().to(torch.float64)
+    rhs = (cross.to(torch.float64) - h_quant.to(torch.float64)) @ w64.T  # [in, out]
+    return (w64 + torch.cholesky_solve(rhs, low).T).to(torch.float32)
+
+
 class GPTQParams(SchemeParams):
-    """GPTQ: weight-only int (W4A16 / W8A16) by bits/group_size/symmetric, or any preset."""
+    """GPTQ: weight-only int (W4A16 / W8A16) by bits/group_size/symmetric, or any preset.
+
+    Act-order with static groups is the default: visiting columns by decreasing Hessian
+    diagonal is most of GPTQ's gain over RTN at 4 bits (docs/quality.md), and with static
+    groups the checkpoint needs no ``g_idx``, which is vLLM's fastest path and storable in
+    every format."""
 
     method: Literal["gptq"] = "gptq"
     bits: Literal[4, 8] = 4
     group_size: Literal[-1, 32, 64, 128] = 128
     symmetric: bool = True
-    act_order: bool = False
-    static_groups: bool = False
+    act_order: bool = True
+    static_groups: bool = True
     dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
     block_size: int = Field(128, ge=1, description="columns whose updates are applied together (lazy batch)")
+    input_feedback: bool = Field(False, description="fit the quantized layer on its quantized inputs to the float "
+                                 "layer's output on float inputs (GPTAQ's objective); keeps a second calibration "
+                                 "stream")
+    clip_search: bool = Field(False, description="shrink each group's range where that lowers its Hessian-weighted "
+                              "error before the column loop (static groups or per channel)")
+
+    @model_validator(mode="after")
+    def _clip_needs_fixed_scales(self) -> "GPTQParams":
+        if self.clip_search and self.group_size != -1 and not self.static_groups:
+            raise ValueError("clip_search chooses group scales before the column loop: set static_groups: true "
+                             "(or group_size: -1)")
+        return self
 
     def int_scheme(self, bits: int, group_size: int, symmetric: bool) -> Scheme:
         return weight_only_scheme(bits, group_size, symmetric)
@@ -380,6 +429,34 @@ def collect_hessians(graph, hooks: dict | None = None, names=None) -> tuple[dict
     return accs, hooks
 
 
+def collect_paired_hessians(
+    graph, hooks: Mapping[str, InputHook] | None = None, names=None
+) -> tuple[dict[str, HessianAccumulator], dict[str, HessianAccumulator], dict]:
+    """Per input group: the Hessian of the quantized-stream inputs ``X̃ᵀX̃`` and the cross
+    term ``X̃ᵀX`` with the float-stream inputs, keyed by every Linear of the group, and the
+    paired hooks that feed them. ``hooks`` (one input each) see the quantized stream, the
+    one the served model computes on; with ``names``, only groups holding one of them."""
+    hooks = dict(hooks or {})
+    accs: dict[str, HessianAccumulator] = {}
+    crosses: dict[str, HessianAccumulator] = {}
+    paired = {}
+    for g in graph.groups:
+        if names is not None and not set(g.linears) & set(names):
+            continue
+        acc, cross = HessianAccumulator(g.key), HessianAccumulator(g.key)
+        for n in g.linears:
+            accs[n], crosses[n] = acc, cross
+
+        def both(xq: torch.Tensor, xf: torch.Tensor, acc=acc, cross=cross, also=hooks.pop(g.key, None)) -> None:
+            acc.add(xq)
+            cross.add(xq, xf)
+            if also is not None:
+                also(xq)
+
+        paired[g.key] = both
+    return accs, crosses, paired
+
+
 def _chain(first, second):
     if first is None:
         return second
@@ -392,7 +469,8 @@ def _chain(first, second):
 
 
 def gptq_layer(
-    layer, graph, accs: dict[str, HessianAccumulator], schemes: Scheme | Mapping[str, Scheme], **kwargs
+    layer, graph, accs: dict[str, HessianAccumulator], schemes: Scheme | Mapping[str, Scheme],
+    targets: Mapping[str, torch.Tensor] | None = None, **kwargs
 ) -> dict[str, QuantizedWeight]:
     """GPTQ the units of ``schemes`` (or every unit of ``graph`` with one scheme) with the
     Hessians already accumulated in ``accs``.
@@ -402,10 +480,12 @@ def gptq_layer(
     group or row block, and the error update of a row reads only that row), so this is the
     same computation with one Cholesky factorisation and one sequential column loop instead
     of three or two. They share one global scale (tensor_group), as vLLM needs for the
-    matrix it fuses them into.
+    matrix it fuses them into; it is taken from the layer's own weights.
+    ``targets`` replaces a unit's weight as what GPTQ approximates (``feedback_target``).
     """
     if isinstance(schemes, Scheme):
         schemes = {n: schemes for n in graph.linears}
+    targets = targets or {}
     out: dict[str, QuantizedWeight] = {}
     globals_ = fused_global_scales(layer, graph, schemes)
     # One stack per Hessian, scheme and global scale (a MoE layer's experts share a Hessian
@@ -414,7 +494,7 @@ def gptq_layer(
     for name, scheme in schemes.items():
         by_key.setdefault((id(accs[name]), scheme, id(globals_.get(name))), []).append(name)
     for (_, scheme, _), names in by_key.items():
-        weights = [graph.unit(n).matrix(layer).detach() for n in names]
+        weights = [targets[n] if n in targets else graph.unit(n).matrix(layer).detach() for n in names]
         hessian = accs[names[0]].hessian()
         shared = globals_.get(names[0])
         if not _stackable(scheme.weights, [w.shape[0] for w in weights]):
@@ -481,21 +561,34 @@ def split_rows(qw: QuantizedWeight, names: list[str], rows: list[int]) -> dict[s
 class GPTQQuantizer(Quantizer):
     Params = GPTQParams
 
+    def __init__(self, params: GPTQParams, model_config: dict) -> None:
+        super().__init__(params, model_config)
+        self.needs_float_inputs = params.input_feedback
+
     def quantize_layer(self, layer, graph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: GPTQParams = self.params  # type: ignore[assignment]
         schemes = self.schemes_or_default(graph, schemes)
         input_globals = observe_input_globals(graph, schemes)
-        accs, hooks = collect_hessians(graph, input_globals.hooks, names=schemes)
-        calib.run(hooks)
+        targets = None
+        if p.input_feedback:
+            accs, crosses, hooks = collect_paired_hessians(graph, input_globals.hooks, names=schemes)
+            calib.run_paired(hooks)
+            targets = {n: feedback_target(graph.unit(n).matrix(layer), accs[n].hessian(), crosses[n].hessian(),
+                                          p.dampening_frac, n) for n in schemes}
+        else:
+            accs, hooks = collect_hessians(graph, input_globals.hooks, names=schemes)
+            calib.run(hooks)
         out = gptq_layer(
             layer,
             graph,
             accs,
             schemes,
+            targets,
             block_size=p.block_size,
             dampening_frac=p.dampening_frac,
             act_order=p.act_order,
             static_groups=p.static_groups,
+            clip_search=p.clip_search,
         )
         input_globals.apply(out)
         return out
