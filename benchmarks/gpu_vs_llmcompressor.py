@@ -117,6 +117,10 @@ _TINY = {  # --tiny: the same families at sizes a CPU runs in seconds (inputs mu
                         qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, num_attention_heads=4,
                         num_key_value_heads=4, vocab_size=512),
 }
+# --cpu-wide: Qwen3-MoE with many small experts, so a CPU run has the per-expert costs of the
+# real shape (128 experts of 768) without its size: a before/after measurement of MoE overheads.
+_CPU_WIDE = dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, num_experts=32,
+                 num_experts_per_tok=4, num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=512)
 # case: (shape, decoder layers, method)
 MOE_CASES = {
     "moe-gptq-qwen3-30b-2": ("qwen3-30b-a3b", 2, "gptq"),
@@ -554,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated; 'moe' for the Mixture-of-Experts cases")
     ap.add_argument("--tiny", action="store_true", help="check the script on the CPU with tiny MoE shapes "
                     "(a smoke test, not a measurement)")
+    ap.add_argument("--cpu-wide", action="store_true", help="on the CPU, the Qwen3-MoE case with 32 experts at "
+                    "hidden 512 (a measurement of per-expert overheads; use with --cases moe-gptq-qwen3-30b-2)")
     ap.add_argument("--drop-models", action="store_true",
                     help="delete each case's model folder after its runs (MoE models are 5-26 GB)")
     ap.add_argument("--tools", default="quantkit,llmcompressor")
@@ -568,11 +574,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    if args.tiny:
+    if args.tiny or args.cpu_wide:
         global DEVICE
         DEVICE = os.environ["QK_BENCH_DEVICE"] = "cpu"
         for s in MOE_SHAPES.values():
-            s["config"].update(_TINY.get(s["model_type"], {}))
+            s["config"].update(_CPU_WIDE if args.cpu_wide and s["model_type"] == "qwen3_moe"
+                               else _TINY.get(s["model_type"], {}))
     tools = args.tools.split(",")
     if "llmcompressor" in tools and not have_llmcompressor():
         print("llm-compressor is not installed here: peers are the reference table's numbers", flush=True)

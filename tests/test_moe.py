@@ -274,6 +274,38 @@ def test_stacked_gptq_in_row_chunks_is_the_same_solve(starved_layer, monkeypatch
         assert torch.equal(qw.codes, chunked[name].codes) and torch.equal(qw.scale, chunked[name].scale), name
 
 
+def test_experts_are_solved_in_batches_with_each_expert_s_own_result(starved_layer, monkeypatch):
+    """gptq_layer solves every expert's down_proj (own Hessians) in one batched call and the
+    gate/up row chunks (one Hessian) in another; each expert gets exactly what solving it
+    alone gives, in the same per-expert layout."""
+    from quantkit.quantizers import gptq
+
+    runner, batches = starved_layer
+    layer = runner.load_layer(0)
+    graph = runner.graph.layer(0)
+    accs, hooks = collect_hessians(graph)
+    _LayerCalibration(runner, 0, layer, batches, 0).run(hooks)
+    scheme = QUANTIZERS["gptq"].Params(**METHODS["gptq"]).scheme()
+    kw = dict(act_order=True, static_groups=True)
+    sizes: list[int] = []
+    solve = gptq.gptq_quantize_batch
+    monkeypatch.setattr(gptq, "gptq_quantize_batch", lambda w, *a, **k: sizes.append(w.shape[0]) or solve(w, *a, **k))
+    monkeypatch.setattr(gptq, "MAX_STACKED_ELEMENTS", 2 * 128 * 128)  # gate/up of one expert per row chunk
+    monkeypatch.setattr(gptq, "_batch_budget", lambda device: 1 << 30)
+    batched = gptq.gptq_layer(layer, graph, accs, scheme, **kw)
+    experts = layer.mlp.experts.layout.num_experts
+    assert sorted(sizes)[-2:] == [experts, experts]  # the gate/up chunks together, every down_proj together
+    sizes.clear()
+    monkeypatch.setattr(gptq, "_batch_budget", lambda device: 0)  # one solve per call
+    alone = gptq.gptq_layer(layer, graph, accs, scheme, **kw)
+    assert set(sizes) == {1}
+    assert set(batched) == set(alone) == set(graph.linears)
+    for name, qw in alone.items():
+        got = batched[name]
+        assert torch.equal(got.codes, qw.codes) and torch.equal(got.scale, qw.scale), name
+        assert got.codes.shape == graph.unit(name).matrix(layer).shape and got.scheme == qw.scheme
+
+
 def test_experts_fused_in_the_checkpoint_are_refused_before_any_weight(workspace):
     """gpt-oss stores each block's experts in one tensor, and transformers and vLLM read its
     experts only fused: per-expert output would not load, so the run stops first, naming the
