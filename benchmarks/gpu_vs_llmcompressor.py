@@ -393,7 +393,8 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
 
     prof = _Profile()
     prof.wrap(hessian.HessianAccumulator, "add", "hessian accumulation")
-    prof.wrap(gptq, "gptq_quantize", "gptq solve")
+    # every solve goes through the batched one (gptq_quantize is its batch of one): counted once
+    prof.wrap(gptq, "gptq_quantize_batch", "gptq solve")
     prof.wrap(awq, "awq_scale_search", "awq scale search")
     prof.wrap(awq, "awq_clip_search", "awq clip search")
     prof.wrap(int8_dynamic, "smooth_layer", "smoothquant (incl. its forward)")

@@ -363,11 +363,11 @@ def _quantize_block(W1, Hinv1, C1, Err1, S, Z, GS, GZ, ws: WeightScheme, group: 
             if i % group == 0:
                 sg, zg = column_group_qparams(W1[:, :, i : i + group].flatten(0, 1), ws, global_scale)
                 GS[:, i // group] = sg
-                s = effective_scale(GS[:, i // group], row_global).view(n_w, rows)
+                s = effective_scale(GS[:, i // group], row_global).reshape(n_w, rows)
                 z = None
                 if zg is not None:
                     GZ[:, i // group] = zg
-                    z = zg.to(torch.float32).view(n_w, rows)
+                    z = zg.to(torch.float32).reshape(n_w, rows)
         else:
             s = S[:, :, i]
             z = None if Z is None else Z[:, :, i]
