@@ -494,7 +494,9 @@ def fmt_ratio(a: float | None, b: float | None) -> str:
 
 
 def table(results: dict, peers_measured: bool) -> str:
-    peer = "llm-compressor (measured here)" if peers_measured else "llm-compressor (reference table)"
+    earlier = [r["llmcompressor"]["from"] for r in results.values() if "from" in r.get("llmcompressor", {})]
+    peer = (f"llm-compressor (from {earlier[0]})" if earlier else "llm-compressor (measured here)" if peers_measured
+            else "llm-compressor (reference table)")
     lines = [f"| case | quantkit wall s | {peer} wall s | ratio | quantkit GPU GiB | peer GPU GiB | ratio | "
              "quantkit RSS GiB | peer RSS GiB | ratio | quantkit out GiB | peer out GiB |",
              "|" + "---|" * 13]
@@ -592,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             s["config"].update(_CPU_WIDE if args.cpu_wide and s["model_type"] == "qwen3_moe"
                                else _TINY.get(s["model_type"], {}))
     tools = args.tools.split(",")
-    if "llmcompressor" in tools and not have_llmcompressor():
+    if "llmcompressor" in tools and not have_llmcompressor() and not args.peer_results:
         print("llm-compressor is not installed here: peers are the reference table's numbers", flush=True)
         tools.remove("llmcompressor")
     results: dict = {}

@@ -107,6 +107,30 @@ def test_unfused_experts_compute_what_the_fused_ones_do(family):
     assert unfused.routed.tolist() == (2 * torch.bincount(idx.flatten(), minlength=5)).tolist()
 
 
+def test_routed_dispatch_is_the_per_expert_loop_bitwise():
+    """The routed forward groups every expert's tokens with one sort and one host sync; each
+    expert still gets its tokens in token order, so the output is bitwise what a loop of
+    ``torch.where(idx == e)`` per expert gives; an index past the last expert (an
+    expert-parallel sentinel) is dropped."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts as cls
+
+    config = transformers.MixtralConfig(hidden_size=24, intermediate_size=40, num_local_experts=5)
+    config._experts_implementation = "eager"
+    _, unfused = _fused_and_unfused(cls, config, seed=2)
+    unfused = unfused.float()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(53, 24, generator=gen)
+    idx = torch.stack([torch.randperm(6, generator=gen)[:3] for _ in range(53)])  # 5: the sentinel
+    w = torch.rand(53, 3, generator=gen)
+    want = torch.zeros_like(x)
+    with torch.no_grad():
+        for e in range(5):
+            token, pos = torch.where(idx == e)
+            want.index_add_(0, token, unfused._expert(e, x[token]) * w[token, pos, None])
+        got = unfused(x, idx, w)
+    assert torch.equal(got, want) and want.abs().max() > 0.1
+
+
 # --------------------------------------------------------------------------- 2. full runs
 
 
