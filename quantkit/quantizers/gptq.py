@@ -583,7 +583,9 @@ def gptq_layer(
     group or row block, and the error update of a row reads only that row), so this is the
     same computation with one Cholesky factorisation and one sequential column loop instead
     of three or two. They share one global scale (tensor_group), as vLLM needs for the
-    matrix it fuses them into; it is taken from the layer's own weights.
+    matrix it fuses them into; it is taken from the layer's own weights. The solves of a MoE
+    layer's experts that share a shape and scheme (every down_proj, each with its own Hessian;
+    the gate/up row chunks) then run as batches, one ``gptq_quantize_batch`` call each.
     ``targets`` replaces a unit's weight as what GPTQ approximates (``feedback_target``).
     """
     if isinstance(schemes, Scheme):
@@ -636,7 +638,7 @@ def _expert_batches(solves: list[_Solve], static_groups: bool) -> list[list[_Sol
     """``solves`` in batches that ``gptq_quantize_batch`` takes at once: MoE experts' solves of
     one scheme and shape (every expert's down_proj; gate/up stacks with their own global
     scales or row chunks), as many as ``_batch_budget`` allows; every other solve alone, as
-    before (a dense layer's results stay bitwise what they were)."""
+    before."""
     batches: list[list[_Solve]] = []
     open_: dict[tuple, tuple[list[_Solve], int]] = {}
     budget = _batch_budget(solves[0].weight.device) if solves else 0
@@ -648,11 +650,12 @@ def _expert_batches(solves: list[_Solve], static_groups: bool) -> list[list[_Sol
         key = (s.scheme, out_f, in_f, s.global_scale is None)
         batch, used = open_.get(key, ([], 0))
         # the solve's float32 working set: the weight about four times over (itself, its
-        # codes, column parameters, the block buffers) and a Hessian of its own three times
-        cost = 16 * out_f * in_f + (0 if any(s.hessian is o.hessian for o in batch) else 12 * in_f * in_f)
+        # codes, column parameters, the block buffers) and a Hessian of its own five times
+        # (the stack passed in, its copy, and the factorisation's three at its peak)
+        cost = 16 * out_f * in_f + (0 if any(s.hessian is o.hessian for o in batch) else 20 * in_f * in_f)
         if batch and used + cost > budget:
             batch, used = [], 0
-            cost = 16 * out_f * in_f + 12 * in_f * in_f
+            cost = 16 * out_f * in_f + 20 * in_f * in_f
         if not batch:
             batches.append(batch)
         batch.append(s)
