@@ -170,7 +170,7 @@ def gptq_quantize_batch(
     The batch dimension is carried through every step (damping, factorisation, act-order
     permutation, the column loop), so the E solves cost one factorisation call and one
     sequential column loop: on a GPU the loop is launch-bound, and a MoE layer's 128 experts
-    cost about what one does instead of 128 times as much. Parameters fixed before the loop
+    launch one loop's kernels instead of 128 loops'. Parameters fixed before the loop
     (and ``clip_search``) are taken per weight; per-row column-group parameters during the
     loop see the weights' rows flattened together (``batchable`` says when that is allowed).
     On CPU each weight's result is bitwise the single solve's; on CUDA the batched kernels may
