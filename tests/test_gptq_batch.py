@@ -115,3 +115,14 @@ def test_batch_on_cuda_matches_the_single_solves(case, monkeypatch):
             return torch.linalg.norm(x @ (w[e] - q.dequantize()).T).item()
 
         assert err(graphed[e]) <= 1.05 * err(alone)
+
+
+def test_row_chunks_of_equal_experts_are_even():
+    """Qwen3-30B-A3B's 256 gate/up matrices (768 x 2048) do not fit one stacked solve: two
+    chunks of 128 (one shape, so one batched solve), not 170 and 86."""
+    from quantkit.quantizers.gptq import MAX_STACKED_ELEMENTS, _row_chunks
+
+    size = 768 * 2048
+    chunks = _row_chunks([f"m{i}" for i in range(256)], [size] * 256)
+    assert [len(c) for c in chunks] == [128, 128] and 128 * size <= MAX_STACKED_ELEMENTS
+    assert [n for c in chunks for n in c] == [f"m{i}" for i in range(256)]

@@ -279,17 +279,24 @@ def test_unpicked_expert_falls_back_to_rtn_with_routed_calibration(starved_layer
     assert not torch.equal(out["mlp.experts.0.down_proj"].codes, rtn0.codes)
 
 
-def test_stacked_gptq_in_row_chunks_is_the_same_solve(starved_layer, monkeypatch):
-    """Every expert's gate/up share one Hessian and are solved stacked; in chunks (bounded
-    memory) the codes are the same, since GPTQ treats rows independently given the Hessian."""
-    from quantkit.quantizers import gptq
-
+@pytest.fixture
+def calibrated_layer(starved_layer):
+    """Layer 0 of the tiny Qwen3-MoE with its Hessians (every expert on every token) and the
+    default GPTQ scheme."""
     runner, batches = starved_layer
     layer = runner.load_layer(0)
     graph = runner.graph.layer(0)
     accs, hooks = collect_hessians(graph)
     _LayerCalibration(runner, 0, layer, batches, 0).run(hooks)
-    scheme = QUANTIZERS["gptq"].Params(**METHODS["gptq"]).scheme()
+    return layer, graph, accs, QUANTIZERS["gptq"].Params(**METHODS["gptq"]).scheme()
+
+
+def test_stacked_gptq_in_row_chunks_is_the_same_solve(calibrated_layer, monkeypatch):
+    """Every expert's gate/up share one Hessian and are solved stacked; in chunks (bounded
+    memory) the codes are the same, since GPTQ treats rows independently given the Hessian."""
+    from quantkit.quantizers import gptq
+
+    layer, graph, accs, scheme = calibrated_layer
     whole = gptq.gptq_layer(layer, graph, accs, scheme)
     monkeypatch.setattr(gptq, "MAX_STACKED_ELEMENTS", 3 * 64 * 128)  # three expert matrices per solve
     chunked = gptq.gptq_layer(layer, graph, accs, scheme)
@@ -298,18 +305,13 @@ def test_stacked_gptq_in_row_chunks_is_the_same_solve(starved_layer, monkeypatch
         assert torch.equal(qw.codes, chunked[name].codes) and torch.equal(qw.scale, chunked[name].scale), name
 
 
-def test_experts_are_solved_in_batches_with_each_expert_s_own_result(starved_layer, monkeypatch):
+def test_experts_are_solved_in_batches_with_each_expert_s_own_result(calibrated_layer, monkeypatch):
     """gptq_layer solves every expert's down_proj (own Hessians) in one batched call and the
     gate/up row chunks (one Hessian) in another; each expert gets exactly what solving it
     alone gives, in the same per-expert layout."""
     from quantkit.quantizers import gptq
 
-    runner, batches = starved_layer
-    layer = runner.load_layer(0)
-    graph = runner.graph.layer(0)
-    accs, hooks = collect_hessians(graph)
-    _LayerCalibration(runner, 0, layer, batches, 0).run(hooks)
-    scheme = QUANTIZERS["gptq"].Params(**METHODS["gptq"]).scheme()
+    layer, graph, accs, scheme = calibrated_layer
     kw = dict(act_order=True, static_groups=True)
     sizes: list[int] = []
     solve = gptq.gptq_quantize_batch

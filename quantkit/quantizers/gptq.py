@@ -23,7 +23,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, TypedDict, Unpack
 
 import torch
 from pydantic import Field, model_validator
@@ -108,18 +108,25 @@ def _subtract_product(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
         dst.baddbmm_(a, b.expand(dst.shape[0], -1, -1), alpha=-1.0)
 
 
+class SolveOptions(TypedDict, total=False):
+    """GPTQ's options, the same for one weight and for a batch (defaults in
+    ``gptq_quantize_batch``)."""
+
+    block_size: int
+    dampening_frac: float
+    act_order: bool
+    static_groups: bool
+    clip_search: bool
+
+
 def gptq_quantize(
     w: torch.Tensor,
     hessian: torch.Tensor,
     scheme: Scheme,
     *,
-    block_size: int = 128,
-    dampening_frac: float = 0.01,
-    act_order: bool = False,
-    static_groups: bool = False,
-    clip_search: bool = False,
     name: str = "weight",
     global_scale: torch.Tensor | None = None,
+    **options: Unpack[SolveOptions],
 ) -> QuantizedWeight:
     """GPTQ-quantize ``w`` ``[out, in]`` given the Hessian ``[in, in]`` of its inputs.
 
@@ -133,13 +140,13 @@ def gptq_quantize(
     the min-max range, for per-channel and per-group scales; dynamic groups take no search
     (their weights move under the updates), nor do block, tensor and global-scale layouts.
     A tensor_group scheme uses ``global_scale`` (shared with fused shards) or the weight's own.
+    It is ``gptq_quantize_batch`` on a batch of one.
     """
     out_f, in_f = w.shape
     if hessian.shape != (in_f, in_f):
         raise ValueError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match in_features {in_f}")
-    return gptq_quantize_batch(w.unsqueeze(0), hessian.unsqueeze(0), scheme, block_size=block_size,
-                               dampening_frac=dampening_frac, act_order=act_order, static_groups=static_groups,
-                               clip_search=clip_search, names=[name], global_scales=[global_scale])[0]
+    return gptq_quantize_batch(w.unsqueeze(0), hessian.unsqueeze(0), scheme, names=[name],
+                               global_scales=[global_scale], **options)[0]
 
 
 def batchable(ws: WeightScheme, out_features: int, static_groups: bool) -> bool:
@@ -685,11 +692,20 @@ MAX_STACKED_ELEMENTS = 1 << 28
 
 def _row_chunks(names: list[str], sizes: list[int]) -> list[list[str]]:
     """``names`` in consecutive runs whose weights hold at most ``MAX_STACKED_ELEMENTS``
-    (one name per run when a single weight is larger)."""
+    (one name per run when a single weight is larger), as even as the fewest runs allow: a
+    MoE block's 256 equal gate/up matrices become two runs of 128, not 170 and 86, so the runs
+    have one shape and are solved as one batch."""
+    runs = _runs(names, sizes, MAX_STACKED_ELEMENTS)
+    if len(runs) > 1:
+        runs = _runs(names, sizes, min(MAX_STACKED_ELEMENTS, -(-len(names) // len(runs)) * max(sizes)))
+    return runs
+
+
+def _runs(names: list[str], sizes: list[int], cap: int) -> list[list[str]]:
     runs: list[list[str]] = [[]]
     total = 0
     for n, size in zip(names, sizes):
-        if runs[-1] and total + size > MAX_STACKED_ELEMENTS:
+        if runs[-1] and total + size > cap:
             runs.append([])
             total = 0
         runs[-1].append(n)
