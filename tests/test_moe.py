@@ -305,13 +305,17 @@ def test_stacked_gptq_in_row_chunks_is_the_same_solve(calibrated_layer, monkeypa
         assert torch.equal(qw.codes, chunked[name].codes) and torch.equal(qw.scale, chunked[name].scale), name
 
 
-def test_experts_are_solved_in_batches_with_each_expert_s_own_result(calibrated_layer, monkeypatch):
+@pytest.mark.parametrize("preset", [None, "NVFP4A16"])
+def test_experts_are_solved_in_batches_with_each_expert_s_own_result(calibrated_layer, monkeypatch, preset):
     """gptq_layer solves every expert's down_proj (own Hessians) in one batched call and the
-    gate/up row chunks (one Hessian) in another; each expert gets exactly what solving it
-    alone gives, in the same per-expert layout."""
+    gate/up row chunks (one Hessian; with NVFP4 one chunk per expert, each fused pair with
+    its own global scale) in another; each expert gets exactly what solving it alone gives,
+    in the same per-expert layout."""
+    from quantkit.presets import PRESETS
     from quantkit.quantizers import gptq
 
     layer, graph, accs, scheme = calibrated_layer
+    scheme = PRESETS[preset] if preset else scheme
     kw = dict(act_order=True, static_groups=True)
     sizes: list[int] = []
     solve = gptq.gptq_quantize_batch
@@ -328,8 +332,11 @@ def test_experts_are_solved_in_batches_with_each_expert_s_own_result(calibrated_
     assert set(batched) == set(alone) == set(graph.linears)
     for name, qw in alone.items():
         got = batched[name]
-        assert torch.equal(got.codes, qw.codes) and torch.equal(got.scale, qw.scale), name
-        assert got.codes.shape == graph.unit(name).matrix(layer).shape and got.scheme == qw.scheme
+        assert torch.equal(got.codes.view(torch.uint8), qw.codes.view(torch.uint8)), name
+        assert torch.equal(got.scale, qw.scale) and got.scheme == qw.scheme, name
+        assert (got.global_scale is None) == (preset is None) and got.codes.shape == graph.unit(name).matrix(layer).shape
+        if preset:
+            assert torch.equal(got.global_scale, qw.global_scale), name
 
 
 def test_experts_fused_in_the_checkpoint_are_refused_before_any_weight(workspace):
