@@ -676,11 +676,12 @@ def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _batch_budget(device: torch.device) -> int:
-    """Bytes one batched solve may take: half the GPU's free memory, or on the CPU what one
-    row-stacked solve may take (batching saves launches, which a CPU barely pays)."""
+    """Bytes one batched solve may take: half the GPU's free memory (counting what torch's
+    allocator holds unused), or on the CPU what one row-stacked solve may take (batching
+    saves launches, which a CPU barely pays)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
+        return (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) // 2
     return 4 * MAX_STACKED_ELEMENTS
 
 
