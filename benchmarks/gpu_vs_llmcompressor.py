@@ -118,6 +118,10 @@ _TINY = {  # --tiny: the same families at sizes a CPU runs in seconds (inputs mu
                         qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, num_attention_heads=4,
                         num_key_value_heads=4, vocab_size=512),
 }
+# --cpu-wide: Qwen3-MoE with many small experts, so a CPU run has the per-expert costs of the
+# real shape (128 experts of 768) without its size: a before/after measurement of MoE overheads.
+_CPU_WIDE = dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=256, num_experts=32,
+                 num_experts_per_tok=4, num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=512)
 # case: (shape, decoder layers, method)
 MOE_CASES = {
     "moe-gptq-qwen3-30b-2": ("qwen3-30b-a3b", 2, "gptq"),
@@ -393,7 +397,8 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     imported = time.perf_counter() - t0
     prof = _Profile()
     prof.wrap(hessian.HessianAccumulator, "add", "hessian accumulation")
-    prof.wrap(gptq, "gptq_quantize", "gptq solve")
+    # every solve goes through the batched one (gptq_quantize is its batch of one): counted once
+    prof.wrap(gptq, "gptq_quantize_batch", "gptq solve")
     prof.wrap(awq, "awq_scale_search", "awq scale search")
     prof.wrap(awq, "awq_clip_search", "awq clip search")
     prof.wrap(int8_dynamic, "smooth_layer", "smoothquant (incl. its forward)")
@@ -489,7 +494,9 @@ def fmt_ratio(a: float | None, b: float | None) -> str:
 
 
 def table(results: dict, peers_measured: bool) -> str:
-    peer = "llm-compressor (measured here)" if peers_measured else "llm-compressor (reference table)"
+    earlier = [r["llmcompressor"]["from"] for r in results.values() if "from" in r.get("llmcompressor", {})]
+    peer = (f"llm-compressor (from {earlier[0]})" if earlier else "llm-compressor (measured here)" if peers_measured
+            else "llm-compressor (reference table)")
     lines = [f"| case | quantkit wall s | {peer} wall s | ratio | quantkit GPU GiB | peer GPU GiB | ratio | "
              "quantkit RSS GiB | peer RSS GiB | ratio | quantkit out GiB | peer out GiB |",
              "|" + "---|" * 13]
@@ -564,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated; 'moe' for the Mixture-of-Experts cases")
     ap.add_argument("--tiny", action="store_true", help="check the script on the CPU with tiny MoE shapes "
                     "(a smoke test, not a measurement)")
+    ap.add_argument("--cpu-wide", action="store_true", help="on the CPU, the Qwen3-MoE case with 32 experts at "
+                    "hidden 512 (a measurement of per-expert overheads; use with --cases moe-gptq-qwen3-30b-2)")
     ap.add_argument("--drop-models", action="store_true",
                     help="delete each case's model folder after its runs (MoE models are 5-26 GB)")
     ap.add_argument("--tools", default="quantkit,llmcompressor")
@@ -578,13 +587,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    if args.tiny:
+    if args.tiny or args.cpu_wide:
         global DEVICE
         DEVICE = os.environ["QK_BENCH_DEVICE"] = "cpu"
         for s in MOE_SHAPES.values():
-            s["config"].update(_TINY.get(s["model_type"], {}))
+            s["config"].update(_CPU_WIDE if args.cpu_wide and s["model_type"] == "qwen3_moe"
+                               else _TINY.get(s["model_type"], {}))
     tools = args.tools.split(",")
-    if "llmcompressor" in tools and not have_llmcompressor():
+    if "llmcompressor" in tools and not have_llmcompressor() and not args.peer_results:
         print("llm-compressor is not installed here: peers are the reference table's numbers", flush=True)
         tools.remove("llmcompressor")
     results: dict = {}

@@ -107,6 +107,30 @@ def test_unfused_experts_compute_what_the_fused_ones_do(family):
     assert unfused.routed.tolist() == (2 * torch.bincount(idx.flatten(), minlength=5)).tolist()
 
 
+def test_routed_dispatch_is_the_per_expert_loop_bitwise():
+    """The routed forward groups every expert's tokens with one sort and one host sync; each
+    expert still gets its tokens in token order, so the output is bitwise what a loop of
+    ``torch.where(idx == e)`` per expert gives; an index past the last expert (an
+    expert-parallel sentinel) is dropped."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts as cls
+
+    config = transformers.MixtralConfig(hidden_size=24, intermediate_size=40, num_local_experts=5)
+    config._experts_implementation = "eager"
+    _, unfused = _fused_and_unfused(cls, config, seed=2)
+    unfused = unfused.float()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(53, 24, generator=gen)
+    idx = torch.stack([torch.randperm(6, generator=gen)[:3] for _ in range(53)])  # 5: the sentinel
+    w = torch.rand(53, 3, generator=gen)
+    want = torch.zeros_like(x)
+    with torch.no_grad():
+        for e in range(5):
+            token, pos = torch.where(idx == e)
+            want.index_add_(0, token, unfused._expert(e, x[token]) * w[token, pos, None])
+        got = unfused(x, idx, w)
+    assert torch.equal(got, want) and want.abs().max() > 0.1
+
+
 # --------------------------------------------------------------------------- 2. full runs
 
 
@@ -255,23 +279,64 @@ def test_unpicked_expert_falls_back_to_rtn_with_routed_calibration(starved_layer
     assert not torch.equal(out["mlp.experts.0.down_proj"].codes, rtn0.codes)
 
 
-def test_stacked_gptq_in_row_chunks_is_the_same_solve(starved_layer, monkeypatch):
-    """Every expert's gate/up share one Hessian and are solved stacked; in chunks (bounded
-    memory) the codes are the same, since GPTQ treats rows independently given the Hessian."""
-    from quantkit.quantizers import gptq
-
+@pytest.fixture
+def calibrated_layer(starved_layer):
+    """Layer 0 of the tiny Qwen3-MoE with its Hessians (every expert on every token) and the
+    default GPTQ scheme."""
     runner, batches = starved_layer
     layer = runner.load_layer(0)
     graph = runner.graph.layer(0)
     accs, hooks = collect_hessians(graph)
     _LayerCalibration(runner, 0, layer, batches, 0).run(hooks)
-    scheme = QUANTIZERS["gptq"].Params(**METHODS["gptq"]).scheme()
+    return layer, graph, accs, QUANTIZERS["gptq"].Params(**METHODS["gptq"]).scheme()
+
+
+def test_stacked_gptq_in_row_chunks_is_the_same_solve(calibrated_layer, monkeypatch):
+    """Every expert's gate/up share one Hessian and are solved stacked; in chunks (bounded
+    memory) the codes are the same, since GPTQ treats rows independently given the Hessian."""
+    from quantkit.quantizers import gptq
+
+    layer, graph, accs, scheme = calibrated_layer
     whole = gptq.gptq_layer(layer, graph, accs, scheme)
     monkeypatch.setattr(gptq, "MAX_STACKED_ELEMENTS", 3 * 64 * 128)  # three expert matrices per solve
     chunked = gptq.gptq_layer(layer, graph, accs, scheme)
     assert len(gptq._row_chunks([f"mlp.experts.{e}.up_proj" for e in range(8)], [64 * 128] * 8)) == 3
     for name, qw in whole.items():
         assert torch.equal(qw.codes, chunked[name].codes) and torch.equal(qw.scale, chunked[name].scale), name
+
+
+@pytest.mark.parametrize("preset", [None, "NVFP4A16"])
+def test_experts_are_solved_in_batches_with_each_expert_s_own_result(calibrated_layer, monkeypatch, preset):
+    """gptq_layer solves every expert's down_proj (own Hessians) in one batched call and the
+    gate/up row chunks (one Hessian; with NVFP4 one chunk per expert, each fused pair with
+    its own global scale) in another; each expert gets exactly what solving it alone gives,
+    in the same per-expert layout."""
+    from quantkit.presets import PRESETS
+    from quantkit.quantizers import gptq
+
+    layer, graph, accs, scheme = calibrated_layer
+    scheme = PRESETS[preset] if preset else scheme
+    kw = dict(act_order=True, static_groups=True)
+    sizes: list[int] = []
+    solve = gptq.gptq_quantize_batch
+    monkeypatch.setattr(gptq, "gptq_quantize_batch", lambda w, *a, **k: sizes.append(w.shape[0]) or solve(w, *a, **k))
+    monkeypatch.setattr(gptq, "MAX_STACKED_ELEMENTS", 2 * 128 * 128)  # gate/up of one expert per row chunk
+    monkeypatch.setattr(gptq, "_batch_budget", lambda device: 1 << 30)
+    batched = gptq.gptq_layer(layer, graph, accs, scheme, **kw)
+    experts = layer.mlp.experts.layout.num_experts
+    assert sorted(sizes)[-2:] == [experts, experts]  # the gate/up chunks together, every down_proj together
+    sizes.clear()
+    monkeypatch.setattr(gptq, "_batch_budget", lambda device: 0)  # one solve per call
+    alone = gptq.gptq_layer(layer, graph, accs, scheme, **kw)
+    assert set(sizes) == {1}
+    assert set(batched) == set(alone) == set(graph.linears)
+    for name, qw in alone.items():
+        got = batched[name]
+        assert torch.equal(got.codes.view(torch.uint8), qw.codes.view(torch.uint8)), name
+        assert torch.equal(got.scale, qw.scale) and got.scheme == qw.scheme, name
+        assert (got.global_scale is None) == (preset is None) and got.codes.shape == graph.unit(name).matrix(layer).shape
+        if preset:
+            assert torch.equal(got.global_scale, qw.global_scale), name
 
 
 def test_experts_fused_in_the_checkpoint_are_refused_before_any_weight(workspace):

@@ -21,14 +21,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
-from dataclasses import replace
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal, TypedDict, Unpack
 
 import torch
 from pydantic import Field, model_validator
 
 from ..errors import NumericsError
+from ..graph.experts import expert_of
 from ..grids import effective_scale, round_to_grid
 from ..scheme import QuantizedWeight, Scheme, WeightScheme
 from .activation_params import observe_input_globals
@@ -44,51 +45,78 @@ MAX_DAMP_RETRIES = 6
 
 
 def _inverse_hessian_factor(
-    h: torch.Tensor, dampening_frac: float, name: str, max_retries: int = MAX_DAMP_RETRIES
+    h: torch.Tensor, dampening_frac: float, names: Sequence[str], max_retries: int = MAX_DAMP_RETRIES
 ) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = frac · mean(diag H)``.
+    """Upper Cholesky factors of ``(H + λI)⁻¹`` for a stack of Hessians ``[E, in, in]``, with
+    ``λ = frac · mean(diag H)`` per Hessian (``names`` says whose they are).
 
-    If ``H + λI`` is not numerically positive definite, ``λ`` grows ×10 per retry (each
-    logged); after ``max_retries`` a NumericsError says what to change. One host sync per
-    attempt, never per column.
+    A Hessian whose ``H + λI`` is not numerically positive definite gets ``λ`` ×10 per retry
+    (each logged, the others are left as they are); after ``max_retries`` a NumericsError says
+    what to change. One host sync per attempt, never per column or per Hessian.
     """
+    diag = h.diagonal(dim1=1, dim2=2)
     # A real Hessian has a positive diagonal once dead columns are patched; the clamp keeps
     # damping positive for anything else so the retries can only help.
-    damp = dampening_frac * torch.diagonal(h).mean().clamp_min(1e-8)
-    # ``h`` is the caller's private copy: damped in place, and at most two more [in, in]
-    # matrices are alive at once (the 14336-wide down_proj Hessian is 0.8 GB in float32).
-    h.diagonal().add_(damp)
+    damp = dampening_frac * diag.mean(1).clamp_min(1e-8)
+    # ``h`` is the caller's private copy: damped in place, and at most two more stacks of
+    # [in, in] are alive at once (the 14336-wide down_proj Hessian is 0.8 GB in float32).
+    diag.add_(damp.unsqueeze(1))
     for attempt in range(max_retries + 1):
         low, info = torch.linalg.cholesky_ex(h)
-        if int(info) == 0:
-            inv = _cholesky_inverse(low)
-            del low
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-            del inv
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                return upper
+        inv = _cholesky_inverse(low)
+        del low
+        upper, info_inv = torch.linalg.cholesky_ex(inv, upper=True)
+        del inv
+        bad = (info != 0) | (info_inv != 0) | ~torch.isfinite(upper).flatten(1).all(1)
+        if not bool(bad.any()):
+            return upper
+        failed = ", ".join(names[e] for e in bad.nonzero().flatten().tolist())
         if attempt < max_retries:
             log.warning(
                 "GPTQ %s: Hessian not positive definite with dampening %.3g x mean(diag); "
                 "retrying with 10x more dampening",
-                name,
+                failed,
                 dampening_frac * 10**attempt,
             )
-            h.diagonal().add_(damp * 9)
-            damp = damp * 10
+            more = torch.where(bad, damp * 9, torch.zeros_like(damp))
+            diag.add_(more.unsqueeze(1))
+            damp = torch.where(bad, damp * 10, damp)
     raise NumericsError(
-        f"GPTQ {name}: Cholesky of the Hessian failed even with dampening_frac "
-        f"{dampening_frac * 10**max_retries:.3g}", file=name, value=dampening_frac * 10**max_retries,
+        f"GPTQ {failed}: Cholesky of the Hessian failed even with dampening_frac "
+        f"{dampening_frac * 10**max_retries:.3g}", file=failed, value=dampening_frac * 10**max_retries,
         hint="check the calibration activations for NaN/Inf or use more calibration samples")
 
 
 def _cholesky_inverse(low: torch.Tensor) -> torch.Tensor:
-    """``(L Lᵀ)⁻¹`` from ``L``. On CPU by solving against I: torch's CPU ``cholesky_inverse``
-    takes 11 s for a 1536-wide factor, 60x longer than the solve. On CUDA ``cholesky_inverse``
-    is fast and needs no [in, in] identity beside the result (3.3 GB at 28672 wide)."""
+    """``(L Lᵀ)⁻¹`` from ``L`` (a stack). On CPU by solving against I: torch's CPU
+    ``cholesky_inverse`` takes 11 s for a 1536-wide factor, 60x longer than the solve. On CUDA
+    ``cholesky_inverse`` is fast and needs no [in, in] identity beside the result (3.3 GB at
+    28672 wide)."""
     if low.device.type == "cpu":
-        return torch.cholesky_solve(torch.eye(low.shape[0], dtype=low.dtype), low)
+        return torch.cholesky_solve(torch.eye(low.shape[-1], dtype=low.dtype), low)
     return torch.cholesky_inverse(low)
+
+
+def _subtract_product(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``dst -= a @ b`` per batch element (``dst`` ``[E, r, m]``, ``a`` ``[E, r, k]``, ``b``
+    ``[E or 1, k, m]``), in place on a view. A single weight takes ``addmm_``: CPU's batched
+    kernel is 1.5x slower at one element, and gives the same bits per element as ``addmm_``
+    (so a batched solve equals the single ones on CPU)."""
+    if dst.shape[0] == 1:
+        dst[0].addmm_(a[0], b[0], alpha=-1.0)
+    else:
+        dst.baddbmm_(a, b.expand(dst.shape[0], -1, -1), alpha=-1.0)
+
+
+class SolveOptions(TypedDict, total=False):
+    """GPTQ's options, the same for one weight and for a batch (defaults in
+    ``gptq_quantize_batch``)."""
+
+    block_size: int
+    dampening_frac: float
+    act_order: bool
+    static_groups: bool
+    clip_search: bool
 
 
 def gptq_quantize(
@@ -96,13 +124,9 @@ def gptq_quantize(
     hessian: torch.Tensor,
     scheme: Scheme,
     *,
-    block_size: int = 128,
-    dampening_frac: float = 0.01,
-    act_order: bool = False,
-    static_groups: bool = False,
-    clip_search: bool = False,
     name: str = "weight",
     global_scale: torch.Tensor | None = None,
+    **options: Unpack[SolveOptions],
 ) -> QuantizedWeight:
     """GPTQ-quantize ``w`` ``[out, in]`` given the Hessian ``[in, in]`` of its inputs.
 
@@ -116,110 +140,190 @@ def gptq_quantize(
     the min-max range, for per-channel and per-group scales; dynamic groups take no search
     (their weights move under the updates), nor do block, tensor and global-scale layouts.
     A tensor_group scheme uses ``global_scale`` (shared with fused shards) or the weight's own.
+    It is ``gptq_quantize_batch`` on a batch of one.
     """
-    ws: WeightScheme = scheme.weights
     out_f, in_f = w.shape
     if hessian.shape != (in_f, in_f):
         raise ValueError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match in_features {in_f}")
+    return gptq_quantize_batch(w.unsqueeze(0), hessian.unsqueeze(0), scheme, names=[name],
+                               global_scales=[global_scale], **options)[0]
+
+
+def batchable(ws: WeightScheme, out_features: int, static_groups: bool) -> bool:
+    """Whether weights of ``out_features`` rows can share one batched solve: everything but
+    row blocks taken during the column loop (dynamic groups) that would straddle two weights
+    once their rows are flattened together."""
+    dynamic = column_group_width(ws, 0) is not None and not static_groups
+    return not (dynamic and ws.strategy == "block" and out_features % ws.block_size[0])
+
+
+def gptq_quantize_batch(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: Scheme,
+    *,
+    block_size: int = 128,
+    dampening_frac: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    clip_search: bool = False,
+    names: Sequence[str] | None = None,
+    global_scales: Sequence[torch.Tensor | None] | None = None,
+) -> list[QuantizedWeight]:
+    """``gptq_quantize`` for a stack of ``E`` weights ``[E, out, in]`` of one scheme at once,
+    each with its own Hessian (``hessian`` ``[E, in, in]``) or all with one (``[1, in, in]``);
+    one result per weight, as ``gptq_quantize`` gives it.
+
+    The batch dimension is carried through every step (damping, factorisation, act-order
+    permutation, the column loop), so the E solves cost one factorisation call and one
+    sequential column loop: on a GPU the loop is launch-bound, and a MoE layer's 128 experts
+    launch one loop's kernels instead of 128 loops'. Parameters fixed before the loop
+    (and ``clip_search``) are taken per weight; per-row column-group parameters during the
+    loop see the weights' rows flattened together (``batchable`` says when that is allowed).
+    On CPU each weight's result is bitwise the single solve's; on CUDA the batched kernels may
+    round differently (float32 rounding, not a different algorithm). ``names`` name the
+    weights in errors and logs; ``global_scales`` are each weight's tensor_group global scale
+    (None: its own, as in ``gptq_quantize``).
+    """
+    ws: WeightScheme = scheme.weights
+    n_w, out_f, in_f = w.shape
+    names = list(names) if names is not None else [f"weight {e}" for e in range(n_w)]
+    label = names[0] if n_w == 1 else f"{names[0]} .. {names[-1]} ({n_w} weights)"
+    n_h = hessian.shape[0]
+    if hessian.shape[1:] != (in_f, in_f) or n_h not in (1, n_w):
+        raise ValueError(f"{label}: Hessian stack {tuple(hessian.shape)} does not match weights {tuple(w.shape)}")
     group = column_group_width(ws, in_f)
     if group is not None and ws.strategy != "block" and in_f % group:
-        raise ValueError(f"{name}: in_features {in_f} is not a multiple of group_size {group}")
+        raise ValueError(f"{label}: in_features {in_f} is not a multiple of group_size {group}")
     dynamic_groups = group is not None and not static_groups
     if dynamic_groups and act_order and ws.layout.kind != "group":
-        raise ValueError(f"{name}: act-order with {ws.strategy} scales needs static groups")
+        raise ValueError(f"{label}: act-order with {ws.strategy} scales needs static groups")
+    if n_w > 1 and not batchable(ws, out_f, static_groups):
+        raise ValueError(f"{label}: row blocks of {ws.block_size[0]} straddle weights of {out_f} rows; "
+                         "solve them one at a time")
     device = w.device
 
     W = w.detach().to(torch.float32).clone()
     H = hessian.detach().to(device=device, dtype=torch.float32).clone()
     if not bool(torch.isfinite(H).all()):
-        raise NumericsError(f"GPTQ {name}: the Hessian has NaN/Inf", file=name,
+        raise NumericsError(f"GPTQ {label}: the Hessian has NaN/Inf", file=label,
                             hint="the calibration activations are not finite")
     # Columns whose input was always zero: their weight cannot matter, so zero it and give
     # the Hessian a unit diagonal there (reference behaviour).
-    dead = torch.diagonal(H) == 0
-    H.diagonal().masked_fill_(dead, 1.0)
-    W.masked_fill_(dead.unsqueeze(0), 0.0)
-    if ws.has_global_scale and global_scale is None:
-        global_scale = weight_global_scale([W], ws)
-    if global_scale is not None:
-        global_scale = global_scale.to(device=device, dtype=torch.float32)
+    dead = torch.diagonal(H, dim1=1, dim2=2) == 0
+    H.diagonal(dim1=1, dim2=2).masked_fill_(dead, 1.0)
+    W.masked_fill_(dead.unsqueeze(1), 0.0)
+    gscales = _global_scales(W, ws, global_scales, label)
+    # one global scale per row of the flattened weights, for the column groups of the loop
+    row_global = None if gscales[0] is None else torch.cat(
+        [g.reshape(1).expand(out_f) for g in gscales]).unsqueeze(1)
 
     # Per-column parameters fixed before the loop (natural order), when not dynamic groups.
     col_scale = col_zero = None
+    fixed: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     if not dynamic_groups:
-        ranged = W
-        if clip_search and ws.strategy in ("channel", "group"):
-            ranged = clip_to_gram(W, group_grams(H, group or in_f), scheme)
-        scale, zero = weight_qparams(ranged, ws, global_scale)
+        col_scale = torch.empty_like(W)
+        col_zero = None if ws.symmetric else torch.empty_like(W)
+        for e in range(n_w):
+            ranged = W[e]
+            if clip_search and ws.strategy in ("channel", "group"):
+                ranged = clip_to_gram(W[e], group_grams(H[min(e, n_h - 1)], group or in_f), scheme)
+            scale, zero = weight_qparams(ranged, ws, gscales[e])
+            col_scale[e] = ws.layout.expand(effective_scale(scale, gscales[e]), out_f, in_f)
+            if zero is not None:
+                col_zero[e] = ws.layout.expand(zero, out_f, in_f)
+            fixed.append((scale, zero))
         del ranged
-        col_scale = ws.layout.expand(effective_scale(scale, global_scale), out_f, in_f)
-        col_zero = None if zero is None else ws.layout.expand(zero, out_f, in_f)
 
     perm = None
     if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
+        # stable: ties (dead columns) keep their order on every device and batch size
+        perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=1, descending=True, stable=True)
+        H = H.gather(1, perm.unsqueeze(2).expand(-1, -1, in_f)).gather(2, perm.unsqueeze(1).expand(-1, in_f, -1))
+        cols = perm.unsqueeze(1).expand(n_w, out_f, in_f)
+        W = W.gather(2, cols)
         if col_scale is not None:
-            col_scale = col_scale[:, perm]
-            col_zero = None if col_zero is None else col_zero[:, perm]
+            col_scale = col_scale.gather(2, cols)
+            col_zero = None if col_zero is None else col_zero.gather(2, cols)
 
-    Hinv = _inverse_hessian_factor(H, dampening_frac, name)
+    Hinv = _inverse_hessian_factor(H, dampening_frac, names if n_h == n_w else [label])
     del H
 
     bs = max(1, block_size)
     if dynamic_groups:
         bs = max(group, (bs // group) * group)
-    codes = torch.empty(out_f, in_f, dtype=ws.grid.code_dtype, device=device)
+    codes = torch.empty(n_w, out_f, in_f, dtype=ws.grid.code_dtype, device=device)
     group_scales: list[torch.Tensor] = []
     group_zeros: list[torch.Tensor] = []
-    col_zero_f = None if col_zero is None else col_zero.to(torch.float32)
     asym = not ws.symmetric
     for i1 in range(0, in_f, bs):
         i2 = min(i1 + bs, in_f)
         n = i2 - i1
-        S = None if dynamic_groups else col_scale[:, i1:i2]
-        Z = None if dynamic_groups or col_zero_f is None else col_zero_f[:, i1:i2]
-        graph = (_block_graph(out_f, n, device, dynamic_groups, asym, ws, group, global_scale)
+        S = None if dynamic_groups else col_scale[:, :, i1:i2]
+        Z = None if dynamic_groups or col_zero is None else col_zero[:, :, i1:i2]
+        graph = (_block_graph(n_w, n_h, out_f, n, device, dynamic_groups, asym, ws, group, row_global)
                  if n == bs else None)
         if graph is not None:
-            C1, Err1, GS, GZ = graph.run(W[:, i1:i2], Hinv[i1:i2, i1:i2], S, Z, global_scale)
+            C1, Err1, GS, GZ = graph.run(W[:, :, i1:i2], Hinv[:, i1:i2, i1:i2], S, Z, row_global)
         else:
             # a view: W's columns before i2 are never read again
-            W1 = W[:, i1:i2]
+            W1 = W[:, :, i1:i2]
             C1, Err1 = torch.empty_like(W1), torch.empty_like(W1)
             GS = GZ = None
             if dynamic_groups:
-                GS = torch.empty(out_f, math.ceil(n / group), device=device)
-                GZ = torch.empty(out_f, math.ceil(n / group), device=device, dtype=torch.int8) if asym else None
-            _quantize_block(W1, Hinv[i1:i2, i1:i2], C1, Err1, S, Z, GS, GZ, ws, group, global_scale)
-        codes[:, i1:i2] = C1.to(codes.dtype)
+                GS = torch.empty(n_w * out_f, math.ceil(n / group), device=device)
+                GZ = (torch.empty(n_w * out_f, math.ceil(n / group), device=device, dtype=torch.int8)
+                      if asym else None)
+            _quantize_block(W1, Hinv[:, i1:i2, i1:i2], C1, Err1, S, Z, GS, GZ, ws, group, row_global)
+        codes[:, :, i1:i2] = C1.to(codes.dtype)
         if GS is not None:
             group_scales.append(GS.clone())
             if GZ is not None:
                 group_zeros.append(GZ.clone())
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1.0)
+        _subtract_product(W[:, :, i2:], Err1, Hinv[:, i1:i2, i2:])
 
     g_idx = None
     if perm is not None:
-        invperm = torch.argsort(perm)
-        codes = codes[:, invperm]
+        invperm = torch.argsort(perm, dim=1)
+        # gathered as raw bytes: CPU gather has no float8 kernel
+        raw = codes.view(torch.uint8) if codes.element_size() == 1 else codes
+        codes = raw.gather(2, invperm.unsqueeze(1).expand(n_w, out_f, in_f)).view(codes.dtype)
         if dynamic_groups:
             g_idx = (torch.arange(in_f, device=device) // group)[invperm].to(torch.int32)
 
     if dynamic_groups:
-        scale = torch.cat(group_scales, dim=1)
-        zero = torch.cat(group_zeros, dim=1) if group_zeros else None
+        scale = torch.cat(group_scales, dim=1).view(n_w, out_f, -1)
+        zero = torch.cat(group_zeros, dim=1).view(n_w, out_f, -1) if group_zeros else None
         if ws.strategy == "block":  # column groups held each row's block scale: one row per block
-            scale = scale[:: ws.block_size[0]].contiguous()
-    if not bool(torch.isfinite(scale).all()):
-        raise NumericsError(f"GPTQ {name}: non-finite scales", file=name, hint="the weight has NaN/Inf")
+            scale = scale[:, :: ws.block_size[0]]
+        fixed = [(scale[e], None if zero is None else zero[e]) for e in range(n_w)]
+    finite = torch.stack([torch.isfinite(s).all() for s, _ in fixed])
+    if not bool(finite.all()):
+        bad = names[int((~finite).nonzero()[0])]
+        raise NumericsError(f"GPTQ {bad}: non-finite scales", file=bad, hint="the weight has NaN/Inf")
     actorder = "group" if g_idx is not None else "static" if act_order and group is not None else None
     out_scheme = scheme
     if ws.actorder != actorder:
         out_scheme = Scheme(replace(ws, actorder=actorder), scheme.input_activations)
-    return QuantizedWeight(codes=codes, scale=scale, zero_point=zero, scheme=out_scheme, g_idx=g_idx,
-                           global_scale=global_scale)
+
+    def own(t: torch.Tensor | None) -> torch.Tensor | None:
+        """One weight's part of a stacked tensor as a tensor of its own (a view when alone)."""
+        return None if t is None else t.contiguous() if n_w == 1 else t.clone()
+
+    return [QuantizedWeight(codes=own(codes[e]), scale=own(s), zero_point=own(z), scheme=out_scheme,
+                            g_idx=None if g_idx is None else own(g_idx[min(e, n_h - 1)]), global_scale=gscales[e])
+            for e, (s, z) in enumerate(fixed)]
+
+
+def _global_scales(W: torch.Tensor, ws: WeightScheme, given: Sequence[torch.Tensor | None] | None,
+                   label: str) -> list[torch.Tensor | None]:
+    """Each weight's global scale on its device: the one given, or for a tensor_group scheme
+    the weight's own; all None or none None."""
+    given = list(given) if given is not None else [None] * W.shape[0]
+    out = [weight_global_scale([W[e]], ws) if g is None and ws.has_global_scale else g for e, g in enumerate(given)]
+    if len({g is None for g in out}) > 1:
+        raise ValueError(f"{label}: global scales given for some weights of the batch and not for others")
+    return [None if g is None else g.to(device=W.device, dtype=torch.float32) for g in out]
 
 
 def column_group_width(ws: WeightScheme, in_features: int) -> int | None:
@@ -236,7 +340,7 @@ def column_group_qparams(cols: torch.Tensor, ws: WeightScheme, global_scale: tor
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stored scale and zero point (or None) of one column group ``[rows, k]``, one value
     per row: the scheme's layout restricted to these columns (a block scheme's row blocks
-    share one), with its scale format and global scale."""
+    share one), with its scale format and global scale (one, or one per row ``[rows, 1]``)."""
     rows, k = cols.shape
     one = replace(ws, block_size=(ws.block_size[0], k)) if ws.strategy == "block" else replace(ws, group_size=k)
     scale, zero = weight_qparams(cols, one, global_scale)
@@ -246,31 +350,36 @@ def column_group_qparams(cols: torch.Tensor, ws: WeightScheme, global_scale: tor
 
 def _quantize_block(W1, Hinv1, C1, Err1, S, Z, GS, GZ, ws: WeightScheme, group: int | None,
                     global_scale: torch.Tensor | None = None) -> None:
-    """GPTQ's sequential loop over one block's columns, in place.
+    """GPTQ's sequential loop over one block's columns, in place, for a stack of weights.
 
-    ``W1`` ``[rows, n]`` is updated as columns are quantized; ``C1`` gets the codes (as floats),
+    ``W1`` ``[E, rows, n]`` is updated as columns are quantized, each weight with its own
+    ``Hinv1`` (``[E, n, n]``, or ``[1, n, n]`` shared); ``C1`` gets the codes (as floats),
     ``Err1`` the scaled errors the caller pushes onto later blocks. Per-column effective
-    scale/zero come from ``S``/``Z`` (float), or, when ``S`` is None (dynamic groups; the block
-    is whole groups), from each group's up-to-date weights, written (as stored) to ``GS``/``GZ``.
+    scale/zero come from ``S``/``Z`` (float, like ``W1``), or, when ``S`` is None (dynamic
+    groups; the block is whole groups), from each group's up-to-date weights, written (as
+    stored) to ``GS``/``GZ`` ``[E * rows, groups]``, with the weights' rows flattened (as is
+    ``global_scale``, ``[E * rows, 1]``).
     Few in-place ops per column and no host sync: on a GPU this loop is launch-bound, and it
     is captured as a CUDA graph.
     """
     grid = ws.grid
-    for i in range(W1.shape[1]):
+    n_w, rows, n = W1.shape
+    row_global = None if global_scale is None else global_scale[:, 0]
+    for i in range(n):
         if S is None:
             if i % group == 0:
-                sg, zg = column_group_qparams(W1[:, i : i + group], ws, global_scale)
+                sg, zg = column_group_qparams(W1[:, :, i : i + group].flatten(0, 1), ws, global_scale)
                 GS[:, i // group] = sg
-                s = effective_scale(GS[:, i // group], global_scale)
+                s = effective_scale(GS[:, i // group], row_global).reshape(n_w, rows)
                 z = None
                 if zg is not None:
                     GZ[:, i // group] = zg
-                    z = zg.to(torch.float32)
+                    z = zg.to(torch.float32).reshape(n_w, rows)
         else:
-            s = S[:, i]
-            z = None if Z is None else Z[:, i]
-        w = W1[:, i]
-        c = C1[:, i]
+            s = S[:, :, i]
+            z = None if Z is None else Z[:, :, i]
+        w = W1[:, :, i]
+        c = C1[:, :, i]
         torch.div(w, s, out=c)
         if z is not None:
             c.add_(z)
@@ -280,29 +389,29 @@ def _quantize_block(W1, Hinv1, C1, Err1, S, Z, GS, GZ, ws: WeightScheme, group: 
             c.copy_(round_to_grid(c, grid))
         q = c - z if z is not None else c.clone()
         q.mul_(s)
-        err = Err1[:, i]
+        err = Err1[:, :, i]
         torch.sub(w, q, out=err)
-        err.div_(Hinv1[i, i])
-        # addmm_ with an inner dimension of 1, not addr_: the same outer product, but CPU addr_
-        # is ~100x slower (a naive kernel, not BLAS).
-        W1[:, i:].addmm_(err.unsqueeze(1), Hinv1[i, i:].unsqueeze(0), alpha=-1.0)
+        err.div_(Hinv1[:, i, i].unsqueeze(1))
+        # a matrix product with an inner dimension of 1, not addr_ or a broadcast multiply:
+        # the same outer product, but on CPU those are 10-100x slower (naive kernels, not BLAS).
+        _subtract_product(W1[:, :, i:], err.unsqueeze(2), Hinv1[:, i : i + 1, i:])
 
 
 class _BlockGraph:
     """``_quantize_block`` captured once as a CUDA graph over static buffers, then replayed
     per block: one launch instead of about ten kernel launches per column."""
 
-    def __init__(self, rows: int, n: int, device: torch.device, dynamic: bool, asym: bool,
+    def __init__(self, n_w: int, n_h: int, rows: int, n: int, device: torch.device, dynamic: bool, asym: bool,
                  ws: WeightScheme, group: int | None, global_scale: torch.Tensor | None):
         f32 = dict(device=device, dtype=torch.float32)
-        self.W1, self.Hinv1 = torch.zeros(rows, n, **f32), torch.eye(n, **f32)
-        self.C1, self.Err1 = torch.zeros(rows, n, **f32), torch.zeros(rows, n, **f32)
-        self.S = None if dynamic else torch.ones(rows, n, **f32)
-        self.Z = torch.zeros(rows, n, **f32) if asym and not dynamic else None
-        self.GS = torch.ones(rows, math.ceil(n / group), **f32) if dynamic else None
-        self.GZ = (torch.zeros(rows, math.ceil(n / group), device=device, dtype=torch.int8)
+        self.W1, self.Hinv1 = torch.zeros(n_w, rows, n, **f32), torch.eye(n, **f32).repeat(n_h, 1, 1)
+        self.C1, self.Err1 = torch.zeros(n_w, rows, n, **f32), torch.zeros(n_w, rows, n, **f32)
+        self.S = None if dynamic else torch.ones(n_w, rows, n, **f32)
+        self.Z = torch.zeros(n_w, rows, n, **f32) if asym and not dynamic else None
+        self.GS = torch.ones(n_w * rows, math.ceil(n / group), **f32) if dynamic else None
+        self.GZ = (torch.zeros(n_w * rows, math.ceil(n / group), device=device, dtype=torch.int8)
                    if dynamic and asym else None)
-        # the global scale is the weight's: a replay for another weight copies it in
+        # the global scales are the weights': a replay for other weights copies theirs in
         self.global_scale = None if global_scale is None else global_scale.clone()
         args = (self.W1, self.Hinv1, self.C1, self.Err1, self.S, self.Z, self.GS, self.GZ, ws, group,
                 self.global_scale)
@@ -332,18 +441,19 @@ _GRAPHS: dict[tuple, _BlockGraph | None] = {}
 _MAX_GRAPHS = 8
 
 
-def _block_graph(rows: int, n: int, device: torch.device, dynamic: bool, asym: bool, ws: WeightScheme,
-                 group: int | None, global_scale: torch.Tensor | None) -> _BlockGraph | None:
-    """The cached graph for this block shape, or None (CPU, disabled, or capture failed: the
-    eager loop computes the same thing). Set QUANTKIT_CUDA_GRAPHS=0 to disable."""
+def _block_graph(n_w: int, n_h: int, rows: int, n: int, device: torch.device, dynamic: bool, asym: bool,
+                 ws: WeightScheme, group: int | None, global_scale: torch.Tensor | None) -> _BlockGraph | None:
+    """The cached graph for this block shape (``n_w`` weights of ``rows`` rows, ``n_h``
+    Hessians), or None (CPU, disabled, or capture failed: the eager loop computes the same
+    thing). Set QUANTKIT_CUDA_GRAPHS=0 to disable."""
     if device.type != "cuda" or os.environ.get("QUANTKIT_CUDA_GRAPHS", "1") == "0":
         return None
-    key = (rows, n, str(device), dynamic, asym, ws, group, global_scale is None)
+    key = (n_w, n_h, rows, n, str(device), dynamic, asym, ws, group, global_scale is None)
     if key not in _GRAPHS:
         if len(_GRAPHS) >= _MAX_GRAPHS:
             _GRAPHS.pop(next(iter(_GRAPHS)))
         try:
-            _GRAPHS[key] = _BlockGraph(rows, n, device, dynamic, asym, ws, group, global_scale)
+            _GRAPHS[key] = _BlockGraph(n_w, n_h, rows, n, device, dynamic, asym, ws, group, global_scale)
         except RuntimeError as e:  # capture unsupported here: fall back to the eager loop
             log.warning("GPTQ: CUDA graph capture failed (%s); using the eager column loop", e)
             _GRAPHS[key] = None
@@ -480,7 +590,9 @@ def gptq_layer(
     group or row block, and the error update of a row reads only that row), so this is the
     same computation with one Cholesky factorisation and one sequential column loop instead
     of three or two. They share one global scale (tensor_group), as vLLM needs for the
-    matrix it fuses them into; it is taken from the layer's own weights.
+    matrix it fuses them into; it is taken from the layer's own weights. The solves of a MoE
+    layer's experts that share a shape and scheme (every down_proj, each with its own Hessian;
+    the gate/up row chunks) then run as batches, one ``gptq_quantize_batch`` call each.
     ``targets`` replaces a unit's weight as what GPTQ approximates (``feedback_target``).
     """
     if isinstance(schemes, Scheme):
@@ -493,20 +605,84 @@ def gptq_layer(
     by_key: dict[tuple[int, Scheme, int], list[str]] = {}
     for name, scheme in schemes.items():
         by_key.setdefault((id(accs[name]), scheme, id(globals_.get(name))), []).append(name)
+    solves: list[_Solve] = []
     for (_, scheme, _), names in by_key.items():
         weights = [targets[n] if n in targets else graph.unit(n).matrix(layer).detach() for n in names]
         hessian = accs[names[0]].hessian()
         shared = globals_.get(names[0])
         if not _stackable(scheme.weights, [w.shape[0] for w in weights]):
-            for n, w in zip(names, weights):
-                out[n] = gptq_quantize(w, hessian, scheme, name=n, global_scale=shared, **kwargs)
+            solves += [_Solve(scheme, [n], [w.shape[0]], w, hessian, shared) for n, w in zip(names, weights)]
             continue
         for part in _row_chunks(names, [w.shape[0] * w.shape[1] for w in weights]):
             ws = [weights[names.index(n)] for n in part]
-            stacked = gptq_quantize(torch.cat(ws), hessian, scheme, name="+".join(part), global_scale=shared,
-                                    **kwargs)
-            out.update(split_rows(stacked, part, [w.shape[0] for w in ws]))
+            solves.append(_Solve(scheme, part, [w.shape[0] for w in ws], torch.cat(ws), hessian, shared))
+    for batch in _expert_batches(solves, kwargs.get("static_groups", False)):
+        first = batch[0]
+        shared_h = all(s.hessian is first.hessian for s in batch)
+        results = gptq_quantize_batch(_stack([s.weight for s in batch]),
+                                      _stack([first.hessian] if shared_h else [s.hessian for s in batch]),
+                                      first.scheme, names=["+".join(s.names) for s in batch],
+                                      global_scales=[s.global_scale for s in batch], **kwargs)
+        for s, qw in zip(batch, results):
+            out.update(split_rows(qw, s.names, s.rows) if len(s.names) > 1 else {s.names[0]: qw})
     return out
+
+
+@dataclass
+class _Solve:
+    """One GPTQ solve of ``gptq_layer``: ``names``' weights stacked by rows (``rows`` each)
+    under one Hessian, scheme and global scale."""
+
+    scheme: Scheme
+    names: list[str]
+    rows: list[int]
+    weight: torch.Tensor
+    hessian: torch.Tensor
+    global_scale: torch.Tensor | None
+
+
+def _expert_batches(solves: list[_Solve], static_groups: bool) -> list[list[_Solve]]:
+    """``solves`` in batches that ``gptq_quantize_batch`` takes at once: MoE experts' solves of
+    one scheme and shape (every expert's down_proj; gate/up stacks with their own global
+    scales or row chunks), as many as ``_batch_budget`` allows; every other solve alone, as
+    before."""
+    batches: list[list[_Solve]] = []
+    open_: dict[tuple, tuple[list[_Solve], int]] = {}
+    budget = _batch_budget(solves[0].weight.device) if solves else 0
+    for s in solves:
+        out_f, in_f = s.weight.shape
+        if not all(expert_of(n) for n in s.names) or not batchable(s.scheme.weights, out_f, static_groups):
+            batches.append([s])
+            continue
+        key = (s.scheme, out_f, in_f, s.global_scale is None)
+        batch, used = open_.get(key, ([], 0))
+        # the solve's float32 working set: the weight about four times over (itself, its
+        # codes, column parameters, the block buffers) and a Hessian of its own five times
+        # (the stack passed in, its copy, and the factorisation's three at its peak)
+        cost = 16 * out_f * in_f + (0 if any(s.hessian is o.hessian for o in batch) else 20 * in_f * in_f)
+        if batch and used + cost > budget:
+            batch, used = [], 0
+            cost = 16 * out_f * in_f + 20 * in_f * in_f
+        if not batch:
+            batches.append(batch)
+        batch.append(s)
+        open_[key] = (batch, used + cost)
+    return batches
+
+
+def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
+    """``ts`` stacked on a new first dimension; a view for one tensor (no copy of a lone weight)."""
+    return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
+
+
+def _batch_budget(device: torch.device) -> int:
+    """Bytes one batched solve may take: half the GPU's free memory (counting what torch's
+    allocator holds unused), or on the CPU what one row-stacked solve may take (batching
+    saves launches, which a CPU barely pays)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) // 2
+    return 4 * MAX_STACKED_ELEMENTS
 
 
 # Weights stacked into one GPTQ solve hold at most this many elements (1 GiB in float32, as
@@ -517,11 +693,20 @@ MAX_STACKED_ELEMENTS = 1 << 28
 
 def _row_chunks(names: list[str], sizes: list[int]) -> list[list[str]]:
     """``names`` in consecutive runs whose weights hold at most ``MAX_STACKED_ELEMENTS``
-    (one name per run when a single weight is larger)."""
+    (one name per run when a single weight is larger), as even as the fewest runs allow: a
+    MoE block's 256 equal gate/up matrices become two runs of 128, not 170 and 86, so the runs
+    have one shape and are solved as one batch."""
+    runs = _runs(names, sizes, MAX_STACKED_ELEMENTS)
+    if len(runs) > 1:
+        runs = _runs(names, sizes, min(MAX_STACKED_ELEMENTS, -(-len(names) // len(runs)) * max(sizes)))
+    return runs
+
+
+def _runs(names: list[str], sizes: list[int], cap: int) -> list[list[str]]:
     runs: list[list[str]] = [[]]
     total = 0
     for n, size in zip(names, sizes):
-        if runs[-1] and total + size > MAX_STACKED_ELEMENTS:
+        if runs[-1] and total + size > cap:
             runs.append([])
             total = 0
         runs[-1].append(n)
