@@ -21,10 +21,10 @@ processes (different ``--rows``) can share the work and ``--table`` joins them. 
 is the mean over draws ± t(0.975, n−1)·s/√n of the relative perplexity increase. Time is the
 engine's quantize phase summed over layers (loading, evaluation and export left out).
 
-Peers (``--peers llmc-gptq,llmc-awq``) run through ``llmcompressor_parity.py``'s reference
-phases on the same calibration and evaluation ids (written to ``--out/tokens``); their
-checkpoint and the base model are both scored by transformers with one function, and the
-increase is against that base. Their time is ``oneshot`` alone.
+Peers (``--peers llmc-gptq,llmc-awq,autoround``) run through ``llmcompressor_parity.py``'s
+reference phases and ``autoround_peer.py`` on the same calibration and evaluation ids (written to
+``--out/tokens``); their checkpoint and the base model are both scored by transformers with one
+function, and the increase is against that base. Their time is their quantize-and-save alone.
 """
 
 from __future__ import annotations
@@ -84,11 +84,16 @@ ROWS: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "fp8-rot": ("FP8 dynamic, per-channel weights + Hadamard", {"method": "fp8", "rotate": "hadamard"}, None),
 }
 
-# Peers, run by benchmarks/llmcompressor_parity.py's reference phases (in --peer-python, where
-# llm-compressor is installed) on the same calibration and evaluation ids: GPTQ W4A16 g64 sym
-# with static act-order, damping 0.01, block 128; AWQ W4A16 g64 asym, grid 20.
-PEERS = {"llmc-gptq": ("llm-compressor GPTQ W4A16 g64 sym, act-order static", "gptq"),
-         "llmc-awq": ("llm-compressor AWQ W4A16 g64 asym (grid 20)", "awq")}
+# Peers, run in --peer-python (where llm-compressor and auto-round are installed) on the same
+# calibration and evaluation ids: llm-compressor by benchmarks/llmcompressor_parity.py's
+# reference phases (GPTQ W4A16 g64 sym with static act-order, damping 0.01, block 128; AWQ W4A16
+# g64 asym, grid 20), AutoRound by benchmarks/autoround_peer.py (W4A16 g64 sym, its defaults).
+# key: (label, script and its arguments before --model-dir/--tokens/--out-dir)
+PEERS = {"llmc-gptq": ("llm-compressor GPTQ W4A16 g64 sym, act-order static",
+                       ("llmcompressor_parity.py", "--phase", "llmc-quantize", "--method", "gptq")),
+         "llmc-awq": ("llm-compressor AWQ W4A16 g64 asym (grid 20)",
+                      ("llmcompressor_parity.py", "--phase", "llmc-quantize", "--method", "awq")),
+         "autoround": ("AutoRound W4A16 g64 sym ({iters} steps)", ("autoround_peer.py",))}
 
 DETERMINISTIC = ("rtn", "fp8")  # methods whose default settings read no calibration data
 
@@ -178,32 +183,36 @@ def dump_tokens(domain: str, seed: int, calib: tuple[int, int], evaluation: tupl
 
 
 def run_peer(key: str, domain: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, int],
-             work: Path, model: str, python: str) -> dict[str, Any]:
+             work: Path, model: str, python: str, autoround_iters: int) -> dict[str, Any]:
     """One peer run and the perplexity of its checkpoint and of the base model, both loaded by
     transformers and scored by the same function (the parity script's)."""
     import subprocess
 
     from quantkit.model import ModelSource
 
-    label, method = PEERS[key]
+    label, (script, *quantize_args) = PEERS[key]
+    if key == "autoround":
+        label = label.format(iters=autoround_iters)
+        quantize_args = ["--iters", str(autoround_iters)]
     model_dir = ModelSource.open(model).path
     tokens = dump_tokens(domain, seed, calib, evaluation, work, model_dir)
     out = work / "checkpoints" / f"{domain}-{key}-{seed}"
-    parity = str(ROOT / "benchmarks" / "llmcompressor_parity.py")
 
-    def phase(*argv: str) -> dict:
+    def phase(script: str, *argv: str) -> dict:
         env = dict(os.environ)
         if "PEER_PYTHONPATH" in env:  # a separate venv (scripts/llmcompressor_venv.sh) wants its own path
             env["PYTHONPATH"] = env["PEER_PYTHONPATH"]
-        proc = subprocess.run([python, parity, *argv], capture_output=True, text=True, env=env)
+        proc = subprocess.run([python, str(ROOT / "benchmarks" / script), *argv], capture_output=True, text=True,
+                              env=env)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-6000:])
-            raise SystemExit(f"peer step {argv[:2]} failed (exit {proc.returncode})")
+            raise SystemExit(f"peer step {script} {argv[:2]} failed (exit {proc.returncode})")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    seconds = phase("--phase", "llmc-quantize", "--method", method, "--model-dir", str(model_dir),
-                    "--tokens", str(tokens), "--out-dir", str(out))["seconds"]
-    ppl = phase("--phase", "evaluate", "--tokens", str(tokens), "--checkpoints", str(model_dir), str(out))
+    seconds = phase(script, *quantize_args, "--model-dir", str(model_dir), "--tokens", str(tokens),
+                    "--out-dir", str(out))["seconds"]
+    ppl = phase("llmcompressor_parity.py", "--phase", "evaluate", "--tokens", str(tokens), "--checkpoints",
+                str(model_dir), str(out))
     return {"key": key, "label": label, "domain": domain, "seed": seed, "calib": list(calib),
             "eval": list(evaluation), "ppl_base": ppl[str(model_dir)], "ppl": ppl[str(out)],
             "quantize_s": seconds, "peer": True}
@@ -253,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="start no new run after this many seconds (call again to resume where it stopped)")
     ap.add_argument("--peers", default="", help=f"comma-separated, of {', '.join(PEERS)} (needs llm-compressor "
                     "in --peer-python)")
-    ap.add_argument("--peer-python", default=sys.executable, help="python where llm-compressor is installed "
-                    "(its PYTHONPATH from $PEER_PYTHONPATH)")
+    ap.add_argument("--peer-python", default=sys.executable, help="python where llm-compressor and auto-round "
+                    "are installed (its PYTHONPATH from $PEER_PYTHONPATH)")
+    ap.add_argument("--autoround-iters", type=int, default=200, help="AutoRound's steps per block (its default; "
+                    "fewer only to check the peer path on a CPU)")
     ap.add_argument("--table", action="store_true", help="only print the table of the runs saved under --out")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -279,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
                 print("time budget spent: run the same command again to continue", flush=True)
                 break
             if key in PEERS:
-                row = run_peer(key, domain, seed, calib, evaluation, args.out, args.model, args.peer_python)
+                row = run_peer(key, domain, seed, calib, evaluation, args.out, args.model, args.peer_python,
+                               args.autoround_iters)
             else:
                 row = run_one(key, domain, seed, calib, evaluation, args.out, args.device, args.model)
             path.write_text(json.dumps(row))
