@@ -83,6 +83,7 @@ def test_exported_checkpoint_with_vllms_transform_computes_the_plain_export(fami
     import transformers
     from safetensors.torch import load_file
 
+    from quantkit.evaluate import evaluate_checkpoint
     from quantkit.pipeline import run
     from quantkit.recipe import make_recipe
 
@@ -102,6 +103,9 @@ def test_exported_checkpoint_with_vllms_transform_computes_the_plain_export(fami
             out, dtype=torch.float32, quantization_config=transformers.CompressedTensorsConfig(run_compressed=False))
         loaded.eval()
         if online:
+            with pytest.raises(ModelError) as e:  # transformers would run it without the transform
+                evaluate_checkpoint(out)
+            assert "transform_config" in str(e.value) and e.value.field == "checkpoint"
             down = tensors["model.layers.0.mlp.down_proj.weight"].double()
             fuse_into_weight(plain_down, 64)
             torch.testing.assert_close(down, plain_down, rtol=1e-6, atol=1e-6)
