@@ -57,7 +57,7 @@ def _vllm_input_transform(model: torch.nn.Module, config: dict, tensors: dict[st
     ``<linear>.R4_input.weight`` (the dense path; hadacore computes the same Sylvester blocks)."""
     import re
 
-    from compressed_tensors.transform import TransformConfig
+    from compressed_tensors.transform import TransformConfig, deterministic_hadamard_matrix
 
     parsed = TransformConfig.model_validate(config["quantization_config"]["transform_config"])
     (name, scheme), = parsed.config_groups.items()
@@ -67,7 +67,8 @@ def _vllm_input_transform(model: torch.nn.Module, config: dict, tensors: dict[st
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and any(re.match(t[3:], module_name) for t in args.targets):
             w = tensors[f"{module_name}.{name}_input.weight"].to(torch.float64)
-            assert w.shape == (scheme.head_dim, scheme.head_dim) and bool((w.abs() == 1).all())
+            # the Sylvester matrix vLLM's hadacore kernel is tested against (its test_hadacore.py)
+            assert torch.equal(w, deterministic_hadamard_matrix(scheme.head_dim, torch.float64))
             h = w / scheme.head_dim ** 0.5
             module.register_forward_pre_hook(lambda _m, a, h=h: (online_hadamard(a[0], h),))
             hooked += 1
