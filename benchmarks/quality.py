@@ -21,10 +21,10 @@ processes (different ``--rows``) can share the work and ``--table`` joins them. 
 is the mean over draws ± t(0.975, n−1)·s/√n of the relative perplexity increase. Time is the
 engine's quantize phase summed over layers (loading, evaluation and export left out).
 
-Peers (``--peers llmc-gptq,llmc-awq``) run through ``llmcompressor_parity.py``'s reference
-phases on the same calibration and evaluation ids (written to ``--out/tokens``); their
-checkpoint and the base model are both scored by transformers with one function, and the
-increase is against that base. Their time is ``oneshot`` alone.
+Peers (``--peers llmc-gptq,llmc-awq,autoround``) run through ``llmcompressor_parity.py``'s
+reference phases and ``autoround_peer.py`` on the same calibration and evaluation ids (written to
+``--out/tokens``); their checkpoint and the base model are both scored by transformers with one
+function, and the increase is against that base. Their time is their quantize-and-save alone.
 """
 
 from __future__ import annotations
@@ -74,6 +74,13 @@ ROWS: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "gptq-asym-rot-fb": ("GPTQ W4A16 g64 asym, act-order static, input feedback + Hadamard",
                          {"method": "gptq", **_W4, **_ACT, "symmetric": False, "input_feedback": True,
                           "rotate": "hadamard"}, None),
+    "rtn-online": ("RTN W4A16 g64 sym + online down_proj Hadamard",
+                   {"method": "rtn", **_W4, "online_down_proj": True}, None),
+    "gptq-online": ("GPTQ W4A16 g64 sym, act-order static + online down_proj Hadamard",
+                    {"method": "gptq", **_W4, **_ACT, "online_down_proj": True}, None),
+    "gptq-asym-rot-online": ("GPTQ W4A16 g64 asym, act-order static + Hadamard + online down_proj Hadamard",
+                             {"method": "gptq", **_W4, **_ACT, "symmetric": False, "rotate": "hadamard",
+                              "online_down_proj": True}, None),
     "awq": ("AWQ W4A16 g64 asym (grid 20)", {"method": "awq", **_W4, "symmetric": False}, "awq"),
     "awq-rot": ("AWQ W4A16 g64 asym (grid 20) + Hadamard",
                 {"method": "awq", **_W4, "symmetric": False, "rotate": "hadamard"}, None),
@@ -84,11 +91,16 @@ ROWS: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "fp8-rot": ("FP8 dynamic, per-channel weights + Hadamard", {"method": "fp8", "rotate": "hadamard"}, None),
 }
 
-# Peers, run by benchmarks/llmcompressor_parity.py's reference phases (in --peer-python, where
-# llm-compressor is installed) on the same calibration and evaluation ids: GPTQ W4A16 g64 sym
-# with static act-order, damping 0.01, block 128; AWQ W4A16 g64 asym, grid 20.
-PEERS = {"llmc-gptq": ("llm-compressor GPTQ W4A16 g64 sym, act-order static", "gptq"),
-         "llmc-awq": ("llm-compressor AWQ W4A16 g64 asym (grid 20)", "awq")}
+# Peers, run in --peer-python (where llm-compressor and auto-round are installed) on the same
+# calibration and evaluation ids: llm-compressor by benchmarks/llmcompressor_parity.py's
+# reference phases (GPTQ W4A16 g64 sym with static act-order, damping 0.01, block 128; AWQ W4A16
+# g64 asym, grid 20), AutoRound by benchmarks/autoround_peer.py (W4A16 g64 sym, its defaults).
+# key: (label, script and its arguments before --model-dir/--tokens/--out-dir)
+PEERS = {"llmc-gptq": ("llm-compressor GPTQ W4A16 g64 sym, act-order static",
+                       ("llmcompressor_parity.py", "--phase", "llmc-quantize", "--method", "gptq")),
+         "llmc-awq": ("llm-compressor AWQ W4A16 g64 asym (grid 20)",
+                      ("llmcompressor_parity.py", "--phase", "llmc-quantize", "--method", "awq")),
+         "autoround": ("AutoRound W4A16 g64 sym ({iters} steps)", ("autoround_peer.py",))}
 
 DETERMINISTIC = ("rtn", "fp8")  # methods whose default settings read no calibration data
 
@@ -177,36 +189,45 @@ def dump_tokens(domain: str, seed: int, calib: tuple[int, int], evaluation: tupl
     return path
 
 
+class PeerFailed(RuntimeError):
+    """A peer's subprocess failed: that run is skipped, the table goes on (its stderr is printed)."""
+
+
 def run_peer(key: str, domain: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, int],
-             work: Path, model: str, python: str) -> dict[str, Any]:
+             work: Path, model: str, python: str, autoround_iters: int) -> dict[str, Any]:
     """One peer run and the perplexity of its checkpoint and of the base model, both loaded by
     transformers and scored by the same function (the parity script's)."""
     import subprocess
 
     from quantkit.model import ModelSource
 
-    label, method = PEERS[key]
+    label, (script, *quantize_args) = PEERS[key]
+    if key == "autoround":
+        label = label.format(iters=autoround_iters)
+        quantize_args = ["--iters", str(autoround_iters)]
     model_dir = ModelSource.open(model).path
     tokens = dump_tokens(domain, seed, calib, evaluation, work, model_dir)
     out = work / "checkpoints" / f"{domain}-{key}-{seed}"
-    parity = str(ROOT / "benchmarks" / "llmcompressor_parity.py")
 
-    def phase(*argv: str) -> dict:
+    def phase(script: str, *argv: str) -> dict:
         env = dict(os.environ)
         if "PEER_PYTHONPATH" in env:  # a separate venv (scripts/llmcompressor_venv.sh) wants its own path
             env["PYTHONPATH"] = env["PEER_PYTHONPATH"]
-        proc = subprocess.run([python, parity, *argv], capture_output=True, text=True, env=env)
+        proc = subprocess.run([python, str(ROOT / "benchmarks" / script), *argv], capture_output=True, text=True,
+                              env=env)
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-6000:])
-            raise SystemExit(f"peer step {argv[:2]} failed (exit {proc.returncode})")
+            raise PeerFailed(f"peer step {script} {argv[:2]} failed (exit {proc.returncode}); its stderr is above")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    seconds = phase("--phase", "llmc-quantize", "--method", method, "--model-dir", str(model_dir),
-                    "--tokens", str(tokens), "--out-dir", str(out))["seconds"]
-    ppl = phase("--phase", "evaluate", "--tokens", str(tokens), "--checkpoints", str(model_dir), str(out))
+    done = phase(script, *quantize_args, "--model-dir", str(model_dir), "--tokens", str(tokens),
+                 "--out-dir", str(out))
+    checkpoint = done.get("checkpoint", str(out))  # AutoRound writes into a subfolder
+    ppl = phase("llmcompressor_parity.py", "--phase", "evaluate", "--tokens", str(tokens), "--checkpoints",
+                str(model_dir), checkpoint)
     return {"key": key, "label": label, "domain": domain, "seed": seed, "calib": list(calib),
-            "eval": list(evaluation), "ppl_base": ppl[str(model_dir)], "ppl": ppl[str(out)],
-            "quantize_s": seconds, "peer": True}
+            "eval": list(evaluation), "ppl_base": ppl[str(model_dir)], "ppl": ppl[checkpoint],
+            "quantize_s": done["seconds"], "peer": True}
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -234,13 +255,14 @@ def table(results: list[dict[str, Any]]) -> str:
             rel, half = interval([100 * (r["ppl"] / r["ppl_base"] - 1) for r in rs])
             ci = "" if math.isnan(half) else f" ± {half:.2f}"
             lines.append(f"| {rs[0]['label']} | {len(rs)} | {statistics.fmean(r['ppl'] for r in rs):.3f} | "
-                         f"+{rel:.2f}%{ci} | {statistics.fmean(r['quantize_s'] for r in rs):.0f} |")
+                         f"{rel:+.2f}%{ci} | {statistics.fmean(r['quantize_s'] for r in rs):.0f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", default="rtn,gptq-plain,gptq,gptq-rot", help=f"comma-separated, of {', '.join(ROWS)}")
+    ap.add_argument("--rows", default="rtn,gptq-plain,gptq,gptq-rot",
+                    help=f"comma-separated, run in this order, of {', '.join(ROWS)}; peers may be listed here too")
     ap.add_argument("--domains", default="pydoc,shakespeare")
     ap.add_argument("--seeds", default="0,1,2", help="calibration draws")
     ap.add_argument("--calib", default="32x256", help="calibration samples x tokens")
@@ -253,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="start no new run after this many seconds (call again to resume where it stopped)")
     ap.add_argument("--peers", default="", help=f"comma-separated, of {', '.join(PEERS)} (needs llm-compressor "
                     "in --peer-python)")
-    ap.add_argument("--peer-python", default=sys.executable, help="python where llm-compressor is installed "
-                    "(its PYTHONPATH from $PEER_PYTHONPATH)")
+    ap.add_argument("--peer-python", default=sys.executable, help="python where llm-compressor and auto-round "
+                    "are installed (its PYTHONPATH from $PEER_PYTHONPATH)")
+    ap.add_argument("--autoround-iters", type=int, default=200, help="AutoRound's steps per block (its default; "
+                    "fewer only to check the peer path on a CPU)")
     ap.add_argument("--table", action="store_true", help="only print the table of the runs saved under --out")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -279,7 +303,12 @@ def main(argv: list[str] | None = None) -> int:
                 print("time budget spent: run the same command again to continue", flush=True)
                 break
             if key in PEERS:
-                row = run_peer(key, domain, seed, calib, evaluation, args.out, args.model, args.peer_python)
+                try:
+                    row = run_peer(key, domain, seed, calib, evaluation, args.out, args.model, args.peer_python,
+                                   args.autoround_iters)
+                except PeerFailed as e:
+                    print(f"{domain} {key} seed {seed}: {e}: skipped", flush=True)
+                    continue
             else:
                 row = run_one(key, domain, seed, calib, evaluation, args.out, args.device, args.model)
             path.write_text(json.dumps(row))

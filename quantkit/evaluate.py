@@ -14,6 +14,7 @@ import torch
 
 from .calibration import TextRequest, load_tokens
 from .engine import make_batches, perplexity
+from .errors import ModelError
 from .model import load_tokenizer, read_config, resolve_model_dir
 from .shard_check import read_entries
 
@@ -25,7 +26,13 @@ def evaluate_checkpoint(checkpoint: str | Path, source: str = "shakespeare-eval"
     from .graph.skeleton import model_class
 
     path = resolve_model_dir(str(checkpoint))
-    read_config(path / "config.json", quantized_ok=True)
+    config = read_config(path / "config.json", quantized_ok=True)
+    if (config.get("quantization_config") or {}).get("transform_config"):
+        raise ModelError(f"{checkpoint}: its quantization_config has a transform_config (online_down_proj), "
+                         "which vLLM applies at run time and transformers does not: its perplexity here would be wrong",
+                         field="checkpoint", file=path / "config.json",
+                         hint="read the perplexity from the run's report.json (measured with the transform), "
+                         "or serve it in vLLM")
     for shard in sorted(path.glob("*.safetensors")):  # a damaged file is one line, not a loader traceback
         read_entries(shard)
     tokenizer = load_tokenizer(path)

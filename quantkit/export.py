@@ -50,6 +50,9 @@ def export_checkpoint(runner: ModelRunner, workdir: WorkDir, writer: CheckpointW
         for name, t in record.extra.items():
             module, _, leaf = name.rpartition(".")
             writer.add(f"{names.source_module(prefix + module)}.{leaf}", t, keep_dtype=True)
+        for edit in runner.edits:  # the online Hadamard's transform tensor
+            for (module, leaf), t in edit.layer_tensors(i).items():
+                writer.add(f"{names.source_module(prefix + module)}.{leaf}", t)
     writer.flush()
     check_nothing_dropped(runner, writer.written, quantized)
 

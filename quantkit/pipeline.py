@@ -35,6 +35,7 @@ from .output_guard import check_output_dir, run_inputs
 from .planner import serve_command
 from .quantizers import QUANTIZERS
 from .recipe import RecipeBase, parse_size
+from .rotation.online import DownProjHadamard
 from .rotation.stream import StreamRotation
 from .run_lock import RunLock
 from .scheme import Scheme
@@ -82,6 +83,9 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     if params.rotate == "hadamard":
         runner.edits.append(StreamRotation(runner))
     linear_schemes = assignment.resolve(decoder_linear_names(runner.graph))
+    if params.online_down_proj:
+        runner.edits.append(DownProjHadamard(runner.graph, runner.names, linear_schemes.values(),
+                                             recipe.format_name, runner.where))
     check_model_files(runner)
     tokenizer = load_tokenizer(source.path)
     check_source_tensors(source, runner.outside_text_sources(), device)
@@ -135,6 +139,7 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
             config["torch_dtype"] = str(dtype).replace("torch.", "")
             for edit in runner.edits:
                 config.update(edit.config_updates())
+                config["quantization_config"].update(edit.quantization_config_updates())
             extra_files = {"report.json": json.dumps(report, indent=2),
                            "README.md": render_card(report, base_license(source.path))}
             copy = source.tokenizer_files() + [p for p in [source.path / "generation_config.json"] if p.is_file()]

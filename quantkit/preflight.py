@@ -164,6 +164,10 @@ def check(recipe: RecipeBase) -> RunPlan:
 
         rotation_targets(view.model, view.graph, view.location, named)
     linear_schemes = resolve_assignment(params.assignment(), view.graph, where)
+    if params.online_down_proj:
+        from .rotation.online import check_online_down_proj
+
+        check_online_down_proj(view.graph, view.names, linear_schemes.values(), recipe.format_name, named)
     groups = check_groups(view, linear_schemes, where)
     check_linear_tensors(view, model.headers)
     quantizer = QUANTIZERS[params.method](params, model.config)

@@ -40,7 +40,8 @@ class LayerInputs:
 
 class WeightEdit(Protocol):
     """A function-preserving change to the weights applied as each module is loaded (the
-    stream rotation): layers by ``edit_layer``, modules outside them listed in ``modules``."""
+    stream rotation, the online down_proj Hadamard): layers by ``edit_layer``, modules outside
+    them listed in ``modules``."""
 
     modules: tuple[str, ...]
 
@@ -50,6 +51,14 @@ class WeightEdit(Protocol):
 
     def config_updates(self) -> dict[str, Any]:
         """Keys of config.json the edited checkpoint needs changed (an untied head)."""
+        ...
+
+    def quantization_config_updates(self) -> dict[str, Any]:
+        """Keys of config.json's quantization_config it needs (a transform vLLM applies online)."""
+        ...
+
+    def layer_tensors(self, i: int) -> dict[tuple[str, str], torch.Tensor]:
+        """Tensors the checkpoint needs beside layer ``i``'s own, by (module inside the layer, leaf name)."""
         ...
 
 

@@ -126,6 +126,9 @@ class AWQParams(QuantizerParams):
     clip_search: bool = True
     max_calib_tokens: int = Field(4096, ge=16)
 
+    def folds_input_scales(self) -> bool:
+        return True
+
     def scheme(self) -> Scheme:
         return weight_only_scheme(self.bits, self.group_size, self.symmetric)
 

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from typing import Callable, ClassVar, Literal, Mapping, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from ..graph.types import LayerGraph
@@ -64,6 +64,9 @@ class QuantizerParams(BaseModel):
     rotate: Literal["none", "hadamard"] = Field(
         "none", description="hadamard: rotate the residual stream (and each value head) by randomized Hadamards "
         "fused into the weights before quantizing; same function, fewer outliers; vLLM serves it as is")
+    online_down_proj: bool = Field(
+        False, description="a Hadamard on down_proj's input that vLLM applies at run time (compressed-tensors "
+        "transform_config; weight side fused before quantizing); one more small matmul per MLP when serving")
     targets: list[str] = Field(
         [ANY_LINEAR], description="Linears to quantize: 'Linear' (all), full module names, or 're:<regex>'")
     ignore: list[str] = Field(
@@ -73,6 +76,17 @@ class QuantizerParams(BaseModel):
     @classmethod
     def _patterns(cls, v: list[str]) -> list[str]:
         return check_patterns(v)
+
+    @model_validator(mode="after")
+    def _online_hadamard_needs_unscaled_inputs(self) -> "QuantizerParams":
+        if self.online_down_proj and self.folds_input_scales():
+            raise ValueError("online_down_proj: this method folds per-channel scales into down_proj's input, which "
+                             "does not commute with the Hadamard vLLM applies there")
+        return self
+
+    def folds_input_scales(self) -> bool:
+        """Whether the method scales Linears' input channels, folding the inverse upstream (AWQ, SmoothQuant)."""
+        return False
 
     def scheme(self) -> Scheme:
         """The scheme of every targeted Linear no override names."""

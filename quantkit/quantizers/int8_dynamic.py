@@ -30,6 +30,9 @@ class W8A8Params(QuantizerParams):
     block_size: int = Field(128, ge=1)
     act_order: bool = False
 
+    def folds_input_scales(self) -> bool:
+        return self.smoothquant_alpha is not None
+
 
 class DynamicInt8Params(W8A8Params):
     method: Literal["dynamic_int8"] = "dynamic_int8"

@@ -110,6 +110,12 @@ class StreamRotation:
     def config_updates(self) -> dict[str, object]:
         return {"tie_word_embeddings": False} if self.untie else {}
 
+    def quantization_config_updates(self) -> dict[str, object]:
+        return {}
+
+    def layer_tensors(self, i: int) -> dict[tuple[str, str], torch.Tensor]:
+        return {}
+
     @torch.no_grad()
     def edit_layer(self, i: int, layer: nn.Module) -> None:
         g = self.graph.layer(i)
