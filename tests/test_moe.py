@@ -279,7 +279,7 @@ def test_unpicked_expert_falls_back_to_rtn_with_routed_calibration(starved_layer
     assert not torch.equal(out["mlp.experts.0.down_proj"].codes, rtn0.codes)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def calibrated_layer(starved_layer):
     """Layer 0 of the tiny Qwen3-MoE with its Hessians (every expert on every token) and the
     default GPTQ scheme."""
@@ -315,26 +315,27 @@ def test_experts_are_solved_in_batches_with_each_expert_s_own_result(calibrated_
     from quantkit.quantizers import gptq
 
     layer, graph, accs, scheme = calibrated_layer
-    scheme = PRESETS[preset] if preset else scheme
+    experts = layer.mlp.experts.layout.num_experts
+    schemes = {n: PRESETS[preset] if preset else scheme for n in graph.linears if ".experts." in n}
     kw = dict(act_order=True, static_groups=True)
     sizes: list[int] = []
     solve = gptq.gptq_quantize_batch
     monkeypatch.setattr(gptq, "gptq_quantize_batch", lambda w, *a, **k: sizes.append(w.shape[0]) or solve(w, *a, **k))
     monkeypatch.setattr(gptq, "MAX_STACKED_ELEMENTS", 2 * 128 * 128)  # gate/up of one expert per row chunk
     monkeypatch.setattr(gptq, "_batch_budget", lambda device: 1 << 30)
-    batched = gptq.gptq_layer(layer, graph, accs, scheme, **kw)
-    experts = layer.mlp.experts.layout.num_experts
-    assert sorted(sizes)[-2:] == [experts, experts]  # the gate/up chunks together, every down_proj together
+    batched = gptq.gptq_layer(layer, graph, accs, schemes, **kw)
+    assert sorted(sizes) == [experts, experts]  # the gate/up chunks together, every down_proj together
     sizes.clear()
     monkeypatch.setattr(gptq, "_batch_budget", lambda device: 0)  # one solve per call
-    alone = gptq.gptq_layer(layer, graph, accs, scheme, **kw)
-    assert set(sizes) == {1}
-    assert set(batched) == set(alone) == set(graph.linears)
+    alone = gptq.gptq_layer(layer, graph, accs, schemes, **kw)
+    assert sizes == [1] * 2 * experts
+    assert set(batched) == set(alone) == set(schemes) and len(schemes) == 3 * experts
     for name, qw in alone.items():
         got = batched[name]
         assert torch.equal(got.codes.view(torch.uint8), qw.codes.view(torch.uint8)), name
         assert torch.equal(got.scale, qw.scale) and got.scheme == qw.scheme, name
-        assert (got.global_scale is None) == (preset is None) and got.codes.shape == graph.unit(name).matrix(layer).shape
+        assert got.codes.shape == graph.unit(name).matrix(layer).shape
+        assert (got.global_scale is None) == (preset is None)
         if preset:
             assert torch.equal(got.global_scale, qw.global_scale), name
 

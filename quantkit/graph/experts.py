@@ -134,7 +134,7 @@ class UnfusedExperts(nn.ModuleList):
         k = idx.shape[1]
         order = torch.argsort(idx.reshape(-1), stable=True)
         start = 0
-        for e, count in enumerate(torch.bincount(idx.reshape(-1), minlength=n + 1)[:n].tolist()):
+        for e, count in enumerate(counts.tolist()):
             if count:
                 pair = order[start:start + count]
                 token, pos = pair // k, pair % k

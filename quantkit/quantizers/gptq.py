@@ -23,7 +23,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, TypedDict, Unpack
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 import torch
 from pydantic import Field, model_validator
@@ -38,6 +38,9 @@ from .clip import clip_to_gram, group_grams
 from .hessian import HessianAccumulator
 from .rtn import fused_global_scales, weight_global_scale, weight_only_scheme, weight_qparams
 from .scheme_params import SchemeParams
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing's own from Python 3.11; quantkit supports 3.10
 
 log = logging.getLogger(__name__)
 
