@@ -257,8 +257,8 @@ def _group_size(scheme: Scheme | None) -> int | None:
 def check_linear_tensors(view: ModelView, headers: dict[str, dict[str, Any]]) -> None:
     """Every Linear the layers quantize is in the shard headers with the shape the config
     implies: a missing or reshaped one stops here, before any weight is read."""
-    for _, u, name in _decoder_units(view):
-        if u.expert is None and u.rows is None:
+    for prefix, u, name in _decoder_units(view):
+        if u.expert is None and u.rows is None and not view.names.held_fused(prefix + u.name):
             entry = headers.get(name)
             if entry is None:
                 raise ModelError(f"model: tensor {name} is missing from the shards", field="model.id",
