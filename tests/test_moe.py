@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from quantkit.engine import LayerwiseEngine, _LayerCalibration, make_batches
-from quantkit.graph.experts import UnfusedExperts, split_fused
+from quantkit.graph.experts import UnfusedExperts, is_fused_experts, layout_of, split_fused
 from quantkit.graph.runtime import ModelRunner
 from quantkit.model import ModelSource
 from quantkit.moe import ExpertCalibration, ExpertReport
@@ -35,7 +35,7 @@ from tests.tiny_models import model_class_for
 
 transformers = pytest.importorskip("transformers")
 
-FULL_RUN = {"mixtral": "gptq", "qwen2_moe": "gptq", "qwen3_moe": "awq", "deepseek_v3": "gptq"}
+FULL_RUN = {"mixtral": "gptq", "qwen2_moe": "gptq", "qwen3_moe": "awq", "deepseek_v3": "gptq", "llama4_text": "gptq"}
 ROUTED_ONLY = {"qwen2_moe"}  # its run calibrates each expert on its routed tokens only
 METHODS = {
     "rtn": {"method": "rtn", "bits": 4, "group_size": 64},
@@ -49,7 +49,9 @@ METHODS = {
 BLOCK = {"mixtral": ("model.layers.0.block_sparse_moe.experts", "model.layers.0.block_sparse_moe.gate"),
          "qwen2_moe": ("model.layers.0.mlp.experts", "model.layers.0.mlp.gate"),
          "qwen3_moe": ("model.layers.0.mlp.experts", "model.layers.0.mlp.gate"),
-         "deepseek_v3": ("model.layers.1.mlp.experts", "model.layers.1.mlp.gate")}
+         "deepseek_v3": ("model.layers.1.mlp.experts", "model.layers.1.mlp.gate"),
+         "llama4_text": ("model.layers.1.feed_forward.experts", "model.layers.1.feed_forward.router")}
+TOP_K = {"llama4_text": 1}  # experts routed per token; 2 elsewhere
 GATE = {"mixtral": "w1"}  # expert 1's gate projection leaf; gate_proj elsewhere
 
 
@@ -115,20 +117,21 @@ def _fuse_into(reference: torch.nn.Module, fake: dict[str, torch.Tensor]) -> dic
     parameters, in its layout (gate/up concatenated or interleaved, transposed or not)."""
     out = dict(fake)
     for name, mod in reference.named_modules():
-        if not hasattr(mod, "gate_up_proj") or not isinstance(mod.gate_up_proj, torch.nn.Parameter):
+        if not is_fused_experts(mod):
             continue
-        n = mod.gate_up_proj.shape[0]
+        layout = layout_of(mod)
+        n = layout.num_experts
         for leaf in ("weight", "bias"):
             if f"{name}.0.down_proj.{leaf}" not in out:
                 continue
             gate = [out.pop(f"{name}.{e}.gate_proj.{leaf}") for e in range(n)]
             up = [out.pop(f"{name}.{e}.up_proj.{leaf}") for e in range(n)]
             down = [out.pop(f"{name}.{e}.down_proj.{leaf}") for e in range(n)]
-            if mod.is_concatenated:
+            if layout.is_concatenated:
                 gate_up = [torch.cat([g, u]) for g, u in zip(gate, up)]
             else:
                 gate_up = [torch.stack([g, u], dim=1).reshape(2 * g.shape[0], *g.shape[1:]) for g, u in zip(gate, up)]
-            if leaf == "weight" and mod.is_transposed:
+            if leaf == "weight" and layout.is_transposed:
                 gate_up, down = [t.T for t in gate_up], [t.T for t in down]
             suffix = "" if leaf == "weight" else "_bias"
             out[f"{name}.gate_up_proj{suffix}"] = torch.stack(gate_up)
@@ -187,7 +190,7 @@ def test_moe_family_end_to_end(workspace, family):
     tokens = 4 * 48
     experts = report["experts"]
     counts = experts["routed_tokens"][block]
-    assert len(counts) == 4 and sum(counts) == 2 * tokens and experts["rtn_fallback"] == []
+    assert len(counts) == 4 and sum(counts) == TOP_K.get(family, 2) * tokens and experts["rtn_fallback"] == []
     assert experts["statistics_tokens"][block] == (counts if family in ROUTED_ONLY else [tokens] * 4)
     card = (out / "README.md").read_text()
     assert "## Experts" in card and f"| {min(counts)} |" in card
