@@ -109,6 +109,46 @@ def test_unfused_experts_compute_what_the_fused_ones_do(family):
     assert unfused.routed.tolist() == (2 * torch.bincount(idx.flatten(), minlength=5)).tolist()
 
 
+def test_llama4_unfused_experts_compute_what_its_moe_block_does():
+    """Llama 4 scales each expert's input by its router score: the unfused block computes
+    what transformers' fused one does, routed and all-expert alike, and under all-expert
+    calibration an expert the router never picks still runs on every token."""
+    import copy
+
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+    from quantkit.graph.experts import InputWeightedExperts, unfuse_experts
+
+    config = transformers.Llama4TextConfig(hidden_size=24, intermediate_size=40, num_local_experts=5,
+                                           num_experts_per_tok=1)
+    torch.manual_seed(0)
+    fused = Llama4TextMoe(config).to(torch.float64)
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.normal_(0, 0.3)
+        fused.router.weight[4, 0] = -3.0  # with input feature 0 at 5: expert 4 never has the top score
+    unfused = copy.deepcopy(fused)
+    state = {f"experts.{k}": v for name in ("gate_up_proj", "down_proj")
+             for k, v in split_fused(layout_of(fused.experts), name, getattr(fused.experts, name)).items()}
+    assert unfuse_experts(unfused) == 1 and isinstance(unfused.experts, InputWeightedExperts)
+    unfused.experts.to_empty(device="cpu")
+    unfused.load_state_dict({**{k: v for k, v in fused.state_dict().items() if not k.startswith("experts.")},
+                             **state}, strict=True)
+    x = torch.randn(37, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x[:, 0] = 5.0
+    seen: list[int] = []
+    unfused.experts[4].up_proj.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        want = fused(x)[0]
+        got_routed = unfused(x)[0]
+        unfused.experts.all_experts = True
+        got_all = unfused(x)[0]
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got_routed, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_all, want, rtol=1e-12, atol=1e-12)
+    assert seen == [37]  # not routed once, yet seen every token under all-expert calibration
+    assert unfused.experts.routed[4] == 0 and int(unfused.experts.routed.sum()) == 2 * 37
+
+
 # --------------------------------------------------------------------------- 2. full runs
 
 
