@@ -33,15 +33,14 @@ class ModelView:
         for src, (container, _) in self.names.fused.items():
             if isinstance(self.model.get_submodule(container), InputWeightedExperts):
                 continue  # Llama 4: per-expert tensors, which vLLM's and transformers' loaders both read
-            raise ModelError(f"{where}: {src} holds every expert of its block in one tensor, and vLLM reads this "
-                             "family's quantized experts in no layout a checkpoint can carry: for "
-                             "compressed-tensors, GptOssModel._load_weights_other (vllm/model_executor/models/"
-                             "gpt_oss.py) takes per-expert tensors only under its internal names "
-                             "(experts.{e}.w13_weight_packed) and fused ones only as float [E, H, 2I]; "
-                             "transformers has no gpt-oss conversion for quantized experts either",
-                             field="model.id",
-                             hint="quantize a Mixture-of-Experts family whose experts vLLM loads per expert "
-                                  "(Mixtral, Qwen2/3-MoE, DeepSeek-V3, Llama 4)")
+            raise ModelError(f"{where}: {src} holds every expert of its block in one tensor; vLLM loads this "
+                             "family's quantized experts (GptOssModel._load_weights_other, vllm/model_executor/"
+                             "models/gpt_oss.py) only under its internal parameter names "
+                             "(experts.{e}.w13_weight_packed) and skips per-expert checkpoint names "
+                             "(experts.{e}.gate_proj.weight_packed) without an error, and transformers reads "
+                             "gpt-oss experts only as fused float tensors", field="model.id",
+                             hint="quantize a Mixture-of-Experts family whose experts vLLM and transformers read "
+                                  "per expert (Mixtral, Qwen2/3-MoE, DeepSeek-V3, Llama 4)")
         for i in range(self.location.num_layers):
             prefix = self.graph.layer_prefix(i)
             fused = self.names.converted_under(prefix)
