@@ -348,6 +348,10 @@ def test_experts_fused_in_the_checkpoint_are_refused_before_any_weight(workspace
     ("qwen2_moe", dict(hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408, num_experts=60,
                        shared_expert_intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
                        vocab_size=151936, num_hidden_layers=24), 14.3e9),  # Qwen1.5-MoE-A2.7B
+    # Llama 4 Maverick's text model: MoE every second layer (dense ones wider), a shared expert
+    ("llama4_text", dict(hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384,
+                         num_local_experts=128, interleave_moe_layer_step=2, num_attention_heads=40,
+                         num_key_value_heads=8, head_dim=128, vocab_size=202048, num_hidden_layers=48), 400e9),
 ])
 def test_plan_counts_every_expert(family, config, published):
     """The serving size of a MoE model counts every expert (vLLM holds them all): parameter
@@ -358,7 +362,7 @@ def test_plan_counts_every_expert(family, config, published):
 
     cfg = transformers.CONFIG_MAPPING[family](**config, max_position_embeddings=4096).to_dict()
     shape = ModelShape.from_config(cfg)
-    assert shape.moe_layers == config["num_hidden_layers"]
+    assert shape.moe_layers == config["num_hidden_layers"] // config.get("interleave_moe_layer_step", 1)
     assert count_parameters(shape) == pytest.approx(published, rel=0.01)
     mem = quantize_memory(shape)
     assert mem.hessians < mem.per_expert_hessians
