@@ -75,8 +75,8 @@ def check_nothing_dropped(runner: ModelRunner, written: set[str], quantized_pref
         if src in written:
             continue
         if src in runner.names.fused:
-            missing = [t for t in runner.names.per_expert(src) if t not in written and t[: -len(".weight")]
-                       not in quantized_prefixes]
+            missing = [t for t in runner.names.per_expert(src) if t not in written
+                       and not (t.endswith(".weight") and t.rpartition(".")[0] in quantized_prefixes)]
             if not missing:
                 continue
             src = f"{src} (as {missing[0]})"

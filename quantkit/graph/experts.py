@@ -14,6 +14,9 @@ producers, quantizers hook its Linears' inputs, and the export writes one tensor
 which is how MoE checkpoints store them and what vLLM's MoE loaders read
 (``expert_params_mapping``: ``experts.{e}.gate_proj`` / ``w1`` ...).
 
+Llama 4's experts carry no decorator attributes and are called with router-scaled inputs
+instead; ``InputWeightedExperts`` takes that call.
+
 Calibration (``all_experts``): every token goes through every expert, so each expert's
 statistics come from all tokens, while only the routed outputs, weighted by the router, reach
 the layer's output. All experts then read the very same tensor: their gate/up Linears form one

@@ -15,7 +15,7 @@ from typing import Iterable
 
 from torch import nn
 
-from .experts import UnfusedExperts, fused_shape
+from .experts import UnfusedExperts, expert_of, fused_shape
 
 
 class CheckpointNames:
@@ -59,6 +59,7 @@ class CheckpointNames:
                 self.to_model[src] = name
         self.to_source = {m: s for s, m in self.to_model.items()}
         self.layouts = {n: m.layout for n, m in experts.items()}
+        self._fused_containers = {c for c, _ in self.fused.values()}
 
     def per_expert(self, src: str) -> list[str]:
         """The per-expert tensors quantkit writes for ``src``, a tensor holding every expert of a
@@ -73,9 +74,11 @@ class CheckpointNames:
         """Each tensor holding every expert of a block, with the shape its config implies."""
         return {src: fused_shape(self.layouts[c], leaf) for src, (c, leaf) in self.fused.items()}
 
-    def held_fused(self, module: str) -> bool:
-        """Module ``module`` is one expert's projection read out of a tensor holding every expert."""
-        return any(module.startswith(container + ".") for container, _ in self.fused.values())
+    def held_fused(self, name: str) -> bool:
+        """Module or parameter ``name`` belongs to one expert read out of a tensor holding every
+        expert of its block."""
+        hit = expert_of(name)
+        return hit is not None and hit[0] in self._fused_containers
 
     def under(self, prefix: str) -> dict[str, str]:
         """Source tensors whose parameter lies under ``prefix`` (``"model.layers.3."``):
