@@ -30,6 +30,7 @@ from .graph.view import ModelView, config_from_dict, model_view
 from .model_files import ModelFiles, model_files
 from .output_guard import check_output_placement, check_replaceable, run_inputs
 from .planner import ModelShape, get_scheme
+from .qk_rows import check_qk_rows
 from .quantizers import QUANTIZERS
 from .recipe import RecipeBase
 from .scheme import Scheme
@@ -164,6 +165,7 @@ def check(recipe: RecipeBase) -> RunPlan:
 
         rotation_targets(view.model, view.graph, view.location, named)
     linear_schemes = resolve_assignment(params.assignment(), view.graph, where)
+    check_qk_rows(view.model.config.get_text_config().model_type, linear_schemes, recipe.format_name, where)
     groups = check_groups(view, linear_schemes, where)
     check_linear_tensors(view, model.headers)
     quantizer = QUANTIZERS[params.method](params, model.config)

@@ -336,6 +336,29 @@ def test_experts_fused_in_the_checkpoint_are_refused_before_any_weight(workspace
     assert "GptOssModel._load_weights_other" in str(err.value) and err.value.field == "model.id"
 
 
+@pytest.mark.parametrize("change, field", [({"quantization": {"symmetric": False}}, "quantization.symmetric"),
+                                           ({"export": {"format": "gptq"}}, "export.format")])
+def test_llama4_qk_tensors_vllm_would_not_reorder_are_refused(workspace, tmp_path, change, field):
+    """vLLM permutes Llama 4's q/k rows on load but not zero points nor the GPTQ format's
+    tensors: such a recipe stops before any weight is read, naming the projection; with the
+    attention's q/k/v left in float an asymmetric one goes ahead."""
+    from quantkit.errors import RecipeError
+    from quantkit.preflight import check
+
+    _, text, model = workspace
+    base = {"model": {"id": str(model("llama4_text"))},
+            "quantization": {"method": "rtn", "bits": 4, "group_size": 64, **change.get("quantization", {})},
+            "evaluate": {"enabled": False}, "export": {"output_dir": str(tmp_path / "out"), **change.get("export", {})},
+            "device": "cpu"}
+    with pytest.raises(RecipeError) as err:
+        check(make_recipe(base))
+    assert err.value.field == field and str(err.value).startswith(
+        f"{make_recipe(base).where}: model.layers.0.self_attn.q_proj: vLLM reorders")
+    if field == "quantization.symmetric":
+        base["quantization"]["ignore"] = ["lm_head", r"re:.*self_attn\.[qkv]_proj$"]
+        assert check(make_recipe(base)).linears
+
+
 # --------------------------------------------------------------------------- 4. plan
 
 
