@@ -32,6 +32,7 @@ def export_checkpoint(runner: ModelRunner, workdir: WorkDir, writer: CheckpointW
     consumed: set[str] = set()
     for i in range(runner.num_layers):
         consumed.update(runner.layer_sources(i).values())
+    consumed.update(names.fused)  # written as the per-expert tensors of its experts
     edited = tuple(f"{m}." for m in runner.edited_modules())
     for src in source.weight_map:
         if src not in consumed and not names.to_model.get(src, src).startswith(edited):
@@ -76,6 +77,12 @@ def check_nothing_dropped(runner: ModelRunner, written: set[str], quantized_pref
     for src in runner.source.weight_map:
         if src in written:
             continue
+        if src in runner.names.fused:
+            missing = [t for t in runner.names.per_expert(src) if t not in written
+                       and not (t.endswith(".weight") and t.rpartition(".")[0] in quantized_prefixes)]
+            if not missing:
+                continue
+            src = f"{src} (as {missing[0]})"
         if src.endswith(".weight") and src[: -len(".weight")] in quantized_prefixes:
             continue
         raise ExportError(f"export: source tensor {src} was not written", file=src,

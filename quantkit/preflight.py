@@ -30,6 +30,7 @@ from .graph.view import ModelView, config_from_dict, model_view
 from .model_files import ModelFiles, model_files
 from .output_guard import check_output_placement, check_replaceable, run_inputs
 from .planner import ModelShape, get_scheme
+from .qk_rows import check_qk_rows
 from .quantizers import QUANTIZERS
 from .recipe import RecipeBase
 from .scheme import Scheme
@@ -168,6 +169,7 @@ def check(recipe: RecipeBase) -> RunPlan:
         from .rotation.online import check_online_down_proj
 
         check_online_down_proj(view.graph, view.names, linear_schemes.values(), recipe.format_name, named)
+    check_qk_rows(view.model.config.get_text_config().model_type, linear_schemes, recipe.format_name, where)
     groups = check_groups(view, linear_schemes, where)
     check_linear_tensors(view, model.headers)
     quantizer = QUANTIZERS[params.method](params, model.config)
@@ -261,8 +263,8 @@ def _group_size(scheme: Scheme | None) -> int | None:
 def check_linear_tensors(view: ModelView, headers: dict[str, dict[str, Any]]) -> None:
     """Every Linear the layers quantize is in the shard headers with the shape the config
     implies: a missing or reshaped one stops here, before any weight is read."""
-    for _, u, name in _decoder_units(view):
-        if u.expert is None and u.rows is None:
+    for prefix, u, name in _decoder_units(view):
+        if u.expert is None and u.rows is None and not view.names.held_fused(prefix + u.name):
             entry = headers.get(name)
             if entry is None:
                 raise ModelError(f"model: tensor {name} is missing from the shards", field="model.id",

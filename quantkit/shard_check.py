@@ -201,7 +201,9 @@ def check_model_files(runner) -> None:
     stored = getattr(source, "base", source)
     dequantized = getattr(source, "dequantized", set())
     expected = {names.source_of(k): tuple(v.shape) for k, v in runner.model.state_dict().items()
-                if k not in names.converted.values() and names.source_of(k) not in dequantized}
+                if k not in names.converted.values() and names.source_of(k) not in dequantized
+                and not names.held_fused(k)}
+    expected.update(names.fused_shapes())
     tied = {names.source_of(k) for k in (getattr(runner.model, "all_tied_weights_keys", None) or {})}
     raise_problems(model_file_problems(stored.path, stored.weight_map, expected, tied))
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from quantkit.engine import LayerwiseEngine, _LayerCalibration, make_batches
-from quantkit.graph.experts import UnfusedExperts, split_fused
+from quantkit.graph.experts import UnfusedExperts, is_fused_experts, layout_of, split_fused
 from quantkit.graph.runtime import ModelRunner
 from quantkit.model import ModelSource
 from quantkit.moe import ExpertCalibration, ExpertReport
@@ -35,7 +35,7 @@ from tests.tiny_models import model_class_for
 
 transformers = pytest.importorskip("transformers")
 
-FULL_RUN = {"mixtral": "gptq", "qwen2_moe": "gptq", "qwen3_moe": "awq", "deepseek_v3": "gptq"}
+FULL_RUN = {"mixtral": "gptq", "qwen2_moe": "gptq", "qwen3_moe": "awq", "deepseek_v3": "gptq", "llama4_text": "gptq"}
 ROUTED_ONLY = {"qwen2_moe"}  # its run calibrates each expert on its routed tokens only
 METHODS = {
     "rtn": {"method": "rtn", "bits": 4, "group_size": 64},
@@ -49,7 +49,9 @@ METHODS = {
 BLOCK = {"mixtral": ("model.layers.0.block_sparse_moe.experts", "model.layers.0.block_sparse_moe.gate"),
          "qwen2_moe": ("model.layers.0.mlp.experts", "model.layers.0.mlp.gate"),
          "qwen3_moe": ("model.layers.0.mlp.experts", "model.layers.0.mlp.gate"),
-         "deepseek_v3": ("model.layers.1.mlp.experts", "model.layers.1.mlp.gate")}
+         "deepseek_v3": ("model.layers.1.mlp.experts", "model.layers.1.mlp.gate"),
+         "llama4_text": ("model.layers.1.feed_forward.experts", "model.layers.1.feed_forward.router")}
+TOP_K = {"llama4_text": 1}  # experts routed per token; 2 elsewhere
 GATE = {"mixtral": "w1"}  # expert 1's gate projection leaf; gate_proj elsewhere
 
 
@@ -131,6 +133,47 @@ def test_routed_dispatch_is_the_per_expert_loop_bitwise():
     assert torch.equal(got, want) and want.abs().max() > 0.1
 
 
+def test_llama4_unfused_experts_compute_what_its_moe_block_does():
+    """Llama 4 scales each expert's input by its router score: the unfused block computes
+    what transformers' fused one does, routed and all-expert alike, and under all-expert
+    calibration an expert the router never picks still runs on every token."""
+    import copy
+
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+    from quantkit.graph.experts import InputWeightedExperts, unfuse_experts
+
+    config = transformers.Llama4TextConfig(hidden_size=24, intermediate_size=40, num_local_experts=5,
+                                           num_experts_per_tok=1)
+    torch.manual_seed(0)
+    fused = Llama4TextMoe(config).to(torch.float64)
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.normal_(0, 0.3)
+        fused.router.weight[4, 0] = -3.0  # with input feature 0 at 5: expert 4 never has the top score
+    unfused = copy.deepcopy(fused)
+    state = {f"experts.{k}": v for name in ("gate_up_proj", "down_proj")
+             for k, v in split_fused(layout_of(fused.experts), name, getattr(fused.experts, name)).items()}
+    assert unfuse_experts(unfused) == 1 and isinstance(unfused.experts, InputWeightedExperts)
+    unfused.experts.to_empty(device="cpu")
+    unfused.load_state_dict({**{k: v for k, v in fused.state_dict().items() if not k.startswith("experts.")},
+                             **state}, strict=True)
+    x = torch.randn(37, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x[:, 0] = 5.0
+    seen: list[torch.Tensor] = []
+    unfused.experts[4].up_proj.register_forward_hook(lambda _m, args, _o: seen.append(args[0]))
+    with torch.no_grad():
+        want = fused(x)[0]
+        got_routed = unfused(x)[0]
+        unfused.experts.all_experts = True
+        got_all = unfused(x)[0]
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got_routed, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_all, want, rtol=1e-12, atol=1e-12)
+    # Never routed, yet under all-expert calibration it reads every token (at its would-be score).
+    assert len(seen) == 1 and seen[0].shape[0] == 37 and bool((seen[0].abs().sum(1) > 0).all())
+    assert unfused.experts.routed[4] == 0 and int(unfused.experts.routed.sum()) == 2 * 37
+
+
 # --------------------------------------------------------------------------- 2. full runs
 
 
@@ -139,20 +182,21 @@ def _fuse_into(reference: torch.nn.Module, fake: dict[str, torch.Tensor]) -> dic
     parameters, in its layout (gate/up concatenated or interleaved, transposed or not)."""
     out = dict(fake)
     for name, mod in reference.named_modules():
-        if not hasattr(mod, "gate_up_proj") or not isinstance(mod.gate_up_proj, torch.nn.Parameter):
+        if not is_fused_experts(mod):
             continue
-        n = mod.gate_up_proj.shape[0]
+        layout = layout_of(mod)
+        n = layout.num_experts
         for leaf in ("weight", "bias"):
             if f"{name}.0.down_proj.{leaf}" not in out:
                 continue
             gate = [out.pop(f"{name}.{e}.gate_proj.{leaf}") for e in range(n)]
             up = [out.pop(f"{name}.{e}.up_proj.{leaf}") for e in range(n)]
             down = [out.pop(f"{name}.{e}.down_proj.{leaf}") for e in range(n)]
-            if mod.is_concatenated:
+            if layout.is_concatenated:
                 gate_up = [torch.cat([g, u]) for g, u in zip(gate, up)]
             else:
                 gate_up = [torch.stack([g, u], dim=1).reshape(2 * g.shape[0], *g.shape[1:]) for g, u in zip(gate, up)]
-            if leaf == "weight" and mod.is_transposed:
+            if leaf == "weight" and layout.is_transposed:
                 gate_up, down = [t.T for t in gate_up], [t.T for t in down]
             suffix = "" if leaf == "weight" else "_bias"
             out[f"{name}.gate_up_proj{suffix}"] = torch.stack(gate_up)
@@ -211,7 +255,7 @@ def test_moe_family_end_to_end(workspace, family):
     tokens = 4 * 48
     experts = report["experts"]
     counts = experts["routed_tokens"][block]
-    assert len(counts) == 4 and sum(counts) == 2 * tokens and experts["rtn_fallback"] == []
+    assert len(counts) == 4 and sum(counts) == TOP_K.get(family, 2) * tokens and experts["rtn_fallback"] == []
     assert experts["statistics_tokens"][block] == (counts if family in ROUTED_ONLY else [tokens] * 4)
     card = (out / "README.md").read_text()
     assert "## Experts" in card and f"| {min(counts)} |" in card
@@ -341,9 +385,10 @@ def test_experts_are_solved_in_batches_with_each_expert_s_own_result(calibrated_
 
 
 def test_experts_fused_in_the_checkpoint_are_refused_before_any_weight(workspace):
-    """gpt-oss stores each block's experts in one tensor, and transformers and vLLM read its
-    experts only fused: per-expert output would not load, so the run stops first, naming the
-    tensor. Its graph derives all the same (experts unfused, the family's clamped gate)."""
+    """gpt-oss stores each block's experts in one tensor; vLLM 0.32 reads its quantized experts
+    only under vLLM's own parameter names and skips per-expert checkpoint names silently, and
+    transformers reads them only fused and float: the run stops first, naming the tensor and
+    vLLM's loader. Its graph derives all the same (experts unfused, the family's clamped gate)."""
     from quantkit.errors import ModelError
 
     _, _, model = workspace
@@ -355,7 +400,30 @@ def test_experts_fused_in_the_checkpoint_are_refused_before_any_weight(workspace
 
     assert re.match(r".*: model\.layers\.\d+\.mlp\.experts\.(gate_up|down)_proj(_bias)? holds every expert",
                     str(err.value))
-    assert err.value.field == "model.id"
+    assert "GptOssModel._load_weights_other" in str(err.value) and err.value.field == "model.id"
+
+
+@pytest.mark.parametrize("change, field", [({"quantization": {"symmetric": False}}, "quantization.symmetric"),
+                                           ({"export": {"format": "gptq"}}, "export.format")])
+def test_llama4_qk_tensors_vllm_would_not_reorder_are_refused(workspace, tmp_path, change, field):
+    """vLLM permutes Llama 4's q/k rows on load but not zero points nor the GPTQ format's
+    tensors: such a recipe stops before any weight is read, naming the projection; with the
+    attention's q/k/v left in float an asymmetric one goes ahead."""
+    from quantkit.errors import RecipeError
+    from quantkit.preflight import check
+
+    _, text, model = workspace
+    base = {"model": {"id": str(model("llama4_text"))},
+            "quantization": {"method": "rtn", "bits": 4, "group_size": 64, **change.get("quantization", {})},
+            "evaluate": {"enabled": False}, "export": {"output_dir": str(tmp_path / "out"), **change.get("export", {})},
+            "device": "cpu"}
+    with pytest.raises(RecipeError) as err:
+        check(make_recipe(base))
+    assert err.value.field == field and str(err.value).startswith(
+        f"{make_recipe(base).where}: model.layers.0.self_attn.q_proj: vLLM reorders")
+    if field == "quantization.symmetric":
+        base["quantization"]["ignore"] = ["lm_head", r"re:.*self_attn\.[qkv]_proj$"]
+        assert check(make_recipe(base)).linears
 
 
 # --------------------------------------------------------------------------- 4. plan
@@ -370,6 +438,10 @@ def test_experts_fused_in_the_checkpoint_are_refused_before_any_weight(workspace
     ("qwen2_moe", dict(hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408, num_experts=60,
                        shared_expert_intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
                        vocab_size=151936, num_hidden_layers=24), 14.3e9),  # Qwen1.5-MoE-A2.7B
+    # Llama 4 Maverick's text model: MoE every second layer (dense ones wider), a shared expert
+    ("llama4_text", dict(hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384,
+                         num_local_experts=128, interleave_moe_layer_step=2, num_attention_heads=40,
+                         num_key_value_heads=8, head_dim=128, vocab_size=202048, num_hidden_layers=48), 400e9),
 ])
 def test_plan_counts_every_expert(family, config, published):
     """The serving size of a MoE model counts every expert (vLLM holds them all): parameter
@@ -380,7 +452,7 @@ def test_plan_counts_every_expert(family, config, published):
 
     cfg = transformers.CONFIG_MAPPING[family](**config, max_position_embeddings=4096).to_dict()
     shape = ModelShape.from_config(cfg)
-    assert shape.moe_layers == config["num_hidden_layers"]
+    assert shape.moe_layers == config["num_hidden_layers"] // config.get("interleave_moe_layer_step", 1)
     assert count_parameters(shape) == pytest.approx(published, rel=0.01)
     mem = quantize_memory(shape)
     assert mem.hessians < mem.per_expert_hessians

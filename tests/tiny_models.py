@@ -86,6 +86,13 @@ def family_config(arch: str, vocab: int, layers: int = 2, hidden: int = 128, int
             **{**common, "intermediate_size": intermediate // 2}, head_dim=head_dim, rms_norm_eps=1e-5,
             num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
             layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]),
+        # Llama 4 text: a dense layer then a MoE layer (router weight on the experts' input, a
+        # shared expert, top-1 routing), chunked attention with RoPE then global attention without
+        "llama4_text": lambda: tf.Llama4TextConfig(
+            **{**common, "intermediate_size": intermediate // 2}, intermediate_size_mlp=intermediate,
+            head_dim=head_dim, rms_norm_eps=1e-5, num_local_experts=4, num_experts_per_tok=1,
+            interleave_moe_layer_step=2, no_rope_layers=[int((i + 1) % 2 != 0) for i in range(layers)],
+            attention_chunk_size=16),
     }
     if arch in text:
         return text[arch]()
@@ -113,7 +120,7 @@ def family_config(arch: str, vocab: int, layers: int = 2, hidden: int = 128, int
 
 TEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "cohere")
 MULTIMODAL_FAMILIES = ("gemma3-vl", "qwen2.5-vl")
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss", "llama4_text")
 
 
 def model_class_for(config):

@@ -14,6 +14,9 @@ producers, quantizers hook its Linears' inputs, and the export writes one tensor
 which is how MoE checkpoints store them and what vLLM's MoE loaders read
 (``expert_params_mapping``: ``experts.{e}.gate_proj`` / ``w1`` ...).
 
+Llama 4's experts carry no decorator attributes and are called with router-scaled inputs
+instead; ``InputWeightedExperts`` takes that call.
+
 Calibration (``all_experts``): every token goes through every expert, so each expert's
 statistics come from all tokens, while only the routed outputs, weighted by the router, reach
 the layer's output. All experts then read the very same tensor: their gate/up Linears form one
@@ -51,20 +54,30 @@ class ExpertLayout:
         return ("gate_proj", "up_proj", "down_proj") if self.has_gate else ("up_proj", "down_proj")
 
 
+# Fused experts transformers writes without the decorator's attributes, their layout read off
+# the module's own forward: Llama 4's ``bmm(x, gate_up_proj [E, H, 2I])`` chunked into gate then
+# up halves, ``bmm(act(gate) * up, down_proj [E, I, H])``, no biases.
+_UNDECORATED = {"Llama4TextExperts": dict(has_gate=True, has_bias=False, is_transposed=True, is_concatenated=True)}
+
+
 def is_fused_experts(module: nn.Module) -> bool:
-    """A transformers experts module with the standard layout attributes."""
-    return hasattr(module, "is_transposed") and hasattr(module, "has_gate") and isinstance(
-        getattr(module, "down_proj", None), nn.Parameter) and module.down_proj.dim() == 3
+    """A transformers experts module with the standard layout attributes (or one of
+    ``_UNDECORATED``)."""
+    described = type(module).__name__ in _UNDECORATED or (hasattr(module, "is_transposed")
+                                                          and hasattr(module, "has_gate"))
+    return described and isinstance(getattr(module, "down_proj", None), nn.Parameter) and module.down_proj.dim() == 3
 
 
 def layout_of(fused: nn.Module) -> ExpertLayout:
+    attrs = _UNDECORATED.get(type(fused).__name__) or dict(
+        has_gate=fused.has_gate, has_bias=fused.has_bias, is_transposed=fused.is_transposed,
+        is_concatenated=getattr(fused, "is_concatenated", True))
     down = fused.down_proj
     e = down.shape[0]
-    h, i = (down.shape[2], down.shape[1]) if fused.is_transposed else (down.shape[1], down.shape[2])
+    h, i = (down.shape[2], down.shape[1]) if attrs["is_transposed"] else (down.shape[1], down.shape[2])
     if getattr(fused, "has_post_expert_norm", False):
         raise NotImplementedError(f"{type(fused).__name__}: experts with a post-expert norm")
-    return ExpertLayout(e, int(h), int(i), bool(fused.has_gate), bool(fused.has_bias), bool(fused.is_transposed),
-                        bool(getattr(fused, "is_concatenated", True)))
+    return ExpertLayout(e, int(h), int(i), **{k: bool(v) for k, v in attrs.items()})
 
 
 class ExpertMLP(nn.Module):
@@ -144,14 +157,67 @@ class UnfusedExperts(nn.ModuleList):
         return out
 
 
+class InputWeightedExperts(UnfusedExperts):
+    """Llama 4's experts, which its MoE block calls with ``routed_in`` ``[E * T, H]``: chunk
+    ``e`` is every token scaled by its router score for expert ``e`` (zero where the router
+    did not pick ``e``), so the router weight is applied to the expert's input, not its output
+    (vLLM: ``apply_router_weight_on_input``). Every expert reads its own tensor: no two share
+    statistics.
+
+    The block does not hand the experts its router's choice, so a hook on the block's router
+    (``watch``) keeps the router's input and logits for the experts' call. Under all-expert
+    calibration each expert also sees the tokens routed elsewhere, scaled by the score the
+    router would have given them (the sigmoid of its logit, as for a routed token); their
+    outputs are dropped, as the block's zero input drops them."""
+
+    def watch(self, router: nn.Module) -> None:
+        # A bound method: a deep copy of the layer hooks the copy's router to the copy's experts.
+        router.register_forward_hook(self._router_ran)
+
+    def _router_ran(self, router: nn.Module, args: tuple, output) -> None:
+        self.__dict__["_router"] = (args[0], output[1], int(router.top_k))
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        m: ExpertMLP = self[e]
+        return m.down_proj(self.fused.act_fn(m.gate_proj(x)) * m.up_proj(x))
+
+    def forward(self, routed_in: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        n = self.layout.num_experts
+        hidden, logits, k = self.__dict__.pop("_router")
+        chunks = routed_in.view(n, -1, routed_in.shape[-1])
+        idx = torch.topk(logits, k, dim=1).indices  # the router's own choice
+        picked = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter_(1, idx, True)
+        if not routed_in.is_meta:
+            counts = picked.sum(0)
+            self.routed = counts if self.routed is None else self.routed + counts
+        out = torch.zeros_like(chunks)
+        if self.all_experts:
+            would_be = torch.sigmoid(logits.float()).to(hidden.dtype)
+            for e in range(n):
+                x = torch.where(picked[:, e:e + 1], chunks[e], hidden * would_be[:, e:e + 1])
+                out[e] = self._expert(e, x) * picked[:, e:e + 1]
+            return out.view_as(routed_in)
+        for e in torch.nonzero(picked.any(0)).flatten().tolist():
+            token = torch.nonzero(picked[:, e]).flatten()
+            out[e].index_copy_(0, token, self._expert(e, chunks[e][token]).to(out.dtype))
+        return out.view_as(routed_in)
+
+
 def unfuse_experts(model: nn.Module) -> int:
     """Replace every fused experts module of ``model`` (any device, meta included) with
-    ``UnfusedExperts``; returns how many were replaced. Weights are not carried over: the
-    model is a skeleton (meta) or is loaded afterwards."""
+    ``UnfusedExperts`` (Llama 4's with ``InputWeightedExperts``, watching its block's
+    router); returns how many were replaced. Weights are not carried over: the model is a
+    skeleton (meta) or is loaded afterwards."""
     found = [(n, m) for n, m in model.named_modules() if is_fused_experts(m)]
     for name, fused in found:
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, UnfusedExperts(fused))
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if type(fused).__name__ == "Llama4TextExperts":
+            unfused = InputWeightedExperts(fused)
+            unfused.watch(parent.router)
+        else:
+            unfused = UnfusedExperts(fused)
+        setattr(parent, leaf, unfused)
     return len(found)
 
 
@@ -214,3 +280,12 @@ def split_fused(layout: ExpertLayout, param: str, t: torch.Tensor) -> dict[str, 
         else:
             out[f"{e}.{base}.{leaf}"] = w.contiguous()
     return out
+
+
+def fused_shape(layout: ExpertLayout, param: str) -> tuple[int, ...]:
+    """The shape of fused parameter ``param`` (``gate_up_proj``, ``down_proj``, their ``_bias``)."""
+    e, h, i = layout.num_experts, layout.hidden, layout.intermediate
+    rows, cols = (2 * i, h) if param.startswith("gate_up_proj") else (h, i)  # [out, in] of each expert
+    if param.endswith("_bias"):
+        return (e, rows)
+    return (e, cols, rows) if layout.is_transposed else (e, rows, cols)

@@ -15,7 +15,7 @@ from typing import Iterable
 
 from torch import nn
 
-from .experts import UnfusedExperts
+from .experts import UnfusedExperts, expert_of, fused_shape
 
 
 class CheckpointNames:
@@ -58,6 +58,27 @@ class CheckpointNames:
             else:
                 self.to_model[src] = name
         self.to_source = {m: s for s, m in self.to_model.items()}
+        self.layouts = {n: m.layout for n, m in experts.items()}
+        self._fused_containers = {c for c, _ in self.fused.values()}
+
+    def per_expert(self, src: str) -> list[str]:
+        """The per-expert tensors quantkit writes for ``src``, a tensor holding every expert of a
+        block (``...experts.gate_up_proj`` → ``...experts.{e}.gate_proj.weight`` and ``up_proj``)."""
+        container, leaf = self.fused[src]
+        base, bias = (leaf[: -len("_bias")], True) if leaf.endswith("_bias") else (leaf, False)
+        projections = ("gate_proj", "up_proj") if base == "gate_up_proj" else (base,)
+        return [f"{container}.{e}.{p}.{'bias' if bias else 'weight'}"
+                for e in range(self.layouts[container].num_experts) for p in projections]
+
+    def fused_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each tensor holding every expert of a block, with the shape its config implies."""
+        return {src: fused_shape(self.layouts[c], leaf) for src, (c, leaf) in self.fused.items()}
+
+    def held_fused(self, name: str) -> bool:
+        """Module or parameter ``name`` belongs to one expert read out of a tensor holding every
+        expert of its block."""
+        hit = expert_of(name)
+        return hit is not None and hit[0] in self._fused_containers
 
     def under(self, prefix: str) -> dict[str, str]:
         """Source tensors whose parameter lies under ``prefix`` (``"model.layers.3."``):

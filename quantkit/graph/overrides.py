@@ -27,6 +27,11 @@ OVERRIDES: dict[str, Override] = {
     # trace sees an ordinary Linear.
     "qwen2_moe": Override(why="vLLM loads it as a plain float Linear (no quantization method)",
                           keep_float=("mlp.shared_expert_gate",)),
+    # Llama 4's router is an nn.Linear subclass whose own forward runs the topk and returns the
+    # scores after it, so the trace records the module's output downstream of the topk, not
+    # the logits reaching it; vLLM builds it as a float GateLinear (models/llama4.py, Llama4MoE).
+    "llama4_text": Override(why="router: its output picks experts (kept in float, as vLLM does)",
+                            keep_float=("feed_forward.router",)),
 }
 
 
@@ -38,7 +43,7 @@ def override_for(config, graph: LayerGraph) -> LayerGraph:
     units = tuple(u for u in graph.units if u.name not in entry.keep_float)
     groups = tuple(replace(g, linears=tuple(n for n in g.linears if n not in entry.keep_float))
                    for g in graph.groups)
-    kept = tuple(Unquantized(n, entry.why) for n in entry.keep_float)
+    kept = tuple(Unquantized(n, entry.why) for n in entry.keep_float if n in graph.linears)
     return replace(graph, units=units, groups=tuple(g for g in groups if g.linears),
                    unquantized=graph.unquantized + kept,
                    unsupported=graph.unsupported or entry.unsupported)

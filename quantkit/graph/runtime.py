@@ -23,7 +23,7 @@ from ..model import ModelSource
 from ..source_dequant import float_view
 from .capture import LayerCall, capture, inject, materialize_on_use
 from .experts import split_fused
-from .skeleton import free, owner_of
+from .skeleton import free, is_meta, owner_of
 from .view import model_view
 
 log = logging.getLogger(__name__)
@@ -215,6 +215,11 @@ class ModelRunner:
         """Embed each batch of token ids and record every layer's arguments through the
         model's own forward; batches of one shape share their arguments."""
         undo = materialize_on_use(self.model, self.layers, self._make_real)
+        # Before the forward, not on first call: Llama 4 moves the ids to the embedding's device
+        # before calling it, which on the meta device gives garbage.
+        embed = self.model.get_input_embeddings()
+        if is_meta(embed):
+            self._make_real(next(n for n, m in self.model.named_modules() if m is embed), embed)
         shared: dict[tuple, list[LayerCall]] = {}
         out = []
         try:

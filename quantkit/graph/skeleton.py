@@ -77,6 +77,12 @@ def locate_decoder(model: nn.Module, where: str) -> DecoderLocation:
     config = getattr(decoder, "config", model.config)
     n = int(getattr(config, "num_hidden_layers", 0) or 0)
     lists = [(name, m) for name, m in decoder.named_children() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not lists:  # get_decoder() answered the whole model (Llama 4 text): its one child holding the layers
+        inner = [m for m in decoder.children()
+                 if sum(isinstance(c, nn.ModuleList) and len(c) == n for c in m.children()) == 1]
+        if len(inner) == 1:
+            decoder = inner[0]
+            lists = [(name, m) for name, m in decoder.named_children() if isinstance(m, nn.ModuleList) and len(m) == n]
     if n <= 0 or len(lists) != 1:
         raise ModelError(f"{where}: cannot find the {n} decoder layers of {type(decoder).__name__}",
                          field="model.id", hint="report the architecture; its layer list is not a ModuleList of "

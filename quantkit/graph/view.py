@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from .experts import InputWeightedExperts
 from .model import ModelGraph, derive_model_graph
 from .names import CheckpointNames
 from .skeleton import DecoderLocation, build_meta, locate_decoder, model_class
@@ -29,13 +30,17 @@ class ModelView:
     def check_supported(self, where: str) -> None:
         """Everything about the model's structure that can be refused before a weight is read."""
         self.graph.check_supported(where)
-        if self.names.fused:
-            src = next(iter(self.names.fused))
-            raise ModelError(f"{where}: {src} holds every expert of its block in one tensor; quantkit writes "
-                             "one quantized tensor per expert, which transformers and vLLM read for this family "
-                             "only fused (gpt-oss, Llama 4)", field="model.id",
-                             hint="quantize a Mixture-of-Experts family whose checkpoint stores experts one by one "
-                                  "(Mixtral, Qwen2/3-MoE, DeepSeek-V3)")
+        for src, (container, _) in self.names.fused.items():
+            if isinstance(self.model.get_submodule(container), InputWeightedExperts):
+                continue  # Llama 4: per-expert tensors, which vLLM's and transformers' loaders both read
+            raise ModelError(f"{where}: {src} holds every expert of its block in one tensor; vLLM loads this "
+                             "family's quantized experts (GptOssModel._load_weights_other, vllm/model_executor/"
+                             "models/gpt_oss.py) only under its internal parameter names "
+                             "(experts.{e}.w13_weight_packed) and skips per-expert checkpoint names "
+                             "(experts.{e}.gate_proj.weight_packed) without an error, and transformers reads "
+                             "gpt-oss experts only as fused float tensors", field="model.id",
+                             hint="quantize a Mixture-of-Experts family whose experts vLLM and transformers read "
+                                  "per expert (Mixtral, Qwen2/3-MoE, DeepSeek-V3, Llama 4)")
         for i in range(self.location.num_layers):
             prefix = self.graph.layer_prefix(i)
             fused = self.names.converted_under(prefix)

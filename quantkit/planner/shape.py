@@ -61,13 +61,16 @@ class ModelShape:
         attn_bias = bool(cfg.get("attention_bias", False)) or qwen2
         dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
         experts, moe_inter, shared, moe_layers = _experts(cfg, need("num_hidden_layers"), need("intermediate_size"))
+        # Llama 4: intermediate_size is the experts' (and the shared expert's); dense layers
+        # have intermediate_size_mlp.
+        dense_inter = cfg.get("intermediate_size_mlp") or need("intermediate_size")
         return cls(
             num_experts=experts,
             moe_intermediate_size=moe_inter,
             shared_intermediate_size=shared,
             moe_layers=moe_layers,
             hidden_size=hidden,
-            intermediate_size=need("intermediate_size"),
+            intermediate_size=int(dense_inter),
             num_layers=need("num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=int(kv_heads),
@@ -87,13 +90,17 @@ def _experts(cfg: dict[str, Any], layers: int, intermediate: int) -> tuple[int, 
     """(experts, expert intermediate size, shared-expert intermediate size, MoE layers) from
     the fields the MoE families use (Mixtral/gpt-oss ``num_local_experts``, Qwen ``num_experts``
     with ``decoder_sparse_step``/``mlp_only_layers``, DeepSeek ``n_routed_experts`` with
-    ``first_k_dense_replace`` and ``n_shared_experts``); zeros for a dense model."""
+    ``first_k_dense_replace`` and ``n_shared_experts``, Llama 4 ``moe_layers`` and its one
+    shared expert); zeros for a dense model."""
     experts = next((v for k in ("num_local_experts", "num_experts", "n_routed_experts")
                     if isinstance(v := cfg.get(k), int) and not isinstance(v, bool) and v > 1), 0)
     if not experts:
         return 0, 0, 0, 0
     moe_inter = cfg.get("moe_intermediate_size") or intermediate
-    shared = cfg.get("shared_expert_intermediate_size") or (cfg.get("n_shared_experts") or 0) * moe_inter
+    n_shared = 1 if cfg.get("model_type") == "llama4_text" else cfg.get("n_shared_experts") or 0
+    shared = cfg.get("shared_expert_intermediate_size") or n_shared * moe_inter
+    if isinstance(cfg.get("moe_layers"), list):  # Llama 4 lists them
+        return experts, int(moe_inter), int(shared), len(cfg["moe_layers"])
     dense_first = cfg.get("first_k_dense_replace") or 0
     only_mlp = set(cfg.get("mlp_only_layers") or [])
     step = cfg.get("decoder_sparse_step") or 1
