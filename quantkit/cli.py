@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
-from .errors import QuantkitError
+from .errors import PeerLostError, QuantkitError
+from .launch import LAUNCHED_ENV, PEER_LOST_EXIT
 
 log = logging.getLogger("quantkit")
 
@@ -21,11 +23,23 @@ def _run(args: argparse.Namespace) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
+    if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        from .checkpoint import work_dir_for
+        from .launch import run_ranks
+
+        output = Path(args.output_dir) if args.output_dir else recipe.export.output_dir
+        flags = ["--quiet"] * args.quiet + ["--debug"] * bool(getattr(args, "debug", False))
+        run_ranks(args.gpus, flags + ["run", args.recipe] + ["--output-dir", str(output)] +
+                  ["--overwrite"] * args.overwrite + ["--resume"] * args.resume, str(work_dir_for(output)))
+        print(f"wrote {output}")
+        return 0
     if args.output_dir:
         recipe.export.output_dir = Path(args.output_dir)
     if args.overwrite:
         recipe.export.overwrite = True
     report = pipeline.run(recipe, quiet=args.quiet, resume=args.resume)
+    if not report:  # a rank other than 0: rank 0 reports
+        return 0
     ev = report.get("evaluation")
     if ev:
         print(f"perplexity: base {ev['perplexity_base']:.3f} -> quantized {ev['perplexity_quantized']:.3f} "
@@ -75,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     run.add_argument("--resume", action="store_true",
                      help="continue a killed run from its last finished layer (same recipe)")
+    run.add_argument("--gpus", type=int, default=1, metavar="N",
+                     help="quantize on N GPUs of this host (starts N ranks with torchrun); "
+                          "or start quantkit under torchrun yourself")
     run.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     run.set_defaults(func=_run)
@@ -107,18 +124,33 @@ def one_line(message: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    # Under torchrun, ranks other than 0 keep to warnings: rank 0 tells the story.
+    quiet = args.quiet or int(os.environ.get("RANK", "0")) > 0
+    level = logging.DEBUG if args.debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not args.debug:
         for noisy in ("transformers", "datasets", "httpx", "httpx2", "huggingface_hub", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.func(args)
+    except PeerLostError as e:
+        if args.debug:
+            raise
+        if os.environ.get(LAUNCHED_ENV):  # the launcher names the rank that failed
+            return PEER_LOST_EXIT
+        print(f"error: rank {os.environ.get('RANK', 0)}: {one_line(str(e))}", file=sys.stderr)
+        return 2
     except QuantkitError as e:
         if args.debug:
             raise
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        rank = f"rank {os.environ['RANK']}: " if "WORLD_SIZE" in os.environ else ""
+        print(f"error: {rank}{one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch" in sys.modules:  # only a run imports it; validate and plan stay light
+            from .distributed import close
+
+            close()

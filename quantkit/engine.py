@@ -23,10 +23,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .activations import attach_activation_quantizers
+from .distributed import SINGLE, World
 from .errors import DeviceMemoryError, NumericsError
 from .graph.runtime import LayerInputs, ModelRunner
 from .graph.attention import observe_attention
-from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, Quantizer
+from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, Quantizer, Statistic
 from .scheme import QuantizedWeight
 from .workdir import LayerRecord, WorkDir
 
@@ -45,18 +46,20 @@ def make_batches(seqs: list[torch.Tensor], batch_size: int) -> list[torch.Tensor
 
 
 class _LayerCalibration:
-    """The LayerCalibration the quantizers see: runs the float layer over calibration batches,
-    each with the arguments the model's own forward gives layer ``index``."""
+    """The LayerCalibration the quantizers see: runs the float layer over this rank's
+    calibration batches, each with the arguments the model's own forward gives layer ``index``."""
 
-    def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs]):
-        self.runner, self.index, self.layer, self.batches = runner, index, layer, batches
+    def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs], world: World):
+        self.runner, self.index, self.layer, self.batches, self.world = runner, index, layer, batches, world
 
-    def run(self, hooks: Mapping[str, InputHook]) -> None:
+    def observe(self, stats: Mapping[str, Statistic]) -> None:
         def forward() -> None:
             for b in self.batches:  # outputs dropped as they come: activations stay on the device once
                 self.runner.run_layer(self.layer, b.hidden, b.calls[self.index])
 
-        run_calibration(self.layer, hooks, forward)
+        run_calibration(self.layer, {name: s.add for name, s in stats.items()}, forward)
+        for name in sorted(stats):  # the same order on every rank: collectives pair up
+            stats[name].reduce(self.world)
 
 
 def run_calibration(layer: nn.Module, hooks: Mapping[str, InputHook], forward: Callable[[], object]) -> None:
@@ -110,12 +113,15 @@ class _Clock:
 
 
 class LayerwiseEngine:
-    """Quantizes layers ``start..n-1`` and replays ``0..start-1`` from the work folder."""
+    """Quantizes layers ``start..n-1`` and replays ``0..start-1`` from the work folder.
+
+    Every rank of ``world`` calibrates and propagates its share of the calibration batches and
+    ends each layer with the same quantized weights; rank 0 alone evaluates and writes."""
 
     def __init__(self, runner: ModelRunner, quantizer: Quantizer, workdir: WorkDir, fingerprint: str,
-                 quiet: bool = False, on_layer: LayerCallback | None = None):
+                 quiet: bool = False, on_layer: LayerCallback | None = None, world: World = SINGLE):
         self.sk, self.quantizer, self.workdir, self.fingerprint = runner, quantizer, workdir, fingerprint
-        self.quiet, self.on_layer = quiet, on_layer
+        self.quiet, self.on_layer, self.world = quiet, on_layer, world
 
     def run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
             start: int = 0) -> EngineResult:
@@ -130,8 +136,8 @@ class LayerwiseEngine:
     def _run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
              start: int) -> EngineResult:
         sk, result = self.sk, EngineResult()
-        calib_batches = make_batches(calib, batch_size)
-        eval_batches = make_batches(evaluation, batch_size) if evaluation else []
+        calib_batches = self.world.shard(make_batches(calib, batch_size))
+        eval_batches = make_batches(evaluation, batch_size) if evaluation and self.world.is_main else []
         clock = _Clock(result.phase_seconds, sk.device)
         # The model's own forward embeds every batch and gives each layer its arguments; the
         # embedding is on the device only while it does.
@@ -142,7 +148,8 @@ class LayerwiseEngine:
 
         if start:
             log.info("resuming: replaying %d finished layers from %s", start, self.workdir.root)
-        bar = tqdm(range(sk.num_layers), desc="quantizing layers", unit="layer", disable=self.quiet)
+        bar = tqdm(range(sk.num_layers), desc="quantizing layers", unit="layer",
+                   disable=self.quiet or not self.world.is_main)
         for i in bar:
             began = time.perf_counter()
             layer = sk.load_layer(i)
@@ -157,12 +164,13 @@ class LayerwiseEngine:
                 record = self.workdir.load_layer(i)
             else:
                 qweights = self.quantizer.quantize_layer(layer, sk.graph.layer(i),
-                                                         _LayerCalibration(sk, i, layer, calib_in))
+                                                         _LayerCalibration(sk, i, layer, calib_in, self.world))
                 clock.lap("quantize")
                 quantized = {f"{name}.weight" for name in qweights}
                 floats = {k: v.detach().clone() for k, v in layer.state_dict().items() if k not in quantized}
                 record = LayerRecord(floats, dict(qweights), self.quantizer.extra_tensors())
-                self.workdir.save_layer(i, record, self.fingerprint)
+                if self.world.is_main:
+                    self.workdir.save_layer(i, record, self.fingerprint)
                 clock.lap("save")
             apply_record(layer, record, sk.device, sk.dtype)
             if self.on_layer is not None and i >= start:

@@ -65,3 +65,11 @@ class DeviceMemoryError(QuantkitError):
 
 class HubError(QuantkitError):
     """Talking to the Hub failed in a way retrying will not fix (auth, permissions, endpoint)."""
+
+
+class DistributedError(QuantkitError):
+    """A multi-rank run cannot start or lost a rank; finished layers stay for ``--resume``."""
+
+
+class PeerLostError(DistributedError):
+    """A collective failed because another rank is gone (that rank's own error says why)."""

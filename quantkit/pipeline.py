@@ -23,7 +23,8 @@ from .calibration import TextRequest, load_tokens
 from .card import base_license, render_card
 from .checkpoint import CheckpointWriter, work_dir_for
 from .engine import LayerCallback, LayerwiseEngine
-from .errors import ExportError, QuantkitError, RecipeError
+from .distributed import World, world_from_environment
+from .errors import DistributedError, ExportError, QuantkitError, RecipeError
 from .export import export_checkpoint
 from .graph.model import ModelGraph
 from .graph.runtime import ModelRunner, describe_outside
@@ -82,7 +83,9 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     source = ModelSource.open(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle, token)
     params = recipe.quantization
     scheme = params.scheme()
-    device = resolve_device(recipe.device)
+    # Under torchrun each rank takes its own GPU (LOCAL_RANK); alone, the world of one.
+    world = world_from_environment(resolve_device(recipe.device))
+    device = world.device
     dtype = resolve_dtype(recipe.model.dtype, source.config)
     # CPUs here run bf16 matmuls ~8x slower than fp32, so compute in fp32 and export in dtype.
     compute_dtype = torch.float32 if device.type == "cpu" else dtype
@@ -124,10 +127,12 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
 
     run_id = fingerprint(__version__, recipe.model.model_dump(mode="json"), params.model_dump(mode="json"),
                          cal.model_dump(mode="json"), source.weight_map, calib)
-    start = workdir.start(run_id, resume)
+    start = _start_workdir(world, workdir, run_id, resume, cal.num_samples, cal.batch_size)
     try:
-        engine = LayerwiseEngine(runner, quantizer, workdir, run_id, quiet, on_layer)
+        engine = LayerwiseEngine(runner, quantizer, workdir, run_id, quiet, on_layer, world)
         result = engine.run(calib, evaluation, cal.batch_size, start)
+        if not world.is_main:
+            return {}
         exporting = time.perf_counter()
         writer.start()
         export_checkpoint(runner, workdir, writer, quiet)
@@ -144,6 +149,8 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
         copy = source.tokenizer_files() + [p for p in [source.path / "generation_config.json"] if p.is_file()]
         writer.finalize(config, extra_files, copy)
     except BaseException:
+        if not world.is_main:
+            raise
         if workdir.layer_path(0).is_file():
             log.warning("finished layers are kept in %s; run again with --resume to continue", workdir.root)
         else:
@@ -158,6 +165,25 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
         push_folder(recipe.export.output_dir, p.repo_id, private=p.private, revision=p.revision,
                     commit_message=p.commit_message)
     return report
+
+
+def _start_workdir(world: World, workdir: WorkDir, run_id: str, resume: bool, samples: int, batch_size: int) -> int:
+    """Rank 0 prepares the work folder; every rank learns how many layers are finished and
+    checks that it computed the same run (model, recipe, calibration tokens) as rank 0."""
+    if world.size > 1 and -(-samples // batch_size) < world.size:
+        raise DistributedError(f"{world.size} ranks but only {-(-samples // batch_size)} calibration batches",
+                               field="calibration.num_samples", value=samples,
+                               hint="give each rank at least one batch: more samples or a smaller batch_size")
+    start = torch.zeros(1, dtype=torch.int64, device=world.device)
+    ours = torch.frombuffer(bytearray(bytes.fromhex(run_id)), dtype=torch.uint8).to(world.device)
+    theirs = ours.clone()
+    if world.is_main:
+        start += workdir.start(run_id, resume)
+    shared, _ = world.broadcast({"start": start, "run": theirs}, 0)
+    if not torch.equal(shared["run"], ours):
+        raise DistributedError(f"rank {world.rank} computed a different run than rank 0 (model files, recipe or "
+                               "calibration tokens differ)", hint="run every rank on the same files and recipe")
+    return int(shared["start"].item())
 
 
 def ignored_components(runner: ModelRunner, outside: list[tuple[str, str]]) -> list[str]:

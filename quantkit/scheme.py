@@ -8,7 +8,7 @@ never know which algorithm made it. Integer codes are always stored *signed and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -112,3 +112,30 @@ def expand_group_index(qw: QuantizedWeight) -> torch.Tensor:
     in_features = qw.codes.shape[1]
     group = qw.scheme.weights.group_size or in_features
     return torch.arange(in_features, device=qw.codes.device) // group
+
+
+_FIELDS = ("codes", "scale", "zero_point", "g_idx", "input_scale")
+
+
+def quantized_as_tensors(weights: dict[str, QuantizedWeight]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Quantized Linears as plain tensors (``"<name>.<field>"``) and their schemes as JSON-able
+    data: how the work folder stores them and how ranks exchange them."""
+    tensors, schemes = {}, {}
+    for name, qw in weights.items():
+        act = qw.scheme.input_activations
+        schemes[name] = {"weights": asdict(qw.scheme.weights), "input_activations": asdict(act) if act else None}
+        for f in _FIELDS:
+            t = getattr(qw, f)
+            if t is not None:
+                tensors[f"{name}.{f}"] = t
+    return tensors, schemes
+
+
+def quantized_from_tensors(tensors: dict[str, torch.Tensor], schemes: dict[str, dict]) -> dict[str, QuantizedWeight]:
+    """The inverse of ``quantized_as_tensors``."""
+    out = {}
+    for name, s in schemes.items():
+        act = s["input_activations"]
+        scheme = Scheme(WeightScheme(**s["weights"]), ActivationScheme(**act) if act else None)
+        out[name] = QuantizedWeight(scheme=scheme, **{f: tensors.get(f"{name}.{f}") for f in _FIELDS})
+    return out

@@ -14,18 +14,20 @@ from quantkit.graph import LayerGraph
 
 class FakeCalibration:
     """Holds the layer's calibration inputs and streams them through it with the engine's
-    hooks (``run_calibration``). Each batch is a tensor (positional input) or a dict of keyword
-    arguments. ``runs`` counts passes; ``hook_calls`` counts calls per hook."""
+    hooks (``run_calibration``), in the world of one rank. Each batch is a tensor (positional
+    input) or a dict of keyword arguments. ``runs`` counts passes; ``hook_calls`` counts calls
+    per statistic."""
 
     def __init__(self, layer: nn.Module, batches: list) -> None:
+        from quantkit.distributed import SINGLE
+
         self.layer = layer
         self.batches = batches
+        self.world = SINGLE
         self.runs = 0
         self.hook_calls: dict[str, int] = {}
 
-    def run(self, hooks: Mapping[str, object]) -> None:
-        from quantkit.engine import run_calibration
-
+    def observe(self, stats: Mapping[str, object]) -> None:
         self.runs += 1
 
         def counted(name, hook):
@@ -35,11 +37,20 @@ class FakeCalibration:
 
             return h
 
+        self.run({n: counted(n, st.add) for n, st in stats.items()})
+        for st in stats.values():
+            st.reduce(self.world)
+
+    def run(self, hooks: Mapping[str, object]) -> None:
+        """Every batch through the layer, ``hooks`` fed the raw inputs (what the tests
+        compute reference statistics from)."""
+        from quantkit.engine import run_calibration
+
         def forward():
             for b in self.batches:
                 self.layer(**b) if isinstance(b, dict) else self.layer(b)
 
-        run_calibration(self.layer, {n: counted(n, h) for n, h in hooks.items()}, forward)
+        run_calibration(self.layer, hooks, forward)
 
 
 def correlated_inputs(n: int, d: int, generator: torch.Generator, outliers: int = 0, outlier_gain: float = 50.0) -> torch.Tensor:

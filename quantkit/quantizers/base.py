@@ -15,8 +15,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from ..distributed import World
 from ..graph.types import LayerGraph
-from ..scheme import ActivationScheme, QuantizedWeight, Scheme
+from ..scheme import ActivationScheme, QuantizedWeight, Scheme, quantized_as_tensors, quantized_from_tensors
 
 InputHook = Callable[[torch.Tensor], None]
 
@@ -27,17 +28,64 @@ ATTENTION_KEY = "@attention.key"
 ATTENTION_VALUE = "@attention.value"
 
 
+class Statistic(Protocol):
+    """What a quantizer observes about one input: fed every calibration batch of this rank,
+    then reduced once over the ranks (sums with counts, maxima, samples), after which every
+    rank holds the statistic of all the calibration data."""
+
+    def add(self, x: torch.Tensor) -> None:
+        ...
+
+    def reduce(self, world: World) -> None:
+        ...
+
+
 class LayerCalibration(Protocol):
-    """Streams the current layer's calibration inputs through the float layer."""
+    """Streams the current layer's calibration inputs through the float layer; ``world`` is
+    the ranks sharing them (``world.solve`` runs work on owner ranks and shares the result)."""
 
-    def run(self, hooks: Mapping[str, InputHook]) -> None:
-        """Run every calibration batch through the layer.
+    world: World
 
-        ``hooks`` maps a Linear's name inside the layer (``"mlp.down_proj"``) to a function
-        called with that Linear's input, flattened to ``[tokens, in_features]``;
-        ``ATTENTION_KEY`` / ``ATTENTION_VALUE`` to one called with the attention's key/value.
+    def observe(self, stats: Mapping[str, Statistic]) -> None:
+        """Run this rank's calibration batches through the layer, then reduce every statistic.
+
+        ``stats`` maps a Linear's name inside the layer (``"mlp.down_proj"``) to the statistic
+        fed with that Linear's input, flattened to ``[tokens, in_features]``;
+        ``ATTENTION_KEY`` / ``ATTENTION_VALUE`` to one fed with the attention's key/value.
         """
         ...
+
+
+class Joined:
+    """Several statistics of one input (GPTQ's Hessian and a static activation range)."""
+
+    def __init__(self, *stats: Statistic) -> None:
+        self.stats = stats
+
+    def add(self, x: torch.Tensor) -> None:
+        for s in self.stats:
+            s.add(x)
+
+    def reduce(self, world: World) -> None:
+        for s in self.stats:
+            s.reduce(world)
+
+
+UnitJob = tuple[float, Callable[[], dict[str, QuantizedWeight]]]
+
+
+def solve_units(world: World, jobs: Mapping[str, UnitJob]) -> dict[str, QuantizedWeight]:
+    """Run every job ``key -> (estimated cost, solve)`` on its owner rank and give every rank
+    all the Linears they quantized. A job is a unit of work (a Linear, Linears stacked on one
+    Hessian, an expert), so the assignment balances whatever the model's units are."""
+
+    def packed(fn: Callable[[], dict[str, QuantizedWeight]]) -> Callable[[], tuple[dict, dict]]:
+        return lambda: quantized_as_tensors(fn())
+
+    out: dict[str, QuantizedWeight] = {}
+    for tensors, schemes in world.solve({k: (c, packed(fn)) for k, (c, fn) in jobs.items()}).values():
+        out.update(quantized_from_tensors(tensors, schemes))
+    return out
 
 
 class QuantizerParams(BaseModel):

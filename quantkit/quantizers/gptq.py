@@ -21,7 +21,8 @@ from pydantic import Field
 
 from ..errors import NumericsError
 from ..scheme import QuantizedWeight, Scheme, WeightScheme
-from .base import LayerCalibration, Quantizer, QuantizerParams, register_quantizer
+from ..distributed import World
+from .base import Joined, LayerCalibration, Quantizer, QuantizerParams, register_quantizer, solve_units
 from .hessian import HessianAccumulator
 from .rtn import qparams, weight_only_scheme, weight_qparams
 
@@ -305,54 +306,49 @@ class GPTQParams(QuantizerParams):
         return weight_only_scheme(self.bits, self.group_size, self.symmetric, actorder)
 
 
-def collect_hessians(graph, hooks: dict | None = None) -> tuple[dict[str, HessianAccumulator], dict]:
+def collect_hessians(graph, stats: dict | None = None) -> tuple[dict[str, HessianAccumulator], dict]:
     """One Hessian accumulator per input group, keyed by every Linear of the group, and the
-    hooks (merged into ``hooks``) that feed them: only the group's first Linear is hooked."""
-    hooks = dict(hooks or {})
+    statistics to observe (merged into ``stats``): only the group's first Linear is hooked."""
+    stats = dict(stats or {})
     accs: dict[str, HessianAccumulator] = {}
     for g in graph.groups:
         acc = HessianAccumulator(g.key)
         for n in g.linears:
             accs[n] = acc
-        hooks[g.key] = _chain(hooks.get(g.key), acc.add)
-    return accs, hooks
-
-
-def _chain(first, second):
-    if first is None:
-        return second
-
-    def both(x: torch.Tensor) -> None:
-        first(x)
-        second(x)
-
-    return both
+        stats[g.key] = acc if g.key not in stats else Joined(stats[g.key], acc)
+    return accs, stats
 
 
 def gptq_layer(
-    layer, graph, accs: dict[str, HessianAccumulator], scheme: Scheme, **kwargs
+    layer, graph, accs: dict[str, HessianAccumulator], scheme: Scheme, world: World, **kwargs
 ) -> dict[str, QuantizedWeight]:
-    """GPTQ every unit of ``graph`` with the Hessians already accumulated in ``accs``.
+    """GPTQ every unit of ``graph`` with the Hessians already accumulated (and reduced) in
+    ``accs``, each solve on its owner rank of ``world``.
 
     Linears that share a Hessian (q/k/v; gate/up) are solved as one weight with their rows
     stacked: GPTQ treats rows independently given ``H`` (scales are per row or per row-group,
     and the error update of a row reads only that row), so this is the same computation with
     one Cholesky factorisation and one sequential column loop instead of three or two.
     """
-    out: dict[str, QuantizedWeight] = {}
     by_acc: dict[int, list[str]] = {}
     for name in graph.linears:
         by_acc.setdefault(id(accs[name]), []).append(name)
-    for names in by_acc.values():
+
+    def solve(names: list[str]) -> dict[str, QuantizedWeight]:
         weights = [graph.unit(n).matrix(layer).detach() for n in names]
         hessian = accs[names[0]].hessian()
         if len(names) == 1 or scheme.weights.strategy == "tensor":  # a tensor scale spans one weight
-            for n, w in zip(names, weights):
-                out[n] = gptq_quantize(w, hessian, scheme, name=n, **kwargs)
-            continue
+            return {n: gptq_quantize(w, hessian, scheme, name=n, **kwargs) for n, w in zip(names, weights)}
         stacked = gptq_quantize(torch.cat(weights), hessian, scheme, name="+".join(names), **kwargs)
-        out.update(split_rows(stacked, names, [w.shape[0] for w in weights]))
-    return out
+        return split_rows(stacked, names, [w.shape[0] for w in weights])
+
+    jobs = {}
+    for names in by_acc.values():
+        units = [graph.unit(n) for n in names]
+        in_f, rows = units[0].in_features, sum(u.out_features for u in units)
+        # The column loop touches rows x in^2 / 2 elements, the factorisations about in^3.
+        jobs["+".join(names)] = (float(in_f) * in_f * (rows + in_f), lambda names=names: solve(names))
+    return solve_units(world, jobs)
 
 
 def split_rows(qw: QuantizedWeight, names: list[str], rows: list[int]) -> dict[str, QuantizedWeight]:
@@ -373,13 +369,14 @@ class GPTQQuantizer(Quantizer):
 
     def quantize_layer(self, layer, graph, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
         p: GPTQParams = self.params  # type: ignore[assignment]
-        accs, hooks = collect_hessians(graph)
-        calib.run(hooks)
+        accs, stats = collect_hessians(graph)
+        calib.observe(stats)
         return gptq_layer(
             layer,
             graph,
             accs,
             self.scheme,
+            calib.world,
             block_size=p.block_size,
             dampening_frac=p.dampening_frac,
             act_order=p.act_order,

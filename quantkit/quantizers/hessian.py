@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import World
 from ..errors import CalibrationError
 
 
@@ -46,6 +47,19 @@ class HessianAccumulator:
         else:
             x = x.to(torch.float32)
             self._h.addmm_(x.T, x, beta=n / self.tokens, alpha=2.0 / self.tokens)
+
+    def reduce(self, world: World) -> None:
+        """The Hessian of every rank's tokens: each rank's mean weighted by its token count,
+        summed (as sums plus counts), divided by the total count."""
+        if world.size == 1:
+            return
+        if self._h is None:
+            raise CalibrationError(f"rank {world.rank}: no calibration tokens reached {self.name or 'this module'}",
+                                   hint="use at least as many calibration batches as ranks")
+        count = world.all_reduce(torch.tensor([float(self.tokens)], dtype=torch.float64, device=self._h.device))
+        world.all_reduce(self._h.mul_(self.tokens))
+        self.tokens = int(count.item())
+        self._h.div_(self.tokens)
 
     def hessian(self) -> torch.Tensor:
         if self._h is None:

@@ -47,28 +47,28 @@ def quantize_w8a8_layer(
     observe: Callable[[], dict] | None = None,
 ) -> tuple[dict[str, QuantizedWeight], dict]:
     """Smooth (optional), then one calibration pass for whatever is still needed (GPTQ
-    Hessians and ``observe()``'s hooks, keyed by Linear name), then quantize the weights.
+    Hessians and ``observe()``'s statistics, keyed by Linear name), then quantize the weights.
 
-    ``observe`` returns fresh hooks; it is called after smoothing so the observers see the
-    smoothed activations. Returns the weights and those hooks (holding their statistics).
+    ``observe`` returns fresh statistics; it is called after smoothing so they see the
+    smoothed activations. Returns the weights and those statistics (reduced over the ranks).
     """
     if params.smoothquant_alpha is not None:
         smooth_layer(layer, graph, calib, params.smoothquant_alpha)
-    hooks = observe() if observe is not None else {}
-    obs_hooks = dict(hooks)
+    stats = observe() if observe is not None else {}
+    observed = dict(stats)
     accs = None
     if params.weight_method == "gptq":
-        accs, hooks = collect_hessians(graph, hooks)
-    if hooks:
-        calib.run(hooks)
+        accs, stats = collect_hessians(graph, stats)
+    if stats:
+        calib.observe(stats)
     if accs is not None:
         weights = gptq_layer(
-            layer, graph, accs, scheme,
+            layer, graph, accs, scheme, calib.world,
             block_size=params.block_size, dampening_frac=params.dampening_frac, act_order=params.act_order,
         )
     else:
         weights = {u.name: quantize_rtn(u.matrix(layer).detach(), scheme) for u in graph.units}
-    return weights, obs_hooks
+    return weights, observed
 
 
 @register_quantizer("dynamic_int8")

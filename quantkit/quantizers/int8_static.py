@@ -33,7 +33,7 @@ class StaticInt8Quantizer(Quantizer):
         p: StaticInt8Params = self.params  # type: ignore[assignment]
         observers = {g.key: TensorObserver(p.observer, p.percentile) for g in graph.groups}
         weights, _ = quantize_w8a8_layer(
-            layer, graph, calib, p, self.scheme, observe=lambda: {n: o.add for n, o in observers.items()}
+            layer, graph, calib, p, self.scheme, observe=lambda: dict(observers)
         )
         for g in graph.groups:
             scale = int_scale(observers[g.key].amax())

@@ -13,6 +13,9 @@ from typing import Literal
 
 import torch
 
+from ..distributed import World
+from .sampling import pooled_sample
+
 ObserverKind = Literal["minmax", "percentile", "mse"]
 _TINY = 1e-12
 
@@ -86,6 +89,15 @@ class TensorObserver:
             keep = allv[torch.randperm(allv.numel(), device=allv.device)[: allv.numel() // 2]]
             self._samples, self._count, self._rate = [keep], keep.numel(), self._rate / 2
 
+    def reduce(self, world: World) -> None:
+        """The maximum over the ranks; for the sampled statistics the ranks' samples pooled."""
+        if world.size == 1:
+            return
+        world.all_reduce(self._max, "max")
+        if self.kind != "minmax":
+            self._samples = [pooled_sample(world, self.samples(), self.max_samples)]
+            self._count = self._samples[0].numel()
+
     def samples(self) -> torch.Tensor:
         return torch.cat(self._samples)
 
@@ -97,3 +109,19 @@ class TensorObserver:
         if self.kind == "percentile":
             return percentile_amax(self.samples(), self.percentile)
         return mse_amax(self.samples(), self.num_bits)
+
+
+class AbsMax:
+    """Running ``max |x|``, over everything or per input channel (``per_channel``), with no
+    host sync; reduced by MAX over the ranks."""
+
+    def __init__(self, per_channel: bool = False) -> None:
+        self.per_channel = per_channel
+        self.amax: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        m = x.detach().abs().amax(dim=0).to(torch.float32) if self.per_channel else minmax_amax(x)
+        self.amax = m if self.amax is None else torch.maximum(self.amax, m)
+
+    def reduce(self, world: World) -> None:
+        world.all_reduce(self.amax, "max")

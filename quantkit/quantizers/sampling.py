@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import World
+
 
 class RowSample:
     """Keeps each row (token) of the batches it is given with probability ``rate``; when more
@@ -33,5 +35,23 @@ class RowSample:
             keep = allx[torch.randperm(allx.shape[0], device=allx.device)[: allx.shape[0] // 2]]
             self._rows, self.count, self.rate = [keep], keep.shape[0], self.rate / 2
 
+    def reduce(self, world: World) -> None:
+        """Every rank's sample pooled, thinned to ``cap`` rows: still uniform over all tokens
+        when the ranks saw similar numbers of tokens (round-robin batches)."""
+        if world.size > 1:
+            self._rows = [pooled_sample(world, self.rows(), self.cap)]
+            self.count = self._rows[0].shape[0]
+
     def rows(self) -> torch.Tensor:
         return torch.cat(self._rows)
+
+
+def pooled_sample(world: World, rows: torch.Tensor, cap: int) -> torch.Tensor:
+    """The rows of every rank (rank order), at most ``cap`` of them kept at random. The draw is
+    seeded by the pooled count, so every rank keeps the same rows."""
+    pooled = world.gather_rows(rows)
+    if pooled.shape[0] <= cap:
+        return pooled
+    gen = torch.Generator(device=pooled.device).manual_seed(pooled.shape[0])
+    keep = torch.randperm(pooled.shape[0], generator=gen, device=pooled.device)[:cap].sort().values
+    return pooled[keep]

@@ -1,0 +1,50 @@
+"""``quantkit run --gpus N``: the same command on N ranks, started by torchrun's own launcher.
+
+The launcher (torch.distributed's elastic agent, what ``torchrun --standalone`` runs) starts
+``python -m quantkit run ...`` once per rank with ``WORLD_SIZE``/``RANK``/``LOCAL_RANK`` set,
+watches them, and stops the others when one fails. Ranks that fail only because a peer
+vanished stay quiet (``QUANTKIT_LAUNCHED``): the launcher names the rank that failed first,
+so a killed run ends with one error line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+
+from .errors import DistributedError
+
+# Set for the ranks this launcher starts: it reports a lost rank itself.
+LAUNCHED_ENV = "QUANTKIT_LAUNCHED"
+# How such a rank exits when it stopped only because another rank was gone.
+PEER_LOST_EXIT = 75
+
+
+def run_ranks(nproc: int, args: list[str], work_hint: str) -> None:
+    """Run ``python -m quantkit <args>`` on ``nproc`` ranks of this host; raise one
+    DistributedError naming the first rank that failed and how."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.1)
+    os.environ[LAUNCHED_ENV] = "1"
+    # Each rank computes with its own threads; without this torch would oversubscribe the host.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or nproc) // nproc)))
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "quantkit", *args)
+    except ChildFailedError as e:
+        # The cause first: not a rank that stopped because a peer was gone, nor one the agent stopped.
+        rank, failure = min(e.failures.items(), key=lambda kv: (
+            kv[1].exitcode == PEER_LOST_EXIT, kv[1].signal_name() == "SIGTERM", kv[1].timestamp, kv[0]))
+        how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        raise DistributedError(f"rank {rank} of {nproc} failed ({how}); the run stopped and wrote no output",
+                               field="--gpus", value=nproc,
+                               hint=f"finished layers are kept in {work_hint}: run again with --resume") from None
+    finally:
+        os.environ.pop(LAUNCHED_ENV, None)
