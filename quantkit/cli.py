@@ -31,7 +31,6 @@ def _run(args: argparse.Namespace) -> int:
         flags = ["--quiet"] * args.quiet + ["--debug"] * bool(getattr(args, "debug", False))
         run_ranks(args.gpus, flags + ["run", args.recipe] + ["--output-dir", str(output)] +
                   ["--overwrite"] * args.overwrite + ["--resume"] * args.resume, str(work_dir_for(output)))
-        print(f"wrote {output}")
         return 0
     if args.output_dir:
         recipe.export.output_dir = Path(args.output_dir)
