@@ -203,7 +203,7 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     prof.wrap(awq, "awq_scale_search", "awq scale search")
     prof.wrap(awq, "awq_clip_search", "awq clip search")
     prof.wrap(int8_dynamic, "smooth_layer", "smoothquant (incl. its forward)")
-    prof.wrap(engine._LayerCalibration, "run", "calibration forward (incl. hooks)")
+    prof.wrap(engine._LayerCalibration, "observe", "calibration forward (incl. hooks)")
     torch.cuda.init()
     t0 = time.perf_counter()
     report = quantkit.quantize(**_quantkit_recipe(method, model, calib, out, n, length, batch), quiet=True)
