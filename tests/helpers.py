@@ -14,16 +14,17 @@ from quantkit.graph import LayerGraph
 
 class FakeCalibration:
     """Holds the layer's calibration inputs and streams them through it with the engine's
-    hooks (``run_calibration``), in the world of one rank. Each batch is a tensor (positional
+    hooks (``run_calibration``). Each batch is a tensor (positional
     input) or a dict of keyword arguments. ``runs`` counts passes; ``hook_calls`` counts calls
-    per statistic."""
+    per statistic. With a ``world`` of several ranks it streams this rank's share, as the
+    engine does."""
 
-    def __init__(self, layer: nn.Module, batches: list) -> None:
+    def __init__(self, layer: nn.Module, batches: list, world=None) -> None:
         from quantkit.distributed import SINGLE
 
+        self.world = world or SINGLE
         self.layer = layer
-        self.batches = batches
-        self.world = SINGLE
+        self.batches = self.world.shard(batches)
         self.runs = 0
         self.hook_calls: dict[str, int] = {}
 
