@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import PeerLostError, QuantkitError
+from .errors import DistributedError, PeerLostError, QuantkitError
 from .launch import LAUNCHED_ENV, PEER_LOST_EXIT
 
 log = logging.getLogger("quantkit")
@@ -24,9 +24,14 @@ def _run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        import torch
+
         from .checkpoint import work_dir_for
         from .launch import run_ranks
 
+        if recipe.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < args.gpus:
+            raise DistributedError(f"--gpus {args.gpus}: only {torch.cuda.device_count()} GPUs are visible",
+                                   field="--gpus", value=args.gpus, hint="ask for at most as many ranks as GPUs")
         output = Path(args.output_dir) if args.output_dir else recipe.export.output_dir
         flags = ["--quiet"] * args.quiet + ["--debug"] * bool(getattr(args, "debug", False))
         run_ranks(args.gpus, flags + ["run", args.recipe] + ["--output-dir", str(output)] +
@@ -89,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue a killed run from its last finished layer (same recipe)")
     run.add_argument("--gpus", type=int, default=1, metavar="N",
-                     help="quantize on N GPUs of this host (starts N ranks with torchrun); "
-                          "or start quantkit under torchrun yourself")
+                     help="quantize on N GPUs of this host (starts N ranks with torchrun's launcher; "
+                          "without CUDA, N CPU ranks with gloo); or start quantkit under torchrun yourself")
     run.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     run.set_defaults(func=_run)

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Tensors = dict[str, torch.Tensor]
+# A unit of work: its estimated cost, and what solves it (tensors plus JSON-able metadata).
+Job = tuple[float, Callable[[], tuple[Tensors, dict]]]
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,14 @@ class World:
         header = json.loads(bytes(raw.cpu().numpy()).decode())
         out: Tensors = {}
         for name, dtype, shape in header["tensors"]:
+            # As bytes: every backend moves uint8, not every one float8 or bool.
             if self.rank == src:
                 t = tensors[name].detach().to(self.device).contiguous()
+                raw = t.reshape(-1).view(torch.uint8)
             else:
                 t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            _guard(lambda: dist.broadcast(t, src))
+                raw = t.reshape(-1).view(torch.uint8)
+            _guard(lambda: dist.broadcast(raw, src))
             out[name] = t
         return out, header["metadata"]
 
@@ -104,7 +109,7 @@ class World:
             load[r] += costs[key]
         return out
 
-    def solve(self, jobs: Mapping[str, tuple[float, Callable[[], tuple[Tensors, dict]]]]) -> dict[str, tuple[Tensors, dict]]:
+    def solve(self, jobs: Mapping[str, Job]) -> dict[str, tuple[Tensors, dict]]:
         """Run each job ``key -> (estimated cost, fn)`` on its owner rank and give every rank
         every job's result (``fn`` returns tensors and JSON-able metadata)."""
         owner = self.owners({k: c for k, (c, _) in jobs.items()})

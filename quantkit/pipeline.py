@@ -167,7 +167,8 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     return report
 
 
-def _start_workdir(world: World, workdir: WorkDir, run_id: str, resume: bool, samples: int, batch_size: int) -> int:
+def _start_workdir(world: World, workdir: WorkDir, run_id: str, resume: bool, samples: int,
+                   batch_size: int) -> int:
     """Rank 0 prepares the work folder; every rank learns how many layers are finished and
     checks that it computed the same run (model, recipe, calibration tokens) as rank 0."""
     if world.size > 1 and -(-samples // batch_size) < world.size:

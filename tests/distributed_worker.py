@@ -42,6 +42,14 @@ def quantize_case(case: str, world) -> dict[str, torch.Tensor]:
     return result
 
 
+def sent_tensors() -> dict[str, torch.Tensor]:
+    """What rank 1 broadcasts: dtypes gloo cannot reduce (float8, bool), a scalar, an empty tensor."""
+    g = torch.Generator().manual_seed(0)
+    return {"fp8": torch.randn(3, 5, generator=g).to(torch.float8_e4m3fn), "mask": torch.rand(7, generator=g) > 0.5,
+            "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4, dtype=torch.int32),
+            "bf16": torch.randn(2, 3, generator=g).to(torch.bfloat16)}
+
+
 def main(out: Path) -> None:
     from quantkit.distributed import close, world_from_environment
 
@@ -49,6 +57,8 @@ def main(out: Path) -> None:
     for case in CASES:
         result = quantize_case(case, world)
         write_safetensors(out / f"{case}-rank{world.rank}.safetensors", result, {})
+    got, meta = world.broadcast(sent_tensors() if world.rank == 1 else None, 1, {"from": 1})
+    write_safetensors(out / f"broadcast-rank{world.rank}.safetensors", got, {"meta": json.dumps(meta)})
     close()
 
 

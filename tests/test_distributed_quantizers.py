@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed_worker import CASES, quantize_case
+from tests.distributed_worker import CASES, quantize_case, sent_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 EXACT = {"fp8", "int8-percentile"}
@@ -48,3 +48,16 @@ def test_two_ranks_end_with_the_one_rank_layer(two_ranks, case):
             assert (got != ref).float().mean().item() < 0.01, k
         else:
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_broadcast_carries_any_dtype_and_metadata(two_ranks):
+    from safetensors import safe_open
+
+    for r in (0, 1):
+        path = two_ranks / f"broadcast-rank{r}.safetensors"
+        got = load_file(path)
+        for k, ref in sent_tensors().items():
+            assert got[k].dtype == ref.dtype and got[k].shape == ref.shape, k
+            assert torch.equal(got[k].reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)), k
+        with safe_open(path, framework="pt") as f:
+            assert f.metadata()["meta"] == '{"from": 1}'
