@@ -50,6 +50,13 @@ def sent_tensors() -> dict[str, torch.Tensor]:
             "bf16": torch.randn(2, 3, generator=g).to(torch.bfloat16)}
 
 
+def hessian_inputs() -> list[torch.Tensor]:
+    """Batches for a Hessian that rank 0 sees three of and rank 1 none (an expert no token
+    of rank 1 picked)."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(n, 8, generator=g) for n in (5, 11, 3)]
+
+
 def main(out: Path) -> None:
     from quantkit.distributed import close, world_from_environment
 
@@ -57,6 +64,13 @@ def main(out: Path) -> None:
     for case in CASES:
         result = quantize_case(case, world)
         write_safetensors(out / f"{case}-rank{world.rank}.safetensors", result, {})
+    from quantkit.quantizers.hessian import HessianAccumulator
+
+    acc = HessianAccumulator("expert", in_features=8)
+    for x in hessian_inputs() if world.rank == 0 else []:
+        acc.add(x)
+    acc.reduce(world)
+    write_safetensors(out / f"hessian-rank{world.rank}.safetensors", {"h": acc.hessian()}, {"tokens": str(acc.tokens)})
     got, meta = world.broadcast(sent_tensors() if world.rank == 1 else None, 1, {"from": 1})
     write_safetensors(out / f"broadcast-rank{world.rank}.safetensors", got, {"meta": json.dumps(meta)})
     close()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed_worker import CASES, quantize_case, sent_tensors
+from tests.distributed_worker import CASES, hessian_inputs, quantize_case, sent_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 EXACT = {"fp8", "int8-percentile"}
@@ -61,3 +61,15 @@ def test_broadcast_carries_any_dtype_and_metadata(two_ranks):
             assert torch.equal(got[k].reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)), k
         with safe_open(path, framework="pt") as f:
             assert f.metadata()["meta"] == '{"from": 1}'
+
+
+def test_hessian_reduces_with_a_rank_that_saw_no_token(two_ranks):
+    from safetensors import safe_open
+
+    x = torch.cat(hessian_inputs()).double()
+    ref = 2 * x.T @ x / x.shape[0]
+    for r in (0, 1):
+        path = two_ranks / f"hessian-rank{r}.safetensors"
+        torch.testing.assert_close(load_file(path)["h"].double(), ref, rtol=1e-5, atol=1e-6)
+        with safe_open(path, framework="pt") as f:
+            assert f.metadata()["tokens"] == str(x.shape[0])

@@ -312,7 +312,7 @@ def collect_hessians(graph, stats: dict | None = None) -> tuple[dict[str, Hessia
     stats = dict(stats or {})
     accs: dict[str, HessianAccumulator] = {}
     for g in graph.groups:
-        acc = HessianAccumulator(g.key)
+        acc = HessianAccumulator(g.key, graph.unit(g.key).in_features)
         for n in g.linears:
             accs[n] = acc
         stats[g.key] = acc if g.key not in stats else Joined(stats[g.key], acc)

@@ -25,8 +25,8 @@ class HessianAccumulator:
     faster on an H100, where this matmul is most of the calibration cost).
     """
 
-    def __init__(self, name: str = "") -> None:
-        self.name = name
+    def __init__(self, name: str = "", in_features: int | None = None) -> None:
+        self.name, self.in_features = name, in_features
         self.tokens = 0
         self.calls = 0
         self._h: torch.Tensor | None = None
@@ -53,13 +53,18 @@ class HessianAccumulator:
         summed (as sums plus counts), divided by the total count."""
         if world.size == 1:
             return
-        if self._h is None:
-            raise CalibrationError(f"rank {world.rank}: no calibration tokens reached {self.name or 'this module'}",
-                                   hint="use at least as many calibration batches as ranks")
+        if self._h is None:  # none of this rank's tokens reached it (an expert no token picked)
+            if self.in_features is None:
+                raise CalibrationError(f"rank {world.rank}: no calibration tokens reached {self.name or 'this module'}",
+                                       hint="use at least as many calibration batches as ranks")
+            self._h = torch.zeros(self.in_features, self.in_features, device=world.device, dtype=torch.float32)
         count = world.all_reduce(torch.tensor([float(self.tokens)], dtype=torch.float64, device=self._h.device))
         world.all_reduce(self._h.mul_(self.tokens))
         self.tokens = int(count.item())
-        self._h.div_(self.tokens)
+        if self.tokens:
+            self._h.div_(self.tokens)
+        else:
+            self._h = None  # no rank saw a token: hessian() says so
 
     def hessian(self) -> torch.Tensor:
         if self._h is None:
