@@ -34,9 +34,8 @@ def _run(args: argparse.Namespace) -> int:
                                    field="--gpus", value=args.gpus, hint="ask for at most as many ranks as GPUs")
         output = Path(args.output_dir) if args.output_dir else recipe.export.output_dir
         flags = ["--quiet"] * args.quiet + ["--debug"] * bool(getattr(args, "debug", False))
-        run_ranks(args.gpus, flags + ["run", args.recipe] + ["--output-dir", str(output)] +
-                  ["--overwrite"] * args.overwrite + ["--resume"] * args.resume, str(work_dir_for(output)))
-        return 0
+        return run_ranks(args.gpus, flags + ["run", args.recipe] + ["--output-dir", str(output)] +
+                         ["--overwrite"] * args.overwrite + ["--resume"] * args.resume, str(work_dir_for(output)))
     if args.output_dir:
         recipe.export.output_dir = Path(args.output_dir)
     if args.overwrite:

@@ -20,11 +20,14 @@ from .errors import DistributedError
 LAUNCHED_ENV = "QUANTKIT_LAUNCHED"
 # How such a rank exits when it stopped only because another rank was gone.
 PEER_LOST_EXIT = 75
+# How a rank exits after printing its own one-line error (the CLI's code for a QuantkitError).
+REPORTED_EXIT = 2
 
 
-def run_ranks(nproc: int, args: list[str], work_hint: str) -> None:
-    """Run ``python -m quantkit <args>`` on ``nproc`` ranks of this host; raise one
-    DistributedError naming the first rank that failed and how."""
+def run_ranks(nproc: int, args: list[str], work_hint: str) -> int:
+    """Run ``python -m quantkit <args>`` on ``nproc`` ranks of this host. Returns 0, or the exit
+    code of a rank that failed with its own one-line error (already printed); a rank that died
+    otherwise (a signal, a crash) is one DistributedError naming it and how."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -33,18 +36,24 @@ def run_ranks(nproc: int, args: list[str], work_hint: str) -> None:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                           monitor_interval=0.1)
-    os.environ[LAUNCHED_ENV] = "1"
-    # Each rank computes with its own threads; without this torch would oversubscribe the host.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or nproc) // nproc)))
+    # The ranks inherit this environment. Each computes with its share of the host's threads;
+    # without a limit torch would oversubscribe it.
+    added = {LAUNCHED_ENV: "1", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or nproc) // nproc))}
+    added = {k: v for k, v in added.items() if k not in os.environ}
+    os.environ.update(added)
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "quantkit", *args)
+        return 0
     except ChildFailedError as e:
         # The cause first: not a rank that stopped because a peer was gone, nor one the agent stopped.
         rank, failure = min(e.failures.items(), key=lambda kv: (
             kv[1].exitcode == PEER_LOST_EXIT, kv[1].signal_name() == "SIGTERM", kv[1].timestamp, kv[0]))
+        if failure.exitcode == REPORTED_EXIT:
+            return REPORTED_EXIT
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         raise DistributedError(f"rank {rank} of {nproc} failed ({how}); the run stopped and wrote no output",
                                field="--gpus", value=nproc,
                                hint=f"finished layers are kept in {work_hint}: run again with --resume") from None
     finally:
-        os.environ.pop(LAUNCHED_ENV, None)
+        for k in added:
+            os.environ.pop(k, None)
