@@ -79,13 +79,15 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     hidden work folder beside ``export.output_dir``) and writes the same checkpoint.
     """
     started = time.perf_counter()
+    # Under torchrun each rank takes its own GPU (LOCAL_RANK); alone, the world of one.
+    world = world_from_environment(resolve_device(recipe.device))
+    device = world.device
+    if not world.is_main:  # rank 0 checks first: a bad recipe or model is one error line, not one per rank
+        world.barrier()
     token = os.environ.get("HF_TOKEN")
     source = ModelSource.open(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle, token)
     params = recipe.quantization
     scheme = params.scheme()
-    # Under torchrun each rank takes its own GPU (LOCAL_RANK); alone, the world of one.
-    world = world_from_environment(resolve_device(recipe.device))
-    device = world.device
     dtype = resolve_dtype(recipe.model.dtype, source.config)
     # CPUs here run bf16 matmuls ~8x slower than fp32, so compute in fp32 and export in dtype.
     compute_dtype = torch.float32 if device.type == "cpu" else dtype
@@ -104,6 +106,8 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
                               parse_size(recipe.export.max_shard_size), recipe.export.overwrite)
     writer.check_target()
     check_disk_space(recipe.export.output_dir, source.config, scheme)
+    if world.is_main:
+        world.barrier()
 
     from transformers import AutoTokenizer
 
