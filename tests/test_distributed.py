@@ -103,16 +103,16 @@ def test_killed_rank_ends_run_with_one_error_and_resume_finishes(runs, text_file
     recipe = _recipe(tmp, model, text_file, "killed")
     proc = subprocess.Popen(CMD + [str(recipe), "--gpus", "2"], env=ENV, stderr=subprocess.PIPE, text=True)
     state = tmp / ".killed.quantkit-partial" / "state.json"
-    finished, killed = 0, False
+    finished, killed, pid = 0, False, None
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not killed:
-        if state.is_file():
+        pid = pid or _rank_pid(proc.pid, 1)  # found early: the kill must not wait for a scan of /proc
+        if pid is not None and state.is_file():
             try:
                 finished = json.loads(state.read_text())["finished_layers"]
             except (ValueError, KeyError):
                 finished = 0
-            pid = _rank_pid(proc.pid, 1) if finished >= 1 else None
-            if pid is not None:
+            if finished >= 1:
                 os.kill(pid, signal.SIGKILL)
                 killed = True
         time.sleep(0.01)
