@@ -49,7 +49,8 @@ class _LayerCalibration:
     """The LayerCalibration the quantizers see: runs the float layer over this rank's
     calibration batches, each with the arguments the model's own forward gives layer ``index``."""
 
-    def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs], world: World):
+    def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs],
+                 world: World):
         self.runner, self.index, self.layer, self.batches, self.world = runner, index, layer, batches, world
 
     def observe(self, stats: Mapping[str, Statistic]) -> None:

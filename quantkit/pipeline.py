@@ -22,7 +22,7 @@ from . import __version__
 from .calibration import TextRequest, load_tokens
 from .card import base_license, render_card
 from .checkpoint import CheckpointWriter, work_dir_for
-from .engine import LayerCallback, LayerwiseEngine
+from .engine import LayerCallback, LayerwiseEngine, make_batches
 from .distributed import World, world_from_environment
 from .errors import DistributedError, ExportError, QuantkitError, RecipeError
 from .export import export_checkpoint
@@ -131,7 +131,7 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
 
     run_id = fingerprint(__version__, recipe.model.model_dump(mode="json"), params.model_dump(mode="json"),
                          cal.model_dump(mode="json"), source.weight_map, calib)
-    start = _start_workdir(world, workdir, run_id, resume, cal.num_samples, cal.batch_size)
+    start = _start_workdir(world, workdir, run_id, resume, calib, cal.batch_size)
     try:
         engine = LayerwiseEngine(runner, quantizer, workdir, run_id, quiet, on_layer, world)
         result = engine.run(calib, evaluation, cal.batch_size, start)
@@ -171,13 +171,14 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     return report
 
 
-def _start_workdir(world: World, workdir: WorkDir, run_id: str, resume: bool, samples: int,
+def _start_workdir(world: World, workdir: WorkDir, run_id: str, resume: bool, calib: list[torch.Tensor],
                    batch_size: int) -> int:
     """Rank 0 prepares the work folder; every rank learns how many layers are finished and
     checks that it computed the same run (model, recipe, calibration tokens) as rank 0."""
-    if world.size > 1 and -(-samples // batch_size) < world.size:
-        raise DistributedError(f"{world.size} ranks but only {-(-samples // batch_size)} calibration batches",
-                               field="calibration.num_samples", value=samples,
+    batches = len(make_batches(calib, batch_size))
+    if calib and batches < world.size:
+        raise DistributedError(f"{world.size} ranks but only {batches} calibration batches",
+                               field="calibration.num_samples", value=len(calib),
                                hint="give each rank at least one batch: more samples or a smaller batch_size")
     start = torch.zeros(1, dtype=torch.int64, device=world.device)
     ours = torch.frombuffer(bytearray(bytes.fromhex(run_id)), dtype=torch.uint8).to(world.device)
