@@ -50,7 +50,7 @@ class _LayerCalibration:
     calibration batches, each with the arguments the model's own forward gives layer ``index``."""
 
     def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs],
-                 world: World):
+                 world: World = SINGLE):
         self.runner, self.index, self.layer, self.batches, self.world = runner, index, layer, batches, world
 
     def observe(self, stats: Mapping[str, Statistic]) -> None:
