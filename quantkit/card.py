@@ -51,6 +51,12 @@ def render_card(report: dict[str, Any], license_: str | None) -> str:
             f"| quantized | {ev['perplexity_quantized']:.3f} | {report['size_bytes']['quantized'] / 1e9:.3f} GB |",
             "",
         ]
+        if ev.get("kl_mean") is not None:
+            lines += [
+                f"Next-token distribution of the quantized model against the base model over the same "
+                f"{ev['positions']} positions: KL divergence mean {ev['kl_mean']:.4f} nats, p99 {ev['kl_p99']:.4f} "
+                f"nats; the most likely token agrees at {100 * ev['top1_agreement']:.2f}% of positions.", "",
+            ]
     else:
         lines += ["Not evaluated (evaluate.enabled: false).", ""]
     kept = report.get("unquantized") or []
@@ -60,12 +66,39 @@ def render_card(report: dict[str, Any], license_: str | None) -> str:
                   "checkpoint is in this one too):", ""]
         lines += [f"- `{k['module']}`: {k['reason']}" for k in kept]
         lines += [""]
+    lines += _task_lines(report.get("tasks"))
     cal = report["calibration"]
     lines += [
         "## How it was made", "",
         f"- calibration: `{cal['source']}`, {cal['num_samples']} sequences × {cal['max_seq_length']} tokens "
         f"(packing {cal['packing']}, seed {cal['seed']})",
         f"- quantization parameters: `{report['quantization']}`",
-        f"- time: {report['timing']['total_seconds']:.1f} s on {report['device']}", "",
+        # No timings here: they vary from run to run, and the card is otherwise the same (report.json has them).
+        f"- device: {report['device']}",
+        "",
     ]
     return "\n".join(lines)
+
+
+def _task_lines(tasks: dict[str, Any] | None) -> list[str]:
+    """The lm-eval table written by ``quantkit eval --tasks``: each metric of base and
+    quantized, with standard errors, and the recovery ratio."""
+    if not tasks:
+        return []
+    shots = "" if tasks.get("num_fewshot") is None else f", {tasks['num_fewshot']}-shot"
+    limit = "" if tasks.get("limit") is None else f", first {tasks['limit']} documents per task"
+    lines = [f"### Task accuracy (lm-evaluation-harness {tasks['lm_eval_version']}, {tasks['backend']} backend"
+             f"{shots}{limit})", "",
+             "| task | metric | base | quantized | recovery |", "|---|---|---|---|---|"]
+    for task, metrics in tasks["tasks"].items():
+        for metric, m in metrics.items():
+            rec = "-" if m["recovery"] is None else f"{100 * m['recovery']:.1f}%"
+            lines.append(f"| {task} | {metric} | {_with_stderr(m['base'], m['base_stderr'])} | "
+                         f"{_with_stderr(m['quantized'], m['quantized_stderr'])} | {rec} |")
+    if tasks.get("mean_recovery") is not None:
+        lines += ["", f"Mean recovery (first metric of each task): {100 * tasks['mean_recovery']:.1f}%."]
+    return lines + [""]
+
+
+def _with_stderr(value: float, stderr: float | None) -> str:
+    return f"{value:.4f}" if stderr is None else f"{value:.4f} ± {stderr:.4f}"

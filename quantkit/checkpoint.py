@@ -22,7 +22,10 @@ from typing import Any
 import torch
 
 from .errors import ExportError
+from .finite_check import all_finite, check_quantized, check_written
 from .formats.base import Format
+from .interrupts import deferred_interrupts
+from .output_guard import MARKER, check_replaceable, marker_text, old_dir_for, recover_interrupted_publish
 from .scheme import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -55,12 +58,12 @@ class CheckpointWriter:
         self._names: set[str] = set()
         self._shards: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
+        self.published = False  # True once the output folder is the new checkpoint
 
     def check_target(self) -> None:
-        """Refuse an existing output before any weight is read, unless overwrite is set."""
-        if self.output_dir.exists() and not self.overwrite:
-            raise ExportError(f"export.output_dir {self.output_dir} exists; choose another folder "
-                              "or set export.overwrite: true")
+        """Refuse an existing output before any weight is read, unless overwrite is set and
+        quantkit wrote it."""
+        check_replaceable(self.output_dir, self.overwrite)
 
     def start(self) -> None:
         self.check_target()
@@ -72,14 +75,17 @@ class CheckpointWriter:
         """Write one tensor; float tensors are cast to the export dtype unless ``keep_dtype``."""
         t = tensor.detach().to("cpu")
         if t.is_floating_point() and not keep_dtype:
-            t = t.to(self.dtype)
-            if not torch.isfinite(t).all():
-                raise ExportError(f"{name} overflows {str(self.dtype).replace('torch.', '')} on export; "
-                                  "set model.dtype: bfloat16 or float32")
+            cast = t.to(self.dtype)
+            if not all_finite(cast) and all_finite(t):
+                dtype = str(self.dtype).replace("torch.", "")
+                raise ExportError(f"{name} overflows {dtype} on export", field="model.dtype", value=dtype,
+                                  file=name, hint="set model.dtype: bfloat16 or float32")
+            t = cast
         self._put(name, t)
 
     def _put(self, name: str, t: torch.Tensor) -> None:
         t = t.detach().to("cpu").contiguous()
+        check_written(name, t)
         n = t.numel() * t.element_size()
         f = self._open(name, n)
         if n:
@@ -104,7 +110,8 @@ class CheckpointWriter:
             while left:
                 chunk = src.read(min(left, 64 << 20))
                 if not chunk:
-                    raise ExportError(f"{path}: ends inside tensor {name}; the model file is truncated")
+                    raise ExportError(f"{path}: ends inside tensor {name}", file=path, value=name,
+                                      hint="the model file is truncated; re-download or re-convert it")
                 _write_all(f, chunk)
                 left -= len(chunk)
         self._record(name, dtype, shape, end - start)
@@ -120,7 +127,7 @@ class CheckpointWriter:
     def _open(self, name: str, n: int):
         """The open shard, ready for ``n`` more bytes of tensor ``name``."""
         if name in self._names:
-            raise ExportError(f"internal: tensor {name} written twice")
+            raise ExportError(f"internal: tensor {name} written twice", file=name)
         self._names.add(name)
         # Close the shard before a tensor that would push it past the limit: max_shard_size is
         # the largest shard (only a single tensor bigger than the limit gets a shard above it).
@@ -141,6 +148,7 @@ class CheckpointWriter:
         return f"part-{len(self._shards) + 1:05d}.safetensors"
 
     def add_quantized(self, prefix: str, qw: QuantizedWeight) -> None:
+        check_quantized(prefix, qw)
         for name, t in self.fmt.weight_tensors(prefix, qw, self.dtype).items():
             self._put(name, t.detach().to("cpu"))
 
@@ -181,6 +189,7 @@ class CheckpointWriter:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (self.work_dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
         (self.work_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        (self.work_dir / MARKER).write_text(marker_text())
         for src in copy_files:
             shutil.copy2(src, self.work_dir / src.name)
         for name, content in files.items():
@@ -191,17 +200,29 @@ class CheckpointWriter:
         return self.output_dir
 
     def _publish(self) -> None:
-        old = self.output_dir.parent / f".{self.output_dir.name}.quantkit-old"
-        if self.output_dir.exists():
-            if not self.overwrite:
-                raise ExportError(f"export.output_dir {self.output_dir} appeared during the run; "
-                                  f"the result is kept in {self.work_dir}")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self.output_dir, old)
-        os.replace(self.work_dir, self.output_dir)
-        if old.exists():
-            shutil.rmtree(old)
+        """Swap the finished folder into place; the old output is removed only once the new one is there."""
+        recover_interrupted_publish(self.output_dir)
+        try:
+            check_replaceable(self.output_dir, self.overwrite)
+        except ExportError as e:
+            raise ExportError(f"{e.message} (it appeared or changed during the run); the finished checkpoint is "
+                              f"kept in {self.work_dir}", field=e.field, value=e.value, hint=e.hint) from None
+        old = old_dir_for(self.output_dir)
+        _remove(old)  # left by a publish killed after its swap: the output is newer
+        with deferred_interrupts():
+            if self.output_dir.exists():
+                os.replace(self.output_dir, old)
+            os.replace(self.work_dir, self.output_dir)
+            self.published = True
+            _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder, or only the link when it is one (never what a linked output pointed to)."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _write_all(f, data) -> None:

@@ -22,11 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import seeding
 from .activations import attach_activation_quantizers
 from .distributed import SINGLE, World
+from .divergence import compare_streams
 from .errors import DeviceMemoryError, NumericsError
-from .graph.runtime import LayerInputs, ModelRunner
+from .finite_check import check_quantized, check_written
 from .graph.attention import observe_attention
+from .graph.runtime import LayerInputs, ModelRunner
 from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, Quantizer, Statistic
 from .scheme import QuantizedWeight
 from .workdir import LayerRecord, WorkDir
@@ -49,9 +52,13 @@ class _LayerCalibration:
     """The LayerCalibration the quantizers see: runs the float layer over this rank's
     calibration batches, each with the arguments the model's own forward gives layer ``index``."""
 
-    def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs],
+    def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs], seed: int,
                  world: World = SINGLE):
-        self.runner, self.index, self.layer, self.batches, self.world = runner, index, layer, batches, world
+        self.runner, self.index, self.layer, self.batches, self.seed = runner, index, layer, batches, seed
+        self.world = world
+
+    def generator(self, name: str) -> torch.Generator:
+        return seeding.generator(self.seed, self.index, name, device=self.runner.device)
 
     def observe(self, stats: Mapping[str, Statistic]) -> None:
         def forward() -> None:
@@ -92,6 +99,8 @@ def run_calibration(layer: nn.Module, hooks: Mapping[str, InputHook], forward: C
 class EngineResult:
     perplexity_base: float | None = None
     perplexity_quantized: float | None = None
+    # KL of the quantized next-token distribution from the base's, top-1 agreement (divergence.py).
+    divergence: dict[str, float | int] | None = None
     layer_seconds: list[float] = field(default_factory=list)
     # Seconds per stage summed over layers (load, quantize, save, propagate, ...).
     phase_seconds: dict[str, float] = field(default_factory=dict)
@@ -120,9 +129,9 @@ class LayerwiseEngine:
     ends each layer with the same quantized weights; rank 0 alone evaluates and writes."""
 
     def __init__(self, runner: ModelRunner, quantizer: Quantizer, workdir: WorkDir, fingerprint: str,
-                 quiet: bool = False, on_layer: LayerCallback | None = None, world: World = SINGLE):
+                 quiet: bool = False, on_layer: LayerCallback | None = None, *, seed: int, world: World = SINGLE):
         self.sk, self.quantizer, self.workdir, self.fingerprint = runner, quantizer, workdir, fingerprint
-        self.quiet, self.on_layer, self.world = quiet, on_layer, world
+        self.quiet, self.on_layer, self.seed, self.world = quiet, on_layer, seed, world
 
     def run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
             start: int = 0) -> EngineResult:
@@ -130,9 +139,9 @@ class LayerwiseEngine:
             return self._run(calib, evaluation, batch_size, start)
         except torch.OutOfMemoryError:
             raise DeviceMemoryError(
-                "out of device memory: lower calibration.num_samples, calibration.max_seq_length "
-                "or calibration.batch_size (activations of all samples stay on the device)"
-            ) from None
+                "out of device memory", field="calibration.batch_size",
+                hint="lower calibration.num_samples, calibration.max_seq_length or calibration.batch_size "
+                "(activations of all samples stay on the device)") from None
 
     def _run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
              start: int) -> EngineResult:
@@ -164,12 +173,16 @@ class LayerwiseEngine:
             if i < start:
                 record = self.workdir.load_layer(i)
             else:
-                qweights = self.quantizer.quantize_layer(layer, sk.graph.layer(i),
-                                                         _LayerCalibration(sk, i, layer, calib_in, self.world))
+                calibration = _LayerCalibration(sk, i, layer, calib_in, self.seed, self.world)
+                qweights = self.quantizer.quantize_layer(layer, sk.graph.layer(i), calibration)
+                for name, qw in qweights.items():
+                    check_quantized(sk.layer_prefix(i) + name, qw)
                 clock.lap("quantize")
                 quantized = {f"{name}.weight" for name in qweights}
                 floats = {k: v.detach().clone() for k, v in layer.state_dict().items() if k not in quantized}
                 record = LayerRecord(floats, dict(qweights), self.quantizer.extra_tensors())
+                for name, t in {**record.floats, **record.extra}.items():  # folded norms, KV scales
+                    check_written(sk.layer_prefix(i) + name, t)
                 if self.world.is_main:
                     self.workdir.save_layer(i, record, self.fingerprint)
                 clock.lap("save")
@@ -191,11 +204,15 @@ class LayerwiseEngine:
                 result.layer_seconds.append(time.perf_counter() - began)
 
         if eval_batches:
-            result.perplexity_base = perplexity(
-                (sk.logits(b.hidden, t)[:, :-1], t) for b, t in zip(base_in, eval_batches))
-            result.perplexity_quantized = perplexity(
-                (sk.logits(b.hidden, t)[:, :-1], t) for b, t in zip(quant_in, eval_batches))
+            # The model's own head (final norm, lm_head, softcap) gives each batch's logits.
+            streams = tqdm(zip(base_in, quant_in, eval_batches), total=len(eval_batches), desc="comparing logits",
+                           unit="batch", disable=self.quiet)
+            compared = compare_streams(((sk.logits(b.hidden, t)[:, :-1], sk.logits(q.hidden, t)[:, :-1], t[:, 1:])
+                                        for b, q, t in streams), lambda logits: logits, sk.text_config.vocab_size)
             sk.release()
+            result.perplexity_base, result.perplexity_quantized = compared.perplexity_base, compared.perplexity_quantized
+            result.divergence = compared.divergence()
+            clock.lap("evaluate")
         return result
 
 
@@ -231,4 +248,5 @@ def _check_finite_list(ts: list[torch.Tensor], where: str, dtype: torch.dtype) -
     if ts and not torch.isfinite(torch.stack([t.float().abs().amax() for t in ts])).all():
         advice = ("try model.dtype: bfloat16 or float32 instead of float16" if dtype == torch.float16
                   else "the layer's weights overflow even in this dtype; check the checkpoint")
-        raise NumericsError(f"{where} contain NaN or Inf (computed in {str(dtype).replace('torch.', '')}); {advice}")
+        raise NumericsError(f"{where} contain NaN or Inf (computed in {str(dtype).replace('torch.', '')})",
+                            field="model.dtype", value=str(dtype).replace("torch.", ""), hint=advice)

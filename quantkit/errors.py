@@ -67,6 +67,26 @@ class HubError(QuantkitError):
     """Talking to the Hub failed in a way retrying will not fix (auth, permissions, endpoint)."""
 
 
+class PlanError(QuantkitError):
+    """The plan request cannot be answered (bad tensor-parallel size, unknown scheme, ...)."""
+
+
+class MissingDependencyError(QuantkitError):
+    """An optional package a command needs is not installed; the hint names the extra."""
+
+
+class Interrupted(QuantkitError, KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM; the message says what was kept for ``--resume``.
+
+    Also a ``KeyboardInterrupt``, so callers that handle Ctrl-C keep doing so. ``signal`` is the
+    signal's number (the CLI exits with 128 + it, as the shell does).
+    """
+
+    def __init__(self, message: str, *, signal: int, **parts: Any) -> None:
+        super().__init__(message, **parts)
+        self.signal = int(signal)
+
+
 class DistributedError(QuantkitError):
     """A multi-rank run cannot start or lost a rank; finished layers stay for ``--resume``."""
 

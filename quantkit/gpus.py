@@ -114,8 +114,7 @@ def get_gpu(name: str) -> GPU:
     if m:
         nominal = float(m.group(1))
         if nominal <= 0:
-            raise GPUError(f"--gpu: memory must be positive, got {name!r}")
+            raise GPUError(f"--gpu: memory must be positive, got {name!r}", field="--gpu", value=name)
         return GPU(f"{m.group(1)}GB", int(nominal * GiB * _GENERIC_USABLE), (8, 0), "generic")
-    raise GPUError(
-        f"--gpu: unknown GPU {name!r}; known: {', '.join(GPUS)}, or a size such as 24GB"
-    )
+    raise GPUError(f"--gpu: unknown GPU {name!r}", field="--gpu", value=name,
+                   hint=f"known: {', '.join(GPUS)}, or a size such as 24GB")

@@ -38,10 +38,12 @@ from typing import TypeVar
 
 import httpx2  # the HTTP library huggingface_hub 2.x is built on; its errors reach us unwrapped
 from huggingface_hub import HfApi, constants, get_token
-from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils import validate_repo_id
 
 from quantkit.errors import ExportError, HubError
+from quantkit.shard_check import check_complete_safetensors, shard_entries
 
 log = logging.getLogger(__name__)
 
@@ -87,39 +89,56 @@ def check_complete_output(folder: str | Path) -> None:
     Example:
         >>> check_complete_output("out/llama8b-awq")  # doctest: +SKIP
     """
-    folder = Path(folder)
-    redo = "re-run the quantization into a fresh output_dir"
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise ExportError(f"{folder} is not a folder: give the output_dir of a finished quantization")
-    config = _read_json(folder / "config.json", redo)
+        raise ExportError(f"{folder} is not a folder", field="folder", value=str(folder), file=folder,
+                          hint="give the output_dir of a finished quantization")
+    config = _read_json(folder / "config.json")
     if not isinstance(config, dict) or not isinstance(config.get("quantization_config"), dict):
-        raise ExportError(
-            f"{folder / 'config.json'} has no quantization_config: it is not a quantized output; {redo}"
-        )
+        raise _incomplete(folder / "config.json", "has no quantization_config: it is not a quantized output")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        data = _read_json(index, redo)
+        data = _read_json(index)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ExportError(f"{index} has no weight_map: {redo}")
+            raise _incomplete(index, "has no weight_map")
         missing = sorted({s for s in weight_map.values() if not (folder / s).is_file()})
         if missing:
-            raise ExportError(f"{index} names shards that are not in {folder}: {', '.join(missing)}; {redo}")
+            raise _incomplete(index, f"names shards that are not in {folder}: {', '.join(missing)}")
     elif not (folder / "model.safetensors").is_file():
-        raise ExportError(f"{folder} has neither model.safetensors nor model.safetensors.index.json: {redo}")
+        raise _incomplete(folder, "has neither model.safetensors nor model.safetensors.index.json")
+    for shard in sorted(folder.glob("*.safetensors")):
+        check_complete_safetensors(shard)
+    if index.is_file():
+        for name, shard in sorted(weight_map.items()):
+            if name not in shard_entries(folder / shard)[0]:
+                raise _incomplete(index, f"lists tensor {name} in {shard}, which does not hold it")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise ExportError(f"{folder} has no tokenizer file ({' or '.join(TOKENIZER_FILES)}): {redo}")
+        raise _incomplete(folder, f"has no tokenizer file ({' or '.join(TOKENIZER_FILES)})")
     if not (folder / "README.md").is_file():
-        raise ExportError(f"{folder} has no README.md model card: {redo}")
+        raise _incomplete(folder, "has no README.md model card")
 
 
-def _read_json(path: Path, redo: str):
+def _incomplete(path: Path, what: str) -> ExportError:
+    return ExportError(f"{path} {what}", file=path, hint="re-run the quantization into a fresh output_dir")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Raise `HubError` unless ``repo_id`` is a valid Hub model id (``namespace/name`` or ``name``)."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise HubError(f"'{repo_id}' is not a valid Hub repo id ({' '.join(str(e).split())})", field="repo_id",
+                       value=repo_id, hint="use namespace/name: letters, digits, '-', '_' and '.'") from None
+
+
+def _read_json(path: Path):
     if not path.is_file():
-        raise ExportError(f"{path} is missing: {redo}")
+        raise _incomplete(path, "is missing")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{path} is not valid JSON ({e}): {redo}") from None
+        raise _incomplete(path, f"is not valid JSON ({e})") from None
 
 
 def push_folder(
@@ -149,11 +168,13 @@ def push_folder(
         >>> push_folder("out/llama8b-awq", "me/llama8b-awq", private=True)  # doctest: +SKIP
         PushResult(repo_id='me/llama8b-awq', revision='main', commit_oid='3f2a…', ...)
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
+    check_repo_id(repo_id)
     check_complete_output(folder)
     token = token or get_token()
     if not token:
-        raise HubError("no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again")
+        raise HubError("no Hugging Face token", field="HF_TOKEN",
+                       hint="set HF_TOKEN or run `hf auth login`, then push again")
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     branch = revision or constants.DEFAULT_REVISION
     policy = retry or RetryPolicy()
@@ -176,10 +197,9 @@ def push_folder(
         call("create the branch", lambda: api.create_branch(repo_id, branch=branch, exist_ok=True))
     before = call("read the repo", lambda: api.repo_info(repo_id, revision=branch))
     if private and not before.private:
-        raise HubError(
-            f"{repo_id} already exists and is public, but the push asked for private: make it private on "
-            f"{endpoint}/{repo_id}/settings or push to another repo_id"
-        )
+        raise HubError(f"{repo_id} already exists and is public, but the push asked for private",
+                       field="push.private", value=True,
+                       hint=f"make it private on {endpoint}/{repo_id}/settings or push to another repo_id")
     message = commit_message or f"Upload {folder.name} with quantkit"
     info = call(
         "upload",
@@ -235,20 +255,18 @@ def _verify(folder: Path, remote_entries: list, where: str) -> tuple[str, ...]:
     for rel, path in local.items():
         entry = remote.get(rel)
         if entry is None:
-            raise HubError(f"{rel} is missing from {where} after the upload: push again")
+            raise HubError(f"{rel} is missing from {where} after the upload", file=rel, hint="push again")
         size = path.stat().st_size
         if entry.size != size:
-            raise HubError(f"{rel} on {where} has {entry.size} bytes, the local file {size}: push again")
+            raise HubError(f"{rel} on {where} has {entry.size} bytes, the local file {size}", file=rel,
+                           value=entry.size, hint="push again")
         sha256, sha1 = _hashes(path)
         if entry.lfs is not None and entry.lfs.sha256 != sha256:
-            raise HubError(
-                f"{rel} on {where} has sha256 {entry.lfs.sha256}, the local file {sha256}: push again"
-            )
+            raise HubError(f"{rel} on {where} has sha256 {entry.lfs.sha256}, the local file {sha256}", file=rel,
+                           value=entry.lfs.sha256, hint="push again")
         if entry.lfs is None and entry.blob_id != sha1:
-            raise HubError(
-                f"{rel} on {where} differs from the local file "
-                f"(git blob {entry.blob_id} vs {sha1}): push again"
-            )
+            raise HubError(f"{rel} on {where} differs from the local file (git blob {entry.blob_id} vs {sha1})",
+                           file=rel, value=entry.blob_id, hint="push again")
     extra = sorted(set(remote) - set(local) - {".gitattributes"})
     if extra:
         log.info("%s also holds files this folder does not have: %s", where, ", ".join(extra))
@@ -292,7 +310,7 @@ def _with_retries(
                 policy.sleep(delay)
                 continue
             error = _hub_error(step, cause, transient, attempt, endpoint=endpoint, repo_id=repo_id)
-            raise HubError(_redact(str(error), token)) from exc
+            raise _redacted(error, token) from exc
     raise AssertionError("unreachable")  # the loop returns or raises
 
 
@@ -326,10 +344,8 @@ def _describe(exc: BaseException) -> str:
 
 
 def _endpoint_error(endpoint: str, what: str) -> HubError:
-    return HubError(
-        f"{endpoint} does not answer like a Hugging Face Hub ({what}): "
-        "check HF_ENDPOINT or the endpoint setting"
-    )
+    return HubError(f"{endpoint} does not answer like a Hugging Face Hub ({what})", field="HF_ENDPOINT",
+                    value=endpoint, hint="check HF_ENDPOINT or the endpoint setting")
 
 
 def _hub_error(
@@ -338,37 +354,36 @@ def _hub_error(
     status = _status(exc)
     url = str(getattr(getattr(getattr(exc, "response", None), "request", None), "url", ""))
     if transient:
-        return HubError(
-            f"{step}: the Hub at {endpoint} kept failing ({_describe(exc)}) after {attempts} attempts: "
-            "try again later; re-running the push resumes where it stopped"
-        )
+        return HubError(f"{step}: the Hub at {endpoint} kept failing ({_describe(exc)}) after {attempts} attempts",
+                        value=_status(exc), hint="try again later; re-running the push resumes where it stopped")
     if "xet" in url.lower() or "xet" in str(exc).lower():
-        return HubError(
-            f"{step}: the Hub at {endpoint} refused the Xet upload protocol: set HF_HUB_DISABLE_XET=1 to "
-            "upload through plain LFS"
-        )
+        return HubError(f"{step}: the Hub at {endpoint} refused the Xet upload protocol", field="HF_HUB_DISABLE_XET",
+                        hint="set HF_HUB_DISABLE_XET=1 to upload through plain LFS")
     if isinstance(exc, httpx2.ConnectError):
-        return HubError(f"cannot connect to {endpoint} ({exc}): check HF_ENDPOINT and the network")
+        return HubError(f"cannot connect to {endpoint} ({exc})", field="HF_ENDPOINT", value=endpoint,
+                        hint="check HF_ENDPOINT and the network")
     if isinstance(exc, json.JSONDecodeError):
         return _endpoint_error(endpoint, f"{step}: the answer is not JSON")
     if status == 401:
-        return HubError(
-            f"{step}: {endpoint} rejected the token (401): set HF_TOKEN to a valid token with write access "
-            "or run `hf auth login`"
-        )
+        return HubError(f"{step}: {endpoint} rejected the token (401)", field="HF_TOKEN", value=401,
+                        hint="set HF_TOKEN to a valid token with write access or run `hf auth login`")
     if status == 403:
-        return HubError(
-            f"{step}: the token may not write to {repo_id} (403): use a token with write access to its "
-            "namespace, or push to a repo_id under your own name"
-        )
+        return HubError(f"{step}: the token may not write to {repo_id} (403)", field="push.repo_id", value=repo_id,
+                        hint="use a token with write access to its namespace, or push to a repo_id under your own name")
     if status == 404 and step == "check the token":
         return _endpoint_error(endpoint, "GET /api/whoami-v2 answered 404")
     if status == 404:
-        return HubError(
-            f"{step}: {repo_id} or its revision was not found on {endpoint} (404): check repo_id and revision"
-        )
+        return HubError(f"{step}: {repo_id} or its revision was not found on {endpoint} (404)", field="push.repo_id",
+                        value=repo_id, hint="check repo_id and revision")
     server = getattr(exc, "server_message", None) or str(exc).splitlines()[0]
-    return HubError(f"{step}: the Hub at {endpoint} answered {_describe(exc)}: {server}")
+    return HubError(f"{step}: the Hub at {endpoint} answered {_describe(exc)}: {server}", value=status)
+
+
+def _redacted(error: HubError, token: str) -> HubError:
+    """``error`` with the token scrubbed from every part."""
+    parts = {k: _redact(v, token) if isinstance(v, str) else v
+             for k, v in (("field", error.field), ("value", error.value), ("hint", error.hint), ("file", error.file))}
+    return HubError(_redact(error.message, token), **parts)
 
 
 def _redact(text: str, token: str | None) -> str:

@@ -10,6 +10,7 @@ it as one line and exits non-zero (``--debug`` keeps the traceback), as for ever
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_push_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,15 +31,19 @@ def add_push_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from quantkit.hub import push_folder  # huggingface_hub loads only when pushing
+    from quantkit.hub import check_complete_output, check_repo_id, push_folder  # huggingface_hub loads here
+    from quantkit.run_lock import RunLock
 
-    result = push_folder(
-        args.output_dir,
-        args.repo_id,
-        private=args.private,
-        revision=args.revision,
-        commit_message=args.message,
-    )
+    check_repo_id(args.repo_id)
+    check_complete_output(args.output_dir)  # before the lock, which would create a missing folder's parents
+    with RunLock(Path(args.output_dir).expanduser(), recipe="(quantkit push)"):  # no run may replace it meanwhile
+        result = push_folder(
+            args.output_dir,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.message,
+        )
     where, commit, n = f"{result.repo_id}@{result.revision}", result.commit_oid[:12], len(result.files)
     if result.changed:
         print(f"pushed {n} files to {where}, commit {commit}, verified: {result.commit_url}")

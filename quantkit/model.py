@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import struct
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import ModelError
+from .shard_check import model_file_error, model_file_problems, raise_problems, read_entries, shard_entries
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +30,9 @@ _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt",
 
 def resolve_model_dir(model: str, revision: str | None = None, token: str | None = None) -> Path:
     """A local folder as is, or a hub id downloaded (config, tokenizer, safetensors only)."""
-    if model.startswith("builtin:"):
-        from .assets import builtin_model_dir
-
-        return builtin_model_dir(model)
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ModelError(f"model.id: {model} is a file; give the model's folder (config.json, *.safetensors, "
-                         "tokenizer) or a hub id (org/name)")
-    if model.startswith((".", "/", "~")):
-        raise ModelError(f"model.id: {model} does not exist; give a local model folder or a hub id (org/name)")
+    local = local_model_dir(model)
+    if local is not None:
+        return local
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -51,10 +42,43 @@ def resolve_model_dir(model: str, revision: str | None = None, token: str | None
                               endpoint=os.environ.get("HF_ENDPOINT"))
         )
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        raise ModelError(
-            f"model.id: '{model}' is neither a local folder nor a reachable hub repo "
-            f"({type(e).__name__}); check the path, the id, or your network/HF_TOKEN"
-        ) from None
+        raise unreachable_hub_model(model, e) from None
+
+
+def cached_hub_model_dir(model: str, revision: str | None = None) -> Path | None:
+    """The hub model's folder in the local Hugging Face cache, if that revision is there."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model, revision=revision, allow_patterns=_WEIGHT_PATTERNS,
+                                      local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+def unreachable_hub_model(model: str, e: Exception) -> ModelError:
+    return ModelError(
+        f"model.id: '{model}' is neither a local folder nor a reachable hub repo ({type(e).__name__})",
+        field="model.id", value=model, hint="check the path, the id, or your network/HF_TOKEN")
+
+
+def local_model_dir(model: str) -> Path | None:
+    """A built-in model's or a local model's folder; None when ``model`` is a hub id."""
+    if model.startswith("builtin:"):
+        from .assets import builtin_model_dir
+
+        return builtin_model_dir(model)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelError(f"model.id: {model} is a file", field="model.id", value=model, file=path,
+                         hint="give the model's folder (config.json, *.safetensors, tokenizer) or a hub id (org/name)")
+    if model.startswith((".", "/", "~")):
+        raise ModelError(f"model.id: {model} does not exist", field="model.id", value=model, file=path,
+                         hint="give a local model folder or a hub id (org/name)")
+    return None
 
 
 @dataclass
@@ -88,14 +112,11 @@ class ModelSource:
         token: str | None = None,
     ) -> "ModelSource":
         path = resolve_model_dir(model, revision, token)
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise ModelError(f"model.id: {path} has no config.json; give the folder of a Hugging Face model")
-        try:
-            config = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelError(f"model.id: {cfg_file} is not valid JSON ({e})") from None
-        return cls(path=path, config=config, weight_map=_weight_map(path, allow_pickle))
+        return cls(path=path, config=read_config(path / "config.json"), weight_map=_weight_map(path, allow_pickle))
+
+    def shard_files(self) -> list[Path]:
+        """The weight files, each once, in name order."""
+        return [self.path / s for s in sorted(set(self.weight_map.values()))]
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
@@ -104,7 +125,7 @@ class ModelSource:
         """Read one tensor from its shard; counted in ``materialized`` while alive."""
         shard = self.weight_map.get(name)
         if shard is None:
-            raise ModelError(f"model: tensor '{name}' is missing from {self.path}")
+            raise _missing_tensor(name, self.path)
         with safe_open(self.path / shard, framework="pt") as f:
             t = f.get_tensor(name)
         n = t.numel() * t.element_size()
@@ -117,13 +138,19 @@ class ModelSource:
         first byte, end byte), read from the shard's header alone."""
         shard = self.weight_map.get(name)
         if shard is None:
-            raise ModelError(f"model: tensor '{name}' is missing from {self.path}")
+            raise _missing_tensor(name, self.path)
         path = self.path / shard
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            entry = json.loads(f.read(n))[name]
-        begin, end = entry["data_offsets"]
-        return path, entry["dtype"], list(entry["shape"]), 8 + n + begin, 8 + n + end
+        entry = read_entries(path)[name]
+        return path, entry.dtype, list(entry.shape), entry.begin, entry.end
+
+    def tensor_headers(self) -> dict[str, dict[str, Any]]:
+        """Every tensor's ``dtype`` and ``shape`` from the shard headers alone (each checked):
+        what validation knows of the weights without reading one."""
+        raise_problems(model_file_problems(self.path, self.weight_map, {}))
+        entries: dict[str, dict[str, Any]] = {}
+        for shard in self.shard_files():
+            entries.update({k: {"dtype": e.dtype, "shape": list(e.shape)} for k, e in read_entries(shard).items()})
+        return entries
 
     def tensor_on(self, name: str, device: torch.device, dtype: torch.dtype,
                   chunk_bytes: int = 64 << 20) -> torch.Tensor:
@@ -164,27 +191,82 @@ class ModelSource:
         return [self.path / n for n in names if (self.path / n).is_file()]
 
 
+def _missing_tensor(name: str, folder: Path) -> ModelError:
+    return ModelError(f"model: tensor '{name}' is missing from {folder}", value=name, file=folder,
+                      hint="the checkpoint does not match its config; re-download or re-convert it")
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The model's tokenizer, or `ModelError` when its files are missing or broken."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a missing or malformed tokenizer
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ModelError(f"model.id: {model_dir}: the tokenizer cannot be loaded ({type(e).__name__}: {first})",
+                         field="model.id", value=str(model_dir),
+                         hint="the folder needs tokenizer.json or tokenizer.model with tokenizer_config.json") from None
+
+
+def read_config(cfg_file: Path, quantized_ok: bool = False) -> dict[str, Any]:
+    """config.json as a dict; a malformed one is refused, and so is one of an already-quantized
+    model unless ``quantized_ok`` (evaluating a checkpoint)."""
+    if not cfg_file.is_file():
+        raise ModelError(f"model.id: {cfg_file.parent} has no config.json", field="model.id",
+                         value=str(cfg_file.parent), file=cfg_file, hint="give the folder of a Hugging Face model")
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"model.id: {cfg_file} is not valid JSON ({e})", field="model.id", file=cfg_file,
+                         hint="fix or re-download config.json") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"model.id: {cfg_file} is not a JSON object of config fields", field="model.id",
+                         file=cfg_file, hint="fix or re-download config.json")
+    quantized = config.get("quantization_config")
+    if quantized is not None and not quantized_ok:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise ModelError(f"model.id: {cfg_file.parent} is already quantized ({method}: config.json has a "
+                         "quantization_config)", field="model.id", value=str(cfg_file.parent), file=cfg_file,
+                         hint="give the original float model (its bf16/fp16 safetensors)")
+    return config
+
+
 def _weight_map(path: Path, allow_pickle: bool) -> dict[str, str]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        return dict(json.loads(index.read_text())["weight_map"])
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            weight_map = e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelError(f"model.id: {index} is not a valid index (JSON with a weight_map of tensor -> "
+                             "shard file)", field="model.id", file=index, hint="fix or re-download it")
+        return dict(weight_map)
     shards = sorted(p.name for p in path.glob("*.safetensors"))
     if shards:
         out: dict[str, str] = {}
         for s in shards:
-            with safe_open(path / s, framework="pt") as f:
-                out.update({k: s for k in f.keys()})
+            entries, problems = shard_entries(path / s)
+            if problems and not entries:  # else the tensors' own problems are all reported at the check
+                raise model_file_error(problems[0], path / s)
+            for k in entries:
+                if k in out:
+                    raise ModelError(f"model.id: tensor {k} is in both {path / out[k]} and {path / s}, and no "
+                                     "model.safetensors.index.json says which to use", field="model.id",
+                                     file=path / s, hint="remove the stale shard")
+                out[k] = s
         return out
     pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
     if pickles and not allow_pickle:
         raise ModelError(
-            f"model.id: {path} has only pickle weights ({pickles[0]}); pickle can run code when "
-            "loaded. Convert to safetensors, or set model.allow_pickle: true if you trust it"
-        )
+            f"model.id: {path} has only pickle weights ({pickles[0]}); pickle can run code when loaded",
+            field="model.allow_pickle", value=False, file=path / pickles[0],
+            hint="convert to safetensors, or set model.allow_pickle: true if you trust it")
     if pickles:
         return _convert_pickle(path, pickles)
     raise ModelError(f"model.id: {path} has no weights (no *.safetensors, nor *.bin/*.pt to load with "
-                     "model.allow_pickle: true)")
+                     "model.allow_pickle: true)", field="model.id", file=path)
 
 
 def _convert_pickle(path: Path, pickles: list[str]) -> dict[str, str]:
@@ -201,11 +283,11 @@ def _convert_pickle(path: Path, pickles: list[str]) -> dict[str, str]:
         try:
             sd = torch.load(path / name, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses anything but tensors and containers
-            raise ModelError(f"model.id: {path / name} is not a plain state dict of tensors "
-                             f"({type(e).__name__}); convert it to safetensors") from None
+            raise ModelError(f"model.id: {path / name} is not a plain state dict of tensors ({type(e).__name__})",
+                             field="model.id", file=path / name, hint="convert it to safetensors") from None
         if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-            raise ModelError(f"model.id: {path / name} is not a flat state dict of tensors; "
-                             "convert it to safetensors")
+            raise ModelError(f"model.id: {path / name} is not a flat state dict of tensors", field="model.id",
+                             file=path / name, hint="convert it to safetensors")
         target = out_dir / (Path(name).stem + ".safetensors")
         save_file({k: v.contiguous() for k, v in sd.items()}, str(target))
         weight_map.update({k: str(target) for k in sd})

@@ -1,12 +1,12 @@
 """pipeline.run: recipe in, published checkpoint (and report) out.
 
-Everything that can be checked without reading weights is checked first: the recipe, the
-model's config and architecture, group sizes against the model's dimensions, sequence length
-against its context, and the output folder.
+Everything that can be checked without reading weights is checked first, by the same
+validation ``quantkit validate`` runs (``preflight.check``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,178 +14,159 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from . import __version__
+from . import __version__, preflight
 from .calibration import TextRequest, load_tokens
 from .card import base_license, render_card
 from .checkpoint import CheckpointWriter, work_dir_for
-from .engine import LayerCallback, LayerwiseEngine, make_batches
 from .distributed import World, world_from_environment
-from .errors import DistributedError, ExportError, QuantkitError, RecipeError
+from .engine import LayerCallback, LayerwiseEngine, make_batches
+from .errors import DistributedError, Interrupted, QuantkitError
 from .export import export_checkpoint
-from .graph.model import ModelGraph
-from .graph.runtime import ModelRunner, describe_outside
+from .finite_check import check_source_tensors
 from .formats import FORMATS
-from .model import ModelSource
+from .graph.runtime import ModelRunner, describe_outside
+from .interrupts import as_run_failure, signal_name, signal_of, terminate_as_interrupt
+from .model import ModelSource, load_tokenizer
+from .output_guard import check_output_dir, run_inputs
 from .planner import serve_command
 from .quantizers import QUANTIZERS
 from .recipe import RecipeBase, parse_size
+from .run_lock import RunLock
 from .scheme import Scheme
+from .scheme_names import plan_scheme_key, scheme_name
+from .shard_check import check_model_files
+from .weight_fingerprint import check_unchanged, fingerprint_weights
 from .workdir import WorkDir, fingerprint
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RecipeError(f"device: '{name}' asked for but CUDA is not available; use device: cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, config: dict[str, Any]) -> torch.dtype:
-    if name == "auto":
-        name = str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
-    return _DTYPES.get(name, torch.float32)
-
-
-def check_model_fits_scheme(graph: ModelGraph, scheme: Scheme, where: str) -> None:
-    """Group sizes must divide the input size of every unit the graph quantizes (its real
-    shape, read off the model's own modules): say so before reading weights."""
-    ws = scheme.weights
-    if ws.strategy != "group" or not ws.group_size:
-        return
-    units = [(t, u) for t in graph.types for u in t.units]
-    for t, u in units:
-        if u.in_features % ws.group_size:
-            divisors = [g for g in (32, 64, 128) if all(v.in_features % g == 0 for _, v in units)]
-            raise RecipeError(
-                f"{where}: quantization.group_size {ws.group_size} does not divide the input size "
-                f"{u.in_features} of {u.name} ({t.layer_class})", field="quantization.group_size",
-                value=ws.group_size, hint=f"use one of {divisors or [-1]}")
-
 
 def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None = None,
-        resume: bool = False) -> dict[str, Any]:
+        resume: bool = False, recipe_file: Path | None = None) -> dict[str, Any]:
     """Quantize, evaluate, export and (if asked) push; returns the report.
 
     With ``resume`` a run killed part-way continues from its last finished layer (kept in a
-    hidden work folder beside ``export.output_dir``) and writes the same checkpoint.
+    hidden work folder beside ``export.output_dir``) and writes the same checkpoint. One run at
+    a time holds an output folder; Ctrl-C, SIGTERM or a full disk end the run with one line
+    saying what was kept, the output untouched. ``recipe_file``, the YAML the recipe came from,
+    is named in the run's lock, so a second run says which recipe holds the folder.
     """
     started = time.perf_counter()
     # Under torchrun each rank takes its own GPU (LOCAL_RANK); alone, the world of one.
-    world = world_from_environment(resolve_device(recipe.device))
-    device = world.device
+    world = world_from_environment(preflight.resolve_device(recipe.device))
     if not world.is_main:  # rank 0 checks first: a bad recipe or model is one error line, not one per rank
         world.barrier()
-    token = os.environ.get("HF_TOKEN")
-    source = ModelSource.open(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle, token)
+    plan = preflight.check(recipe)
+    # Only now are a hub model's weights downloaded.
+    source = ModelSource.open(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle,
+                              os.environ.get("HF_TOKEN"))
     params = recipe.quantization
     scheme = params.scheme()
-    dtype = resolve_dtype(recipe.model.dtype, source.config)
+    quantizer = QUANTIZERS[params.method](params, source.config)
+    device, dtype = world.device, preflight.DTYPES[plan.dtype]
+    fmt = FORMATS[recipe.format_name]()
+    output_dir = recipe.export.output_dir
+    workdir = WorkDir(work_dir_for(output_dir))
+    if world.is_main:  # it may finish an interrupted publish: one writer
+        check_output_dir(output_dir, workdir.root,
+                         run_inputs(source.path, source.shard_files(), preflight.text_sources(recipe)),
+                         recipe.export.overwrite)
+    writer = CheckpointWriter(output_dir, workdir.export, fmt, dtype,
+                              parse_size(recipe.export.max_shard_size), recipe.export.overwrite)
     # CPUs here run bf16 matmuls ~8x slower than fp32, so compute in fp32 and export in dtype.
     compute_dtype = torch.float32 if device.type == "cpu" else dtype
     # The model's own classes on the meta device and its layer graph: no weight is read.
     runner = ModelRunner(source, device, compute_dtype, f"model {recipe.model.id}")
     runner.check_supported()
-    check_model_fits_scheme(runner.graph, scheme, "recipe")
-    max_pos = getattr(runner.text_config, "max_position_embeddings", None)
-    for section, spec in (("calibration", recipe.calibration), ("evaluate", recipe.evaluate)):
-        if max_pos and spec.max_seq_length > max_pos:
-            raise RecipeError(f"recipe: {section}.max_seq_length {spec.max_seq_length} exceeds the model's "
-                              f"max_position_embeddings ({max_pos})")
-    fmt = FORMATS[recipe.format_name]()
-    workdir = WorkDir(work_dir_for(recipe.export.output_dir))
-    writer = CheckpointWriter(recipe.export.output_dir, workdir.export, fmt, dtype,
-                              parse_size(recipe.export.max_shard_size), recipe.export.overwrite)
-    writer.check_target()
-    check_disk_space(recipe.export.output_dir, source.config, scheme)
+    check_model_files(runner)
+    tokenizer = load_tokenizer(source.path)
+    check_source_tensors(source, runner.outside_text_sources(), device)
     if world.is_main:
         world.barrier()
 
-    from transformers import AutoTokenizer
+    lock = RunLock(output_dir, None if recipe_file is None else str(Path(recipe_file).resolve()))
+    with lock if world.is_main else contextlib.nullcontext(), terminate_as_interrupt():
+        started_work = False
+        try:
+            weights = fingerprint_weights(source.path, list(source.weight_map.values()),
+                                          recipe.model.fingerprint == "full", quiet) if world.is_main else None
+            calib: list[torch.Tensor] = []
+            cal = recipe.calibration
+            if quantizer.needs_calibration:
+                calib = load_tokens(
+                    TextRequest(cal.source, cal.num_samples, cal.max_seq_length, cal.packing, cal.seed, True,
+                                cal.split, cal.subset, cal.text_column, cal.messages_column),
+                    tokenizer, source.path,
+                    generate=lambda n, length, seed: _self_generate(source.path, dtype, device, n, length, seed),
+                )
+            evaluation = None
+            ev = recipe.evaluate
+            if ev.enabled:
+                evaluation = load_tokens(TextRequest(ev.source, ev.num_samples, ev.max_seq_length, True, 0, False,
+                                                     ev.split, None, ev.text_column, section="evaluate"),
+                                         tokenizer, source.path)
 
-    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
-    quantizer = QUANTIZERS[params.method](params, source.config)
-    calib: list[torch.Tensor] = []
-    cal = recipe.calibration
-    if quantizer.needs_calibration:
-        calib = load_tokens(
-            TextRequest(cal.source, cal.num_samples, cal.max_seq_length, cal.packing, cal.seed, True,
-                        cal.split, cal.subset, cal.text_column, cal.messages_column),
-            tokenizer, source.path,
-            generate=lambda n, length, seed: _self_generate(source.path, dtype, device, n, length, seed),
-        )
-    evaluation = None
-    ev = recipe.evaluate
-    if ev.enabled:
-        evaluation = load_tokens(TextRequest(ev.source, ev.num_samples, ev.max_seq_length, True, 0, False,
-                                             ev.split, None, ev.text_column, section="evaluate"),
-                                 tokenizer, source.path)
-
-    run_id = fingerprint(__version__, recipe.model.model_dump(mode="json"), params.model_dump(mode="json"),
-                         cal.model_dump(mode="json"), source.weight_map, calib)
-    start = _start_workdir(world, workdir, run_id, resume, calib, cal.batch_size)
-    try:
-        engine = LayerwiseEngine(runner, quantizer, workdir, run_id, quiet, on_layer, world)
-        result = engine.run(calib, evaluation, cal.batch_size, start)
-        if not world.is_main:
-            return {}
-        exporting = time.perf_counter()
-        writer.start()
-        export_checkpoint(runner, workdir, writer, quiet)
-        result.phase_seconds["export"] = time.perf_counter() - exporting
-        outside = describe_outside(runner.model, runner.location.layers)
-        report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started)
-        report["unquantized"] = unquantized_report(runner, outside)
-        config = dict(source.config)
-        config["quantization_config"] = fmt.quantization_config(
-            scheme, ignored_components(runner, outside), params.kv_cache_scheme())
-        config["torch_dtype"] = str(dtype).replace("torch.", "")
-        extra_files = {"report.json": json.dumps(report, indent=2),
-                       "README.md": render_card(report, base_license(source.path))}
-        copy = source.tokenizer_files() + [p for p in [source.path / "generation_config.json"] if p.is_file()]
-        writer.finalize(config, extra_files, copy)
-    except BaseException:
-        if not world.is_main:
-            raise
-        if workdir.layer_path(0).is_file():
-            log.warning("finished layers are kept in %s; run again with --resume to continue", workdir.root)
-        else:
-            workdir.remove()
-        raise
-    workdir.remove()
-    log.info("wrote %s", recipe.export.output_dir)
-    if recipe.push is not None:
-        from .hub import push_folder
-
-        p = recipe.push
-        push_folder(recipe.export.output_dir, p.repo_id, private=p.private, revision=p.revision,
-                    commit_message=p.commit_message)
+            run_id = fingerprint(__version__, recipe.model.model_dump(mode="json"), params.model_dump(mode="json"),
+                                 cal.model_dump(mode="json"), source.weight_map, calib)
+            start = _start_workdir(world, run_id, calib, cal.batch_size,
+                                   lambda: workdir.start(run_id, resume, weights, source.path))
+            started_work = True
+            engine = LayerwiseEngine(runner, quantizer, workdir, run_id, quiet, on_layer, seed=cal.seed, world=world)
+            result = engine.run(calib, evaluation, cal.batch_size, start)
+            if not world.is_main:
+                return {}
+            exporting = time.perf_counter()
+            writer.start()
+            export_checkpoint(runner, workdir, writer, quiet)
+            result.phase_seconds["export"] = time.perf_counter() - exporting
+            outside = describe_outside(runner.model, runner.location.layers)
+            report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started)
+            report["unquantized"] = unquantized_report(runner, outside)
+            config = dict(source.config)
+            config["quantization_config"] = fmt.quantization_config(
+                scheme, ignored_components(runner, outside), params.kv_cache_scheme())
+            config["torch_dtype"] = str(dtype).replace("torch.", "")
+            extra_files = {"report.json": json.dumps(report, indent=2),
+                           "README.md": render_card(report, base_license(source.path))}
+            copy = source.tokenizer_files() + [p for p in [source.path / "generation_config.json"] if p.is_file()]
+            check_unchanged(weights, fingerprint_weights(source.path, list(weights)), source.path,
+                            "before publishing")
+            writer.finalize(config, extra_files, copy)
+        except BaseException as e:
+            if not world.is_main:  # rank 0 alone keeps or cleans the work folder
+                raise
+            failure = as_run_failure(e, workdir.root, workdir.finished_layers(), runner.num_layers, output_dir,
+                                     writer.published)
+            if started_work:
+                _clean_up_after_failure(workdir, writer, failure)
+            if failure is None:
+                raise
+            raise failure from None
+        workdir.remove()
+        log.info("wrote %s", output_dir)
+        if recipe.push is not None:
+            _push(output_dir, recipe.push)
     return report
 
 
-def _start_workdir(world: World, workdir: WorkDir, run_id: str, resume: bool, calib: list[torch.Tensor],
-                   batch_size: int) -> int:
-    """Rank 0 prepares the work folder; every rank learns how many layers are finished and
-    checks that it computed the same run (model, recipe, calibration tokens) as rank 0."""
+def _start_workdir(world: World, run_id: str, calib: list[torch.Tensor], batch_size: int,
+                   start: Callable[[], int]) -> int:
+    """Rank 0 prepares the work folder (``start()``); every rank learns how many layers are
+    finished and checks that it computed the same run (model, recipe, calibration tokens)."""
     batches = len(make_batches(calib, batch_size))
     if calib and batches < world.size:
         raise DistributedError(f"{world.size} ranks but only {batches} calibration batches",
                                field="calibration.num_samples", value=len(calib),
                                hint="give each rank at least one batch: more samples or a smaller batch_size")
-    start = torch.zeros(1, dtype=torch.int64, device=world.device)
+    finished = torch.zeros(1, dtype=torch.int64, device=world.device)
     ours = torch.frombuffer(bytearray(bytes.fromhex(run_id)), dtype=torch.uint8).to(world.device)
-    theirs = ours.clone()
     if world.is_main:
-        start += workdir.start(run_id, resume)
-    shared, _ = world.broadcast({"start": start, "run": theirs}, 0)
+        finished += start()
+    shared, _ = world.broadcast({"start": finished, "run": ours.clone()}, 0)
     if not torch.equal(shared["run"], ours):
         raise DistributedError(f"rank {world.rank} computed a different run than rank 0 (model files, recipe or "
                                "calibration tokens differ)", hint="run every rank on the same files and recipe")
@@ -226,24 +207,28 @@ def unquantized_report(runner: ModelRunner, outside: list[tuple[str, str]]) -> l
     return out
 
 
-def check_disk_space(output_dir: Path, config: dict[str, Any], scheme: Scheme) -> None:
-    """Refuse to start when the work files plus the checkpoint cannot fit on the output's disk.
+def _clean_up_after_failure(workdir: WorkDir, writer: CheckpointWriter, failure: QuantkitError | None) -> None:
+    """Keep finished layers for --resume; after an interrupt or a full disk (whose line says what
+    was kept) also free the half-written export, which a resume writes anew."""
+    if writer.published or not workdir.layer_path(0).is_file():
+        workdir.remove()
+    elif failure is None:
+        log.warning("finished layers are kept in %s; run again with --resume to continue", workdir.root)
+    else:
+        shutil.rmtree(workdir.export, ignore_errors=True)
 
-    The estimate is the planner's checkpoint size plus the work folder's unpacked codes
-    (one byte per quantized weight, as int8/fp8 codes).
-    """
-    from .planner import ModelShape, get_scheme, weight_bytes
 
-    shape = ModelShape.from_config(config)
-    needed = weight_bytes(shape, get_scheme(plan_scheme_key(scheme))).total
-    needed += weight_bytes(shape, get_scheme("w8a8-int8")).linears
-    target = Path(output_dir).resolve().parent
-    while not target.exists():
-        target = target.parent
-    free = shutil.disk_usage(target).free
-    if free < needed:
-        raise ExportError(f"export.output_dir {output_dir}: {free / 1e9:.1f} GB free on its disk, about "
-                          f"{needed / 1e9:.1f} GB needed (work files + checkpoint); free space or choose another folder")
+def _push(output_dir: Path, push: Any) -> None:
+    """Push the published folder; an interrupt here leaves the checkpoint complete, so say so."""
+    from .hub import push_folder
+
+    try:
+        push_folder(output_dir, push.repo_id, private=push.private, revision=push.revision,
+                    commit_message=push.commit_message)
+    except KeyboardInterrupt as e:
+        raise Interrupted(f"interrupted by {signal_name(e)} during the push; the checkpoint in {output_dir} is "
+                          "complete", signal=signal_of(e),
+                          hint=f"push it with: quantkit push {output_dir} {push.repo_id}") from None
 
 
 def _self_generate(model_dir: Path, dtype: torch.dtype, device: torch.device, n: int, length: int, seed: int):
@@ -262,6 +247,7 @@ def _report(recipe: RecipeBase, source: ModelSource, scheme: Scheme, device: tor
         evaluation_report = {
             "source": ev.source, "num_windows": len(evaluation), "seq_len": ev.max_seq_length,
             "perplexity_base": result.perplexity_base, "perplexity_quantized": result.perplexity_quantized,
+            **(result.divergence or {}),
         }
     cal = recipe.calibration
     return {
@@ -288,29 +274,6 @@ def _report(recipe: RecipeBase, source: ModelSource, scheme: Scheme, device: tor
             recipe.push.repo_id if recipe.push else str(recipe.export.output_dir), source.config,
             plan_scheme_key(scheme), kv_cache_dtype="fp8" if recipe.quantization.kv_cache_scheme() else "auto"),
     }
-
-
-def plan_scheme_key(scheme: Scheme) -> str:
-    """The planner's name for the closest precision (it sizes the serve line)."""
-    w, a = scheme.weights, scheme.input_activations
-    if w.type == "float":
-        return "fp8"
-    if a is not None or w.num_bits == 8:
-        return "w8a8-int8"
-    return "w4a16" if w.symmetric else "w4a16-asym"
-
-
-def scheme_name(scheme: Scheme) -> str:
-    """The usual short name: W4A16, W8A8, FP8, W8A8-FP8-static ..."""
-    w, a = scheme.weights, scheme.input_activations
-    if w.type == "float":
-        return "FP8" + ("" if a is None or a.dynamic else "-static")
-    name = f"W{w.num_bits}A{a.num_bits if a else 16}"
-    if w.strategy == "group":
-        name += f"-g{w.group_size}"
-    if not w.symmetric:
-        name += "-asym"
-    return name + ("" if a is None or a.dynamic else "-static")
 
 
 __all__ = ["run", "QuantkitError"]

@@ -1,4 +1,4 @@
-"""``quantkit plan``: the subcommand and the table it prints.
+"""``quantkit plan``: the subcommand (the table it prints is ``planner.result.format_plan_table``).
 
 The main CLI calls ``add_plan_command(subparsers)``; the parsed ``args.func(args)`` runs the
 plan and returns the exit status. ``main(argv)`` does both, for tests and scripts.
@@ -7,12 +7,9 @@ plan and returns the exit status. ``main(argv)`` does both, for tests and script
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
 
-from .gpus import GPUS, GiB
-
-if TYPE_CHECKING:
-    from .planner import PlanResult
+from .gpus import GPUS
+from .planner import format_plan_table, plan_model
 
 
 def add_plan_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,8 +39,6 @@ def run_plan(args: argparse.Namespace) -> int:
 
     ``QuantkitError`` propagates: the main CLI prints it in one line.
     """
-    from .planner import plan_model
-
     result = plan_model(
         args.model,
         gpu=args.gpu,
@@ -65,47 +60,3 @@ def main(argv: list[str] | None = None) -> int:
     add_plan_command(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
-
-
-def _gib(n: int) -> str:
-    return f"{n / GiB:.2f}"
-
-
-def format_plan_table(result: "PlanResult") -> str:
-    """The plan as a fixed-width table, one row per precision, then notes and the command."""
-    r = result
-    lines = [
-        f"{r.model}: {r.architecture}, {r.parameters / 1e9:.2f} B parameters, max context {r.max_position_embeddings}",
-        f"{r.gpus} x {r.gpu} ({_gib(r.gpu_memory_bytes)} GiB visible to CUDA), gpu_memory_utilization "
-        f"{r.gpu_memory_utilization:g}, batch {r.batch}, context {r.context or 'longest'}, KV cache {r.kv_cache_dtype}",
-        f"activation allowance assumes vLLM defaults max_num_batched_tokens={r.max_num_batched_tokens}, "
-        f"max_num_seqs={r.max_num_seqs}; GiB per GPU",
-        "",
-    ]
-    header = ("scheme", "weights", "emb/head/norm", "KV/token", "activ.", "KV budget", "total", "max len", "fits")
-    rows = [header]
-    for s in r.rows:
-        name = s.label + ("" if s.native else " *")
-        rows.append((
-            name,
-            _gib(s.weight_bytes),
-            _gib(s.unquantized_bytes),
-            f"{s.kv_bytes_per_token / 1024:.0f} KiB",
-            _gib(s.activation_bytes),
-            _gib(max(s.kv_budget_bytes, 0)),
-            _gib(s.total_bytes),
-            str(s.max_model_len),
-            ("yes" if s.fits else "no") + (" <-" if s.scheme == r.recommended else ""),
-        ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
-        lines.append("  ".join(cells).rstrip())
-    if any(not s.native for s in r.rows):
-        lines.append("* no tensor cores for this scheme's activations on this GPU")
-    lines.append("")
-    lines.append(f"recommended: {r.recommended or 'none'}")
-    lines += [f"note: {n}" for n in r.notes]
-    if r.serve_command:
-        lines.append(r.serve_command)
-    return "\n".join(lines)

@@ -11,14 +11,18 @@ import difflib
 import functools
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, create_model, field_validator
 
-from .errors import RecipeError
+from . import shipped
+from .errors import HubError, RecipeError
 from .formats import FORMATS
 from .quantizers import QUANTIZERS, QuantizerParams
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 
 class _Strict(BaseModel):
@@ -33,6 +37,10 @@ class ModelSpec(_Strict):
     )
     trust_remote_code: bool = Field(False, description="Must stay false: only architectures transformers implements run")
     allow_pickle: bool = Field(False, description="Accept .bin/.pt pickle weights (can run code)")
+    fingerprint: Literal["quick", "full"] = Field(
+        "quick", description="How --resume checks the weights did not change: quick = shard sizes, mtimes and "
+        "headers; full = hash every byte (reads the model once more; a copied model still resumes)"
+    )
 
     @field_validator("trust_remote_code")
     @classmethod
@@ -48,8 +56,8 @@ class ModelSpec(_Strict):
 class CalibrationSpec(_Strict):
     source: str = Field(
         "shakespeare",
-        description="Shipped set name (see calibration/), 'self' (text sampled from the model), "
-        "a local .jsonl/.json/.csv/.parquet/.txt file, a .safetensors file of token ids "
+        description="Shipped set name (shakespeare, shakespeare-eval, quantkit-chat), 'self' (text sampled from "
+        "the model), a local .jsonl/.json/.csv/.parquet/.txt file, a .safetensors file of token ids "
         "('input_ids' [n, len], used as is), or a hub dataset id",
     )
     subset: str | None = Field(None, description="Hub dataset config name")
@@ -64,6 +72,11 @@ class CalibrationSpec(_Strict):
     seed: int = Field(0, description="Shuffling/sampling seed: same seed, same tokens")
     batch_size: int = Field(8, gt=0, description="Sequences per forward pass")
 
+    @field_validator("source")
+    @classmethod
+    def _home(cls, v: str) -> str:
+        return expand_home(v)
+
 
 class EvaluateSpec(_Strict):
     enabled: bool = Field(True, description="Measure perplexity of base and quantized model")
@@ -72,6 +85,11 @@ class EvaluateSpec(_Strict):
     text_column: str = "text"
     num_samples: int = Field(16, gt=0, description="Number of evaluation windows")
     max_seq_length: int = Field(512, gt=0, description="Tokens per window")
+
+    @field_validator("source")
+    @classmethod
+    def _home(cls, v: str) -> str:
+        return expand_home(v)
 
 
 class ExportSpec(_Strict):
@@ -86,12 +104,34 @@ class ExportSpec(_Strict):
         parse_size(v)
         return v
 
+    @field_validator("output_dir")
+    @classmethod
+    def _home(cls, v: Path) -> Path:
+        return v.expanduser()
+
 
 class PushSpec(_Strict):
     repo_id: str = Field(description="Hub repo to create or update, org/name")
     private: bool = False
     revision: str | None = Field(None, description="Branch to push to")
     commit_message: str | None = None
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, v: str) -> str:
+        # Checked here, not when the push starts hours later.
+        from .hub import check_repo_id
+
+        try:
+            check_repo_id(v)
+        except HubError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+
+def expand_home(source: str) -> str:
+    """``~/...`` text sources are local files; other sources (shipped names, hub ids) stay as given."""
+    return str(Path(source).expanduser()) if source.startswith("~") else source
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*$", re.I)
@@ -114,6 +154,23 @@ class RecipeBase(_Strict):
     evaluate: EvaluateSpec = EvaluateSpec()
     push: PushSpec | None = None
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N")
+    # Where the recipe came from (its file, or quantize()): errors found later name it too.
+    _where: str = PrivateAttr("recipe")
+
+    @property
+    def where(self) -> str:
+        return self._where
+
+    def __eq__(self, other: object) -> bool:
+        # Where a recipe came from does not make it another recipe.
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("use auto, cpu, cuda or cuda:N")
+        return v
 
     @property
     def format_name(self) -> str:
@@ -140,73 +197,92 @@ def make_recipe(data: dict[str, Any], where: str = "recipe") -> RecipeBase:
     try:
         recipe = recipe_model().model_validate(data)
     except ValidationError as e:
-        raise RecipeError(_describe(e, data, where)) from None
+        raise _describe(e, data, where) from None
     _check_format(recipe, where)
+    recipe._where = where
     return recipe
 
 
 def load_recipe(path: str | Path) -> RecipeBase:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
+    """Read and validate a recipe file, or a recipe the package ships named without a path
+    (``smollm2-gptq``: see ``quantkit.shipped.recipe_names()``). A file of that name wins."""
+    source: Path | Traversable = Path(path).expanduser()
+    if not source.is_file():
+        named = shipped.recipe(str(path))
+        if named is None:
+            raise RecipeError(f"{path}: recipe file not found", file=str(path),
+                              hint="give a recipe YAML file or a shipped recipe: " + ", ".join(shipped.recipe_names()))
+        source = named
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(source.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
-        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start})", file=str(path),
+                          hint="save the recipe as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
-        raise RecipeError(f"{path}:{at} malformed YAML ({getattr(e, 'problem', None) or e})") from None
+        raise RecipeError(f"{path}:{at} malformed YAML ({getattr(e, 'problem', None) or e})", file=str(path)) from None
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping with model, quantization, export, ...")
-    return make_recipe(data, where=str(path))
+        raise RecipeError(f"{path}: a recipe is a mapping with model, quantization, export, ...", file=str(path),
+                          value=data)
+    try:
+        return make_recipe(data, where=str(path))
+    except RecipeError as e:
+        e.file = str(path)
+        raise
 
 
 def _check_format(recipe: RecipeBase, where: str) -> None:
     ws = recipe.quantization.scheme().weights
     if ws.strategy == "group" and (ws.group_size or 0) <= 0:
-        raise RecipeError(f"{where}: field 'quantization.group_size': use -1 (one scale per output channel) "
-                          f"or a positive group size such as 32, 64 or 128 (got {ws.group_size})")
+        raise RecipeError(f"{where}: field 'quantization.group_size': {ws.group_size} is not a group size",
+                          field="quantization.group_size", value=ws.group_size,
+                          hint="use -1 (one scale per output channel) or a positive group size such as 32, 64 or 128")
     name = recipe.format_name
     if name not in FORMATS:
-        raise RecipeError(f"{where}: export.format '{name}' is unknown; choose one of {', '.join(sorted(FORMATS))}")
+        raise RecipeError(f"{where}: export.format '{name}' is unknown", field="export.format", value=name,
+                          hint=f"choose one of {', '.join(sorted(FORMATS))}")
     fmt = FORMATS[name]()
     reason = fmt.unsupported_reason(recipe.quantization.scheme()) or fmt.kv_cache_reason(
         recipe.quantization.kv_cache_scheme())
     if reason:
         raise RecipeError(f"{where}: export.format '{name}' cannot store quantization.method "
-                          f"'{recipe.quantization.method}' as configured: {reason}")
+                          f"'{recipe.quantization.method}' as configured: {reason}", field="export.format", value=name)
 
 
-def _describe(e: ValidationError, data: dict[str, Any], where: str) -> str:
-    """First error as one line: dotted field path, what is wrong, and a 'did you mean'."""
+def _describe(e: ValidationError, data: dict[str, Any], where: str) -> RecipeError:
+    """The first error, naming the dotted field path and what is wrong, with a 'did you mean'."""
     err = e.errors()[0]
     loc = [str(p) for p in err["loc"]]
     if loc[:1] == ["quantization"] and len(loc) > 1 and loc[1] in QUANTIZERS:
         loc.pop(1)  # the discriminator tag pydantic inserts is not a field the user wrote
     field = ".".join(loc) or "(top level)"
     methods = ", ".join(sorted(QUANTIZERS))
+    value = err.get("input")
     if err["type"] == "extra_forbidden":
-        msg = f"{where}: unknown field '{field}'"
-        hint, known = _did_you_mean(loc, data)
-        return msg + (f"; did you mean '{hint}'?" if hint else f"; expected one of {', '.join(known)}")
+        close, known = _did_you_mean(loc, data)
+        return RecipeError(f"{where}: unknown field '{field}'", field=field, value=value,
+                           hint=f"did you mean '{close}'?" if close else f"expected one of {', '.join(known)}")
     if err["type"] == "union_tag_invalid":
-        method = err.get("input", {}).get("method") if isinstance(err.get("input"), dict) else None
-        hint = difflib.get_close_matches(str(method), QUANTIZERS, n=1)
-        return (f"{where}: quantization.method '{method}' is unknown; choose one of {methods}"
-                + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        method = value.get("method") if isinstance(value, dict) else None
+        close = difflib.get_close_matches(str(method), QUANTIZERS, n=1)
+        return RecipeError(f"{where}: quantization.method '{method}' is unknown", field="quantization.method",
+                           value=method,
+                           hint=f"choose one of {methods}" + (f" (did you mean '{close[0]}'?)" if close else ""))
     if err["type"] == "union_tag_not_found":
-        return f"{where}: missing required field 'quantization.method'; choose one of {methods}"
+        return RecipeError(f"{where}: missing required field 'quantization.method'", field="quantization.method",
+                           hint=f"choose one of {methods}")
     if err["type"] == "missing":
-        return f"{where}: missing required field '{field}'"
+        return RecipeError(f"{where}: missing required field '{field}'", field=field)
     if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
         msg = "should be a mapping of its own fields"
     elif err["type"] == "value_error":
         msg = str(err.get("ctx", {}).get("error", err["msg"]))
     else:
         msg = err["msg"]
-    got = repr(err.get("input"))
-    return f"{where}: field '{field}': {msg} (got {got if len(got) <= 60 else got[:57] + '...'})"
+    got = repr(value)
+    return RecipeError(f"{where}: field '{field}': {msg} (got {got if len(got) <= 60 else got[:57] + '...'})",
+                       field=field, value=value)
 
 
 def _did_you_mean(loc: list[str], data: dict[str, Any]) -> tuple[str | None, list[str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -22,6 +23,9 @@ from safetensors import safe_open
 
 from .errors import ExportError
 from .scheme import QuantizedWeight, quantized_as_tensors, quantized_from_tensors
+from .weight_fingerprint import Fingerprint, check_unchanged, first_change
+
+log = logging.getLogger(__name__)
 
 
 class LayerRecord:
@@ -34,30 +38,62 @@ class LayerRecord:
 
 class WorkDir:
     def __init__(self, root: Path):
+        self._weights: Fingerprint = {}
         self.root = Path(root)
         self.layers = self.root / "layers"
         self.export = self.root / "export"
         self.state_file = self.root / "state.json"
 
-    def start(self, fingerprint: str, resume: bool) -> int:
-        """Prepare the folder; return how many layers are already finished (0 unless resuming)."""
-        if resume and self.state_file.is_file():
-            state = json.loads(self.state_file.read_text())
+    def start(self, fingerprint: str, resume: bool, weights: Fingerprint, model_dir: Path) -> int:
+        """Prepare the folder; return how many layers are already finished (0 unless resuming).
+
+        ``weights`` fingerprints the model's shards (`weight_fingerprint`): a resume over changed
+        weights is refused naming the shard. A run without ``resume`` does not discard finished
+        layers it could continue; it says to add --resume.
+        """
+        state = self._read_state()
+        if resume and state is not None:
             if state.get("fingerprint") != fingerprint:
                 raise ExportError(f"--resume: the work folder {self.root} belongs to a different recipe, model "
-                                  "or calibration; delete it or run without --resume")
+                                  "or calibration", field="--resume", file=self.root,
+                                  hint="delete it or run without --resume")
+            check_unchanged(state.get("weights"), weights, model_dir, "--resume")
             shutil.rmtree(self.export, ignore_errors=True)
+            self._weights = weights
             return int(state["finished_layers"])
+        finished = int(state.get("finished_layers", 0)) if state else 0
+        if finished:
+            same_weights = state.get("weights") is not None and first_change(state["weights"], weights) is None
+            if state.get("fingerprint") == fingerprint and same_weights:
+                raise ExportError(f"{self.root} holds {finished} finished layers of an earlier run of this recipe",
+                                  field="--resume", file=self.root,
+                                  hint="add --resume to continue it, or delete that folder to start over")
+            log.warning("discarding %d finished layers of another recipe or model in %s", finished, self.root)
         if self.root.exists():
             shutil.rmtree(self.root)
         self.layers.mkdir(parents=True)
+        self._weights = weights
         self._write_state(fingerprint, 0)
         return 0
 
+    def _read_state(self) -> dict[str, Any] | None:
+        """The state of an earlier run, or None when there is none (or it cannot be read)."""
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return state if isinstance(state, dict) and isinstance(state.get("finished_layers"), int) else None
+
     def _write_state(self, fingerprint: str, finished: int) -> None:
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fingerprint, "finished_layers": finished}))
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "finished_layers": finished,
+                                   "weights": self._weights}))
         os.replace(tmp, self.state_file)
+
+    def finished_layers(self) -> int:
+        """How many layers are finished and kept (for messages after a failure)."""
+        state = self._read_state()
+        return int(state["finished_layers"]) if state else 0
 
     def layer_path(self, i: int) -> Path:
         return self.layers / f"{i:05d}.safetensors"
@@ -69,7 +105,11 @@ class WorkDir:
         quantized, schemes = quantized_as_tensors(record.quantized)
         tensors.update({f"q.{k}": v for k, v in quantized.items()})
         tmp = self.layer_path(i).with_suffix(".tmp")
-        write_safetensors(tmp, tensors, {"schemes": json.dumps(schemes)})
+        try:
+            write_safetensors(tmp, tensors, {"schemes": json.dumps(schemes)})
+        except BaseException:  # a full disk or an interrupt: leave no partial file taking space
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, self.layer_path(i))
         self._write_state(fingerprint, i + 1)
 

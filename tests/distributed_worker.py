@@ -33,7 +33,7 @@ def quantize_case(case: str, world) -> dict[str, torch.Tensor]:
     params = CASES[case]
     cls = QUANTIZERS[params["method"]]
     q = cls(cls.Params(**params), cfg)
-    out = q.quantize_layer(layer, llama_graph(), FakeCalibration(layer, data, world))
+    out = q.quantize_layer(layer, llama_graph(), FakeCalibration(layer, data, world=world))
     tensors, schemes = quantized_as_tensors(out)
     result = {f"q.{k}": v for k, v in tensors.items()}
     result.update({f"float.{k}": v for k, v in layer.state_dict().items()})

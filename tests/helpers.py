@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from quantkit.graph import LayerGraph
+from quantkit.seeding import generator
 
 
 class FakeCalibration:
@@ -19,14 +20,18 @@ class FakeCalibration:
     per statistic. With a ``world`` of several ranks it streams this rank's share, as the
     engine does."""
 
-    def __init__(self, layer: nn.Module, batches: list, world=None) -> None:
+    def __init__(self, layer: nn.Module, batches: list, seed: int = 0, world=None) -> None:
         from quantkit.distributed import SINGLE
 
         self.world = world or SINGLE
         self.layer = layer
         self.batches = self.world.shard(batches)
+        self.seed = seed
         self.runs = 0
         self.hook_calls: dict[str, int] = {}
+
+    def generator(self, name: str) -> torch.Generator:
+        return generator(self.seed, 0, name)
 
     def observe(self, stats: Mapping[str, object]) -> None:
         self.runs += 1

@@ -106,6 +106,7 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.lock = threading.RLock()
         self.requests: list[tuple[str, str]] = []
+        self.ranged: list[tuple[str, str]] = []  # (file path, Range header) of partial reads
         self.failures: list[list] = []  # [method, path regex, status, remaining]
         self.corrupt: set[str] = set()  # paths a commit stores wrongly (to test the client-side check)
         self.secret = hashlib.sha256(str(time.time_ns()).encode()).hexdigest()
@@ -610,8 +611,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _resolve(self, repo_id: str, revision: str, path: str, head: bool):
         user = self._user(required=False)
-        if self.headers.get("Range"):
-            raise BadRequest(400, "hub stand-in serves whole files only (no Range)")
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+        if self.headers.get("Range") and not ranged:
+            raise BadRequest(400, "hub stand-in serves one byte range bytes=a-[b] at most")
         with self.state.lock:
             commit = self._head(self._repo(repo_id, user), revision)
             entry = commit.files.get(path)
@@ -634,6 +636,15 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             source = self.state.blob_path(entry.blob_id)
             headers["ETag"] = f'"{entry.blob_id}"'
+        if ranged:  # what get_safetensors_metadata asks for: a shard's header, not its data
+            self.state.ranged.append((path, self.headers["Range"]))
+            first = int(ranged.group(1))
+            last = min(int(ranged.group(2) or entry.size - 1), entry.size - 1)
+            with open(source, "rb") as f:
+                f.seek(first)
+                body = f.read(max(0, last - first + 1))
+            headers.update({"Content-Length": str(len(body)), "Content-Range": f"bytes {first}-{last}/{entry.size}"})
+            return self._send(206, b"" if head else body, headers, head=head)
         self._send(200, b"" if head else source.read_bytes(), headers, head=head)
 
 

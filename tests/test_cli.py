@@ -36,7 +36,7 @@ def test_top_level_help_lists_every_command(capsys):
     except SystemExit:
         pass
     text = capsys.readouterr().out
-    for command in ("run", "validate", "eval", "plan", "push"):
+    for command in ("run", "validate", "eval", "bench", "plan", "push"):
         assert f"    {command} " in text
 
 
@@ -56,6 +56,7 @@ def test_progress_bar_with_eta_and_quiet(tmp_path, tiny_llama, text_file):
     assert "quantizing layers: 100%" in loud.stderr and "2/2 [" in loud.stderr
     assert "<" in loud.stderr.split("quantizing layers")[1]  # tqdm's elapsed<remaining (ETA)
     assert "perplexity: base" in loud.stdout
+    assert "next-token KL from base: mean " in loud.stdout and "top-1 agreement " in loud.stdout
     quiet = _run(tmp_path, tiny_llama, text_file, "--quiet")
     assert quiet.returncode == 0
     assert "quantizing layers" not in quiet.stderr and quiet.stderr.strip() == ""

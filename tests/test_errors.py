@@ -99,7 +99,11 @@ def test_malformed_yaml_names_line_and_column(tmp_path, capsys):
 
 
 def test_recipe_file_missing(tmp_path, capsys):
-    assert cli_error(capsys, "run", tmp_path / "nope.yaml") == f"error: {tmp_path / 'nope.yaml'}: recipe file not found"
+    from quantkit.shipped import recipe_names
+
+    assert cli_error(capsys, "run", tmp_path / "nope.yaml") == (
+        f"error: {tmp_path / 'nope.yaml'}: recipe file not found; give a recipe YAML file or a shipped recipe: "
+        + ", ".join(recipe_names()))
 
 
 def test_misspelled_key_suggests_the_field(tmp_path, model_dir, capsys):
@@ -118,7 +122,7 @@ def test_unknown_key_without_close_match_lists_the_fields(tmp_path, model_dir, c
     path = recipe_file(tmp_path, model_dir, model={"id": str(model_dir), "flavour": "x"})
     assert cli_error(capsys, "run", path) == (
         f"error: {path}: unknown field 'model.flavour'; expected one of id, revision, dtype, "
-        "trust_remote_code, allow_pickle")
+        "trust_remote_code, allow_pickle, fingerprint")
 
 
 def test_misspelled_method(tmp_path, model_dir, capsys):
@@ -163,8 +167,8 @@ def test_section_that_is_not_a_mapping(tmp_path, model_dir, capsys):
      "weight-only int quantization supports (4, 8) bits, got 3"),
     ({"method": "gptq", "bits": 3}, None, "field 'quantization.bits': Input should be 4 or 8 (got 3)"),
     ({"method": "rtn", "group_size": 0}, None,
-     "field 'quantization.group_size': use -1 (one scale per output channel) or a positive group size "
-     "such as 32, 64 or 128 (got 0)"),
+     "field 'quantization.group_size': 0 is not a group size; use -1 (one scale per output channel) or a "
+     "positive group size such as 32, 64 or 128"),
     ({"method": "rtn"}, "gguf", "export.format 'gguf' is unknown; choose one of awq, compressed-tensors, gptq"),
 ], ids=["awq-symmetric-as-awq", "fp8-as-awq", "fp8-as-gptq", "rtn-3bit", "gptq-3bit", "group-0", "unknown-format"])
 def test_method_format_mismatch_before_any_weight(tmp_path, quantization, fmt, expected, capsys):
@@ -245,7 +249,7 @@ def test_pickle_weights_refused_by_default(tmp_path, pickle_model, capsys):
     path = recipe_file(tmp_path, pickle_model)
     assert cli_error(capsys, "run", path) == (
         f"error: model.id: {pickle_model} has only pickle weights (pytorch_model.bin); pickle can run code "
-        "when loaded. Convert to safetensors, or set model.allow_pickle: true if you trust it")
+        "when loaded; convert to safetensors, or set model.allow_pickle: true if you trust it")
 
 
 def test_pickle_weights_load_when_allowed(tmp_path, model_dir, pickle_model, caplog):
@@ -390,7 +394,7 @@ def test_out_of_device_memory_gives_advice(tmp_path, model_dir, text_file, monke
     monkeypatch.setattr(ModelRunner, "run_layer", oom)
     path = recipe_file(tmp_path, model_dir, **gptq(text_file))
     assert cli_error(capsys, "run", path) == (
-        "error: out of device memory: lower calibration.num_samples, calibration.max_seq_length or "
+        "error: out of device memory; lower calibration.num_samples, calibration.max_seq_length or "
         "calibration.batch_size (activations of all samples stay on the device)")
     assert not (tmp_path / "out").exists()
 

@@ -124,15 +124,17 @@ def test_awq_round_trip_and_vllm_oracle(seed, group):
 def test_gptq_v1_refuses_zero_point_at_lowest_code():
     qw = make_qw(w4(False, 32), 2)
     qw.zero_point[0, 0] = -8
-    with pytest.raises(ExportError, match="v1"):
+    with pytest.raises(ExportError) as e:
         GPTQ.weight_tensors(P, qw, torch.float16)
+    assert (e.value.file, e.value.value, e.value.hint) == (P, "gptq", "use compressed-tensors")
 
 
 def test_gptq_refuses_permuted_g_idx_without_actorder():
     qw = make_qw(w4(True, 32), 2)
     qw.g_idx = make_qw(w4(True, 32, actorder="group"), 2, permute=True).g_idx
-    with pytest.raises(ExportError, match="desc_act"):
+    with pytest.raises(ExportError) as e:
         GPTQ.weight_tensors(P, qw, torch.float16)
+    assert e.value.file == P and "desc_act" in e.value.message
 
 
 def test_gptq_configs():
@@ -185,15 +187,18 @@ def test_awq_config_and_transformers():
 def test_invalid_pairs_have_reasons(fmt, scheme, needle):
     reason = fmt.unsupported_reason(scheme)
     assert isinstance(reason, str) and needle in reason
-    with pytest.raises(ExportError):
+    with pytest.raises(ExportError) as e:
         fmt.quantization_config(scheme, [])
-    with pytest.raises(ExportError):
+    assert (e.value.field, e.value.value, e.value.file) == ("export.format", fmt.name, "quantization_config")
+    with pytest.raises(ExportError) as e:
         fmt.weight_tensors(P, make_qw(scheme, 0), torch.float16)
+    assert (e.value.field, e.value.value, e.value.file) == ("export.format", fmt.name, P)
 
 
 @pytest.mark.parametrize("fmt", [AWQ, GPTQ])
 def test_kv_cache_is_refused_by_awq_and_gptq(fmt):
     kv = ActivationScheme(type="float", strategy="tensor", dynamic=False)
     assert "compressed-tensors" in fmt.kv_cache_reason(kv)
-    with pytest.raises(ExportError):
+    with pytest.raises(ExportError) as e:
         fmt.quantization_config(w4(False, 128), [], kv_cache=kv)
+    assert (e.value.field, e.value.value) == ("export.format", fmt.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import logging
 import socket
 import threading
@@ -221,8 +222,10 @@ def test_private_push_and_refusal_to_publish_into_a_public_repo(hub, tmp_path):
     push(hub, tmp_path / "out", repo_id=f"{USER}/secret", private=True)
     assert api(hub).repo_info(f"{USER}/secret").private
     push(hub, tmp_path / "out", repo_id=f"{USER}/public")
-    with pytest.raises(HubError, match="already exists and is public"):
+    with pytest.raises(HubError) as exc:
         push(hub, tmp_path / "out", repo_id=f"{USER}/public", private=True)
+    assert (exc.value.field, exc.value.value) == ("push.private", True)
+    assert exc.value.hint == f"make it private on {hub.endpoint}/{USER}/public/settings or push to another repo_id"
 
 
 def test_token_and_endpoint_come_from_the_environment(hub, tmp_path, monkeypatch):
@@ -239,8 +242,30 @@ def test_token_and_endpoint_come_from_the_environment(hub, tmp_path, monkeypatch
 def test_no_token_anywhere_is_refused_before_any_request(hub, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-login"))
     make_output(tmp_path / "out", sharded=False)
-    with pytest.raises(HubError, match="set HF_TOKEN or run `hf auth login`"):
+    with pytest.raises(HubError) as exc:
         push_folder(tmp_path / "out", f"{USER}/x", endpoint=hub.endpoint)
+    assert exc.value.field == "HF_TOKEN" and exc.value.hint == "set HF_TOKEN or run `hf auth login`, then push again"
+    assert hub.state.requests == []
+
+
+def _cut(path, drop, keep=None):
+    """What an interrupted copy leaves: the file's first bytes only."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[:keep if keep is not None else len(raw) - drop])
+
+
+def _misplace_tensor(out):
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    index["weight_map"]["lm_head.weight"] = "model-00001-of-00002.safetensors"
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_invalid_repo_id_is_refused_before_any_request(hub, tmp_path):
+    out = tmp_path / "out"
+    make_output(out, sharded=False)
+    with pytest.raises(HubError) as e:
+        push(hub, out, repo_id="alice/tiny int4")
+    assert e.value.message.startswith("'alice/tiny int4' is not a valid Hub repo id (")
     assert hub.state.requests == []
 
 
@@ -249,22 +274,33 @@ def _drop_quant_config(out):
 
 
 @pytest.mark.parametrize(
-    ("breakage", "named"),
+    ("breakage", "file", "named"),
     [
-        (_drop_quant_config, "quantization_config"),
-        (lambda out: (out / "model-00001-of-00002.safetensors").unlink(), "model-00001-of-00002.safetensors"),
-        (lambda out: [p.unlink() for p in out.glob("model*")], "neither model.safetensors"),
-        (lambda out: [(out / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")], "tokenizer"),
-        (lambda out: (out / "README.md").unlink(), "README.md"),
-        (lambda out: (out / "config.json").write_text("{not json"), "not valid JSON"),
+        (_drop_quant_config, "config.json", "quantization_config"),
+        (lambda out: (out / "model-00001-of-00002.safetensors").unlink(), "model.safetensors.index.json",
+         "model-00001-of-00002.safetensors"),
+        (lambda out: [p.unlink() for p in out.glob("model*")], "", "neither model.safetensors"),
+        (lambda out: [(out / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")], "", "tokenizer"),
+        (lambda out: (out / "README.md").unlink(), "", "README.md"),
+        (lambda out: (out / "config.json").write_text("{not json"), "config.json", "not valid JSON"),
+        (lambda out: _cut(out / "model-00002-of-00002.safetensors", 4096), "model-00002-of-00002.safetensors",
+         r"model-00002-of-00002.safetensors: tensor lm_head.weight: ends at byte \d+ of data but the file holds \d+ "
+         r"\(the file is truncated\)"),
+        (lambda out: _cut(out / "model-00001-of-00002.safetensors", 10**9, keep=20), "model-00001-of-00002.safetensors",
+         r"model-00001-of-00002.safetensors: header length \d+ exceeds the file's 20 bytes"),
+        (_misplace_tensor, "model.safetensors.index.json",
+         "lists tensor lm_head.weight in model-00001-of-00002.safetensors, which does not hold it"),
     ],
 )
-def test_incomplete_output_is_refused_before_any_request(hub, tmp_path, breakage, named):
+def test_incomplete_output_is_refused_before_any_request(hub, tmp_path, breakage, file, named):
     out = tmp_path / "out"
     make_output(out, sharded=True)
     breakage(out)
-    with pytest.raises(ExportError, match=named):
+    with pytest.raises(ExportError) as exc:
         push(hub, out)
+    assert exc.value.file == str(out / file).rstrip("/") and exc.value.hint == (
+        "re-run the quantization into a fresh output_dir")
+    assert re.search(named, exc.value.message)  # says what is missing
     assert hub.state.requests == []
 
 
@@ -281,7 +317,7 @@ def test_rejected_token_is_one_line(hub, tmp_path, sleeps):
     make_output(tmp_path / "out", sharded=False)
     with pytest.raises(HubError) as exc:
         push(hub, tmp_path / "out", token=BAD_TOKEN, retry=RetryPolicy(sleep=sleeps))
-    assert "401" in _one_line(exc) and "HF_TOKEN" in str(exc.value)
+    assert (exc.value.field, exc.value.value) == ("HF_TOKEN", 401) and "HF_TOKEN" in _one_line(exc)
     assert sleeps == [] and hub.state.requests == [("GET", "/api/whoami-v2")]
 
 
@@ -290,7 +326,7 @@ def test_missing_write_permission_is_one_line(hub, tmp_path, token, repo_id):
     make_output(tmp_path / "out", sharded=False)
     with pytest.raises(HubError) as exc:
         push(hub, tmp_path / "out", repo_id=repo_id, token=token)
-    assert "403" in _one_line(exc) and repo_id in str(exc.value) and "write access" in str(exc.value)
+    assert (exc.value.field, exc.value.value) == ("push.repo_id", repo_id) and "403" in _one_line(exc)
     assert not any(method == "PUT" or "/commit/" in path for method, path in hub.state.requests)
 
 
@@ -307,7 +343,7 @@ def test_connection_refused_is_one_line_without_retrying(hub, tmp_path, sleeps):
         push_folder(
             tmp_path / "out", f"{USER}/x", token=TOKEN, endpoint=endpoint, retry=RetryPolicy(sleep=sleeps)
         )
-    assert endpoint in _one_line(exc) and "HF_ENDPOINT" in str(exc.value)
+    assert (exc.value.field, exc.value.value) == ("HF_ENDPOINT", endpoint) and "HF_ENDPOINT" in _one_line(exc)
     assert sleeps == []
 
 
@@ -337,7 +373,8 @@ def test_endpoint_that_is_not_a_hub_is_one_line(tmp_path, sleeps, status, body, 
             push_folder(
                 tmp_path / "out", f"{USER}/x", token=TOKEN, endpoint=endpoint, retry=RetryPolicy(sleep=sleeps)
             )
-        assert "does not answer like a Hugging Face Hub" in _one_line(exc) and "HF_ENDPOINT" in str(exc.value)
+        assert (exc.value.field, exc.value.value) == ("HF_ENDPOINT", endpoint)
+        assert exc.value.hint == "check HF_ENDPOINT or the endpoint setting" and _one_line(exc)
     finally:
         server.shutdown()
         server.server_close()
@@ -349,7 +386,7 @@ def test_xet_refused_by_the_hub_names_the_switch(hub, tmp_path, monkeypatch):
     make_output(tmp_path / "out", sharded=False)
     with pytest.raises(HubError) as exc:
         push(hub, tmp_path / "out")
-    assert "HF_HUB_DISABLE_XET=1" in _one_line(exc)
+    assert exc.value.field == "HF_HUB_DISABLE_XET" and "HF_HUB_DISABLE_XET=1" in _one_line(exc)
 
 
 # ---------------------------------------------------------------------------- retries
@@ -374,7 +411,7 @@ def test_persistent_failure_gives_up_after_bounded_attempts(hub, tmp_path, sleep
         push(
             hub, tmp_path / "out", retry=RetryPolicy(max_attempts=4, sleep=sleeps, base_delay=2, max_delay=5)
         )
-    assert "HTTP 500" in _one_line(exc) and "4 attempts" in str(exc.value)
+    assert exc.value.value == 500 and "4 attempts" in _one_line(exc)
     assert sleeps == [2, 4, 5]
 
 
@@ -385,8 +422,9 @@ def test_persistent_failure_gives_up_after_bounded_attempts(hub, tmp_path, sleep
 def test_remote_content_that_differs_is_named(hub, tmp_path, path):
     make_output(tmp_path / "out", sharded=True)
     hub.state.corrupt.add(path)
-    with pytest.raises(HubError, match=path.replace(".", r"\.")) as exc:
+    with pytest.raises(HubError) as exc:
         push(hub, tmp_path / "out")
+    assert exc.value.file == path and exc.value.hint == "push again"
     assert ("sha256" if path.endswith(".safetensors") else "git blob") in _one_line(exc)
 
 
@@ -448,7 +486,8 @@ def test_cli_push_prints_one_line_per_outcome(hub, tmp_path, monkeypatch, capsys
     assert "nothing pushed" in capsys.readouterr().out
 
     (out / "README.md").unlink()
-    with pytest.raises(ExportError, match="README.md"):  # cli.main prints it in one line
+    with pytest.raises(ExportError) as exc:  # cli.main prints it in one line
         _cli(["push", str(out), f"{USER}/cli", "--revision", "b"])
+    assert exc.value.file == str(out) and "README.md" in exc.value.message
     assert capsys.readouterr().out == ""
     assert TOKEN not in first.out

@@ -40,16 +40,25 @@ def test_shape_fills_the_text_config_defaults():
     assert shape.architecture == "Gemma3ForConditionalGeneration"
 
 
-def test_plan_and_validate_on_a_nested_config(tmp_path, capsys):
+def test_plan_on_a_nested_config(tmp_path, capsys):
     model = tmp_path / "gemma3-4b"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(GEMMA3_4B))
     assert main(["plan", str(model), "--gpu", "H100"]) == 0
     assert "vllm serve" in capsys.readouterr().out
+
+
+def test_validate_on_a_nested_config(tmp_path, capsys):
+    """validate reads the shard headers: a tiny Gemma 3 multimodal checkpoint, nested text_config."""
+    from tests.tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "gemma3-vl", arch="gemma3-vl", layers=1, hidden=128, intermediate=256)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"model": {"id": str(model)}, "quantization": {"method": "rtn"},
                                       "export": {"output_dir": str(tmp_path / "out")}}))
     assert main(["validate", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "Gemma3ForConditionalGeneration, 1 layers, hidden 128" in out
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -11,6 +11,7 @@ import quantkit
 from quantkit import pipeline
 from quantkit.errors import ExportError
 from quantkit.recipe import make_recipe
+from quantkit.shipped import recipe_names
 
 
 def _recipe(model, text, out, **quant):
@@ -73,14 +74,24 @@ def test_existing_output_refused_before_reading_weights(tiny_llama, text_file, t
     from quantkit.model import ModelSource
 
     monkeypatch.setattr(ModelSource, "tensor", lambda *a: pytest.fail("a weight was read"))
-    with pytest.raises(ExportError, match="exists; choose another folder or set export.overwrite: true"):
+    with pytest.raises(ExportError) as e:
         pipeline.run(make_recipe(_recipe(tiny_llama, text_file, out)), quiet=True)
+    assert (e.value.field, e.value.value) == ("export.output_dir", str(out))
+    assert e.value.hint == "choose another folder or set export.overwrite: true"
     assert (out / "keep.txt").read_text() == "previous"
 
 
-def test_failure_leaves_previous_output_untouched(tiny_llama, text_file, tmp_path, monkeypatch):
-    out = tmp_path / "out"
+def _previous_output(out):
+    """A folder as an earlier quantkit run left it (the marker is what lets overwrite replace it)."""
+    from quantkit.output_guard import MARKER, marker_text
+
     out.mkdir()
+    (out / MARKER).write_text(marker_text())
+    return out
+
+
+def test_failure_leaves_previous_output_untouched(tiny_llama, text_file, tmp_path, monkeypatch):
+    out = _previous_output(tmp_path / "out")
     (out / "keep.txt").write_text("previous")
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
@@ -90,12 +101,11 @@ def test_failure_leaves_previous_output_untouched(tiny_llama, text_file, tmp_pat
     recipe["export"]["overwrite"] = True
     with pytest.raises(RuntimeError, match="disk on fire"):
         pipeline.run(make_recipe(recipe), quiet=True)
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".quantkit-output.json", "keep.txt"]
 
 
 def test_overwrite_replaces_output(tiny_llama, text_file, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
+    out = _previous_output(tmp_path / "out")
     (out / "stale.txt").write_text("old")
     recipe = _recipe(tiny_llama, text_file, out)
     recipe["export"]["overwrite"] = True
@@ -130,14 +140,19 @@ def test_too_little_disk_is_refused_before_reading_weights(tiny_llama, text_file
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     monkeypatch.setattr(ModelSource, "tensor", lambda *a: pytest.fail("a weight was read"))
-    with pytest.raises(ExportError, match=r"0\.0 GB free on its disk, about 0\.0\d* GB needed"):
+    with pytest.raises(ExportError) as e:
         pipeline.run(make_recipe(_recipe(tiny_llama, text_file, tmp_path / "out")), quiet=True)
+    assert (e.value.field, e.value.value) == ("export.output_dir", str(tmp_path / "out"))
+    assert e.value.message.startswith(f"export.output_dir {tmp_path / 'out'}: 0.0 GB free on its disk")
 
 
-@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parent.parent.glob("recipes/*.yaml")),
-                         ids=lambda p: p.name)
-def test_shipped_recipes_validate(path):
+def test_recipes_ship_inside_the_package():
+    assert {"smollm2-gptq", "smollm2-awq", "llama70b-awq"} <= set(recipe_names())
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_shipped_recipes_validate(name):
     from quantkit.recipe import load_recipe
 
-    recipe = load_recipe(path)
+    recipe = load_recipe(name)
     assert recipe.export.output_dir.parts[0] == "out"

@@ -32,6 +32,7 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 # Text YAML must quote to keep a string ("yes", "1", "null", "a: b", "#x" ...).
 text = st.text(st.characters(categories=["L", "N"]) | st.sampled_from(list("-_./: #'\"!&*")), min_size=1, max_size=20)
 group = st.sampled_from([-1, 32, 64, 128])
+repo_id = st.from_regex(r"([a-z0-9]{1,10}/)?[a-zA-Z0-9]([a-zA-Z0-9_]{0,20}[a-zA-Z0-9])?", fullmatch=True)
 unit = st.floats(min_value=0.0, max_value=1.0, exclude_min=True, exclude_max=True, allow_subnormal=False)
 
 
@@ -101,7 +102,7 @@ def valid_recipes(draw) -> dict:
         data["evaluate"] = {"enabled": draw(st.booleans()), "source": draw(text),
                             "num_samples": draw(st.integers(1, 1000)), "max_seq_length": draw(st.integers(1, 8192))}
     if draw(st.booleans()):
-        data["push"] = {"repo_id": draw(text), "private": draw(st.booleans())}
+        data["push"] = {"repo_id": draw(repo_id), "private": draw(st.booleans())}
     return data
 
 
@@ -170,7 +171,7 @@ def test_invalid_recipes_raise_recipe_error_naming_the_field(tmp_path_factory, c
         load_recipe(path)
     message = str(e.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
-    assert f"'{field}'" in message, message
+    assert (e.value.field, e.value.file) == (field, str(path)), message
 
 
 # --------------------------------------------------------------------------- quantize / dequantize

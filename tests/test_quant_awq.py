@@ -57,7 +57,7 @@ def test_clip_search_never_worse_per_group():
 
 
 def test_row_sample_bounded_and_uniform():
-    sample = RowSample(cap=100)
+    sample = RowSample(cap=100, generator=torch.Generator().manual_seed(0))
     for i in range(50):
         sample.add(torch.full((20, 2), float(i)))
     rows = sample.rows()

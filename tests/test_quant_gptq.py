@@ -171,10 +171,13 @@ def test_singular_hessian_is_finite_and_dead_columns_zero(caplog):
 
 def test_unrescuable_hessian_raises():
     w = torch.randn(8, 32)
-    with pytest.raises(NumericsError):
-        gptq_quantize(w, -torch.eye(32), _scheme(4, True, 32))
-    with pytest.raises(NumericsError):
-        gptq_quantize(w, torch.full((32, 32), float("nan")), _scheme(4, True, 32))
+    with pytest.raises(NumericsError) as e:
+        gptq_quantize(w, -torch.eye(32), _scheme(4, True, 32), name="probe")
+    assert e.value.file == "probe" and e.value.hint == (
+        "check the calibration activations for NaN/Inf or use more calibration samples")
+    with pytest.raises(NumericsError) as e:
+        gptq_quantize(w, torch.full((32, 32), float("nan")), _scheme(4, True, 32), name="probe")
+    assert e.value.file == "probe" and e.value.hint == "the calibration activations are not finite"
 
 
 def test_hessian_accumulator_matches_float64():

@@ -68,8 +68,8 @@ def test_observers_statistics():
     g = torch.Generator().manual_seed(2)
     xs = [torch.randn(50, 16, generator=g) * (i + 1) for i in range(4)]
     allx = torch.cat(xs).double()
-    mm = TensorObserver("minmax")
-    pc = TensorObserver("percentile", percentile=99.0)
+    mm = TensorObserver("minmax", generator=torch.Generator())
+    pc = TensorObserver("percentile", percentile=99.0, generator=torch.Generator())
     for x in xs:
         mm.add(x)
         pc.add(x)
@@ -91,7 +91,7 @@ def test_observers_statistics():
 
 def test_observer_subsample_is_bounded():
     g = torch.Generator().manual_seed(3)
-    obs = TensorObserver("percentile", percentile=99.0, max_samples=4000)
+    obs = TensorObserver("percentile", percentile=99.0, max_samples=4000, generator=torch.Generator().manual_seed(0))
     xs = [torch.randn(100, 40, generator=g) for _ in range(10)]
     for x in xs:
         obs.add(x)

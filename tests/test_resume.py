@@ -52,6 +52,10 @@ def test_kill_then_resume_gives_identical_checkpoint(tmp_path, text_file):
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming: replaying" in resumed.stderr
+    # The killed run's lock is stale (its process is gone): the resume takes it over and says so.
+    assert f"taking over the stale lock {tmp_path / '.killed.quantkit-lock'} of a run that is gone (pid {proc.pid}" \
+        in resumed.stderr
+    assert not (tmp_path / ".killed.quantkit-lock").exists()
     straight = subprocess.run(cmd + [str(tmp_path / "b.yaml")], env=env, capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
@@ -74,12 +78,13 @@ def test_resume_refuses_work_of_another_recipe(tmp_path, text_file):
 
     model = make_tiny_model(tmp_path / "m", layers=1, hidden=128, intermediate=256)
     out = tmp_path / "out"
-    WorkDir(tmp_path / ".out.quantkit-partial").start("someone-else", resume=False)
+    WorkDir(tmp_path / ".out.quantkit-partial").start("someone-else", resume=False, weights={}, model_dir=model)
     recipe = make_recipe({"model": {"id": str(model)}, "quantization": {"method": "rtn"},
                           "evaluate": {"enabled": False}, "export": {"output_dir": str(out)}})
     try:
         pipeline.run(recipe, quiet=True, resume=True)
     except ExportError as e:
-        assert "belongs to a different recipe" in str(e)
+        assert (e.field, e.file) == ("--resume", str(tmp_path / ".out.quantkit-partial"))
+        assert e.hint == "delete it or run without --resume"
     else:
         raise AssertionError("resume accepted a work folder of another run")

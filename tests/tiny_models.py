@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from quantkit.shipped import calibration_bytes
+
 _TEXT = [json.loads(line)["messages"][1]["content"]
-         for line in (Path(__file__).resolve().parent.parent / "calibration" / "quantkit-chat.jsonl").read_text().splitlines()]
+         for line in calibration_bytes("quantkit-chat.jsonl").decode().splitlines()]
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"

@@ -44,10 +44,11 @@ class AWQFormat(Format):
     ) -> dict[str, torch.Tensor]:
         self.require(qw.scheme, prefix)
         if has_permuted_groups(qw):
-            raise ExportError(f"{prefix}: AWQ cannot store a g_idx that permutes groups")
+            raise ExportError(f"{prefix}: AWQ cannot store a g_idx that permutes groups", file=prefix)
         out_f, _ = qw.shape
         if out_f % 8:
-            raise ExportError(f"{prefix}: AWQ needs out_features divisible by 8, got {out_f}")
+            raise ExportError(f"{prefix}: AWQ needs out_features divisible by 8, got {out_f}", file=prefix,
+                              value=out_f)
         assert qw.zero_point is not None  # asymmetric by unsupported_reason
         return {
             f"{prefix}.qweight": pack_awq(to_unsigned(qw.codes, 4).t()),

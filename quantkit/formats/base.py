@@ -51,7 +51,8 @@ class Format(ABC):
         """
         reason = self.unsupported_reason(scheme) or self.kv_cache_reason(kv_cache)
         if reason:
-            raise ExportError(f"{where}: the {self.name} format cannot store this scheme: {reason}")
+            raise ExportError(f"{where}: the {self.name} format cannot store this scheme: {reason}", file=where,
+                              field="export.format", value=self.name)
 
     def kv_cache_reason(self, kv_cache: ActivationScheme | None) -> str | None:
         """Why this format cannot describe ``kv_cache``, or None when it can (or none is asked)."""

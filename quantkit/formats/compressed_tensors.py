@@ -148,9 +148,8 @@ class CompressedTensorsFormat(Format):
         act = scheme.input_activations
         if act is not None and not act.dynamic:
             if qw.input_scale is None:
-                raise ExportError(
-                    f"{prefix}: static activation scheme but the quantizer gave no input_scale"
-                )
+                raise ExportError(f"{prefix}: static activation scheme but the quantizer gave no input_scale",
+                                  file=prefix)
             out[f"{prefix}.input_scale"] = qw.input_scale.to(torch.float32).reshape(1)
         return out
 
@@ -159,12 +158,12 @@ class CompressedTensorsFormat(Format):
         if has_permuted_groups(qw):
             raise ExportError(
                 f"{prefix}: its g_idx permutes quantization groups, which compressed-tensors "
-                ">= 0.20 cannot store (actorder='group' was removed); export with format "
-                "'gptq' or quantize with static act-order groups"
-            )
+                ">= 0.20 cannot store (actorder='group' was removed)", file=prefix, field="export.format",
+                value="compressed-tensors", hint="export with format 'gptq' or quantize with static act-order groups")
         out_f, in_f = qw.shape
         if in_f % pack_factor(bits):
-            raise ExportError(f"{prefix}: in_features {in_f} is not a multiple of {32 // bits}")
+            raise ExportError(f"{prefix}: in_features {in_f} is not a multiple of {32 // bits}", file=prefix,
+                              value=in_f)
         tensors = {
             f"{prefix}.weight_packed": pack_int32(to_unsigned(qw.codes, bits), bits, dim=1),
             f"{prefix}.weight_scale": qw.scale.to(dtype).contiguous(),
@@ -172,10 +171,8 @@ class CompressedTensorsFormat(Format):
         }
         if qw.zero_point is not None:
             if out_f % pack_factor(bits):
-                raise ExportError(
-                    f"{prefix}: out_features {out_f} is not a multiple of {32 // bits}, "
-                    "needed to pack asymmetric zero points"
-                )
+                raise ExportError(f"{prefix}: out_features {out_f} is not a multiple of {32 // bits}, "
+                                  "needed to pack asymmetric zero points", file=prefix, value=out_f)
             tensors[f"{prefix}.weight_zero_point"] = pack_int32(
                 to_unsigned(qw.zero_point, bits), bits, dim=0
             )

@@ -55,9 +55,11 @@ class GPTQFormat(Format):
         pf = pack_factor(bits)
         out_f, in_f = qw.shape
         if in_f % pf or out_f % pf:
-            raise ExportError(f"{prefix}: GPTQ needs in and out features divisible by {pf}, got {qw.shape}")
+            raise ExportError(f"{prefix}: GPTQ needs in and out features divisible by {pf}, got {qw.shape}",
+                              file=prefix, value=tuple(qw.shape))
         if has_permuted_groups(qw) and scheme.weights.actorder != "group":
-            raise ExportError(f"{prefix}: g_idx permutes groups but the scheme has actorder off (desc_act)")
+            raise ExportError(f"{prefix}: g_idx permutes groups but the scheme has actorder off (desc_act)",
+                              file=prefix)
         if qw.zero_point is None:
             zeros = torch.full(qw.scale.shape, 1 << (bits - 1), dtype=torch.int32, device=qw.scale.device)
         else:
@@ -65,8 +67,8 @@ class GPTQFormat(Format):
             if bool((zeros == 0).any()):
                 raise ExportError(
                     f"{prefix}: an asymmetric zero point sits at the lowest code, which GPTQ v1 "
-                    "(zeros stored minus one) cannot represent; use compressed-tensors"
-                )
+                    "(zeros stored minus one) cannot represent", file=prefix, field="export.format", value="gptq",
+                    hint="use compressed-tensors")
         g_idx = natural_g_idx(qw) if qw.g_idx is None else qw.g_idx.to(torch.int32)
         return {
             f"{prefix}.qweight": pack_int32(to_unsigned(qw.codes, bits).t(), bits, dim=0),

@@ -21,9 +21,8 @@ from torch import nn
 from ..errors import ModelError, NumericsError
 from ..model import ModelSource
 from .capture import LayerCall, capture, inject, materialize_on_use
-from .model import ModelGraph, derive_model_graph
-from .names import CheckpointNames
-from .skeleton import build_meta, free, locate_decoder, model_class, owner_of
+from .skeleton import free, owner_of
+from .view import model_view
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +47,10 @@ class ModelRunner:
             raise ModelError(f"{where}: transformers cannot read {source.path / 'config.json'} ({e})",
                              field="model.id", file=source.path / "config.json",
                              hint="quantkit runs only models transformers implements") from None
-        self.model = build_meta(model_class(self.config, where), self.config, dtype)
-        self.location = locate_decoder(self.model, where)
+        view = model_view(self.config, source.weight_map, dtype, where)
+        self.model, self.location, self.graph, self.names = view.model, view.location, view.graph, view.names
         self.layers: nn.ModuleList = self.model.get_submodule(self.location.layers)
-        self.graph: ModelGraph = derive_model_graph(self.model, self.location)
-        self.names = CheckpointNames(self.model, source.weight_map)
+        self._view = view
         self._tuple_outputs = False
         self._loaded: list[nn.Module] = []
 
@@ -71,13 +69,18 @@ class ModelRunner:
 
     def check_supported(self) -> None:
         """Everything that can be refused before a weight is read."""
-        self.graph.check_supported(self.where)
-        for i in range(self.num_layers):
-            fused = self.names.converted_under(self.layer_prefix(i))
-            if fused:
-                raise ModelError(f"{self.where}: {self.layer_prefix(i)[:-1]}: checkpoint tensors such as {fused[0]} "
-                                 "are fused on load (transformers' conversion mapping); not supported yet",
-                                 field="model.id", hint="Mixture-of-Experts checkpoints come with issue 16")
+        self._view.check_supported(self.where)
+
+    def outside_text_sources(self) -> list[str]:
+        """Checkpoint names of the language model's tensors outside its decoder layers (embedding,
+        final norm, lm_head or the tensor it is tied to): checked before hours of layer work."""
+        text = self.location.text_model + "." if self.location.text_model else ""
+        layers = self.location.layers + "."
+        heads = {f"{n}.weight" for n, m in self.model.named_modules()
+                 if m is self.model.get_output_embeddings()}
+        wanted = [n for n, _ in self.model.named_parameters()
+                  if (n.startswith(text) and not n.startswith(layers)) or n in heads]
+        return sorted({self.names.to_source[n] for n in wanted if n in self.names.to_source})
 
     def layer_sources(self, i: int) -> dict[str, str]:
         """Layer ``i``'s parameters (names relative to the layer) → checkpoint tensor names."""

@@ -173,7 +173,7 @@ class AWQQuantizer(Quantizer):
 
     def quantize_layer(self, layer, graph: LayerGraph, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
         p: AWQParams = self.params  # type: ignore[assignment]
-        samples = {g.key: RowSample(p.max_calib_tokens) for g in graph.groups}
+        samples = {g.key: RowSample(p.max_calib_tokens, calib.generator(g.key)) for g in graph.groups}
         means = {g.key: ChannelAbsMean() for g in graph.groups}
         # One pass over the float layer: folding keeps the float function, so the inputs
         # captured here stay valid (divided by s) after every group is scaled.

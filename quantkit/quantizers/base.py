@@ -55,6 +55,11 @@ class LayerCalibration(Protocol):
         """
         ...
 
+    def generator(self, name: str) -> torch.Generator:
+        """The generator for random draws about ``name`` (a Linear or group) in this layer,
+        seeded from the recipe's seed and the layer index: never draw from the global RNG."""
+        ...
+
 
 class Joined:
     """Several statistics of one input (GPTQ's Hessian and a static activation range)."""

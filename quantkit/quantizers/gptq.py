@@ -66,9 +66,8 @@ def _inverse_hessian_factor(
             damp = damp * 10
     raise NumericsError(
         f"GPTQ {name}: Cholesky of the Hessian failed even with dampening_frac "
-        f"{dampening_frac * 10**max_retries:.3g}; check the calibration activations for "
-        "NaN/Inf or use more calibration samples"
-    )
+        f"{dampening_frac * 10**max_retries:.3g}", file=name, value=dampening_frac * 10**max_retries,
+        hint="check the calibration activations for NaN/Inf or use more calibration samples")
 
 
 def _cholesky_inverse(low: torch.Tensor) -> torch.Tensor:
@@ -114,7 +113,8 @@ def gptq_quantize(
     W = w.detach().to(torch.float32).clone()
     H = hessian.detach().to(device=device, dtype=torch.float32).clone()
     if not bool(torch.isfinite(H).all()):
-        raise NumericsError(f"GPTQ {name}: the Hessian has NaN/Inf; the calibration activations are not finite")
+        raise NumericsError(f"GPTQ {name}: the Hessian has NaN/Inf", file=name,
+                            hint="the calibration activations are not finite")
     # Columns whose input was always zero: their weight cannot matter, so zero it and give
     # the Hessian a unit diagonal there (reference behaviour).
     dead = torch.diagonal(H) == 0
@@ -187,7 +187,7 @@ def gptq_quantize(
         scale = torch.cat(group_scales, dim=1)
         zero = torch.cat(group_zeros, dim=1) if group_zeros else None
     if not bool(torch.isfinite(scale).all()):
-        raise NumericsError(f"GPTQ {name}: non-finite scales; the weight has NaN/Inf")
+        raise NumericsError(f"GPTQ {name}: non-finite scales", file=name, hint="the weight has NaN/Inf")
     actorder = "group" if g_idx is not None else "static" if act_order and ws.strategy == "group" else None
     out_scheme = scheme
     if ws.actorder != actorder:

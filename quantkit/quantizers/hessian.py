@@ -68,8 +68,6 @@ class HessianAccumulator:
 
     def hessian(self) -> torch.Tensor:
         if self._h is None:
-            raise CalibrationError(
-                f"no calibration tokens reached {self.name or 'this module'}; "
-                "check the calibration set is not empty"
-            )
+            raise CalibrationError(f"no calibration tokens reached {self.name or 'this module'}",
+                                   file=self.name or None, hint="check the calibration set is not empty")
         return self._h

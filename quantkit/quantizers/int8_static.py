@@ -31,7 +31,8 @@ class StaticInt8Quantizer(Quantizer):
 
     def quantize_layer(self, layer, graph, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
         p: StaticInt8Params = self.params  # type: ignore[assignment]
-        observers = {g.key: TensorObserver(p.observer, p.percentile) for g in graph.groups}
+        observers = {g.key: TensorObserver(p.observer, p.percentile, generator=calib.generator(g.key))
+                     for g in graph.groups}
         weights, _ = quantize_w8a8_layer(
             layer, graph, calib, p, self.scheme, observe=lambda: dict(observers)
         )

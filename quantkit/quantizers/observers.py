@@ -3,7 +3,8 @@
 The statistics are pure functions over a tensor of samples (``minmax_amax``,
 ``percentile_amax``, ``mse_amax``); ``TensorObserver`` streams calibration batches into
 them with bounded memory (exact running max, plus a uniform random subsample of at most
-``max_samples`` values for the percentile and MSE statistics).
+``max_samples`` values for the percentile and MSE statistics, drawn with the observer's own
+generator).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Literal
 import torch
 
 from ..distributed import World
+from ..seeding import randint, randperm
 from .sampling import pooled_sample
 
 ObserverKind = Literal["minmax", "percentile", "mse"]
@@ -53,7 +55,9 @@ def int_scale(amax: torch.Tensor, num_bits: int = 8) -> torch.Tensor:
 
 
 class TensorObserver:
-    """Streams ``[tokens, in]`` batches; ``amax()`` gives the chosen statistic."""
+    """Streams ``[tokens, in]`` batches; ``amax()`` gives the chosen statistic. The subsample
+    is drawn from ``generator`` (on the data's device), so the statistic is the same on every
+    run with the same seed."""
 
     def __init__(
         self,
@@ -61,8 +65,11 @@ class TensorObserver:
         percentile: float = 99.99,
         num_bits: int = 8,
         max_samples: int = 1 << 22,
+        *,
+        generator: torch.Generator,
     ) -> None:
         self.kind = kind
+        self.generator = generator
         self.percentile = percentile
         self.num_bits = num_bits
         self.max_samples = max_samples
@@ -80,13 +87,13 @@ class TensorObserver:
         flat = x.reshape(-1)
         k = round(flat.numel() * self._rate)
         if k < flat.numel():
-            flat = flat[torch.randint(flat.numel(), (k,), device=flat.device)]
+            flat = flat[randint(flat.numel(), k, self.generator).to(flat.device)]
         self._samples.append(flat.to(torch.float32))
         self._count += flat.numel()
         while self._count > self.max_samples:
             # Keep a random half and halve the rate: still a uniform sample of everything.
             allv = torch.cat(self._samples)
-            keep = allv[torch.randperm(allv.numel(), device=allv.device)[: allv.numel() // 2]]
+            keep = allv[randperm(allv.numel(), self.generator)[: allv.numel() // 2].to(allv.device)]
             self._samples, self._count, self._rate = [keep], keep.numel(), self._rate / 2
 
     def reduce(self, world: World) -> None:
@@ -95,7 +102,7 @@ class TensorObserver:
             return
         world.all_reduce(self._max, "max")
         if self.kind != "minmax":
-            self._samples = [pooled_sample(world, self.samples(), self.max_samples)]
+            self._samples = [pooled_sample(world, self.samples(), self.max_samples, self.generator.initial_seed())]
             self._count = self._samples[0].numel()
 
     def samples(self) -> torch.Tensor:

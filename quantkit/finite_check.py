@@ -1,0 +1,91 @@
+"""NaN, Inf and zero scales stop a run where they are read or written, naming the tensor.
+
+Layers are checked as the engine loads them; the tensors it does not load as a layer (the
+embedding, the final norm, lm_head, which the export copies byte for byte) are checked once
+before any layer runs, a chunk of rows at a time. Every float tensor a checkpoint stores but
+FP8 codes (see `all_finite`) passes `check_written` in the writer: a scale that is NaN, Inf or
+zero (a float16 scale underflows to zero, overflows to Inf) is never published.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import NumericsError
+from .scheme import QuantizedWeight
+from .shard_check import DTYPE_BYTES
+
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+# vLLM's loaders name every scale so: weight_scale, input_scale, k_scale, v_scale (compressed-tensors),
+# scales (GPTQ, AWQ).
+SCALE_SUFFIXES = ("scale", "scales")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite. Integers always are; float8 codes are not checked: they
+    are a weight over its scale, clamped, so they are finite when the weight (checked as it is
+    loaded) and the scale (`check_quantized`) are, and widening every FP8 code of a 70B model to
+    look would cost minutes of export."""
+    if not t.is_floating_point() or t.dtype in _FLOAT8:
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def damaged_source_error(name: str, file: Path) -> NumericsError:
+    return NumericsError(f"model: tensor {name} in {file} contains NaN or Inf", field="model.id", value=name, file=file,
+                         hint="the checkpoint is damaged (re-download or re-convert it)")
+
+
+def check_source_tensors(source, names: list[str], device: torch.device, chunk_bytes: int = 64 << 20) -> None:
+    """Refuse non-finite values in the named tensors of ``source`` (a `ModelSource`), read in row
+    chunks of about ``chunk_bytes`` (host memory holds one chunk of a 2 GB embedding) and checked
+    on ``device`` (a GPU checks a 70B's embedding and lm_head in the time it takes to read them)."""
+    for name in dict.fromkeys(names):  # a tied lm_head is the embedding: read it once
+        path = source.path / source.weight_map[name]
+        with safe_open(path, framework="pt") as f:
+            part = f.get_slice(name)
+            shape = part.get_shape()
+            if not shape:
+                ok = all_finite(f.get_tensor(name))
+            else:
+                rows = max(1, chunk_bytes // (DTYPE_BYTES.get(part.get_dtype(), 8) * max(1, _numel(shape[1:]))))
+                ok = all(all_finite(part[i:i + rows].to(device)) for i in range(0, shape[0], rows))
+        if not ok:
+            raise damaged_source_error(name, path)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def check_quantized(prefix: str, qw: QuantizedWeight) -> None:
+    """A quantized Linear's scales must be finite and positive (right after quantizing it)."""
+    for field in ("scale", "input_scale"):
+        t = getattr(qw, field)
+        if t is not None:
+            _check_scale(f"{prefix}.{field}", t)
+
+
+def check_written(name: str, t: torch.Tensor) -> None:
+    """What the checkpoint writer refuses to store: non-finite floats, and scales that are not positive."""
+    if not all_finite(t):
+        raise NumericsError(f"{name} contains NaN or Inf; the checkpoint would be broken", file=name,
+                            hint="check the model's weights; nothing was published")
+    if t.is_floating_point() and name.endswith(SCALE_SUFFIXES):
+        _check_scale(name, t)
+
+
+def _check_scale(name: str, t: torch.Tensor) -> None:
+    t = t.float()  # scales are small; float32 compares any stored dtype
+    bad = ~(torch.isfinite(t) & (t > 0))
+    if bool(bad.any()):
+        value = t.reshape(-1)[bad.reshape(-1).nonzero()[0]].item()
+        raise NumericsError(f"{name}: a scale is {value} (scales must be finite and positive); the checkpoint "
+                            "would be broken", file=name, value=value,
+                            hint="check the model's weights for NaN/Inf or all-zero groups; nothing was published")

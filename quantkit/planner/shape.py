@@ -1,0 +1,163 @@
+"""The model's shape as the planner needs it: config.json fields, per-rank Linear shapes,
+tensor-parallel rules and parameter counts.
+
+Linear shapes are those of the decoders quantkit supports (Llama, Mistral, Qwen2): q/k/v/o,
+gate/up/down.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ModelError, PlanError
+
+VOCAB_PADDING = 64  # vLLM pads embedding/lm_head rows to a multiple of this
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The config.json fields the planner needs."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    attention_bias: bool = False  # q/k/v (and o for Llama) carry biases
+    o_bias: bool = False
+    mlp_bias: bool = False
+    dtype: str = "bfloat16"
+    architecture: str = "unknown"
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], where: str = "config.json") -> "ModelShape":
+        """Read the shape; a missing or malformed field raises ``ModelError`` naming it."""
+        cfg = _text_config(config)
+
+        def need(key: str) -> int:
+            value = cfg.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ModelError(f"{where}: field '{key}' must be a positive integer, got {value!r}", field=key,
+                                 value=value, file=where)
+            return value
+
+        hidden, heads = need("hidden_size"), need("num_attention_heads")
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        head_dim = cfg.get("head_dim") or hidden // heads
+        arch = (cfg.get("architectures") or config.get("architectures") or ["unknown"])[0]
+        qwen2 = arch.startswith("Qwen2")
+        attn_bias = bool(cfg.get("attention_bias", False)) or qwen2
+        dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_layers=need("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=int(kv_heads),
+            head_dim=int(head_dim),
+            vocab_size=need("vocab_size"),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
+            max_position_embeddings=need("max_position_embeddings"),
+            attention_bias=attn_bias,
+            o_bias=attn_bias and not qwen2,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            dtype="float16" if dtype == "float16" else "bfloat16",
+            architecture=arch,
+        )
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's config with every default filled in by its transformers config
+    class: a multimodal config.json nests it (``text_config``) and writes only the fields that
+    differ from the defaults (Gemma 3's omits num_attention_heads, vocab_size, ...)."""
+    raw = config.get("text_config", config) if "hidden_size" not in config else config
+    try:
+        from transformers import AutoConfig
+
+        full = AutoConfig.for_model(**config).get_text_config(decoder=True).to_dict()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return raw  # not a config transformers knows: read the fields as written
+    return {**full, **{k: v for k, v in raw.items() if v is not None}}
+
+
+def kv_heads_per_gpu(shape: ModelShape, tp: int) -> int:
+    """KV heads each rank holds; with fewer KV heads than ranks each rank keeps a replica of one."""
+    check_tensor_parallel(shape, tp)
+    return shape.num_kv_heads // tp if tp <= shape.num_kv_heads else 1
+
+
+def check_tensor_parallel(shape: ModelShape, tp: int) -> None:
+    """vLLM's rules: heads divide evenly, KV heads split evenly or replicate evenly."""
+    if tp < 1:
+        raise PlanError(f"--gpus: must be at least 1, got {tp}", field="--gpus", value=tp)
+    if shape.num_heads % tp:
+        raise PlanError(f"--gpus {tp}: num_attention_heads={shape.num_heads} is not divisible by it", field="--gpus",
+                        value=tp, hint=f"use a divisor such as {_divisors(shape.num_heads)}")
+    kv = shape.num_kv_heads
+    if (tp <= kv and kv % tp) or (tp > kv and tp % kv):
+        raise PlanError(f"--gpus {tp}: num_key_value_heads={kv} neither splits nor replicates evenly",
+                        field="--gpus", value=tp)
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in (1, 2, 4, 8) if n % d == 0)
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """One Linear's weight on one rank: ``[out, in]``, ``count`` of them in the model."""
+
+    name: str
+    out_features: int
+    in_features: int
+    count: int
+
+
+def linear_shapes(shape: ModelShape, tp: int = 1) -> list[LinearShape]:
+    """Per-rank shapes of the decoder Linears (the ones a scheme quantizes)."""
+    h, hd, n = shape.hidden_size, shape.head_dim, shape.num_layers
+    q = shape.num_heads * hd // tp
+    kv = kv_heads_per_gpu(shape, tp) * hd
+    inter = math.ceil(shape.intermediate_size / tp)
+    return [
+        LinearShape("q_proj", q, h, n),
+        LinearShape("k_proj", kv, h, n),
+        LinearShape("v_proj", kv, h, n),
+        LinearShape("o_proj", h, q, n),
+        LinearShape("gate_proj", inter, h, n),
+        LinearShape("up_proj", inter, h, n),
+        LinearShape("down_proj", h, inter, n),
+    ]
+
+
+def padded_vocab_per_gpu(shape: ModelShape, tp: int = 1) -> int:
+    """Embedding rows on one rank: vocab padded to a multiple of 64, then split."""
+    padded = math.ceil(shape.vocab_size / VOCAB_PADDING) * VOCAB_PADDING
+    return math.ceil(padded / tp)
+
+
+def count_parameters(shape: ModelShape) -> int:
+    """Parameters as in the checkpoint (no vocab padding, tied lm_head counted once)."""
+    linear = sum(ls.out_features * ls.in_features * ls.count for ls in linear_shapes(shape))
+    embed = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
+    norms = (2 * shape.num_layers + 1) * shape.hidden_size
+    return linear + embed + norms + bias_params(shape, tp=1)
+
+
+def bias_params(shape: ModelShape, tp: int) -> int:
+    hd, n = shape.head_dim, shape.num_layers
+    total = 0
+    if shape.attention_bias:
+        total += (shape.num_heads // tp + 2 * kv_heads_per_gpu(shape, tp)) * hd * n
+    if shape.o_bias:
+        total += shape.hidden_size * n  # row-parallel bias is replicated
+    if shape.mlp_bias:
+        total += (2 * math.ceil(shape.intermediate_size / tp) + shape.hidden_size) * n
+    return total
+

@@ -1,0 +1,274 @@
+"""The one validation ``quantkit validate`` and ``pipeline.run`` share: everything that can be
+checked before a weight is read, and the plan of the run it leads to.
+
+It reads the recipe, the model's config.json and its safetensors shard headers (names, dtypes,
+shapes), never a tensor's data: the model's shape, every quantized Linear's real input size
+against the group size, the calibration and evaluation sources and lengths (for the sections
+that run), the device, the output folder, and the disk the work files and checkpoint need.
+A model on the Hub is not downloaded for this (``quantkit.model_files``). ``validate`` prints
+the ``RunPlan``; ``run`` starts with it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .calibration import source_kind
+from .errors import ExportError, RecipeError
+from .checkpoint import work_dir_for
+from .graph.view import ModelView, config_from_dict, model_view
+from .model_files import ModelFiles, model_files
+from .output_guard import check_output_placement, check_replaceable, run_inputs
+from .planner import ModelShape, get_scheme
+from .quantizers import QUANTIZERS
+from .recipe import RecipeBase
+from .scheme import Scheme
+from .scheme_names import plan_scheme_key, scheme_name
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class GroupCheck:
+    """Linears of a decoder layer that read one input, with the sizes the shard headers give,
+    checked against the group size in ``layers`` decoder layers (all of them, unless some
+    layers are shaped otherwise: those get a check of their own)."""
+
+    linears: tuple[str, ...]
+    in_features: int
+    out_features: tuple[int, ...]
+    group_size: int | None  # None: one scale per output channel (or per tensor)
+    layers: int
+
+
+@dataclass(frozen=True)
+class TextPlan:
+    """A calibration or evaluation section that will run."""
+
+    section: str
+    source: str
+    kind: str  # self | shipped | tokens | file | hub (a hub dataset is only checked when loaded)
+    num_samples: int
+    max_seq_length: int
+
+
+@dataclass(frozen=True)
+class SizePlan:
+    """Bytes, from the shard headers. The checkpoint figure is the planner's estimate for the
+    scheme; the work files hold one byte per quantized weight until export."""
+
+    parameters: int
+    quantized_parameters: int
+    shards: int
+    base_bytes: int
+    download_bytes: int  # the base model's shards, for a model on the Hub not downloaded yet
+    checkpoint_bytes: int
+    work_bytes: int
+    disk_needed_bytes: int
+    disk_free_bytes: int
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run will do, validated; ``to_dict``/``to_json`` give it as plain data."""
+
+    recipe: str
+    model: str
+    model_dir: str
+    shape: ModelShape
+    method: str
+    format: str
+    scheme: str
+    device: str
+    dtype: str
+    groups: tuple[GroupCheck, ...]
+    calibration: TextPlan | None
+    evaluate: TextPlan | None
+    output_dir: str
+    overwrite: bool
+    sizes: SizePlan
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_text(self) -> str:
+        """The plan as ``quantkit validate`` prints it."""
+        s, z = self.shape, self.sizes
+        lines = [
+            f"{self.recipe}: valid",
+            f"model        {self.model} ({self.model_dir})",
+            f"             {s.architecture}, {s.num_layers} layers, hidden {s.hidden_size}, intermediate "
+            f"{s.intermediate_size}, {s.num_heads} heads ({s.num_kv_heads} KV) x {s.head_dim}, vocab {s.vocab_size}, "
+            f"context {s.max_position_embeddings}",
+            f"             {z.parameters / 1e6:.1f} M parameters ({z.quantized_parameters / 1e6:.1f} M quantized) in "
+            f"{z.shards} shard{'s' if z.shards != 1 else ''}, {_mb(z.base_bytes)}",
+            f"quantize     {self.method} -> {self.scheme}, {self.format} format, on {self.device}, "
+            f"unquantized tensors in {self.dtype}",
+        ]
+        for i, g in enumerate(self.groups):
+            grouping = f"group {g.group_size} divides it" if g.group_size else "per-channel scales"
+            lines.append(f"{'groups' if i == 0 else '':<13}{', '.join(g.linears)}: in {g.in_features}, "
+                         f"out {'/'.join(map(str, g.out_features))}; {grouping} ({g.layers} layers)")
+        for text in (self.calibration, self.evaluate):
+            if text is not None:
+                lines.append(f"{text.section:<13}{text.source} ({text.kind}): {text.num_samples} x "
+                             f"{text.max_seq_length} tokens")
+        lines += [
+            f"output       {self.output_dir}" + (" (replaced if it exists)" if self.overwrite else ""),
+            f"disk         checkpoint about {_mb(z.checkpoint_bytes)} + work files {_mb(z.work_bytes)} = "
+            f"{_mb(z.disk_needed_bytes)} needed, {_mb(z.disk_free_bytes)} free",
+        ]
+        if z.download_bytes:
+            lines.append(f"download     {_mb(z.download_bytes)} of shards into the Hugging Face cache")
+        return "\n".join(lines)
+
+
+def check(recipe: RecipeBase) -> RunPlan:
+    """Validate ``recipe`` against its model and machine; raise the first problem as a
+    ``QuantkitError`` naming it, else return the plan. Reads no weight."""
+    where = recipe.where
+    model = model_files(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle, os.environ.get("HF_TOKEN"))
+    shape = ModelShape.from_config(model.config, where=f"{model.location}/config.json")
+    params = recipe.quantization
+    scheme = params.scheme()
+    device = resolve_device(recipe.device)
+    dtype = resolve_dtype(recipe.model.dtype, model.config)
+    named = f"model {recipe.model.id}"
+    view = model_view(config_from_dict(model.config, named), model.headers, dtype, named)
+    view.check_supported(named)
+    groups = check_groups(view, scheme, where)
+    quantizer = QUANTIZERS[params.method](params, model.config)
+    cal, ev = recipe.calibration, recipe.evaluate
+    texts = [("calibration", cal) if quantizer.needs_calibration else None, ("evaluate", ev) if ev.enabled else None]
+    calibration, evaluate = (None if t is None else _text_plan(*t, shape) for t in texts)
+    output_dir = Path(recipe.export.output_dir)
+    if not model.remote:
+        shards = sorted(Path(model.location).glob("*.safetensors"))
+        check_output_placement(output_dir, work_dir_for(output_dir),
+                               run_inputs(Path(model.location), shards, text_sources(recipe)))
+    check_replaceable(output_dir, recipe.export.overwrite)
+    sizes = _sizes(model, view, scheme, dtype, output_dir)
+    return RunPlan(
+        recipe=where, model=recipe.model.id, model_dir=model.location, shape=shape, method=params.method,
+        format=recipe.format_name, scheme=scheme_name(scheme), device=str(device),
+        dtype=str(dtype).replace("torch.", ""), groups=groups, calibration=calibration, evaluate=evaluate,
+        output_dir=str(output_dir), overwrite=recipe.export.overwrite, sizes=sizes,
+    )
+
+
+def text_sources(recipe: RecipeBase) -> dict[str, str]:
+    """The text sources the recipe names, by recipe field (protected from the output even where unused)."""
+    return {"calibration.source": recipe.calibration.source, "evaluate.source": recipe.evaluate.source}
+
+
+def resolve_device(name: str) -> torch.device:
+    """The recipe's ``device`` as a torch device, or a `RecipeError` saying what exists here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hint = "use device: auto, cpu, cuda or cuda:N"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RecipeError(f"device: '{name}' is not a device", field="device", value=name, hint=hint) from None
+    if device.type not in ("cpu", "cuda"):
+        raise RecipeError(f"device: '{name}' is not supported", field="device", value=name, hint=hint)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"device: '{name}' asked for but CUDA is not available", field="device", value=name,
+                          hint="use device: cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RecipeError(f"device: '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)",
+                          field="device", value=name, hint=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def resolve_dtype(name: str, config: dict[str, Any]) -> torch.dtype:
+    if name == "auto":
+        name = str(config.get("torch_dtype") or config.get("dtype") or "float32").replace("torch.", "")
+    return DTYPES.get(name, torch.float32)
+
+
+def check_groups(view: ModelView, scheme: Scheme, where: str) -> tuple[GroupCheck, ...]:
+    """Every quantized Linear's ``[out, in]`` as the model's own modules have it (one check per
+    input group of each decoder-layer type); a group size must divide each ``in``."""
+    ws = scheme.weights
+    group_size = ws.group_size if ws.strategy == "group" and ws.group_size else None
+    graph = view.graph
+    checks = []
+    for t, layer in enumerate(graph.types):
+        for g in layer.groups:
+            units = [layer.unit(n) for n in g.linears]
+            checks.append(GroupCheck(g.linears, units[0].in_features, tuple(u.out_features for u in units),
+                                     group_size, len(graph.layers_of(t))))
+    if group_size:
+        bad = [c for c in checks if c.in_features % group_size]
+        if bad:
+            sizes = {c.in_features for c in checks}
+            fits = [s for s in _GROUP_SIZES if all(d % s == 0 for d in sizes)] or [-1]
+            raise RecipeError(
+                f"{where}: quantization.group_size {group_size} does not divide the input size "
+                f"({bad[0].in_features}) of {', '.join(bad[0].linears)}", field="quantization.group_size",
+                value=group_size, hint=f"use one of {fits}")
+    return tuple(checks)
+
+
+def _text_plan(section: str, spec: Any, shape: ModelShape) -> TextPlan:
+    if spec.max_seq_length > shape.max_position_embeddings:
+        raise RecipeError(f"recipe: {section}.max_seq_length {spec.max_seq_length} exceeds the model's "
+                          f"max_position_embeddings ({shape.max_position_embeddings})",
+                          field=f"{section}.max_seq_length", value=spec.max_seq_length)
+    return TextPlan(section, spec.source, source_kind(spec.source, section), spec.num_samples, spec.max_seq_length)
+
+
+def _sizes(model: ModelFiles, view: ModelView, scheme: Scheme, dtype: torch.dtype, output_dir: Path) -> SizePlan:
+    """Refuse to start when the work files plus the checkpoint cannot fit on the output's disk."""
+    headers = model.headers
+    ws = scheme.weights
+    precision = get_scheme(plan_scheme_key(scheme), ws.group_size if ws.strategy == "group" else None)
+    graph = view.graph
+    linears = {view.names.source_of(graph.layer_prefix(i) + u.param)
+               for i in range(view.location.num_layers) for u in graph.layer(i).units} & headers.keys()
+    numel = {name: math.prod(h["shape"]) for name, h in headers.items()}
+    element = _DTYPE_BYTES[str(dtype).replace("torch.", "")]
+    checkpoint = sum(precision.linear_bytes(*headers[n]["shape"]) if n in linears else numel[n] * element
+                     for n in headers)
+    work = sum(numel[n] for n in linears)
+    target = output_dir.resolve().parent
+    while not target.exists():
+        target = target.parent
+    free = shutil.disk_usage(target).free
+    sizes = SizePlan(
+        parameters=sum(numel.values()), quantized_parameters=work, shards=model.shards, base_bytes=model.shard_bytes,
+        download_bytes=model.shard_bytes if model.remote else 0, checkpoint_bytes=checkpoint, work_bytes=work,
+        disk_needed_bytes=checkpoint + work, disk_free_bytes=free)
+    if free < sizes.disk_needed_bytes:
+        raise ExportError(f"export.output_dir {output_dir}: {free / 1e9:.1f} GB free on its disk, about "
+                          f"{sizes.disk_needed_bytes / 1e9:.1f} GB needed (work files + checkpoint)",
+                          field="export.output_dir", value=str(output_dir), file=output_dir,
+                          hint="free space or choose another folder")
+    return sizes
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses as dicts and tuples as lists, all the way down: what JSON gives back."""
+    if hasattr(value, "__dataclass_fields__"):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
