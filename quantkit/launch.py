@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import uuid
 
@@ -45,9 +46,11 @@ def run_ranks(nproc: int, args: list[str], work_hint: str) -> int:
         elastic_launch(config, entrypoint=sys.executable)("-m", "quantkit", *args)
         return 0
     except ChildFailedError as e:
-        # The cause first: not a rank that stopped because a peer was gone, nor one the agent stopped.
+        # The cause first: not a rank that stopped because a peer was gone, nor one the agent
+        # stopped (SIGTERM, which the CLI turns into exit code 128 + 15).
         rank, failure = min(e.failures.items(), key=lambda kv: (
-            kv[1].exitcode == PEER_LOST_EXIT, kv[1].signal_name() == "SIGTERM", kv[1].timestamp, kv[0]))
+            kv[1].exitcode == PEER_LOST_EXIT, kv[1].exitcode in (-signal.SIGTERM, 128 + signal.SIGTERM),
+            kv[1].timestamp, kv[0]))
         if failure.exitcode == REPORTED_EXIT:
             return REPORTED_EXIT
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
