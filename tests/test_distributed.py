@@ -145,9 +145,9 @@ def test_owners_balance_estimated_cost_and_agree():
 
 
 def test_an_error_every_rank_would_raise_is_one_line(runs, text_file):
-    tmp, model, out = runs  # "two" exists: every rank would refuse it; rank 0 alone says so
+    tmp, model, out = runs  # "two" exists: every rank would refuse it; the launcher's pre-read check says so
     got = subprocess.run(CMD + [str(_recipe(tmp, model, text_file, "two")), "--gpus", "2"], env=ENV,
                          capture_output=True, text=True, timeout=600)
     assert got.returncode == 2
     errors = [line for line in got.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: rank 0: export.output_dir"), got.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("error: export.output_dir"), got.stderr[-3000:]
