@@ -56,6 +56,27 @@ METHODS: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "fp8-dynamic": ("fp8 W8A8 dynamic, per-channel weights", {"method": "fp8"}, None),
     "fp8-static-kv": ("fp8 W8A8 static + fp8 kv_cache", {"method": "fp8", "activations": "static", "kv_cache": True},
                       None),
+    # SmolLM2's q_proj (576 rows) is not a whole number of 128-row blocks, which vLLM's fused
+    # qkv_proj refuses; 64x64 blocks divide every Linear.
+    "fp8-block": ("rtn FP8_BLOCK 64x64 (W8A8, per-token-group activations)",
+                  {"method": "rtn", "scheme": "FP8_BLOCK", "block_structure": [64, 64]}, None),
+    "fp8-block-gptq": ("gptq FP8_BLOCK 64x64", {"method": "gptq", "scheme": "FP8_BLOCK", "block_structure": [64, 64]},
+                       None),
+    "nvfp4a16-rtn": ("rtn NVFP4A16", {"method": "rtn", "scheme": "NVFP4A16"}, None),
+    "nvfp4a16-gptq": ("gptq NVFP4A16, act_order static_groups",
+                      {"method": "gptq", "scheme": "NVFP4A16", "act_order": True, "static_groups": True}, None),
+    "nvfp4-rtn": ("rtn NVFP4 (W4A4)", {"method": "rtn", "scheme": "NVFP4"}, None),
+    "nvfp4-gptq": ("gptq NVFP4 (W4A4), act_order static_groups",
+                   {"method": "gptq", "scheme": "NVFP4", "act_order": True, "static_groups": True}, None),
+    "mxfp4a16-rtn": ("rtn MXFP4A16", {"method": "rtn", "scheme": "MXFP4A16"}, None),
+    "mxfp4a16-gptq": ("gptq MXFP4A16, act_order static_groups",
+                      {"method": "gptq", "scheme": "MXFP4A16", "act_order": True, "static_groups": True}, None),
+    "w4a8-gptq": ("gptq W4A8 g64 (int8 per-token activations), act_order static_groups",
+                  {"method": "gptq", "scheme": "W4A8", "group_size": 64, "act_order": True, "static_groups": True},
+                  None),
+    "mixed-gptq": ("gptq W4A16 g64, down_proj W8A16 g64 (mixed), act_order static_groups",
+                   {"method": "gptq", "bits": 4, "group_size": 64, "act_order": True, "static_groups": True,
+                    "overrides": [{"targets": ["re:.*down_proj$"], "bits": 8}]}, None),
 }
 
 

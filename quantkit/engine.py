@@ -174,7 +174,9 @@ class LayerwiseEngine:
                 record = self.workdir.load_layer(i)
             else:
                 calibration = _LayerCalibration(sk, i, layer, calib_in, self.seed, self.world)
-                qweights = self.quantizer.quantize_layer(layer, sk.graph.layer(i), calibration)
+                graph = sk.graph.layer(i)
+                qweights = self.quantizer.quantize_layer(layer, graph, calibration,
+                                                         self.quantizer.layer_schemes(sk.layer_prefix(i), graph))
                 for name, qw in qweights.items():
                     check_quantized(sk.layer_prefix(i) + name, qw)
                 clock.lap("quantize")

@@ -79,5 +79,5 @@ def _to(qw: QuantizedWeight, device: torch.device) -> QuantizedWeight:
     if device.type == "cpu":
         return qw
     moved = {f: None if getattr(qw, f) is None else getattr(qw, f).to(device, non_blocking=True)
-             for f in ("codes", "scale", "zero_point", "g_idx", "input_scale")}
+             for f in QuantizedWeight.TENSORS}
     return replace(qw, **moved)

@@ -4,7 +4,8 @@ Layers are checked as the engine loads them; the tensors it does not load as a l
 embedding, the final norm, lm_head, which the export copies byte for byte) are checked once
 before any layer runs, a chunk of rows at a time. Every float tensor a checkpoint stores but
 FP8 codes (see `all_finite`) passes `check_written` in the writer: a scale that is NaN, Inf or
-zero (a float16 scale underflows to zero, overflows to Inf) is never published.
+zero (a float16 scale underflows to zero, overflows to Inf; an E4M3 group scale or an FP32
+global scale likewise) is never published, nor an E8M0 scale holding its NaN code.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ _FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # vLLM's loaders name every scale so: weight_scale, input_scale, k_scale, v_scale (compressed-tensors),
 # scales (GPTQ, AWQ).
 SCALE_SUFFIXES = ("scale", "scales")
+E8M0_NAN = 255
+"""The one E8M0 code that is not a power of two (uint8 scales are E8M0 exponents: MXFP4)."""
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -65,8 +68,10 @@ def _numel(shape: list[int]) -> int:
 
 
 def check_quantized(prefix: str, qw: QuantizedWeight) -> None:
-    """A quantized Linear's scales must be finite and positive (right after quantizing it)."""
-    for field in ("scale", "input_scale"):
+    """A quantized Linear's scales must be finite and positive (right after quantizing it): group,
+    block and E8M0 scales as the float values they stand for, and the global scales of tensor
+    groups (NVFP4), which divide them."""
+    for field in ("scale", "input_scale", "global_scale", "input_global_scale"):
         t = getattr(qw, field)
         if t is not None:
             _check_scale(f"{prefix}.{field}", t)
@@ -79,6 +84,10 @@ def check_written(name: str, t: torch.Tensor) -> None:
                             hint="check the model's weights; nothing was published")
     if t.is_floating_point() and name.endswith(SCALE_SUFFIXES):
         _check_scale(name, t)
+    elif t.dtype == torch.uint8 and name.endswith(SCALE_SUFFIXES) and bool((t == E8M0_NAN).any()):
+        raise NumericsError(f"{name}: a scale is NaN (E8M0 code {E8M0_NAN}); the checkpoint would be broken",
+                            file=name, value=E8M0_NAN,
+                            hint="check the model's weights for NaN/Inf; nothing was published")
 
 
 def _check_scale(name: str, t: torch.Tensor) -> None:

@@ -8,7 +8,8 @@ marketing figure: "80 GB" H100 is 79.18 GiB (85.0e9 bytes) to vLLM, not 80 GiB.
 Sources, per entry (``GPU.source``):
   - "measured": ``cuMemGetInfo`` on that board here (driver with CUDA 13, 2025).
   - "reported": the total capacity PyTorch prints in its out-of-memory message on that
-    board ("GPU 0 has a total capacity of X GiB"), as widely quoted; driver versions move
+    board ("GPU 0 has a total capacity of X GiB"), as widely quoted, or a device query's
+    ``totalGlobalMem`` (B200: 178.35 GiB, quoted in pytorch/ao#4002); driver versions move
     it by a few MiB. Treat these as good to about 0.1 GiB.
   - "generic": ``--gpu 24GB`` style, nominal GiB times 0.975 (the typical reserve seen
     on the boards above), compute capability unknown, so FP8 is not assumed.
@@ -48,6 +49,11 @@ class GPU:
         return self.compute_capability >= (8, 9)
 
     @property
+    def fp4(self) -> bool:
+        """FP4 tensor cores (NVFP4/MXFP4 W4A4 run natively): Blackwell, capability >= 10.0."""
+        return self.compute_capability >= (10, 0)
+
+    @property
     def int8(self) -> bool:
         """INT8 tensor cores for W8A8 INT8 (cutlass kernels in vLLM): capability >= 7.5."""
         return self.compute_capability >= (7, 5)
@@ -72,6 +78,7 @@ GPUS: dict[str, GPU] = {
         GPU("H100-80GB", 85_017_493_504, (9, 0), "measured"),
         # nvidia-smi 143771 MiB total, 616 MiB reserved; cuMemGetInfo total 150,109,880,320.
         GPU("H200", 150_109_880_320, (9, 0), "measured"),
+        GPU("B200", _gib(178.35), (10, 0), "reported"),
         GPU("A100-80GB", _gib(79.15), (8, 0), "reported"),
         GPU("A100-40GB", _gib(39.59), (8, 0), "reported"),
         GPU("L40S", _gib(44.52), (8, 9), "reported"),

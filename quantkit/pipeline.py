@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from . import __version__, preflight
+from .assignment_check import decoder_linear_names
 from .calibration import TextRequest, load_tokens
 from .card import base_license, render_card
 from .checkpoint import CheckpointWriter, work_dir_for
@@ -66,6 +67,7 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
                               os.environ.get("HF_TOKEN"))
     params = recipe.quantization
     scheme = params.scheme()
+    assignment = params.assignment()
     quantizer = QUANTIZERS[params.method](params, source.config)
     device, dtype = world.device, preflight.DTYPES[plan.dtype]
     fmt = FORMATS[recipe.format_name]()
@@ -82,6 +84,7 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     # The model's own classes on the meta device and its layer graph: no weight is read.
     runner = ModelRunner(source, device, compute_dtype, f"model {recipe.model.id}")
     runner.check_supported()
+    linear_schemes = assignment.resolve(decoder_linear_names(runner.graph))
     check_model_files(runner)
     tokenizer = load_tokenizer(source.path)
     check_source_tensors(source, runner.outside_text_sources(), device)
@@ -124,11 +127,17 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
             export_checkpoint(runner, workdir, writer, quiet)
             result.phase_seconds["export"] = time.perf_counter() - exporting
             outside = describe_outside(runner.model, runner.location.layers)
-            report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started)
+            report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started,
+                             linear_schemes)
             report["unquantized"] = unquantized_report(runner, outside)
             config = dict(source.config)
+            # The checkpoint's names, as transformers and vLLM match them.
+            named = {runner.names.source_module(n): s for n, s in linear_schemes.items()}
+            floats = [runner.names.source_module(n) for n in decoder_linear_names(runner.graph)
+                      if n not in linear_schemes]
             config["quantization_config"] = fmt.quantization_config(
-                scheme, ignored_components(runner, outside), params.kv_cache_scheme())
+                scheme if assignment.uniform else named, [*ignored_components(runner, outside), *floats],
+                params.kv_cache_scheme())
             config["torch_dtype"] = str(dtype).replace("torch.", "")
             extra_files = {"report.json": json.dumps(report, indent=2),
                            "README.md": render_card(report, base_license(source.path))}
@@ -239,7 +248,7 @@ def _self_generate(model_dir: Path, dtype: torch.dtype, device: torch.device, n:
 
 def _report(recipe: RecipeBase, source: ModelSource, scheme: Scheme, device: torch.device,
             calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, result: Any,
-            writer: CheckpointWriter, started: float) -> dict[str, Any]:
+            writer: CheckpointWriter, started: float, linear_schemes: dict[str, Scheme]) -> dict[str, Any]:
     base_bytes = sum((source.path / s).stat().st_size for s in set(source.weight_map.values()))
     ev = recipe.evaluate
     evaluation_report = None
@@ -259,6 +268,7 @@ def _report(recipe: RecipeBase, source: ModelSource, scheme: Scheme, device: tor
         "scheme": {"weights": asdict(scheme.weights),
                    "input_activations": asdict(scheme.input_activations) if scheme.input_activations else None},
         "scheme_name": scheme_name(scheme),
+        "linears": _linear_counts(linear_schemes),
         "format": recipe.format_name,
         "output_dir": str(recipe.export.output_dir),
         "device": str(device),
@@ -274,6 +284,14 @@ def _report(recipe: RecipeBase, source: ModelSource, scheme: Scheme, device: tor
             recipe.push.repo_id if recipe.push else str(recipe.export.output_dir), source.config,
             plan_scheme_key(scheme), kv_cache_dtype="fp8" if recipe.quantization.kv_cache_scheme() else "auto"),
     }
+
+
+def _linear_counts(linear_schemes: dict[str, Scheme]) -> dict[str, int]:
+    """How many decoder Linears each scheme quantized (one entry unless the recipe is mixed)."""
+    counts: dict[str, int] = {}
+    for s in linear_schemes.values():
+        counts[scheme_name(s)] = counts.get(scheme_name(s), 0) + 1
+    return counts
 
 
 __all__ = ["run", "QuantkitError"]

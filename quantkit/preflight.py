@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
+from .assignment_check import resolve_assignment
 from .calibration import source_kind
-from .errors import ExportError, RecipeError
+from .errors import ExportError, ModelError, RecipeError
 from .checkpoint import work_dir_for
 from .graph.view import ModelView, config_from_dict, model_view
 from .model_files import ModelFiles, model_files
@@ -41,14 +42,15 @@ _GROUP_SIZES = (32, 64, 128)
 @dataclass(frozen=True)
 class GroupCheck:
     """Linears of a decoder layer that read one input, with the sizes the shard headers give,
-    checked against the group size in ``layers`` decoder layers (all of them, unless some
-    layers are shaped otherwise: those get a check of their own)."""
+    checked against the group size of their scheme in ``layers`` decoder layers (all of them,
+    unless some layers are shaped or quantized otherwise: those get a check of their own)."""
 
     linears: tuple[str, ...]
     in_features: int
     out_features: tuple[int, ...]
-    group_size: int | None  # None: one scale per output channel (or per tensor)
+    group_size: int | None  # None: one scale per output channel, block or tensor, or not quantized
     layers: int
+    scheme: str  # the scheme's short name, or "float" where targets/ignore leave the Linears unquantized
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class RunPlan:
     method: str
     format: str
     scheme: str
+    linears: dict[str, int]  # decoder Linears per scheme name (one entry unless the recipe is mixed)
     device: str
     dtype: str
     groups: tuple[GroupCheck, ...]
@@ -118,10 +121,15 @@ class RunPlan:
             f"quantize     {self.method} -> {self.scheme}, {self.format} format, on {self.device}, "
             f"unquantized tensors in {self.dtype}",
         ]
+        mixed = len(self.groups) and {g.scheme for g in self.groups} != {self.scheme}
+        if mixed:
+            lines.append(f"{'':<13}mixed: " + ", ".join(f"{name} on {n} Linears" for name, n in self.linears.items()))
         for i, g in enumerate(self.groups):
-            grouping = f"group {g.group_size} divides it" if g.group_size else "per-channel scales"
+            grouping = (f"group {g.group_size} divides it" if g.group_size else
+                        "not quantized" if g.scheme == "float" else "no groups")
             lines.append(f"{'groups' if i == 0 else '':<13}{', '.join(g.linears)}: in {g.in_features}, "
-                         f"out {'/'.join(map(str, g.out_features))}; {grouping} ({g.layers} layers)")
+                         f"out {'/'.join(map(str, g.out_features))}; {grouping}"
+                         f"{f' ({g.scheme})' if mixed and g.scheme != 'float' else ''} ({g.layers} layers)")
         for text in (self.calibration, self.evaluate):
             if text is not None:
                 lines.append(f"{text.section:<13}{text.source} ({text.kind}): {text.num_samples} x "
@@ -147,9 +155,12 @@ def check(recipe: RecipeBase) -> RunPlan:
     device = resolve_device(recipe.device)
     dtype = resolve_dtype(recipe.model.dtype, model.config)
     named = f"model {recipe.model.id}"
-    view = model_view(config_from_dict(model.config, named), model.headers, dtype, named)
+    config_file = f"{model.location}/config.json"
+    view = model_view(config_from_dict(model.config, config_file, named), model.headers, dtype, config_file, named)
     view.check_supported(named)
-    groups = check_groups(view, scheme, where)
+    linear_schemes = resolve_assignment(params.assignment(), view.graph, where)
+    groups = check_groups(view, linear_schemes, where)
+    check_linear_tensors(view, model.headers)
     quantizer = QUANTIZERS[params.method](params, model.config)
     cal, ev = recipe.calibration, recipe.evaluate
     texts = [("calibration", cal) if quantizer.needs_calibration else None, ("evaluate", ev) if ev.enabled else None]
@@ -160,10 +171,13 @@ def check(recipe: RecipeBase) -> RunPlan:
         check_output_placement(output_dir, work_dir_for(output_dir),
                                run_inputs(Path(model.location), shards, text_sources(recipe)))
     check_replaceable(output_dir, recipe.export.overwrite)
-    sizes = _sizes(model, view, scheme, dtype, output_dir)
+    sizes = _sizes(model, view, linear_schemes, dtype, output_dir)
+    linears: dict[str, int] = {}
+    for s in linear_schemes.values():
+        linears[scheme_name(s)] = linears.get(scheme_name(s), 0) + 1
     return RunPlan(
         recipe=where, model=recipe.model.id, model_dir=model.location, shape=shape, method=params.method,
-        format=recipe.format_name, scheme=scheme_name(scheme), device=str(device),
+        format=recipe.format_name, scheme=scheme_name(scheme), linears=linears, device=str(device),
         dtype=str(dtype).replace("torch.", ""), groups=groups, calibration=calibration, evaluate=evaluate,
         output_dir=str(output_dir), overwrite=recipe.export.overwrite, sizes=sizes,
     )
@@ -200,28 +214,58 @@ def resolve_dtype(name: str, config: dict[str, Any]) -> torch.dtype:
     return DTYPES.get(name, torch.float32)
 
 
-def check_groups(view: ModelView, scheme: Scheme, where: str) -> tuple[GroupCheck, ...]:
-    """Every quantized Linear's ``[out, in]`` as the model's own modules have it (one check per
-    input group of each decoder-layer type); a group size must divide each ``in``."""
-    ws = scheme.weights
-    group_size = ws.group_size if ws.strategy == "group" and ws.group_size else None
+def check_groups(view: ModelView, linear_schemes: dict[str, Scheme], where: str) -> tuple[GroupCheck, ...]:
+    """Every decoder Linear's ``[out, in]`` as the model's own modules have it (one check per
+    input group of each decoder-layer type and scheme); the group size of its scheme
+    (``linear_schemes``, by full name; absent: not quantized) must divide each ``in``."""
     graph = view.graph
-    checks = []
+    checks, classes = [], []
     for t, layer in enumerate(graph.types):
         for g in layer.groups:
             units = [layer.unit(n) for n in g.linears]
-            checks.append(GroupCheck(g.linears, units[0].in_features, tuple(u.out_features for u in units),
-                                     group_size, len(graph.layers_of(t))))
-    if group_size:
-        bad = [c for c in checks if c.in_features % group_size]
-        if bad:
-            sizes = {c.in_features for c in checks}
-            fits = [s for s in _GROUP_SIZES if all(d % s == 0 for d in sizes)] or [-1]
-            raise RecipeError(
-                f"{where}: quantization.group_size {group_size} does not divide the input size "
-                f"({bad[0].in_features}) of {', '.join(bad[0].linears)}", field="quantization.group_size",
-                value=group_size, hint=f"use one of {fits}")
+            counts: dict[Scheme | None, int] = {}
+            for i in graph.layers_of(t):
+                scheme = linear_schemes.get(graph.layer_prefix(i) + g.key)
+                counts[scheme] = counts.get(scheme, 0) + 1
+            checks += [GroupCheck(g.linears, units[0].in_features, tuple(u.out_features for u in units),
+                                  _group_size(scheme), n, "float" if scheme is None else scheme_name(scheme))
+                       for scheme, n in counts.items()]
+            classes += [layer.layer_class] * len(counts)
+    bad = [(c, cls) for c, cls in zip(checks, classes) if c.group_size and c.in_features % c.group_size]
+    if bad:
+        (c, cls), sizes = bad[0], {c.in_features for c in checks if c.group_size}
+        fits = [s for s in _GROUP_SIZES if all(d % s == 0 for d in sizes)] or [-1]
+        raise RecipeError(
+            f"{where}: quantization.group_size {c.group_size} does not divide the input size "
+            f"{c.in_features} of {c.linears[0]} ({cls})", field="quantization.group_size",
+            value=c.group_size, hint=f"use one of {fits}")
     return tuple(checks)
+
+
+def _group_size(scheme: Scheme | None) -> int | None:
+    """Input columns per scale of a grouped scheme (tensor groups too), else None."""
+    if scheme is None or scheme.weights.layout.kind != "group":
+        return None
+    return scheme.weights.group_size
+
+
+def check_linear_tensors(view: ModelView, headers: dict[str, dict[str, Any]]) -> None:
+    """Every Linear the layers quantize is in the shard headers with the shape the config
+    implies: a missing or reshaped one stops here, before any weight is read."""
+    graph = view.graph
+    for i in range(view.location.num_layers):
+        for u in graph.layer(i).units:
+            if u.expert is None and u.rows is None:
+                name = view.names.source_of(graph.layer_prefix(i) + u.param)
+                entry = headers.get(name)
+                if entry is None:
+                    raise ModelError(f"model: tensor {name} is missing from the shards", field="model.id",
+                                     value=name, hint="the checkpoint does not match its config; re-download or "
+                                     "re-convert it")
+                if list(entry["shape"]) != [u.out_features, u.in_features]:
+                    raise ModelError(f"model: tensor {name} has shape {list(entry['shape'])}, the config implies "
+                                     f"{[u.out_features, u.in_features]}", field="model.id", value=name,
+                                     hint="the checkpoint does not match its config")
 
 
 def _text_plan(section: str, spec: Any, shape: ModelShape) -> TextPlan:
@@ -232,17 +276,23 @@ def _text_plan(section: str, spec: Any, shape: ModelShape) -> TextPlan:
     return TextPlan(section, spec.source, source_kind(spec.source, section), spec.num_samples, spec.max_seq_length)
 
 
-def _sizes(model: ModelFiles, view: ModelView, scheme: Scheme, dtype: torch.dtype, output_dir: Path) -> SizePlan:
+def _sizes(model: ModelFiles, view: ModelView, linear_schemes: dict[str, Scheme], dtype: torch.dtype,
+           output_dir: Path) -> SizePlan:
     """Refuse to start when the work files plus the checkpoint cannot fit on the output's disk."""
     headers = model.headers
-    ws = scheme.weights
-    precision = get_scheme(plan_scheme_key(scheme), ws.group_size if ws.strategy == "group" else None)
+    precisions = {s: get_scheme(plan_scheme_key(s), _group_size(s)) for s in set(linear_schemes.values())}
     graph = view.graph
-    linears = {view.names.source_of(graph.layer_prefix(i) + u.param)
-               for i in range(view.location.num_layers) for u in graph.layer(i).units} & headers.keys()
+    linears = {}
+    for i in range(view.location.num_layers):
+        prefix = graph.layer_prefix(i)
+        for u in graph.layer(i).units:
+            scheme = linear_schemes.get(prefix + u.name)
+            source = view.names.source_of(prefix + u.param)
+            if scheme is not None and source in headers:
+                linears[source] = precisions[scheme]
     numel = {name: math.prod(h["shape"]) for name, h in headers.items()}
     element = _DTYPE_BYTES[str(dtype).replace("torch.", "")]
-    checkpoint = sum(precision.linear_bytes(*headers[n]["shape"]) if n in linears else numel[n] * element
+    checkpoint = sum(linears[n].linear_bytes(*headers[n]["shape"]) if n in linears else numel[n] * element
                      for n in headers)
     work = sum(numel[n] for n in linears)
     target = output_dir.resolve().parent

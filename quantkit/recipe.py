@@ -233,21 +233,31 @@ def load_recipe(path: str | Path) -> RecipeBase:
 
 
 def _check_format(recipe: RecipeBase, where: str) -> None:
-    ws = recipe.quantization.scheme().weights
-    if ws.strategy == "group" and (ws.group_size or 0) <= 0:
-        raise RecipeError(f"{where}: field 'quantization.group_size': {ws.group_size} is not a group size",
-                          field="quantization.group_size", value=ws.group_size,
-                          hint="use -1 (one scale per output channel) or a positive group size such as 32, 64 or 128")
+    assignment = recipe.quantization.assignment()
+    for ws in (s.weights for s in assignment.schemes):
+        if ws.strategy == "group" and (ws.group_size or 0) <= 0:
+            raise RecipeError(f"{where}: field 'quantization.group_size': {ws.group_size} is not a group size",
+                              field="quantization.group_size", value=ws.group_size,
+                              hint="use -1 (one scale per output channel) or a positive group size such as 32, "
+                                   "64 or 128")
     name = recipe.format_name
     if name not in FORMATS:
         raise RecipeError(f"{where}: export.format '{name}' is unknown", field="export.format", value=name,
                           hint=f"choose one of {', '.join(sorted(FORMATS))}")
     fmt = FORMATS[name]()
-    reason = fmt.unsupported_reason(recipe.quantization.scheme()) or fmt.kv_cache_reason(
-        recipe.quantization.kv_cache_scheme())
-    if reason:
-        raise RecipeError(f"{where}: export.format '{name}' cannot store quantization.method "
-                          f"'{recipe.quantization.method}' as configured: {reason}", field="export.format", value=name)
+    if not assignment.uniform and fmt.mixed_reason():
+        field = next(f for f in ("overrides", "ignore", "targets") if getattr(recipe.quantization, f, None)
+                     and getattr(recipe.quantization, f) != ["Linear"])
+        raise RecipeError(f"{where}: export.format '{name}' cannot store a mixed recipe: {fmt.mixed_reason()}",
+                          field=f"quantization.{field}", value=getattr(recipe.quantization, field),
+                          hint="use export.format: compressed-tensors")
+    kv_reason = fmt.kv_cache_reason(recipe.quantization.kv_cache_scheme())
+    for scheme in assignment.schemes:
+        reason = fmt.unsupported_reason(scheme) or kv_reason
+        if reason:
+            raise RecipeError(f"{where}: export.format '{name}' cannot store quantization.method "
+                              f"'{recipe.quantization.method}' as configured: {reason}", field="export.format",
+                              value=name)
 
 
 def _describe(e: ValidationError, data: dict[str, Any], where: str) -> RecipeError:
@@ -301,7 +311,7 @@ def _did_you_mean(loc: list[str], data: dict[str, Any]) -> tuple[str | None, lis
             for arg in getattr(ann, "__args__", ()):
                 if isinstance(arg, type) and issubclass(arg, BaseModel):
                     model = arg
-    known = list(model.model_fields)
+    known = [f.alias or n for n, f in model.model_fields.items()]
     hit = difflib.get_close_matches(loc[-1], known, n=1)
     return (".".join(loc[:-1] + hit) if hit else None), known
 

@@ -2,8 +2,10 @@
 
 Quantizers produce ``QuantizedWeight`` and never know about files; formats consume it and
 never know which algorithm made it. Integer codes are always stored *signed and unpacked*
-(``q`` in ``[-2**(b-1), 2**(b-1) - 1]``, zero points in the same range) so that
-``w ≈ (q - z) * s`` holds for every scheme; each format shifts to its own convention.
+(``q`` in ``[-2**(b-1), 2**(b-1) - 1]``, zero points in the same range) and float codes as
+their grid values in float8_e4m3fn (exact for FP8 E4M3 and FP4 E2M1), so that
+``w ≈ (q - z) * s / g`` holds for every scheme (``g``: a tensor-group's global scale, else 1);
+each format shifts to its own convention.
 """
 
 from __future__ import annotations
@@ -13,17 +15,34 @@ from typing import Literal
 
 import torch
 
-Strategy = Literal["tensor", "channel", "group"]
-ActStrategy = Literal["tensor", "token"]
-NumType = Literal["int", "float"]
+from .grids import FP8_DTYPE, FP8_MAX, Grid, NumType, ScaleFormat, effective_scale, grid_for
+from .scale_layout import ScaleLayout
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
+Strategy = Literal["tensor", "channel", "group", "block", "tensor_group"]
+ActStrategy = Literal["tensor", "token", "group", "tensor_group"]
+
+__all__ = ["FP8_DTYPE", "FP8_MAX", "ActivationScheme", "QuantizedWeight", "Scheme", "WeightScheme"]
+
+
+def _layout(strategy: str, group_size: int | None, block_size: tuple[int, int] | None = None) -> ScaleLayout:
+    """The scale layout of a weight or activation strategy: a channel (weights) or a token
+    (activations) is one row of scales."""
+    if strategy in ("group", "tensor_group"):
+        return ScaleLayout("group", group=group_size)
+    if strategy == "block":
+        return ScaleLayout("block", block=block_size)
+    return ScaleLayout("row" if strategy in ("channel", "token") else "tensor")
 
 
 @dataclass(frozen=True)
 class WeightScheme:
-    """How a weight is quantized. ``group_size`` is set only for the group strategy."""
+    """How a weight is quantized.
+
+    ``group_size`` is set for the group and tensor_group strategies (tensor_group: groups with
+    their own scale, all divided by one global scale of the tensor, as NVFP4), ``block_size``
+    (rows, columns) for the block strategy. ``scale_format`` says what values a scale may take
+    (see ``quantkit.grids``): any float, E4M3 values (with tensor_group) or powers of two (E8M0).
+    """
 
     num_bits: int = 4
     type: NumType = "int"
@@ -33,6 +52,12 @@ class WeightScheme:
     # None: natural column order. "static": columns quantized in activation order but groups
     # stay contiguous (no g_idx needed). "group": groups follow activation order (g_idx).
     actorder: Literal["static", "group"] | None = None
+    block_size: tuple[int, int] | None = None
+    scale_format: ScaleFormat = "float"
+
+    def __post_init__(self) -> None:
+        if self.block_size is not None:  # JSON round trips turn the tuple into a list
+            object.__setattr__(self, "block_size", tuple(self.block_size))
 
     @property
     def qmin(self) -> int:
@@ -42,16 +67,47 @@ class WeightScheme:
     def qmax(self) -> int:
         return 2 ** (self.num_bits - 1) - 1
 
+    @property
+    def grid(self) -> Grid:
+        return grid_for(self.type, self.num_bits)
+
+    @property
+    def layout(self) -> ScaleLayout:
+        return _layout(self.strategy, self.group_size, self.block_size)
+
+    @property
+    def has_global_scale(self) -> bool:
+        return self.strategy == "tensor_group"
+
 
 @dataclass(frozen=True)
 class ActivationScheme:
-    """How a Linear's input activations are quantized at inference time."""
+    """How a Linear's input activations are quantized at inference time.
+
+    ``group`` and ``tensor_group`` split each token into groups of ``group_size``;
+    ``tensor_group`` scales (NVFP4) are computed per token group at run time and divided by
+    a static global scale calibrated per tensor (``QuantizedWeight.input_global_scale``).
+    """
 
     num_bits: int = 8
     type: NumType = "int"
     symmetric: bool = True
     strategy: ActStrategy = "token"
     dynamic: bool = True
+    group_size: int | None = None
+    scale_format: ScaleFormat = "float"
+
+    @property
+    def grid(self) -> Grid:
+        return grid_for(self.type, self.num_bits)
+
+    @property
+    def layout(self) -> ScaleLayout:
+        return _layout(self.strategy, self.group_size)
+
+    @property
+    def has_global_scale(self) -> bool:
+        return self.strategy == "tensor_group"
 
 
 @dataclass(frozen=True)
@@ -71,13 +127,18 @@ class QuantizedWeight:
     """One Linear's quantized weight.
 
     Shapes, for a weight of shape ``[out, in]``:
-      - ``codes``: ``[out, in]``; int8 (any bit width up to 8, signed) or float8_e4m3fn.
-      - ``scale``: ``[out, in // group_size]`` (group), ``[out, 1]`` (channel) or ``[1]`` (tensor);
-        float32.
+      - ``codes``: ``[out, in]``; int8 (any bit width up to 8, signed) or float8_e4m3fn
+        (FP8 codes, or FP4 E2M1 values, which E4M3 holds exactly).
+      - ``scale``: float32 in the scheme's layout (``quantkit.scale_layout``): ``[out, in // g]``
+        (group, tensor_group), ``[ceil(out / b0), ceil(in / b1)]`` (block), ``[out, 1]``
+        (channel) or ``[1]`` (tensor).
       - ``zero_point``: same shape as ``scale``, int8, or None when symmetric.
+      - ``global_scale``: ``[1]`` float32 divisor of every scale (tensor_group), else None.
       - ``g_idx``: ``[in]`` int32, the group of each input column, or None for the natural
         order (``g_idx[i] == i // group_size``).
       - ``input_scale``: ``[1]`` float32 static activation scale, or None (dynamic/weight-only).
+      - ``input_global_scale``: ``[1]`` float32 static global divisor of tensor_group
+        activation scales (NVFP4 W4A4), else None.
     """
 
     codes: torch.Tensor
@@ -86,35 +147,28 @@ class QuantizedWeight:
     scheme: Scheme
     g_idx: torch.Tensor | None = None
     input_scale: torch.Tensor | None = None
+    global_scale: torch.Tensor | None = None
+    input_global_scale: torch.Tensor | None = None
+
+    TENSORS = ("codes", "scale", "zero_point", "g_idx", "input_scale", "global_scale", "input_global_scale")
+    """Every tensor field, for code that moves or stores them all."""
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
 
+    def expand(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (a tensor laid out like ``scale``) with one value per weight element."""
+        rows, cols = self.shape
+        return self.scheme.weights.layout.expand(t, rows, cols, self.g_idx)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weight this stands for: ``(q - z) * s`` broadcast over groups."""
+        """The float weight this stands for: ``(q - z) * s / g`` broadcast over the layout."""
         q = self.codes.to(torch.float32)
-        scale = self.scale.to(torch.float32)
-        zero = None if self.zero_point is None else self.zero_point.to(torch.float32)
-        if self.scheme.weights.strategy == "group":
-            cols = expand_group_index(self)
-            scale = scale[:, cols]
-            zero = None if zero is None else zero[:, cols]
-        if zero is not None:
-            q = q - zero
-        return (q * scale).to(dtype)
-
-
-def expand_group_index(qw: QuantizedWeight) -> torch.Tensor:
-    """Group of each input column: ``g_idx`` when act-order permuted them, else ``i // g``."""
-    if qw.g_idx is not None:
-        return qw.g_idx.long()
-    in_features = qw.codes.shape[1]
-    group = qw.scheme.weights.group_size or in_features
-    return torch.arange(in_features, device=qw.codes.device) // group
-
-
-_FIELDS = ("codes", "scale", "zero_point", "g_idx", "input_scale")
+        if self.zero_point is not None:
+            q = q - self.expand(self.zero_point.to(torch.float32))
+        scale = effective_scale(self.scale.to(torch.float32), self.global_scale)
+        return (q * self.expand(scale)).to(dtype)
 
 
 def quantized_as_tensors(weights: dict[str, QuantizedWeight]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -124,7 +178,7 @@ def quantized_as_tensors(weights: dict[str, QuantizedWeight]) -> tuple[dict[str,
     for name, qw in weights.items():
         act = qw.scheme.input_activations
         schemes[name] = {"weights": asdict(qw.scheme.weights), "input_activations": asdict(act) if act else None}
-        for f in _FIELDS:
+        for f in QuantizedWeight.TENSORS:
             t = getattr(qw, f)
             if t is not None:
                 tensors[f"{name}.{f}"] = t
@@ -137,5 +191,5 @@ def quantized_from_tensors(tensors: dict[str, torch.Tensor], schemes: dict[str, 
     for name, s in schemes.items():
         act = s["input_activations"]
         scheme = Scheme(WeightScheme(**s["weights"]), ActivationScheme(**act) if act else None)
-        out[name] = QuantizedWeight(scheme=scheme, **{f: tensors.get(f"{name}.{f}") for f in _FIELDS})
+        out[name] = QuantizedWeight(scheme=scheme, **{f: tensors.get(f"{name}.{f}") for f in QuantizedWeight.TENSORS})
     return out

@@ -32,6 +32,8 @@ def make_qw(scheme: Scheme, seed: int, out_f: int = 64, in_f: int = 128, permute
     qw = quantize_rtn(w, scheme)
     if not scheme.weight_only:
         qw.input_scale = torch.rand(1, generator=gen) + 0.01
+        if scheme.input_activations.has_global_scale:
+            qw.input_global_scale = torch.rand(1, generator=gen) * 1000 + 1
     if permute:
         g = scheme.weights.group_size
         perm = torch.randperm(in_f, generator=gen)
@@ -42,10 +44,14 @@ def make_qw(scheme: Scheme, seed: int, out_f: int = 64, in_f: int = 128, permute
 
 
 def with_scale_dtype(qw: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
-    """``qw`` with its scale rounded through ``dtype``, as a checkpoint storing ``dtype`` holds it."""
+    """``qw`` with its scale rounded through ``dtype``, as a checkpoint storing ``dtype`` holds it
+    (E4M3 and E8M0 scales are exact in theirs)."""
+    exact = dtype in (torch.float8_e4m3fn, torch.uint8)
     return QuantizedWeight(
         codes=qw.codes,
-        scale=qw.scale.to(dtype).to(torch.float32),
+        scale=qw.scale if exact else qw.scale.to(dtype).to(torch.float32),
+        global_scale=qw.global_scale,
+        input_global_scale=qw.input_global_scale,
         zero_point=qw.zero_point,
         scheme=qw.scheme,
         g_idx=qw.g_idx,

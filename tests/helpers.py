@@ -59,6 +59,15 @@ class FakeCalibration:
         run_calibration(self.layer, hooks, forward)
 
 
+def group_inputs(layer: nn.Module, batches: list, graph: LayerGraph) -> dict[str, list[torch.Tensor]]:
+    """Every input group's calibration inputs ``[tokens, in]`` in float64, one per batch,
+    keyed by the group's key Linear: what a quantizer observing that input sees."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    FakeCalibration(layer, batches).run(
+        {g.key: (lambda x, k=g.key: seen.setdefault(k, []).append(x.double())) for g in graph.groups})
+    return seen
+
+
 def correlated_inputs(n: int, d: int, generator: torch.Generator, outliers: int = 0, outlier_gain: float = 50.0) -> torch.Tensor:
     """``[n, d]`` float32 inputs with a random covariance (what makes GPTQ beat RTN);
     optionally a few channels scaled by ``outlier_gain`` (what AWQ and SmoothQuant target)."""

@@ -26,6 +26,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from quantkit.activations import attach_activation_quantizers
 from quantkit.pipeline import run
 from quantkit.recipe import make_recipe
 from tests.tiny_models import make_tiny_model, write_text_file
@@ -61,7 +62,28 @@ CASES = [  # id, model, format, quantization
     ("fp8-dynamic-ct", "qwen2-tied", "compressed-tensors", {"method": "fp8"}),
     ("fp8-static-kv-ct", "llama", "compressed-tensors",
      {"method": "fp8", "weight_strategy": "tensor", "activations": "static", "kv_cache": True}),
+    ("rtn-nvfp4a16-ct", "llama", "compressed-tensors", {"method": "rtn", "scheme": "NVFP4A16"}),
+    ("gptq-nvfp4-w4a4-ct", "qwen2-tied", "compressed-tensors", {"method": "gptq", "scheme": "NVFP4"}),
+    ("gptq-mxfp4a16-ct", "mistral", "compressed-tensors", {"method": "gptq", "scheme": "MXFP4A16"}),
+    ("gptq-fp8-block64-ct", "llama-tied", "compressed-tensors",
+     {"method": "gptq", "scheme": "FP8_BLOCK", "block_structure": [64, 64]}),
+    ("rtn-w4afp8-ct", "llama", "compressed-tensors", {"method": "rtn", "scheme": "W4AFP8"}),
+    ("gptq-w4a8-g64-ct", "qwen2-tied", "compressed-tensors", {"method": "gptq", "scheme": "W4A8", "group_size": 64}),
+    # mixed: down_proj at 8 bits, the rest at 4, layer 1's gate/up left in float
+    ("mixed-gptq-w4-down8-ignore-ct", "llama", "compressed-tensors",
+     {"method": "gptq", "bits": 4, "group_size": 64, "overrides": [{"targets": ["re:.*down_proj$"], "bits": 8}],
+      "ignore": ["re:model\\.layers\\.1\\.mlp\\.(gate|up)_proj$"]}),
+    # mixed: NVFP4 W4A4, attention FP8; compressed-tensors quantizes both kinds of activations
+    ("mixed-rtn-nvfp4-attn-fp8-ct", "mistral", "compressed-tensors",
+     {"method": "rtn", "scheme": "NVFP4",
+      "overrides": [{"targets": ["re:.*self_attn\\.[qkv]_proj$"], "scheme": "FP8_DYNAMIC"}]}),
 ]
+
+
+def bf16_decompressed(scheme) -> bool:
+    """NVFP4: compressed-tensors 0.20 unpacks FP4 codes to bf16 and rounds ``q * s / g`` to
+    bf16, so the loaded weight is the fake-quantized one rounded to bf16."""
+    return scheme.weights.has_global_scale
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -87,8 +109,12 @@ def quantize(model_dir: Path, out: Path, calib: Path, fmt: str, quant: dict, **s
     """Run the pipeline; return the report and the engine's fake-quantized layer states."""
     layers: dict[int, dict[str, torch.Tensor]] = {}
 
-    def keep(i, layer, _qweights):
+    def keep(i, layer, qweights):
         layers[i] = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+        QUANTIZED[i] = dict(qweights)
+        for name, qw in qweights.items():  # what the checkpoint's loader will hold
+            if bf16_decompressed(qw.scheme):
+                layers[i][f"{name}.weight"] = layers[i][f"{name}.weight"].to(torch.bfloat16).float()
 
     data = {
         "model": {"id": str(model_dir)},
@@ -102,6 +128,10 @@ def quantize(model_dir: Path, out: Path, calib: Path, fmt: str, quant: dict, **s
         data[k] = {**data.get(k, {}), **v}
     report = run(make_recipe(data), quiet=True, on_layer=keep)
     return report, layers
+
+
+QUANTIZED: dict[int, dict] = {}
+"""The last run's QuantizedWeights per layer (their schemes and activation parameters)."""
 
 
 def reference_model(model_dir: Path, layers: dict):
@@ -152,7 +182,15 @@ def decode_awq(t: dict, prefix: str, group: int) -> torch.Tensor:
     return ((q - z) * s).t()
 
 
-def load_checkpoint(out: Path, fmt: str, config: dict):
+def load_checkpoint(out: Path, fmt: str, config: dict, mixed: bool = False):
+    if fmt == "compressed-tensors" and mixed:
+        # compressed modules, each decompressed with its own config group (compressed-tensors
+        # decompresses FP4 into bf16 whatever the model dtype: back to float32 after)
+        model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        model.hf_quantizer.compressor.decompress_model(model)
+        for p in model.parameters():
+            p.data = p.data.float()
+        return model
     if fmt == "compressed-tensors":
         qcfg = transformers.CompressedTensorsConfig(run_compressed=False)
         return transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
@@ -209,7 +247,8 @@ def test_checkpoint_matches_fake_quantized_model(workspace, case_id, model_name,
     check_unquantized_ends(out, fmt, config)
 
     ref = reference_model(model_dir, layers)
-    loaded = load_checkpoint(out, fmt, config)
+    mixed = bool(set(quant) & {"overrides", "ignore", "targets"})
+    loaded = load_checkpoint(out, fmt, config, mixed)
     exact = fmt == "compressed-tensors"
     for i in range(2):
         for lin in LINEARS:
@@ -233,6 +272,9 @@ def test_checkpoint_matches_fake_quantized_model(workspace, case_id, model_name,
                 assert s.dtype == torch.float32 and s.numel() == 1 and float(s) > 0
         assert config["quantization_config"]["kv_cache_scheme"]["num_bits"] == 8
 
+    if mixed:  # compressed-tensors now quantizes activations at run time, as quantkit simulates them
+        for i, qweights in QUANTIZED.items():
+            attach_activation_quantizers(ref.model.layers[i], qweights)
     ids = torch.randint(3, config["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = ref(ids).logits

@@ -6,7 +6,9 @@ from compressed_tensors.quantization import QuantizationConfig, QuantizationSche
 from tests.formats_support import fp8, int8_w8a8, make_qw, w4, with_scale_dtype
 from quantkit.errors import ExportError
 from quantkit.formats import FORMATS, default_format_for
-from quantkit.formats.packing import to_signed, unpack_int32
+from quantkit.formats.packing import to_signed, unpack_fp4, unpack_int32
+from quantkit.presets import PRESETS as QK_PRESETS
+from quantkit.presets import preset_scheme
 from quantkit.scheme import FP8_DTYPE, ActivationScheme, Scheme, WeightScheme
 
 CT = FORMATS["compressed-tensors"]()
@@ -24,7 +26,16 @@ SCHEMES = {
     "fp8-channel-dyn-token": fp8("channel", "token", True),
     "fp8-tensor-static": fp8("tensor", "tensor", False),
     "fp8-channel-weight-only": fp8("channel", None),
+    "fp8-block": QK_PRESETS["FP8_BLOCK"],
+    "fp8-block32": preset_scheme("FP8_BLOCK", block_size=32),
+    "fp8-block-a16": QK_PRESETS["FP8_BLOCK_A16"],
+    "nvfp4a16": QK_PRESETS["NVFP4A16"],
+    "nvfp4": QK_PRESETS["NVFP4"],
+    "mxfp4a16": QK_PRESETS["MXFP4A16"],
+    "w4afp8": QK_PRESETS["W4AFP8"],
+    "w4a8": preset_scheme("W4A8", group_size=32),
 }
+FP4 = ("nvfp4a16", "nvfp4", "mxfp4a16")
 DTYPES = [torch.bfloat16, torch.float16]
 
 
@@ -35,6 +46,10 @@ def local(tensors):
 def unpack_ct(sd, scheme, dtype):
     """Our own inverse of the compressed-tensors layout: codes, scale, zero point."""
     ws = scheme.weights
+    if "weight_packed" in sd and sd["weight_packed"].dtype == torch.uint8:
+        scale = sd["weight_scale"]
+        scale = (scale.to(torch.int32) - 127).float().exp2() if scale.dtype == torch.uint8 else scale
+        return unpack_fp4(sd["weight_packed"]).to(FP8_DTYPE), scale, None
     if "weight_packed" in sd:
         out_f, in_f = sd["weight_shape"].tolist()
         codes = to_signed(unpack_int32(sd["weight_packed"], ws.num_bits, 1), ws.num_bits)[:, :in_f]
@@ -58,9 +73,18 @@ def test_round_trip_bit_exact(name, seed, dtype):
         assert torch.equal(codes.view(torch.uint8), qw.codes.view(torch.uint8))
     else:
         assert torch.equal(codes, qw.codes)
-    packed = "weight_packed" in sd
-    assert scale.dtype == (dtype if packed else torch.float32)
-    assert torch.equal(scale, qw.scale.to(scale.dtype))
+    packed = "weight_packed" in sd or scheme.weights.num_bits < 8
+    if name in FP4:
+        assert sd["weight_scale"].dtype == (torch.uint8 if name == "mxfp4a16" else FP8_DTYPE)
+        assert torch.equal(scale.float(), qw.scale)
+        assert ("weight_global_scale" in sd) == (name != "mxfp4a16")
+        if name != "mxfp4a16":
+            assert torch.equal(sd["weight_global_scale"], qw.global_scale)
+    else:
+        assert scale.dtype == (dtype if packed else torch.float32)
+        assert torch.equal(scale, qw.scale.to(scale.dtype))
+    if name == "nvfp4":
+        assert torch.equal(sd["input_global_scale"], qw.input_global_scale)
     assert (zp is None) == (qw.zero_point is None)
     if zp is not None:
         assert torch.equal(zp, qw.zero_point)
@@ -84,9 +108,10 @@ def test_library_decompresses_to_our_dequantized_weight(name, seed, dtype):
     ct_scheme = parsed.config_groups["group_0"]
     compressor = BaseCompressor.get_value_from_registry(cfg["format"])
     sd = local(CT.weight_tensors(P, qw, dtype))
-    assert set(sd) == set(compressor.compression_param_names(ct_scheme)) | (
-        {"input_scale"} if "input_scale" in sd else set()
-    )
+    # compressed-tensors 0.20 leaves NVFP4's input_global_scale out of its names ("local" is
+    # dynamic to it), though llm-compressor writes it and vLLM loads it
+    extra = {"input_scale", "input_global_scale"} & set(sd)
+    assert set(sd) == set(compressor.compression_param_names(ct_scheme)) | extra
     got = compressor.decompress(sd, ct_scheme)["weight"]
     stored_scale_dtype = sd["weight_scale"].dtype
     want = with_scale_dtype(qw, stored_scale_dtype).dequantize(torch.float32)
@@ -99,6 +124,12 @@ PRESETS = {
     "int8-channel-dyn-token": ("W8A8", {}),
     "fp8-channel-dyn-token": ("FP8_DYNAMIC", {}),
     "fp8-tensor-static": ("FP8", {}),
+    "fp8-block": ("FP8_BLOCK", {}),
+    "nvfp4a16": ("NVFP4A16", {}),
+    "nvfp4": ("NVFP4", {}),
+    "mxfp4a16": ("MXFP4A16", {}),
+    "w4afp8": ("W4AFP8", {}),
+    "w4a8": ("W4A8", {"group_size": 32}),
 }
 
 
@@ -124,7 +155,9 @@ def test_config_matches_library_presets(name):
 @pytest.mark.parametrize(
     "name,fmt",
     [("w4-asym-g32", "pack-quantized"), ("int8-tensor-static", "int-quantized"),
-     ("fp8-channel-dyn-token", "float-quantized"), ("fp8-channel-weight-only", "naive-quantized")],
+     ("fp8-channel-dyn-token", "float-quantized"), ("fp8-channel-weight-only", "naive-quantized"),
+     ("fp8-block", "float-quantized"), ("fp8-block-a16", "naive-quantized"), ("nvfp4", "nvfp4-pack-quantized"),
+     ("nvfp4a16", "nvfp4-pack-quantized"), ("mxfp4a16", "mxfp4-pack-quantized"), ("w4a8", "int-quantized")],
 )
 def test_format_names_match_library_inference(name, fmt):
     from compressed_tensors.compressors.format import infer_module_format
@@ -181,7 +214,14 @@ def test_static_scheme_without_input_scale_is_refused():
     [
         (w4(True, 32, bits=3), "bits"),
         (Scheme(WeightScheme(num_bits=4, strategy="tensor", group_size=None)), "strategy"),
-        (Scheme(WeightScheme(num_bits=4, group_size=32), ActivationScheme()), "8-bit"),
+        (Scheme(WeightScheme(num_bits=4, group_size=32, symmetric=False), ActivationScheme()), "symmetric"),
+        (Scheme(WeightScheme(num_bits=4, group_size=32), ActivationScheme(strategy="tensor", dynamic=False)),
+         "per token"),
+        (Scheme(WeightScheme(num_bits=4, group_size=32), ActivationScheme(type="float")), "group_size 128"),
+        (Scheme(WeightScheme(num_bits=2, group_size=32), ActivationScheme()), "4-bit"),
+        (Scheme(WeightScheme(num_bits=4, type="float", strategy="group", group_size=16)), "NVFP4"),
+        (Scheme(WeightScheme(num_bits=8, type="float", strategy="block", group_size=None, block_size=(128, 128)),
+                ActivationScheme(type="float", strategy="token")), "block"),
         (Scheme(WeightScheme(num_bits=8, type="float", strategy="group", group_size=32)), "strategy"),
         (Scheme(WeightScheme(num_bits=8, strategy="channel", group_size=None), ActivationScheme(type="float")), "weights"),
         (Scheme(WeightScheme(num_bits=8, strategy="channel", group_size=None), ActivationScheme(dynamic=False)), "dynamic"),
@@ -209,3 +249,64 @@ def test_kv_cache_reasons():
 def test_default_format_is_valid_for_supported_schemes(name):
     fmt = FORMATS[default_format_for(SCHEMES[name])]()
     assert fmt.unsupported_reason(SCHEMES[name]) is None
+
+
+def test_w4afp8_is_written_packed_as_vllm_reads_it():
+    """compressed-tensors 0.20 would infer int-quantized for int weights with activations, but
+    vLLM's CompressedTensorsW4A8Fp8 loads weight_packed (int32) and weight_shape."""
+    from compressed_tensors.compressors.format import infer_module_format
+
+    cfg = CT.quantization_config(SCHEMES["w4afp8"], [])
+    group = cfg["config_groups"]["group_0"]
+    assert cfg["format"] == group["format"] == "pack-quantized"
+    ct_scheme = QuantizationScheme.model_validate(group)
+    assert infer_module_format(torch.nn.Linear, ct_scheme).value == "int-quantized"
+    sd = local(CT.weight_tensors(P, make_qw(SCHEMES["w4afp8"], 2), torch.bfloat16))
+    assert set(sd) == {"weight_packed", "weight_scale", "weight_shape"} and sd["weight_packed"].dtype == torch.int32
+
+
+def _mixed_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        return LlamaForCausalLM(cfg)
+
+
+def test_mixed_schemes_write_one_group_each_and_resolve_in_the_library():
+    """Most Linears NVFP4, down_proj FP8 block, one layer's MLP left in float: three schemes
+    (two groups + ignore) that compressed-tensors' own matcher gives back per module."""
+    from compressed_tensors.quantization import apply_quantization_config
+
+    model = _mixed_model()
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    nvfp4, block = QK_PRESETS["NVFP4A16"], QK_PRESETS["FP8_BLOCK"]
+    schemes = {n: block if n.endswith("down_proj") else nvfp4 for n in linears if ".1.mlp." not in n}
+    ignore = ["lm_head"] + [n for n in linears if ".1.mlp." in n]
+    cfg = CT.quantization_config(schemes, ignore)
+    assert cfg["format"] == "mixed-precision"
+    groups = cfg["config_groups"]
+    assert list(groups) == ["group_0", "group_1"] and groups["group_1"]["targets"] == ["Linear"]
+    assert groups["group_1"]["format"] == "nvfp4-pack-quantized" and groups["group_0"]["format"] == "float-quantized"
+    assert groups["group_0"]["targets"] == ["model.layers.0.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    apply_quantization_config(model, QuantizationConfig.model_validate(cfg), show_progress=False)
+    for name in linears + ["lm_head"]:
+        got = getattr(model.get_submodule(name), "quantization_scheme", None)
+        want = schemes.get(name)
+        if want is None:
+            assert got is None, name
+        else:
+            assert (got.weights.strategy, got.weights.num_bits) == (want.weights.strategy, want.weights.num_bits), name
+
+
+def test_formats_without_mixed_schemes_refuse_them():
+    mixed = {"a.q_proj": w4(True, 32), "a.down_proj": w4(True, 32, bits=8)}
+    for name in ("gptq", "awq"):
+        fmt = FORMATS[name]()
+        assert "compressed-tensors" in fmt.mixed_reason()
+        with pytest.raises(ExportError):
+            fmt.quantization_config(mixed, [])
+    assert CT.mixed_reason() is None
+    one = {"a.q_proj": w4(True, 32), "a.down_proj": w4(True, 32)}
+    assert FORMATS["gptq"]().quantization_config(one, [])["bits"] == 4

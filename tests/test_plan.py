@@ -255,7 +255,12 @@ def test_asked_context_decides_fits():
 
 def test_recommendations():
     assert plan_config(LLAMA_8B, "H100").recommended == "bf16"
-    assert plan_config(LLAMA_70B, "H100", context=2048).recommended == "fp8"
+    # FP8 block is Hopper's native FP8 scheme and measured closer to BF16 than per-channel FP8
+    assert plan_config(LLAMA_70B, "H100", context=2048).recommended == "fp8-block"
+    assert plan_config(LLAMA_70B, "L40S", gpus=2, context=2048).recommended == "fp8"  # Ada: FP8 block via Marlin
+    # 4-bit on Blackwell is NVFP4 (FP4 tensor cores); Hopper serves NVFP4 weight-only, so W4A16 there
+    assert plan_config(LLAMA_70B, "B200", context=110_000, batch=3).recommended == "nvfp4"
+    assert plan_config(LLAMA_70B, "H200", context=70_000, batch=3).recommended == "w4a16"
     assert plan_config(LLAMA_70B, "A100-80GB", context=4096).recommended == "w8a8-int8"  # no FP8 on Ampere
     assert plan_config(LLAMA_70B, "H100").recommended == "w4a16"  # FP8 leaves < 8k tokens
     assert plan_config(LLAMA_70B, "H100", gpus=2).recommended == "bf16"
@@ -294,8 +299,10 @@ def test_serve_command_refuses_what_does_not_fit():
 
 def test_plan_of_bf16_checkpoint_uses_online_fp8_or_names_quantkit_output(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
-    fp8 = plan_model(str(tmp_path), gpu="H100", context=2048)
+    fp8 = plan_model(str(tmp_path), gpu="L40S", gpus=2, context=2048)
     assert fp8.serve_command.startswith(f"vllm serve {tmp_path} --quantization fp8 ")
+    block = plan_model(str(tmp_path), gpu="H100", context=2048)
+    assert block.serve_command.startswith(f"vllm serve ./{tmp_path.name}-fp8-block --dtype bfloat16")
     w4 = plan_model(str(tmp_path), gpu="H100")
     assert w4.serve_command.startswith(f"vllm serve ./{tmp_path.name}-w4a16 --dtype bfloat16")
 
@@ -422,3 +429,22 @@ def test_forward_peak_dominates_with_a_small_vocab():
     assert act == 8192 * (2 * 8192 + 3 * 28672) * 2 + GiB // 4
     assert row.activation_bytes == act
     assert row.kv_budget_bytes == int(150_109_880_320 * 0.9) - hand_w4a16_bytes(8192, 28672, 80, 32000) - act
+
+
+def test_new_schemes_bytes_and_where_vllm_runs_them():
+    shape = ModelShape.from_config(LLAMA_70B)
+    lin = hand_linears(8192, 28672)
+    blocks = sum(o * i + -(-o // 128) * -(-i // 128) * 4 for o, i in lin) * 80  # fp8 + fp32 per 128x128
+    assert weight_bytes(shape, get_scheme("fp8-block")).linears == blocks
+    assert weight_bytes(shape, get_scheme("nvfp4")).linears == sum(o * i // 2 + o * i // 16 for o, i in lin) * 80
+    assert weight_bytes(shape, get_scheme("mxfp4")).linears == sum(o * i // 2 + o * i // 32 for o, i in lin) * 80
+    assert get_scheme("nvfp4", group_size=64).group_size == 16  # fixed by the format, --group-size leaves it
+    h100, a100, l40s, b200 = (get_gpu(n) for n in ("H100", "A100", "L40S", "B200"))
+    native = {n: [g.name for g in (a100, l40s, h100, b200) if get_scheme(n).runs_on(g)]
+              for n in ("fp8-block", "nvfp4", "mxfp4", "w4afp8")}
+    assert native == {"fp8-block": ["H100-80GB", "B200"], "nvfp4": ["B200"], "mxfp4": ["B200"], "w4afp8": ["H100-80GB"]}
+    assert get_scheme("nvfp4").served_on(a100) and not get_scheme("w4afp8").served_on(a100)
+    rows = plan_config(LLAMA_70B, "A100-80GB", context=2048)
+    assert not rows.row("w4afp8").fits and rows.row("nvfp4").fits
+    assert any("NVFP4 W4A4 g16 through Marlin W4A16, weights only" in n for n in rows.notes)
+

@@ -9,7 +9,7 @@ from quantkit.quantizers import QUANTIZERS
 from quantkit.quantizers.fp8 import FP8Params
 from quantkit.scheme import FP8_DTYPE
 
-from .helpers import FakeCalibration, llama_graph, tiny_llama_layer
+from .helpers import FakeCalibration, group_inputs, llama_graph, tiny_llama_layer
 
 LLAMA = llama_graph()
 
@@ -46,12 +46,9 @@ def test_fp8_static_and_kv_scales_are_minmax():
     calib = FakeCalibration(layer, data)
     out = q.quantize_layer(layer, LLAMA, calib)
     assert calib.runs == 1
-    seen: dict[str, list] = {}
-    FakeCalibration(layer, data).run(
-        {g.linears[0]: (lambda x, n=g.linears[0]: seen.setdefault(n, []).append(x.double())) for g in LLAMA.groups}
-    )
+    seen = group_inputs(layer, data, LLAMA)
     for g in LLAMA.groups:
-        expect = torch.cat(seen[g.linears[0]]).abs().max().item() / 448
+        expect = torch.cat(seen[g.key]).abs().max().item() / 448
         for n in g.linears:
             assert out[n].input_scale.shape == (1,)
             assert out[n].input_scale.item() == pytest.approx(expect, rel=1e-6)

@@ -321,7 +321,7 @@ def test_damaged_shard_is_refused_before_any_layer_runs(tmp_path, model, monkeyp
     problems = [e.value.message.split(" (and ")[0]] + caplog.messages
     assert any(named in p for p in problems), problems
     assert e.value.field == "model.id"
-    if damage != "missing-tensor":
+    if damage not in ("missing-tensor", "wrong-shape"):  # validation finds these in the headers, before the files
         assert all(p.startswith(f"{m / SHARD}: ") for p in problems) and e.value.file == str(m / SHARD)
 
 
@@ -377,8 +377,8 @@ def test_non_finite_tensor_outside_the_layers_stops_the_run(tmp_path, model, nam
 def test_bad_scale_from_a_quantizer_stops_the_run_naming_it(tmp_path, model, monkeypatch, bad):
     real = QUANTIZERS["rtn"].quantize_layer
 
-    def poisoned(self, layer, arch, calibration):
-        out = real(self, layer, arch, calibration)
+    def poisoned(self, *args):
+        out = real(self, *args)
         out["mlp.up_proj"].scale[3, 1] = bad
         return out
 
@@ -389,14 +389,38 @@ def test_bad_scale_from_a_quantizer_stops_the_run_naming_it(tmp_path, model, mon
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("scheme, field", [("NVFP4A16", "global_scale"), ("NVFP4", "input_global_scale"),
+                                           ("MXFP4A16", "scale")])
+@pytest.mark.parametrize("bad", [float("inf"), 0.0])
+def test_bad_fp4_scale_stops_the_run_naming_it(tmp_path, model, monkeypatch, scheme, field, bad):
+    """The FP4 schemes' scales are checked like any other: the global scales of tensor groups
+    (NVFP4: every group scale is divided by one), and MXFP4's E8M0 scales as the powers of two
+    they stand for (one that is zero or Inf would be clamped to a wrong exponent on export)."""
+    real = QUANTIZERS["rtn"].quantize_layer
+
+    def poisoned(self, *args):
+        out = real(self, *args)
+        getattr(out["mlp.down_proj"], field).view(-1)[0] = bad  # down_proj: no fused shard shares its global scale
+        return out
+
+    monkeypatch.setattr(QUANTIZERS["rtn"], "quantize_layer", poisoned)
+    with pytest.raises(NumericsError) as e:
+        run(model, tmp_path / "out", quantization={"method": "rtn", "scheme": scheme},
+            calibration={"source": "shakespeare", "num_samples": 2, "max_seq_length": 32})
+    assert e.value.file == f"model.layers.0.mlp.down_proj.{field}" and e.value.value == bad
+    assert not (tmp_path / "out").exists()
+
+
 def test_writer_never_publishes_non_finite_or_zero_scales(tmp_path):
-    """The last guard, whatever produced the tensors: a float16 scale that underflows to zero, and a
-    NaN float tensor, are refused and nothing is published."""
+    """The last guard, whatever produced the tensors: a float16 scale that underflows to zero, a
+    NaN float tensor and an E8M0 scale holding its NaN code are refused and nothing is published."""
     w4 = Scheme(WeightScheme(num_bits=4, symmetric=True, strategy="group", group_size=32))
     tiny = QuantizedWeight(codes=torch.zeros(8, 64, dtype=torch.int8), scale=torch.full((8, 2), 1e-9),
                            zero_point=None, scheme=w4)
+    e8m0 = torch.tensor([[127, 255]], dtype=torch.uint8)  # 255: E8M0's NaN code
     for name, write in (("layer.scales", lambda w: w.add_quantized("layer", tiny)),
-                        ("norm.weight", lambda w: w.add("norm.weight", torch.tensor([1.0, float("nan")])))):
+                        ("norm.weight", lambda w: w.add("norm.weight", torch.tensor([1.0, float("nan")]))),
+                        ("mx.weight_scale", lambda w: w.add("mx.weight_scale", e8m0))):
         w = CheckpointWriter(tmp_path / "out", tmp_path / "stage", FORMATS["gptq"](), torch.bfloat16, 10**9, False)
         w.start()
         with pytest.raises(NumericsError) as e:

@@ -12,6 +12,8 @@ Per Linear of weight ``[out, in]`` with group size ``g`` (4-bit, asymmetric only
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ..errors import ExportError
@@ -57,8 +59,9 @@ class AWQFormat(Format):
         }
 
     def quantization_config(
-        self, scheme: Scheme, ignore: list[str], kv_cache: ActivationScheme | None = None
+        self, schemes: Scheme | Mapping[str, Scheme], ignore: list[str], kv_cache: ActivationScheme | None = None
     ) -> dict:
+        scheme = self.single_scheme(schemes)
         self.require(scheme, "quantization_config", kv_cache)
         return {
             "quant_method": "awq",

@@ -9,6 +9,7 @@ algorithm produced the weights.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Callable, ClassVar
 
 import torch
@@ -17,8 +18,21 @@ from ..errors import ExportError
 from ..scheme import ActivationScheme, QuantizedWeight, Scheme
 
 
+def scheme_groups(schemes: Scheme | Mapping[str, Scheme]) -> dict[Scheme, list[str]]:
+    """The distinct schemes of a checkpoint and the full names of their Linears, in first-seen
+    order; one scheme given alone stands for every Linear (no names)."""
+    if isinstance(schemes, Scheme):
+        return {schemes: []}
+    groups: dict[Scheme, list[str]] = {}
+    for name, scheme in schemes.items():
+        groups.setdefault(scheme, []).append(name)
+    return groups
+
+
 class Format(ABC):
     name: ClassVar[str]
+    mixed_schemes: ClassVar[bool] = False
+    """Whether the format describes Linears of different schemes in one checkpoint."""
 
     @abstractmethod
     def unsupported_reason(self, scheme: Scheme) -> str | None:
@@ -32,13 +46,16 @@ class Format(ABC):
 
     @abstractmethod
     def quantization_config(
-        self, scheme: Scheme, ignore: list[str], kv_cache: ActivationScheme | None = None
+        self, schemes: Scheme | Mapping[str, Scheme], ignore: list[str], kv_cache: ActivationScheme | None = None
     ) -> dict:
         """The ``quantization_config`` entry of config.json.
 
         ``ignore`` lists the float Linears in compressed-tensors' convention: exact module
         names (``lm_head``) or ``re:`` patterns, as ``segment_pattern`` makes for a whole
         module tree (a vision tower) in whatever naming a loader uses.
+
+        ``schemes`` is the one scheme of every quantized Linear, or a scheme per Linear's full
+        name (a mixed recipe; formats without ``mixed_schemes`` accept one distinct scheme).
 
         ``kv_cache`` describes a quantized KV cache (its ``k_scale``/``v_scale`` tensors are
         written by the checkpoint writer); only call with it when ``kv_cache_reason`` is None.
@@ -53,6 +70,22 @@ class Format(ABC):
         if reason:
             raise ExportError(f"{where}: the {self.name} format cannot store this scheme: {reason}", file=where,
                               field="export.format", value=self.name)
+
+    def mixed_reason(self) -> str | None:
+        """Why this format cannot store a mixed recipe (overrides, ignored or untargeted
+        decoder Linears), or None when it can."""
+        if self.mixed_schemes:
+            return None
+        return (f"the {self.name} format has one scheme for every Linear; per-pattern overrides, "
+                "ignore and targets need compressed-tensors")
+
+    def single_scheme(self, schemes: Scheme | Mapping[str, Scheme]) -> Scheme:
+        """The one scheme of a format without mixed schemes, or ExportError."""
+        groups = scheme_groups(schemes)
+        if len(groups) != 1:
+            raise ExportError(f"quantization_config: {self.mixed_reason()}", field="export.format", value=self.name,
+                              hint="use export.format: compressed-tensors")
+        return next(iter(groups))
 
     def kv_cache_reason(self, kv_cache: ActivationScheme | None) -> str | None:
         """Why this format cannot describe ``kv_cache``, or None when it can (or none is asked)."""

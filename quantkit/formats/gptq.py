@@ -15,6 +15,8 @@ refused with a clear error rather than written wrong.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ..errors import ExportError
@@ -78,8 +80,9 @@ class GPTQFormat(Format):
         }
 
     def quantization_config(
-        self, scheme: Scheme, ignore: list[str], kv_cache: ActivationScheme | None = None
+        self, schemes: Scheme | Mapping[str, Scheme], ignore: list[str], kv_cache: ActivationScheme | None = None
     ) -> dict:
+        scheme = self.single_scheme(schemes)
         self.require(scheme, "quantization_config", kv_cache)
         ws = scheme.weights
         grouped = ws.strategy == "group"

@@ -91,3 +91,31 @@ def pack_awq(values: torch.Tensor) -> torch.Tensor:
 def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     """AWQ int32 ``[rows, cols // 8]`` -> unsigned 4-bit ``[rows, cols]``."""
     return awq_deinterleave(unpack_int32(packed, 4, dim=-1))
+
+
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+"""E2M1 values by their 3-bit magnitude code; bit 3 of a nibble is the sign."""
+
+
+def pack_fp4(values: torch.Tensor) -> torch.Tensor:
+    """E2M1 values ``[rows, cols]`` (any float dtype, on the grid) -> uint8 ``[rows, cols/2]``,
+    column ``2k`` in the low nibble of byte ``k`` (compressed-tensors' ``pack_fp4_to_uint8``)."""
+    v = values.to(torch.float32)
+    table = torch.tensor(E2M1_MAGNITUDES, device=v.device)
+    mag = torch.searchsorted(table, v.abs().contiguous())
+    if v.numel() and not torch.equal(table[mag.clamp_max(7)], v.abs()):
+        raise ValueError("values are not all on the E2M1 grid")
+    nibble = mag.to(torch.uint8) | (torch.signbit(v).to(torch.uint8) << 3)
+    rows, cols = nibble.shape
+    if cols % 2:
+        raise ValueError(f"FP4 packs pairs of columns; got {cols}")
+    pairs = nibble.reshape(rows, cols // 2, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_fp4``: float32 E2M1 values ``[rows, 2 * cols]``."""
+    table = torch.tensor(E2M1_MAGNITUDES, device=packed.device)
+    nibbles = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    values = table[(nibbles & 7).long()]
+    return torch.where((nibbles & 8).bool(), -values, values)

@@ -47,7 +47,7 @@ class ModelRunner:
             raise ModelError(f"{where}: transformers cannot read {source.path / 'config.json'} ({e})",
                              field="model.id", file=source.path / "config.json",
                              hint="quantkit runs only models transformers implements") from None
-        view = model_view(self.config, source.weight_map, dtype, where)
+        view = model_view(self.config, source.weight_map, dtype, str(source.path / "config.json"), where)
         self.model, self.location, self.graph, self.names = view.model, view.location, view.graph, view.names
         self.layers: nn.ModuleList = self.model.get_submodule(self.location.layers)
         self._view = view

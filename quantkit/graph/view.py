@@ -38,8 +38,9 @@ class ModelView:
                                  field="model.id", hint="Mixture-of-Experts checkpoints come with issue 16")
 
 
-def config_from_dict(config: dict[str, Any], where: str):
-    """config.json as its transformers config class, as ``from_pretrained`` would read it."""
+def config_from_dict(config: dict[str, Any], config_file: str, where: str):
+    """config.json (read from ``config_file``) as its transformers config class, as
+    ``from_pretrained`` would read it."""
     from transformers import CONFIG_MAPPING
 
     model_type = config.get("model_type")
@@ -47,25 +48,25 @@ def config_from_dict(config: dict[str, Any], where: str):
         raise ModelError(f"{where}: model_type {model_type!r} is not one the installed transformers implements",
                          field="model.id", value=model_type,
                          hint="quantkit runs only models transformers implements (no remote code)")
-    return _built(where, lambda: CONFIG_MAPPING[model_type].from_dict(config))
+    return _built(config_file, lambda: CONFIG_MAPPING[model_type].from_dict(config))
 
 
-def model_view(config, source_names: Iterable[str], dtype: torch.dtype, where: str) -> ModelView:
+def model_view(config, source_names: Iterable[str], dtype: torch.dtype, config_file: str, where: str) -> ModelView:
     """Build the model's own class on the meta device and derive its layer graph."""
-    model = _built(where, lambda: build_meta(model_class(config, where), config, dtype))
+    model = _built(config_file, lambda: build_meta(model_class(config, where), config, dtype))
     location = locate_decoder(model, where)
     return ModelView(model, location, derive_model_graph(model, location), CheckpointNames(model, source_names))
 
 
-def _built(where: str, build):
+def _built(config_file: str, build):
     """A config transformers refuses (a malformed rope_scaling, ...) is a `ModelError` naming
-    it, not a traceback."""
+    the file, not a traceback."""
     try:
         return build()
     except ModelError:
         raise
     except Exception as e:  # transformers' config and model classes raise many types
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ModelError(f"{where}: transformers cannot build the model from its config.json "
-                         f"({type(e).__name__}: {first})", field="model.id",
+        raise ModelError(f"model.id: {config_file}: transformers cannot build the model from it "
+                         f"({type(e).__name__}: {first})", field="model.id", file=config_file,
                          hint="fix or re-download config.json") from None

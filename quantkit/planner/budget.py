@@ -107,7 +107,7 @@ class SchemePlan:
 
     scheme: str
     label: str
-    native: bool  # the GPU has tensor cores for this scheme's activations
+    native: bool  # vLLM has a native kernel for this scheme on the GPU (tensor cores for its activations)
     weight_bytes: int
     unquantized_bytes: int
     weight_bytes_total: int  # summed over ranks (replicas included)
@@ -151,7 +151,7 @@ def plan_scheme(
     needed = batch * math.ceil(required / BLOCK_SIZE) * BLOCK_SIZE * kv_tok
     headroom = gpu.memory_bytes - budget
     eager = headroom < headroom_needed(False)
-    fits = longest >= required and headroom >= headroom_needed(True)
+    fits = longest >= required and headroom >= headroom_needed(True) and scheme.served_on(gpu)
     return SchemePlan(
         scheme=scheme.name,
         label=scheme.label,

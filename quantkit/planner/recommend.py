@@ -12,8 +12,10 @@ from .serve import quantized_output_name
 from .shape import ModelShape, check_tensor_parallel
 
 USEFUL_CONTEXT = 8192  # a recommendation prefers a scheme that serves this much (or model max)
-# Most accurate first; the recommendation takes the first that serves a useful context.
-PREFERENCE = ("bf16", "fp8", "w8a8-int8", "w4a16")
+# Most accurate first; the recommendation takes the first that serves a useful context. FP8
+# block (per-block weights, per-128 token groups) measured closer to BF16 than per-channel FP8
+# (docs/schemes.md); NVFP4 is the 4-bit choice where it is native (Blackwell's FP4 tensor cores).
+PREFERENCE = ("bf16", "fp8-block", "fp8", "w8a8-int8", "nvfp4", "w4a16")
 
 
 def recommend(rows: list[SchemePlan], shape: ModelShape, context: int | None) -> str | None:
@@ -42,10 +44,19 @@ def plan_notes(shape: ModelShape, gpu: GPU, rows: list[SchemePlan], best: str | 
     if gpus > shape.num_kv_heads:
         notes.append(f"{shape.num_kv_heads} KV heads on {gpus} GPUs: each GPU holds a replica of one KV head, "
                      f"so the KV cache totals {gpus // shape.num_kv_heads}x its size on one GPU")
+    cc = ".".join(map(str, gpu.compute_capability))
     if not gpu.fp8:
-        cc = ".".join(map(str, gpu.compute_capability))
         notes.append(f"{gpu.name} (compute capability {cc}) has no FP8 tensor cores: vLLM runs FP8 "
                      "checkpoints weight-only there, so FP8 is not recommended")
+    fallbacks = [f"{s.label} through {s.fallback}" for s in (SCHEMES[r.scheme] for r in rows)
+                 if s.fallback and not s.runs_on(gpu) and s.served_on(gpu) and s.activations != "fp8"]
+    if fallbacks:
+        notes.append(f"no native kernel on {gpu.name} (compute capability {cc}); vLLM serves "
+                     f"{'; '.join(fallbacks)}")
+    unserved = [s.label for s in (SCHEMES[r.scheme] for r in rows) if not s.served_on(gpu)]
+    if unserved:
+        notes.append(f"vLLM has no kernel for {', '.join(unserved)} on {gpu.name}: shown, never 'fits' "
+                     "(W4AFP8 needs Hopper, capability 9.0)")
     if request.get("checkpoint_quantized"):
         notes.append("config.json has a quantization_config: this checkpoint is already quantized; "
                      "the rows show what each precision of its base model takes")

@@ -97,7 +97,7 @@ def format_plan_table(result: PlanResult) -> str:
         cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
         lines.append("  ".join(cells).rstrip())
     if any(not s.native for s in r.rows):
-        lines.append("* no tensor cores for this scheme's activations on this GPU")
+        lines.append("* no native vLLM kernel for this scheme on this GPU (see the notes)")
     lines.append("")
     lines.append(f"recommended: {r.recommended or 'none'}")
     lines += [f"note: {n}" for n in r.notes]

@@ -171,8 +171,9 @@ class AWQParams(QuantizerParams):
 class AWQQuantizer(Quantizer):
     Params = AWQParams
 
-    def quantize_layer(self, layer, graph: LayerGraph, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
+    def quantize_layer(self, layer, graph: LayerGraph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: AWQParams = self.params  # type: ignore[assignment]
+        names = self.schemes_or_default(graph, schemes)
         samples = {g.key: RowSample(p.max_calib_tokens, calib.generator(g.key)) for g in graph.groups}
         means = {g.key: ChannelAbsMean() for g in graph.groups}
         # One pass over the float layer: folding keeps the float function, so the inputs
@@ -207,7 +208,7 @@ class AWQQuantizer(Quantizer):
         jobs = {}
         for g in graph.groups:
             tokens = samples[g.key].count
-            for name in g.linears:
+            for name in (n for n in g.linears if n in names):
                 u = graph.unit(name)
                 jobs[name] = (float(u.in_features) * (u.out_features * p.grid + tokens) * 128,
                               lambda g=g, name=name: clip_and_round(g, name))

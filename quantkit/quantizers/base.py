@@ -12,12 +12,13 @@ from abc import ABC, abstractmethod
 from typing import Callable, ClassVar, Mapping, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ..distributed import World
 from ..graph.types import LayerGraph
 from ..scheme import ActivationScheme, QuantizedWeight, Scheme, quantized_as_tensors, quantized_from_tensors
+from ..targets import ANY_LINEAR, SchemeAssignment, check_patterns
 
 InputHook = Callable[[torch.Tensor], None]
 
@@ -99,9 +100,23 @@ class QuantizerParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str
+    targets: list[str] = Field(
+        [ANY_LINEAR], description="Linears to quantize: 'Linear' (all), full module names, or 're:<regex>'")
+    ignore: list[str] = Field(
+        [], description="Linears left in float, as targets (e.g. 're:.*\\.0\\.mlp\\.down_proj$')")
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        return check_patterns(v)
 
     def scheme(self) -> Scheme:
+        """The scheme of every targeted Linear no override names."""
         raise NotImplementedError
+
+    def assignment(self) -> SchemeAssignment:
+        """Which Linears are quantized, and how."""
+        return SchemeAssignment(self.scheme(), tuple(self.targets), tuple(self.ignore))
 
     def kv_cache_scheme(self) -> ActivationScheme | None:
         """The KV-cache quantization this method calibrates, if any."""
@@ -121,15 +136,28 @@ class Quantizer(ABC):
         self.params = params
         self.model_config = model_config
         self.scheme = params.scheme()
+        self.assignment = params.assignment()
+
+    def layer_schemes(self, prefix: str, graph: LayerGraph) -> dict[str, Scheme]:
+        """The units of the decoder layer at ``prefix`` (``model.layers.3.``) to quantize, by
+        their names inside the layer, and their schemes."""
+        resolved = self.assignment.resolve(prefix + n for n in graph.linears)
+        return {n[len(prefix):]: s for n, s in resolved.items()}
 
     @abstractmethod
     def quantize_layer(
-        self, layer: nn.Module, graph: LayerGraph, calib: LayerCalibration
+        self, layer: nn.Module, graph: LayerGraph, calib: LayerCalibration,
+        schemes: Mapping[str, Scheme] | None = None,
     ) -> dict[str, QuantizedWeight]:
-        """Quantize every unit of ``graph`` (``graph.linears``) in ``layer``; keys are their names.
+        """Quantize the units of ``schemes`` (names inside the layer) with their schemes, or,
+        without it, every unit of ``graph`` (``graph.linears``) with ``self.scheme``; keys are
+        those names. Units left out stay float (their weights may still be rescaled by folding).
 
         ``graph`` says which units share an input (``graph.groups``), what produces it and
         whether a scale folds into it exactly (``group.foldable``, ``graph.fold.fold_scales``)."""
+
+    def schemes_or_default(self, graph: LayerGraph, schemes: Mapping[str, Scheme] | None) -> dict[str, Scheme]:
+        return dict(schemes) if schemes is not None else {n: self.scheme for n in graph.linears}
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         """Float tensors to export beside the last layer quantized (e.g. KV-cache scales),

@@ -58,9 +58,10 @@ class FP8Quantizer(Quantizer):
         self.needs_calibration = params.activations == "static" or params.kv_cache
         self._extra: dict[str, torch.Tensor] = {}
 
-    def quantize_layer(self, layer, graph, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
+    def quantize_layer(self, layer, graph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: FP8Params = self.params  # type: ignore[assignment]
-        out = {u.name: quantize_rtn(u.matrix(layer).detach(), self.scheme) for u in graph.units}
+        names = self.schemes_or_default(graph, schemes)
+        out = {n: quantize_rtn(graph.unit(n).matrix(layer).detach(), self.scheme) for n in names}
         stats: dict[str, AbsMax] = {}
         if p.activations == "static":
             stats.update({g.key: AbsMax() for g in graph.groups})
@@ -72,7 +73,8 @@ class FP8Quantizer(Quantizer):
             for g in graph.groups:
                 scale = fp8_scale(stats[g.key].amax).reshape(1)
                 for n in g.linears:
-                    out[n].input_scale = scale.clone()
+                    if n in out:
+                        out[n].input_scale = scale.clone()
         self._extra = {}
         if p.kv_cache:
             kv_amax = {role: stats[key].amax for role, key in (("k", ATTENTION_KEY), ("v", ATTENTION_VALUE))}

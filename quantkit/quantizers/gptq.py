@@ -7,12 +7,21 @@ where they happen: a failed Cholesky is retried with more damping instead of cra
 with dynamic groups the block size is a multiple of the group size so each group's scale
 is taken from its fully error-updated weights (the reference reads stale columns when the
 group is smaller than the block).
+
+Every grid works the same way (``quantkit.grids``): a column is divided by its scale and
+rounded onto the scheme's grid (int, FP8 E4M3, FP4 E2M1). Column groups are the scheme's
+groups (group, tensor_group) or its blocks' columns (block: one scale per row block within
+the group); a tensor_group scheme's global scale is fixed from the whole weight first, as
+llm-compressor does, and its group scales are rounded to E4M3 (E8M0 for MXFP4) as they are
+taken.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Literal
 
@@ -20,11 +29,14 @@ import torch
 from pydantic import Field
 
 from ..errors import NumericsError
+from ..grids import effective_scale, round_to_grid
 from ..scheme import QuantizedWeight, Scheme, WeightScheme
 from ..distributed import World
-from .base import Joined, LayerCalibration, Quantizer, QuantizerParams, register_quantizer, solve_units
+from .activation_params import observe_input_globals
+from .base import Joined, LayerCalibration, Quantizer, register_quantizer, solve_units
 from .hessian import HessianAccumulator
-from .rtn import qparams, weight_only_scheme, weight_qparams
+from .rtn import fused_global_scales, weight_global_scale, weight_only_scheme, weight_qparams
+from .scheme_params import SchemeParams
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +101,7 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     name: str = "weight",
+    global_scale: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     """GPTQ-quantize ``w`` ``[out, in]`` given the Hessian ``[in, in]`` of its inputs.
 
@@ -97,17 +110,18 @@ def gptq_quantize(
     of that visiting order). With ``static_groups`` the group parameters are fixed from the
     unpermuted weight before any update, so groups stay in natural order and ``g_idx`` is
     None. Channel and tensor strategies fix their parameters up front, as the reference does.
+    A tensor_group scheme uses ``global_scale`` (shared with fused shards) or the weight's own.
     """
     ws: WeightScheme = scheme.weights
-    if ws.type != "int":
-        raise ValueError("GPTQ quantizes to integer codes; use the fp8 quantizer for float codes")
     out_f, in_f = w.shape
     if hessian.shape != (in_f, in_f):
         raise ValueError(f"{name}: Hessian shape {tuple(hessian.shape)} does not match in_features {in_f}")
-    group = (ws.group_size or in_f) if ws.strategy == "group" else None
-    if group is not None and in_f % group:
+    group = column_group_width(ws, in_f)
+    if group is not None and ws.strategy != "block" and in_f % group:
         raise ValueError(f"{name}: in_features {in_f} is not a multiple of group_size {group}")
     dynamic_groups = group is not None and not static_groups
+    if dynamic_groups and act_order and ws.layout.kind != "group":
+        raise ValueError(f"{name}: act-order with {ws.strategy} scales needs static groups")
     device = w.device
 
     W = w.detach().to(torch.float32).clone()
@@ -120,17 +134,17 @@ def gptq_quantize(
     dead = torch.diagonal(H) == 0
     H.diagonal().masked_fill_(dead, 1.0)
     W.masked_fill_(dead.unsqueeze(0), 0.0)
+    if ws.has_global_scale and global_scale is None:
+        global_scale = weight_global_scale([W], ws)
+    if global_scale is not None:
+        global_scale = global_scale.to(device=device, dtype=torch.float32)
 
     # Per-column parameters fixed before the loop (natural order), when not dynamic groups.
     col_scale = col_zero = None
     if not dynamic_groups:
-        scale, zero = weight_qparams(W, ws)
-        if group is not None:
-            col_scale = scale.repeat_interleave(group, dim=1)
-            col_zero = None if zero is None else zero.repeat_interleave(group, dim=1)
-        else:
-            col_scale = scale.reshape(-1, 1).expand(out_f, in_f)
-            col_zero = None if zero is None else zero.reshape(-1, 1).expand(out_f, in_f)
+        scale, zero = weight_qparams(W, ws, global_scale)
+        col_scale = ws.layout.expand(effective_scale(scale, global_scale), out_f, in_f)
+        col_zero = None if zero is None else ws.layout.expand(zero, out_f, in_f)
 
     perm = None
     if act_order:
@@ -147,7 +161,7 @@ def gptq_quantize(
     bs = max(1, block_size)
     if dynamic_groups:
         bs = max(group, (bs // group) * group)
-    codes = torch.empty(out_f, in_f, dtype=torch.int8, device=device)
+    codes = torch.empty(out_f, in_f, dtype=ws.grid.code_dtype, device=device)
     group_scales: list[torch.Tensor] = []
     group_zeros: list[torch.Tensor] = []
     col_zero_f = None if col_zero is None else col_zero.to(torch.float32)
@@ -157,19 +171,20 @@ def gptq_quantize(
         n = i2 - i1
         S = None if dynamic_groups else col_scale[:, i1:i2]
         Z = None if dynamic_groups or col_zero_f is None else col_zero_f[:, i1:i2]
-        graph = _block_graph(out_f, n, device, dynamic_groups, asym, ws, group) if n == bs else None
+        graph = (_block_graph(out_f, n, device, dynamic_groups, asym, ws, group, global_scale)
+                 if n == bs else None)
         if graph is not None:
-            C1, Err1, GS, GZ = graph.run(W[:, i1:i2], Hinv[i1:i2, i1:i2], S, Z)
+            C1, Err1, GS, GZ = graph.run(W[:, i1:i2], Hinv[i1:i2, i1:i2], S, Z, global_scale)
         else:
             # a view: W's columns before i2 are never read again
             W1 = W[:, i1:i2]
             C1, Err1 = torch.empty_like(W1), torch.empty_like(W1)
             GS = GZ = None
             if dynamic_groups:
-                GS = torch.empty(out_f, n // group, device=device)
-                GZ = torch.empty(out_f, n // group, device=device, dtype=torch.int8) if asym else None
-            _quantize_block(W1, Hinv[i1:i2, i1:i2], C1, Err1, S, Z, GS, GZ, ws, group)
-        codes[:, i1:i2] = C1.to(torch.int8)
+                GS = torch.empty(out_f, math.ceil(n / group), device=device)
+                GZ = torch.empty(out_f, math.ceil(n / group), device=device, dtype=torch.int8) if asym else None
+            _quantize_block(W1, Hinv[i1:i2, i1:i2], C1, Err1, S, Z, GS, GZ, ws, group, global_scale)
+        codes[:, i1:i2] = C1.to(codes.dtype)
         if GS is not None:
             group_scales.append(GS.clone())
             if GZ is not None:
@@ -186,34 +201,62 @@ def gptq_quantize(
     if dynamic_groups:
         scale = torch.cat(group_scales, dim=1)
         zero = torch.cat(group_zeros, dim=1) if group_zeros else None
+        if ws.strategy == "block":  # column groups held each row's block scale: one row per block
+            scale = scale[:: ws.block_size[0]].contiguous()
     if not bool(torch.isfinite(scale).all()):
         raise NumericsError(f"GPTQ {name}: non-finite scales", file=name, hint="the weight has NaN/Inf")
-    actorder = "group" if g_idx is not None else "static" if act_order and ws.strategy == "group" else None
+    actorder = "group" if g_idx is not None else "static" if act_order and group is not None else None
     out_scheme = scheme
     if ws.actorder != actorder:
         out_scheme = Scheme(replace(ws, actorder=actorder), scheme.input_activations)
-    return QuantizedWeight(codes=codes, scale=scale, zero_point=zero, scheme=out_scheme, g_idx=g_idx)
+    return QuantizedWeight(codes=codes, scale=scale, zero_point=zero, scheme=out_scheme, g_idx=g_idx,
+                           global_scale=global_scale)
 
 
-def _quantize_block(W1, Hinv1, C1, Err1, S, Z, GS, GZ, ws: WeightScheme, group: int | None) -> None:
+def column_group_width(ws: WeightScheme, in_features: int) -> int | None:
+    """Columns that share one scale per row (or row block), or None when parameters span
+    the whole row or tensor."""
+    if ws.strategy in ("group", "tensor_group"):
+        return ws.group_size or in_features
+    if ws.strategy == "block":
+        return ws.block_size[1]
+    return None
+
+
+def column_group_qparams(cols: torch.Tensor, ws: WeightScheme, global_scale: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stored scale and zero point (or None) of one column group ``[rows, k]``, one value
+    per row: the scheme's layout restricted to these columns (a block scheme's row blocks
+    share one), with its scale format and global scale."""
+    rows, k = cols.shape
+    one = replace(ws, block_size=(ws.block_size[0], k)) if ws.strategy == "block" else replace(ws, group_size=k)
+    scale, zero = weight_qparams(cols, one, global_scale)
+    scale = one.layout.expand(scale, rows, k)[:, 0]
+    return scale, None if zero is None else one.layout.expand(zero, rows, k)[:, 0]
+
+
+def _quantize_block(W1, Hinv1, C1, Err1, S, Z, GS, GZ, ws: WeightScheme, group: int | None,
+                    global_scale: torch.Tensor | None = None) -> None:
     """GPTQ's sequential loop over one block's columns, in place.
 
     ``W1`` ``[rows, n]`` is updated as columns are quantized; ``C1`` gets the codes (as floats),
-    ``Err1`` the scaled errors the caller pushes onto later blocks. Per-column scale/zero come
-    from ``S``/``Z`` (float), or, when ``S`` is None (dynamic groups; the block is whole groups),
-    from each group's up-to-date weights, written to ``GS``/``GZ``. Few in-place ops per column
-    and no host sync: on a GPU this loop is launch-bound, and it is captured as a CUDA graph.
+    ``Err1`` the scaled errors the caller pushes onto later blocks. Per-column effective
+    scale/zero come from ``S``/``Z`` (float), or, when ``S`` is None (dynamic groups; the block
+    is whole groups), from each group's up-to-date weights, written (as stored) to ``GS``/``GZ``.
+    Few in-place ops per column and no host sync: on a GPU this loop is launch-bound, and it
+    is captured as a CUDA graph.
     """
+    grid = ws.grid
     for i in range(W1.shape[1]):
         if S is None:
             if i % group == 0:
-                sg, zg = qparams(W1[:, i : i + group], ws)
-                GS[:, i // group] = sg[:, 0]
-                s = GS[:, i // group]
+                sg, zg = column_group_qparams(W1[:, i : i + group], ws, global_scale)
+                GS[:, i // group] = sg
+                s = effective_scale(GS[:, i // group], global_scale)
                 z = None
                 if zg is not None:
-                    GZ[:, i // group] = zg[:, 0]
-                    z = zg[:, 0].to(torch.float32)
+                    GZ[:, i // group] = zg
+                    z = zg.to(torch.float32)
         else:
             s = S[:, i]
             z = None if Z is None else Z[:, i]
@@ -222,7 +265,10 @@ def _quantize_block(W1, Hinv1, C1, Err1, S, Z, GS, GZ, ws: WeightScheme, group: 
         torch.div(w, s, out=c)
         if z is not None:
             c.add_(z)
-        c.round_().clamp_(ws.qmin, ws.qmax)
+        if grid.type == "int":
+            c.round_().clamp_(grid.qmin, grid.qmax)
+        else:
+            c.copy_(round_to_grid(c, grid))
         q = c - z if z is not None else c.clone()
         q.mul_(s)
         err = Err1[:, i]
@@ -238,15 +284,19 @@ class _BlockGraph:
     per block: one launch instead of about ten kernel launches per column."""
 
     def __init__(self, rows: int, n: int, device: torch.device, dynamic: bool, asym: bool,
-                 ws: WeightScheme, group: int | None):
+                 ws: WeightScheme, group: int | None, global_scale: torch.Tensor | None):
         f32 = dict(device=device, dtype=torch.float32)
         self.W1, self.Hinv1 = torch.zeros(rows, n, **f32), torch.eye(n, **f32)
         self.C1, self.Err1 = torch.zeros(rows, n, **f32), torch.zeros(rows, n, **f32)
         self.S = None if dynamic else torch.ones(rows, n, **f32)
         self.Z = torch.zeros(rows, n, **f32) if asym and not dynamic else None
-        self.GS = torch.ones(rows, n // group, **f32) if dynamic else None
-        self.GZ = torch.zeros(rows, n // group, device=device, dtype=torch.int8) if dynamic and asym else None
-        args = (self.W1, self.Hinv1, self.C1, self.Err1, self.S, self.Z, self.GS, self.GZ, ws, group)
+        self.GS = torch.ones(rows, math.ceil(n / group), **f32) if dynamic else None
+        self.GZ = (torch.zeros(rows, math.ceil(n / group), device=device, dtype=torch.int8)
+                   if dynamic and asym else None)
+        # the global scale is the weight's: a replay for another weight copies it in
+        self.global_scale = None if global_scale is None else global_scale.clone()
+        args = (self.W1, self.Hinv1, self.C1, self.Err1, self.S, self.Z, self.GS, self.GZ, ws, group,
+                self.global_scale)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -256,8 +306,10 @@ class _BlockGraph:
         with torch.cuda.graph(self.graph):
             _quantize_block(*args)
 
-    def run(self, W1, Hinv1, S, Z):
+    def run(self, W1, Hinv1, S, Z, global_scale=None):
         self.W1.copy_(W1)
+        if global_scale is not None:
+            self.global_scale.copy_(global_scale)
         self.Hinv1.copy_(Hinv1)
         if S is not None:
             self.S.copy_(S)
@@ -272,25 +324,25 @@ _MAX_GRAPHS = 8
 
 
 def _block_graph(rows: int, n: int, device: torch.device, dynamic: bool, asym: bool, ws: WeightScheme,
-                 group: int | None) -> _BlockGraph | None:
+                 group: int | None, global_scale: torch.Tensor | None) -> _BlockGraph | None:
     """The cached graph for this block shape, or None (CPU, disabled, or capture failed: the
     eager loop computes the same thing). Set QUANTKIT_CUDA_GRAPHS=0 to disable."""
     if device.type != "cuda" or os.environ.get("QUANTKIT_CUDA_GRAPHS", "1") == "0":
         return None
-    key = (rows, n, str(device), dynamic, asym, ws, group)
+    key = (rows, n, str(device), dynamic, asym, ws, group, global_scale is None)
     if key not in _GRAPHS:
         if len(_GRAPHS) >= _MAX_GRAPHS:
             _GRAPHS.pop(next(iter(_GRAPHS)))
         try:
-            _GRAPHS[key] = _BlockGraph(rows, n, device, dynamic, asym, ws, group)
+            _GRAPHS[key] = _BlockGraph(rows, n, device, dynamic, asym, ws, group, global_scale)
         except RuntimeError as e:  # capture unsupported here: fall back to the eager loop
             log.warning("GPTQ: CUDA graph capture failed (%s); using the eager column loop", e)
             _GRAPHS[key] = None
     return _GRAPHS[key]
 
 
-class GPTQParams(QuantizerParams):
-    """GPTQ weight-only quantization (W4A16 / W8A16)."""
+class GPTQParams(SchemeParams):
+    """GPTQ: weight-only int (W4A16 / W8A16) by bits/group_size/symmetric, or any preset."""
 
     method: Literal["gptq"] = "gptq"
     bits: Literal[4, 8] = 4
@@ -299,19 +351,29 @@ class GPTQParams(QuantizerParams):
     act_order: bool = False
     static_groups: bool = False
     dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
-    block_size: int = Field(128, ge=1)
+    block_size: int = Field(128, ge=1, description="columns whose updates are applied together (lazy batch)")
 
-    def scheme(self) -> Scheme:
-        actorder = ("static" if self.static_groups else "group") if self.act_order else None
-        return weight_only_scheme(self.bits, self.group_size, self.symmetric, actorder)
+    def int_scheme(self, bits: int, group_size: int, symmetric: bool) -> Scheme:
+        return weight_only_scheme(bits, group_size, symmetric)
+
+    def finish(self, scheme: Scheme) -> Scheme:
+        """Record act-order on group layouts: "static" (groups fixed first, contiguous) or
+        "group" (groups follow the visiting order; needs a g_idx)."""
+        ws = scheme.weights
+        if not self.act_order or column_group_width(ws, 0) is None:
+            return scheme
+        return Scheme(replace(ws, actorder="static" if self.static_groups else "group"), scheme.input_activations)
 
 
-def collect_hessians(graph, stats: dict | None = None) -> tuple[dict[str, HessianAccumulator], dict]:
+def collect_hessians(graph, stats: dict | None = None, names=None) -> tuple[dict[str, HessianAccumulator], dict]:
     """One Hessian accumulator per input group, keyed by every Linear of the group, and the
-    statistics to observe (merged into ``stats``): only the group's first Linear is hooked."""
+    statistics to observe (merged into ``stats``): only the group's first Linear is observed.
+    With ``names``, only groups holding one of them."""
     stats = dict(stats or {})
     accs: dict[str, HessianAccumulator] = {}
     for g in graph.groups:
+        if names is not None and not set(g.linears) & set(names):
+            continue
         acc = HessianAccumulator(g.key, graph.unit(g.key).in_features)
         for n in g.linears:
             accs[n] = acc
@@ -320,46 +382,73 @@ def collect_hessians(graph, stats: dict | None = None) -> tuple[dict[str, Hessia
 
 
 def gptq_layer(
-    layer, graph, accs: dict[str, HessianAccumulator], scheme: Scheme, world: World, **kwargs
+    layer, graph, accs: dict[str, HessianAccumulator], schemes: Scheme | Mapping[str, Scheme], world: World,
+    **kwargs
 ) -> dict[str, QuantizedWeight]:
-    """GPTQ every unit of ``graph`` with the Hessians already accumulated (and reduced) in
-    ``accs``, each solve on its owner rank of ``world``.
+    """GPTQ the units of ``schemes`` (or every unit of ``graph`` with one scheme) with the
+    Hessians already accumulated (and reduced) in ``accs``, each solve on its owner rank of
+    ``world``.
 
-    Linears that share a Hessian (q/k/v; gate/up) are solved as one weight with their rows
-    stacked: GPTQ treats rows independently given ``H`` (scales are per row or per row-group,
-    and the error update of a row reads only that row), so this is the same computation with
-    one Cholesky factorisation and one sequential column loop instead of three or two.
+    Linears that share a Hessian and a scheme (q/k/v; gate/up) are solved as one weight with
+    their rows stacked: GPTQ treats rows independently given ``H`` (scales are per row, row
+    group or row block, and the error update of a row reads only that row), so this is the
+    same computation with one Cholesky factorisation and one sequential column loop instead
+    of three or two. They share one global scale (tensor_group), as vLLM needs for the
+    matrix it fuses them into.
     """
-    by_acc: dict[int, list[str]] = {}
-    for name in graph.linears:
-        by_acc.setdefault(id(accs[name]), []).append(name)
+    if isinstance(schemes, Scheme):
+        schemes = {n: schemes for n in graph.linears}
+    by_key: dict[tuple[int, Scheme], list[str]] = {}
+    for name, scheme in schemes.items():
+        by_key.setdefault((id(accs[name]), scheme), []).append(name)
+    # From the weights alone (the same on every rank): every rank knows them before the solves.
+    globals_ = fused_global_scales(layer, graph, schemes)
 
-    def solve(names: list[str]) -> dict[str, QuantizedWeight]:
+    def solve(scheme: Scheme, names: list[str]) -> dict[str, QuantizedWeight]:
         weights = [graph.unit(n).matrix(layer).detach() for n in names]
         hessian = accs[names[0]].hessian()
-        if len(names) == 1 or scheme.weights.strategy == "tensor":  # a tensor scale spans one weight
-            return {n: gptq_quantize(w, hessian, scheme, name=n, **kwargs) for n, w in zip(names, weights)}
-        stacked = gptq_quantize(torch.cat(weights), hessian, scheme, name="+".join(names), **kwargs)
+        shared = globals_.get(names[0])
+        if not _stackable(scheme.weights, [w.shape[0] for w in weights]):
+            return {n: gptq_quantize(w, hessian, scheme, name=n, global_scale=shared, **kwargs)
+                    for n, w in zip(names, weights)}
+        stacked = gptq_quantize(torch.cat(weights), hessian, scheme, name="+".join(names), global_scale=shared,
+                                **kwargs)
         return split_rows(stacked, names, [w.shape[0] for w in weights])
 
     jobs = {}
-    for names in by_acc.values():
+    for (_, scheme), names in by_key.items():
         units = [graph.unit(n) for n in names]
         in_f, rows = units[0].in_features, sum(u.out_features for u in units)
         # The column loop touches rows x in^2 / 2 elements, the factorisations about in^3.
-        jobs["+".join(names)] = (float(in_f) * in_f * (rows + in_f), lambda names=names: solve(names))
+        jobs["+".join(names)] = (float(in_f) * in_f * (rows + in_f), lambda scheme=scheme, names=names: solve(scheme, names))
     return solve_units(world, jobs)
 
 
+def _stackable(ws: WeightScheme, rows: list[int]) -> bool:
+    """Row stacking keeps every scale inside one weight: not for one tensor scale per weight,
+    nor for row blocks that would straddle two weights."""
+    if len(rows) == 1 or ws.strategy == "tensor":
+        return False
+    return ws.strategy != "block" or all(r % ws.block_size[0] == 0 for r in rows[:-1])
+
+
 def split_rows(qw: QuantizedWeight, names: list[str], rows: list[int]) -> dict[str, QuantizedWeight]:
-    """Undo the row stacking of ``gptq_layer``: per-row tensors split, ``g_idx`` shared."""
-    def parts(t):
-        return [None] * len(rows) if t is None else [p.contiguous() for p in torch.split(t, rows)]
+    """Undo the row stacking of ``gptq_layer``: per-row tensors split (scales by the layout),
+    ``g_idx`` and the global scale shared."""
+    layout = qw.scheme.weights.layout
+
+    def parts(t, by_layout=False):
+        if t is None:
+            return [None] * len(rows)
+        return [p.contiguous() for p in (layout.split_rows(t, rows) if by_layout else torch.split(t, rows))]
+
+    def copy(t):
+        return None if t is None else t.clone()
 
     return {
-        n: QuantizedWeight(codes=c, scale=s, zero_point=z, scheme=qw.scheme,
-                           g_idx=None if qw.g_idx is None else qw.g_idx.clone(), input_scale=qw.input_scale)
-        for n, c, s, z in zip(names, parts(qw.codes), parts(qw.scale), parts(qw.zero_point))
+        n: QuantizedWeight(codes=c, scale=s, zero_point=z, scheme=qw.scheme, g_idx=copy(qw.g_idx),
+                           input_scale=qw.input_scale, global_scale=copy(qw.global_scale))
+        for n, c, s, z in zip(names, parts(qw.codes), parts(qw.scale, True), parts(qw.zero_point, True))
     }
 
 
@@ -367,18 +456,22 @@ def split_rows(qw: QuantizedWeight, names: list[str], rows: list[int]) -> dict[s
 class GPTQQuantizer(Quantizer):
     Params = GPTQParams
 
-    def quantize_layer(self, layer, graph, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
+    def quantize_layer(self, layer, graph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: GPTQParams = self.params  # type: ignore[assignment]
-        accs, stats = collect_hessians(graph)
+        schemes = self.schemes_or_default(graph, schemes)
+        input_globals = observe_input_globals(graph, schemes)
+        accs, stats = collect_hessians(graph, input_globals.stats, names=schemes)
         calib.observe(stats)
-        return gptq_layer(
+        out = gptq_layer(
             layer,
             graph,
             accs,
-            self.scheme,
+            schemes,
             calib.world,
             block_size=p.block_size,
             dampening_frac=p.dampening_frac,
             act_order=p.act_order,
             static_groups=p.static_groups,
         )
+        input_globals.apply(out)
+        return out

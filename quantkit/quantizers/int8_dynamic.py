@@ -45,13 +45,16 @@ def quantize_w8a8_layer(
     params: W8A8Params,
     scheme: Scheme,
     observe: Callable[[], dict] | None = None,
+    names=None,
 ) -> tuple[dict[str, QuantizedWeight], dict]:
     """Smooth (optional), then one calibration pass for whatever is still needed (GPTQ
     Hessians and ``observe()``'s statistics, keyed by Linear name), then quantize the weights.
 
     ``observe`` returns fresh statistics; it is called after smoothing so they see the
-    smoothed activations. Returns the weights and those statistics (reduced over the ranks).
+    smoothed activations. Returns the weights of ``names`` (default: every Linear) and those
+    statistics (reduced over the ranks).
     """
+    names = list(graph.linears if names is None else names)
     if params.smoothquant_alpha is not None:
         smooth_layer(layer, graph, calib, params.smoothquant_alpha)
     stats = observe() if observe is not None else {}
@@ -63,11 +66,11 @@ def quantize_w8a8_layer(
         calib.observe(stats)
     if accs is not None:
         weights = gptq_layer(
-            layer, graph, accs, scheme, calib.world,
+            layer, graph, accs, {n: scheme for n in names}, calib.world,
             block_size=params.block_size, dampening_frac=params.dampening_frac, act_order=params.act_order,
         )
     else:
-        weights = {u.name: quantize_rtn(u.matrix(layer).detach(), scheme) for u in graph.units}
+        weights = {n: quantize_rtn(graph.unit(n).matrix(layer).detach(), scheme) for n in names}
     return weights, observed
 
 
@@ -79,6 +82,7 @@ class DynamicInt8Quantizer(Quantizer):
         super().__init__(params, model_config)
         self.needs_calibration = params.weight_method == "gptq" or params.smoothquant_alpha is not None
 
-    def quantize_layer(self, layer, graph, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
-        weights, _ = quantize_w8a8_layer(layer, graph, calib, self.params, self.scheme)
+    def quantize_layer(self, layer, graph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
+        names = self.schemes_or_default(graph, schemes)
+        weights, _ = quantize_w8a8_layer(layer, graph, calib, self.params, self.scheme, names=names)
         return weights

@@ -29,15 +29,17 @@ class StaticInt8Params(W8A8Params):
 class StaticInt8Quantizer(Quantizer):
     Params = StaticInt8Params
 
-    def quantize_layer(self, layer, graph, calib: LayerCalibration) -> dict[str, QuantizedWeight]:
+    def quantize_layer(self, layer, graph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: StaticInt8Params = self.params  # type: ignore[assignment]
+        names = self.schemes_or_default(graph, schemes)
         observers = {g.key: TensorObserver(p.observer, p.percentile, generator=calib.generator(g.key))
                      for g in graph.groups}
         weights, _ = quantize_w8a8_layer(
-            layer, graph, calib, p, self.scheme, observe=lambda: dict(observers)
+            layer, graph, calib, p, self.scheme, observe=lambda: dict(observers), names=names,
         )
         for g in graph.groups:
             scale = int_scale(observers[g.key].amax())
             for n in g.linears:
-                weights[n].input_scale = scale.clone()
+                if n in weights:
+                    weights[n].input_scale = scale.clone()
         return weights
