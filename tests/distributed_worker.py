@@ -21,6 +21,10 @@ CASES = {
     "fp8": {"method": "fp8", "activations": "static", "kv_cache": True},
     "int8-percentile": {"method": "static_int8", "observer": "percentile", "percentile": 99.0},
     "int8-sq-gptq": {"method": "dynamic_int8", "smoothquant_alpha": 0.5, "weight_method": "gptq"},
+    # NVFP4: input global scales reduce by MAX, q/k/v and gate/up share a weight global scale;
+    # one Linear on its own scheme, one left float.
+    "gptq-nvfp4-mixed": {"method": "gptq", "scheme": "NVFP4", "ignore": ["re:.*o_proj$"],
+                         "overrides": [{"targets": ["re:.*down_proj$"], "bits": 4, "group_size": 32}]},
 }
 
 
@@ -33,7 +37,9 @@ def quantize_case(case: str, world) -> dict[str, torch.Tensor]:
     params = CASES[case]
     cls = QUANTIZERS[params["method"]]
     q = cls(cls.Params(**params), cfg)
-    out = q.quantize_layer(layer, llama_graph(), FakeCalibration(layer, data, world=world))
+    graph = llama_graph()
+    out = q.quantize_layer(layer, graph, FakeCalibration(layer, data, world=world),
+                           q.layer_schemes("model.layers.0.", graph))
     tensors, schemes = quantized_as_tensors(out)
     result = {f"q.{k}": v for k, v in tensors.items()}
     result.update({f"float.{k}": v for k, v in layer.state_dict().items()})
