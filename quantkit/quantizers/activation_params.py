@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import torch
-
 from ..graph.types import LayerGraph
 from ..grids import global_scale
 from ..scheme import QuantizedWeight, Scheme
