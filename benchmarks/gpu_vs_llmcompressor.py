@@ -1,12 +1,16 @@
-"""quantkit vs llm-compressor on one GPU, on random-weight models with real Llama layer shapes.
+"""quantkit vs llm-compressor on one GPU, on random-weight models with real layer shapes.
 
     python benchmarks/gpu_vs_llmcompressor.py --work /tmp/qk-bench            # every case
     python benchmarks/gpu_vs_llmcompressor.py --cases gptq-8b-4,gptq-70b-2    # some cases
     python benchmarks/gpu_vs_llmcompressor.py --tools quantkit                # peers from the reference table
 
-Each case builds (once, cached under ``--work``) a Llama-3.1-8B- or 70B-shaped model with a few
-decoder layers of random weights (real hidden, intermediate, head and vocabulary sizes) as
-bf16 safetensors, plus 128 x 2048 random calibration token ids in a ``.safetensors`` file.
+Each case builds (once, cached under ``--work``) a model with a few decoder layers of random
+weights and otherwise the released model's config: Llama-3.1-8B and 70B, Qwen3-8B (q_norm/k_norm),
+Gemma-3-12B's language model (offset norms, four norms per layer, sliding and global attention,
+head_dim 256, 262k tied vocabulary). The config comes from the family's own transformers config
+class and the tensor names from the model class built on the meta device, so both tools read
+the same bf16 safetensors; norms hold the model's own initial values. Calibration: 128 x 2048
+random token ids in a ``.safetensors`` file.
 quantkit (``quantkit.quantize``, calibration ``source`` = that token file, evaluation off) and
 llm-compressor (``oneshot`` on the model loaded on the CPU, which its sequential pipeline
 onloads one layer at a time, with a ``datasets.Dataset`` of the same ids) each run in their
@@ -16,9 +20,18 @@ the model from disk, calibrate and quantize, write the checkpoint (llm-compresso
 alone is reported too). Without llm-compressor installed, or with ``--tools quantkit``, the
 peer numbers are the reference measurements below, and the table says so.
 
+Mixture-of-Experts cases (``--cases moe``, issue 16): Qwen3-30B-A3B (128 experts) x 2 layers,
+Mixtral-8x7B x 2 and DeepSeek-V3 x 1 MoE layer (MLA attention, 256 experts, a shared expert:
+22.5 GB of bf16 per layer, so one fits the disk beside the work files), GPTQ W4A16 with every
+expert calibrated on every token by both tools (llm-compressor's ``moe_calibrate_all_experts``
+default). Their extrapolations scale the per-layer time by expert parameters per layer
+(Qwen3-235B-A22B from the 30B case) and by layer count (DeepSeek-V3-671B).
+
+    python benchmarks/gpu_vs_llmcompressor.py --cases moe --samples 32 --drop-models
+
 Also printed: quantkit's time per stage per layer (a profile: calibration forward, Hessian
 accumulation, GPTQ solve, AWQ search, saving, propagation, export) and full-model
-extrapolations for Llama-3.1-8B (32 layers) and 70B (80 layers) from the per-layer time.
+extrapolations (32, 80, 36 and 48 layers) from the per-layer time.
 """
 
 from __future__ import annotations
@@ -33,14 +46,83 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# --tiny (a CPU check of the script itself, not a measurement): tiny shapes, runs on the CPU.
+DEVICE = os.environ.get("QK_BENCH_DEVICE", "cuda")
 
+# Real configs with the decoder stack cut to ``layers``; everything else is the released model's.
+_LLAMA3 = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256,
+               max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
+               rope_theta=500000.0, rope_scaling={"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+               attention_bias=False, mlp_bias=False)
 SHAPES = {
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-               full_layers=32, name="Llama-3.1-8B"),
-    "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
-                full_layers=80, name="Llama-3.1-70B"),
+    "8b": dict(config=dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                           num_key_value_heads=8, head_dim=128), full_layers=32, name="Llama-3.1-8B"),
+    "70b": dict(config=dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+                            num_key_value_heads=8, head_dim=128), full_layers=80, name="Llama-3.1-70B"),
+    # Qwen/Qwen3-8B: q_norm/k_norm per head, untied head, vocabulary 151936.
+    "qwen3-8b": dict(config=dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=4096,
+                                 intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8,
+                                 head_dim=128, vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                                 rope_theta=1000000.0, hidden_act="silu", tie_word_embeddings=False,
+                                 attention_bias=False),
+                     full_layers=36, name="Qwen3-8B"),
+    # google/gemma-3-12b's language model (Gemma3ForCausalLM): offset norms, pre/post feed-forward
+    # norms, head_dim 256, tied 262208-token head, 1024-token sliding window on five layers in six.
+    # The four layers are three sliding and one global, so both attention kinds and both RoPE bases
+    # are in the timing (the released model's first four are all sliding).
+    "gemma3-12b": dict(config=dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], hidden_size=3840,
+                                   intermediate_size=15360, num_attention_heads=16, num_key_value_heads=8,
+                                   head_dim=256, query_pre_attn_scalar=256, vocab_size=262208,
+                                   max_position_embeddings=131072, rms_norm_eps=1e-6, sliding_window=1024,
+                                   rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                                   rope_scaling={"factor": 8.0, "rope_type": "linear"},
+                                   hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+                                   final_logit_softcapping=None, attn_logit_softcapping=None,
+                                   layer_types=["sliding_attention"] * 3 + ["full_attention"]),
+                       full_layers=48, name="Gemma-3-12B (language model)"),
+}
+# Mixture-of-Experts shapes (issue 16): the real configs' sizes, random weights. ``config`` is
+# given to the family's own transformers config class; checkpoints name each expert's tensors
+# as the released models do (Mixtral w1/w2/w3 under block_sparse_moe).
+MOE_SHAPES = {
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", full_layers=48, name="Qwen3-30B-A3B", config=dict(
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936, norm_topk_prob=True,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=40960, tie_word_embeddings=False)),
+    "mixtral-8x7b": dict(model_type="mixtral", full_layers=32, name="Mixtral-8x7B", config=dict(
+        hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, rope_theta=1000000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=32768, tie_word_embeddings=False)),
+    # Every layer a MoE layer (first_k_dense_replace 0): the case measures MoE layers.
+    "deepseek-v3": dict(model_type="deepseek_v3", full_layers=61, name="DeepSeek-V3-671B (58 MoE + 3 dense)",
+                        config=dict(first_k_dense_replace=0, vocab_size=129280, max_position_embeddings=4096,
+                                    tie_word_embeddings=False)),
+}
+# Full models estimated from a measured case: the expert parameters per layer relative to the
+# measured shape's (time and memory of a MoE layer scale with them), times the layer count.
+MOE_EXTRAPOLATE = {
+    "qwen3-30b-a3b": [("Qwen3-30B-A3B (48 layers)", 1.0, 48),
+                      ("Qwen3-235B-A22B (94 layers; experts 4096 x 1536: 4x per layer)", 4.0, 94)],
+    "mixtral-8x7b": [("Mixtral-8x7B (32 layers)", 1.0, 32)],
+    "deepseek-v3": [("DeepSeek-V3-671B (61 layers, 58 MoE; dense ones counted as MoE)", 1.0, 61)],
+}
+_TINY = {  # --tiny: the same families at sizes a CPU runs in seconds (inputs multiples of group 128)
+    "qwen3_moe": dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_experts=8,
+                      num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=512),
+    "mixtral": dict(hidden_size=128, intermediate_size=256, num_local_experts=4, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=512),
+    "deepseek_v3": dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, n_routed_experts=8,
+                        num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=128, kv_lora_rank=128,
+                        qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, num_attention_heads=4,
+                        num_key_value_heads=4, vocab_size=512),
 }
 # case: (shape, decoder layers, method)
+MOE_CASES = {
+    "moe-gptq-qwen3-30b-2": ("qwen3-30b-a3b", 2, "gptq"),
+    "moe-gptq-mixtral-2": ("mixtral-8x7b", 2, "gptq"),
+    "moe-gptq-deepseek-v3-1": ("deepseek-v3", 1, "gptq"),
+}
 CASES = {
     "gptq-8b-2": ("8b", 2, "gptq"),
     "gptq-8b-4": ("8b", 4, "gptq"),
@@ -48,6 +130,10 @@ CASES = {
     "awq-8b-4": ("8b", 4, "awq"),
     "w8a8-8b-4": ("8b", 4, "w8a8"),
     "fp8-8b-4": ("8b", 4, "fp8"),
+    "gptq-qwen3-8b-4": ("qwen3-8b", 4, "gptq"),
+    "awq-qwen3-8b-4": ("qwen3-8b", 4, "awq"),
+    "gptq-gemma3-12b-4": ("gemma3-12b", 4, "gptq"),
+    "awq-gemma3-12b-4": ("gemma3-12b", 4, "awq"),
 }
 # llm-compressor 0.14.0.1 on one H100, same shapes, 128 x 2048 calibration tokens, model on the
 # CPU onloaded per layer (measured before this benchmark existed; its wall time is oneshot's).
@@ -58,61 +144,148 @@ REFERENCE = {
     "w8a8-8b-4": dict(wall_s=40.9, gpu_gib=3.8, rss_gib=25.6),
     "fp8-8b-4": dict(wall_s=0.7, gpu_gib=2.5, rss_gib=5.6),
 }
-VOCAB = 128256
+# Calibration ids are drawn below the smallest vocabulary above, so one file serves every shape.
+CALIBRATION_VOCAB = 128256
 GIB = 1024**3
+CASES.update(MOE_CASES)
 
 
 # ---------------------------------------------------------------- model and calibration set
 
+def model_config(shape: str, layers: int):
+    """The shape's transformers config (its own config class) with ``layers`` decoder layers."""
+    from transformers import AutoConfig
+
+    spec = dict(SHAPES[shape]["config"])
+    model_type = spec.pop("model_type")
+    if "layer_types" in spec:
+        spec["layer_types"] = spec["layer_types"][:layers]
+    config = AutoConfig.for_model(model_type, **spec, num_hidden_layers=layers, bos_token_id=1, eos_token_id=2,
+                                  pad_token_id=0)
+    config.dtype = "bfloat16"
+    return config
+
+
+def _shard_of(name: str) -> str:
+    parts = name.split(".")
+    if "layers" in parts:
+        return f"model-layer-{int(parts[parts.index('layers') + 1]):03d}.safetensors"
+    return "model-head.safetensors" if name.startswith("lm_head.") else "model-embed.safetensors"
+
+
+def _init_values(model, names: list[str]) -> dict:
+    """The model's own initial value for each 1-D parameter (norm weights: 1, or 0 for Gemma's
+    offset norms), taken by running its ``_init_weights`` on a CPU copy of the owning module."""
+    import copy
+
+    import torch
+
+    values = {}
+    for name in names:
+        owner_name, _, attr = name.rpartition(".")
+        owner = copy.deepcopy(model.get_submodule(owner_name)).to_empty(device="cpu")
+        with torch.no_grad():
+            getattr(owner, attr).fill_(float("nan"))
+            model._init_weights(owner)
+        value = getattr(owner, attr).detach()
+        values[name] = torch.zeros_like(value) if value.isnan().any() else value.to(torch.bfloat16)
+    return values
+
+
 def build_model(shape: str, layers: int, folder: Path, seed: int = 0) -> Path:
-    """A LlamaForCausalLM folder with ``layers`` random decoder layers (bf16, std 0.02)."""
+    """A model folder of the shape's architecture with ``layers`` random decoder layers (bf16,
+    std 0.02 for matrices, the model's own initial values for norms), one shard per layer."""
     import torch
     from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
 
     if (folder / "config.json").is_file():
         return folder
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    s = SHAPES[shape]
-    h, inter, heads, kv = s["hidden_size"], s["intermediate_size"], s["num_attention_heads"], s["num_key_value_heads"]
-    hd = h // heads
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h,
-        "intermediate_size": inter, "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd,
-        "num_hidden_layers": layers, "vocab_size": VOCAB, "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
-        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2,
-        "torch_dtype": "bfloat16",
-    }
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    config = model_config(shape, layers)
+    config.save_pretrained(tmp)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    params = dict(skeleton.named_parameters())  # tied weights appear once
+    vectors = _init_values(skeleton, [n for n, p in params.items() if p.dim() == 1])
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(seed)
+    shards: dict[str, list[str]] = {}
+    for name in params:
+        shards.setdefault(_shard_of(name), []).append(name)
+    weight_map = {}
+    for shard, names in shards.items():
+        tensors = {}
+        for name in names:
+            if name in vectors:
+                tensors[name] = vectors[name]
+            else:
+                shape_ = tuple(params[name].shape)
+                tensors[name] = (torch.randn(*shape_, generator=g, device=dev, dtype=torch.float32) * 0.02
+                                 ).to(torch.bfloat16).cpu()
+        save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in tensors})
+        del tensors
+    return _publish(tmp, folder, weight_map)
+
+
+def build_moe_model(shape: str, layers: int, folder: Path, seed: int = 0) -> Path:
+    """A random-weight model of a MoE family (bf16, std 0.02, norms 1, router biases 0), its
+    tensors named as the released checkpoints name them; one shard per decoder layer."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    from quantkit.graph.skeleton import build_meta
+
+    if (folder / "config.json").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    s = MOE_SHAPES[shape]
+    cls = transformers.CONFIG_MAPPING[s["model_type"]]
+    config = cls(**s["config"], num_hidden_layers=layers, bos_token_id=1, eos_token_id=2)
+    config.architectures = [transformers.AutoModelForCausalLM._model_mapping[cls].__name__]
+    config.torch_dtype = "bfloat16"
+    config.save_pretrained(tmp)
+    meta = build_meta(transformers.AutoModelForCausalLM._model_mapping[cls], config, torch.bfloat16)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator(device=dev).manual_seed(seed)
 
-    def rand(*shape_):
-        return (torch.randn(*shape_, generator=g, device=dev, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
+    def tensor(name: str, shape_: tuple) -> torch.Tensor:
+        if len(shape_) == 1:
+            fill = 0.0 if "bias" in name else 1.0
+            return torch.full(shape_, fill, dtype=torch.bfloat16)
+        return (torch.randn(*shape_, generator=g, device=dev) * 0.02).to(torch.bfloat16).cpu()
 
+    def checkpoint_name(name: str) -> str:
+        if s["model_type"] != "mixtral":
+            return name
+        name = name.replace(".mlp.", ".block_sparse_moe.")
+        for ours, theirs in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+            name = name.replace(f".{ours}.weight", f".{theirs}.weight")
+        return name
+
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    for name, p in meta.state_dict().items():
+        layer = name.split(".layers.")[1].split(".")[0] if ".layers." in name else None
+        shard = f"model-layer-{int(layer):03d}.safetensors" if layer is not None else "model-outside.safetensors"
+        shards.setdefault(shard, {})[checkpoint_name(name)] = None  # type: ignore[assignment]
     weight_map = {}
-    shards = {"model-embed.safetensors": {"model.embed_tokens.weight": rand(VOCAB, h),
-                                          "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)},
-              "model-head.safetensors": {"lm_head.weight": rand(VOCAB, h)}}
-    for name, tensors in shards.items():
-        save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in tensors})
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        t = {p + "self_attn.q_proj.weight": rand(heads * hd, h), p + "self_attn.k_proj.weight": rand(kv * hd, h),
-             p + "self_attn.v_proj.weight": rand(kv * hd, h), p + "self_attn.o_proj.weight": rand(h, heads * hd),
-             p + "mlp.gate_proj.weight": rand(inter, h), p + "mlp.up_proj.weight": rand(inter, h),
-             p + "mlp.down_proj.weight": rand(h, inter),
-             p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-             p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
-        name = f"model-layer-{i:03d}.safetensors"
-        save_file(t, str(tmp / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in t})
-        del t
+    shapes = {checkpoint_name(n): tuple(p.shape) for n, p in meta.state_dict().items()}
+    for shard, names in shards.items():
+        tensors = {n: tensor(n, shapes[n]) for n in names}
+        save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in tensors})
+        del tensors
+    return _publish(tmp, folder, weight_map)
+
+
+def _publish(tmp: Path, folder: Path, weight_map: dict[str, str]) -> Path:
+    """Index and tokenizer into the folder being built, then move it into place."""
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     write_tokenizer(tmp)
     os.replace(tmp, folder)
@@ -130,13 +303,13 @@ def write_tokenizer(folder: Path) -> None:
                             pad_token="</s>").save_pretrained(str(folder))
 
 
-def build_calibration(path: Path, n: int, length: int, seed: int = 0) -> Path:
+def build_calibration(path: Path, n: int, length: int, seed: int = 0, vocab: int = CALIBRATION_VOCAB) -> Path:
     import torch
     from safetensors.torch import save_file
 
     if not path.is_file():
         g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(3, VOCAB, (n, length), generator=g)
+        ids = torch.randint(3, vocab, (n, length), generator=g)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"input_ids": ids}, str(path))
     return path
@@ -149,6 +322,21 @@ def _peak_rss_bytes() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _cuda_init() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.init()
+
+
+def _gpu_peaks() -> dict:
+    import torch
+
+    if DEVICE != "cuda":
+        return {"gpu_gib": 0.0, "gpu_reserved_gib": 0.0}
+    return {"gpu_gib": torch.cuda.max_memory_allocated() / GIB, "gpu_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
 
 
 def _dir_bytes(folder: Path) -> int:
@@ -164,7 +352,7 @@ def _quantkit_recipe(method: str, model: Path, calib: Path, out: Path, n: int, l
     }[method]
     return {"model": {"id": str(model), "dtype": "bfloat16"}, "quantization": q,
             "calibration": {"source": str(calib), "num_samples": n, "max_seq_length": length, "batch_size": batch},
-            "evaluate": {"enabled": False}, "export": {"output_dir": str(out), "overwrite": True}, "device": "cuda"}
+            "evaluate": {"enabled": False}, "export": {"output_dir": str(out), "overwrite": True}, "device": DEVICE}
 
 
 class _Profile:
@@ -178,13 +366,15 @@ class _Profile:
 
         fn = getattr(owner, attr)
 
+        sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+
         def timed(*a, **k):
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                torch.cuda.synchronize()
+                sync()
                 self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
 
         setattr(owner, attr, timed)
@@ -204,12 +394,11 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     prof.wrap(awq, "awq_clip_search", "awq clip search")
     prof.wrap(int8_dynamic, "smooth_layer", "smoothquant (incl. its forward)")
     prof.wrap(engine._LayerCalibration, "observe", "calibration forward (incl. hooks)")
-    torch.cuda.init()
+    _cuda_init()
     t0 = time.perf_counter()
     report = quantkit.quantize(**_quantkit_recipe(method, model, calib, out, n, length, batch), quiet=True)
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "gpu_gib": torch.cuda.max_memory_allocated() / GIB,
-            "gpu_reserved_gib": torch.cuda.max_memory_reserved() / GIB, "rss_gib": _peak_rss_bytes() / GIB,
+    return {"wall_s": wall, **_gpu_peaks(), "rss_gib": _peak_rss_bytes() / GIB,
             "out_gib": _dir_bytes(out) / GIB, "phases": report["timing"]["phase_seconds"],
             "layer_seconds": report["timing"]["layer_seconds"], "profile": prof.seconds}
 
@@ -225,13 +414,15 @@ def worker_llmcompressor(method: str, model_dir: Path, calib: Path, out: Path, n
     from transformers import AutoModelForCausalLM
 
     recipe = {
-        "gptq": lambda: GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
+        # Routers stay float (MoE cases; they match nothing in dense ones).
+        "gptq": lambda: GPTQModifier(targets="Linear", scheme="W4A16",
+                                     ignore=["lm_head", "re:.*mlp.gate$", "re:.*block_sparse_moe.gate$"]),
         "awq": lambda: AWQModifier(targets=["Linear"], scheme="W4A16_ASYM", ignore=["lm_head"]),
         "w8a8": lambda: [SmoothQuantModifier(smoothing_strength=0.8),
                          GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])],
         "fp8": lambda: QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"]),
     }[method]()
-    torch.cuda.init()
+    _cuda_init()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
     ids = load_file(str(calib))["input_ids"][:n, :length]
@@ -242,8 +433,7 @@ def worker_llmcompressor(method: str, model_dir: Path, calib: Path, out: Path, n
     t2 = time.perf_counter()
     model.save_pretrained(str(out), save_compressed=True)
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "oneshot_s": t2 - t1, "gpu_gib": torch.cuda.max_memory_allocated() / GIB,
-            "gpu_reserved_gib": torch.cuda.max_memory_reserved() / GIB, "rss_gib": _peak_rss_bytes() / GIB,
+    return {"wall_s": wall, "oneshot_s": t2 - t1, **_gpu_peaks(), "rss_gib": _peak_rss_bytes() / GIB,
             "out_gib": _dir_bytes(out) / GIB}
 
 
@@ -251,8 +441,13 @@ def worker_llmcompressor(method: str, model_dir: Path, calib: Path, out: Path, n
 
 def run_case(case: str, tool: str, work: Path, n: int, length: int, batch: int, timeout: float) -> dict:
     shape, layers, method = CASES[case]
-    model = build_model(shape, layers, work / f"model-{shape}-{layers}")
-    calib = build_calibration(work / f"calib-{n}x{length}.safetensors", n, length)
+    if shape in MOE_SHAPES:
+        model = build_moe_model(shape, layers, work / f"model-{shape}-{layers}")
+        vocab = MOE_SHAPES[shape]["config"].get("vocab_size", CALIBRATION_VOCAB)
+    else:
+        model = build_model(shape, layers, work / f"model-{shape}-{layers}")
+        vocab = CALIBRATION_VOCAB
+    calib = build_calibration(work / f"calib-{n}x{length}-{vocab}.safetensors", n, length, vocab=vocab)
     os.sync()  # the model just written must not be flushed to disk during a timed run
     out = work / f"out-{case}-{tool}"
     result_file = work / f"result-{case}-{tool}.json"
@@ -262,7 +457,11 @@ def run_case(case: str, tool: str, work: Path, n: int, length: int, batch: int, 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     log = work / f"log-{case}-{tool}.txt"
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+        try:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:  # a result too: the tool did not finish in the time given
+            shutil.rmtree(out, ignore_errors=True)
+            return {"error": f"not finished after {timeout:.0f} s (--timeout)", "log_tail": log.read_text()[-3000:]}
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode != 0 or not result_file.is_file():
         tail = log.read_text()[-3000:]
@@ -324,18 +523,19 @@ def extrapolation(results: dict) -> str:
         if "layer_seconds" not in q or not q["layer_seconds"]:
             continue
         shape, layers, _ = CASES[case]
-        full = SHAPES[shape]["full_layers"]
         per_layer = sum(q["layer_seconds"]) / len(q["layer_seconds"])
         # export and embedding scale with layers too: charge export per layer, the rest is fixed
         export_per_layer = q["phases"].get("export", 0.0) / layers
         fixed = q["wall_s"] - sum(q["layer_seconds"]) - q["phases"].get("export", 0.0)
-        est = fixed + full * (per_layer + export_per_layer)
+        targets = MOE_EXTRAPOLATE.get(shape) or [(f"{SHAPES[shape]['name']} ({SHAPES[shape]['full_layers']} layers)",
+                                                   1.0, SHAPES[shape]["full_layers"])]
         p = r.get("llmcompressor") or REFERENCE.get(case)
-        peer = "-"
-        if p and "wall_s" in p:
-            peer = f"~{p['wall_s'] / layers * full / 60:.1f} min (linear in layers)"
-        lines.append(f"| {SHAPES[shape]['name']} ({full} layers) | {case} | {per_layer:.2f} | {fixed:.1f} | "
-                     f"~{est / 60:.1f} min | {peer} |")
+        for name, factor, full in targets:
+            est = fixed + full * factor * (per_layer + export_per_layer)
+            peer = "-"
+            if p and "wall_s" in p:
+                peer = f"~{p['wall_s'] / layers * full * factor / 60:.1f} min (linear in layers)"
+            lines.append(f"| {name} | {case} | {per_layer * factor:.2f} | {fixed:.1f} | ~{est / 60:.1f} min | {peer} |")
     return "\n".join(lines)
 
 
@@ -350,7 +550,12 @@ def main(argv: list[str] | None = None) -> int:
         Path(result).write_text(json.dumps(r, indent=2))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=",".join(c for c in CASES if c not in MOE_CASES),
+                    help="comma-separated; 'moe' for the Mixture-of-Experts cases")
+    ap.add_argument("--tiny", action="store_true", help="check the script on the CPU with tiny MoE shapes "
+                    "(a smoke test, not a measurement)")
+    ap.add_argument("--drop-models", action="store_true",
+                    help="delete each case's model folder after its runs (MoE models are 5-26 GB)")
     ap.add_argument("--tools", default="quantkit,llmcompressor")
     ap.add_argument("--work", default="/tmp/quantkit-gpu-bench")
     ap.add_argument("--samples", type=int, default=128)
@@ -363,13 +568,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.tiny:
+        global DEVICE
+        DEVICE = os.environ["QK_BENCH_DEVICE"] = "cpu"
+        for s in MOE_SHAPES.values():
+            s["config"].update(_TINY.get(s["model_type"], {}))
     tools = args.tools.split(",")
     if "llmcompressor" in tools and not have_llmcompressor():
         print("llm-compressor is not installed here: peers are the reference table's numbers", flush=True)
         tools.remove("llmcompressor")
     results: dict = {}
     earlier = json.loads(Path(args.peer_results).read_text()) if args.peer_results else {}
-    for case in args.cases.split(","):
+    cases = [c for entry in args.cases.split(",") for c in (MOE_CASES if entry == "moe" else [entry])]
+    for case in cases:
         results[case] = {}
         for tool in tools:
             old = earlier.get(case, {}).get(tool)
@@ -386,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(r["log_tail"], flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
+        if args.drop_models:
+            shape, layers, _ = CASES[case]
+            shutil.rmtree(work / f"model-{shape}-{layers}", ignore_errors=True)
     measured = any("llmcompressor" in r for r in results.values())
     print()
     print(table(results, measured))

@@ -116,9 +116,9 @@ def prepare(args, save) -> dict:
             started = time.perf_counter()
             run(recipe, quiet=True, on_layer=keep)
             seconds = time.perf_counter() - started
-        model = _reference_model(base_dir, layers, args.dtype)
+        model, decoder_layers = _reference_model(base_dir, layers, args.dtype)
         for i, qweights in quantized.items():  # W8A8/FP8: the reference rounds activations as vLLM does
-            attach_activation_quantizers(model.model.layers[i], qweights)
+            attach_activation_quantizers(decoder_layers[i], qweights)
         ref = reference_outputs(model, base_dir, args.dtype, args.device, args.max_tokens)
         out["cases"][name] = {"label": label, "format": fmt, "dir": str(checkpoint), "stem": str(work / name),
                               "quantize_seconds": seconds, **ref}
@@ -129,17 +129,22 @@ def prepare(args, save) -> dict:
 
 
 def _reference_model(base_dir: Path, layers: dict, dtype: str):
-    """The base model with the engine's per-layer tensors (fake-quantized weights, folded
-    norms) put in, weights rounded to the dtype vLLM holds them in."""
+    """The base model (its own class: a multimodal checkpoint stays one) with the engine's
+    per-layer tensors (fake-quantized weights, folded norms) put in its decoder layers, weights
+    rounded to the dtype vLLM holds them in; and that decoder's layer list."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    state = {f"model.layers.{i}.{k}": v.float() for i, s in layers.items() for k, v in s.items()}
+    from quantkit.graph.skeleton import locate_decoder, model_class
+
+    config = AutoConfig.from_pretrained(base_dir)
+    model = model_class(config, str(base_dir)).from_pretrained(base_dir, dtype=torch.float32)
+    prefix = locate_decoder(model, str(base_dir)).layers
+    state = {f"{prefix}.{i}.{k}": v.float() for i, s in layers.items() for k, v in s.items()}
     missing = set(state) - set(model.state_dict())
     assert not missing, f"fake-quant tensors not in the model: {sorted(missing)[:3]}"
     model.load_state_dict(state, strict=False)
-    return model.to(getattr(torch, dtype)).eval()
+    return model.to(getattr(torch, dtype)).eval(), model.get_submodule(prefix)
 
 
 def reference_outputs(model, base_dir: Path, dtype: str, device: str, max_tokens: int) -> dict:

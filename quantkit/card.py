@@ -67,6 +67,7 @@ def render_card(report: dict[str, Any], license_: str | None) -> str:
         lines += [f"- `{k['module']}`: {k['reason']}" for k in kept]
         lines += [""]
     lines += _task_lines(report.get("tasks"))
+    lines += _experts_section(report.get("experts"))
     cal = report["calibration"]
     lines += [
         "## How it was made", "",
@@ -102,3 +103,23 @@ def _task_lines(tasks: dict[str, Any] | None) -> list[str]:
 
 def _with_stderr(value: float, stderr: float | None) -> str:
     return f"{value:.4f}" if stderr is None else f"{value:.4f} ± {stderr:.4f}"
+
+
+def _experts_section(experts: dict[str, Any] | None) -> list[str]:
+    """Calibration tokens per expert: the routed counts (fewest, median, most) per MoE block,
+    how many tokens the statistics saw, and the experts that fell back to round-to-nearest."""
+    if not experts:
+        return []
+    mode = ("every calibration token went through every expert for statistics; only routed outputs propagated"
+            if experts["all_experts"] else "each expert's statistics saw only the tokens routed to it")
+    lines = ["## Experts", "", f"Calibration: {mode}. Tokens the router sent to each expert:", "",
+             "| experts | experts | fewest routed | median | most | statistics from (fewest) |", "|---|---|---|---|---|---|"]
+    for name, per in experts["routed_tokens"].items():
+        s = sorted(per)
+        stats = min(experts["statistics_tokens"][name])
+        lines.append(f"| `{name}` | {len(per)} | {s[0]} | {s[len(s) // 2]} | {s[-1]} | {stats} |")
+    lines.append("")
+    if experts["rtn_fallback"]:
+        lines += [f"Below {experts['min_expert_tokens']} tokens an expert is quantized by round-to-nearest: "
+                  + ", ".join(f"`{n}`" for n in experts["rtn_fallback"]), ""]
+    return lines

@@ -50,9 +50,9 @@ class World:
         return list(items[self.rank::self.size])
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """``t`` reduced over the ranks in place (``"sum"`` or ``"max"``); returns ``t``."""
+        """``t`` reduced over the ranks in place (``"sum"``, ``"max"`` or ``"min"``); returns ``t``."""
         if self.size > 1:
-            _guard(lambda: dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX))
+            _guard(lambda: dist.all_reduce(t, op=_OPS[op]))
         return t
 
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
@@ -128,6 +128,7 @@ class World:
 
 
 SINGLE = World()
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
 def _guard(fn: Callable[[], object]) -> None:

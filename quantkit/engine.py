@@ -29,8 +29,11 @@ from .divergence import compare_streams
 from .errors import DeviceMemoryError, NumericsError
 from .finite_check import check_quantized, check_written
 from .graph.attention import observe_attention
+from .graph.experts import all_experts, expert_modules, reset_counts, routed_counts
 from .graph.runtime import LayerInputs, ModelRunner
-from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, Quantizer, Statistic
+from .moe import (ExpertCalibration, ExpertReport, rtn_fallback, starved, statistics_budget, statistics_chunks,
+                  statistics_tokens, without)
+from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, PairedStatistic, Quantizer, Statistic
 from .scheme import QuantizedWeight
 from .workdir import LayerRecord, WorkDir
 
@@ -53,21 +56,75 @@ class _LayerCalibration:
     calibration batches, each with the arguments the model's own forward gives layer ``index``."""
 
     def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs], seed: int,
-                 world: World = SINGLE):
+                 world: World = SINGLE, every_expert: bool = True, float_batches: list[LayerInputs] | None = None):
         self.runner, self.index, self.layer, self.batches, self.seed = runner, index, layer, batches, seed
-        self.world = world
+        self.world, self.every_expert, self.float_batches = world, every_expert, float_batches
+        # Tokens routed to each expert over every rank's batches, from the first pass.
+        self.routed: dict[str, list[int]] | None = None
+        self._tokens: int | None = None
 
     def generator(self, name: str) -> torch.Generator:
         return seeding.generator(self.seed, self.index, name, device=self.runner.device)
 
-    def observe(self, stats: Mapping[str, Statistic]) -> None:
+    def _forward(self, batches: list[LayerInputs]) -> Callable[[], None]:
         def forward() -> None:
-            for b in self.batches:  # outputs dropped as they come: activations stay on the device once
+            for b in batches:  # outputs dropped as they come: activations stay on the device once
                 self.runner.run_layer(self.layer, b.hidden, b.calls[self.index])
 
-        run_calibration(self.layer, {name: s.add for name, s in stats.items()}, forward)
+        return forward
+
+    def observe(self, stats: Mapping[str, Statistic]) -> None:
+        reset_counts(self.layer)
+        with all_experts(self.layer, self.every_expert):
+            run_calibration(self.layer, {name: s.add for name, s in stats.items()}, self._forward(self.batches))
+        if self.routed is None:
+            self.routed = _summed_counts(routed_counts(self.layer), self.world)
+        self._reduce(stats)
+
+    def observe_paired(self, stats: Mapping[str, PairedStatistic]) -> None:
+        if self.float_batches is None:
+            raise RuntimeError("observe_paired needs the float stream: the quantizer must set needs_float_inputs")
+        with all_experts(self.layer, self.every_expert):
+            for quant, flt in zip(self.batches, self.float_batches):
+                run_paired_batch(self.layer, {name: s.add for name, s in stats.items()}, self._forward([quant]),
+                                 self._forward([flt]))
+        self._reduce(stats)
+
+    def _reduce(self, stats: Mapping[str, Statistic | PairedStatistic]) -> None:
         for name in sorted(stats):  # the same order on every rank: collectives pair up
             stats[name].reduce(self.world)
+
+    @property
+    def tokens(self) -> int:
+        """Calibration tokens over every rank."""
+        if self._tokens is None:
+            mine = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self.batches)
+            self._tokens = int(self.world.all_reduce(torch.tensor([mine], device=self.world.device)).item())
+        return self._tokens
+
+
+def _summed_counts(counts: dict[str, list[int]], world: World) -> dict[str, list[int]]:
+    """Per-expert routed token counts summed over the ranks, so every rank takes the same
+    decisions from them (which experts fall back to round-to-nearest)."""
+    names = sorted(counts)
+    if world.size == 1 or not names:
+        return counts
+    flat = torch.tensor([c for n in names for c in counts[n]], dtype=torch.int64, device=world.device)
+    world.all_reduce(flat)
+    out, at = {}, 0
+    for n in names:
+        out[n] = flat[at:at + len(counts[n])].tolist()
+        at += len(counts[n])
+    return out
+
+
+def run_paired_batch(layer: nn.Module, hooks: Mapping[str, Callable[[torch.Tensor, torch.Tensor], None]],
+                     quant: Callable[[], None], flt: Callable[[], None]) -> None:
+    """One batch through ``layer`` on the float stream (each hooked Linear's input kept), then
+    on the quantized stream (each hook called with both inputs of the same tokens)."""
+    kept: dict[str, list[torch.Tensor]] = {n: [] for n in hooks}
+    run_calibration(layer, {n: kept[n].append for n in hooks}, flt)
+    run_calibration(layer, {n: (lambda x, n=n: hooks[n](x, kept[n].pop(0))) for n in hooks}, quant)
 
 
 def run_calibration(layer: nn.Module, hooks: Mapping[str, InputHook], forward: Callable[[], object]) -> None:
@@ -102,6 +159,7 @@ class EngineResult:
     # KL of the quantized next-token distribution from the base's, top-1 agreement (divergence.py).
     divergence: dict[str, float | int] | None = None
     layer_seconds: list[float] = field(default_factory=list)
+    experts: ExpertReport = field(default_factory=ExpertReport)
     # Seconds per stage summed over layers (load, quantize, save, propagate, ...).
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -129,9 +187,10 @@ class LayerwiseEngine:
     ends each layer with the same quantized weights; rank 0 alone evaluates and writes."""
 
     def __init__(self, runner: ModelRunner, quantizer: Quantizer, workdir: WorkDir, fingerprint: str,
-                 quiet: bool = False, on_layer: LayerCallback | None = None, *, seed: int, world: World = SINGLE):
+                 quiet: bool = False, on_layer: LayerCallback | None = None, *, seed: int,
+                 experts: ExpertCalibration = ExpertCalibration(), world: World = SINGLE):
         self.sk, self.quantizer, self.workdir, self.fingerprint = runner, quantizer, workdir, fingerprint
-        self.quiet, self.on_layer, self.seed, self.world = quiet, on_layer, seed, world
+        self.quiet, self.on_layer, self.seed, self.experts, self.world = quiet, on_layer, seed, experts, world
 
     def run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
             start: int = 0) -> EngineResult:
@@ -154,6 +213,10 @@ class LayerwiseEngine:
         calib_in = sk.capture(calib_batches)
         base_in = sk.capture(eval_batches)
         quant_in = [LayerInputs(b.hidden.clone(), b.calls) for b in base_in]
+        # The float model's calibration stream, for quantizers that fit the quantized layer on
+        # its own inputs to the float layer on the float inputs.
+        float_in = [LayerInputs(b.hidden.clone(), b.calls) for b in calib_in] \
+            if self.quantizer.needs_float_inputs else None
         clock.lap("embed")
 
         if start:
@@ -173,10 +236,7 @@ class LayerwiseEngine:
             if i < start:
                 record = self.workdir.load_layer(i)
             else:
-                calibration = _LayerCalibration(sk, i, layer, calib_in, self.seed, self.world)
-                graph = sk.graph.layer(i)
-                qweights = self.quantizer.quantize_layer(layer, graph, calibration,
-                                                         self.quantizer.layer_schemes(sk.layer_prefix(i), graph))
+                qweights = self._quantize(i, layer, calib_in, float_in, result.experts)
                 for name, qw in qweights.items():
                     check_quantized(sk.layer_prefix(i) + name, qw)
                 clock.lap("quantize")
@@ -188,6 +248,10 @@ class LayerwiseEngine:
                 if self.world.is_main:
                     self.workdir.save_layer(i, record, self.fingerprint)
                 clock.lap("save")
+            if float_in is not None:  # the layer is still float here (folds leave its function as it was)
+                with torch.no_grad():
+                    for b in float_in:
+                        b.hidden = sk.run_layer(layer, b.hidden, b.calls[i])
             apply_record(layer, record, sk.device, sk.dtype)
             if self.on_layer is not None and i >= start:
                 self.on_layer(i, layer, record.quantized)
@@ -216,6 +280,35 @@ class LayerwiseEngine:
             result.divergence = compared.divergence()
             clock.lap("evaluate")
         return result
+
+    def _quantize(self, i: int, layer: nn.Module, calib_in: list[LayerInputs], float_in: list[LayerInputs] | None,
+                  report: ExpertReport) -> dict[str, QuantizedWeight]:
+        """The quantizer on layer ``i``; for a Mixture-of-Experts layer, with the experts'
+        calibration mode, their token counts recorded and starved experts rounded instead."""
+        graph = self.sk.graph.layer(i)
+        settings = self.experts
+        calib = _LayerCalibration(self.sk, i, layer, calib_in, self.seed, self.world, settings.all_experts, float_in)
+        schemes = self.quantizer.layer_schemes(self.sk.layer_prefix(i), graph)
+        if not graph.experts or not self.quantizer.needs_calibration:
+            return self.quantizer.quantize_layer(layer, graph, calib, schemes)
+        if not settings.all_experts:
+            graph = graph.per_expert()
+            calib.observe({})  # who is starved must be known before the quantizer hooks them
+        counts = {n: statistics_tokens((calib.routed or {}).get(n, [0] * m.layout.num_experts), calib.tokens,
+                                       settings) for n, m in expert_modules(layer)}
+        where = self.sk.layer_prefix(i)[:-1]
+        hungry = starved(counts, settings)
+        qweights: dict[str, QuantizedWeight] = {}
+        for part in statistics_chunks(without(graph, hungry), statistics_budget(self.sk.device, self.world)):
+            qweights.update(self.quantizer.quantize_layer(layer, part, calib,
+                                                          {n: schemes[n] for n in part.linears if n in schemes}))
+        if hungry:
+            report.rtn_fallback += [f"{where}.{n}" for n in
+                                    rtn_fallback(layer, graph, hungry, self.quantizer.scheme, qweights, where)]
+        for name, per in (calib.routed or {}).items():
+            report.routed[f"{where}.{name}"] = per
+            report.statistics_tokens[f"{where}.{name}"] = statistics_tokens(per, calib.tokens, settings)
+        return qweights
 
 
 def apply_record(layer: nn.Module, record: LayerRecord, device: torch.device, dtype: torch.dtype) -> None:

@@ -5,7 +5,8 @@ Runs after the engine, one layer file at a time, so memory stays bounded by one 
 are the checkpoint's own (transformers' conversion mapping undone), which are the names vLLM
 reads. Every source tensor that no processed layer consumed (embedding, final norm, lm_head,
 vision tower, projector, MTP layers, anything) is copied byte for byte when it already has
-the export dtype, else cast and checked; nothing is dropped (``check_nothing_dropped``). On a
+the export dtype, else cast and checked, unless a weight edit (the stream rotation) changed
+it; nothing is dropped (``check_nothing_dropped``). On a
 GPU the format's packing runs there (the layer's codes go up once, packed words come back):
 the formats' int64 packing arithmetic would otherwise take several times a layer's size in
 host memory and most of the export time.
@@ -31,9 +32,12 @@ def export_checkpoint(runner: ModelRunner, workdir: WorkDir, writer: CheckpointW
     consumed: set[str] = set()
     for i in range(runner.num_layers):
         consumed.update(runner.layer_sources(i).values())
+    edited = tuple(f"{m}." for m in runner.edited_modules())
     for src in source.weight_map:
-        if src not in consumed:
+        if src not in consumed and not names.to_model.get(src, src).startswith(edited):
             _copy_from_source(writer, runner, src)
+    for name, t in runner.edited_tensors():  # a rotation's embedding, final norm and head
+        writer.add(names.source_of(name), t)
     for i in tqdm(range(runner.num_layers), desc="writing shards", unit="layer", disable=quiet):
         record = workdir.load_layer(i)
         prefix = runner.layer_prefix(i)

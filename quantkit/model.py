@@ -22,6 +22,7 @@ from safetensors import safe_open
 
 from .errors import ModelError
 from .shard_check import model_file_error, model_file_problems, raise_problems, read_entries, shard_entries
+from .source_dequant import read_as_float
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def unreachable_hub_model(model: str, e: Exception) -> ModelError:
 
 
 def local_model_dir(model: str) -> Path | None:
-    """A built-in model's or a local model's folder; None when ``model`` is a hub id."""
+    """A built-in model's or a local model's folder (a local .gguf converted once to one); None
+    when ``model`` is a hub id."""
     if model.startswith("builtin:"):
         from .assets import builtin_model_dir
 
@@ -72,6 +74,10 @@ def local_model_dir(model: str) -> Path | None:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    if path.suffix == ".gguf":
+        from .assets import gguf_model_dir
+
+        return gguf_model_dir(path)
     if path.exists():
         raise ModelError(f"model.id: {model} is a file", field="model.id", value=model, file=path,
                          hint="give the model's folder (config.json, *.safetensors, tokenizer) or a hub id (org/name)")
@@ -211,7 +217,8 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 def read_config(cfg_file: Path, quantized_ok: bool = False) -> dict[str, Any]:
     """config.json as a dict; a malformed one is refused, and so is one of an already-quantized
-    model unless ``quantized_ok`` (evaluating a checkpoint)."""
+    model unless ``quantized_ok`` (evaluating a checkpoint) or its authors' quantization is one
+    quantkit reads as the float values it stands for (DeepSeek-V3's FP8 blocks, gpt-oss's MXFP4)."""
     if not cfg_file.is_file():
         raise ModelError(f"model.id: {cfg_file.parent} has no config.json", field="model.id",
                          value=str(cfg_file.parent), file=cfg_file, hint="give the folder of a Hugging Face model")
@@ -224,7 +231,7 @@ def read_config(cfg_file: Path, quantized_ok: bool = False) -> dict[str, Any]:
         raise ModelError(f"model.id: {cfg_file} is not a JSON object of config fields", field="model.id",
                          file=cfg_file, hint="fix or re-download config.json")
     quantized = config.get("quantization_config")
-    if quantized is not None and not quantized_ok:
+    if quantized is not None and not quantized_ok and not read_as_float(quantized):
         method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
         raise ModelError(f"model.id: {cfg_file.parent} is already quantized ({method}: config.json has a "
                          "quantization_config)", field="model.id", value=str(cfg_file.parent), file=cfg_file,

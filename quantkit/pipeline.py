@@ -32,10 +32,12 @@ from .formats import FORMATS
 from .graph.runtime import ModelRunner, describe_outside
 from .interrupts import as_run_failure, signal_name, signal_of, terminate_as_interrupt
 from .model import ModelSource, load_tokenizer
+from .moe import ExpertCalibration
 from .output_guard import check_output_dir, run_inputs
 from .planner import serve_command
 from .quantizers import QUANTIZERS
 from .recipe import RecipeBase, parse_size
+from .rotation.stream import StreamRotation
 from .run_lock import RunLock
 from .scheme import Scheme
 from .scheme_names import plan_scheme_key, scheme_name
@@ -84,6 +86,8 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     # The model's own classes on the meta device and its layer graph: no weight is read.
     runner = ModelRunner(source, device, compute_dtype, f"model {recipe.model.id}")
     runner.check_supported()
+    if params.rotate == "hadamard":
+        runner.edits.append(StreamRotation(runner))
     linear_schemes = assignment.resolve(decoder_linear_names(runner.graph))
     check_model_files(runner)
     tokenizer = load_tokenizer(source.path)
@@ -118,7 +122,8 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
             start = _start_workdir(world, run_id, calib, cal.batch_size,
                                    lambda: workdir.start(run_id, resume, weights, source.path))
             started_work = True
-            engine = LayerwiseEngine(runner, quantizer, workdir, run_id, quiet, on_layer, seed=cal.seed, world=world)
+            engine = LayerwiseEngine(runner, quantizer, workdir, run_id, quiet, on_layer, seed=cal.seed,
+                                     experts=ExpertCalibration(cal.all_experts, cal.min_expert_tokens), world=world)
             result = engine.run(calib, evaluation, cal.batch_size, start)
             if not world.is_main:
                 return {}
@@ -130,6 +135,7 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
             report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started,
                              linear_schemes)
             report["unquantized"] = unquantized_report(runner, outside)
+            report["experts"] = _experts_report(runner, cal, result)
             config = dict(source.config)
             # The checkpoint's names, as transformers and vLLM match them.
             named = {runner.names.source_module(n): s for n, s in linear_schemes.items()}
@@ -139,6 +145,8 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
                 scheme if assignment.uniform else named, [*ignored_components(runner, outside), *floats],
                 params.kv_cache_scheme())
             config["torch_dtype"] = str(dtype).replace("torch.", "")
+            for edit in runner.edits:
+                config.update(edit.config_updates())
             extra_files = {"report.json": json.dumps(report, indent=2),
                            "README.md": render_card(report, base_license(source.path))}
             copy = source.tokenizer_files() + [p for p in [source.path / "generation_config.json"] if p.is_file()]
@@ -199,7 +207,30 @@ def ignored_components(runner: ModelRunner, outside: list[tuple[str, str]]) -> l
             names.append(path)
         elif any(isinstance(m, nn.Linear) for m in mod.modules()):
             names.append(segment_pattern(path.rpartition(".")[2]))
-    return names
+    return names + layer_float_matrices(runner)
+
+
+def layer_float_matrices(runner: ModelRunner) -> list[str]:
+    """Matrices inside the decoder layers that stay in float (routers, Qwen2-MoE's shared-expert
+    gate), as ``re:`` patterns anchored at the module's end, in the checkpoint's names: vLLM
+    builds some of them as quantizable Linears and must find them ignored."""
+    import re
+
+    out: list[str] = []
+    for t, g in enumerate(runner.graph.types):
+        i = runner.graph.layers_of(t)[0]
+        prefix = runner.layer_prefix(i)
+        for u in g.unquantized:
+            mod = runner.model.get_submodule(prefix + u.module)
+            if not any(p.dim() == 2 for p in mod.parameters(recurse=False)):
+                continue
+            src = runner.names.source_module(prefix + u.module)
+            layer_src = runner.names.source_module(prefix[:-1])
+            rel = src[len(layer_src) + 1:] if src.startswith(layer_src + ".") else u.module
+            pattern = rf"re:.*\.{re.escape(rel)}$"
+            if pattern not in out:
+                out.append(pattern)
+    return out
 
 
 def unquantized_report(runner: ModelRunner, outside: list[tuple[str, str]]) -> list[dict[str, str]]:
@@ -292,6 +323,19 @@ def _linear_counts(linear_schemes: dict[str, Scheme]) -> dict[str, int]:
     for s in linear_schemes.values():
         counts[scheme_name(s)] = counts.get(scheme_name(s), 0) + 1
     return counts
+
+
+def _experts_report(runner: ModelRunner, cal: Any, result: Any) -> dict[str, Any] | None:
+    """Per-expert token counts (checkpoint names of the experts modules) and the experts that
+    fell back to round-to-nearest; None for a model without experts."""
+    rep = result.experts
+    if not rep.routed and not rep.rtn_fallback:
+        return None
+    names = runner.names
+    return {"all_experts": cal.all_experts, "min_expert_tokens": cal.min_expert_tokens,
+            "routed_tokens": {names.source_module(k): v for k, v in rep.routed.items()},
+            "statistics_tokens": {names.source_module(k): v for k, v in rep.statistics_tokens.items()},
+            "rtn_fallback": [names.source_module(n) for n in rep.rtn_fallback]}
 
 
 __all__ = ["run", "QuantkitError"]

@@ -17,7 +17,7 @@ import os
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -25,6 +25,7 @@ from .assignment_check import resolve_assignment
 from .calibration import source_kind
 from .errors import ExportError, ModelError, RecipeError
 from .checkpoint import work_dir_for
+from .graph.types import Unit
 from .graph.view import ModelView, config_from_dict, model_view
 from .model_files import ModelFiles, model_files
 from .output_guard import check_output_placement, check_replaceable, run_inputs
@@ -158,6 +159,10 @@ def check(recipe: RecipeBase) -> RunPlan:
     config_file = f"{model.location}/config.json"
     view = model_view(config_from_dict(model.config, config_file, named), model.headers, dtype, config_file, named)
     view.check_supported(named)
+    if params.rotate == "hadamard":
+        from .rotation.stream import rotation_targets
+
+        rotation_targets(view.model, view.graph, view.location, named)
     linear_schemes = resolve_assignment(params.assignment(), view.graph, where)
     groups = check_groups(view, linear_schemes, where)
     check_linear_tensors(view, model.headers)
@@ -252,20 +257,27 @@ def _group_size(scheme: Scheme | None) -> int | None:
 def check_linear_tensors(view: ModelView, headers: dict[str, dict[str, Any]]) -> None:
     """Every Linear the layers quantize is in the shard headers with the shape the config
     implies: a missing or reshaped one stops here, before any weight is read."""
+    for _, u, name in _decoder_units(view):
+        if u.expert is None and u.rows is None:
+            entry = headers.get(name)
+            if entry is None:
+                raise ModelError(f"model: tensor {name} is missing from the shards", field="model.id",
+                                 value=name, hint="the checkpoint does not match its config; re-download or "
+                                 "re-convert it")
+            if list(entry["shape"]) != [u.out_features, u.in_features]:
+                raise ModelError(f"model: tensor {name} has shape {list(entry['shape'])}, the config implies "
+                                 f"{[u.out_features, u.in_features]}", field="model.id", value=name,
+                                 hint="the checkpoint does not match its config")
+
+
+def _decoder_units(view: ModelView) -> Iterator[tuple[str, Unit, str]]:
+    """Every unit of every decoder layer: the layer's prefix, the unit, and the checkpoint name
+    of the tensor that holds it."""
     graph = view.graph
     for i in range(view.location.num_layers):
+        prefix = graph.layer_prefix(i)
         for u in graph.layer(i).units:
-            if u.expert is None and u.rows is None:
-                name = view.names.source_of(graph.layer_prefix(i) + u.param)
-                entry = headers.get(name)
-                if entry is None:
-                    raise ModelError(f"model: tensor {name} is missing from the shards", field="model.id",
-                                     value=name, hint="the checkpoint does not match its config; re-download or "
-                                     "re-convert it")
-                if list(entry["shape"]) != [u.out_features, u.in_features]:
-                    raise ModelError(f"model: tensor {name} has shape {list(entry['shape'])}, the config implies "
-                                     f"{[u.out_features, u.in_features]}", field="model.id", value=name,
-                                     hint="the checkpoint does not match its config")
+            yield prefix, u, view.names.source_of(prefix + u.param)
 
 
 def _text_plan(section: str, spec: Any, shape: ModelShape) -> TextPlan:
@@ -281,15 +293,11 @@ def _sizes(model: ModelFiles, view: ModelView, linear_schemes: dict[str, Scheme]
     """Refuse to start when the work files plus the checkpoint cannot fit on the output's disk."""
     headers = model.headers
     precisions = {s: get_scheme(plan_scheme_key(s), _group_size(s)) for s in set(linear_schemes.values())}
-    graph = view.graph
     linears = {}
-    for i in range(view.location.num_layers):
-        prefix = graph.layer_prefix(i)
-        for u in graph.layer(i).units:
-            scheme = linear_schemes.get(prefix + u.name)
-            source = view.names.source_of(prefix + u.param)
-            if scheme is not None and source in headers:
-                linears[source] = precisions[scheme]
+    for prefix, u, source in _decoder_units(view):
+        scheme = linear_schemes.get(prefix + u.name)
+        if scheme is not None and source in headers:
+            linears[source] = precisions[scheme]
     numel = {name: math.prod(h["shape"]) for name, h in headers.items()}
     element = _DTYPE_BYTES[str(dtype).replace("torch.", "")]
     checkpoint = sum(linears[n].linear_bytes(*headers[n]["shape"]) if n in linears else numel[n] * element

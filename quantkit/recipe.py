@@ -71,6 +71,12 @@ class CalibrationSpec(_Strict):
     packing: bool = Field(True, description="Concatenate texts into full-length sequences, else truncate each")
     seed: int = Field(0, description="Shuffling/sampling seed: same seed, same tokens")
     batch_size: int = Field(8, gt=0, description="Sequences per forward pass")
+    all_experts: bool = Field(
+        True, description="Mixture-of-Experts: every token goes through every expert for statistics while only "
+        "the routed outputs propagate; false: each expert sees only the tokens routed to it")
+    min_expert_tokens: int = Field(
+        32, gt=0, description="Mixture-of-Experts: an expert whose statistics saw fewer tokens is quantized by "
+        "round-to-nearest, with a warning naming it")
 
     @field_validator("source")
     @classmethod

@@ -195,10 +195,15 @@ def check_model_files(runner) -> None:
     its checkpoint names). Each problem is logged as one line; the first is raised as `ModelError`.
     """
     names = runner.names
+    # A source quantized by its authors is checked as stored: its codes and scale tensors are
+    # not float, and the dequantization checks their shapes as it reads them.
+    source = runner.source
+    stored = getattr(source, "base", source)
+    dequantized = getattr(source, "dequantized", set())
     expected = {names.source_of(k): tuple(v.shape) for k, v in runner.model.state_dict().items()
-                if k not in names.converted.values()}
+                if k not in names.converted.values() and names.source_of(k) not in dequantized}
     tied = {names.source_of(k) for k in (getattr(runner.model, "all_tied_weights_keys", None) or {})}
-    raise_problems(model_file_problems(runner.source.path, runner.source.weight_map, expected, tied))
+    raise_problems(model_file_problems(stored.path, stored.weight_map, expected, tied))
 
 
 def raise_problems(problems: list[str]) -> None:

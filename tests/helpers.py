@@ -136,15 +136,37 @@ def tiny_llama_layer(seed: int = 0, gqa: bool = False, batches: int = 2, seq: in
     return layer, data, config.to_dict()
 
 
-def load_vllm_check():
-    """benchmarks/vllm_check.py as a module (benchmarks/ is not a package)."""
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
     import importlib.util
     import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "vllm_check.py"
-    spec = importlib.util.spec_from_file_location("vllm_check", path)
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["vllm_check"] = mod
+    sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def load_vllm_check():
+    return load_benchmark("vllm_check")
+
+
+def family_workspace(tmp_path_factory, name: str):
+    """(root, a local calibration text file, ``model(family)``): tiny two-layer models of each
+    family, built on first use and shared by a test module."""
+    from tests.tiny_models import make_tiny_model, write_text_file
+
+    root = tmp_path_factory.mktemp(name)
+    text = write_text_file(root / "text.jsonl")
+    made: dict = {}
+
+    def model(family: str):
+        if family not in made:
+            made[family] = make_tiny_model(root / family, arch=family, layers=2, hidden=128, intermediate=256,
+                                           heads=4, kv_heads=2, seed=len(made))
+        return made[family]
+
+    return root, text, model

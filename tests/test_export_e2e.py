@@ -51,7 +51,7 @@ CASES = [  # id, model, format, quantization
     ("gptq-sym-g32-actorder-gptq", "qwen2-tied", "gptq",
      {"method": "gptq", "bits": 4, "group_size": 32, "act_order": True, "static_groups": True}),
     ("gptq-asym-g64-gptq", "llama", "gptq", {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False}),
-    ("gptq-sym-channel-gptq", "mistral", "gptq", {"method": "gptq", "bits": 4, "group_size": -1}),
+    ("gptq-sym-channel-gptq", "mistral", "gptq", {"method": "gptq", "bits": 4, "group_size": -1, "act_order": False}),
     ("awq-g64-awq", "llama", "awq", {"method": "awq", "bits": 4, "group_size": 64, "grid": 8}),
     ("awq-g32-ct", "qwen2-tied", "compressed-tensors",
      {"method": "awq", "bits": 4, "group_size": 32, "grid": 8}),

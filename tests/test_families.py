@@ -33,8 +33,9 @@ from quantkit.model import ModelSource
 from quantkit.pipeline import run
 from quantkit.quantizers import QUANTIZERS
 from quantkit.recipe import make_recipe
+from tests.helpers import family_workspace
 from tests.test_export_e2e import read_tensors
-from tests.tiny_models import MULTIMODAL_FAMILIES, TEXT_FAMILIES, make_tiny_model, model_class_for
+from tests.tiny_models import MULTIMODAL_FAMILIES, TEXT_FAMILIES, model_class_for
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,19 +56,7 @@ FULL_RUN = {  # family -> the method of its full pipeline run
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from tests.tiny_models import write_text_file
-
-    root = tmp_path_factory.mktemp("families")
-    text = write_text_file(root / "text.jsonl")
-    made: dict[str, Path] = {}
-
-    def model(family: str) -> Path:
-        if family not in made:
-            made[family] = make_tiny_model(root / family, arch=family, layers=2, hidden=128, intermediate=256,
-                                           heads=4, kv_heads=2, seed=len(made))
-        return made[family]
-
-    return root, text, model
+    return family_workspace(tmp_path_factory, "families")
 
 
 def load(folder: Path, **kwargs):

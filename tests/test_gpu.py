@@ -33,7 +33,8 @@ pytestmark = [pytest.mark.gpu,
 
 METHODS = {
     "gptq": {"method": "gptq", "bits": 4, "group_size": 128, "act_order": True, "static_groups": True},
-    "gptq-dynamic-groups": {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False},
+    "gptq-dynamic-groups": {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False, "act_order": False,
+                            "static_groups": False},
     "awq": {"method": "awq", "bits": 4, "group_size": 128, "symmetric": False},
     "w8a8-smoothquant-gptq": {"method": "dynamic_int8", "weight_method": "gptq", "smoothquant_alpha": 0.8},
     "fp8": {"method": "fp8"},

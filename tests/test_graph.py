@@ -225,28 +225,38 @@ def test_a_wrong_rotation_claim_is_caught(instances, family):
 # --------------------------------------------------------------------------- Mixture-of-Experts (issue 16)
 
 
-def test_moe_layers_are_refused_but_their_graph_derives():
-    """Experts are 3-D parameters: the layer type is refused in one line (issue 16 lifts it);
-    the rest derives, and a fold into the norm that also feeds the router and the experts is
-    found not exact (the verification catches what a naive "norm → shared expert" rule misses)."""
+def test_moe_experts_are_units_of_one_input_group():
+    """Fused 3-D experts become one MLP of Linears per expert; derived on a few experts and
+    expanded to all. Under all-expert calibration every expert reads one tensor: their gate/up
+    (and the shared expert's) form one group, one Hessian; each down_proj is its own group fed
+    by its expert's up rows. A fold into the norm that also feeds the router is found not exact
+    (the verification catches what a naive "norm → experts" rule misses)."""
     import transformers as tf
-
-    from quantkit.errors import ModelError
 
     cfg = tf.Qwen2MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                             shared_expert_intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=256, num_experts=4, num_experts_per_tok=2)
+                            num_key_value_heads=2, vocab_size=256, num_experts=8, num_experts_per_tok=2)
     meta = build_meta(tf.Qwen2MoeForCausalLM, cfg, torch.float32)
     graph = derive_model_graph(meta, locate_decoder(meta, "moe"))
+    graph.check_supported("model moe")
     layer = graph.layer(0)
-    assert layer.experts == ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
-    with pytest.raises(ModelError) as err:
-        graph.check_supported("model moe")
-    assert str(err.value).startswith("model moe: model.layers.0 (Qwen2MoeDecoderLayer, layers 0): Mixture-of-Experts "
-                                     "experts (mlp.experts.gate_up_proj, mlp.experts.down_proj) are not supported yet")
+    assert layer.experts == ("mlp.experts",)
+    experts = [u for u in layer.units if ".experts." in u.name]
+    assert [u.name for u in experts] == [f"mlp.experts.{e}.{p}" for e in range(8)
+                                         for p in ("gate_proj", "up_proj", "down_proj")]
+    assert {(u.in_features, u.out_features) for u in experts if u.name.endswith("up_proj")} == {(64, 32)}
     shared = next(g for g in layer.groups if "mlp.shared_expert.up_proj" in g.linears)
+    assert {f"mlp.experts.{e}.gate_proj" for e in range(8)} <= set(shared.linears)
+    assert ("mlp.experts.5.gate_proj", "mlp.experts.5.up_proj") in shared.fused
     assert shared.producer.module == "post_attention_layernorm" and not shared.producer.exact
     assert "other readers" in shared.producer.reason
+    down = next(g for g in layer.groups if g.linears == ("mlp.experts.6.down_proj",))
+    assert (down.producer.module, down.producer.kind, down.producer.exact) == ("mlp.experts.6.up_proj",
+                                                                              "glu_partner", True)
+    routed = layer.per_expert()
+    assert next(g for g in routed.groups if "mlp.experts.5.up_proj" in g.linears).linears == (
+        "mlp.experts.5.gate_proj", "mlp.experts.5.up_proj")
+    assert any(u.module == "mlp.gate" and u.reason.startswith("router") for u in layer.unquantized)
     # The one fact tracing cannot see: vLLM serves the shared-expert gate in float (overrides.py).
     assert "mlp.shared_expert_gate" not in layer.linears + shared.linears
     assert any(u.module == "mlp.shared_expert_gate" and "vLLM" in u.reason for u in layer.unquantized)

@@ -9,7 +9,8 @@ import torch
 
 from quantkit.errors import NumericsError
 from quantkit.quantizers import QUANTIZERS
-from quantkit.quantizers.gptq import GPTQParams, gptq_quantize
+from quantkit.quantizers.clip import clip_to_gram, group_grams
+from quantkit.quantizers.gptq import GPTQParams, feedback_target, gptq_quantize
 from quantkit.quantizers.hessian import HessianAccumulator
 from quantkit.quantizers.rtn import quantize_rtn, weight_qparams
 from quantkit.scheme import Scheme, WeightScheme
@@ -223,3 +224,153 @@ def test_params_validation():
         GPTQParams(unknown=1)
     s = GPTQParams(group_size=-1).scheme()
     assert s.weights.strategy == "channel" and s.weights.group_size is None
+
+
+def test_group_grams_are_the_hessian_diagonal_blocks():
+    h = torch.randn(48, 48, dtype=torch.float64)
+    blocks = group_grams(h, 16)
+    assert blocks.shape == (3, 16, 16)
+    for i in range(3):
+        assert torch.equal(blocks[i], h[16 * i:16 * (i + 1), 16 * i:16 * (i + 1)])
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_clip_to_gram_picks_each_groups_best_shrink(sym):
+    """Against a float64 brute force over the same shrink grid: every (row, group) gets the
+    range whose RTN error under its Gram block is smallest, so never worse than min-max."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(8, 64, generator=g)
+    w[:, 5] *= 6  # an outlier column: shrinking its groups' range pays off
+    x = correlated_inputs(512, 64, g)
+    scheme = _scheme(4, sym, 16)
+    grams = group_grams(_hessian(x).float(), 16)
+    got = clip_to_gram(w, grams, scheme, grid=10)
+    ref_scale, _ = weight_qparams(got, scheme.weights)
+    for r in range(8):
+        for k in range(4):
+            cols = slice(16 * k, 16 * (k + 1))
+            gk = grams[k].double()
+
+            def loss(wc):
+                d = (w[r:r + 1, cols] - quantize_rtn(wc, _scheme(4, sym, 16)).dequantize()).double()[0]
+                return float(d @ gk @ d)
+
+            wr = w[r:r + 1, cols]
+            lo, hi = (-wr.abs().max(), wr.abs().max()) if sym else (wr.min().clamp_max(0), wr.max().clamp_min(0))
+            best = min(loss(wr.clamp(lo * (1 - i / 10), hi * (1 - i / 10))) for i in range(5))
+            assert loss(got[r:r + 1, cols]) <= best * (1 + 1e-5) + 1e-9
+    assert (ref_scale < weight_qparams(w, scheme.weights)[0]).any()  # some range did shrink
+
+
+def test_gptq_clip_search_lowers_the_output_error_with_outliers():
+    g = torch.Generator().manual_seed(5)
+    errs = {True: 0.0, False: 0.0}
+    for _ in range(3):
+        w = torch.randn(64, 256, generator=g)
+        w[:, torch.randint(0, 256, (8,), generator=g)] *= 8
+        x = correlated_inputs(1024, 256, g)
+        for clip in errs:
+            qw = gptq_quantize(w, _hessian(x).float(), _scheme(4, True, 32), act_order=True, static_groups=True,
+                               clip_search=clip)
+            errs[clip] += _out_err(w, qw.dequantize(), x)
+    assert errs[True] < errs[False], errs
+
+
+def test_clip_search_needs_fixed_group_scales():
+    with pytest.raises(Exception, match="static_groups"):
+        GPTQParams(clip_search=True, group_size=64, static_groups=False)
+    assert GPTQParams(clip_search=True, group_size=64).clip_search
+    assert GPTQParams(clip_search=True, group_size=-1, static_groups=False).clip_search
+
+
+def test_defaults_are_act_order_with_static_groups():
+    p = GPTQParams()
+    assert p.act_order and p.static_groups and p.scheme().weights.actorder == "static"
+
+
+def _noisy_pair(g: torch.Generator, n: int = 2048, d: int = 64, noise: float = 0.3):
+    x = correlated_inputs(n, d, g)
+    return x, x + noise * x.std() * torch.randn(n, d, generator=g)
+
+
+def test_feedback_target_is_the_least_squares_weight():
+    """With negligible damping ``W*`` solves ``min ||X Wᵀ − X̃ W*ᵀ||`` (float64 lstsq); with
+    ``X̃ = X`` it is ``W`` itself."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(16, 64, generator=g)
+    x, xq = _noisy_pair(g)
+    h, cross = _hessian(xq), 2.0 / xq.shape[0] * xq.T.double() @ x.double()
+    got = feedback_target(w, h, cross, 1e-10)
+    want = torch.linalg.lstsq(xq.double(), x.double() @ w.double().T).solution.T
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    same = feedback_target(w, _hessian(x), _hessian(x), 0.01)
+    torch.testing.assert_close(same, w, rtol=1e-5, atol=1e-6)
+
+
+def test_gptq_on_the_feedback_target_fits_the_float_output_better():
+    g = torch.Generator().manual_seed(7)
+    plain = fb = 0.0
+    for _ in range(3):
+        w = torch.randn(32, 64, generator=g)
+        x, xq = _noisy_pair(g)
+        h = _hessian(xq).float()
+        cross = (2.0 / xq.shape[0] * xq.T.double() @ x.double()).float()
+        for target, acc in ((w, "plain"), (feedback_target(w, h, cross, 0.01), "fb")):
+            qw = gptq_quantize(target, h, _scheme(4, True, 16), act_order=True, static_groups=True)
+            err = torch.linalg.norm(x.double() @ w.double().T - xq.double() @ qw.dequantize().double().T).item()
+            plain, fb = (plain + err, fb) if acc == "plain" else (plain, fb + err)
+    assert fb < 0.9 * plain, (fb, plain)
+
+
+def test_input_feedback_pairs_the_float_and_quantized_streams(text_file, tmp_path):
+    """Through the engine: layer 0's two streams are the same tokens through the same float
+    weights, so its codes equal plain GPTQ's exactly (a mispaired batch or token would move
+    them); from layer 1 the quantized stream differs and so do the codes."""
+    from quantkit.pipeline import run
+    from quantkit.recipe import make_recipe
+
+    from .tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", layers=2, hidden=64, intermediate=128)
+    codes = {}
+    for fb in (False, True):
+        got = codes[fb] = {}
+        run(make_recipe({
+            "model": {"id": str(model)},
+            "quantization": {"method": "gptq", "bits": 4, "group_size": 32, "input_feedback": fb},
+            "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 16, "batch_size": 2},
+            "evaluate": {"enabled": False}, "export": {"output_dir": str(tmp_path / str(fb))}, "device": "cpu"}),
+            quiet=True, on_layer=lambda i, _layer, q, got=got: got.update({(i, n): w.codes for n, w in q.items()}))
+    for (i, name), c in codes[False].items():
+        if i == 0:
+            assert torch.equal(codes[True][(i, name)], c), name
+    assert any(not torch.equal(codes[True][(1, n)], codes[False][(1, n)]) for i, n in codes[False] if i == 1)
+
+
+class _SameStreams(FakeCalibration):
+    """Paired calibration whose float stream is the quantized one (as in a model's first layer)."""
+
+    def observe_paired(self, stats) -> None:
+        self.run({k: (lambda x, s=s: s.add(x, x)) for k, s in stats.items()})
+        for s in stats.values():
+            s.reduce(self.world)
+
+
+def test_input_feedback_keeps_per_linear_schemes_and_input_global_scales():
+    """input_feedback on an assignment (NVFP4 W4A4 on q/k/v only): with equal streams its
+    target is the weight itself, so it quantizes exactly the assigned Linears as plain GPTQ
+    does, global scales and the input global scale (watched on the quantized stream) included."""
+    from quantkit.presets import preset_scheme
+
+    layer, data, cfg = tiny_llama_layer(seed=3)
+    schemes = {n: preset_scheme("NVFP4") for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+    outs = {}
+    for fb in (False, True):
+        q = QUANTIZERS["gptq"](GPTQParams.model_validate({"input_feedback": fb}), cfg)
+        outs[fb] = q.quantize_layer(layer, llama_graph(), _SameStreams(layer, data), schemes)
+    assert set(outs[True]) == set(schemes)
+    for n in schemes:
+        plain, fb = outs[False][n], outs[True][n]
+        assert torch.equal(fb.codes, plain.codes), n
+        assert torch.equal(fb.global_scale, plain.global_scale), n
+        assert fb.input_global_scale is not None and torch.equal(fb.input_global_scale, plain.input_global_scale), n

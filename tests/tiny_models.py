@@ -66,8 +66,31 @@ def family_config(arch: str, vocab: int, layers: int = 2, hidden: int = 128, int
         "olmo2": lambda: tf.Olmo2Config(**common, rms_norm_eps=1e-5),
         "cohere": lambda: tf.CohereConfig(**common, logit_scale=0.25),
     }
+    moe = {  # Mixture-of-Experts: 4 experts, 2 routed per token
+        "mixtral": lambda: tf.MixtralConfig(**common, rms_norm_eps=1e-5, num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(**common, rms_norm_eps=1e-5, moe_intermediate_size=intermediate // 2,
+                                               shared_expert_intermediate_size=intermediate, num_experts=4,
+                                               num_experts_per_tok=2),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(**common, head_dim=head_dim, rms_norm_eps=1e-5,
+                                               moe_intermediate_size=intermediate // 2, num_experts=4,
+                                               num_experts_per_tok=2),
+        # MLA attention (norms between its projections), a first dense layer, a shared expert,
+        # group-limited routing with a score-correction bias
+        "deepseek_v3": lambda: tf.DeepseekV3Config(
+            **{**common, "num_key_value_heads": heads}, rms_norm_eps=1e-5, moe_intermediate_size=intermediate // 2,
+            n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+            first_k_dense_replace=1, q_lora_rank=hidden // 2, kv_lora_rank=hidden // 2, qk_rope_head_dim=16,
+            qk_nope_head_dim=head_dim - 16, v_head_dim=head_dim),
+        # attention sinks, biased experts with a clamped gate, transposed and interleaved gate/up
+        "gpt_oss": lambda: tf.GptOssConfig(
+            **{**common, "intermediate_size": intermediate // 2}, head_dim=head_dim, rms_norm_eps=1e-5,
+            num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]),
+    }
     if arch in text:
         return text[arch]()
+    if arch in moe:
+        return moe[arch]()
     if arch == "gemma3-vl":
         text_cfg = {k: v for k, v in {**common, **gemma}.items() if k not in ("tie_word_embeddings",)}
         return tf.Gemma3Config(
@@ -90,6 +113,7 @@ def family_config(arch: str, vocab: int, layers: int = 2, hidden: int = 128, int
 
 TEXT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "cohere")
 MULTIMODAL_FAMILIES = ("gemma3-vl", "qwen2.5-vl")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss")
 
 
 def model_class_for(config):
@@ -120,6 +144,8 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", layers: int = 2, hidden:
                 p.copy_(1 + 0.1 * torch.randn_like(p))  # non-trivial norms, so folding is tested
             elif p.dim() == 2:
                 p.normal_(0, 0.02 if "embed" in name else hidden ** -0.5)
+            elif p.dim() == 3:  # fused experts [E, out, in] (gpt-oss: [E, in, out])
+                p.normal_(0, hidden ** -0.5)
             else:
                 p.normal_(0, 0.02)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)

@@ -107,7 +107,9 @@ def segment_pattern(segment: str) -> str:
 
 def ignored_segments(ignore: list[str]) -> list[str]:
     """``ignore`` as plain names (what AWQ's ``modules_to_not_convert`` and other substring
-    matchers take): exact names as they are, ``segment_pattern`` patterns as their segment."""
+    matchers take): exact names as they are, ``segment_pattern`` patterns as their segment;
+    any other ``re:`` pattern (a router inside the layers, anchored at its end) as it is,
+    which a substring matcher never matches and a regex matcher can use."""
     import re
 
     out = []

@@ -97,6 +97,7 @@ class GPTQFormat(Format):
         }
         # vLLM's GPTQ config skips modules matching a "-:" rule (gptq_utils.get_dynamic_override).
         others = [seg for seg in ignored_segments(ignore) if seg != "lm_head"]
-        if others:
-            config["dynamic"] = {"-:" + segment_pattern(seg)[3:]: {} for seg in others}
+        rules = {"-:" + (seg[3:] if seg.startswith("re:") else segment_pattern(seg)[3:]): {} for seg in others}
+        if rules:
+            config["dynamic"] = rules
         return config

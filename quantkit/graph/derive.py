@@ -43,6 +43,7 @@ from .flow import (
     segments_of,
     tensor_key,
 )
+from .experts import expert_modules, expert_of
 from .fold import fold_scales
 from .instance import MODES, DerivationError, TinyLayer, signature
 from .overrides import override_for
@@ -84,10 +85,11 @@ class _Deriver:
         self.base = self.t.run(record_ops=True, grad=True)
         run = self.base
         conv_params = {id(p) for m in self.mods.values() if isinstance(m, _CONV) for p in m.parameters()}
-        experts = tuple(n for n, p in self.layer.named_parameters() if p.dim() >= 3 and id(p) not in conv_params)
-        if experts:
-            self.unsupported.append(
-                f"Mixture-of-Experts experts ({', '.join(experts)}) are not supported yet (issue 16)")
+        fused = tuple(n for n, p in self.layer.named_parameters() if p.dim() >= 3 and id(p) not in conv_params)
+        if fused:
+            self.unsupported.append(f"3-D parameters ({', '.join(fused)}) in a layout transformers' experts "
+                                    "decorator does not describe")
+        experts = tuple(n for n, _ in expert_modules(self.layer))
         called = {n: run.calls_of(n) for n in self.linears}
         self.run_linears = [n for n in self.linears if called[n]]
         for n in self.linears:
@@ -108,9 +110,16 @@ class _Deriver:
         self._stream()
         groups = self._groups()
         readers, writers = self._residual(groups)
+        topk = any(op.name == "topk" for op in run.ops)
         for n, m in self.mods.items():
-            if n and not list(m.children()) and not isinstance(m, nn.Linear) and any(
-                    p.dim() == 1 for p in m.parameters(recurse=False)):
+            if not n or list(m.children()) or isinstance(m, (nn.Linear, nn.Embedding, *_CONV)):
+                continue
+            dims = {p.dim() for p in m.parameters(recurse=False)}
+            if 2 in dims:  # a matrix outside nn.Linear: transformers' router modules (F.linear on a weight)
+                why = "router: its output picks experts (kept in float, as vLLM does)" if topk else \
+                    "not an nn.Linear: kept in float"
+                self.unquantized.append(Unquantized(n, why))
+            elif 1 in dims:
                 self.unquantized.append(Unquantized(n, "norm: kept in float"))
         units = tuple(self._unit(n) for n in self.quant)
         if not units and not experts:
@@ -420,6 +429,8 @@ def _derive_tiny(decoder: nn.Module, layers_attr: str, index: int, real: nn.Modu
         try:
             tiny = TinyLayer(decoder, layers_attr, index, mode)
             graph = _Deriver(tiny).derive()
+            if tiny.experts is not None:
+                graph = expand_experts(graph, tiny.real_experts)
             graph = realize(graph, real, tiny)
             break
         except Exception as e:  # any failure, of the rules or of the model's own code on the instance
@@ -431,3 +442,59 @@ def _derive_tiny(decoder: nn.Module, layers_attr: str, index: int, real: nn.Modu
 
 def _failed(real: nn.Module, why: str) -> LayerGraph:
     return LayerGraph(type(real).__name__, (), (), unsupported=f"its graph cannot be derived ({why})")
+
+
+def _renamed(name: str, e: int) -> str:
+    hit = expert_of(name)
+    if hit is None:
+        return name
+    container, _ = hit
+    return f"{container}.{e}.{name[len(container) + 1:].partition('.')[2]}"
+
+
+def _expand(names: tuple[str, ...], n: int) -> list[tuple[str, ...]]:
+    """The real layer's counterparts of ``names`` (a group, a fused set) from the instance,
+    whose few experts stand for ``n``: one tuple per expert when it belongs to one expert
+    (expert 0's, renamed; the other instance experts' are dropped), one tuple with every
+    expert's names in place of the instance's when it spans several experts (all experts
+    reading one tensor), ``names`` itself when it holds no expert."""
+    indices = {hit[1] for hit in map(expert_of, names) if hit is not None}
+    if not indices:
+        return [names]
+    if len(indices) == 1:
+        return [tuple(_renamed(x, e) for x in names) for e in range(n)] if indices == {0} else []
+    first = [x for x in names if (hit := expert_of(x)) is not None and hit[1] == 0]
+    out: list[str] = []
+    for x in names:
+        hit = expert_of(x)
+        if hit is None:
+            out.append(x)
+        elif x == first[0]:
+            out.extend(_renamed(y, e) for e in range(n) for y in first)
+    return [tuple(out)]
+
+
+def expand_experts(graph: LayerGraph, n: int) -> LayerGraph:
+    """The graph of a layer with ``n`` experts from its instance's few: every expert is a copy
+    of expert 0's units and groups, renamed (experts are identical up to their index)."""
+    units: list[Unit] = []
+    first = next((u for u in graph.units if (hit := expert_of(u.name)) is not None and hit[1] == 0), None)
+    block = [u for u in graph.units if (hit := expert_of(u.name)) is not None and hit[1] == 0]
+    for u in graph.units:
+        if expert_of(u.name) is None:
+            units.append(u)
+        elif u is first:
+            units.extend(replace(b, name=_renamed(b.name, e), param=_renamed(b.param, e))
+                         for e in range(n) for b in block)
+    groups: list[InputGroup] = []
+    for g in graph.groups:
+        for i, linears in enumerate(_expand(g.linears, n)):
+            e = i if len(_expand(g.linears, n)) > 1 else 0
+            p = g.producer
+            if p.module is not None:
+                p = replace(p, module=_renamed(p.module, e))
+            fused = tuple(f for s in g.fused for f in _expand(s, n) if set(f) <= set(linears))
+            groups.append(InputGroup(linears, p, fused))
+    readers = tuple(replace(r, consumers=_expand(r.consumers, n)[0] if r.consumers else ()) for r in graph.readers)
+    writers = tuple(w for w in graph.writers if expert_of(w.module) is None or expert_of(w.module)[1] == 0)
+    return replace(graph, units=tuple(units), groups=tuple(groups), readers=readers, writers=writers)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .capture import LayerCall, capture, materialize_on_use
+from .experts import all_experts, expert_of, expert_modules
 from .skeleton import build_meta, materialize
 from .trace import TRACE_ATTENTION, LayerRun, register_trace_attention, run_layer
 
@@ -23,6 +24,9 @@ BATCH, TOKENS = 2, 8
 # each tensor's channels are told apart by their count as well.
 _HIDDEN_CHOICES = (64, 80, 96, 112, 48)
 _INTERMEDIATE_CHOICES = (160, 176, 144, 208, 224)
+# Experts on the instance: a few stand for all (each expert's graph is the same up to its index).
+_EXPERT_CHOICES = (3, 5, 6, 7)
+_EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 MODES = ("shrink", "shrink_heads", "real")
 
 
@@ -36,10 +40,13 @@ def signature(layer: nn.Module) -> tuple:
             tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()))
 
 
-def _same_structure(tiny: nn.Module, real: nn.Module, sizes: dict[int, int]) -> bool:
+def _same_structure(tiny: nn.Module, real: nn.Module, sizes: dict[int, int], experts: int | None) -> bool:
     """Same parameters, and every dimension either real or a shrunk size (``sizes`` maps a
-    tiny size to the real one; a fused projection may hold several of one, as ``2 * I``)."""
-    a, b = dict(tiny.named_parameters()), dict(real.named_parameters())
+    tiny size to the real one; a fused projection may hold several of one, as ``2 * I``).
+    With ``experts`` the instance has that many experts, which stand for all of the real ones."""
+    a = dict(tiny.named_parameters())
+    b = {n: p for n, p in real.named_parameters()
+         if experts is None or (e := expert_of(n)) is None or e[1] < experts}
     if a.keys() != b.keys():
         return False
 
@@ -96,13 +103,17 @@ class TinyLayer:
             if isinstance(inter, int) and inter > max(_INTERMEDIATE_CHOICES):
                 cfg.intermediate_size = next(i for i in _INTERMEDIATE_CHOICES if i not in taken)
                 sizes[cfg.intermediate_size] = inter
+        shrunk = _shrink_experts(cfg, {int(d) for p in real.parameters() for d in p.shape})
+        self.experts, self.real_experts = shrunk or (None, None)
+        if shrunk is not None:
+            sizes[shrunk[0]] = shrunk[1]
         register_trace_attention()
         # Eager experts (a loop over each expert's matrices): grouped-matmul kernels take no float64.
         model = build_meta(type(decoder), cfg, torch.float64, TRACE_ATTENTION, experts_implementation="eager")
         layers = getattr(model, layers_attr)
         prefix = f"{layers_attr}.{index}"
         self.layer = materialize(model, prefix, "cpu").eval()
-        if not _same_structure(self.layer, real, sizes):
+        if not _same_structure(self.layer, real, sizes, self.experts):
             raise DerivationError("the layer's other dimensions change with its hidden or intermediate size")
         gen = torch.Generator().manual_seed(1234 + index)
         _randomize(self.layer, gen)
@@ -115,6 +126,31 @@ class TinyLayer:
         self.x: torch.Tensor = got.hidden
         self.call: LayerCall = got.calls[index]
         self.gen = gen
+        # Every expert runs on every token: each one's Linears are traced, and they read one tensor.
+        for _, m in expert_modules(self.layer):
+            m.all_experts = True
 
     def run(self, layer: nn.Module | None = None, x: torch.Tensor | None = None, **kw) -> LayerRun:
-        return run_layer(self.layer if layer is None else layer, self.x if x is None else x, self.call, **kw)
+        layer = self.layer if layer is None else layer
+        with all_experts(layer):
+            return run_layer(layer, self.x if x is None else x, self.call, **kw)
+
+
+def _shrink_experts(cfg, taken: set[int]) -> tuple[int, int] | None:
+    """Give ``cfg`` a few experts (fewer routed per token, one routing group): ``(tiny, real)``
+    expert counts, or None when the layer has no experts to shrink."""
+    key = next((k for k in _EXPERT_COUNT_KEYS if isinstance(getattr(cfg, k, None), int)), None)
+    if key is None:
+        return None
+    real = int(getattr(cfg, key))
+    tiny = next((n for n in _EXPERT_CHOICES if n not in taken and n < real), None)
+    if tiny is None:
+        return None
+    setattr(cfg, key, tiny)
+    k = getattr(cfg, "num_experts_per_tok", None)
+    if isinstance(k, int):
+        cfg.num_experts_per_tok = min(k, 2)
+    for group_key in ("n_group", "topk_group"):
+        if isinstance(getattr(cfg, group_key, None), int):
+            setattr(cfg, group_key, 1)
+    return tiny, real

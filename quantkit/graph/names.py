@@ -10,9 +10,12 @@ checkpoint's own names on export, which are the names vLLM reads.
 
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 from torch import nn
+
+from .experts import UnfusedExperts
 
 
 class CheckpointNames:
@@ -26,16 +29,30 @@ class CheckpointNames:
         renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
         converters = [c for c in conversions if isinstance(c, WeightConverter)]
         expected = model.state_dict()
+        experts = {n: m for n, m in model.named_modules() if isinstance(m, UnfusedExperts)}
         prefix = getattr(model, "base_model_prefix", None)
         self.to_model: dict[str, str] = {}
-        self.converted: dict[str, str] = {}  # many-to-one conversions (fused experts)
+        self.converted: dict[str, str] = {}  # many-to-one conversions quantkit cannot undo
+        # Source tensors holding every expert of a block (fused in the checkpoint itself):
+        # source name -> (experts module, fused parameter name).
+        self.fused: dict[str, tuple[str, str]] = {}
         self.unexpected: list[str] = []
         for src in source_names:
             name, pattern = rename_source_key(src, renamings, converters, prefix, expected)
             if name not in expected and src in expected:
                 name, pattern = rename_source_key(src, [], [], prefix, expected)
-            if name not in expected:
-                self.unexpected.append(src)
+            container, _, leaf = name.rpartition(".")
+            if pattern is not None and container in experts:
+                per_expert = _expert_name(src, pattern, converters, container, leaf)
+                if per_expert in expected:
+                    self.to_model[src] = per_expert
+                else:
+                    self.converted[src] = name
+            elif name not in expected:
+                if container in experts:
+                    self.fused[src] = (container, leaf)
+                else:
+                    self.unexpected.append(src)
             elif pattern is not None:
                 self.converted[src] = name
             else:
@@ -57,9 +74,37 @@ class CheckpointNames:
     def source_module(self, module: str) -> str:
         """The checkpoint spelling of a module path (``"model.language_model.layers.0.self_attn"``
         → ``"language_model.model.layers.0.self_attn"``), read off any parameter under it."""
+        renamed = None
         for model_name, src in self.to_source.items():
             if model_name.startswith(module + "."):
                 rest = model_name[len(module):]
                 if src.endswith(rest):
                     return src[: -len(rest)]
-        return module
+                if renamed is None:  # the leaf renamed too (Mixtral's w1 for gate_proj): as many segments
+                    depth = rest.count(".")
+                    renamed = ".".join(src.split(".")[:-depth]) if src.count(".") >= depth else None
+        return renamed or module
+
+
+def _expert_name(src: str, pattern: str, converters: list, container: str, leaf: str) -> str | None:
+    """The per-expert parameter (``container.{e}.gate_proj.weight``) a source tensor of one
+    expert becomes, for the conversions that stack experts (``MergeModulelist(dim=0)``) and
+    concatenate gate and up rows (``Concatenate(dim=1)``) in the order of their source
+    patterns; None for any other conversion."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    conv = next((c for c in converters if pattern in c.source_patterns), None)
+    if conv is None:
+        return None
+    ops = [(type(op), getattr(op, "dim", None)) for op in conv.operations]
+    k = conv.source_patterns.index(pattern)
+    if leaf == "gate_up_proj" and ops == [(MergeModulelist, 0), (Concatenate, 1)] and len(conv.source_patterns) == 2:
+        proj = ("gate_proj", "up_proj")[k]
+    elif leaf in ("down_proj", "up_proj") and ops == [(MergeModulelist, 0)] and len(conv.source_patterns) == 1:
+        proj = leaf
+    else:
+        return None
+    found = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), src)
+    if found is None:
+        return None
+    return f"{container}.{found.group(1)}.{proj}.{'bias' if pattern.endswith('bias') else 'weight'}"

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .capture import LayerCall
+from .experts import all_experts
 from .flow import segments_of
 from .instance import BATCH, TOKENS, DerivationError, TinyLayer
 from .trace import run_layer
@@ -34,14 +35,15 @@ def _real_segments(real: nn.Module, tiny: TinyLayer, names: tuple[str, ...]) -> 
     dtype = next(real.parameters()).dtype
     x = torch.empty(BATCH, TOKENS, tiny.h_real, device="meta", dtype=dtype)
     call = LayerCall(_to_meta(tiny.call.args, dtype), _to_meta(tiny.call.kwargs, dtype))
-    # Experts (3-D parameters) pick tokens by value, which the meta device cannot do; they hold
-    # no Linear unit, so a stand-in that keeps the shape serves.
+    # 3-D parameters in a layout quantkit does not unfuse pick tokens by value, which the meta
+    # device cannot do; they hold no Linear unit (the layer is refused), so a stand-in serves.
     experts = [m for m in real.modules() if any(p.dim() >= 3 for p in m.parameters(recurse=False))
                and not isinstance(m, _CONV)]
     for m in experts:
         m.forward = lambda hidden_states, *a, **k: torch.zeros_like(hidden_states)
     try:
-        run = run_layer(real, x, call, record_ops=True)
+        with all_experts(real):  # every expert runs (the meta device cannot pick tokens by value)
+            run = run_layer(real, x, call, record_ops=True)
     finally:
         for m in experts:
             m.__dict__.pop("forward", None)

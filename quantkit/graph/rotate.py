@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .types import LayerGraph
+from .types import InputGroup, LayerGraph
 
 
 @torch.no_grad()
@@ -54,3 +54,31 @@ def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch
     a = torch.randn(n, n, dtype=torch.float64, generator=generator)
     qm, r = torch.linalg.qr(a)
     return qm * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+@torch.no_grad()
+def rotate_heads(layer: nn.Module, group: InputGroup, r: torch.Tensor) -> None:
+    """Rotate every head of the values read by ``group`` (o_proj) by ``r`` ``[d, d]``, in place.
+
+    Attention mixes a head's value vectors with one weight per token, so ``v_h ← v_h r`` on
+    the producer rows (``W ← rᵀ W``, ``b ← b r``) gives ``o_h r``, undone by ``W_o[:, h] ← W_o[:, h] r``
+    on every query head reading that kv head: the layer's function is unchanged.
+    """
+    p = group.producer
+    d = r.shape[0]
+    if p.kind != "attention_value" or not p.exact or p.module is None or p.channels.head_dim != d:
+        raise ValueError(f"{group.key}: its input is not attention over value heads of size {d}")
+    r64 = r.to(torch.float64)
+    consumers = [layer.get_submodule(n).weight for n in group.linears]
+    n = consumers[0].shape[1]
+    rows = slice(p.channels.start, p.channels.start + p.channels.producer_channels(n))
+    prod = layer.get_submodule(p.module)
+    w = prod.weight[rows]
+    heads = w.to(torch.float64).reshape(-1, d, w.shape[1])
+    w.copy_(torch.einsum("ji,hjk->hik", r64, heads).reshape(w.shape).to(w.dtype))
+    if getattr(prod, "bias", None) is not None:
+        b = prod.bias[rows]
+        b.copy_((b.to(torch.float64).reshape(-1, d) @ r64).reshape(b.shape).to(b.dtype))
+    for wo in consumers:
+        cols = wo.to(torch.float64).reshape(wo.shape[0], -1, d) @ r64
+        wo.copy_(cols.reshape(wo.shape).to(wo.dtype))

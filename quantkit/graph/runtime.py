@@ -13,14 +13,16 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import nn
 
 from ..errors import ModelError, NumericsError
 from ..model import ModelSource
+from ..source_dequant import float_view
 from .capture import LayerCall, capture, inject, materialize_on_use
+from .experts import split_fused
 from .skeleton import free, owner_of
 from .view import model_view
 
@@ -36,11 +38,28 @@ class LayerInputs:
     calls: list[LayerCall]
 
 
+class WeightEdit(Protocol):
+    """A function-preserving change to the weights applied as each module is loaded (the
+    stream rotation): layers by ``edit_layer``, modules outside them listed in ``modules``."""
+
+    modules: tuple[str, ...]
+
+    def edit_layer(self, i: int, layer: nn.Module) -> None: ...
+
+    def edit_module(self, name: str, module: nn.Module) -> None: ...
+
+    def config_updates(self) -> dict[str, Any]:
+        """Keys of config.json the edited checkpoint needs changed (an untied head)."""
+        ...
+
+
 class ModelRunner:
     def __init__(self, source: ModelSource, device: torch.device, dtype: torch.dtype, where: str = "model"):
         from transformers import AutoConfig
 
-        self.source, self.device, self.dtype, self.where = source, device, dtype, where
+        # A checkpoint quantized by its authors (DeepSeek-V3's FP8, gpt-oss's MXFP4) is read as
+        # the float one it stands for; its scale tensors are consumed, never copied.
+        self.source, self.device, self.dtype, self.where = float_view(source), device, dtype, where
         try:
             self.config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
         except (ValueError, KeyError, OSError) as e:
@@ -53,6 +72,7 @@ class ModelRunner:
         self._view = view
         self._tuple_outputs = False
         self._loaded: list[nn.Module] = []
+        self.edits: list[WeightEdit] = []
 
     # ------------------------------------------------------------------ facts
     @property
@@ -87,7 +107,8 @@ class ModelRunner:
         return self.names.under(self.layer_prefix(i))
 
     # ------------------------------------------------------------------ loading
-    def _read(self, model_name: str, like: torch.Tensor) -> torch.Tensor:
+    def read_source(self, model_name: str, like: torch.Tensor) -> torch.Tensor:
+        """Parameter ``model_name`` as the checkpoint has it (no edit applied), on the device."""
         src = self.names.to_source.get(model_name)
         if src is None:
             tied = getattr(self.model, "all_tied_weights_keys", None) or {}
@@ -121,9 +142,26 @@ class ModelRunner:
         """Buffers from the model's own init, parameters from the checkpoint (assigned, not copied)."""
         _real_buffers(self.model, name, module, self.device)
         prefix = f"{name}." if name else ""
-        state = {k: self._read(prefix + k, v) for k, v in module.state_dict().items()}
+        state = {k: self.read_source(prefix + k, v) for k, v in module.state_dict().items()}
         module.load_state_dict(state, strict=True, assign=True)
+        for edit in self.edits:
+            if name in edit.modules:
+                edit.edit_module(name, module)
         self._loaded.append(module)
+
+    def edited_modules(self) -> list[str]:
+        """Modules outside the decoder layers whose parameters an edit changes."""
+        return sorted({n for e in self.edits for n in e.modules})
+
+    def edited_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every parameter of ``edited_modules`` as edited (model names), one module on the
+        device at a time."""
+        for name in self.edited_modules():
+            module = copy.deepcopy(self.model.get_submodule(name))
+            self._make_real(name, module)
+            for k, t in module.named_parameters():
+                yield f"{name}.{k}", t.detach()
+            self.release()
 
     def load_layer(self, i: int) -> nn.Module:
         """Decoder layer ``i`` with its checkpoint tensors on the device (one tensor read at a
@@ -132,8 +170,10 @@ class ModelRunner:
         layer = copy.deepcopy(self.layers[i])
         _real_buffers(self.model, self.layer_prefix(i)[:-1], layer, self.device)
         sources = self.layer_sources(i)
-        state = {}
+        state = self._fused_experts(i, layer)
         for k, v in layer.state_dict().items():
+            if k in state:
+                continue
             src = sources.get(k)
             if src is None:
                 raise ModelError(f"{self.where}: tensor {self.layer_prefix(i)}{k} is missing from {self.source.path}",
@@ -142,7 +182,24 @@ class ModelRunner:
             t = self.source.tensor(src)
             state[k] = t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
         layer.load_state_dict(state, strict=True, assign=True)
+        for edit in self.edits:
+            edit.edit_layer(i, layer)
         return layer.eval()
+
+    def _fused_experts(self, i: int, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """Per-expert tensors of layer ``i`` from checkpoint tensors that hold every expert of
+        a block (gpt-oss, Llama 4), split as the fused module lays them out."""
+        prefix = self.layer_prefix(i)
+        out: dict[str, torch.Tensor] = {}
+        for src, (container, leaf) in self.names.fused.items():
+            if not container.startswith(prefix):
+                continue
+            rel = container[len(prefix):]
+            layout = layer.get_submodule(rel).layout
+            t = self.source.tensor(src)
+            for k, v in split_fused(layout, leaf, t).items():
+                out[f"{rel}.{k}"] = v.to(device=self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
+        return out
 
     # ------------------------------------------------------------------ running
     def capture(self, batches: list[torch.Tensor]) -> list[LayerInputs]:

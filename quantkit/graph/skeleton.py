@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from .experts import unfuse_experts
 
 
 def model_class(config, where: str) -> type:
@@ -43,14 +44,17 @@ def model_class(config, where: str) -> type:
 
 def build_meta(cls: type, config, dtype: torch.dtype, attn_implementation: str | None = None,
                experts_implementation: str | None = None) -> nn.Module:
-    """The whole model on the meta device: shapes and code, no memory."""
+    """The whole model on the meta device: shapes and code, no memory. Fused Mixture-of-Experts
+    experts become one MLP of Linears per expert (``experts.unfuse_experts``)."""
     kwargs = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if experts_implementation is not None:
         kwargs["experts_implementation"] = experts_implementation
     with torch.device("meta"):
-        return cls._from_config(config, **kwargs).eval()  # inference: no dropout anywhere
+        model = cls._from_config(config, **kwargs).eval()  # inference: no dropout anywhere
+    unfuse_experts(model)
+    return model
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ to the decoder layer (``"self_attn.q_proj"``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -179,7 +179,7 @@ class LayerGraph:
     unquantized: tuple[Unquantized, ...] = ()
     unsupported: str | None = None  # why the engine cannot process this layer type
     output_index: int | None = None  # the layer returns a tuple; the hidden state is at this index
-    experts: tuple[str, ...] = field(default=())  # 3-D expert parameters (issue 16)
+    experts: tuple[str, ...] = field(default=())  # Mixture-of-Experts blocks' experts modules ("mlp.experts")
 
     @property
     def linears(self) -> tuple[str, ...]:
@@ -190,6 +190,24 @@ class LayerGraph:
             if u.name == name:
                 return u
         raise KeyError(name)
+
+    def per_expert(self) -> LayerGraph:
+        """The graph for calibration where each expert sees only its routed tokens: a group
+        whose Linears span several experts (all of them reading one tensor when every token
+        goes through every expert) splits into one group per expert, plus one for the rest
+        (a shared expert)."""
+        from .experts import expert_of
+
+        groups: list[InputGroup] = []
+        for g in self.groups:
+            parts: dict[object, list[str]] = {}
+            for n in g.linears:
+                hit = expert_of(n)
+                parts.setdefault(hit, []).append(n)
+            for names in parts.values():
+                fused = tuple(f for f in g.fused if set(f) <= set(names))
+                groups.append(InputGroup(tuple(names), g.producer, fused))
+        return replace(self, groups=tuple(groups))
 
     @property
     def rotatable(self) -> bool:

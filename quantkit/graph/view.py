@@ -29,13 +29,21 @@ class ModelView:
     def check_supported(self, where: str) -> None:
         """Everything about the model's structure that can be refused before a weight is read."""
         self.graph.check_supported(where)
+        if self.names.fused:
+            src = next(iter(self.names.fused))
+            raise ModelError(f"{where}: {src} holds every expert of its block in one tensor; quantkit writes "
+                             "one quantized tensor per expert, which transformers and vLLM read for this family "
+                             "only fused (gpt-oss, Llama 4)", field="model.id",
+                             hint="quantize a Mixture-of-Experts family whose checkpoint stores experts one by one "
+                                  "(Mixtral, Qwen2/3-MoE, DeepSeek-V3)")
         for i in range(self.location.num_layers):
             prefix = self.graph.layer_prefix(i)
             fused = self.names.converted_under(prefix)
             if fused:
                 raise ModelError(f"{where}: {prefix[:-1]}: checkpoint tensors such as {fused[0]} "
-                                 "are fused on load (transformers' conversion mapping); not supported yet",
-                                 field="model.id", hint="Mixture-of-Experts checkpoints come with issue 16")
+                                 "are converted on load by an operation quantkit cannot undo per expert "
+                                 "(transformers' conversion mapping)", field="model.id",
+                                 hint="only experts stacked per expert and gate/up concatenated are supported")
 
 
 def config_from_dict(config: dict[str, Any], config_file: str, where: str):

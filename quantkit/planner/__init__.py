@@ -8,6 +8,7 @@ Everything here is arithmetic on config.json; no weight is read. One module per 
 - ``recommend``: which precision to serve, and the notes that explain it;
 - ``serve``: the ``vllm serve`` command line;
 - ``config``: config.json from a folder, a built-in model or a hub id;
+- ``quantize``: the device memory quantizing the largest layer takes (MoE layers included);
 - ``result``: the typed ``PlanResult`` and the table it prints as;
 - ``plan``: ``plan_model`` / ``plan_config``, which put the others together.
 """

@@ -13,12 +13,13 @@ def load_config(model: str, revision: str | None = None) -> dict[str, Any]:
     """config.json of a local folder (or the file itself), else of a hub repo id.
 
     Only config.json is fetched from the Hub (``hf_hub_download``); nothing else is read.
-    Built-in models (``builtin:smollm2-135m``) are resolved to their converted folder.
+    Built-in models (``builtin:smollm2-135m``) and local GGUF files are resolved to their
+    converted folder.
     """
-    if model.startswith("builtin:"):
-        from .assets import builtin_model_dir
+    if model.startswith("builtin:") or model.endswith(".gguf"):
+        from ..model import local_model_dir
 
-        model = str(builtin_model_dir(model))
+        model = str(local_model_dir(model))
     path = Path(model).expanduser()
     if path.is_dir():
         path = path / "config.json"

@@ -10,6 +10,7 @@ from .budget import KVCacheDtype, check_request, engine_defaults, plan_scheme, r
 from .config import load_config
 from .precision import SCHEMES, get_scheme
 from .recommend import plan_notes, recommend
+from .quantize import quantize_memory
 from .result import PlanResult
 from .serve import render_serve
 from .shape import ModelShape, check_tensor_parallel, count_parameters
@@ -67,6 +68,9 @@ def plan_config(
         recommended=best,
         serve_command=command,
         notes=notes,
+        quantize_memory=quantize_memory(shape),
+        experts=shape.num_experts,
+        moe_layers=shape.moe_layers,
     )
 
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 from ..errors import PlanError
 from ..gpus import GPU
-from .shape import ModelShape, bias_params, linear_shapes, padded_vocab_per_gpu
+from .shape import ModelShape, bias_params, linear_shapes, padded_vocab_per_gpu, router_params
 
 
 Kernel = Literal["bf16", "fp8", "int8", "fp8-block", "fp4", "w4a8-fp8"]
@@ -147,4 +147,4 @@ def weight_bytes(shape: ModelShape, scheme: PrecisionScheme, tp: int = 1) -> Wei
     vocab = padded_vocab_per_gpu(shape, tp)
     embed = vocab * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
     norms = (2 * shape.num_layers + 1) * shape.hidden_size
-    return WeightBytes(linears, 2 * (embed + norms + bias_params(shape, tp)))
+    return WeightBytes(linears, 2 * (embed + norms + bias_params(shape, tp) + router_params(shape)))

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..gpus import GiB
 from .budget import SchemePlan
+from .quantize import QuantizeMemory
 
 
 @dataclass
@@ -35,6 +36,9 @@ class PlanResult:
     recommended: str | None
     serve_command: str | None
     notes: list[str] = field(default_factory=list)
+    quantize_memory: QuantizeMemory | None = None  # GPTQ at 128 x 2048 calibration tokens, one layer
+    experts: int = 0  # experts per MoE layer (0: dense)
+    moe_layers: int = 0
 
     def row(self, scheme: str) -> SchemePlan:
         for r in self.rows:
@@ -100,6 +104,16 @@ def format_plan_table(result: PlanResult) -> str:
         lines.append("* no native vLLM kernel for this scheme on this GPU (see the notes)")
     lines.append("")
     lines.append(f"recommended: {r.recommended or 'none'}")
+    if r.experts:
+        lines.append(f"Mixture-of-Experts: {r.experts} experts in {r.moe_layers} of the layers (weights above count "
+                     "every expert: vLLM holds them all)")
+    m = r.quantize_memory
+    if m is not None:
+        lines.append(f"quantize (GPTQ, 128 x 2048 calibration tokens): ~{_gib(m.total)} GiB on one device for its "
+                     f"largest layer: weights {_gib(m.layer)} + codes {_gib(m.codes)} + Hessians {_gib(m.hessians)} + "
+                     f"solve {_gib(m.solve)} + activations {_gib(m.activations)}"
+                     + (f" (one Hessian per expert Linear would take {_gib(m.per_expert_hessians)} instead of "
+                        f"{_gib(m.hessians)})" if r.experts else ""))
     lines += [f"note: {n}" for n in r.notes]
     if r.serve_command:
         lines.append(r.serve_command)

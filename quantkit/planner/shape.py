@@ -34,6 +34,12 @@ class ModelShape:
     mlp_bias: bool = False
     dtype: str = "bfloat16"
     architecture: str = "unknown"
+    # Mixture-of-Experts: experts per MoE layer, each one's intermediate size, a shared
+    # expert's (0: none), and how many layers are MoE (the rest dense, e.g. DeepSeek's first 3).
+    num_experts: int = 0
+    moe_intermediate_size: int = 0
+    shared_intermediate_size: int = 0
+    moe_layers: int = 0
 
     @classmethod
     def from_config(cls, config: dict[str, Any], where: str = "config.json") -> "ModelShape":
@@ -54,7 +60,12 @@ class ModelShape:
         qwen2 = arch.startswith("Qwen2")
         attn_bias = bool(cfg.get("attention_bias", False)) or qwen2
         dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+        experts, moe_inter, shared, moe_layers = _experts(cfg, need("num_hidden_layers"), need("intermediate_size"))
         return cls(
+            num_experts=experts,
+            moe_intermediate_size=moe_inter,
+            shared_intermediate_size=shared,
+            moe_layers=moe_layers,
             hidden_size=hidden,
             intermediate_size=need("intermediate_size"),
             num_layers=need("num_hidden_layers"),
@@ -70,6 +81,24 @@ class ModelShape:
             dtype="float16" if dtype == "float16" else "bfloat16",
             architecture=arch,
         )
+
+
+def _experts(cfg: dict[str, Any], layers: int, intermediate: int) -> tuple[int, int, int, int]:
+    """(experts, expert intermediate size, shared-expert intermediate size, MoE layers) from
+    the fields the MoE families use (Mixtral/gpt-oss ``num_local_experts``, Qwen ``num_experts``
+    with ``decoder_sparse_step``/``mlp_only_layers``, DeepSeek ``n_routed_experts`` with
+    ``first_k_dense_replace`` and ``n_shared_experts``); zeros for a dense model."""
+    experts = next((v for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if isinstance(v := cfg.get(k), int) and not isinstance(v, bool) and v > 1), 0)
+    if not experts:
+        return 0, 0, 0, 0
+    moe_inter = cfg.get("moe_intermediate_size") or intermediate
+    shared = cfg.get("shared_expert_intermediate_size") or (cfg.get("n_shared_experts") or 0) * moe_inter
+    dense_first = cfg.get("first_k_dense_replace") or 0
+    only_mlp = set(cfg.get("mlp_only_layers") or [])
+    step = cfg.get("decoder_sparse_step") or 1
+    moe_layers = sum(1 for i in range(layers) if i >= dense_first and i not in only_mlp and (i + 1) % step == 0)
+    return experts, int(moe_inter), int(shared), moe_layers
 
 
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -125,15 +154,34 @@ def linear_shapes(shape: ModelShape, tp: int = 1) -> list[LinearShape]:
     q = shape.num_heads * hd // tp
     kv = kv_heads_per_gpu(shape, tp) * hd
     inter = math.ceil(shape.intermediate_size / tp)
-    return [
+    dense = n - shape.moe_layers
+    out = [
         LinearShape("q_proj", q, h, n),
         LinearShape("k_proj", kv, h, n),
         LinearShape("v_proj", kv, h, n),
         LinearShape("o_proj", h, q, n),
-        LinearShape("gate_proj", inter, h, n),
-        LinearShape("up_proj", inter, h, n),
-        LinearShape("down_proj", h, inter, n),
+        LinearShape("gate_proj", inter, h, dense),
+        LinearShape("up_proj", inter, h, dense),
+        LinearShape("down_proj", h, inter, dense),
     ]
+    if shape.moe_layers:  # vLLM splits every expert's intermediate size across ranks
+        e = math.ceil(shape.moe_intermediate_size / tp)
+        count = shape.moe_layers * shape.num_experts
+        out += [LinearShape("experts.gate_proj", e, h, count), LinearShape("experts.up_proj", e, h, count),
+                LinearShape("experts.down_proj", h, e, count)]
+        if shape.shared_intermediate_size:
+            sh = math.ceil(shape.shared_intermediate_size / tp)
+            out += [LinearShape("shared_expert.gate_proj", sh, h, shape.moe_layers),
+                    LinearShape("shared_expert.up_proj", sh, h, shape.moe_layers),
+                    LinearShape("shared_expert.down_proj", h, sh, shape.moe_layers)]
+    return [ls for ls in out if ls.count]
+
+
+def router_params(shape: ModelShape) -> int:
+    """Router weights (``[experts, hidden]`` per MoE layer): kept in 16 bits, replicated."""
+    return shape.moe_layers * shape.num_experts * shape.hidden_size
+
+
 
 
 def padded_vocab_per_gpu(shape: ModelShape, tp: int = 1) -> int:
@@ -147,7 +195,7 @@ def count_parameters(shape: ModelShape) -> int:
     linear = sum(ls.out_features * ls.in_features * ls.count for ls in linear_shapes(shape))
     embed = shape.vocab_size * shape.hidden_size * (1 if shape.tie_word_embeddings else 2)
     norms = (2 * shape.num_layers + 1) * shape.hidden_size
-    return linear + embed + norms + bias_params(shape, tp=1)
+    return linear + embed + norms + bias_params(shape, tp=1) + router_params(shape)
 
 
 def bias_params(shape: ModelShape, tp: int) -> int:

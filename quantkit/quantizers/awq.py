@@ -26,6 +26,7 @@ from ..scheme import QuantizedWeight, Scheme
 from ..distributed import World
 from .base import Joined, LayerCalibration, Quantizer, QuantizerParams, register_quantizer, solve_units
 from .rtn import quantize_rtn, weight_only_scheme
+from .clip import MAX_SHRINK, clip_to_gram
 from .sampling import RowSample
 
 # Chunk sizes bound temporary buffers to about this many float32 elements (128 MiB).
@@ -34,13 +35,14 @@ _CHUNK_ELEMS = 1 << 25
 # AutoAWQ does: their error shows up in attention scores, which a Linear-output loss does
 # not measure.
 _NO_CLIP = ("q", "k")
-MAX_SHRINK = 0.5
 
 
 class ChannelAbsMean:
-    """Running mean of ``|x|`` per input channel over every calibration token."""
+    """Running mean of ``|x|`` per input channel (``channels`` of them) over every
+    calibration token."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
         self.total: torch.Tensor | None = None
         self.count = 0
 
@@ -52,6 +54,8 @@ class ChannelAbsMean:
     def reduce(self, world: World) -> None:
         """Sums and counts added over the ranks."""
         if world.size > 1:
+            if self.total is None:  # none of this rank's tokens reached it (an expert no token picked)
+                self.total = torch.zeros(self.channels, device=world.device)
             world.all_reduce(self.total)
             self.count = int(world.all_reduce(torch.tensor([float(self.count)], dtype=torch.float64,
                                                            device=self.total.device)).item())
@@ -106,21 +110,13 @@ def awq_scale_search(
     return torch.stack(scales)[losses_t.argmin()], losses_t
 
 
-def _clip(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, g: int) -> torch.Tensor:
-    out_f, in_f = w.shape
-    wg = w.reshape(out_f, in_f // g, g)
-    return torch.maximum(torch.minimum(wg, hi.unsqueeze(-1)), lo.unsqueeze(-1)).reshape(out_f, in_f)
-
-
 def awq_clip_search(
     w: torch.Tensor, x: torch.Tensor, scheme: Scheme, grid: int = 20, max_shrink: float = MAX_SHRINK
 ) -> torch.Tensor:
-    """``w`` (float32) with each (row, group) clamped to the shrunk range ``r·[min, max]``,
-    ``r ∈ {1, 1−1/grid, …} ≥ 1 − max_shrink``, that minimises that group's contribution to
-    the output error on ``x``; groups are scored independently (per-group Gram matrices)."""
+    """``w`` (float32) with each (row, group) clamped to the shrunk range that minimises that
+    group's contribution to the output error on ``x`` (``clip_to_gram``)."""
     ws = scheme.weights
-    w = w.detach().to(torch.float32)
-    out_f, in_f = w.shape
+    in_f = w.shape[1]
     g = ws.group_size if ws.strategy == "group" and ws.group_size else in_f
     ng = in_f // g
     gram = torch.zeros(ng, g, g, device=w.device, dtype=torch.float32)
@@ -128,28 +124,7 @@ def awq_clip_search(
     for t in range(0, x.shape[0], chunk):
         xc = x[t : t + chunk].to(torch.float32).reshape(-1, ng, g).transpose(0, 1)  # [ng, T, g]
         gram += xc.transpose(1, 2) @ xc
-    wg = w.reshape(out_f, ng, g)
-    if ws.symmetric:
-        hi0 = wg.abs().amax(-1)
-        lo0 = -hi0
-    else:
-        hi0 = wg.amax(-1).clamp_min(0)
-        lo0 = wg.amin(-1).clamp_max(0)
-    best_loss = torch.full((out_f, ng), float("inf"), device=w.device)
-    best_r = torch.ones(out_f, ng, device=w.device)
-    row_chunk = max(1, _CHUNK_ELEMS // in_f)
-    for i in range(int(max_shrink * grid)):
-        r = 1.0 - i / grid
-        wc = _clip(w, lo0 * r, hi0 * r, g)
-        dw = (w - quantize_rtn(wc, scheme).dequantize()).reshape(out_f, ng, g)
-        loss = torch.empty(out_f, ng, device=w.device)
-        for o in range(0, out_f, row_chunk):
-            d = dw[o : o + row_chunk].transpose(0, 1)  # [ng, rows, g]
-            loss[o : o + row_chunk] = ((d @ gram) * d).sum(-1).transpose(0, 1)
-        better = loss < best_loss
-        best_loss = torch.where(better, loss, best_loss)
-        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
-    return _clip(w, lo0 * best_r, hi0 * best_r, g)
+    return clip_to_gram(w, gram, scheme, grid, max_shrink)
 
 
 class AWQParams(QuantizerParams):
@@ -175,7 +150,7 @@ class AWQQuantizer(Quantizer):
         p: AWQParams = self.params  # type: ignore[assignment]
         names = self.schemes_or_default(graph, schemes)
         samples = {g.key: RowSample(p.max_calib_tokens, calib.generator(g.key)) for g in graph.groups}
-        means = {g.key: ChannelAbsMean() for g in graph.groups}
+        means = {g.key: ChannelAbsMean(graph.unit(g.key).in_features) for g in graph.groups}
         # One pass over the float layer: folding keeps the float function, so the inputs
         # captured here stay valid (divided by s) after every group is scaled.
         calib.observe({k: Joined(samples[k], means[k]) for k in samples})

@@ -9,7 +9,7 @@ exports as they are. It never sees a file format.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar, Mapping, Protocol
+from typing import Callable, ClassVar, Literal, Mapping, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -41,6 +41,18 @@ class Statistic(Protocol):
         ...
 
 
+class PairedStatistic(Protocol):
+    """A statistic of a Linear's input on the quantized model's stream and, for the same
+    tokens, on the float model's stream (both ``[tokens, in_features]``); reduced as
+    ``Statistic`` is."""
+
+    def add(self, quantized: torch.Tensor, float_: torch.Tensor) -> None:
+        ...
+
+    def reduce(self, world: World) -> None:
+        ...
+
+
 class LayerCalibration(Protocol):
     """Streams the current layer's calibration inputs through the float layer; ``world`` is
     the ranks sharing them (``world.solve`` runs work on owner ranks and shares the result)."""
@@ -54,6 +66,14 @@ class LayerCalibration(Protocol):
         fed with that Linear's input, flattened to ``[tokens, in_features]``;
         ``ATTENTION_KEY`` / ``ATTENTION_VALUE`` to one fed with the attention's key/value.
         """
+        ...
+
+    def observe_paired(self, stats: Mapping[str, PairedStatistic]) -> None:
+        """Run this rank's calibration batches through the layer twice: as the quantized model
+        so far gives them, and as the float model gives them (each rank carries the float
+        stream of its own batches); each statistic gets both inputs of its Linear for the
+        same tokens, then every statistic is reduced. Only for quantizers with
+        ``needs_float_inputs``."""
         ...
 
     def generator(self, name: str) -> torch.Generator:
@@ -100,6 +120,9 @@ class QuantizerParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str
+    rotate: Literal["none", "hadamard"] = Field(
+        "none", description="hadamard: rotate the residual stream (and each value head) by randomized Hadamards "
+        "fused into the weights before quantizing; same function, fewer outliers; vLLM serves it as is")
     targets: list[str] = Field(
         [ANY_LINEAR], description="Linears to quantize: 'Linear' (all), full module names, or 're:<regex>'")
     ignore: list[str] = Field(
@@ -130,6 +153,9 @@ class Quantizer(ABC):
     # Read from the instance: a method may need data only for some parameters (fp8 static
     # activations, int8 with GPTQ weights) and sets it in __init__.
     needs_calibration: bool = True
+    # The engine then keeps the float model's calibration stream beside the quantized one
+    # (twice the calibration activations) for ``LayerCalibration.observe_paired``.
+    needs_float_inputs: bool = False
     default_format: ClassVar[str] = "compressed-tensors"
 
     def __init__(self, params: QuantizerParams, model_config: dict) -> None:

@@ -21,19 +21,21 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..errors import NumericsError
 from ..grids import effective_scale, round_to_grid
 from ..scheme import QuantizedWeight, Scheme, WeightScheme
-from ..distributed import World
+from ..distributed import SINGLE, World
+from ..graph.experts import expert_of
 from .activation_params import observe_input_globals
 from .base import Joined, LayerCalibration, Quantizer, register_quantizer, solve_units
+from .clip import clip_to_gram, group_grams
 from .hessian import HessianAccumulator
 from .rtn import fused_global_scales, weight_global_scale, weight_only_scheme, weight_qparams
 from .scheme_params import SchemeParams
@@ -100,6 +102,7 @@ def gptq_quantize(
     dampening_frac: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
+    clip_search: bool = False,
     name: str = "weight",
     global_scale: torch.Tensor | None = None,
 ) -> QuantizedWeight:
@@ -110,6 +113,10 @@ def gptq_quantize(
     of that visiting order). With ``static_groups`` the group parameters are fixed from the
     unpermuted weight before any update, so groups stay in natural order and ``g_idx`` is
     None. Channel and tensor strategies fix their parameters up front, as the reference does.
+    With ``clip_search`` those up-front parameters come from each group's range shrunk to
+    minimise its RTN error under the Hessian's diagonal block (``clip_to_gram``) instead of
+    the min-max range, for per-channel and per-group scales; dynamic groups take no search
+    (their weights move under the updates), nor do block, tensor and global-scale layouts.
     A tensor_group scheme uses ``global_scale`` (shared with fused shards) or the weight's own.
     """
     ws: WeightScheme = scheme.weights
@@ -142,7 +149,11 @@ def gptq_quantize(
     # Per-column parameters fixed before the loop (natural order), when not dynamic groups.
     col_scale = col_zero = None
     if not dynamic_groups:
-        scale, zero = weight_qparams(W, ws, global_scale)
+        ranged = W
+        if clip_search and ws.strategy in ("channel", "group"):
+            ranged = clip_to_gram(W, group_grams(H, group or in_f), scheme)
+        scale, zero = weight_qparams(ranged, ws, global_scale)
+        del ranged
         col_scale = ws.layout.expand(effective_scale(scale, global_scale), out_f, in_f)
         col_zero = None if zero is None else ws.layout.expand(zero, out_f, in_f)
 
@@ -341,17 +352,56 @@ def _block_graph(rows: int, n: int, device: torch.device, dynamic: bool, asym: b
     return _GRAPHS[key]
 
 
+def feedback_target(w: torch.Tensor, h_quant: torch.Tensor, cross: torch.Tensor, dampening_frac: float,
+                    name: str = "weight") -> torch.Tensor:
+    """The float weight GPTQ should approximate when its inputs are the quantized model's
+    ``X̃`` but its target is the float layer's output on the float inputs ``X`` (GPTAQ's
+    objective): ``min ||X Wᵀ − X̃ Ŵᵀ||² = ||X̃ (W* − Ŵ)ᵀ||² + const`` with
+    ``W* = W + W (Cᵀ − H̃)(H̃ + λI)⁻¹``, ``H̃ = X̃ᵀX̃`` and ``C = X̃ᵀX`` on the same scale.
+
+    The damping ``λ = frac · mean(diag H̃)`` pulls ``W*`` toward ``W`` (not toward zero): with
+    ``X̃ = X`` it is ``W`` exactly, and directions the calibration tokens barely excite are
+    left alone instead of fitted to noise.
+    """
+    h = h_quant.detach().to(torch.float64).clone()
+    h.diagonal().add_(dampening_frac * torch.diagonal(h).mean().clamp_min(1e-8))
+    low, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        raise NumericsError(f"GPTQ {name}: the quantized-input Hessian is not positive definite even damped; "
+                            "use more calibration samples or a larger dampening_frac")
+    w64 = w.detach().to(torch.float64)
+    rhs = (cross.to(torch.float64) - h_quant.to(torch.float64)) @ w64.T  # [in, out]
+    return (w64 + torch.cholesky_solve(rhs, low).T).to(torch.float32)
+
+
 class GPTQParams(SchemeParams):
-    """GPTQ: weight-only int (W4A16 / W8A16) by bits/group_size/symmetric, or any preset."""
+    """GPTQ: weight-only int (W4A16 / W8A16) by bits/group_size/symmetric, or any preset.
+
+    Act-order with static groups is the default: visiting columns by decreasing Hessian
+    diagonal is most of GPTQ's gain over RTN at 4 bits (docs/quality.md), and with static
+    groups the checkpoint needs no ``g_idx``, which is vLLM's fastest path and storable in
+    every format."""
 
     method: Literal["gptq"] = "gptq"
     bits: Literal[4, 8] = 4
     group_size: Literal[-1, 32, 64, 128] = 128
     symmetric: bool = True
-    act_order: bool = False
-    static_groups: bool = False
+    act_order: bool = True
+    static_groups: bool = True
     dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
     block_size: int = Field(128, ge=1, description="columns whose updates are applied together (lazy batch)")
+    input_feedback: bool = Field(False, description="fit the quantized layer on its quantized inputs to the float "
+                                 "layer's output on float inputs (GPTAQ's objective); keeps a second calibration "
+                                 "stream")
+    clip_search: bool = Field(False, description="shrink each group's range where that lowers its Hessian-weighted "
+                              "error before the column loop (static groups or per channel)")
+
+    @model_validator(mode="after")
+    def _clip_needs_fixed_scales(self) -> "GPTQParams":
+        if self.clip_search and self.group_size != -1 and not self.static_groups:
+            raise ValueError("clip_search chooses group scales before the column loop: set static_groups: true "
+                             "(or group_size: -1)")
+        return self
 
     def int_scheme(self, bits: int, group_size: int, symmetric: bool) -> Scheme:
         return weight_only_scheme(bits, group_size, symmetric)
@@ -381,9 +431,51 @@ def collect_hessians(graph, stats: dict | None = None, names=None) -> tuple[dict
     return accs, stats
 
 
+class _PairedHessians:
+    """One input group's statistics on both streams: the Hessian of the quantized-stream
+    inputs, the cross term with the float-stream inputs, and ``also`` (an input global
+    scale's range) watching the quantized stream, the one the served model computes on."""
+
+    def __init__(self, acc: HessianAccumulator, cross: HessianAccumulator, also=None) -> None:
+        self.acc, self.cross, self.also = acc, cross, also
+
+    def add(self, xq: torch.Tensor, xf: torch.Tensor) -> None:
+        self.acc.add(xq)
+        self.cross.add(xq, xf)
+        if self.also is not None:
+            self.also.add(xq)
+
+    def reduce(self, world: World) -> None:
+        for s in (self.acc, self.cross, self.also):
+            if s is not None:
+                s.reduce(world)
+
+
+def collect_paired_hessians(
+    graph, stats: Mapping | None = None, names=None
+) -> tuple[dict[str, HessianAccumulator], dict[str, HessianAccumulator], dict[str, _PairedHessians]]:
+    """Per input group: the Hessian of the quantized-stream inputs ``X̃ᵀX̃`` and the cross
+    term ``X̃ᵀX`` with the float-stream inputs, keyed by every Linear of the group, and the
+    paired statistics that feed them (``stats``, one input each, folded in on the quantized
+    stream); with ``names``, only groups holding one of them."""
+    stats = dict(stats or {})
+    accs: dict[str, HessianAccumulator] = {}
+    crosses: dict[str, HessianAccumulator] = {}
+    paired = {}
+    for g in graph.groups:
+        if names is not None and not set(g.linears) & set(names):
+            continue
+        width = graph.unit(g.key).in_features
+        acc, cross = HessianAccumulator(g.key, width), HessianAccumulator(g.key, width)
+        for n in g.linears:
+            accs[n], crosses[n] = acc, cross
+        paired[g.key] = _PairedHessians(acc, cross, stats.pop(g.key, None))
+    return accs, crosses, paired
+
+
 def gptq_layer(
-    layer, graph, accs: dict[str, HessianAccumulator], schemes: Scheme | Mapping[str, Scheme], world: World,
-    **kwargs
+    layer, graph, accs: dict[str, HessianAccumulator], schemes: Scheme | Mapping[str, Scheme],
+    world: World = SINGLE, target: Callable[[str], torch.Tensor] | None = None, **kwargs
 ) -> dict[str, QuantizedWeight]:
     """GPTQ the units of ``schemes`` (or every unit of ``graph`` with one scheme) with the
     Hessians already accumulated (and reduced) in ``accs``, each solve on its owner rank of
@@ -394,34 +486,68 @@ def gptq_layer(
     group or row block, and the error update of a row reads only that row), so this is the
     same computation with one Cholesky factorisation and one sequential column loop instead
     of three or two. They share one global scale (tensor_group), as vLLM needs for the
-    matrix it fuses them into.
+    matrix it fuses them into; it is taken from the layer's own weights.
+    ``target(name)`` is what GPTQ approximates for a unit: its weight, or ``feedback_target``.
     """
     if isinstance(schemes, Scheme):
         schemes = {n: schemes for n in graph.linears}
-    by_key: dict[tuple[int, Scheme], list[str]] = {}
+    target = target or (lambda n: graph.unit(n).matrix(layer).detach())
+    globals_ = fused_global_scales(layer, graph, schemes)  # from the weights alone: the same on every rank
+    # One stack per Hessian, scheme and global scale (a MoE layer's experts share a Hessian
+    # but each fused gate/up pair has its own global scale).
+    by_key: dict[tuple[int, Scheme, int], list[str]] = {}
     for name, scheme in schemes.items():
-        by_key.setdefault((id(accs[name]), scheme), []).append(name)
-    # From the weights alone (the same on every rank): every rank knows them before the solves.
-    globals_ = fused_global_scales(layer, graph, schemes)
+        by_key.setdefault((id(accs[name]), scheme, id(globals_.get(name))), []).append(name)
 
-    def solve(scheme: Scheme, names: list[str]) -> dict[str, QuantizedWeight]:
-        weights = [graph.unit(n).matrix(layer).detach() for n in names]
+    def solve(scheme: Scheme, names: list[str], stacked: bool) -> dict[str, QuantizedWeight]:
+        weights = [target(n) for n in names]
         hessian = accs[names[0]].hessian()
         shared = globals_.get(names[0])
-        if not _stackable(scheme.weights, [w.shape[0] for w in weights]):
+        if not stacked:
             return {n: gptq_quantize(w, hessian, scheme, name=n, global_scale=shared, **kwargs)
                     for n, w in zip(names, weights)}
-        stacked = gptq_quantize(torch.cat(weights), hessian, scheme, name="+".join(names), global_scale=shared,
-                                **kwargs)
-        return split_rows(stacked, names, [w.shape[0] for w in weights])
+        qw = gptq_quantize(torch.cat(weights), hessian, scheme, name="+".join(names), global_scale=shared, **kwargs)
+        return split_rows(qw, names, [w.shape[0] for w in weights])
 
     jobs = {}
-    for (_, scheme), names in by_key.items():
+    for (_, scheme, _), names in by_key.items():
         units = [graph.unit(n) for n in names]
-        in_f, rows = units[0].in_features, sum(u.out_features for u in units)
-        # The column loop touches rows x in^2 / 2 elements, the factorisations about in^3.
-        jobs["+".join(names)] = (float(in_f) * in_f * (rows + in_f), lambda scheme=scheme, names=names: solve(scheme, names))
+        stacked = _stackable(scheme.weights, [u.out_features for u in units])
+        sizes = [u.out_features * u.in_features for u in units]
+        # Experts are units of the owner assignment: a stack of experts sharing one Hessian
+        # is cut into at least one part per rank (whole Linears; a part is the same solve,
+        # since GPTQ treats rows independently given H).
+        cap = MAX_STACKED_ELEMENTS
+        if world.size > 1 and all(expert_of(n) is not None for n in names):
+            cap = min(cap, -(-sum(sizes) // world.size))
+        for part in _row_chunks(names, sizes, cap) if stacked else [[n] for n in names]:
+            in_f = units[0].in_features
+            rows = sum(graph.unit(n).out_features for n in part)
+            # The column loop touches rows x in^2 / 2 elements, the factorisations about in^3.
+            jobs["+".join(part)] = (float(in_f) * in_f * (rows + in_f),
+                                    lambda scheme=scheme, part=part, stacked=stacked: solve(scheme, part, stacked))
     return solve_units(world, jobs)
+
+
+# Weights stacked into one GPTQ solve hold at most this many elements (1 GiB in float32, as
+# the solve works): every expert of a MoE layer shares one gate/up Hessian, and DeepSeek-V3's
+# 512 expert matrices stacked at once would take 30 GB in float32 beside the layer.
+MAX_STACKED_ELEMENTS = 1 << 28
+
+
+def _row_chunks(names: list[str], sizes: list[int], cap: int | None = None) -> list[list[str]]:
+    """``names`` in consecutive runs whose weights hold at most ``cap`` elements
+    (``MAX_STACKED_ELEMENTS``; one name per run when a single weight is larger)."""
+    cap = MAX_STACKED_ELEMENTS if cap is None else cap
+    runs: list[list[str]] = [[]]
+    total = 0
+    for n, size in zip(names, sizes):
+        if runs[-1] and total + size > cap:
+            runs.append([])
+            total = 0
+        runs[-1].append(n)
+        total += size
+    return runs
 
 
 def _stackable(ws: WeightScheme, rows: list[int]) -> bool:
@@ -456,22 +582,37 @@ def split_rows(qw: QuantizedWeight, names: list[str], rows: list[int]) -> dict[s
 class GPTQQuantizer(Quantizer):
     Params = GPTQParams
 
+    def __init__(self, params: GPTQParams, model_config: dict) -> None:
+        super().__init__(params, model_config)
+        self.needs_float_inputs = params.input_feedback
+
     def quantize_layer(self, layer, graph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: GPTQParams = self.params  # type: ignore[assignment]
         schemes = self.schemes_or_default(graph, schemes)
         input_globals = observe_input_globals(graph, schemes)
-        accs, stats = collect_hessians(graph, input_globals.stats, names=schemes)
-        calib.observe(stats)
+        target = None
+        if p.input_feedback:
+            accs, crosses, paired = collect_paired_hessians(graph, input_globals.stats, names=schemes)
+            calib.observe_paired(paired)
+
+            def target(n: str) -> torch.Tensor:  # on the unit's owner rank, within its solve
+                return feedback_target(graph.unit(n).matrix(layer), accs[n].hessian(), crosses[n].hessian(),
+                                       p.dampening_frac, n)
+        else:
+            accs, stats = collect_hessians(graph, input_globals.stats, names=schemes)
+            calib.observe(stats)
         out = gptq_layer(
             layer,
             graph,
             accs,
             schemes,
             calib.world,
+            target,
             block_size=p.block_size,
             dampening_frac=p.dampening_frac,
             act_order=p.act_order,
             static_groups=p.static_groups,
+            clip_search=p.clip_search,
         )
         input_globals.apply(out)
         return out

@@ -31,8 +31,10 @@ class HessianAccumulator:
         self.calls = 0
         self._h: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor) -> None:
-        """Fold in a batch of inputs ``[tokens, in_features]``."""
+    def add(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+        """Fold in a batch of inputs ``[tokens, in_features]``; with ``y`` (the same tokens from
+        another stream) the cross term ``2/n Σ x yᵀ`` instead."""
+        y = x if y is None else y
         t = x.shape[0]
         if t == 0:
             return
@@ -42,11 +44,10 @@ class HessianAccumulator:
         n = self.tokens
         self.tokens = n + t
         if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-            xtx = torch.mm(x.T, x, out_dtype=torch.float32)
+            xtx = torch.mm(x.T, y.to(x.dtype), out_dtype=torch.float32)
             self._h.mul_(n / self.tokens).add_(xtx, alpha=2.0 / self.tokens)
         else:
-            x = x.to(torch.float32)
-            self._h.addmm_(x.T, x, beta=n / self.tokens, alpha=2.0 / self.tokens)
+            self._h.addmm_(x.T.to(torch.float32), y.to(torch.float32), beta=n / self.tokens, alpha=2.0 / self.tokens)
 
     def reduce(self, world: World) -> None:
         """The Hessian of every rank's tokens: each rank's mean weighted by its token count,

@@ -100,16 +100,19 @@ class TensorObserver:
         """The maximum over the ranks; for the sampled statistics the ranks' samples pooled."""
         if world.size == 1:
             return
+        if self._max is None:  # none of this rank's tokens reached it: no maximum to offer
+            self._max = torch.tensor(float("-inf"), device=world.device)
         world.all_reduce(self._max, "max")
         if self.kind != "minmax":
-            self._samples = [pooled_sample(world, self.samples(), self.max_samples, self.generator.initial_seed())]
+            mine = self.samples() if self._samples else torch.empty(0, device=world.device)
+            self._samples = [pooled_sample(world, mine, self.max_samples, self.generator.initial_seed())]
             self._count = self._samples[0].numel()
 
     def samples(self) -> torch.Tensor:
         return torch.cat(self._samples)
 
     def amax(self) -> torch.Tensor:
-        if self._max is None:
+        if self._max is None or bool(torch.isneginf(self._max)):
             raise ValueError("observer saw no activations")
         if self.kind == "minmax":
             return self._max
@@ -119,10 +122,11 @@ class TensorObserver:
 
 
 class AbsMax:
-    """Running ``max |x|``, over everything or per input channel (``per_channel``), with no
-    host sync; reduced by MAX over the ranks."""
+    """Running ``max |x|``, over everything or per input channel (``per_channel`` of them),
+    with no host sync; reduced by MAX over the ranks. ``amax`` stays None when no rank saw a
+    token (an expert no calibration token was routed to)."""
 
-    def __init__(self, per_channel: bool = False) -> None:
+    def __init__(self, per_channel: int | None = None) -> None:
         self.per_channel = per_channel
         self.amax: torch.Tensor | None = None
 
@@ -131,4 +135,10 @@ class AbsMax:
         self.amax = m if self.amax is None else torch.maximum(self.amax, m)
 
     def reduce(self, world: World) -> None:
-        world.all_reduce(self.amax, "max")
+        if world.size == 1:
+            return
+        # A rank none of whose tokens reached the input offers -inf, which MAX ignores.
+        mine = self.amax if self.amax is not None else torch.full(
+            (self.per_channel,) if self.per_channel else (), float("-inf"), device=world.device)
+        world.all_reduce(mine, "max")
+        self.amax = None if bool(torch.isneginf(mine).any()) else mine

@@ -47,7 +47,7 @@ def smooth_layer(layer: nn.Module, graph: LayerGraph, calib, alpha: float) -> di
     input is simply divided by its own ``s`` afterwards and the other groups' statistics stay
     valid."""
     groups = [g for g in graph.groups if g.foldable]
-    stats = {g.key: AbsMax(per_channel=True) for g in groups}
+    stats = {g.key: AbsMax(per_channel=graph.unit(g.key).in_features) for g in groups}
     calib.observe(stats)
     scales = {}
     for g in groups:

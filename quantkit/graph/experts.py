@@ -1,0 +1,207 @@
+"""Mixture-of-Experts experts as one small MLP of ``nn.Linear``s per expert.
+
+transformers 5 holds a layer's experts as fused 3-D parameters (``experts.gate_up_proj``
+``[E, 2I, H]``, ``experts.down_proj`` ``[E, H, I]``) and describes their layout with the
+``use_experts_implementation`` decorator: ``has_gate``, ``has_bias``, ``is_transposed`` (gpt-oss
+stores ``[E, H, 2I]``), ``is_concatenated`` (gate rows then up rows, or interleaved), and the
+class's own ``_apply_gate`` (gpt-oss clamps and adds one). ``unfuse_experts`` replaces every such
+module of a model with ``UnfusedExperts``: expert ``e`` becomes ``experts.{e}.gate_proj``,
+``up_proj`` and ``down_proj`` Linears, computed exactly as the fused module computes them
+(its own ``_apply_gate`` on the same concatenated or interleaved rows).
+
+That makes an expert an ordinary unit everywhere: the layer graph derives its groups and
+producers, quantizers hook its Linears' inputs, and the export writes one tensor per expert,
+which is how MoE checkpoints store them and what vLLM's MoE loaders read
+(``expert_params_mapping``: ``experts.{e}.gate_proj`` / ``w1`` ...).
+
+Calibration (``all_experts``): every token goes through every expert, so each expert's
+statistics come from all tokens, while only the routed outputs, weighted by the router, reach
+the layer's output. All experts then read the very same tensor: their gate/up Linears form one
+input group and share one Hessian. With ``all_experts`` off an expert sees only its routed
+tokens. Either way ``routed`` counts the tokens the router gave each expert.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+_EXPERT = re.compile(r"^(.*\.)?experts\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How the fused parameters hold each expert (transformers' decorator attributes)."""
+
+    num_experts: int
+    hidden: int
+    intermediate: int
+    has_gate: bool
+    has_bias: bool
+    is_transposed: bool
+    is_concatenated: bool
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return ("gate_proj", "up_proj", "down_proj") if self.has_gate else ("up_proj", "down_proj")
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A transformers experts module with the standard layout attributes."""
+    return hasattr(module, "is_transposed") and hasattr(module, "has_gate") and isinstance(
+        getattr(module, "down_proj", None), nn.Parameter) and module.down_proj.dim() == 3
+
+
+def layout_of(fused: nn.Module) -> ExpertLayout:
+    down = fused.down_proj
+    e = down.shape[0]
+    h, i = (down.shape[2], down.shape[1]) if fused.is_transposed else (down.shape[1], down.shape[2])
+    if getattr(fused, "has_post_expert_norm", False):
+        raise NotImplementedError(f"{type(fused).__name__}: experts with a post-expert norm")
+    return ExpertLayout(e, int(h), int(i), bool(fused.has_gate), bool(fused.has_bias), bool(fused.is_transposed),
+                        bool(getattr(fused, "is_concatenated", True)))
+
+
+class ExpertMLP(nn.Module):
+    """One expert: ``gate_proj``/``up_proj`` ``[I, H]`` and ``down_proj`` ``[H, I]``."""
+
+    def __init__(self, layout: ExpertLayout, device, dtype):
+        super().__init__()
+        kw = dict(bias=layout.has_bias, device=device, dtype=dtype)
+        if layout.has_gate:
+            self.gate_proj = nn.Linear(layout.hidden, layout.intermediate, **kw)
+        self.up_proj = nn.Linear(layout.hidden, layout.intermediate, **kw)
+        self.down_proj = nn.Linear(layout.intermediate, layout.hidden, **kw)
+
+
+class UnfusedExperts(nn.ModuleList):
+    """The experts of one MoE block as ``ExpertMLP``s, called as the fused module is:
+    ``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) → [T, H]``."""
+
+    def __init__(self, fused: nn.Module):
+        layout = layout_of(fused)
+        p = fused.down_proj
+        super().__init__([ExpertMLP(layout, p.device, p.dtype) for _ in range(layout.num_experts)])
+        self.layout = layout
+        # The fused module, kept for its activation and gate rule only (its 3-D parameters
+        # are dropped; it is not a submodule, so no state_dict sees it).
+        for name in list(fused._parameters):
+            fused._parameters[name] = None
+        self.__dict__["fused"] = fused
+        self.all_experts = False
+        self.routed: torch.Tensor | None = None
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        m: ExpertMLP = self[e]
+        if not self.layout.has_gate:
+            h = self.fused.act_fn(m.up_proj(x))
+        else:
+            gate, up = m.gate_proj(x), m.up_proj(x)
+            if self.layout.is_concatenated:
+                both = torch.cat([gate, up], dim=-1)
+            else:
+                both = torch.stack([gate, up], dim=-1).reshape(*gate.shape[:-1], 2 * gate.shape[-1])
+            h = type(self.fused)._apply_gate(self.fused, both)
+        return m.down_proj(h)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        n = self.layout.num_experts
+        idx = top_k_index.reshape(hidden_states.shape[0], -1)
+        weights = top_k_weights.reshape(idx.shape).to(hidden_states.dtype)
+        if not hidden_states.is_meta:
+            # One device op, no host sync; indices >= n (expert-parallel sentinels) are dropped.
+            counts = torch.bincount(idx.reshape(-1), minlength=n + 1)[:n]
+            self.routed = counts if self.routed is None else self.routed + counts
+        out = torch.zeros_like(hidden_states)
+        if self.all_experts:
+            # Every expert on the same tensor (one input group, one Hessian); a dense [T, n]
+            # routing matrix keeps only the routed outputs, weighted.
+            dense = torch.zeros(idx.shape[0], n + 1, dtype=weights.dtype, device=weights.device)
+            dense.scatter_add_(1, idx.clamp(max=n), weights)
+            for e in range(n):
+                out += self._expert(e, hidden_states) * dense[:, e:e + 1]
+            return out
+        hit = torch.nonzero(torch.bincount(idx.reshape(-1), minlength=n + 1)[:n]).flatten().tolist()
+        for e in hit:
+            token, pos = torch.where(idx == e)
+            y = self._expert(e, hidden_states[token]) * weights[token, pos, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def unfuse_experts(model: nn.Module) -> int:
+    """Replace every fused experts module of ``model`` (any device, meta included) with
+    ``UnfusedExperts``; returns how many were replaced. Weights are not carried over: the
+    model is a skeleton (meta) or is loaded afterwards."""
+    found = [(n, m) for n, m in model.named_modules() if is_fused_experts(m)]
+    for name, fused in found:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, UnfusedExperts(fused))
+    return len(found)
+
+
+def expert_modules(layer: nn.Module) -> Iterator[tuple[str, UnfusedExperts]]:
+    for n, m in layer.named_modules():
+        if isinstance(m, UnfusedExperts):
+            yield n, m
+
+
+@contextlib.contextmanager
+def all_experts(layer: nn.Module, on: bool = True) -> Iterator[None]:
+    """Run ``layer``'s experts on every token (``on``) or only on their routed tokens."""
+    mods = [m for _, m in expert_modules(layer)]
+    before = [m.all_experts for m in mods]
+    for m in mods:
+        m.all_experts = on
+    try:
+        yield
+    finally:
+        for m, b in zip(mods, before):
+            m.all_experts = b
+
+
+def reset_counts(layer: nn.Module) -> None:
+    for _, m in expert_modules(layer):
+        m.routed = None
+
+
+def routed_counts(layer: nn.Module) -> dict[str, list[int]]:
+    """Tokens the router gave each expert since the last ``reset_counts``: experts module
+    name (in ``layer``) → one count per expert (one host sync per MoE block)."""
+    return {n: ([0] * m.layout.num_experts if m.routed is None else m.routed.tolist())
+            for n, m in expert_modules(layer)}
+
+
+def expert_of(name: str) -> tuple[str, int] | None:
+    """``("mlp.experts", 3)`` for ``"mlp.experts.3.down_proj"``; None outside experts."""
+    m = _EXPERT.match(name)
+    return (f"{m.group(1) or ''}experts", int(m.group(2))) if m else None
+
+
+def split_fused(layout: ExpertLayout, param: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A fused parameter (``gate_up_proj``, ``down_proj``, their ``_bias``) of one MoE block as
+    per-expert tensors named relative to the experts module (``"3.up_proj.weight"``)."""
+    bias = param.endswith("_bias")
+    base = param[: -len("_bias")] if bias else param
+    leaf = "bias" if bias else "weight"
+    out: dict[str, torch.Tensor] = {}
+    for e in range(layout.num_experts):
+        w = t[e]
+        if not bias and layout.is_transposed:
+            w = w.transpose(0, 1)
+        if base == "gate_up_proj":
+            if layout.is_concatenated:
+                gate, up = w[: layout.intermediate], w[layout.intermediate:]
+            else:
+                gate, up = w[0::2], w[1::2]
+            out[f"{e}.gate_proj.{leaf}"] = gate.contiguous()
+            out[f"{e}.up_proj.{leaf}"] = up.contiguous()
+        else:
+            out[f"{e}.{base}.{leaf}"] = w.contiguous()
+    return out

@@ -1,0 +1,115 @@
+"""Source checkpoints that ship their own quantization, dequantized as they are read.
+
+DeepSeek-V3/R1 store their Linears as float8_e4m3fn with one ``weight_scale_inv`` per 128x128
+block (``quantization_config.weight_block_size``); gpt-oss stores its experts as MXFP4: 4-bit
+E2M1 codes two to a byte (``*_blocks`` ``[..., G, 16]``) with one power-of-two scale per 32
+values (``*_scales``, an E8M0 exponent biased by 127). quantkit calibrates and quantizes from
+the float values these stand for; the tensors that only describe the source's quantization
+(scales, blocks) are consumed by the dequantization and never copied to the output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# E2M1 code -> value (sign bit first): the OCP microscaling FP4 table.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """float32 ``w · scale_inv`` with one scale per ``block`` (rows, columns); edge blocks are
+    partial (DeepSeek's 7168 columns are 56 blocks of 128; ``kv_a_proj``'s 576 rows end in one of 64)."""
+    out_f, in_f = w.shape
+    br, bc = block
+    rows = (out_f + br - 1) // br
+    cols = (in_f + bc - 1) // bc
+    if tuple(scale_inv.shape) != (rows, cols):
+        raise ValueError(f"block scales of shape {tuple(scale_inv.shape)} do not cover a {out_f}x{in_f} weight in "
+                         f"{br}x{bc} blocks ({rows}x{cols} expected)")
+    s = scale_inv.to(torch.float32).repeat_interleave(br, 0)[:out_f].repeat_interleave(bc, 1)[:, :in_f]
+    return w.to(torch.float32) * s
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float32 values of MXFP4 ``blocks`` (uint8 ``[..., G, B]``, low nibble first) with E8M0
+    ``scales`` (uint8 ``[..., G]``): ``[..., G * 2B]``."""
+    if blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not match")
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
+    b = blocks.to(torch.uint8)
+    codes = torch.stack([b & 0x0F, b >> 4], dim=-1).reshape(*b.shape[:-1], b.shape[-1] * 2)
+    vals = lut[codes.long()]
+    vals = torch.ldexp(vals, (scales.to(torch.int32) - 127).unsqueeze(-1))
+    return vals.reshape(*b.shape[:-2], b.shape[-2] * b.shape[-1] * 2)
+
+
+class DequantizedSource:
+    """A ``ModelSource`` whose checkpoint is quantized by its authors, seen as the float
+    checkpoint it stands for: ``weight_map`` lists the float tensors (FP8 weights under their
+    own names; gpt-oss's ``X_blocks``/``X_scales`` as ``X``), ``tensor`` dequantizes, and the
+    scale tensors are gone (consumed, never copied to the output). Everything else is the
+    wrapped source's."""
+
+    def __init__(self, source, kind: str, block: tuple[int, int] | None = None):
+        self.base, self.kind, self.block = source, kind, block
+        self.weight_map: dict[str, str] = {}
+        self._parts: dict[str, tuple[str, str]] = {}  # float name -> (codes, scales) source tensors
+        names = source.weight_map
+        for name, shard in names.items():
+            if kind == "fp8" and name.endswith(".weight") and f"{name}_scale_inv" in names:
+                self._parts[name] = (name, f"{name}_scale_inv")
+            elif kind == "mxfp4" and name.endswith("_blocks") and f"{name[:-7]}_scales" in names:
+                self._parts[name[:-7]] = (name, f"{name[:-7]}_scales")
+                name = name[:-7]
+            elif (kind == "fp8" and name.endswith(".weight_scale_inv")) or (
+                    kind == "mxfp4" and name.endswith("_scales") and f"{name[:-7]}_blocks" in names):
+                continue
+            self.weight_map[name] = shard
+
+    @property
+    def dequantized(self) -> set[str]:
+        """The float tensors this view computes from codes and scales."""
+        return set(self._parts)
+
+    def __getattr__(self, attr: str):
+        return getattr(self.base, attr)
+
+    def has(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self._parts:
+            return self.base.tensor(name)
+        codes, scales = (self.base.tensor(n) for n in self._parts[name])
+        if self.kind == "fp8":
+            return dequantize_fp8_blocks(codes, scales, self.block)
+        return dequantize_mxfp4(codes, scales).transpose(-1, -2).contiguous()  # as transformers holds them
+
+    def tensor_on(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if name not in self._parts:
+            return self.base.tensor_on(name, device, dtype)
+        return self.tensor(name).to(device=device, dtype=dtype)
+
+    def tensor_location(self, name: str):
+        if name not in self._parts:
+            return self.base.tensor_location(name)
+        path, _, shape, _, _ = self.base.tensor_location(self._parts[name][0])
+        return path, "F32", shape, 0, 0  # not a byte range: read (dequantized) and cast when copied
+
+
+def read_as_float(quantization_config) -> bool:
+    """The source's own quantization is one quantkit reads as float values (FP8 with block
+    scales, MXFP4)."""
+    qc = quantization_config if isinstance(quantization_config, dict) else {}
+    return (qc.get("quant_method") == "fp8" and bool(qc.get("weight_block_size"))) or qc.get("quant_method") == "mxfp4"
+
+
+def float_view(source):
+    """``source`` as a float checkpoint: itself, or a ``DequantizedSource`` when its config
+    declares a quantization quantkit reads (FP8 with block scales, MXFP4)."""
+    qc = source.config.get("quantization_config") or {}
+    if not read_as_float(qc):
+        return source
+    if qc["quant_method"] == "fp8":
+        return DequantizedSource(source, "fp8", tuple(qc["weight_block_size"]))
+    return DequantizedSource(source, "mxfp4")

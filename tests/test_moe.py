@@ -1,0 +1,421 @@
+"""Mixture-of-Experts end to end (issue 16).
+
+1. Unfused experts compute what transformers' fused experts compute, for every layout its
+   experts decorator describes (Mixtral's concatenated gate/up; gpt-oss's transposed,
+   interleaved, biased experts with its own clamped gate), routed and all-expert alike.
+2. Each MoE family's full pipeline run: per-expert checkpoint names as the checkpoint (and
+   vLLM's ``expert_params_mapping``) spell them, routers float and in the ignore list,
+   transformers reloads the output and its logits match quantkit's fake-quantized model,
+   token counts per expert in report.json and the card.
+3. An expert the router never picks: with all-expert calibration it gets a Hessian from every
+   token; with routed calibration it is rounded to nearest, with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from quantkit.engine import LayerwiseEngine, _LayerCalibration, make_batches
+from quantkit.graph.experts import UnfusedExperts, split_fused
+from quantkit.graph.runtime import ModelRunner
+from quantkit.model import ModelSource
+from quantkit.moe import ExpertCalibration, ExpertReport
+from quantkit.pipeline import run
+from quantkit.quantizers import QUANTIZERS
+from quantkit.quantizers.gptq import collect_hessians
+from quantkit.quantizers.rtn import quantize_rtn
+from quantkit.recipe import make_recipe
+from tests.helpers import family_workspace
+from tests.test_export_e2e import read_tensors
+from tests.tiny_models import model_class_for
+
+transformers = pytest.importorskip("transformers")
+
+FULL_RUN = {"mixtral": "gptq", "qwen2_moe": "gptq", "qwen3_moe": "awq", "deepseek_v3": "gptq"}
+ROUTED_ONLY = {"qwen2_moe"}  # its run calibrates each expert on its routed tokens only
+METHODS = {
+    "rtn": {"method": "rtn", "bits": 4, "group_size": 64},
+    "gptq": {"method": "gptq", "bits": 4, "group_size": 64},
+    # Symmetric: transformers 5's compressed-tensors MoE decompression reads no zero points
+    # (integrations/compressed_tensors.py), so it cannot reload asymmetric experts; vLLM can.
+    "awq": {"method": "awq", "bits": 4, "group_size": 64, "grid": 4, "max_calib_tokens": 64, "symmetric": True},
+}
+# The checkpoint's (and vLLM's) names of a MoE block's experts module and router (DeepSeek-V3's
+# first layer is dense).
+BLOCK = {"mixtral": ("model.layers.0.block_sparse_moe.experts", "model.layers.0.block_sparse_moe.gate"),
+         "qwen2_moe": ("model.layers.0.mlp.experts", "model.layers.0.mlp.gate"),
+         "qwen3_moe": ("model.layers.0.mlp.experts", "model.layers.0.mlp.gate"),
+         "deepseek_v3": ("model.layers.1.mlp.experts", "model.layers.1.mlp.gate")}
+GATE = {"mixtral": "w1"}  # expert 1's gate projection leaf; gate_proj elsewhere
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return family_workspace(tmp_path_factory, "moe")
+
+
+# --------------------------------------------------------------------------- 1. numerics
+
+
+def _fused_and_unfused(cls, config, seed: int):
+    torch.manual_seed(seed)
+    fused = cls(config).to(torch.float64)
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.normal_(0, 0.3)
+    state = {n: p.detach().clone() for n, p in fused.named_parameters()}
+    with torch.device("meta"):
+        skeleton = cls(config).to(torch.float64)
+    unfused = UnfusedExperts(skeleton).to_empty(device="cpu")
+    per_expert = {}
+    for name, t in state.items():
+        per_expert.update(split_fused(unfused.layout, name, t))
+    unfused.load_state_dict(per_expert, strict=True)
+    return fused, unfused
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_unfused_experts_compute_what_the_fused_ones_do(family):
+    if family == "mixtral":
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts as cls
+
+        config = transformers.MixtralConfig(hidden_size=24, intermediate_size=40, num_local_experts=5)
+    else:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as cls
+
+        config = transformers.GptOssConfig(hidden_size=24, intermediate_size=40, num_local_experts=5,
+                                           swiglu_limit=1.5)  # low, so the clamp bites
+    config._experts_implementation = "eager"
+    fused, unfused = _fused_and_unfused(cls, config, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(37, 24, dtype=torch.float64, generator=gen)
+    idx = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(37)])  # expert 4 never picked
+    w = torch.rand(37, 2, dtype=torch.float64, generator=gen)
+    with torch.no_grad():
+        want = fused(x, idx, w)
+        got_routed = unfused(x, idx, w)
+        unfused.all_experts = True
+        got_all = unfused(x, idx, w)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got_routed, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_all, want, rtol=1e-12, atol=1e-12)
+    # Routed counts accumulate over both calls (each token counted once per expert it picks).
+    assert unfused.routed.tolist() == (2 * torch.bincount(idx.flatten(), minlength=5)).tolist()
+
+
+# --------------------------------------------------------------------------- 2. full runs
+
+
+def _fuse_into(reference: torch.nn.Module, fake: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert fake-quantized weights (and biases) stacked into the reference model's fused
+    parameters, in its layout (gate/up concatenated or interleaved, transposed or not)."""
+    out = dict(fake)
+    for name, mod in reference.named_modules():
+        if not hasattr(mod, "gate_up_proj") or not isinstance(mod.gate_up_proj, torch.nn.Parameter):
+            continue
+        n = mod.gate_up_proj.shape[0]
+        for leaf in ("weight", "bias"):
+            if f"{name}.0.down_proj.{leaf}" not in out:
+                continue
+            gate = [out.pop(f"{name}.{e}.gate_proj.{leaf}") for e in range(n)]
+            up = [out.pop(f"{name}.{e}.up_proj.{leaf}") for e in range(n)]
+            down = [out.pop(f"{name}.{e}.down_proj.{leaf}") for e in range(n)]
+            if mod.is_concatenated:
+                gate_up = [torch.cat([g, u]) for g, u in zip(gate, up)]
+            else:
+                gate_up = [torch.stack([g, u], dim=1).reshape(2 * g.shape[0], *g.shape[1:]) for g, u in zip(gate, up)]
+            if leaf == "weight" and mod.is_transposed:
+                gate_up, down = [t.T for t in gate_up], [t.T for t in down]
+            suffix = "" if leaf == "weight" else "_bias"
+            out[f"{name}.gate_up_proj{suffix}"] = torch.stack(gate_up)
+            out[f"{name}.down_proj{suffix}"] = torch.stack(down)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("family", sorted(FULL_RUN))
+def test_moe_family_end_to_end(workspace, family):
+    root, text, model = workspace
+    base = model(family)
+    out = root / f"out-{family}"
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    report = run(make_recipe({
+        "model": {"id": str(base)},
+        "quantization": METHODS[FULL_RUN[family]],
+        "calibration": {"source": str(text), "num_samples": 4, "max_seq_length": 48, "batch_size": 4,
+                        "all_experts": family not in ROUTED_ONLY},
+        "evaluate": {"source": str(text), "num_samples": 2, "max_seq_length": 40},
+        "export": {"output_dir": str(out)},
+        "device": "cpu",
+    }), quiet=True, on_layer=lambda i, layer, _q: states.setdefault(
+        i, {k: v.detach().clone() for k, v in layer.state_dict().items()}))
+
+    # Per-expert tensors under the checkpoint's own names; routers float and ignored.
+    dst = read_tensors(out)
+    block, router = BLOCK[family]
+    name = f"{block}.1.{GATE.get(family, 'gate_proj')}"
+    assert f"{name}.weight_packed" in dst and f"{name}.weight" not in dst
+    assert dst[f"{router}.weight"].dtype == torch.float32
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    import re
+
+    router_rule = next(i for i in ignore if i.startswith("re:") and re.match(i[3:], router))
+    assert not re.match(router_rule[3:], name)
+
+    # transformers reloads the checkpoint; its logits are the fake-quantized model's.
+    ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    reference = model_class_for(transformers.AutoConfig.from_pretrained(base)).from_pretrained(
+        base, dtype=torch.float32).eval()
+    prefix = ModelRunner(ModelSource.open(str(base)), torch.device("cpu"), torch.float32).layer_prefix
+    fake = _fuse_into(reference, {f"{prefix(i)}{k}": v for i, s in states.items() for k, v in s.items()})
+    assert not set(fake) - set(reference.state_dict())
+    reference.load_state_dict(fake, strict=False)
+    loaded = model_class_for(transformers.AutoConfig.from_pretrained(out)).from_pretrained(
+        out, dtype=torch.float32,
+        quantization_config=transformers.CompressedTensorsConfig(run_compressed=False)).eval()
+    with torch.no_grad():
+        want, got = reference(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+    # Token counts per expert: all routed tokens counted (k per token); statistics from every
+    # token, or from the routed ones.
+    tokens = 4 * 48
+    experts = report["experts"]
+    counts = experts["routed_tokens"][block]
+    assert len(counts) == 4 and sum(counts) == 2 * tokens and experts["rtn_fallback"] == []
+    assert experts["statistics_tokens"][block] == (counts if family in ROUTED_ONLY else [tokens] * 4)
+    card = (out / "README.md").read_text()
+    assert "## Experts" in card and f"| {min(counts)} |" in card
+
+
+# --------------------------------------------------------------------------- 3. an expert never picked
+
+
+def _never_pick(gate: torch.nn.Module, expert: int) -> None:
+    """The Qwen3-MoE router with one expert masked out (its own computation otherwise)."""
+    def forward(hidden_states):
+        h = hidden_states.reshape(-1, gate.hidden_dim)
+        logits = F.linear(h, gate.weight)
+        logits[:, expert] = float("-inf")
+        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+        top, idx = torch.topk(probs, gate.top_k, dim=-1)
+        if gate.norm_topk_prob:
+            top = top / top.sum(dim=-1, keepdim=True)
+        return logits, top.to(logits.dtype), idx
+
+    gate.forward = forward
+
+
+@pytest.fixture(scope="module")
+def starved_layer(workspace):
+    _, _, model = workspace
+    runner = ModelRunner(ModelSource.open(str(model("qwen3_moe"))), torch.device("cpu"), torch.float32)
+    ids = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    return runner, runner.capture(make_batches(list(ids), 2))
+
+
+def test_unpicked_expert_gets_every_token_with_all_expert_calibration(starved_layer):
+    runner, batches = starved_layer
+    layer = runner.load_layer(0)
+    _never_pick(layer.mlp.gate, 3)
+    graph = runner.graph.layer(0)
+    calib = _LayerCalibration(runner, 0, layer, batches, 0, every_expert=True)
+    accs, stats = collect_hessians(graph)
+    calib.observe(stats)
+    assert calib.routed["mlp.experts"][3] == 0 and sum(calib.routed["mlp.experts"]) == 2 * 128
+    h3 = accs["mlp.experts.3.down_proj"]
+    assert h3.tokens == 128 and bool((torch.diagonal(h3.hessian()) > 0).all())
+    assert accs["mlp.experts.3.gate_proj"] is accs["mlp.experts.0.up_proj"]  # one Hessian for every gate/up
+    assert accs["mlp.experts.3.gate_proj"].tokens == 128
+
+
+def test_unpicked_expert_falls_back_to_rtn_with_routed_calibration(starved_layer, caplog):
+    runner, batches = starved_layer
+    layer = runner.load_layer(0)
+    _never_pick(layer.mlp.gate, 3)
+    quantizer = QUANTIZERS["gptq"](QUANTIZERS["gptq"].Params(**METHODS["gptq"]), {})
+    engine = LayerwiseEngine(runner, quantizer, None, "", quiet=True, seed=0, experts=ExpertCalibration(False, 8))
+    report = ExpertReport()
+    with caplog.at_level(logging.WARNING, logger="quantkit.moe"):
+        out = engine._quantize(0, layer, batches, None, report)
+    assert set(out) == set(runner.graph.layer(0).linears)
+    assert report.routed["model.layers.0.mlp.experts"][3] == 0
+    assert report.rtn_fallback == [f"model.layers.0.mlp.experts.3.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    assert any("model.layers.0.mlp.experts.3:" in r.getMessage() for r in caplog.records)
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        want = quantize_rtn(layer.get_submodule(f"mlp.experts.3.{p}").weight.detach(), quantizer.scheme)
+        assert torch.equal(out[f"mlp.experts.3.{p}"].codes, want.codes)
+    # The routed experts got GPTQ from their own tokens, not RTN.
+    rtn0 = quantize_rtn(layer.mlp.experts[0].down_proj.weight.detach(), quantizer.scheme)
+    assert not torch.equal(out["mlp.experts.0.down_proj"].codes, rtn0.codes)
+
+
+def test_stacked_gptq_in_row_chunks_is_the_same_solve(starved_layer, monkeypatch):
+    """Every expert's gate/up share one Hessian and are solved stacked; in chunks (bounded
+    memory) the codes are the same, since GPTQ treats rows independently given the Hessian."""
+    from quantkit.quantizers import gptq
+
+    runner, batches = starved_layer
+    layer = runner.load_layer(0)
+    graph = runner.graph.layer(0)
+    accs, stats = collect_hessians(graph)
+    _LayerCalibration(runner, 0, layer, batches, 0).observe(stats)
+    scheme = QUANTIZERS["gptq"].Params(**METHODS["gptq"]).scheme()
+    whole = gptq.gptq_layer(layer, graph, accs, scheme)
+    monkeypatch.setattr(gptq, "MAX_STACKED_ELEMENTS", 3 * 64 * 128)  # three expert matrices per solve
+    chunked = gptq.gptq_layer(layer, graph, accs, scheme)
+    assert len(gptq._row_chunks([f"mlp.experts.{e}.up_proj" for e in range(8)], [64 * 128] * 8)) == 3
+    for name, qw in whole.items():
+        assert torch.equal(qw.codes, chunked[name].codes) and torch.equal(qw.scale, chunked[name].scale), name
+
+
+def test_experts_fused_in_the_checkpoint_are_refused_before_any_weight(workspace):
+    """gpt-oss stores each block's experts in one tensor, and transformers and vLLM read its
+    experts only fused: per-expert output would not load, so the run stops first, naming the
+    tensor. Its graph derives all the same (experts unfused, the family's clamped gate)."""
+    from quantkit.errors import ModelError
+
+    _, _, model = workspace
+    runner = ModelRunner(ModelSource.open(str(model("gpt_oss"))), torch.device("cpu"), torch.float32)
+    assert runner.graph.layer(0).experts == ("mlp.experts",)
+    with pytest.raises(ModelError) as err:
+        runner.check_supported()
+    import re
+
+    assert re.match(r".*: model\.layers\.\d+\.mlp\.experts\.(gate_up|down)_proj(_bias)? holds every expert",
+                    str(err.value))
+    assert err.value.field == "model.id"
+
+
+# --------------------------------------------------------------------------- 4. plan
+
+
+@pytest.mark.parametrize("family, config, published", [
+    ("mixtral", dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, num_hidden_layers=32), 46.7e9),
+    ("qwen3_moe", dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                       num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                       num_hidden_layers=48), 30.5e9),
+    ("qwen2_moe", dict(hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408, num_experts=60,
+                       shared_expert_intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
+                       vocab_size=151936, num_hidden_layers=24), 14.3e9),  # Qwen1.5-MoE-A2.7B
+])
+def test_plan_counts_every_expert(family, config, published):
+    """The serving size of a MoE model counts every expert (vLLM holds them all): parameter
+    counts match the published model sizes; the quantization-time need of a MoE layer is far
+    below one Hessian per expert Linear."""
+    from quantkit.planner.quantize import quantize_memory
+    from quantkit.planner.shape import ModelShape, count_parameters
+
+    cfg = transformers.CONFIG_MAPPING[family](**config, max_position_embeddings=4096).to_dict()
+    shape = ModelShape.from_config(cfg)
+    assert shape.moe_layers == config["num_hidden_layers"]
+    assert count_parameters(shape) == pytest.approx(published, rel=0.01)
+    mem = quantize_memory(shape)
+    assert mem.hessians < mem.per_expert_hessians
+
+
+# --------------------------------------------------------------------------- 5. a source in FP8
+
+
+def test_fp8_block_source_quantizes_as_its_dequantized_float(workspace, tmp_path):
+    """DeepSeek-V3 ships FP8 weights with block scales: quantkit reads the float values they
+    stand for, so the checkpoint equals the one made from a float copy holding exactly those
+    values, and the source's scale tensors are not copied."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from quantkit.source_dequant import dequantize_fp8_blocks
+
+    root, text, model = workspace
+    base = model("deepseek_v3")
+    fp8, flt = tmp_path / "fp8", tmp_path / "float"
+    for d in (fp8, flt):
+        shutil.copytree(base, d)
+    shard = next(base.glob("*.safetensors")).name
+    state = load_file(str(base / shard))
+    q, f = {}, {}
+    for name, t in state.items():
+        if ".layers." in name and t.dim() == 2 and name.endswith("proj.weight"):
+            rows, cols = (t.shape[0] + 63) // 64, (t.shape[1] + 63) // 64
+            amax = t.abs().reshape(rows, 64, cols, 64).amax((1, 3)) if t.shape[0] % 64 == 0 and t.shape[1] % 64 == 0 \
+                else torch.full((rows, cols), float(t.abs().max()))
+            s = (amax / 448).clamp_min(1e-12)
+            codes = (t / s.repeat_interleave(64, 0)[:t.shape[0]].repeat_interleave(64, 1)[:, :t.shape[1]]).to(
+                torch.float8_e4m3fn)
+            q[name], q[name + "_scale_inv"] = codes, s
+            f[name] = dequantize_fp8_blocks(codes, s, (64, 64))
+        else:
+            q[name] = f[name] = t
+    save_file(q, str(fp8 / shard), metadata={"format": "pt"})
+    save_file(f, str(flt / shard), metadata={"format": "pt"})
+    config = json.loads((fp8 / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [64, 64]}
+    (fp8 / "config.json").write_text(json.dumps(config))
+    outs = {}
+    for label, folder in (("fp8", fp8), ("float", flt)):
+        outs[label] = tmp_path / f"out-{label}"
+        run(make_recipe({"model": {"id": str(folder)}, "quantization": METHODS["gptq"],
+                         "calibration": {"source": str(text), "num_samples": 2, "max_seq_length": 32, "batch_size": 2},
+                         "evaluate": {"enabled": False}, "export": {"output_dir": str(outs[label])},
+                         "device": "cpu"}), quiet=True)
+    a, b = read_tensors(outs["fp8"]), read_tensors(outs["float"])
+    assert a.keys() == b.keys() and not any(k.endswith("_scale_inv") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_statistics_in_chunks_give_the_same_layer(starved_layer, monkeypatch):
+    """When a layer's statistics do not fit the device (routed calibration keeps one Hessian
+    per expert), experts are calibrated and quantized in chunks, one calibration pass each:
+    the result is the same as in one pass."""
+    from quantkit import engine as engine_module
+    from quantkit.moe import statistics_chunks
+
+    runner, batches = starved_layer
+    quantizer = QUANTIZERS["gptq"](QUANTIZERS["gptq"].Params(**METHODS["gptq"]), {})
+    results = []
+    for budget in (None, 4 * 128 * 128 * 3):  # room for the attention's and one expert's Hessians
+        monkeypatch.setattr(engine_module, "statistics_budget", lambda _device, _world, b=budget: b)
+        layer = runner.load_layer(0)
+        engine = LayerwiseEngine(runner, quantizer, None, "", quiet=True, seed=0, experts=ExpertCalibration(False, 1))
+        results.append(engine._quantize(0, layer, batches, None, ExpertReport()))
+    parts = statistics_chunks(runner.graph.layer(0).per_expert(), 4 * 128 * 128 * 3)
+    assert len(parts) == 4 and {u.name for p in parts for u in p.units} == set(runner.graph.layer(0).linears)
+    assert results[0].keys() == results[1].keys()
+    for name, qw in results[0].items():
+        assert torch.equal(qw.codes, results[1][name].codes), name
+
+
+# --------------------------------------------------------------------------- 6. no broken scale is written
+
+
+def test_an_expert_with_a_zero_scale_stops_the_run_naming_it(workspace, tmp_path):
+    """An all-zero expert (pruned) quantized for a float16 checkpoint: its scales underflow to
+    zero in float16, and the writer refuses the checkpoint naming the expert's tensor under the
+    checkpoint's own name; nothing is published."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from quantkit.errors import NumericsError
+
+    root, text, model = workspace
+    src = tmp_path / "pruned"
+    shutil.copytree(model("mixtral"), src)
+    shard = next(src.glob("*.safetensors"))
+    state = load_file(str(shard))
+    state["model.layers.1.block_sparse_moe.experts.2.w2.weight"].zero_()
+    save_file(state, str(shard), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(NumericsError) as err:
+        run(make_recipe({"model": {"id": str(src), "dtype": "float16"}, "quantization": METHODS["rtn"],
+                         "evaluate": {"enabled": False}, "export": {"output_dir": str(out)}, "device": "cpu"}),
+            quiet=True)
+    assert str(err.value).startswith("model.layers.1.block_sparse_moe.experts.2.w2.weight_scale: a scale is 0.0")
+    assert not out.exists()
