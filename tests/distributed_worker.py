@@ -77,6 +77,17 @@ def main(out: Path) -> None:
         acc.add(x)
     acc.reduce(world)
     write_safetensors(out / f"hessian-rank{world.rank}.safetensors", {"h": acc.hessian()}, {"tokens": str(acc.tokens)})
+    from quantkit.quantizers.observers import AbsMax
+
+    maxima = {"scalar": AbsMax(), "channels": AbsMax(per_channel=8), "nobody": AbsMax(per_channel=8)}
+    for x in hessian_inputs() if world.rank == 0 else []:
+        maxima["scalar"].add(x)
+        maxima["channels"].add(x)
+    for m in maxima.values():
+        m.reduce(world)
+    write_safetensors(out / f"absmax-rank{world.rank}.safetensors",
+                      {k: m.amax for k, m in maxima.items() if m.amax is not None},
+                      {"none": json.dumps(sorted(k for k, m in maxima.items() if m.amax is None))})
     got, meta = world.broadcast(sent_tensors() if world.rank == 1 else None, 1, {"from": 1})
     write_safetensors(out / f"broadcast-rank{world.rank}.safetensors", got, {"meta": json.dumps(meta)})
     close()

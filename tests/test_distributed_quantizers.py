@@ -73,3 +73,17 @@ def test_hessian_reduces_with_a_rank_that_saw_no_token(two_ranks):
         torch.testing.assert_close(load_file(path)["h"].double(), ref, rtol=1e-5, atol=1e-6)
         with safe_open(path, framework="pt") as f:
             assert f.metadata()["tokens"] == str(x.shape[0])
+
+
+def test_absmax_reduces_with_a_rank_that_saw_no_token(two_ranks):
+    """Rank 1 saw none of the inputs (an expert none of its tokens reached): the maxima are rank
+    0's, of the right shape; one no rank saw stays without a statistic."""
+    from safetensors import safe_open
+
+    x = torch.cat(hessian_inputs())
+    for r in (0, 1):
+        path = two_ranks / f"absmax-rank{r}.safetensors"
+        got = load_file(path)
+        assert torch.equal(got["scalar"], x.abs().amax()) and torch.equal(got["channels"], x.abs().amax(0))
+        with safe_open(path, framework="pt") as f:
+            assert f.metadata()["none"] == '["nobody"]'
