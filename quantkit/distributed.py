@@ -55,6 +55,12 @@ class World:
             _guard(lambda: dist.all_reduce(t, op=_OPS[op]))
         return t
 
+    def reduce_to(self, t: torch.Tensor, dst: int) -> torch.Tensor:
+        """``t`` summed over the ranks into rank ``dst``'s ``t`` (the others' are left undefined)."""
+        if self.size > 1:
+            _guard(lambda: dist.reduce(t, dst, op=dist.ReduceOp.SUM))
+        return t
+
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's ``[n_r, ...]`` rows concatenated in rank order (``n_r`` may differ)."""
         if self.size == 1:

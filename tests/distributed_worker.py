@@ -77,6 +77,16 @@ def main(out: Path) -> None:
         acc.add(x)
     acc.reduce(world)
     write_safetensors(out / f"hessian-rank{world.rank}.safetensors", {"h": acc.hessian()}, {"tokens": str(acc.tokens)})
+    owned = HessianAccumulator("expert", in_features=8)
+    owned.owner = 1
+    for x in hessian_inputs() if world.rank == 0 else []:
+        owned.add(x)
+    owned.reduce(world)
+    try:
+        kept = {"h": owned.hessian()}
+    except RuntimeError:
+        kept = {}
+    write_safetensors(out / f"owned-rank{world.rank}.safetensors", kept, {"tokens": str(owned.tokens)})
     from quantkit.quantizers.observers import AbsMax
 
     maxima = {"scalar": AbsMax(), "channels": AbsMax(per_channel=8), "nobody": AbsMax(per_channel=8)}

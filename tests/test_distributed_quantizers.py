@@ -75,6 +75,15 @@ def test_hessian_reduces_with_a_rank_that_saw_no_token(two_ranks):
             assert f.metadata()["tokens"] == str(x.shape[0])
 
 
+def test_hessian_with_an_owner_lives_on_that_rank_alone(two_ranks):
+    """An expert's Hessian only its owner solves with is reduced to the owner (rank 1, which
+    saw none of the tokens): the whole Hessian there, nothing left on rank 0."""
+    x = torch.cat(hessian_inputs()).double()
+    owner, other = (load_file(two_ranks / f"owned-rank{r}.safetensors") for r in (1, 0))
+    torch.testing.assert_close(owner["h"].double(), 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)
+    assert other == {}
+
+
 def test_absmax_reduces_with_a_rank_that_saw_no_token(two_ranks):
     """Rank 1 saw none of the inputs (an expert none of its tokens reached): the maxima are rank
     0's, of the right shape; one no rank saw stays without a statistic."""

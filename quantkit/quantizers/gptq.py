@@ -22,7 +22,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -473,60 +473,101 @@ def collect_paired_hessians(
     return accs, crosses, paired
 
 
-def gptq_layer(
-    layer, graph, accs: dict[str, HessianAccumulator], schemes: Scheme | Mapping[str, Scheme],
-    world: World = SINGLE, target: Callable[[str], torch.Tensor] | None = None, **kwargs
-) -> dict[str, QuantizedWeight]:
-    """GPTQ the units of ``schemes`` (or every unit of ``graph`` with one scheme) with the
-    Hessians already accumulated (and reduced) in ``accs``, each solve on its owner rank of
-    ``world``.
+@dataclass(frozen=True)
+class SolvePart:
+    """One GPTQ solve: Linears sharing a Hessian, a scheme and a global scale, stacked by rows
+    (``stacked``) or solved one by one, and its estimated cost for the owner assignment."""
+
+    names: tuple[str, ...]
+    scheme: Scheme
+    stacked: bool
+    cost: float
+
+    @property
+    def key(self) -> str:
+        return "+".join(self.names)
+
+
+def solve_parts(layer, graph, accs: Mapping[str, HessianAccumulator], schemes: Mapping[str, Scheme],
+                world: World = SINGLE) -> list[SolvePart]:
+    """The solves of ``gptq_layer``, known before any statistic (shapes, schemes, which Linears
+    share a Hessian and a global scale), so Hessians can be reduced to where they are solved.
 
     Linears that share a Hessian and a scheme (q/k/v; gate/up) are solved as one weight with
     their rows stacked: GPTQ treats rows independently given ``H`` (scales are per row, row
     group or row block, and the error update of a row reads only that row), so this is the
     same computation with one Cholesky factorisation and one sequential column loop instead
-    of three or two. They share one global scale (tensor_group), as vLLM needs for the
-    matrix it fuses them into; it is taken from the layer's own weights.
-    ``target(name)`` is what GPTQ approximates for a unit: its weight, or ``feedback_target``.
-    """
-    if isinstance(schemes, Scheme):
-        schemes = {n: schemes for n in graph.linears}
-    target = target or (lambda n: graph.unit(n).matrix(layer).detach())
-    globals_ = fused_global_scales(layer, graph, schemes)  # from the weights alone: the same on every rank
+    of three or two. A stack is cut into row chunks of at most ``MAX_STACKED_ELEMENTS``, and
+    a stack of experts (a MoE layer's gate/up all share one Hessian) into at least one part per
+    rank: experts are units of the owner assignment."""
+    globals_ = fused_global_scales(layer, graph, schemes)
     # One stack per Hessian, scheme and global scale (a MoE layer's experts share a Hessian
     # but each fused gate/up pair has its own global scale).
     by_key: dict[tuple[int, Scheme, int], list[str]] = {}
     for name, scheme in schemes.items():
         by_key.setdefault((id(accs[name]), scheme, id(globals_.get(name))), []).append(name)
-
-    def solve(scheme: Scheme, names: list[str], stacked: bool) -> dict[str, QuantizedWeight]:
-        weights = [target(n) for n in names]
-        hessian = accs[names[0]].hessian()
-        shared = globals_.get(names[0])
-        if not stacked:
-            return {n: gptq_quantize(w, hessian, scheme, name=n, global_scale=shared, **kwargs)
-                    for n, w in zip(names, weights)}
-        qw = gptq_quantize(torch.cat(weights), hessian, scheme, name="+".join(names), global_scale=shared, **kwargs)
-        return split_rows(qw, names, [w.shape[0] for w in weights])
-
-    jobs = {}
+    parts = []
     for (_, scheme, _), names in by_key.items():
         units = [graph.unit(n) for n in names]
         stacked = _stackable(scheme.weights, [u.out_features for u in units])
         sizes = [u.out_features * u.in_features for u in units]
-        # Experts are units of the owner assignment: a stack of experts sharing one Hessian
-        # is cut into at least one part per rank (whole Linears; a part is the same solve,
-        # since GPTQ treats rows independently given H).
         cap = MAX_STACKED_ELEMENTS
         if world.size > 1 and all(expert_of(n) is not None for n in names):
             cap = min(cap, -(-sum(sizes) // world.size))
+        in_f = units[0].in_features
         for part in _row_chunks(names, sizes, cap) if stacked else [[n] for n in names]:
-            in_f = units[0].in_features
             rows = sum(graph.unit(n).out_features for n in part)
             # The column loop touches rows x in^2 / 2 elements, the factorisations about in^3.
-            jobs["+".join(part)] = (float(in_f) * in_f * (rows + in_f),
-                                    lambda scheme=scheme, part=part, stacked=stacked: solve(scheme, part, stacked))
-    return solve_units(world, jobs)
+            parts.append(SolvePart(tuple(part), scheme, stacked, float(in_f) * in_f * (rows + in_f)))
+    return parts
+
+
+def hessians_to_owners(parts: list[SolvePart], world: World, *accs: Mapping[str, HessianAccumulator]) -> None:
+    """Give each Hessian that only one rank's solves read that rank as its ``owner``: it is
+    reduced to that rank alone and the others drop it (an expert's Hessian lives on one GPU,
+    and the traffic is a reduce instead of an all-reduce). Hessians several ranks' solves
+    read (a MoE layer's shared gate/up one, cut into parts) are all-reduced."""
+    owner = world.owners({p.key: p.cost for p in parts})
+    for group in accs:
+        readers: dict[int, set[int]] = {}
+        for p in parts:
+            for n in p.names:
+                readers.setdefault(id(group[n]), set()).add(owner[p.key])
+        for acc in {id(a): a for a in group.values()}.values():
+            ranks = readers.get(id(acc), set())
+            acc.owner = next(iter(ranks)) if len(ranks) == 1 else None
+
+
+def gptq_layer(
+    layer, graph, accs: dict[str, HessianAccumulator], schemes: Scheme | Mapping[str, Scheme],
+    world: World = SINGLE, target: Callable[[str], torch.Tensor] | None = None,
+    parts: list[SolvePart] | None = None, **kwargs
+) -> dict[str, QuantizedWeight]:
+    """GPTQ the units of ``schemes`` (or every unit of ``graph`` with one scheme) with the
+    Hessians already accumulated (and reduced) in ``accs``, each of ``parts`` (``solve_parts``)
+    solved on its owner rank of ``world``. Linears stacked in one solve share one global
+    scale (tensor_group), as vLLM needs for the matrix it fuses them into; it is taken from
+    the layer's own weights. ``target(name)`` is what GPTQ approximates for a unit: its
+    weight, or ``feedback_target``.
+    """
+    if isinstance(schemes, Scheme):
+        schemes = {n: schemes for n in graph.linears}
+    target = target or (lambda n: graph.unit(n).matrix(layer).detach())
+    globals_ = fused_global_scales(layer, graph, schemes)  # from the weights alone: the same on every rank
+    parts = parts if parts is not None else solve_parts(layer, graph, accs, schemes, world)
+
+    def solve(part: SolvePart) -> dict[str, QuantizedWeight]:
+        names = list(part.names)
+        weights = [target(n) for n in names]
+        hessian = accs[names[0]].hessian()
+        shared = globals_.get(names[0])
+        if not part.stacked:
+            return {n: gptq_quantize(w, hessian, part.scheme, name=n, global_scale=shared, **kwargs)
+                    for n, w in zip(names, weights)}
+        qw = gptq_quantize(torch.cat(weights), hessian, part.scheme, name=part.key, global_scale=shared, **kwargs)
+        return split_rows(qw, names, [w.shape[0] for w in weights])
+
+    return solve_units(world, {p.key: (p.cost, lambda p=p: solve(p)) for p in parts})
 
 
 # Weights stacked into one GPTQ solve hold at most this many elements (1 GiB in float32, as
@@ -593,6 +634,8 @@ class GPTQQuantizer(Quantizer):
         target = None
         if p.input_feedback:
             accs, crosses, paired = collect_paired_hessians(graph, input_globals.stats, names=schemes)
+            parts = solve_parts(layer, graph, accs, schemes, calib.world)
+            hessians_to_owners(parts, calib.world, accs, crosses)
             calib.observe_paired(paired)
 
             def target(n: str) -> torch.Tensor:  # on the unit's owner rank, within its solve
@@ -600,6 +643,8 @@ class GPTQQuantizer(Quantizer):
                                        p.dampening_frac, n)
         else:
             accs, stats = collect_hessians(graph, input_globals.stats, names=schemes)
+            parts = solve_parts(layer, graph, accs, schemes, calib.world)
+            hessians_to_owners(parts, calib.world, accs)
             calib.observe(stats)
         out = gptq_layer(
             layer,
@@ -608,6 +653,7 @@ class GPTQQuantizer(Quantizer):
             schemes,
             calib.world,
             target,
+            parts,
             block_size=p.block_size,
             dampening_frac=p.dampening_frac,
             act_order=p.act_order,

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from ..scheme import ActivationScheme, QuantizedWeight, Scheme, WeightScheme
 from .base import LayerCalibration, Quantizer, QuantizerParams, register_quantizer
-from .gptq import collect_hessians, gptq_layer
+from .gptq import collect_hessians, gptq_layer, hessians_to_owners, solve_parts
 from .rtn import quantize_rtn
 from .smoothquant import smooth_layer
 
@@ -60,13 +60,16 @@ def quantize_w8a8_layer(
     stats = observe() if observe is not None else {}
     observed = dict(stats)
     accs = None
+    schemes = {n: scheme for n in names}
     if params.weight_method == "gptq":
         accs, stats = collect_hessians(graph, stats)
+        parts = solve_parts(layer, graph, accs, schemes, calib.world)
+        hessians_to_owners(parts, calib.world, accs)
     if stats:
         calib.observe(stats)
     if accs is not None:
         weights = gptq_layer(
-            layer, graph, accs, {n: scheme for n in names}, calib.world,
+            layer, graph, accs, schemes, calib.world, parts=parts,
             block_size=params.block_size, dampening_frac=params.dampening_frac, act_order=params.act_order,
         )
     else:
