@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from quantkit.moe import ExpertCalibration
 
@@ -24,6 +23,8 @@ CASES = {
     # Routed calibration: expert 2 (no token anywhere) falls back to RTN, expert 3 gets GPTQ from
     # rank 0's tokens alone; NVFP4's input global scales are maxima over the experts' inputs.
     "routed-nvfp4": ({"method": "gptq", "scheme": "NVFP4"}, ExpertCalibration(False, 1)),
+    # AWQ's token samples and |x| means from rank 0's tokens alone for expert 3.
+    "routed-awq": ({"method": "awq", "group_size": 32, "grid": 4, "max_calib_tokens": 64}, ExpertCalibration(False, 1)),
     # All-expert calibration: every expert's gate/up share one Hessian, solved in parts across ranks.
     "all-experts": ({"method": "gptq", "group_size": 32}, ExpertCalibration(True)),
     # GPTAQ: the float stream beside the quantized one, each rank carrying its own batches'.
@@ -36,23 +37,6 @@ def calibration_ids() -> list[torch.Tensor]:
     return [torch.randint(3, 300, (n,), generator=g) for n in (SHORT, SHORT, LONG, LONG)]
 
 
-def _route(gate: torch.nn.Module) -> None:
-    """The Qwen3-MoE router with expert 2 masked, and expert 3 masked in the long batch."""
-    def forward(hidden_states):
-        h = hidden_states.reshape(-1, gate.hidden_dim)
-        logits = F.linear(h, gate.weight)
-        logits[:, NEVER] = float("-inf")
-        if h.shape[0] == 2 * LONG:
-            logits[:, ONLY_SHORT] = float("-inf")
-        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
-        top, idx = torch.topk(probs, gate.top_k, dim=-1)
-        if gate.norm_topk_prob:
-            top = top / top.sum(dim=-1, keepdim=True)
-        return logits, top.to(logits.dtype), idx
-
-    gate.forward = forward
-
-
 def quantize_case(case: str, model: Path, work: Path, world) -> tuple[dict[str, torch.Tensor], dict]:
     """Every layer's quantized tensors (``<layer>.<name>.<tensor>``) and the expert report."""
     from quantkit.engine import LayerwiseEngine
@@ -61,6 +45,7 @@ def quantize_case(case: str, model: Path, work: Path, world) -> tuple[dict[str, 
     from quantkit.quantizers import QUANTIZERS
     from quantkit.scheme import quantized_as_tensors
     from quantkit.workdir import WorkDir
+    from tests.helpers import mask_router
 
     params, experts = CASES[case]
     runner = ModelRunner(ModelSource.open(str(model)), torch.device("cpu"), torch.float32)
@@ -68,11 +53,12 @@ def quantize_case(case: str, model: Path, work: Path, world) -> tuple[dict[str, 
 
     def routed_layer(i: int):
         layer = load(i)
-        _route(layer.mlp.gate)
+        # Expert 2 never picked; expert 3 never in the long batch.
+        mask_router(layer.mlp.gate, lambda h: (NEVER, ONLY_SHORT) if h.shape[0] == 2 * LONG else (NEVER,))
         return layer
 
     runner.load_layer = routed_layer
-    cls = QUANTIZERS["gptq"]
+    cls = QUANTIZERS[params["method"]]
     quantizer = cls(cls.Params(**params), {})
     workdir = WorkDir(work)
     workdir.start(case, False, {}, model)

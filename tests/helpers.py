@@ -4,7 +4,7 @@ covariance."""
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -57,6 +57,25 @@ class FakeCalibration:
                 self.layer(**b) if isinstance(b, dict) else self.layer(b)
 
         run_calibration(self.layer, hooks, forward)
+
+
+def mask_router(gate: nn.Module, masked: Callable[[torch.Tensor], Iterable[int]]) -> None:
+    """The Qwen3-MoE router (its own computation) with the experts ``masked(h)`` names never
+    picked for its input ``h`` ``[tokens, hidden]``."""
+    import torch.nn.functional as F
+
+    def forward(hidden_states):
+        h = hidden_states.reshape(-1, gate.hidden_dim)
+        logits = F.linear(h, gate.weight)
+        for e in masked(h):
+            logits[:, e] = float("-inf")
+        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+        top, idx = torch.topk(probs, gate.top_k, dim=-1)
+        if gate.norm_topk_prob:
+            top = top / top.sum(dim=-1, keepdim=True)
+        return logits, top.to(logits.dtype), idx
+
+    gate.forward = forward
 
 
 def group_inputs(layer: nn.Module, batches: list, graph: LayerGraph) -> dict[str, list[torch.Tensor]]:

@@ -18,7 +18,6 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 from quantkit.engine import LayerwiseEngine, _LayerCalibration, make_batches
 from quantkit.graph.experts import UnfusedExperts, split_fused
 from quantkit.graph.runtime import ModelRunner
@@ -29,7 +28,7 @@ from quantkit.quantizers import QUANTIZERS
 from quantkit.quantizers.gptq import collect_hessians
 from quantkit.quantizers.rtn import quantize_rtn
 from quantkit.recipe import make_recipe
-from tests.helpers import family_workspace
+from tests.helpers import family_workspace, mask_router
 from tests.test_export_e2e import read_tensors
 from tests.tiny_models import model_class_for
 
@@ -197,18 +196,7 @@ def test_moe_family_end_to_end(workspace, family):
 
 
 def _never_pick(gate: torch.nn.Module, expert: int) -> None:
-    """The Qwen3-MoE router with one expert masked out (its own computation otherwise)."""
-    def forward(hidden_states):
-        h = hidden_states.reshape(-1, gate.hidden_dim)
-        logits = F.linear(h, gate.weight)
-        logits[:, expert] = float("-inf")
-        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
-        top, idx = torch.topk(probs, gate.top_k, dim=-1)
-        if gate.norm_topk_prob:
-            top = top / top.sum(dim=-1, keepdim=True)
-        return logits, top.to(logits.dtype), idx
-
-    gate.forward = forward
+    mask_router(gate, lambda _h: [expert])
 
 
 @pytest.fixture(scope="module")

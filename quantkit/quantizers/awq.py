@@ -149,7 +149,10 @@ class AWQQuantizer(Quantizer):
     def quantize_layer(self, layer, graph: LayerGraph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: AWQParams = self.params  # type: ignore[assignment]
         names = self.schemes_or_default(graph, schemes)
-        samples = {g.key: RowSample(p.max_calib_tokens, calib.generator(g.key)) for g in graph.groups}
+        dtype = next(layer.parameters()).dtype  # the calibration inputs' (the model's compute dtype)
+        samples = {g.key: RowSample(p.max_calib_tokens, calib.generator(g.key),
+                                    torch.empty(0, graph.unit(g.key).in_features, dtype=dtype))
+                   for g in graph.groups}
         means = {g.key: ChannelAbsMean(graph.unit(g.key).in_features) for g in graph.groups}
         # One pass over the float layer: folding keeps the float function, so the inputs
         # captured here stay valid (divided by s) after every group is scaled.

@@ -13,11 +13,13 @@ class RowSample:
     than ``cap`` rows are held, a random half is dropped and ``rate`` halves, so what is
     held is always a uniform sample of everything seen. Row counts are host integers taken
     from shapes: no device sync. Draws come from ``generator`` (on the data's device), so the
-    sample is the same on every run with the same seed."""
+    sample is the same on every run with the same seed. ``empty`` is what a rank none of
+    whose tokens reached the input offers the pool (no rows of the input's width and dtype)."""
 
-    def __init__(self, cap: int, generator: torch.Generator) -> None:
+    def __init__(self, cap: int, generator: torch.Generator, empty: torch.Tensor | None = None) -> None:
         self.cap = cap
         self.generator = generator
+        self.empty = empty
         self.rate = 1.0
         self.count = 0
         self.seen = 0
@@ -42,7 +44,8 @@ class RowSample:
         """Every rank's sample pooled, thinned to ``cap`` rows: still uniform over all tokens
         when the ranks saw similar numbers of tokens (round-robin batches)."""
         if world.size > 1:
-            self._rows = [pooled_sample(world, self.rows(), self.cap, self.generator.initial_seed())]
+            mine = self.rows() if self._rows or self.empty is None else self.empty.to(world.device)
+            self._rows = [pooled_sample(world, mine, self.cap, self.generator.initial_seed())]
             self.count = self._rows[0].shape[0]
 
     def rows(self) -> torch.Tensor:
