@@ -15,6 +15,8 @@ import logging
 import os
 import shutil
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +39,15 @@ class LayerRecord:
 
 
 class WorkDir:
+    """Layers are written in a background thread while the next layer is computed (one write
+    in flight at a time, so at most one finished layer waits in device memory). The thread is
+    not a daemon: an interrupted run still completes the write under way, so no layer file is
+    ever half-written, and its error surfaces at the next save, load or `wait`."""
+
     def __init__(self, root: Path):
         self._weights: Fingerprint = {}
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
         self.root = Path(root)
         self.layers = self.root / "layers"
         self.export = self.root / "export"
@@ -91,7 +100,9 @@ class WorkDir:
         os.replace(tmp, self.state_file)
 
     def finished_layers(self) -> int:
-        """How many layers are finished and kept (for messages after a failure)."""
+        """How many layers are finished and kept (for messages after a failure, whose own error
+        wins over one of the write in flight)."""
+        self._settle()
         state = self._read_state()
         return int(state["finished_layers"]) if state else 0
 
@@ -99,6 +110,26 @@ class WorkDir:
         return self.layers / f"{i:05d}.safetensors"
 
     def save_layer(self, i: int, record: LayerRecord, fingerprint: str) -> None:
+        """Start writing layer ``i`` (its tensors are not changed afterwards: the engine gives the
+        layer new ones); the previous layer's write finishes first."""
+        self.wait()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="quantkit-layer-writer")
+        self._pending = self._writer.submit(self._write_layer, i, record, fingerprint)
+
+    def wait(self) -> None:
+        """Until the layer write in flight is on disk; raise its error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _settle(self) -> None:
+        """Until the layer write in flight ends, whichever way."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            futures_wait([pending])
+
+    def _write_layer(self, i: int, record: LayerRecord, fingerprint: str) -> None:
         """Write layer ``i`` atomically, then mark it finished: a kill leaves either both or neither."""
         tensors: dict[str, torch.Tensor] = {f"float.{k}": v for k, v in record.floats.items()}
         tensors.update({f"extra.{k}": v for k, v in record.extra.items()})
@@ -114,6 +145,7 @@ class WorkDir:
         self._write_state(fingerprint, i + 1)
 
     def load_layer(self, i: int) -> LayerRecord:
+        self.wait()
         path = self.layer_path(i)
         with safe_open(path, framework="pt") as f:
             schemes = json.loads(f.metadata()["schemes"])
@@ -124,6 +156,10 @@ class WorkDir:
         return LayerRecord(floats, quantized, extra)
 
     def remove(self) -> None:
+        self._settle()
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
         shutil.rmtree(self.root, ignore_errors=True)
 
 

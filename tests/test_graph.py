@@ -222,6 +222,23 @@ def test_a_wrong_rotation_claim_is_caught(instances, family):
     assert rotation_error(inst, 0, forced) > 1e-3
 
 
+def test_validation_and_the_run_derive_once_between_them():
+    """Validation reads config.json as a dict, the run from the downloaded folder: the configs
+    differ only in where they were read from, which must not derive the layers again."""
+    config = family_config("llama", 64, hidden=48, intermediate=72)  # sizes no other test derives
+    cls = model_class_for(config)
+    first = build_meta(cls, config, torch.float32)
+    graph = derive_model_graph(first, locate_decoder(first, "t"))
+    again = copy.deepcopy(config)
+    again._name_or_path = "/somewhere/else"
+    second = build_meta(cls, again, torch.float32)
+    assert derive_model_graph(second, locate_decoder(second, "t")).types[0] is graph.types[0]
+    wider = copy.deepcopy(config)
+    wider.intermediate_size = 80
+    third = build_meta(cls, wider, torch.float32)
+    assert derive_model_graph(third, locate_decoder(third, "t")).types[0] is not graph.types[0]
+
+
 # --------------------------------------------------------------------------- Mixture-of-Experts (issue 16)
 
 

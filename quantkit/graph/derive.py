@@ -25,6 +25,7 @@ meta device (``realize.py``); ``overrides.py`` holds what tracing cannot decide.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from dataclasses import replace
@@ -403,7 +404,7 @@ def derive_layer_graph(decoder: nn.Module, layers_attr: str, index: int) -> Laye
     and layer structure: an 80-layer model derives once per distinct layer type."""
     real = getattr(decoder, layers_attr)[index]
     cfg = decoder.config
-    key = (type(cfg).__name__, cfg.to_json_string(use_diff=False), signature(real))
+    key = (type(cfg).__name__, _config_key(cfg), signature(real))
     if key in _CACHE:
         return _CACHE[key]
     began = time.perf_counter()
@@ -420,6 +421,15 @@ def derive_layer_graph(decoder: nn.Module, layers_attr: str, index: int) -> Laye
     _CACHE[key] = graph
     log.debug("derived the %s graph in %.2f s", graph.layer_class, time.perf_counter() - began)
     return graph
+
+
+def _config_key(cfg) -> str:
+    """The config's fields that can shape a layer: not where it was read from, so validation
+    (config.json as a dict) and the run (the downloaded folder) derive once between them."""
+    fields = cfg.to_dict()
+    fields.pop("_name_or_path", None)
+    fields.pop("transformers_version", None)
+    return json.dumps(fields, sort_keys=True, default=str)
 
 
 def _derive_tiny(decoder: nn.Module, layers_attr: str, index: int, real: nn.Module,
