@@ -6,7 +6,6 @@ run directly it is the world of one) and write what this rank ends with to
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -92,7 +92,7 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
             stat = (d / "stat").read_text()
         except OSError:
             continue
-        if f"RANK={rank}".encode() in env and f"TORCHELASTIC_RUN_ID".encode() in b"\0".join(env) \
+        if f"RANK={rank}".encode() in env and "TORCHELASTIC_RUN_ID".encode() in b"\0".join(env) \
                 and str(launcher) in stat.rsplit(")", 1)[1].split()[:3]:
             return int(d.name)
     return None
