@@ -402,7 +402,7 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     prof.wrap(awq, "awq_scale_search", "awq scale search")
     prof.wrap(awq, "awq_clip_search", "awq clip search")
     prof.wrap(int8_dynamic, "smooth_layer", "smoothquant (incl. its forward)")
-    prof.wrap(engine._LayerCalibration, "run", "calibration forward (incl. hooks)")
+    prof.wrap(engine._LayerCalibration, "observe", "calibration forward (incl. hooks)")
     # Fixed cost, once per run.
     prof.wrap(preflight, "check", "run: validation")
     prof.wrap(runtime.ModelRunner, "__init__", "run: model class and layer graph")

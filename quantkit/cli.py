@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
-from .errors import Interrupted, QuantkitError
+from .errors import DistributedError, Interrupted, PeerLostError, QuantkitError
 from .interrupts import signal_name, signal_of, terminate_as_interrupt
+from .launch import LAUNCHED_ENV, PEER_LOST_EXIT
 
 log = logging.getLogger("quantkit")
 
@@ -34,8 +37,12 @@ def _recipe(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     from . import pipeline
 
-    report = pipeline.run(_recipe(args), quiet=args.quiet, resume=args.resume,
-                          recipe_file=Path(args.recipe).expanduser())
+    recipe = _recipe(args)
+    if args.gpus > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args, recipe)
+    report = pipeline.run(recipe, quiet=args.quiet, resume=args.resume, recipe_file=Path(args.recipe).expanduser())
+    if not report:  # a rank other than 0: rank 0 reports
+        return 0
     ev = report.get("evaluation")
     if ev:
         print(f"perplexity: base {ev['perplexity_base']:.3f} -> quantized {ev['perplexity_quantized']:.3f} "
@@ -47,6 +54,25 @@ def _run(args: argparse.Namespace) -> int:
           f"time {report['timing']['total_seconds']:.1f} s")
     print(f"wrote {report['output_dir']}\nserve: {report['serve_command']}")
     return 0
+
+
+def _launch(args: argparse.Namespace, recipe) -> int:
+    """``run --gpus N``: the pre-read checks here, once, then the same command on N ranks."""
+    import torch
+
+    from . import preflight
+    from .checkpoint import work_dir_for
+    from .launch import run_ranks
+
+    if recipe.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < args.gpus:
+        raise DistributedError(f"--gpus {args.gpus}: only {torch.cuda.device_count()} GPUs are visible",
+                               field="--gpus", value=args.gpus, hint="ask for at most as many ranks as GPUs")
+    preflight.check(recipe)
+    output = recipe.export.output_dir
+    flags = ["--quiet"] * args.quiet + ["--debug"] * bool(getattr(args, "debug", False))
+    ranks = ["run", args.recipe, "--output-dir", str(output)] + (["--model", args.model] if args.model else [])
+    ranks += ["--overwrite"] * args.overwrite + ["--resume"] * args.resume
+    return run_ranks(args.gpus, flags + ranks, str(work_dir_for(output)))
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -164,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     run.add_argument("--resume", action="store_true",
                      help="continue a killed run from its last finished layer (same recipe)")
+    run.add_argument("--gpus", type=int, default=1, metavar="N",
+                     help="quantize on N GPUs of this host (starts N ranks with torchrun's launcher; "
+                          "without CUDA, N CPU ranks with gloo); or start quantkit under torchrun yourself")
     run.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     run.set_defaults(func=_run)
@@ -226,7 +255,9 @@ def one_line(message: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    # Under torchrun, ranks other than 0 keep to warnings: rank 0 tells the story.
+    quiet = args.quiet or int(os.environ.get("RANK", "0")) > 0
+    level = logging.DEBUG if args.debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not args.debug:
         for noisy in ("transformers", "datasets", "httpx", "httpx2", "huggingface_hub", "urllib3", "lm_eval", "vllm"):
@@ -234,16 +265,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with terminate_as_interrupt():  # SIGTERM unwinds like Ctrl-C, at any stage of any command
             return args.func(args)
+    except PeerLostError as e:
+        if args.debug:
+            raise
+        if os.environ.get(LAUNCHED_ENV):  # the launcher names the rank that failed
+            return PEER_LOST_EXIT
+        print(f"error: rank {os.environ.get('RANK', 0)}: {one_line(str(e))}", file=sys.stderr)
+        return 2
     except Interrupted as e:  # the run said what it kept; exit as the shell would for the signal
         if args.debug:
             raise
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        # A rank the launcher stopped (a peer failed) or that shares the user's Ctrl-C: the
+        # launcher says what happened.
+        if not (os.environ.get(LAUNCHED_ENV) and (e.signal == signal.SIGTERM or int(os.environ["RANK"]) > 0)):
+            print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 128 + e.signal
     except QuantkitError as e:
         if args.debug:
             raise
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        rank = f"rank {os.environ['RANK']}: " if "WORLD_SIZE" in os.environ else ""
+        print(f"error: {rank}{one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"interrupted by {signal_name(e)}", file=sys.stderr)
         return 128 + signal_of(e)
+    finally:
+        if "torch" in sys.modules:  # only a run imports it; validate and plan stay light
+            from .distributed import close
+
+            close()

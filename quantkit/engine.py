@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import seeding
 from .activations import attach_activation_quantizers
+from .distributed import SINGLE, World
 from .divergence import compare_streams
 from .errors import DeviceMemoryError, NumericsError
 from .finite_check import check_quantized, check_written
@@ -32,7 +33,7 @@ from .graph.experts import all_experts, expert_modules, reset_counts, routed_cou
 from .graph.runtime import LayerInputs, ModelRunner
 from .moe import (ExpertCalibration, ExpertReport, rtn_fallback, starved, statistics_budget, statistics_chunks,
                   statistics_tokens, without)
-from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, PairedHook, Quantizer
+from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, PairedStatistic, Quantizer, Statistic
 from .scheme import QuantizedWeight
 from .workdir import LayerRecord, WorkDir
 
@@ -51,14 +52,16 @@ def make_batches(seqs: list[torch.Tensor], batch_size: int) -> list[torch.Tensor
 
 
 class _LayerCalibration:
-    """The LayerCalibration the quantizers see: runs the float layer over calibration batches,
-    each with the arguments the model's own forward gives layer ``index``."""
+    """The LayerCalibration the quantizers see: runs the float layer over this rank's
+    calibration batches, each with the arguments the model's own forward gives layer ``index``."""
 
     def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs], seed: int,
-                 every_expert: bool = True, float_batches: list[LayerInputs] | None = None):
+                 world: World = SINGLE, every_expert: bool = True, float_batches: list[LayerInputs] | None = None):
         self.runner, self.index, self.layer, self.batches, self.seed = runner, index, layer, batches, seed
-        self.every_expert, self.float_batches = every_expert, float_batches
-        self.routed: dict[str, list[int]] | None = None  # tokens routed to each expert, from the first run
+        self.world, self.every_expert, self.float_batches = world, every_expert, float_batches
+        # Tokens routed to each expert over every rank's batches, from the first pass.
+        self.routed: dict[str, list[int]] | None = None
+        self._tokens: int | None = None
 
     def generator(self, name: str) -> torch.Generator:
         return seeding.generator(self.seed, self.index, name, device=self.runner.device)
@@ -70,27 +73,53 @@ class _LayerCalibration:
 
         return forward
 
-    def run(self, hooks: Mapping[str, InputHook]) -> None:
+    def observe(self, stats: Mapping[str, Statistic]) -> None:
         reset_counts(self.layer)
         with all_experts(self.layer, self.every_expert):
-            run_calibration(self.layer, hooks, self._forward(self.batches))
+            run_calibration(self.layer, {name: s.add for name, s in stats.items()}, self._forward(self.batches))
         if self.routed is None:
-            self.routed = routed_counts(self.layer)
+            self.routed = _summed_counts(routed_counts(self.layer), self.world)
+        self._reduce(stats)
+
+    def observe_paired(self, stats: Mapping[str, PairedStatistic]) -> None:
+        if self.float_batches is None:
+            raise RuntimeError("observe_paired needs the float stream: the quantizer must set needs_float_inputs")
+        with all_experts(self.layer, self.every_expert):
+            for quant, flt in zip(self.batches, self.float_batches):
+                run_paired_batch(self.layer, {name: s.add for name, s in stats.items()}, self._forward([quant]),
+                                 self._forward([flt]))
+        self._reduce(stats)
+
+    def _reduce(self, stats: Mapping[str, Statistic | PairedStatistic]) -> None:
+        for name in sorted(stats):  # the same order on every rank: collectives pair up
+            stats[name].reduce(self.world)
 
     @property
     def tokens(self) -> int:
-        return sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self.batches)
-
-    def run_paired(self, hooks: Mapping[str, PairedHook]) -> None:
-        if self.float_batches is None:
-            raise RuntimeError("run_paired needs the float stream: the quantizer must set needs_float_inputs")
-        with all_experts(self.layer, self.every_expert):
-            for quant, flt in zip(self.batches, self.float_batches):
-                run_paired_batch(self.layer, hooks, self._forward([quant]), self._forward([flt]))
+        """Calibration tokens over every rank."""
+        if self._tokens is None:
+            mine = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self.batches)
+            self._tokens = int(self.world.all_reduce(torch.tensor([mine], device=self.world.device)).item())
+        return self._tokens
 
 
-def run_paired_batch(layer: nn.Module, hooks: Mapping[str, PairedHook], quant: Callable[[], None],
-                     flt: Callable[[], None]) -> None:
+def _summed_counts(counts: dict[str, list[int]], world: World) -> dict[str, list[int]]:
+    """Per-expert routed token counts summed over the ranks, so every rank takes the same
+    decisions from them (which experts fall back to round-to-nearest)."""
+    names = sorted(counts)
+    if world.size == 1 or not names:
+        return counts
+    flat = torch.tensor([c for n in names for c in counts[n]], dtype=torch.int64, device=world.device)
+    world.all_reduce(flat)
+    out, at = {}, 0
+    for n in names:
+        out[n] = flat[at:at + len(counts[n])].tolist()
+        at += len(counts[n])
+    return out
+
+
+def run_paired_batch(layer: nn.Module, hooks: Mapping[str, Callable[[torch.Tensor, torch.Tensor], None]],
+                     quant: Callable[[], None], flt: Callable[[], None]) -> None:
     """One batch through ``layer`` on the float stream (each hooked Linear's input kept), then
     on the quantized stream (each hook called with both inputs of the same tokens)."""
     kept: dict[str, list[torch.Tensor]] = {n: [] for n in hooks}
@@ -152,13 +181,16 @@ class _Clock:
 
 
 class LayerwiseEngine:
-    """Quantizes layers ``start..n-1`` and replays ``0..start-1`` from the work folder."""
+    """Quantizes layers ``start..n-1`` and replays ``0..start-1`` from the work folder.
+
+    Every rank of ``world`` calibrates and propagates its share of the calibration batches and
+    ends each layer with the same quantized weights; rank 0 alone evaluates and writes."""
 
     def __init__(self, runner: ModelRunner, quantizer: Quantizer, workdir: WorkDir, fingerprint: str,
                  quiet: bool = False, on_layer: LayerCallback | None = None, *, seed: int,
-                 experts: ExpertCalibration = ExpertCalibration()):
+                 experts: ExpertCalibration = ExpertCalibration(), world: World = SINGLE):
         self.sk, self.quantizer, self.workdir, self.fingerprint = runner, quantizer, workdir, fingerprint
-        self.quiet, self.on_layer, self.seed, self.experts = quiet, on_layer, seed, experts
+        self.quiet, self.on_layer, self.seed, self.experts, self.world = quiet, on_layer, seed, experts, world
 
     def run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
             start: int = 0) -> EngineResult:
@@ -173,8 +205,8 @@ class LayerwiseEngine:
     def _run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
              start: int) -> EngineResult:
         sk, result = self.sk, EngineResult()
-        calib_batches = make_batches(calib, batch_size)
-        eval_batches = make_batches(evaluation, batch_size) if evaluation else []
+        calib_batches = self.world.shard(make_batches(calib, batch_size))
+        eval_batches = make_batches(evaluation, batch_size) if evaluation and self.world.is_main else []
         clock = _Clock(result.phase_seconds, sk.device)
         # The model's own forward embeds every batch and gives each layer its arguments; the
         # embedding is on the device only while it does.
@@ -189,7 +221,8 @@ class LayerwiseEngine:
 
         if start:
             log.info("resuming: replaying %d finished layers from %s", start, self.workdir.root)
-        bar = tqdm(range(sk.num_layers), desc="quantizing layers", unit="layer", disable=self.quiet)
+        bar = tqdm(range(sk.num_layers), desc="quantizing layers", unit="layer",
+                   disable=self.quiet or not self.world.is_main)
         for i in bar:
             began = time.perf_counter()
             layer = sk.load_layer(i)
@@ -212,7 +245,8 @@ class LayerwiseEngine:
                 record = LayerRecord(floats, dict(qweights), self.quantizer.extra_tensors())
                 for name, t in {**record.floats, **record.extra}.items():  # folded norms, KV scales
                     check_written(sk.layer_prefix(i) + name, t)
-                self.workdir.save_layer(i, record, self.fingerprint)
+                if self.world.is_main:
+                    self.workdir.save_layer(i, record, self.fingerprint)
                 clock.lap("save")
             if float_in is not None:  # the layer is still float here (folds leave its function as it was)
                 with torch.no_grad():
@@ -253,19 +287,19 @@ class LayerwiseEngine:
         calibration mode, their token counts recorded and starved experts rounded instead."""
         graph = self.sk.graph.layer(i)
         settings = self.experts
-        calib = _LayerCalibration(self.sk, i, layer, calib_in, self.seed, settings.all_experts, float_in)
+        calib = _LayerCalibration(self.sk, i, layer, calib_in, self.seed, self.world, settings.all_experts, float_in)
         schemes = self.quantizer.layer_schemes(self.sk.layer_prefix(i), graph)
         if not graph.experts or not self.quantizer.needs_calibration:
             return self.quantizer.quantize_layer(layer, graph, calib, schemes)
         if not settings.all_experts:
             graph = graph.per_expert()
-            calib.run({})  # who is starved must be known before the quantizer hooks them
+            calib.observe({})  # who is starved must be known before the quantizer hooks them
         counts = {n: statistics_tokens((calib.routed or {}).get(n, [0] * m.layout.num_experts), calib.tokens,
                                        settings) for n, m in expert_modules(layer)}
         where = self.sk.layer_prefix(i)[:-1]
         hungry = starved(counts, settings)
         qweights: dict[str, QuantizedWeight] = {}
-        for part in statistics_chunks(without(graph, hungry), statistics_budget(self.sk.device)):
+        for part in statistics_chunks(without(graph, hungry), statistics_budget(self.sk.device, self.world)):
             qweights.update(self.quantizer.quantize_layer(layer, part, calib,
                                                           {n: schemes[n] for n in part.linears if n in schemes}))
         if hungry:

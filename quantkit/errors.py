@@ -85,3 +85,11 @@ class Interrupted(QuantkitError, KeyboardInterrupt):
     def __init__(self, message: str, *, signal: int, **parts: Any) -> None:
         super().__init__(message, **parts)
         self.signal = int(signal)
+
+
+class DistributedError(QuantkitError):
+    """A multi-rank run cannot start or lost a rank; finished layers stay for ``--resume``."""
+
+
+class PeerLostError(DistributedError):
+    """A collective failed because another rank is gone (that rank's own error says why)."""

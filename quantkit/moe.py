@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from .distributed import SINGLE, World
 from .graph.experts import expert_of
 from .graph.types import InputGroup, LayerGraph
 from .quantizers.rtn import quantize_rtn
@@ -71,13 +72,16 @@ def without(graph: LayerGraph, experts: set[tuple[str, int]]) -> LayerGraph:
 STATISTICS_SHARE = 0.5
 
 
-def statistics_budget(device: torch.device) -> int | None:
-    """Bytes one calibration pass's statistics may take: a share of the GPU's free memory;
-    None (no limit) on the CPU, whose memory the operating system manages."""
+def statistics_budget(device: torch.device, world: World = SINGLE) -> int | None:
+    """Bytes one calibration pass's statistics may take: a share of the GPU's free memory,
+    the least over the ranks (every rank must split the layer alike: each part is one pass
+    with its collectives); None (no limit) on the CPU, whose memory the operating system
+    manages."""
     if device.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(device)
-    return int(free * STATISTICS_SHARE)
+    least = world.all_reduce(torch.tensor([free], dtype=torch.int64, device=world.device), "min")
+    return int(int(least.item()) * STATISTICS_SHARE)
 
 
 def statistics_chunks(graph: LayerGraph, budget: int | None) -> list[LayerGraph]:

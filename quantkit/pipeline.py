@@ -6,6 +6,7 @@ validation ``quantkit validate`` runs (``preflight.check``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -22,8 +23,9 @@ from .assignment_check import decoder_linear_names
 from .calibration import TextRequest, load_tokens
 from .card import base_license, render_card
 from .checkpoint import CheckpointWriter, work_dir_for
-from .engine import LayerCallback, LayerwiseEngine
-from .errors import Interrupted, QuantkitError
+from .distributed import World, world_from_environment
+from .engine import LayerCallback, LayerwiseEngine, make_batches
+from .errors import DistributedError, Interrupted, QuantkitError
 from .export import export_checkpoint
 from .finite_check import check_source_tensors
 from .formats import FORMATS
@@ -58,6 +60,10 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     is named in the run's lock, so a second run says which recipe holds the folder.
     """
     started = time.perf_counter()
+    # Under torchrun each rank takes its own GPU (LOCAL_RANK); alone, the world of one.
+    world = world_from_environment(preflight.resolve_device(recipe.device))
+    if not world.is_main:  # rank 0 checks first: a bad recipe or model is one error line, not one per rank
+        world.barrier()
     plan = preflight.check(recipe)
     # Only now are a hub model's weights downloaded.
     source = ModelSource.open(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle,
@@ -66,13 +72,14 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     scheme = params.scheme()
     assignment = params.assignment()
     quantizer = QUANTIZERS[params.method](params, source.config)
-    device, dtype = torch.device(plan.device), preflight.DTYPES[plan.dtype]
+    device, dtype = world.device, preflight.DTYPES[plan.dtype]
     fmt = FORMATS[recipe.format_name]()
     output_dir = recipe.export.output_dir
     workdir = WorkDir(work_dir_for(output_dir))
-    check_output_dir(output_dir, workdir.root,
-                     run_inputs(source.path, source.shard_files(), preflight.text_sources(recipe)),
-                     recipe.export.overwrite)
+    if world.is_main:  # it may finish an interrupted publish: one writer
+        check_output_dir(output_dir, workdir.root,
+                         run_inputs(source.path, source.shard_files(), preflight.text_sources(recipe)),
+                         recipe.export.overwrite)
     writer = CheckpointWriter(output_dir, workdir.export, fmt, dtype,
                               parse_size(recipe.export.max_shard_size), recipe.export.overwrite)
     # CPUs here run bf16 matmuls ~8x slower than fp32, so compute in fp32 and export in dtype.
@@ -89,13 +96,15 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     check_model_files(runner)
     tokenizer = load_tokenizer(source.path)
     check_source_tensors(source, runner.outside_text_sources(), device)
+    if world.is_main:
+        world.barrier()
 
-    with RunLock(output_dir, None if recipe_file is None else str(Path(recipe_file).resolve())), \
-            terminate_as_interrupt():
+    lock = RunLock(output_dir, None if recipe_file is None else str(Path(recipe_file).resolve()))
+    with lock if world.is_main else contextlib.nullcontext(), terminate_as_interrupt():
         started_work = False
         try:
             weights = fingerprint_weights(source.path, list(source.weight_map.values()),
-                                          recipe.model.fingerprint == "full", quiet)
+                                          recipe.model.fingerprint == "full", quiet) if world.is_main else None
             calib: list[torch.Tensor] = []
             cal = recipe.calibration
             if quantizer.needs_calibration:
@@ -114,11 +123,14 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
 
             run_id = fingerprint(__version__, recipe.model.model_dump(mode="json"), params.model_dump(mode="json"),
                                  cal.model_dump(mode="json"), source.weight_map, calib)
-            start = workdir.start(run_id, resume, weights, source.path)
+            start = _start_workdir(world, run_id, calib, cal.batch_size,
+                                   lambda: workdir.start(run_id, resume, weights, source.path))
             started_work = True
             engine = LayerwiseEngine(runner, quantizer, workdir, run_id, quiet, on_layer, seed=cal.seed,
-                                     experts=ExpertCalibration(cal.all_experts, cal.min_expert_tokens))
+                                     experts=ExpertCalibration(cal.all_experts, cal.min_expert_tokens), world=world)
             result = engine.run(calib, evaluation, cal.batch_size, start)
+            if not world.is_main:
+                return {}
             exporting = time.perf_counter()
             writer.start()
             export_checkpoint(runner, workdir, writer, quiet)
@@ -147,6 +159,8 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
                             "before publishing")
             writer.finalize(config, extra_files, copy)
         except BaseException as e:
+            if not world.is_main:  # rank 0 alone keeps or cleans the work folder
+                raise
             failure = as_run_failure(e, workdir.root, workdir.finished_layers(), runner.num_layers, output_dir,
                                      writer.published)
             if started_work:
@@ -159,6 +173,26 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
         if recipe.push is not None:
             _push(output_dir, recipe.push)
     return report
+
+
+def _start_workdir(world: World, run_id: str, calib: list[torch.Tensor], batch_size: int,
+                   start: Callable[[], int]) -> int:
+    """Rank 0 prepares the work folder (``start()``); every rank learns how many layers are
+    finished and checks that it computed the same run (model, recipe, calibration tokens)."""
+    batches = len(make_batches(calib, batch_size))
+    if calib and batches < world.size:
+        raise DistributedError(f"{world.size} ranks but only {batches} calibration batches",
+                               field="calibration.num_samples", value=len(calib),
+                               hint="give each rank at least one batch: more samples or a smaller batch_size")
+    finished = torch.zeros(1, dtype=torch.int64, device=world.device)
+    ours = torch.frombuffer(bytearray(bytes.fromhex(run_id)), dtype=torch.uint8).to(world.device)
+    if world.is_main:
+        finished += start()
+    shared, _ = world.broadcast({"start": finished, "run": ours.clone()}, 0)
+    if not torch.equal(shared["run"], ours):
+        raise DistributedError(f"rank {world.rank} computed a different run than rank 0 (model files, recipe or "
+                               "calibration tokens differ)", hint="run every rank on the same files and recipe")
+    return int(shared["start"].item())
 
 
 def ignored_components(runner: ModelRunner, outside: list[tuple[str, str]]) -> list[str]:

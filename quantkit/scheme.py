@@ -10,7 +10,7 @@ each format shifts to its own convention.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -169,3 +169,27 @@ class QuantizedWeight:
             q = q - self.expand(self.zero_point.to(torch.float32))
         scale = effective_scale(self.scale.to(torch.float32), self.global_scale)
         return (q * self.expand(scale)).to(dtype)
+
+
+def quantized_as_tensors(weights: dict[str, QuantizedWeight]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Quantized Linears as plain tensors (``"<name>.<field>"``) and their schemes as JSON-able
+    data: how the work folder stores them and how ranks exchange them."""
+    tensors, schemes = {}, {}
+    for name, qw in weights.items():
+        act = qw.scheme.input_activations
+        schemes[name] = {"weights": asdict(qw.scheme.weights), "input_activations": asdict(act) if act else None}
+        for f in QuantizedWeight.TENSORS:
+            t = getattr(qw, f)
+            if t is not None:
+                tensors[f"{name}.{f}"] = t
+    return tensors, schemes
+
+
+def quantized_from_tensors(tensors: dict[str, torch.Tensor], schemes: dict[str, dict]) -> dict[str, QuantizedWeight]:
+    """The inverse of ``quantized_as_tensors``."""
+    out = {}
+    for name, s in schemes.items():
+        act = s["input_activations"]
+        scheme = Scheme(WeightScheme(**s["weights"]), ActivationScheme(**act) if act else None)
+        out[name] = QuantizedWeight(scheme=scheme, **{f: tensors.get(f"{name}.{f}") for f in QuantizedWeight.TENSORS})
+    return out

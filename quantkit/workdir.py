@@ -17,7 +17,6 @@ import shutil
 import struct
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,10 @@ import torch
 from safetensors import safe_open
 
 from .errors import ExportError
-from .scheme import ActivationScheme, QuantizedWeight, Scheme, WeightScheme
+from .scheme import QuantizedWeight, quantized_as_tensors, quantized_from_tensors
 from .weight_fingerprint import Fingerprint, check_unchanged, first_change
 
 log = logging.getLogger(__name__)
-
-_FIELDS = QuantizedWeight.TENSORS
 
 
 class LayerRecord:
@@ -136,14 +133,8 @@ class WorkDir:
         """Write layer ``i`` atomically, then mark it finished: a kill leaves either both or neither."""
         tensors: dict[str, torch.Tensor] = {f"float.{k}": v for k, v in record.floats.items()}
         tensors.update({f"extra.{k}": v for k, v in record.extra.items()})
-        schemes = {}
-        for name, qw in record.quantized.items():
-            schemes[name] = {"weights": asdict(qw.scheme.weights),
-                             "input_activations": asdict(qw.scheme.input_activations) if qw.scheme.input_activations else None}
-            for f in _FIELDS:
-                t = getattr(qw, f)
-                if t is not None:
-                    tensors[f"q.{name}.{f}"] = t
+        quantized, schemes = quantized_as_tensors(record.quantized)
+        tensors.update({f"q.{k}": v for k, v in quantized.items()})
         tmp = self.layer_path(i).with_suffix(".tmp")
         try:
             write_safetensors(tmp, tensors, {"schemes": json.dumps(schemes)})
@@ -161,12 +152,7 @@ class WorkDir:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         floats = {k[6:]: v for k, v in tensors.items() if k.startswith("float.")}
         extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
-        quantized = {}
-        for name, s in schemes.items():
-            act = s["input_activations"]
-            scheme = Scheme(WeightScheme(**s["weights"]), ActivationScheme(**act) if act else None)
-            parts = {f: tensors.get(f"q.{name}.{f}") for f in _FIELDS}
-            quantized[name] = QuantizedWeight(scheme=scheme, **parts)
+        quantized = quantized_from_tensors({k[2:]: v for k, v in tensors.items() if k.startswith("q.")}, schemes)
         return LayerRecord(floats, quantized, extra)
 
     def remove(self) -> None:

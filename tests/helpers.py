@@ -4,7 +4,7 @@ covariance."""
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -15,12 +15,17 @@ from quantkit.seeding import generator
 
 class FakeCalibration:
     """Holds the layer's calibration inputs and streams them through it with the engine's
-    hooks (``run_calibration``). Each batch is a tensor (positional input) or a dict of keyword
-    arguments. ``runs`` counts passes; ``hook_calls`` counts calls per hook."""
+    hooks (``run_calibration``). Each batch is a tensor (positional
+    input) or a dict of keyword arguments. ``runs`` counts passes; ``hook_calls`` counts calls
+    per statistic. With a ``world`` of several ranks it streams this rank's share, as the
+    engine does."""
 
-    def __init__(self, layer: nn.Module, batches: list, seed: int = 0) -> None:
+    def __init__(self, layer: nn.Module, batches: list, seed: int = 0, world=None) -> None:
+        from quantkit.distributed import SINGLE
+
+        self.world = world or SINGLE
         self.layer = layer
-        self.batches = batches
+        self.batches = self.world.shard(batches)
         self.seed = seed
         self.runs = 0
         self.hook_calls: dict[str, int] = {}
@@ -28,9 +33,7 @@ class FakeCalibration:
     def generator(self, name: str) -> torch.Generator:
         return generator(self.seed, 0, name)
 
-    def run(self, hooks: Mapping[str, object]) -> None:
-        from quantkit.engine import run_calibration
-
+    def observe(self, stats: Mapping[str, object]) -> None:
         self.runs += 1
 
         def counted(name, hook):
@@ -40,11 +43,39 @@ class FakeCalibration:
 
             return h
 
+        self.run({n: counted(n, st.add) for n, st in stats.items()})
+        for st in stats.values():
+            st.reduce(self.world)
+
+    def run(self, hooks: Mapping[str, object]) -> None:
+        """Every batch through the layer, ``hooks`` fed the raw inputs (what the tests
+        compute reference statistics from)."""
+        from quantkit.engine import run_calibration
+
         def forward():
             for b in self.batches:
                 self.layer(**b) if isinstance(b, dict) else self.layer(b)
 
-        run_calibration(self.layer, {n: counted(n, h) for n, h in hooks.items()}, forward)
+        run_calibration(self.layer, hooks, forward)
+
+
+def mask_router(gate: nn.Module, masked: Callable[[torch.Tensor], Iterable[int]]) -> None:
+    """The Qwen3-MoE router (its own computation) with the experts ``masked(h)`` names never
+    picked for its input ``h`` ``[tokens, hidden]``."""
+    import torch.nn.functional as F
+
+    def forward(hidden_states):
+        h = hidden_states.reshape(-1, gate.hidden_dim)
+        logits = F.linear(h, gate.weight)
+        for e in masked(h):
+            logits[:, e] = float("-inf")
+        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+        top, idx = torch.topk(probs, gate.top_k, dim=-1)
+        if gate.norm_topk_prob:
+            top = top / top.sum(dim=-1, keepdim=True)
+        return logits, top.to(logits.dtype), idx
+
+    gate.forward = forward
 
 
 def group_inputs(layer: nn.Module, batches: list, graph: LayerGraph) -> dict[str, list[torch.Tensor]]:

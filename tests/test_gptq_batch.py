@@ -123,6 +123,6 @@ def test_row_chunks_of_equal_experts_are_even():
     from quantkit.quantizers.gptq import MAX_STACKED_ELEMENTS, _row_chunks
 
     size = 768 * 2048
-    chunks = _row_chunks([f"m{i}" for i in range(256)], [size] * 256)
+    chunks = _row_chunks([f"m{i}" for i in range(256)], [size] * 256, MAX_STACKED_ELEMENTS)
     assert [len(c) for c in chunks] == [128, 128] and 128 * size <= MAX_STACKED_ELEMENTS
     assert [n for c in chunks for n in c] == [f"m{i}" for i in range(256)]

@@ -18,7 +18,6 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 from quantkit.engine import LayerwiseEngine, _LayerCalibration, make_batches
 from quantkit.graph.experts import UnfusedExperts, is_fused_experts, layout_of, split_fused
 from quantkit.graph.runtime import ModelRunner
@@ -29,7 +28,7 @@ from quantkit.quantizers import QUANTIZERS
 from quantkit.quantizers.gptq import collect_hessians
 from quantkit.quantizers.rtn import quantize_rtn
 from quantkit.recipe import make_recipe
-from tests.helpers import family_workspace
+from tests.helpers import family_workspace, mask_router
 from tests.test_export_e2e import read_tensors
 from tests.tiny_models import model_class_for
 
@@ -265,18 +264,7 @@ def test_moe_family_end_to_end(workspace, family):
 
 
 def _never_pick(gate: torch.nn.Module, expert: int) -> None:
-    """The Qwen3-MoE router with one expert masked out (its own computation otherwise)."""
-    def forward(hidden_states):
-        h = hidden_states.reshape(-1, gate.hidden_dim)
-        logits = F.linear(h, gate.weight)
-        logits[:, expert] = float("-inf")
-        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
-        top, idx = torch.topk(probs, gate.top_k, dim=-1)
-        if gate.norm_topk_prob:
-            top = top / top.sum(dim=-1, keepdim=True)
-        return logits, top.to(logits.dtype), idx
-
-    gate.forward = forward
+    mask_router(gate, lambda _h: [expert])
 
 
 @pytest.fixture(scope="module")
@@ -293,8 +281,8 @@ def test_unpicked_expert_gets_every_token_with_all_expert_calibration(starved_la
     _never_pick(layer.mlp.gate, 3)
     graph = runner.graph.layer(0)
     calib = _LayerCalibration(runner, 0, layer, batches, 0, every_expert=True)
-    accs, hooks = collect_hessians(graph)
-    calib.run(hooks)
+    accs, stats = collect_hessians(graph)
+    calib.observe(stats)
     assert calib.routed["mlp.experts"][3] == 0 and sum(calib.routed["mlp.experts"]) == 2 * 128
     h3 = accs["mlp.experts.3.down_proj"]
     assert h3.tokens == 128 and bool((torch.diagonal(h3.hessian()) > 0).all())
@@ -330,8 +318,8 @@ def calibrated_layer(starved_layer):
     runner, batches = starved_layer
     layer = runner.load_layer(0)
     graph = runner.graph.layer(0)
-    accs, hooks = collect_hessians(graph)
-    _LayerCalibration(runner, 0, layer, batches, 0).run(hooks)
+    accs, stats = collect_hessians(graph)
+    _LayerCalibration(runner, 0, layer, batches, 0).observe(stats)
     return layer, graph, accs, QUANTIZERS["gptq"].Params(**METHODS["gptq"]).scheme()
 
 
@@ -344,7 +332,8 @@ def test_stacked_gptq_in_row_chunks_is_the_same_solve(calibrated_layer, monkeypa
     whole = gptq.gptq_layer(layer, graph, accs, scheme)
     monkeypatch.setattr(gptq, "MAX_STACKED_ELEMENTS", 3 * 64 * 128)  # three expert matrices per solve
     chunked = gptq.gptq_layer(layer, graph, accs, scheme)
-    assert len(gptq._row_chunks([f"mlp.experts.{e}.up_proj" for e in range(8)], [64 * 128] * 8)) == 3
+    assert len(gptq._row_chunks([f"mlp.experts.{e}.up_proj" for e in range(8)], [64 * 128] * 8,
+                                gptq.MAX_STACKED_ELEMENTS)) == 3
     for name, qw in whole.items():
         assert torch.equal(qw.codes, chunked[name].codes) and torch.equal(qw.scale, chunked[name].scale), name
 
@@ -366,11 +355,11 @@ def test_experts_are_solved_in_batches_with_each_expert_s_own_result(calibrated_
     solve = gptq.gptq_quantize_batch
     monkeypatch.setattr(gptq, "gptq_quantize_batch", lambda w, *a, **k: sizes.append(w.shape[0]) or solve(w, *a, **k))
     monkeypatch.setattr(gptq, "MAX_STACKED_ELEMENTS", 2 * 128 * 128)  # gate/up of one expert per row chunk
-    monkeypatch.setattr(gptq, "_batch_budget", lambda device: 1 << 30)
+    monkeypatch.setattr(gptq, "_batch_budget", lambda device, world: 1 << 30)
     batched = gptq.gptq_layer(layer, graph, accs, schemes, **kw)
     assert sorted(sizes) == [experts, experts]  # the gate/up chunks together, every down_proj together
     sizes.clear()
-    monkeypatch.setattr(gptq, "_batch_budget", lambda device: 0)  # one solve per call
+    monkeypatch.setattr(gptq, "_batch_budget", lambda device, world: 0)  # one solve per call
     alone = gptq.gptq_layer(layer, graph, accs, schemes, **kw)
     assert sizes == [1] * 2 * experts
     assert set(batched) == set(alone) == set(schemes) and len(schemes) == 3 * experts
@@ -520,7 +509,7 @@ def test_statistics_in_chunks_give_the_same_layer(starved_layer, monkeypatch):
     quantizer = QUANTIZERS["gptq"](QUANTIZERS["gptq"].Params(**METHODS["gptq"]), {})
     results = []
     for budget in (None, 4 * 128 * 128 * 3):  # room for the attention's and one expert's Hessians
-        monkeypatch.setattr(engine_module, "statistics_budget", lambda _device, b=budget: b)
+        monkeypatch.setattr(engine_module, "statistics_budget", lambda _device, _world, b=budget: b)
         layer = runner.load_layer(0)
         engine = LayerwiseEngine(runner, quantizer, None, "", quiet=True, seed=0, experts=ExpertCalibration(False, 1))
         results.append(engine._quantize(0, layer, batches, None, ExpertReport()))

@@ -350,8 +350,10 @@ def test_input_feedback_pairs_the_float_and_quantized_streams(text_file, tmp_pat
 class _SameStreams(FakeCalibration):
     """Paired calibration whose float stream is the quantized one (as in a model's first layer)."""
 
-    def run_paired(self, hooks) -> None:
-        self.run({k: (lambda x, h=h: h(x, x)) for k, h in hooks.items()})
+    def observe_paired(self, stats) -> None:
+        self.run({k: (lambda x, s=s: s.add(x, x)) for k, s in stats.items()})
+        for s in stats.values():
+            s.reduce(self.world)
 
 
 def test_input_feedback_keeps_per_linear_schemes_and_input_global_scales():

@@ -11,13 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import torch
-
 from ..graph.types import LayerGraph
 from ..grids import global_scale
 from ..scheme import QuantizedWeight, Scheme
-from .base import InputHook
-from .observers import minmax_amax
+from .observers import AbsMax
 
 
 def observes_inputs(scheme: Scheme) -> bool:
@@ -28,28 +25,21 @@ def observes_inputs(scheme: Scheme) -> bool:
 
 @dataclass
 class InputGlobals:
-    """Hooks that watch the inputs, then ``apply`` puts the global scales on the weights."""
+    """The input maxima to observe (``stats``, reduced by MAX over the ranks), then ``apply``
+    puts the global scales on the weights."""
 
-    members: dict[str, list[str]] = field(default_factory=dict)  # hooked Linear -> Linears it serves
-    amax: dict[str, torch.Tensor] = field(default_factory=dict)
+    members: dict[str, list[str]] = field(default_factory=dict)  # observed Linear -> Linears it serves
     schemes: Mapping[str, Scheme] = field(default_factory=dict)
+    stats: dict[str, AbsMax] = field(init=False)
 
-    @property
-    def hooks(self) -> dict[str, InputHook]:
-        return {name: self._hook(name) for name in self.members}
-
-    def _hook(self, name: str) -> InputHook:
-        def add(x: torch.Tensor) -> None:
-            m = minmax_amax(x)
-            self.amax[name] = m if name not in self.amax else torch.maximum(self.amax[name], m)
-
-        return add
+    def __post_init__(self) -> None:
+        self.stats = {name: AbsMax() for name in self.members}
 
     def apply(self, quantized: dict[str, QuantizedWeight]) -> None:
-        for hooked, names in self.members.items():
+        for observed, names in self.members.items():
             for n in names:
                 act = self.schemes[n].input_activations
-                quantized[n].input_global_scale = global_scale(self.amax[hooked], act.grid)
+                quantized[n].input_global_scale = global_scale(self.stats[observed].amax, act.grid)
 
 
 def observe_input_globals(graph: LayerGraph, schemes: Mapping[str, Scheme]) -> InputGlobals:

@@ -23,7 +23,8 @@ from pydantic import Field
 from ..graph.fold import fold_scales
 from ..graph.types import LayerGraph
 from ..scheme import QuantizedWeight, Scheme
-from .base import LayerCalibration, Quantizer, QuantizerParams, register_quantizer
+from ..distributed import World
+from .base import Joined, LayerCalibration, Quantizer, QuantizerParams, register_quantizer, solve_units
 from .rtn import quantize_rtn, weight_only_scheme
 from .clip import MAX_SHRINK, clip_to_gram
 from .sampling import RowSample
@@ -37,9 +38,11 @@ _NO_CLIP = ("q", "k")
 
 
 class ChannelAbsMean:
-    """Running mean of ``|x|`` per input channel over every calibration token."""
+    """Running mean of ``|x|`` per input channel (``channels`` of them) over every
+    calibration token."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
         self.total: torch.Tensor | None = None
         self.count = 0
 
@@ -47,6 +50,15 @@ class ChannelAbsMean:
         s = x.detach().abs().to(torch.float32).sum(dim=0)
         self.total = s if self.total is None else self.total + s
         self.count += x.shape[0]
+
+    def reduce(self, world: World) -> None:
+        """Sums and counts added over the ranks."""
+        if world.size > 1:
+            if self.total is None:  # none of this rank's tokens reached it (an expert no token picked)
+                self.total = torch.zeros(self.channels, device=world.device)
+            world.all_reduce(self.total)
+            self.count = int(world.all_reduce(torch.tensor([float(self.count)], dtype=torch.float64,
+                                                           device=self.total.device)).item())
 
     def mean(self) -> torch.Tensor:
         return self.total / max(self.count, 1)
@@ -140,40 +152,45 @@ class AWQQuantizer(Quantizer):
     def quantize_layer(self, layer, graph: LayerGraph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: AWQParams = self.params  # type: ignore[assignment]
         names = self.schemes_or_default(graph, schemes)
-        samples = {g.key: RowSample(p.max_calib_tokens, calib.generator(g.key)) for g in graph.groups}
-        means = {g.key: ChannelAbsMean() for g in graph.groups}
-
-        def hook(name):
-            def h(x: torch.Tensor) -> None:
-                samples[name].add(x)
-                means[name].add(x)
-
-            return h
-
+        dtype = next(layer.parameters()).dtype  # the calibration inputs' (the model's compute dtype)
+        samples = {g.key: RowSample(p.max_calib_tokens, calib.generator(g.key),
+                                    torch.empty(0, graph.unit(g.key).in_features, dtype=dtype))
+                   for g in graph.groups}
+        means = {g.key: ChannelAbsMean(graph.unit(g.key).in_features) for g in graph.groups}
         # One pass over the float layer: folding keeps the float function, so the inputs
         # captured here stay valid (divided by s) after every group is scaled.
-        calib.run({name: hook(name) for name in samples})
+        calib.observe({k: Joined(samples[k], means[k]) for k in samples})
 
-        x_div: dict[str, torch.Tensor | None] = {}
-        for g in graph.groups:
-            x_div[g.key] = None
-            if not g.foldable:
-                continue
-            x = samples[g.key].rows()
+        def search(g) -> tuple[dict[str, torch.Tensor], dict]:
             weights = [graph.unit(n).matrix(layer) for n in g.linears]
-            s, _ = awq_scale_search(weights, x, means[g.key].mean(), self.scheme, p.grid)
-            fold_scales(layer, g, s)
-            x_div[g.key] = s
+            s, _ = awq_scale_search(weights, samples[g.key].rows(), means[g.key].mean(), self.scheme, p.grid)
+            return {"scale": s}, {}
 
-        out: dict[str, QuantizedWeight] = {}
+        foldable = {g.key: g for g in graph.groups if g.foldable}
+        scales = calib.world.solve({
+            k: (float(p.grid) * sum(graph.unit(n).out_features for n in g.linears) * graph.unit(k).in_features ** 2,
+                lambda g=g: search(g))
+            for k, g in foldable.items()})
+        x_div: dict[str, torch.Tensor] = {}
+        for k, g in foldable.items():  # on every rank: each propagates through the folded layer
+            x_div[k] = scales[k][0]["scale"]
+            fold_scales(layer, g, x_div[k])
+
+        def clip_and_round(g, name: str) -> dict[str, QuantizedWeight]:
+            unit = graph.unit(name)
+            w = unit.matrix(layer).detach().to(torch.float32)
+            if p.clip_search and not set(unit.roles) & set(_NO_CLIP):
+                x = samples[g.key].rows()
+                if g.key in x_div:
+                    x = x.to(torch.float32) / x_div[g.key]
+                w = awq_clip_search(w, x, self.scheme, p.grid)
+            return {name: quantize_rtn(w, self.scheme)}
+
+        jobs = {}
         for g in graph.groups:
-            x = samples[g.key].rows()
-            if x_div[g.key] is not None:
-                x = x.to(torch.float32) / x_div[g.key]
+            tokens = samples[g.key].count
             for name in (n for n in g.linears if n in names):
-                unit = graph.unit(name)
-                w = unit.matrix(layer).detach().to(torch.float32)
-                if p.clip_search and not set(unit.roles) & set(_NO_CLIP):
-                    w = awq_clip_search(w, x, self.scheme, p.grid)
-                out[name] = quantize_rtn(w, self.scheme)
-        return out
+                u = graph.unit(name)
+                jobs[name] = (float(u.in_features) * (u.out_features * p.grid + tokens) * 128,
+                              lambda g=g, name=name: clip_and_round(g, name))
+        return solve_units(calib.world, jobs)

@@ -15,14 +15,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
+from ..distributed import World
 from ..graph.types import LayerGraph
-from ..scheme import ActivationScheme, QuantizedWeight, Scheme
+from ..scheme import ActivationScheme, QuantizedWeight, Scheme, quantized_as_tensors, quantized_from_tensors
 from ..targets import ANY_LINEAR, SchemeAssignment, check_patterns
 
 InputHook = Callable[[torch.Tensor], None]
-# Called with a Linear's input on the quantized model's stream and, for the same tokens, on
-# the float model's stream (both ``[tokens, in_features]``).
-PairedHook = Callable[[torch.Tensor, torch.Tensor], None]
 
 # Hook names for what the layer's attention receives, besides Linear names: the key and
 # value tensors ``[batch, kv_heads, tokens, head_dim]`` after the model's own k_norm and RoPE,
@@ -31,28 +29,89 @@ ATTENTION_KEY = "@attention.key"
 ATTENTION_VALUE = "@attention.value"
 
 
+class Statistic(Protocol):
+    """What a quantizer observes about one input: fed every calibration batch of this rank,
+    then reduced once over the ranks (sums with counts, maxima, samples), after which every
+    rank holds the statistic of all the calibration data."""
+
+    def add(self, x: torch.Tensor) -> None:
+        ...
+
+    def reduce(self, world: World) -> None:
+        ...
+
+
+class PairedStatistic(Protocol):
+    """A statistic of a Linear's input on the quantized model's stream and, for the same
+    tokens, on the float model's stream (both ``[tokens, in_features]``); reduced as
+    ``Statistic`` is."""
+
+    def add(self, quantized: torch.Tensor, float_: torch.Tensor) -> None:
+        ...
+
+    def reduce(self, world: World) -> None:
+        ...
+
+
 class LayerCalibration(Protocol):
-    """Streams the current layer's calibration inputs through the float layer."""
+    """Streams the current layer's calibration inputs through the float layer; ``world`` is
+    the ranks sharing them (``world.solve`` runs work on owner ranks and shares the result)."""
 
-    def run(self, hooks: Mapping[str, InputHook]) -> None:
-        """Run every calibration batch through the layer.
+    world: World
 
-        ``hooks`` maps a Linear's name inside the layer (``"mlp.down_proj"``) to a function
-        called with that Linear's input, flattened to ``[tokens, in_features]``;
-        ``ATTENTION_KEY`` / ``ATTENTION_VALUE`` to one called with the attention's key/value.
+    def observe(self, stats: Mapping[str, Statistic]) -> None:
+        """Run this rank's calibration batches through the layer, then reduce every statistic.
+
+        ``stats`` maps a Linear's name inside the layer (``"mlp.down_proj"``) to the statistic
+        fed with that Linear's input, flattened to ``[tokens, in_features]``;
+        ``ATTENTION_KEY`` / ``ATTENTION_VALUE`` to one fed with the attention's key/value.
         """
         ...
 
-    def run_paired(self, hooks: Mapping[str, PairedHook]) -> None:
-        """Run every calibration batch through the layer twice: as the quantized model so far
-        gives it, and as the float model gives it; each hook gets both inputs of its Linear
-        for the same tokens. Only for quantizers with ``needs_float_inputs``."""
+    def observe_paired(self, stats: Mapping[str, PairedStatistic]) -> None:
+        """Run this rank's calibration batches through the layer twice: as the quantized model
+        so far gives them, and as the float model gives them (each rank carries the float
+        stream of its own batches); each statistic gets both inputs of its Linear for the
+        same tokens, then every statistic is reduced. Only for quantizers with
+        ``needs_float_inputs``."""
         ...
 
     def generator(self, name: str) -> torch.Generator:
         """The generator for random draws about ``name`` (a Linear or group) in this layer,
         seeded from the recipe's seed and the layer index: never draw from the global RNG."""
         ...
+
+
+class Joined:
+    """Several statistics of one input (GPTQ's Hessian and a static activation range)."""
+
+    def __init__(self, *stats: Statistic) -> None:
+        self.stats = stats
+
+    def add(self, x: torch.Tensor) -> None:
+        for s in self.stats:
+            s.add(x)
+
+    def reduce(self, world: World) -> None:
+        for s in self.stats:
+            s.reduce(world)
+
+
+UnitJob = tuple[float, Callable[[], dict[str, QuantizedWeight]]]
+
+
+def solve_units(world: World, jobs: Mapping[str, UnitJob]) -> dict[str, QuantizedWeight]:
+    """Run every job ``key -> (estimated cost, solve)`` on its owner rank and give every rank
+    all the Linears they quantized. A job is a unit of work (a Linear, Linears stacked on one
+    Hessian, an expert), so the assignment balances whatever the model's units are."""
+
+    def packed(fn: Callable[[], dict[str, QuantizedWeight]]) -> Callable[[], tuple[dict, dict]]:
+        return lambda: quantized_as_tensors(fn())
+
+    out: dict[str, QuantizedWeight] = {}
+    for tensors, schemes in world.solve({k: (c, packed(fn)) for k, (c, fn) in jobs.items()}).values():
+        out.update(quantized_from_tensors(tensors, schemes))
+    return out
 
 
 class QuantizerParams(BaseModel):
@@ -109,7 +168,7 @@ class Quantizer(ABC):
     # activations, int8 with GPTQ weights) and sets it in __init__.
     needs_calibration: bool = True
     # The engine then keeps the float model's calibration stream beside the quantized one
-    # (twice the calibration activations) for ``LayerCalibration.run_paired``.
+    # (twice the calibration activations) for ``LayerCalibration.observe_paired``.
     needs_float_inputs: bool = False
     default_format: ClassVar[str] = "compressed-tensors"
 

@@ -21,7 +21,7 @@ import torch
 from ..errors import CalibrationError, RecipeError
 from ..scheme import FP8_MAX, ActivationScheme, QuantizedWeight, Scheme, WeightScheme
 from .base import ATTENTION_KEY, ATTENTION_VALUE, LayerCalibration, Quantizer, QuantizerParams, register_quantizer
-from .observers import minmax_amax
+from .observers import AbsMax
 from .rtn import quantize_rtn
 
 _TINY = 1e-12
@@ -62,26 +62,23 @@ class FP8Quantizer(Quantizer):
         p: FP8Params = self.params  # type: ignore[assignment]
         names = self.schemes_or_default(graph, schemes)
         out = {n: quantize_rtn(graph.unit(n).matrix(layer).detach(), self.scheme) for n in names}
-        hooks = {}
-        act_amax: dict[str, torch.Tensor] = {}
+        stats: dict[str, AbsMax] = {}
         if p.activations == "static":
-            for g in graph.groups:
-                hooks[g.key] = _running_max(act_amax, g.key, lambda x: x)
-        kv_amax: dict[str, torch.Tensor] = {}
+            stats.update({g.key: AbsMax() for g in graph.groups})
         if p.kv_cache:
-            hooks[ATTENTION_KEY] = _running_max(kv_amax, "k", lambda x: x)
-            hooks[ATTENTION_VALUE] = _running_max(kv_amax, "v", lambda x: x)
-        if hooks:
-            calib.run(hooks)
+            stats.update({ATTENTION_KEY: AbsMax(), ATTENTION_VALUE: AbsMax()})
+        if stats:
+            calib.observe(stats)
         if p.activations == "static":
             for g in graph.groups:
-                scale = fp8_scale(act_amax[g.key]).reshape(1)
+                scale = fp8_scale(stats[g.key].amax).reshape(1)
                 for n in g.linears:
                     if n in out:
                         out[n].input_scale = scale.clone()
         self._extra = {}
         if p.kv_cache:
-            if set(kv_amax) != {"k", "v"}:
+            kv_amax = {role: stats[key].amax for role, key in (("k", ATTENTION_KEY), ("v", ATTENTION_VALUE))}
+            if any(a is None for a in kv_amax.values()):
                 raise CalibrationError(f"quantization.kv_cache: no attention call reached {graph.layer_class}",
                                        field="quantization.kv_cache", hint="set kv_cache: false")
             attention = _attention_module(graph)
@@ -100,11 +97,3 @@ def _attention_module(graph) -> str:
             return u.name.rpartition(".")[0]
     raise RecipeError(f"quantization.kv_cache: {graph.layer_class} has no key projection the layer graph can name",
                       field="quantization.kv_cache", value=True, hint="set kv_cache: false")
-
-
-def _running_max(store: dict, key: str, fn):
-    def hook(x: torch.Tensor) -> None:
-        m = minmax_amax(fn(x))
-        store[key] = m if key not in store else torch.maximum(store[key], m)
-
-    return hook

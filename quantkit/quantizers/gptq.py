@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, TypedDict
 
@@ -32,8 +32,10 @@ from ..errors import NumericsError
 from ..graph.experts import expert_of
 from ..grids import effective_scale, round_to_grid
 from ..scheme import QuantizedWeight, Scheme, WeightScheme
+from ..distributed import SINGLE, World
+from ..graph.experts import expert_of
 from .activation_params import observe_input_globals
-from .base import InputHook, LayerCalibration, Quantizer, register_quantizer
+from .base import Joined, LayerCalibration, Quantizer, register_quantizer, solve_units
 from .clip import clip_to_gram, group_grams
 from .hessian import HessianAccumulator
 from .rtn import fused_global_scales, weight_global_scale, weight_only_scheme, weight_qparams
@@ -526,151 +528,215 @@ class GPTQParams(SchemeParams):
         return Scheme(replace(ws, actorder="static" if self.static_groups else "group"), scheme.input_activations)
 
 
-def collect_hessians(graph, hooks: dict | None = None, names=None) -> tuple[dict[str, HessianAccumulator], dict]:
+def collect_hessians(graph, stats: dict | None = None, names=None) -> tuple[dict[str, HessianAccumulator], dict]:
     """One Hessian accumulator per input group, keyed by every Linear of the group, and the
-    hooks (merged into ``hooks``) that feed them: only the group's first Linear is hooked.
+    statistics to observe (merged into ``stats``): only the group's first Linear is observed.
     With ``names``, only groups holding one of them."""
-    hooks = dict(hooks or {})
+    stats = dict(stats or {})
     accs: dict[str, HessianAccumulator] = {}
     for g in graph.groups:
         if names is not None and not set(g.linears) & set(names):
             continue
-        acc = HessianAccumulator(g.key)
+        acc = HessianAccumulator(g.key, graph.unit(g.key).in_features)
         for n in g.linears:
             accs[n] = acc
-        hooks[g.key] = _chain(hooks.get(g.key), acc.add)
-    return accs, hooks
+        stats[g.key] = acc if g.key not in stats else Joined(stats[g.key], acc)
+    return accs, stats
+
+
+class _PairedHessians:
+    """One input group's statistics on both streams: the Hessian of the quantized-stream
+    inputs, the cross term with the float-stream inputs, and ``also`` (an input global
+    scale's range) watching the quantized stream, the one the served model computes on."""
+
+    def __init__(self, acc: HessianAccumulator, cross: HessianAccumulator, also=None) -> None:
+        self.acc, self.cross, self.also = acc, cross, also
+
+    def add(self, xq: torch.Tensor, xf: torch.Tensor) -> None:
+        self.acc.add(xq)
+        self.cross.add(xq, xf)
+        if self.also is not None:
+            self.also.add(xq)
+
+    def reduce(self, world: World) -> None:
+        for s in (self.acc, self.cross, self.also):
+            if s is not None:
+                s.reduce(world)
 
 
 def collect_paired_hessians(
-    graph, hooks: Mapping[str, InputHook] | None = None, names=None
-) -> tuple[dict[str, HessianAccumulator], dict[str, HessianAccumulator], dict]:
+    graph, stats: Mapping | None = None, names=None
+) -> tuple[dict[str, HessianAccumulator], dict[str, HessianAccumulator], dict[str, _PairedHessians]]:
     """Per input group: the Hessian of the quantized-stream inputs ``X̃ᵀX̃`` and the cross
     term ``X̃ᵀX`` with the float-stream inputs, keyed by every Linear of the group, and the
-    paired hooks that feed them. ``hooks`` (one input each) see the quantized stream, the
-    one the served model computes on; with ``names``, only groups holding one of them."""
-    hooks = dict(hooks or {})
+    paired statistics that feed them (``stats``, one input each, folded in on the quantized
+    stream); with ``names``, only groups holding one of them."""
+    stats = dict(stats or {})
     accs: dict[str, HessianAccumulator] = {}
     crosses: dict[str, HessianAccumulator] = {}
     paired = {}
     for g in graph.groups:
         if names is not None and not set(g.linears) & set(names):
             continue
-        acc, cross = HessianAccumulator(g.key), HessianAccumulator(g.key)
+        width = graph.unit(g.key).in_features
+        acc, cross = HessianAccumulator(g.key, width), HessianAccumulator(g.key, width)
         for n in g.linears:
             accs[n], crosses[n] = acc, cross
-
-        def both(xq: torch.Tensor, xf: torch.Tensor, acc=acc, cross=cross, also=hooks.pop(g.key, None)) -> None:
-            acc.add(xq)
-            cross.add(xq, xf)
-            if also is not None:
-                also(xq)
-
-        paired[g.key] = both
+        paired[g.key] = _PairedHessians(acc, cross, stats.pop(g.key, None))
     return accs, crosses, paired
 
 
-def _chain(first, second):
-    if first is None:
-        return second
+@dataclass(frozen=True)
+class SolvePart:
+    """One job of GPTQ solves, run on one owner rank: ``stacks`` of Linears that share a
+    Hessian, a scheme and a global scale, each stack's weights stacked by rows (a stack of one
+    Linear is solved alone). Several stacks in one part are MoE experts of one shape, solved
+    as one batch (``gptq_quantize_batch``). ``cost`` is estimated for the owner assignment."""
 
-    def both(x: torch.Tensor) -> None:
-        first(x)
-        second(x)
+    stacks: tuple[tuple[str, ...], ...]
+    scheme: Scheme
+    cost: float
 
-    return both
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for stack in self.stacks for n in stack)
+
+    @property
+    def key(self) -> str:
+        return "+".join(self.names)
 
 
-def gptq_layer(
-    layer, graph, accs: dict[str, HessianAccumulator], schemes: Scheme | Mapping[str, Scheme],
-    targets: Mapping[str, torch.Tensor] | None = None, **kwargs
-) -> dict[str, QuantizedWeight]:
-    """GPTQ the units of ``schemes`` (or every unit of ``graph`` with one scheme) with the
-    Hessians already accumulated in ``accs``.
+def solve_parts(layer, graph, accs: Mapping[str, HessianAccumulator], schemes: Mapping[str, Scheme],
+                world: World = SINGLE) -> list[SolvePart]:
+    """The solves of ``gptq_layer``, known before any statistic (shapes, schemes, which Linears
+    share a Hessian and a global scale), so Hessians can be reduced to where they are solved.
 
     Linears that share a Hessian and a scheme (q/k/v; gate/up) are solved as one weight with
     their rows stacked: GPTQ treats rows independently given ``H`` (scales are per row, row
     group or row block, and the error update of a row reads only that row), so this is the
     same computation with one Cholesky factorisation and one sequential column loop instead
-    of three or two. They share one global scale (tensor_group), as vLLM needs for the
-    matrix it fuses them into; it is taken from the layer's own weights. The solves of a MoE
-    layer's experts that share a shape and scheme (every down_proj, each with its own Hessian;
-    the gate/up row chunks) then run as batches, one ``gptq_quantize_batch`` call each.
-    ``targets`` replaces a unit's weight as what GPTQ approximates (``feedback_target``).
-    """
-    if isinstance(schemes, Scheme):
-        schemes = {n: schemes for n in graph.linears}
-    targets = targets or {}
-    out: dict[str, QuantizedWeight] = {}
+    of three or two. A stack is cut into row chunks of at most ``MAX_STACKED_ELEMENTS``, and
+    a stack of experts (a MoE layer's gate/up all share one Hessian) into at least one part per
+    rank: experts are units of the owner assignment. The experts' solves of one shape and
+    scheme (every down_proj, each with its own Hessian; the gate/up row chunks) are then
+    batched (`_batched`): hundreds of small solves are launch-bound on a GPU."""
     globals_ = fused_global_scales(layer, graph, schemes)
     # One stack per Hessian, scheme and global scale (a MoE layer's experts share a Hessian
     # but each fused gate/up pair has its own global scale).
     by_key: dict[tuple[int, Scheme, int], list[str]] = {}
     for name, scheme in schemes.items():
         by_key.setdefault((id(accs[name]), scheme, id(globals_.get(name))), []).append(name)
-    solves: list[_Solve] = []
+    parts = []
     for (_, scheme, _), names in by_key.items():
-        weights = [targets[n] if n in targets else graph.unit(n).matrix(layer).detach() for n in names]
-        hessian = accs[names[0]].hessian()
-        shared = globals_.get(names[0])
-        if not _stackable(scheme.weights, [w.shape[0] for w in weights]):
-            solves += [_Solve(scheme, [n], [w.shape[0]], w, hessian, shared) for n, w in zip(names, weights)]
+        units = [graph.unit(n) for n in names]
+        stacked = _stackable(scheme.weights, [u.out_features for u in units])
+        sizes = [u.out_features * u.in_features for u in units]
+        cap = MAX_STACKED_ELEMENTS
+        if world.size > 1 and all(expert_of(n) is not None for n in names):
+            cap = min(cap, -(-sum(sizes) // world.size))
+        in_f = units[0].in_features
+        for part in _row_chunks(names, sizes, cap) if stacked else [[n] for n in names]:
+            rows = sum(graph.unit(n).out_features for n in part)
+            # The column loop touches rows x in^2 / 2 elements, the factorisations about in^3.
+            parts.append(SolvePart((tuple(part),), scheme, float(in_f) * in_f * (rows + in_f)))
+    device = graph.unit(next(iter(schemes))).matrix(layer).device if schemes else torch.device("cpu")
+    return _batched(parts, graph, accs, _batch_budget(device, world), world)
+
+
+def _batched(parts: list[SolvePart], graph, accs: Mapping[str, HessianAccumulator], budget: int,
+             world: World) -> list[SolvePart]:
+    """``parts`` with the MoE experts' parts of one scheme and shape joined into batches, as
+    many as ``budget`` bytes allow and, on several ranks, at most their share of the parts (so
+    every rank gets work); every other part alone, as before."""
+    def shape(p: SolvePart) -> tuple[int, int]:
+        units = [graph.unit(n) for n in p.stacks[0]]
+        return sum(u.out_features for u in units), units[0].in_features
+
+    def key(p: SolvePart) -> tuple | None:
+        if len(p.stacks) != 1 or not all(expert_of(n) is not None for n in p.names):
+            return None
+        return (p.scheme, *shape(p))
+
+    share = {k: sum(key(p) == k for p in parts) for k in {key(p) for p in parts} - {None}}
+    out: list[SolvePart] = []
+    open_: dict[tuple, tuple[int, int]] = {}  # key -> (index in out, bytes used)
+    for p in parts:
+        k = key(p)
+        if k is None:
+            out.append(p)
             continue
-        for part in _row_chunks(names, [w.shape[0] * w.shape[1] for w in weights]):
-            ws = [weights[names.index(n)] for n in part]
-            solves.append(_Solve(scheme, part, [w.shape[0] for w in ws], torch.cat(ws), hessian, shared))
-    for batch in _expert_batches(solves, kwargs.get("static_groups", False)):
-        first = batch[0]
-        shared_h = all(s.hessian is first.hessian for s in batch)
-        results = gptq_quantize_batch(_stack([s.weight for s in batch]),
-                                      _stack([first.hessian] if shared_h else [s.hessian for s in batch]),
-                                      first.scheme, names=["+".join(s.names) for s in batch],
-                                      global_scales=[s.global_scale for s in batch], **kwargs)
-        for s, qw in zip(batch, results):
-            out.update(split_rows(qw, s.names, s.rows) if len(s.names) > 1 else {s.names[0]: qw})
-    return out
-
-
-@dataclass
-class _Solve:
-    """One GPTQ solve of ``gptq_layer``: ``names``' weights stacked by rows (``rows`` each)
-    under one Hessian, scheme and global scale."""
-
-    scheme: Scheme
-    names: list[str]
-    rows: list[int]
-    weight: torch.Tensor
-    hessian: torch.Tensor
-    global_scale: torch.Tensor | None
-
-
-def _expert_batches(solves: list[_Solve], static_groups: bool) -> list[list[_Solve]]:
-    """``solves`` in batches that ``gptq_quantize_batch`` takes at once: MoE experts' solves of
-    one scheme and shape (every expert's down_proj; gate/up stacks with their own global
-    scales or row chunks), as many as ``_batch_budget`` allows; every other solve alone, as
-    before."""
-    batches: list[list[_Solve]] = []
-    open_: dict[tuple, tuple[list[_Solve], int]] = {}
-    budget = _batch_budget(solves[0].weight.device) if solves else 0
-    for s in solves:
-        out_f, in_f = s.weight.shape
-        if not all(expert_of(n) for n in s.names) or not batchable(s.scheme.weights, out_f, static_groups):
-            batches.append([s])
-            continue
-        key = (s.scheme, out_f, in_f, s.global_scale is None)
-        batch, used = open_.get(key, ([], 0))
+        rows, in_f = k[1], k[2]
+        at, used = open_.get(k, (-1, 0))
+        batch = out[at] if at >= 0 else None
+        shared_h = batch is not None and any(accs[s[0]] is accs[p.stacks[0][0]] for s in batch.stacks)
         # the solve's float32 working set: the weight about four times over (itself, its
         # codes, column parameters, the block buffers) and a Hessian of its own five times
         # (the stack passed in, its copy, and the factorisation's three at its peak)
-        cost = 16 * out_f * in_f + (0 if any(s.hessian is o.hessian for o in batch) else 20 * in_f * in_f)
-        if batch and used + cost > budget:
-            batch, used = [], 0
-            cost = 16 * out_f * in_f + 20 * in_f * in_f
-        if not batch:
-            batches.append(batch)
-        batch.append(s)
-        open_[key] = (batch, used + cost)
-    return batches
+        cost = 16 * rows * in_f + (0 if shared_h else 20 * in_f * in_f)
+        full = batch is not None and (used + cost > budget or len(batch.stacks) >= -(-share[k] // world.size))
+        if batch is None or full:
+            out.append(p)
+            open_[k] = (len(out) - 1, 16 * rows * in_f + 20 * in_f * in_f)
+            continue
+        out[at] = SolvePart(batch.stacks + p.stacks, p.scheme, batch.cost + p.cost)
+        open_[k] = (at, used + cost)
+    return out
+
+
+def hessians_to_owners(parts: list[SolvePart], world: World, *accs: Mapping[str, HessianAccumulator]) -> None:
+    """Give each Hessian that only one rank's solves read that rank as its ``owner``: it is
+    reduced to that rank alone and the others drop it (an expert's Hessian lives on one GPU,
+    and the traffic is a reduce instead of an all-reduce). Hessians several ranks' solves
+    read (a MoE layer's shared gate/up one, cut into parts) are all-reduced."""
+    owner = world.owners({p.key: p.cost for p in parts})
+    for group in accs:
+        readers: dict[int, set[int]] = {}
+        for p in parts:
+            for n in p.names:
+                readers.setdefault(id(group[n]), set()).add(owner[p.key])
+        for acc in {id(a): a for a in group.values()}.values():
+            ranks = readers.get(id(acc), set())
+            acc.owner = next(iter(ranks)) if len(ranks) == 1 else None
+
+
+def gptq_layer(
+    layer, graph, accs: dict[str, HessianAccumulator], schemes: Scheme | Mapping[str, Scheme],
+    world: World = SINGLE, target: Callable[[str], torch.Tensor] | None = None,
+    parts: list[SolvePart] | None = None, **kwargs
+) -> dict[str, QuantizedWeight]:
+    """GPTQ the units of ``schemes`` (or every unit of ``graph`` with one scheme) with the
+    Hessians already accumulated (and reduced) in ``accs``, each of ``parts`` (``solve_parts``)
+    solved on its owner rank of ``world``. Linears stacked in one solve share one global
+    scale (tensor_group), as vLLM needs for the matrix it fuses them into; it is taken from
+    the layer's own weights. ``target(name)`` is what GPTQ approximates for a unit: its
+    weight, or ``feedback_target``.
+    """
+    if isinstance(schemes, Scheme):
+        schemes = {n: schemes for n in graph.linears}
+    target = target or (lambda n: graph.unit(n).matrix(layer).detach())
+    globals_ = fused_global_scales(layer, graph, schemes)  # from the weights alone: the same on every rank
+    parts = parts if parts is not None else solve_parts(layer, graph, accs, schemes, world)
+    static_groups = kwargs.get("static_groups", False)
+
+    def solve(part: SolvePart) -> dict[str, QuantizedWeight]:
+        solves = []
+        for stack in part.stacks:
+            ws = [target(n) for n in stack]
+            solves.append((stack, [w.shape[0] for w in ws], torch.cat(ws) if len(ws) > 1 else ws[0],
+                           accs[stack[0]].hessian(), globals_.get(stack[0])))
+        together = len(solves) > 1 and batchable(part.scheme.weights, solves[0][2].shape[0], static_groups)
+        out: dict[str, QuantizedWeight] = {}
+        for batch in [solves] if together else [[s] for s in solves]:
+            hessians = [s[3] for s in batch]
+            shared_h = all(h is hessians[0] for h in hessians)
+            results = gptq_quantize_batch(_stack([s[2] for s in batch]), _stack(hessians[:1] if shared_h else hessians),
+                                          part.scheme, names=["+".join(s[0]) for s in batch],
+                                          global_scales=[s[4] for s in batch], **kwargs)
+            for (stack, rows, *_), qw in zip(batch, results):
+                out.update(split_rows(qw, list(stack), rows) if len(stack) > 1 else {stack[0]: qw})
+        return out
+
+    return solve_units(world, {p.key: (p.cost, lambda p=p: solve(p)) for p in parts})
 
 
 def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
@@ -678,14 +744,22 @@ def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
     return ts[0].unsqueeze(0) if len(ts) == 1 else torch.stack(ts)
 
 
-def _batch_budget(device: torch.device) -> int:
-    """Bytes one batched solve may take: half the GPU's free memory (counting what torch's
-    allocator holds unused), or on the CPU what one row-stacked solve may take (batching
-    saves launches, which a CPU barely pays)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return (free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)) // 2
-    return 4 * MAX_STACKED_ELEMENTS
+# Of the GPU's free memory before a layer's calibration, what one batched solve may take: the
+# statistics take up to `moe.STATISTICS_SHARE` (a half) of it, the batch half of the rest.
+BATCH_SHARE = 0.25
+
+
+def _batch_budget(device: torch.device, world: World) -> int:
+    """Bytes one batched solve may take: a share of the GPU's free memory (counting what
+    torch's allocator holds unused), the least over the ranks (every rank must batch alike),
+    or on the CPU what one row-stacked solve may take (batching saves launches, which a CPU
+    barely pays)."""
+    if device.type != "cuda":
+        return 4 * MAX_STACKED_ELEMENTS
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    least = world.all_reduce(torch.tensor([free], dtype=torch.int64, device=world.device), "min")
+    return int(int(least.item()) * BATCH_SHARE)
 
 
 # Weights stacked into one GPTQ solve hold at most this many elements (1 GiB in float32, as
@@ -694,14 +768,14 @@ def _batch_budget(device: torch.device) -> int:
 MAX_STACKED_ELEMENTS = 1 << 28
 
 
-def _row_chunks(names: list[str], sizes: list[int]) -> list[list[str]]:
-    """``names`` in consecutive runs whose weights hold at most ``MAX_STACKED_ELEMENTS``
-    (one name per run when a single weight is larger), as even as the fewest runs allow: a
-    MoE block's 256 equal gate/up matrices become two runs of 128, not 170 and 86, so the runs
-    have one shape and are solved as one batch."""
-    runs = _runs(names, sizes, MAX_STACKED_ELEMENTS)
+def _row_chunks(names: list[str], sizes: list[int], cap: int) -> list[list[str]]:
+    """``names`` in consecutive runs whose weights hold at most ``cap`` elements (one name per
+    run when a single weight is larger), as even as the fewest runs allow: a MoE block's 256
+    equal gate/up matrices become two runs of 128, not 170 and 86, so the runs have one shape
+    and are solved as one batch."""
+    runs = _runs(names, sizes, cap)
     if len(runs) > 1:
-        runs = _runs(names, sizes, min(MAX_STACKED_ELEMENTS, -(-len(names) // len(runs)) * max(sizes)))
+        runs = _runs(names, sizes, min(cap, -(-len(names) // len(runs)) * max(sizes)))
     return runs
 
 
@@ -757,21 +831,29 @@ class GPTQQuantizer(Quantizer):
         p: GPTQParams = self.params  # type: ignore[assignment]
         schemes = self.schemes_or_default(graph, schemes)
         input_globals = observe_input_globals(graph, schemes)
-        targets = None
+        target = None
         if p.input_feedback:
-            accs, crosses, hooks = collect_paired_hessians(graph, input_globals.hooks, names=schemes)
-            calib.run_paired(hooks)
-            targets = {n: feedback_target(graph.unit(n).matrix(layer), accs[n].hessian(), crosses[n].hessian(),
-                                          p.dampening_frac, n) for n in schemes}
+            accs, crosses, paired = collect_paired_hessians(graph, input_globals.stats, names=schemes)
+            parts = solve_parts(layer, graph, accs, schemes, calib.world)
+            hessians_to_owners(parts, calib.world, accs, crosses)
+            calib.observe_paired(paired)
+
+            def target(n: str) -> torch.Tensor:  # on the unit's owner rank, within its solve
+                return feedback_target(graph.unit(n).matrix(layer), accs[n].hessian(), crosses[n].hessian(),
+                                       p.dampening_frac, n)
         else:
-            accs, hooks = collect_hessians(graph, input_globals.hooks, names=schemes)
-            calib.run(hooks)
+            accs, stats = collect_hessians(graph, input_globals.stats, names=schemes)
+            parts = solve_parts(layer, graph, accs, schemes, calib.world)
+            hessians_to_owners(parts, calib.world, accs)
+            calib.observe(stats)
         out = gptq_layer(
             layer,
             graph,
             accs,
             schemes,
-            targets,
+            calib.world,
+            target,
+            parts,
             block_size=p.block_size,
             dampening_frac=p.dampening_frac,
             act_order=p.act_order,

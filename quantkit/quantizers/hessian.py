@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import World
 from ..errors import CalibrationError
 
 
@@ -24,11 +25,15 @@ class HessianAccumulator:
     faster on an H100, where this matmul is most of the calibration cost).
     """
 
-    def __init__(self, name: str = "") -> None:
-        self.name = name
+    def __init__(self, name: str = "", in_features: int | None = None) -> None:
+        self.name, self.in_features = name, in_features
         self.tokens = 0
         self.calls = 0
         self._h: torch.Tensor | None = None
+        # The one rank whose solves read this Hessian (None: every rank's may): the reduce
+        # sends it there alone and the other ranks drop theirs.
+        self.owner: int | None = None
+        self._elsewhere = False
 
     def add(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
         """Fold in a batch of inputs ``[tokens, in_features]``; with ``y`` (the same tokens from
@@ -48,7 +53,35 @@ class HessianAccumulator:
         else:
             self._h.addmm_(x.T.to(torch.float32), y.to(torch.float32), beta=n / self.tokens, alpha=2.0 / self.tokens)
 
+    def reduce(self, world: World) -> None:
+        """The Hessian of every rank's tokens: each rank's mean weighted by its token count,
+        summed (as sums plus counts), divided by the total count; on ``owner`` alone when set."""
+        if world.size == 1:
+            return
+        if self._h is None:  # none of this rank's tokens reached it (an expert no token picked)
+            if self.in_features is None:
+                raise CalibrationError(f"rank {world.rank}: no calibration tokens reached {self.name or 'this module'}",
+                                       hint="use at least as many calibration batches as ranks")
+            self._h = torch.zeros(self.in_features, self.in_features, device=world.device, dtype=torch.float32)
+        count = world.all_reduce(torch.tensor([float(self.tokens)], dtype=torch.float64, device=self._h.device))
+        self._h.mul_(self.tokens)
+        if self.owner is None:
+            world.all_reduce(self._h)
+        else:
+            world.reduce_to(self._h, self.owner)
+            if world.rank != self.owner:
+                self._h, self._elsewhere = None, True
+        self.tokens = int(count.item())
+        if self._elsewhere:
+            return
+        if self.tokens:
+            self._h.div_(self.tokens)
+        else:
+            self._h = None  # no rank saw a token: hessian() says so
+
     def hessian(self) -> torch.Tensor:
+        if self._elsewhere:
+            raise RuntimeError(f"{self.name}: this Hessian was reduced to rank {self.owner}, which solves with it")
         if self._h is None:
             raise CalibrationError(f"no calibration tokens reached {self.name or 'this module'}",
                                    file=self.name or None, hint="check the calibration set is not empty")

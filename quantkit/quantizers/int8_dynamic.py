@@ -13,7 +13,7 @@ from pydantic import Field
 
 from ..scheme import ActivationScheme, QuantizedWeight, Scheme, WeightScheme
 from .base import LayerCalibration, Quantizer, QuantizerParams, register_quantizer
-from .gptq import collect_hessians, gptq_layer
+from .gptq import collect_hessians, gptq_layer, hessians_to_owners, solve_parts
 from .rtn import quantize_rtn
 from .smoothquant import smooth_layer
 
@@ -51,30 +51,33 @@ def quantize_w8a8_layer(
     names=None,
 ) -> tuple[dict[str, QuantizedWeight], dict]:
     """Smooth (optional), then one calibration pass for whatever is still needed (GPTQ
-    Hessians and ``observe()``'s hooks, keyed by Linear name), then quantize the weights.
+    Hessians and ``observe()``'s statistics, keyed by Linear name), then quantize the weights.
 
-    ``observe`` returns fresh hooks; it is called after smoothing so the observers see the
+    ``observe`` returns fresh statistics; it is called after smoothing so they see the
     smoothed activations. Returns the weights of ``names`` (default: every Linear) and those
-    hooks (holding their statistics).
+    statistics (reduced over the ranks).
     """
     names = list(graph.linears if names is None else names)
     if params.smoothquant_alpha is not None:
         smooth_layer(layer, graph, calib, params.smoothquant_alpha)
-    hooks = observe() if observe is not None else {}
-    obs_hooks = dict(hooks)
+    stats = observe() if observe is not None else {}
+    observed = dict(stats)
     accs = None
+    schemes = {n: scheme for n in names}
     if params.weight_method == "gptq":
-        accs, hooks = collect_hessians(graph, hooks)
-    if hooks:
-        calib.run(hooks)
+        accs, stats = collect_hessians(graph, stats)
+        parts = solve_parts(layer, graph, accs, schemes, calib.world)
+        hessians_to_owners(parts, calib.world, accs)
+    if stats:
+        calib.observe(stats)
     if accs is not None:
         weights = gptq_layer(
-            layer, graph, accs, {n: scheme for n in names},
+            layer, graph, accs, schemes, calib.world, parts=parts,
             block_size=params.block_size, dampening_frac=params.dampening_frac, act_order=params.act_order,
         )
     else:
         weights = {n: quantize_rtn(graph.unit(n).matrix(layer).detach(), scheme) for n in names}
-    return weights, obs_hooks
+    return weights, observed
 
 
 @register_quantizer("dynamic_int8")

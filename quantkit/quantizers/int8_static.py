@@ -35,7 +35,7 @@ class StaticInt8Quantizer(Quantizer):
         observers = {g.key: TensorObserver(p.observer, p.percentile, generator=calib.generator(g.key))
                      for g in graph.groups}
         weights, _ = quantize_w8a8_layer(
-            layer, graph, calib, p, self.scheme, observe=lambda: {n: o.add for n, o in observers.items()}, names=names,
+            layer, graph, calib, p, self.scheme, observe=lambda: dict(observers), names=names,
         )
         for g in graph.groups:
             scale = int_scale(observers[g.key].amax())

@@ -14,7 +14,9 @@ from typing import Literal
 
 import torch
 
+from ..distributed import World
 from ..seeding import randint, randperm
+from .sampling import pooled_sample
 
 ObserverKind = Literal["minmax", "percentile", "mse"]
 _TINY = 1e-12
@@ -94,14 +96,49 @@ class TensorObserver:
             keep = allv[randperm(allv.numel(), self.generator)[: allv.numel() // 2].to(allv.device)]
             self._samples, self._count, self._rate = [keep], keep.numel(), self._rate / 2
 
+    def reduce(self, world: World) -> None:
+        """The maximum over the ranks; for the sampled statistics the ranks' samples pooled."""
+        if world.size == 1:
+            return
+        if self._max is None:  # none of this rank's tokens reached it: no maximum to offer
+            self._max = torch.tensor(float("-inf"), device=world.device)
+        world.all_reduce(self._max, "max")
+        if self.kind != "minmax":
+            mine = self.samples() if self._samples else torch.empty(0, device=world.device)
+            self._samples = [pooled_sample(world, mine, self.max_samples, self.generator.initial_seed())]
+            self._count = self._samples[0].numel()
+
     def samples(self) -> torch.Tensor:
         return torch.cat(self._samples)
 
     def amax(self) -> torch.Tensor:
-        if self._max is None:
+        if self._max is None or bool(torch.isneginf(self._max)):
             raise ValueError("observer saw no activations")
         if self.kind == "minmax":
             return self._max
         if self.kind == "percentile":
             return percentile_amax(self.samples(), self.percentile)
         return mse_amax(self.samples(), self.num_bits)
+
+
+class AbsMax:
+    """Running ``max |x|``, over everything or per input channel (``per_channel`` of them),
+    with no host sync; reduced by MAX over the ranks. ``amax`` stays None when no rank saw a
+    token (an expert no calibration token was routed to)."""
+
+    def __init__(self, per_channel: int | None = None) -> None:
+        self.per_channel = per_channel
+        self.amax: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        m = x.detach().abs().amax(dim=0).to(torch.float32) if self.per_channel else minmax_amax(x)
+        self.amax = m if self.amax is None else torch.maximum(self.amax, m)
+
+    def reduce(self, world: World) -> None:
+        if world.size == 1:
+            return
+        # A rank none of whose tokens reached the input offers -inf, which MAX ignores.
+        mine = self.amax if self.amax is not None else torch.full(
+            (self.per_channel,) if self.per_channel else (), float("-inf"), device=world.device)
+        world.all_reduce(mine, "max")
+        self.amax = None if bool(torch.isneginf(mine).any()) else mine

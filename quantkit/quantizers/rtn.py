@@ -125,8 +125,8 @@ class RTNQuantizer(Quantizer):
     def quantize_layer(self, layer, graph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         schemes = self.schemes_or_default(graph, schemes)
         input_globals = observe_input_globals(graph, schemes)
-        if input_globals.hooks:
-            calib.run(input_globals.hooks)
+        if input_globals.stats:
+            calib.observe(input_globals.stats)
         shared = fused_global_scales(layer, graph, schemes)
         out = {name: quantize_rtn(graph.unit(name).matrix(layer).detach(), s, shared.get(name))
                for name, s in schemes.items()}

@@ -23,19 +23,9 @@ from torch import nn
 
 from ..graph.fold import fold_scales
 from ..graph.types import LayerGraph
+from .observers import AbsMax
 
 _FLOOR = 1e-5
-
-
-class ChannelAbsMax:
-    """Running per-input-channel ``max |x|`` over every calibration token (no host sync)."""
-
-    def __init__(self) -> None:
-        self.amax: torch.Tensor | None = None
-
-    def add(self, x: torch.Tensor) -> None:
-        m = x.detach().abs().amax(dim=0).to(torch.float32)
-        self.amax = m if self.amax is None else torch.maximum(self.amax, m)
 
 
 def smoothing_scales(act_amax: torch.Tensor, weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -57,8 +47,8 @@ def smooth_layer(layer: nn.Module, graph: LayerGraph, calib, alpha: float) -> di
     input is simply divided by its own ``s`` afterwards and the other groups' statistics stay
     valid."""
     groups = [g for g in graph.groups if g.foldable]
-    stats = {g.key: ChannelAbsMax() for g in groups}
-    calib.run({name: st.add for name, st in stats.items()})
+    stats = {g.key: AbsMax(per_channel=graph.unit(g.key).in_features) for g in groups}
+    calib.observe(stats)
     scales = {}
     for g in groups:
         s = smoothing_scales(stats[g.key].amax, [graph.unit(n).matrix(layer) for n in g.linears], alpha)

@@ -1,0 +1,93 @@
+"""One rank of tests/test_distributed_moe.py: the engine quantizes a tiny two-layer Qwen3-MoE
+on this rank's share of two calibration batches (``torchrun`` sets the world; called with
+``SINGLE`` it is the world of one) and writes every layer it ends with, and its expert report,
+to ``<out>/<case>-rank<r>.safetensors``.
+
+The router never picks expert 2, and picks expert 3 only in the batch of shorter sequences:
+on two ranks rank 0 holds that batch and rank 1 the other, so no token of rank 1 reaches
+expert 3 (its statistics there are empty) while expert 2 falls back to round-to-nearest."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from quantkit.moe import ExpertCalibration
+
+SHORT, LONG = 12, 16  # the two batches' sequence lengths (two sequences each)
+NEVER, ONLY_SHORT = 2, 3
+CASES = {
+    # Routed calibration: expert 2 (no token anywhere) falls back to RTN, expert 3 gets GPTQ from
+    # rank 0's tokens alone; NVFP4's input global scales are maxima over the experts' inputs.
+    "routed-nvfp4": ({"method": "gptq", "scheme": "NVFP4"}, ExpertCalibration(False, 1)),
+    # AWQ's token samples and |x| means from rank 0's tokens alone for expert 3.
+    "routed-awq": ({"method": "awq", "group_size": 32, "grid": 4, "max_calib_tokens": 64}, ExpertCalibration(False, 1)),
+    # All-expert calibration: every expert's gate/up share one Hessian, solved in parts across ranks.
+    "all-experts": ({"method": "gptq", "group_size": 32}, ExpertCalibration(True)),
+    # GPTAQ: the float stream beside the quantized one, each rank carrying its own batches'.
+    "input-feedback": ({"method": "gptq", "group_size": 32, "input_feedback": True}, ExpertCalibration(True)),
+}
+
+
+def calibration_ids() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 300, (n,), generator=g) for n in (SHORT, SHORT, LONG, LONG)]
+
+
+def quantize_case(case: str, model: Path, work: Path, world) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every layer's quantized tensors (``<layer>.<name>.<tensor>``) and the expert report."""
+    from quantkit.engine import LayerwiseEngine
+    from quantkit.graph.runtime import ModelRunner
+    from quantkit.model import ModelSource
+    from quantkit.quantizers import QUANTIZERS
+    from quantkit.scheme import quantized_as_tensors
+    from quantkit.workdir import WorkDir
+    from tests.helpers import mask_router
+
+    params, experts = CASES[case]
+    runner = ModelRunner(ModelSource.open(str(model)), torch.device("cpu"), torch.float32)
+    load = runner.load_layer
+
+    def routed_layer(i: int):
+        layer = load(i)
+        # Expert 2 never picked; expert 3 never in the long batch.
+        mask_router(layer.mlp.gate, lambda h: (NEVER, ONLY_SHORT) if h.shape[0] == 2 * LONG else (NEVER,))
+        return layer
+
+    runner.load_layer = routed_layer
+    cls = QUANTIZERS[params["method"]]
+    quantizer = cls(cls.Params(**params), {})
+    workdir = WorkDir(work)
+    workdir.start(case, False, {}, model)
+    got: dict[str, torch.Tensor] = {}
+
+    def on_layer(i, _layer, quantized) -> None:
+        tensors, schemes = quantized_as_tensors(dict(quantized))
+        got.update({f"{i}.{k}": v for k, v in tensors.items()})
+        got[f"{i}.schemes"] = torch.frombuffer(bytearray(json.dumps(schemes, sort_keys=True).encode()),
+                                               dtype=torch.uint8)
+
+    engine = LayerwiseEngine(runner, quantizer, workdir, case, quiet=True, on_layer=on_layer, seed=0,
+                             experts=experts, world=world)
+    result = engine.run(calibration_ids(), None, 2)
+    report = result.experts
+    return got, {"routed": report.routed, "statistics_tokens": report.statistics_tokens,
+                 "rtn_fallback": report.rtn_fallback}
+
+
+def main(model: Path, out: Path) -> None:
+    from quantkit.distributed import close, world_from_environment
+    from quantkit.workdir import write_safetensors
+
+    world = world_from_environment(torch.device("cpu"))
+    for case in CASES:
+        tensors, report = quantize_case(case, model, out / f"work-{case}-{world.rank}", world)
+        write_safetensors(out / f"{case}-rank{world.rank}.safetensors", tensors, {"report": json.dumps(report)})
+    close()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
