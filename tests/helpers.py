@@ -189,3 +189,22 @@ def family_workspace(tmp_path_factory, name: str):
         return made[family]
 
     return root, text, model
+
+
+def run_family(base, text, out, quantization: dict, **calibration) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
+    """A small full run of a family's tiny model (CPU, 4 x 48 calibration tokens, 2 x 40
+    evaluation): its report, and each layer's fake-quantized state as the run left it."""
+    from quantkit.pipeline import run
+    from quantkit.recipe import make_recipe
+
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    report = run(make_recipe({
+        "model": {"id": str(base)},
+        "quantization": quantization,
+        "calibration": {"source": str(text), "num_samples": 4, "max_seq_length": 48, "batch_size": 4, **calibration},
+        "evaluate": {"source": str(text), "num_samples": 2, "max_seq_length": 40},
+        "export": {"output_dir": str(out)},
+        "device": "cpu",
+    }), quiet=True, on_layer=lambda i, layer, _q: states.setdefault(
+        i, {k: v.detach().clone() for k, v in layer.state_dict().items()}))
+    return report, states

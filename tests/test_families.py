@@ -30,10 +30,8 @@ from quantkit.engine import _LayerCalibration, make_batches
 from quantkit.formats import FORMATS
 from quantkit.graph.runtime import ModelRunner
 from quantkit.model import ModelSource
-from quantkit.pipeline import run
 from quantkit.quantizers import QUANTIZERS
-from quantkit.recipe import make_recipe
-from tests.helpers import family_workspace
+from tests.helpers import family_workspace, run_family
 from tests.test_export_e2e import read_tensors
 from tests.tiny_models import MULTIMODAL_FAMILIES, TEXT_FAMILIES, model_class_for
 
@@ -77,16 +75,7 @@ def test_family_end_to_end(workspace, family):
     root, text, model = workspace
     base = model(family)
     out = root / f"out-{family}"
-    states: dict[int, dict[str, torch.Tensor]] = {}
-    report = run(make_recipe({
-        "model": {"id": str(base)},
-        "quantization": METHODS[FULL_RUN[family]],
-        "calibration": {"source": str(text), "num_samples": 4, "max_seq_length": 48, "batch_size": 4},
-        "evaluate": {"source": str(text), "num_samples": 2, "max_seq_length": 40},
-        "export": {"output_dir": str(out)},
-        "device": "cpu",
-    }), quiet=True, on_layer=lambda i, layer, _q: states.setdefault(
-        i, {k: v.detach().clone() for k, v in layer.state_dict().items()}))
+    report, states = run_family(base, text, out, METHODS[FULL_RUN[family]])
 
     # The model ran as itself: the streamed base perplexity is transformers' own.
     from quantkit.calibration import TextRequest, load_tokens

@@ -28,7 +28,7 @@ from quantkit.quantizers import QUANTIZERS
 from quantkit.quantizers.gptq import collect_hessians
 from quantkit.quantizers.rtn import quantize_rtn
 from quantkit.recipe import make_recipe
-from tests.helpers import family_workspace, mask_router
+from tests.helpers import family_workspace, mask_router, run_family
 from tests.test_export_e2e import read_tensors
 from tests.tiny_models import model_class_for
 
@@ -209,17 +209,7 @@ def test_moe_family_end_to_end(workspace, family):
     root, text, model = workspace
     base = model(family)
     out = root / f"out-{family}"
-    states: dict[int, dict[str, torch.Tensor]] = {}
-    report = run(make_recipe({
-        "model": {"id": str(base)},
-        "quantization": METHODS[FULL_RUN[family]],
-        "calibration": {"source": str(text), "num_samples": 4, "max_seq_length": 48, "batch_size": 4,
-                        "all_experts": family not in ROUTED_ONLY},
-        "evaluate": {"source": str(text), "num_samples": 2, "max_seq_length": 40},
-        "export": {"output_dir": str(out)},
-        "device": "cpu",
-    }), quiet=True, on_layer=lambda i, layer, _q: states.setdefault(
-        i, {k: v.detach().clone() for k, v in layer.state_dict().items()}))
+    report, states = run_family(base, text, out, METHODS[FULL_RUN[family]], all_experts=family not in ROUTED_ONLY)
 
     # Per-expert tensors under the checkpoint's own names; routers float and ignored.
     dst = read_tensors(out)
