@@ -33,10 +33,11 @@ def build(family: str, folder: Path) -> Path:
     from tests.tiny_models import make_tiny_model
 
     if not (folder / "config.json").is_file():
-        # vLLM's CohereForCausalLM drops lm_head and computes logits with embed_tokens, as
-        # every released Command-R checkpoint ties them: build it tied.
+        # vLLM's CohereForCausalLM and Gemma2ForCausalLM have no lm_head: they compute logits
+        # with embed_tokens, as every released Command-R and Gemma 2 checkpoint ties them, and
+        # refuse an untied one ("no module or parameter named 'lm_head'"): build them tied.
         make_tiny_model(folder, arch=family, layers=2, hidden=256, intermediate=512, heads=4, kv_heads=2,
-                        tied=family == "cohere", dtype=torch.bfloat16)
+                        tied=family in ("cohere", "gemma2"), dtype=torch.bfloat16)
     return folder
 
 
