@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, TypedDict
@@ -639,29 +640,31 @@ def solve_parts(layer, graph, accs: Mapping[str, HessianAccumulator], schemes: M
             rows = sum(graph.unit(n).out_features for n in part)
             # The column loop touches rows x in^2 / 2 elements, the factorisations about in^3.
             parts.append(SolvePart((tuple(part),), scheme, float(in_f) * in_f * (rows + in_f)))
-    device = graph.unit(next(iter(schemes))).matrix(layer).device if schemes else torch.device("cpu")
-    return _batched(parts, graph, accs, _batch_budget(device, world), world)
+    keys = [_batch_key(p, graph) for p in parts]
+    if all(k is None for k in keys):  # no experts to batch: no budget to agree on over the ranks
+        return parts
+    device = graph.unit(next(iter(schemes))).matrix(layer).device
+    return _batched(parts, keys, accs, _batch_budget(device, world), world)
 
 
-def _batched(parts: list[SolvePart], graph, accs: Mapping[str, HessianAccumulator], budget: int,
-             world: World) -> list[SolvePart]:
-    """``parts`` with the MoE experts' parts of one scheme and shape joined into batches, as
-    many as ``budget`` bytes allow and, on several ranks, at most their share of the parts (so
-    every rank gets work); every other part alone, as before."""
-    def shape(p: SolvePart) -> tuple[int, int]:
-        units = [graph.unit(n) for n in p.stacks[0]]
-        return sum(u.out_features for u in units), units[0].in_features
+def _batch_key(part: SolvePart, graph) -> tuple | None:
+    """What MoE experts' parts share to be solved in one batch (scheme, rows, in_features);
+    None for a part that is not one stack of experts."""
+    if len(part.stacks) != 1 or not all(expert_of(n) is not None for n in part.names):
+        return None
+    units = [graph.unit(n) for n in part.stacks[0]]
+    return part.scheme, sum(u.out_features for u in units), units[0].in_features
 
-    def key(p: SolvePart) -> tuple | None:
-        if len(p.stacks) != 1 or not all(expert_of(n) is not None for n in p.names):
-            return None
-        return (p.scheme, *shape(p))
 
-    share = {k: sum(key(p) == k for p in parts) for k in {key(p) for p in parts} - {None}}
+def _batched(parts: list[SolvePart], keys: list[tuple | None], accs: Mapping[str, HessianAccumulator],
+             budget: int, world: World) -> list[SolvePart]:
+    """``parts`` with the MoE experts' parts of one key (``_batch_key``) joined into batches,
+    as many as ``budget`` bytes allow and, on several ranks, at most their share of the parts
+    (so every rank gets work); every other part alone, as before."""
+    share = Counter(k for k in keys if k is not None)
     out: list[SolvePart] = []
     open_: dict[tuple, tuple[int, int]] = {}  # key -> (index in out, bytes used)
-    for p in parts:
-        k = key(p)
+    for p, k in zip(parts, keys):
         if k is None:
             out.append(p)
             continue
