@@ -59,6 +59,16 @@ class FakeCalibration:
         run_calibration(self.layer, hooks, forward)
 
 
+def quantize_in_one_pass(quantizer, layer: nn.Module, batches: list, graph: LayerGraph) -> dict:
+    """``quantizer`` on ``layer`` with its calibration ``batches``: it must calibrate, and in
+    exactly one pass over them."""
+    assert quantizer.needs_calibration
+    calib = FakeCalibration(layer, batches)
+    out = quantizer.quantize_layer(layer, graph, calib)
+    assert calib.runs == 1
+    return out
+
+
 def mask_router(gate: nn.Module, masked: Callable[[torch.Tensor], Iterable[int]]) -> None:
     """The Qwen3-MoE router (its own computation) with the experts ``masked(h)`` names never
     picked for its input ``h`` ``[tokens, hidden]``."""

@@ -9,7 +9,7 @@ from quantkit.quantizers import QUANTIZERS
 from quantkit.quantizers.fp8 import FP8Params
 from quantkit.scheme import FP8_DTYPE
 
-from .helpers import FakeCalibration, group_inputs, llama_graph, tiny_llama_layer
+from .helpers import FakeCalibration, group_inputs, llama_graph, quantize_in_one_pass, tiny_llama_layer
 
 LLAMA = llama_graph()
 
@@ -42,10 +42,7 @@ def test_fp8_weights_representable_and_accurate(strategy):
 def test_fp8_static_and_kv_scales_are_minmax():
     layer, data, cfg = tiny_llama_layer(seed=1, batches=3)
     q = QUANTIZERS["fp8"](FP8Params(activations="static", kv_cache=True), cfg)
-    assert q.needs_calibration
-    calib = FakeCalibration(layer, data)
-    out = q.quantize_layer(layer, LLAMA, calib)
-    assert calib.runs == 1
+    out = quantize_in_one_pass(q, layer, data, LLAMA)
     seen = group_inputs(layer, data, LLAMA)
     for g in LLAMA.groups:
         expect = torch.cat(seen[g.key]).abs().max().item() / 448

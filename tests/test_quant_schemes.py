@@ -14,7 +14,8 @@ from quantkit.quantizers import QUANTIZERS
 from quantkit.quantizers.gptq import GPTQParams, gptq_quantize
 from quantkit.quantizers.rtn import RTNParams, quantize_rtn
 
-from .helpers import FakeCalibration, correlated_inputs, group_inputs, llama_graph, tiny_llama_layer
+from .helpers import (FakeCalibration, correlated_inputs, group_inputs, llama_graph, quantize_in_one_pass,
+                      tiny_llama_layer)
 from .test_grids import _ref_e2m1
 
 LLAMA = llama_graph()
@@ -119,10 +120,7 @@ def test_rtn_quantizer_ties_global_scales_across_fused_shards():
 def test_nvfp4_w4a4_input_global_scales_and_activation_rounding():
     layer, data, cfg = tiny_llama_layer(seed=2, batches=3)
     q = QUANTIZERS["rtn"](RTNParams.model_validate({"scheme": "NVFP4"}), cfg)
-    assert q.needs_calibration
-    calib = FakeCalibration(layer, data)
-    out = q.quantize_layer(layer, LLAMA, calib)
-    assert calib.runs == 1
+    out = quantize_in_one_pass(q, layer, data, LLAMA)
     seen = group_inputs(layer, data, LLAMA)
     for g in LLAMA.groups:
         x = torch.cat(seen[g.key])
