@@ -63,8 +63,12 @@ class World:
 
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's ``[n_r, ...]`` rows concatenated in rank order (``n_r`` may differ)."""
+        return t if self.size == 1 else torch.cat(self.rows_by_rank(t))
+
+    def rows_by_rank(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``[n_r, ...]`` rows, one tensor per rank (``n_r`` may differ)."""
         if self.size == 1:
-            return t
+            return [t]
         counts = torch.tensor([t.shape[0]], device=self.device)
         all_counts = [torch.zeros_like(counts) for _ in range(self.size)]
         _guard(lambda: dist.all_gather(all_counts, counts))
@@ -73,7 +77,7 @@ class World:
         padded[: t.shape[0]] = t
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         _guard(lambda: dist.all_gather(parts, padded.contiguous()))
-        return torch.cat([p[:k] for p, k in zip(parts, n)])
+        return [p[:k] for p, k in zip(parts, n)]
 
     def broadcast(self, tensors: Tensors | None, src: int, metadata: dict | None = None) -> tuple[Tensors, dict]:
         """Rank ``src``'s ``tensors`` and JSON-able ``metadata`` on every rank (others pass None)."""
@@ -104,21 +108,25 @@ class World:
             out[name] = t
         return out, header["metadata"]
 
-    def owners(self, costs: Mapping[str, float]) -> dict[str, int]:
-        """An owner rank per unit: largest estimated cost first, each to the least loaded rank
-        (ties by key and rank, so every rank computes the same assignment)."""
+    def owners(self, costs: Mapping[str, float], pinned: Mapping[str, int] | None = None) -> dict[str, int]:
+        """An owner rank per unit: ``pinned`` units keep theirs (a MoE expert's solve runs where
+        its statistics are), the others go largest estimated cost first to the least loaded
+        rank (ties by key and rank, so every rank computes the same assignment)."""
+        pinned = {k: r for k, r in (pinned or {}).items() if k in costs}
         load = [0.0] * self.size
-        out = {}
-        for key in sorted(costs, key=lambda k: (-costs[k], k)):
+        out = dict(pinned)
+        for key, r in pinned.items():
+            load[r] += costs[key]
+        for key in sorted(set(costs) - set(pinned), key=lambda k: (-costs[k], k)):
             r = min(range(self.size), key=lambda i: (load[i], i))
             out[key] = r
             load[r] += costs[key]
         return out
 
-    def solve(self, jobs: Mapping[str, Job]) -> dict[str, tuple[Tensors, dict]]:
-        """Run each job ``key -> (estimated cost, fn)`` on its owner rank and give every rank
-        every job's result (``fn`` returns tensors and JSON-able metadata)."""
-        owner = self.owners({k: c for k, (c, _) in jobs.items()})
+    def solve(self, jobs: Mapping[str, Job], pinned: Mapping[str, int] | None = None) -> dict[str, tuple[Tensors, dict]]:
+        """Run each job ``key -> (estimated cost, fn)`` on its owner rank (``owners``) and give
+        every rank every job's result (``fn`` returns tensors and JSON-able metadata)."""
+        owner = self.owners({k: c for k, (c, _) in jobs.items()}, pinned)
         mine = {k: jobs[k][1]() for k in jobs if owner[k] == self.rank}
         if self.size == 1:
             return mine
