@@ -63,12 +63,8 @@ class World:
 
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's ``[n_r, ...]`` rows concatenated in rank order (``n_r`` may differ)."""
-        return t if self.size == 1 else torch.cat(self.rows_by_rank(t))
-
-    def rows_by_rank(self, t: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's ``[n_r, ...]`` rows, one tensor per rank (``n_r`` may differ)."""
         if self.size == 1:
-            return [t]
+            return t
         counts = torch.tensor([t.shape[0]], device=self.device)
         all_counts = [torch.zeros_like(counts) for _ in range(self.size)]
         _guard(lambda: dist.all_gather(all_counts, counts))
@@ -77,7 +73,7 @@ class World:
         padded[: t.shape[0]] = t
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         _guard(lambda: dist.all_gather(parts, padded.contiguous()))
-        return [p[:k] for p, k in zip(parts, n)]
+        return torch.cat([p[:k] for p, k in zip(parts, n)])
 
     def broadcast(self, tensors: Tensors | None, src: int, metadata: dict | None = None) -> tuple[Tensors, dict]:
         """Rank ``src``'s ``tensors`` and JSON-able ``metadata`` on every rank (others pass None)."""
@@ -123,7 +119,8 @@ class World:
             load[r] += costs[key]
         return out
 
-    def solve(self, jobs: Mapping[str, Job], pinned: Mapping[str, int] | None = None) -> dict[str, tuple[Tensors, dict]]:
+    def solve(self, jobs: Mapping[str, Job],
+              pinned: Mapping[str, int] | None = None) -> dict[str, tuple[Tensors, dict]]:
         """Run each job ``key -> (estimated cost, fn)`` on its owner rank (``owners``) and give
         every rank every job's result (``fn`` returns tensors and JSON-able metadata)."""
         owner = self.owners({k: c for k, (c, _) in jobs.items()}, pinned)

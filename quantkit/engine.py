@@ -126,32 +126,33 @@ class _LayerCalibration:
 
     def _replay(self, name: str, block: UnfusedExperts, mine: Mapping[str, list[Statistic]]) -> None:
         """Feed this rank's experts of ``block`` (``mine``: their statistics) every other rank's
-        tokens: the block's recorded inputs are all-gathered and run through each such expert
-        alone, a batch's worth of rows at a time."""
-        calls, block.recorded = block.recorded, None
+        tokens: each rank in turn broadcasts the block's recorded inputs, which the others run
+        through each of their experts alone, a batch's worth of rows at a time. One rank's
+        inputs are on a device at a time (its share of the tokens x hidden, 16 bits)."""
+        calls, block.recorded = block.recorded or [], None
         width = block.layout.hidden
-        hidden = torch.cat([h.reshape(-1, width) for h, _ in calls]) if calls else \
-            torch.zeros(0, width, device=self.runner.device, dtype=self.runner.dtype)
-        index = torch.cat([i for _, i in calls]) if calls else \
-            torch.zeros(0, 1, dtype=torch.int64, device=self.runner.device)
         rows = max([h.shape[0] for h, _ in calls], default=1)
+        recorded = {"hidden": torch.cat([h.reshape(-1, width) for h, _ in calls]) if calls else
+                    torch.zeros(0, width, device=self.runner.device, dtype=self.runner.dtype),
+                    "index": torch.cat([i for _, i in calls]) if calls else
+                    torch.zeros(0, 1, dtype=torch.int64, device=self.runner.device)}
         del calls
-        hidden_by_rank = self.world.rows_by_rank(hidden)
-        index_by_rank = self.world.rows_by_rank(index)
         experts = sorted({expert_of(n)[1] for n in mine})
         hooks = _fan_out({n[len(name) + 1:]: parts for n, parts in mine.items()})
+        for src in range(self.world.size):
+            theirs, _ = self.world.broadcast(recorded if src == self.world.rank else None, src)
+            if src == self.world.rank:  # this rank's own tokens were fed during the pass
+                continue
 
-        def forward() -> None:
-            for r, (h, i) in enumerate(zip(hidden_by_rank, index_by_rank)):
-                if r == self.world.rank:  # fed during the pass
-                    continue
+            def forward(h: torch.Tensor = theirs["hidden"], i: torch.Tensor = theirs["index"]) -> None:
                 for e in experts:
                     for at in range(0, h.shape[0], rows):
                         x = block.expert_tokens(e, h[at:at + rows], i[at:at + rows])
                         if x.shape[0]:
                             block.run_expert(e, x)
 
-        run_calibration(block, hooks, forward)
+            run_calibration(block, hooks, forward)
+            del theirs
 
     def observe_paired(self, stats: Mapping[str, PairedStatistic]) -> None:
         if self.float_batches is None:
