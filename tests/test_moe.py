@@ -425,7 +425,7 @@ def test_llama4_qk_tensors_vllm_would_not_reorder_are_refused(workspace, tmp_pat
 def test_plan_counts_every_expert(family, config, published):
     """The serving size of a MoE model counts every expert (vLLM holds them all): parameter
     counts match the published model sizes; the quantization-time need of a MoE layer is far
-    below one Hessian per expert Linear."""
+    below one Hessian per expert Linear, and its experts' statistics split across GPUs."""
     from quantkit.planner.quantize import quantize_memory
     from quantkit.planner.shape import ModelShape, count_parameters
 
@@ -435,6 +435,11 @@ def test_plan_counts_every_expert(family, config, published):
     assert count_parameters(shape) == pytest.approx(published, rel=0.01)
     mem = quantize_memory(shape)
     assert mem.hessians < mem.per_expert_hessians
+    # On 4 GPUs each holds its own experts' statistics (they dominate) and a quarter of the
+    # calibration batches; every device still holds the whole layer and its codes.
+    four = quantize_memory(shape, gpus=4)
+    assert four.hessians < mem.hessians and four.per_expert_hessians < mem.per_expert_hessians / 2
+    assert (four.layer, four.codes) == (mem.layer, mem.codes)
 
 
 # --------------------------------------------------------------------------- 5. a source in FP8
