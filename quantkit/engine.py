@@ -58,9 +58,10 @@ class _LayerCalibration:
     A MoE expert's statistics live on its owner rank alone (``owners``, decided before any
     statistic): a statistic of an expert's Linear that carries the owner as its ``owner`` is
     fed on the owner with its own tokens during the pass, then with every other rank's tokens
-    reaching that expert (the blocks' inputs, all-gathered once per pass, run through the
-    owner's experts alone); it is never reduced. Every other statistic is fed on every rank
-    and reduced. On one rank there is nothing to gather: the same code, every expert owned."""
+    reaching that expert (each rank's recorded block inputs, broadcast in turn after the pass,
+    run through the owner's experts alone); it is never reduced. Every other statistic is fed
+    on every rank and reduced. On one rank there is no other rank's tokens to replay: the
+    same code, every expert owned."""
 
     def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs], seed: int,
                  world: World = SINGLE, every_expert: bool = True, float_batches: list[LayerInputs] | None = None,
@@ -87,9 +88,9 @@ class _LayerCalibration:
         return forward
 
     def observe(self, stats: Mapping[str, Statistic]) -> None:
-        shared, owned = self._split(stats)
-        mine = {n: parts for n, parts in owned.items() if self.expert_owner(n) == self.world.rank}
         blocks = dict(expert_modules(self.layer))
+        shared, owned = self._split(stats, blocks)
+        mine = {n: parts for n, parts in owned.items() if self.expert_owner(n) == self.world.rank}
         # Blocks whose experts' statistics other ranks' tokens must reach (the same on every rank).
         replayed = sorted({expert_of(n)[0] for n in owned}) if self.world.size > 1 else []
         reset_counts(self.layer)
@@ -110,11 +111,12 @@ class _LayerCalibration:
             for s in shared[name]:
                 s.reduce(self.world)
 
-    def _split(self, stats: Mapping[str, Statistic]) -> tuple[dict[str, list[Statistic]], dict[str, list[Statistic]]]:
+    def _split(self, stats: Mapping[str, Statistic], blocks: Mapping[str, UnfusedExperts]
+               ) -> tuple[dict[str, list[Statistic]], dict[str, list[Statistic]]]:
         """``stats`` (``Joined`` taken apart) as those every rank feeds and reduces, and those
         an expert's owner alone feeds, with every rank's tokens (``owner`` set to the expert's
-        owner, in a block whose calls can be replayed); each maps a Linear to its statistics."""
-        blocks = dict(expert_modules(self.layer))
+        owner, in one of ``blocks`` whose calls can be replayed); each maps a Linear to its
+        statistics."""
         shared: dict[str, list[Statistic]] = {}
         owned: dict[str, list[Statistic]] = {}
         for name, stat in stats.items():
