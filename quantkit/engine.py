@@ -396,9 +396,12 @@ class LayerwiseEngine:
         where = self.sk.layer_prefix(i)[:-1]
         hungry = starved(counts, settings)
         qweights: dict[str, QuantizedWeight] = {}
-        # Paired statistics (the float stream beside the quantized one) are reduced, every
-        # expert's on every rank: only plain ones are held by the experts' owners alone.
-        held = None if self.quantizer.needs_float_inputs else owners
+        # Experts' statistics held by their owners alone: not paired ones (the float stream
+        # beside the quantized one), which are reduced, nor those of experts whose calls are
+        # not replayed (``UnfusedExperts.replayable``); every rank holds those.
+        blocks = dict(expert_modules(layer))
+        held = {} if self.quantizer.needs_float_inputs else \
+            {k: r for k, r in owners.items() if blocks[k[0]].replayable}
         for part in statistics_chunks(without(graph, hungry), statistics_budget(self.sk.device, self.world), held):
             qweights.update(self.quantizer.quantize_layer(layer, part, calib,
                                                           {n: schemes[n] for n in part.linears if n in schemes}))

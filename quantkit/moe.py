@@ -106,10 +106,11 @@ def statistics_chunks(graph: LayerGraph, budget: int | None,
     input group, as GPTQ keeps) fit ``budget`` bytes on every rank: the first part holds every
     group not owned by a single expert (attention, a shared expert, and, under all-expert
     calibration, every expert's gate/up, which share one matrix), which every rank holds, plus
-    the first experts' own groups, which their owner rank (``owners``; without it, rank 0)
-    alone holds; each further part holds only experts' own groups. Each part costs one more
-    calibration pass, so a layer is split only when it must be (DeepSeek-V3 with per-expert
-    Hessians: ~57 GB): on N ranks a part holds about N times the experts it holds on one."""
+    the first experts' own groups, which their owner rank (``owners``) alone holds (an expert
+    ``owners`` does not name counts as rank 0's, as on one rank); each further part holds only
+    experts' own groups. Each part costs one more calibration pass, so a layer is split only
+    when it must be (DeepSeek-V3 with per-expert Hessians: ~57 GB): on N ranks a part holds
+    about N times the experts it holds on one."""
     owned: dict[tuple[str, int], list[InputGroup]] = {}
     common: list[InputGroup] = []
     for g in graph.groups:

@@ -696,9 +696,10 @@ def _batched(parts: list[SolvePart], keys: list[tuple | None], accs: Mapping[str
 
 def hessians_to_owners(parts: list[SolvePart], world: World, *accs: Mapping[str, HessianAccumulator]) -> None:
     """Give each Hessian that only one rank's solves read that rank as its ``owner``: it is
-    reduced to that rank alone and the others drop it (an expert's Hessian lives on one GPU,
-    and the traffic is a reduce instead of an all-reduce). Hessians several ranks' solves
-    read (a MoE layer's shared gate/up one, cut into parts) are all-reduced."""
+    reduced to that rank alone and the others drop it (the traffic is a reduce instead of an
+    all-reduce), or, for an expert's Hessian (its parts pinned to the expert's owner), the
+    calibration feeds it on that rank alone. Hessians several ranks' solves read (a MoE
+    layer's shared gate/up one, cut into parts) are all-reduced."""
     owner = world.owners({p.key: p.cost for p in parts}, pinned(parts))
     for group in accs:
         readers: dict[int, set[int]] = {}
