@@ -147,11 +147,9 @@ class _LayerCalibration:
                 continue
 
             def forward(h: torch.Tensor = theirs["hidden"], i: torch.Tensor = theirs["index"]) -> None:
-                for e in experts:
-                    for at in range(0, h.shape[0], rows):
-                        x = block.expert_tokens(e, h[at:at + rows], i[at:at + rows])
-                        if x.shape[0]:
-                            block.run_expert(e, x)
+                for at in range(0, h.shape[0], rows):
+                    for e, x in block.expert_inputs(experts, h[at:at + rows], i[at:at + rows]):
+                        block.run_expert(e, x)
 
             run_calibration(block, hooks, forward)
             del theirs

@@ -98,9 +98,9 @@ class UnfusedExperts(nn.ModuleList):
 
     With ``recorded`` a list, each call appends its ``(hidden_states, top_k_index)``: an
     expert's statistics can then be fed another rank's tokens by running that expert alone
-    on them (``expert_tokens``, ``run_expert``)."""
+    on them (``expert_inputs``, ``run_expert``)."""
 
-    # Whether a call's recorded tokens say what each expert computes on (``expert_tokens``).
+    # Whether a call's recorded tokens say what each expert computes on (``expert_inputs``).
     replayable: ClassVar[bool] = True
 
     def __init__(self, fused: nn.Module):
@@ -117,11 +117,34 @@ class UnfusedExperts(nn.ModuleList):
         self.routed: torch.Tensor | None = None
         self.recorded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def expert_tokens(self, e: int, hidden: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
-        """The rows of a call's ``hidden`` ``[T, H]`` expert ``e`` computes on: every token
-        under all-expert calibration, the tokens routed to it otherwise (in token order, as
-        ``forward`` takes them)."""
-        return hidden if self.all_experts else hidden[(top_k_index == e).any(1)]
+    def expert_inputs(self, experts: list[int], hidden: torch.Tensor,
+                      top_k_index: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """Each of ``experts`` with the rows of a call's ``hidden`` ``[T, H]`` it computes on:
+        every token under all-expert calibration, the tokens routed to it otherwise (in token
+        order, as ``forward`` takes them; one host sync for all experts)."""
+        if self.all_experts:
+            yield from ((e, hidden) for e in experts)
+            return
+        counts = torch.bincount(top_k_index.reshape(-1), minlength=self.layout.num_experts + 1)
+        wanted = set(experts)
+        for e, token, _ in self._routed_pairs(top_k_index, counts[:self.layout.num_experts]):
+            if e in wanted:
+                yield e, hidden[token]
+
+    def _routed_pairs(self, idx: torch.Tensor,
+                      counts: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Every picked expert's (token, slot) pairs of ``idx`` ``[T, k]``, each expert's in token
+        order (what ``torch.where(idx == e)`` gives), with one host sync for all experts'
+        ``counts`` instead of one per expert (on a GPU each sync stalls the launch queue, and a
+        128-expert block had 128 of them per batch)."""
+        k = idx.shape[1]
+        order = torch.argsort(idx.reshape(-1), stable=True)
+        start = 0
+        for e, count in enumerate(counts.tolist()):
+            if count:
+                pair = order[start:start + count]
+                yield e, pair // k, pair % k
+            start += count
 
     def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` alone on ``x`` ``[T, H]`` (unweighted), as ``forward`` runs it."""
@@ -160,20 +183,9 @@ class UnfusedExperts(nn.ModuleList):
             for e in range(n):
                 out += self._expert(e, hidden_states) * dense[:, e:e + 1]
             return out
-        # Every expert's (token, slot) pairs together, each expert's in token order (what
-        # ``torch.where(idx == e)`` gives), with one host sync for all experts' counts instead
-        # of one per expert (on a GPU each sync stalls the launch queue, and a 128-expert block
-        # had 128 of them per batch).
-        k = idx.shape[1]
-        order = torch.argsort(idx.reshape(-1), stable=True)
-        start = 0
-        for e, count in enumerate(counts.tolist()):
-            if count:
-                pair = order[start:start + count]
-                token, pos = pair // k, pair % k
-                y = self._expert(e, hidden_states[token]) * weights[token, pos, None]
-                out.index_add_(0, token, y.to(out.dtype))
-            start += count
+        for e, token, pos in self._routed_pairs(idx, counts):
+            y = self._expert(e, hidden_states[token]) * weights[token, pos, None]
+            out.index_add_(0, token, y.to(out.dtype))
         return out
 
 
