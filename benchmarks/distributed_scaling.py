@@ -2,6 +2,7 @@
 
     python benchmarks/distributed_scaling.py --work /tmp/qk-dist    # 70B x8 and Qwen3-30B-A3B x4, 1/2/4 GPUs
     python benchmarks/distributed_scaling.py --shape tiny,tiny-moe --gpus 1,2 --device cpu --samples 8 --seq-len 64
+    python benchmarks/distributed_scaling.py --shape deepseek-v3 --layers 2 --routed --work /tmp/qk-dist  # issue 17.5
 
 The models are Llama-3.1-70B-shaped (real hidden, intermediate, head and vocabulary sizes) with
 8 random decoder layers and Qwen3-30B-A3B-shaped (128 experts, every token through every expert
@@ -15,6 +16,11 @@ observing (calibration forward, hooks and the statistics' reduce) and solving (i
 units plus the broadcasts). The table gives the speedup against the shape's one-GPU run and a
 full-model estimate (80 layers for the 70B, 48 for Qwen3-30B-A3B) per GPU count: fixed cost +
 layers x (per-layer + export per layer).
+With ``--routed`` each expert is calibrated on its routed tokens only (one Hessian per expert
+gate/up: DeepSeek-V3's ~57 GB a layer), the case where a layer's statistics do not fit one GPU:
+each rank holds only its own experts' statistics, so the calibration passes per layer (the
+``passes`` column: observe calls per layer on rank 0, one of them the routed-token count) and
+the peak GPU drop with more GPUs.
 With ``--device cpu`` the ranks use gloo (a check of the script, not a measurement).
 """
 
@@ -51,6 +57,7 @@ def worker(args: argparse.Namespace) -> None:
 
     cuda = args.device == "cuda"
     spent: dict[str, float] = {}
+    calls: dict[str, int] = {}
 
     def timed(owner, attr: str, stage: str) -> None:
         fn = getattr(owner, attr)
@@ -59,6 +66,7 @@ def worker(args: argparse.Namespace) -> None:
             if cuda:
                 torch.cuda.synchronize()
             t = time.perf_counter()
+            calls[stage] = calls.get(stage, 0) + 1
             try:
                 return fn(*a, **k)
             finally:
@@ -73,13 +81,15 @@ def worker(args: argparse.Namespace) -> None:
     recipe = peer._quantkit_recipe("gptq", Path(args.model), Path(args.calib), Path(args.out), args.samples,
                                    args.seq_len, args.batch_size)
     recipe["device"] = args.device
+    if args.routed:
+        recipe["calibration"]["all_experts"] = False
     if not cuda:
         recipe["model"]["dtype"] = "float32"
     t0 = time.perf_counter()
     report = quantkit.quantize(**recipe, quiet=True)
     wall = time.perf_counter() - t0
     rank = int(os.environ.get("RANK", "0"))
-    out = {"rank": rank, "wall_s": wall, "rss_gib": peer._peak_rss_bytes() / GIB, "spent": spent,
+    out = {"rank": rank, "wall_s": wall, "rss_gib": peer._peak_rss_bytes() / GIB, "spent": spent, "calls": calls,
            "gpu_gib": torch.cuda.max_memory_allocated() / GIB if cuda else 0.0}
     if report:
         out.update(phases=report["timing"]["phase_seconds"], layer_seconds=report["timing"]["layer_seconds"])
@@ -108,7 +118,7 @@ def run_gpus(n: int, args: argparse.Namespace, model: Path, calib: Path) -> dict
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", __file__,
            "worker", "--model", str(model), "--calib", str(calib), "--out", str(out), "--samples", str(args.samples),
            "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--device", args.device,
-           "--result-dir", str(results)]
+           "--result-dir", str(results)] + (["--routed"] if args.routed else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(peer.ROOT), os.environ.get("PYTHONPATH", "")]))
     if args.device == "cpu":
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or n) // n))
@@ -123,14 +133,14 @@ def run_gpus(n: int, args: argparse.Namespace, model: Path, calib: Path) -> dict
 
 
 def table(results: dict[tuple[str, int], dict], layers: dict[str, int]) -> str:
-    lines = ["| shape | GPUs | wall s (rank 0) | speedup | s/layer | observe s (max rank) | solve s (max rank) | "
-             "peak GPU GiB per rank | peak RSS GiB per rank | est. full model |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | GPUs | wall s (rank 0) | speedup | s/layer | passes/layer | observe s (max rank) | "
+             "solve s (max rank) | peak GPU GiB per rank | peak RSS GiB per rank | est. full model |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (shape, n), r in results.items():
         spec = peer.MOE_SHAPES.get(shape) or peer.SHAPES[shape]
         name, full = f"{spec['name']} x{layers[shape]}", spec["full_layers"]
         if "error" in r:
-            lines.append(f"| {name} | {n} | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {name} | {n} | failed: {r['error']} | | | | | | | | |")
             continue
         base = results.get((shape, 1), {}).get("ranks", [{}])[0].get("wall_s")
         ranks, r0 = r["ranks"], r["ranks"][0]
@@ -143,7 +153,9 @@ def table(results: dict[tuple[str, int], dict], layers: dict[str, int]) -> str:
         rss = " / ".join(f"{x['rss_gib']:.1f}" for x in ranks)
         obs = max(x["spent"].get("observe", 0.0) for x in ranks)
         sol = max(x["spent"].get("solve", 0.0) for x in ranks)
-        lines.append(f"| {name} | {n} | {r0['wall_s']:.1f} | {speed} | {per_layer:.2f} | {obs:.1f} | {sol:.1f} | "
+        passes = r0.get("calls", {}).get("observe", 0) / layers[shape]
+        lines.append(f"| {name} | {n} | {r0['wall_s']:.1f} | {speed} | {per_layer:.2f} | {passes:.1f} | {obs:.1f} | "
+                     f"{sol:.1f} | "
                      f"{gpu} | {rss} | ~{est / 60:.1f} min ({full} layers) |")
     return "\n".join(lines)
 
@@ -156,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.add_argument(name, required=True)
         for name in ("--samples", "--seq-len", "--batch-size"):
             ap.add_argument(name, type=int, required=True)
+        ap.add_argument("--routed", action="store_true")
         worker(ap.parse_args(argv[1:]))
         return 0
     ap.add_argument("--shape", default="70b,qwen3-30b-a3b",
@@ -169,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--routed", action="store_true",
+                    help="calibrate each expert on its routed tokens only (per-expert Hessians; issue 17 point 5)")
     args = ap.parse_args(argv)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     shapes = args.shape.split(",")
@@ -186,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 Path(args.json).write_text(json.dumps({f"{s} x{n}": r for (s, n), r in results.items()}, indent=2))
     print(f"\nGPTQ W4A16 g128 (act_order, static groups), {args.samples} x {args.seq_len} calibration tokens, "
-          f"batch {args.batch_size}, device {args.device}; MoE experts calibrated on every token; estimate for the "
+          f"batch {args.batch_size}, device {args.device}; MoE experts calibrated on "
+          f"{'their routed tokens' if args.routed else 'every token'}; estimate for the "
           "full model = fixed + layers x (s/layer + export/layer)")
     print(table(results, layers))
     return 0

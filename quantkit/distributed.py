@@ -104,21 +104,26 @@ class World:
             out[name] = t
         return out, header["metadata"]
 
-    def owners(self, costs: Mapping[str, float]) -> dict[str, int]:
-        """An owner rank per unit: largest estimated cost first, each to the least loaded rank
-        (ties by key and rank, so every rank computes the same assignment)."""
+    def owners(self, costs: Mapping[str, float], pinned: Mapping[str, int] | None = None) -> dict[str, int]:
+        """An owner rank per unit: ``pinned`` units keep theirs (a MoE expert's solve runs where
+        its statistics are), the others go largest estimated cost first to the least loaded
+        rank (ties by key and rank, so every rank computes the same assignment)."""
+        pinned = {k: r for k, r in (pinned or {}).items() if k in costs}
         load = [0.0] * self.size
-        out = {}
-        for key in sorted(costs, key=lambda k: (-costs[k], k)):
+        out = dict(pinned)
+        for key, r in pinned.items():
+            load[r] += costs[key]
+        for key in sorted(set(costs) - set(pinned), key=lambda k: (-costs[k], k)):
             r = min(range(self.size), key=lambda i: (load[i], i))
             out[key] = r
             load[r] += costs[key]
         return out
 
-    def solve(self, jobs: Mapping[str, Job]) -> dict[str, tuple[Tensors, dict]]:
-        """Run each job ``key -> (estimated cost, fn)`` on its owner rank and give every rank
-        every job's result (``fn`` returns tensors and JSON-able metadata)."""
-        owner = self.owners({k: c for k, (c, _) in jobs.items()})
+    def solve(self, jobs: Mapping[str, Job],
+              pinned: Mapping[str, int] | None = None) -> dict[str, tuple[Tensors, dict]]:
+        """Run each job ``key -> (estimated cost, fn)`` on its owner rank (``owners``) and give
+        every rank every job's result (``fn`` returns tensors and JSON-able metadata)."""
+        owner = self.owners({k: c for k, (c, _) in jobs.items()}, pinned)
         mine = {k: jobs[k][1]() for k in jobs if owner[k] == self.rank}
         if self.size == 1:
             return mine

@@ -29,11 +29,11 @@ from .divergence import compare_streams
 from .errors import DeviceMemoryError, NumericsError
 from .finite_check import check_quantized, check_written
 from .graph.attention import observe_attention
-from .graph.experts import all_experts, expert_modules, reset_counts, routed_counts
+from .graph.experts import UnfusedExperts, all_experts, expert_modules, expert_of, reset_counts, routed_counts
 from .graph.runtime import LayerInputs, ModelRunner
-from .moe import (ExpertCalibration, ExpertReport, rtn_fallback, starved, statistics_budget, statistics_chunks,
-                  statistics_tokens, without)
-from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, PairedStatistic, Quantizer, Statistic
+from .moe import (ExpertCalibration, ExpertReport, expert_owners, rtn_fallback, starved, statistics_budget,
+                  statistics_chunks, statistics_tokens, without)
+from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, Joined, PairedStatistic, Quantizer, Statistic
 from .scheme import QuantizedWeight
 from .workdir import LayerRecord, WorkDir
 
@@ -53,18 +53,32 @@ def make_batches(seqs: list[torch.Tensor], batch_size: int) -> list[torch.Tensor
 
 class _LayerCalibration:
     """The LayerCalibration the quantizers see: runs the float layer over this rank's
-    calibration batches, each with the arguments the model's own forward gives layer ``index``."""
+    calibration batches, each with the arguments the model's own forward gives layer ``index``.
+
+    A MoE expert's statistics live on its owner rank alone (``owners``, decided before any
+    statistic): a statistic of an expert's Linear that carries the owner as its ``owner`` is
+    fed on the owner with its own tokens during the pass, then with every other rank's tokens
+    reaching that expert (each rank's recorded block inputs, broadcast in turn after the pass,
+    run through the owner's experts alone); it is never reduced. Every other statistic is fed
+    on every rank and reduced. On one rank there is no other rank's tokens to replay: the
+    same code, every expert owned."""
 
     def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs], seed: int,
-                 world: World = SINGLE, every_expert: bool = True, float_batches: list[LayerInputs] | None = None):
+                 world: World = SINGLE, every_expert: bool = True, float_batches: list[LayerInputs] | None = None,
+                 owners: Mapping[tuple[str, int], int] | None = None):
         self.runner, self.index, self.layer, self.batches, self.seed = runner, index, layer, batches, seed
         self.world, self.every_expert, self.float_batches = world, every_expert, float_batches
+        self.owners = dict(owners or {})
         # Tokens routed to each expert over every rank's batches, from the first pass.
         self.routed: dict[str, list[int]] | None = None
         self._tokens: int | None = None
 
     def generator(self, name: str) -> torch.Generator:
         return seeding.generator(self.seed, self.index, name, device=self.runner.device)
+
+    def expert_owner(self, name: str) -> int | None:
+        hit = expert_of(name)
+        return None if hit is None else self.owners.get(hit)
 
     def _forward(self, batches: list[LayerInputs]) -> Callable[[], None]:
         def forward() -> None:
@@ -74,12 +88,71 @@ class _LayerCalibration:
         return forward
 
     def observe(self, stats: Mapping[str, Statistic]) -> None:
+        blocks = dict(expert_modules(self.layer))
+        shared, owned = self._split(stats, blocks)
+        mine = {n: parts for n, parts in owned.items() if self.expert_owner(n) == self.world.rank}
+        # Blocks whose experts' statistics other ranks' tokens must reach (the same on every rank).
+        replayed = sorted({expert_of(n)[0] for n in owned}) if self.world.size > 1 else []
         reset_counts(self.layer)
-        with all_experts(self.layer, self.every_expert):
-            run_calibration(self.layer, {name: s.add for name, s in stats.items()}, self._forward(self.batches))
+        for b in replayed:
+            blocks[b].recorded = []
+        try:
+            with all_experts(self.layer, self.every_expert):
+                run_calibration(self.layer, _fan_out({**shared, **{n: shared.get(n, []) + mine[n] for n in mine}}),
+                                self._forward(self.batches))
+                for b in replayed:
+                    self._replay(b, blocks[b], {n: parts for n, parts in mine.items() if expert_of(n)[0] == b})
+        finally:
+            for b in replayed:
+                blocks[b].recorded = None
         if self.routed is None:
             self.routed = _summed_counts(routed_counts(self.layer), self.world)
-        self._reduce(stats)
+        for name in sorted(shared):  # the same order on every rank: collectives pair up
+            for s in shared[name]:
+                s.reduce(self.world)
+
+    def _split(self, stats: Mapping[str, Statistic], blocks: Mapping[str, UnfusedExperts]
+               ) -> tuple[dict[str, list[Statistic]], dict[str, list[Statistic]]]:
+        """``stats`` (``Joined`` taken apart) as those every rank feeds and reduces, and those
+        an expert's owner alone feeds, with every rank's tokens (``owner`` set to the expert's
+        owner, in one of ``blocks`` whose calls can be replayed); each maps a Linear to its
+        statistics."""
+        shared: dict[str, list[Statistic]] = {}
+        owned: dict[str, list[Statistic]] = {}
+        for name, stat in stats.items():
+            owner, hit = self.expert_owner(name), expert_of(name)
+            for s in _parts(stat):
+                alone = owner is not None and getattr(s, "owner", None) == owner and blocks[hit[0]].replayable
+                (owned if alone else shared).setdefault(name, []).append(s)
+        return shared, owned
+
+    def _replay(self, name: str, block: UnfusedExperts, mine: Mapping[str, list[Statistic]]) -> None:
+        """Feed this rank's experts of ``block`` (``mine``: their statistics) every other rank's
+        tokens: each rank in turn broadcasts the block's recorded inputs, which the others run
+        through each of their experts alone, a batch's worth of rows at a time. One rank's
+        inputs are on a device at a time (its share of the tokens x hidden, 16 bits)."""
+        calls, block.recorded = block.recorded or [], None
+        width = block.layout.hidden
+        rows = max([h.shape[0] for h, _ in calls], default=1)
+        recorded = {"hidden": torch.cat([h.reshape(-1, width) for h, _ in calls]) if calls else
+                    torch.zeros(0, width, device=self.runner.device, dtype=self.runner.dtype),
+                    "index": torch.cat([i for _, i in calls]) if calls else
+                    torch.zeros(0, 1, dtype=torch.int64, device=self.runner.device)}
+        del calls
+        experts = sorted({expert_of(n)[1] for n in mine})
+        hooks = _fan_out({n[len(name) + 1:]: parts for n, parts in mine.items()})
+        for src in range(self.world.size):
+            theirs, _ = self.world.broadcast(recorded if src == self.world.rank else None, src)
+            if src == self.world.rank:  # this rank's own tokens were fed during the pass
+                continue
+
+            def forward(h: torch.Tensor = theirs["hidden"], i: torch.Tensor = theirs["index"]) -> None:
+                for at in range(0, h.shape[0], rows):
+                    for e, x in block.expert_inputs(experts, h[at:at + rows], i[at:at + rows]):
+                        block.run_expert(e, x)
+
+            run_calibration(block, hooks, forward)
+            del theirs
 
     def observe_paired(self, stats: Mapping[str, PairedStatistic]) -> None:
         if self.float_batches is None:
@@ -90,7 +163,7 @@ class _LayerCalibration:
                                  self._forward([flt]))
         self._reduce(stats)
 
-    def _reduce(self, stats: Mapping[str, Statistic | PairedStatistic]) -> None:
+    def _reduce(self, stats: Mapping[str, PairedStatistic]) -> None:
         for name in sorted(stats):  # the same order on every rank: collectives pair up
             stats[name].reduce(self.world)
 
@@ -101,6 +174,26 @@ class _LayerCalibration:
             mine = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self.batches)
             self._tokens = int(self.world.all_reduce(torch.tensor([mine], device=self.world.device)).item())
         return self._tokens
+
+
+def _parts(stat: Statistic) -> list[Statistic]:
+    """The statistics a ``Joined`` fans out to (each may live elsewhere), or ``stat`` itself."""
+    return [p for s in stat.stats for p in _parts(s)] if isinstance(stat, Joined) else [stat]
+
+
+def _fan_out(stats: Mapping[str, list[Statistic]]) -> dict[str, InputHook]:
+    """One input hook per Linear feeding all its statistics."""
+    def feed(parts: list[Statistic]) -> InputHook:
+        if len(parts) == 1:
+            return parts[0].add
+
+        def add(x: torch.Tensor) -> None:
+            for p in parts:
+                p.add(x)
+
+        return add
+
+    return {n: feed(parts) for n, parts in stats.items() if parts}
 
 
 def _summed_counts(counts: dict[str, list[int]], world: World) -> dict[str, list[int]]:
@@ -287,7 +380,9 @@ class LayerwiseEngine:
         calibration mode, their token counts recorded and starved experts rounded instead."""
         graph = self.sk.graph.layer(i)
         settings = self.experts
-        calib = _LayerCalibration(self.sk, i, layer, calib_in, self.seed, self.world, settings.all_experts, float_in)
+        owners = expert_owners(graph, self.world)
+        calib = _LayerCalibration(self.sk, i, layer, calib_in, self.seed, self.world, settings.all_experts, float_in,
+                                  owners)
         schemes = self.quantizer.layer_schemes(self.sk.layer_prefix(i), graph)
         if not graph.experts or not self.quantizer.needs_calibration:
             return self.quantizer.quantize_layer(layer, graph, calib, schemes)
@@ -299,7 +394,13 @@ class LayerwiseEngine:
         where = self.sk.layer_prefix(i)[:-1]
         hungry = starved(counts, settings)
         qweights: dict[str, QuantizedWeight] = {}
-        for part in statistics_chunks(without(graph, hungry), statistics_budget(self.sk.device, self.world)):
+        # Experts' statistics held by their owners alone: not paired ones (the float stream
+        # beside the quantized one), which are reduced, nor those of experts whose calls are
+        # not replayed (``UnfusedExperts.replayable``); every rank holds those.
+        blocks = dict(expert_modules(layer))
+        held = {} if self.quantizer.needs_float_inputs else \
+            {k: r for k, r in owners.items() if blocks[k[0]].replayable}
+        for part in statistics_chunks(without(graph, hungry), statistics_budget(self.sk.device, self.world), held):
             qweights.update(self.quantizer.quantize_layer(layer, part, calib,
                                                           {n: schemes[n] for n in part.linears if n in schemes}))
         if hungry:

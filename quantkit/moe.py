@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -84,13 +85,32 @@ def statistics_budget(device: torch.device, world: World = SINGLE) -> int | None
     return int(int(least.item()) * STATISTICS_SHARE)
 
 
-def statistics_chunks(graph: LayerGraph, budget: int | None) -> list[LayerGraph]:
+def expert_owners(graph: LayerGraph, world: World = SINGLE) -> dict[tuple[str, int], int]:
+    """The rank that holds and solves each MoE expert of ``graph``, by estimated cost (each
+    Linear's ``in² · (in + out)``, what its GPTQ solve takes), decided before any statistic
+    and the same on every rank."""
+    costs: dict[str, float] = {}
+    experts: dict[str, tuple[str, int]] = {}
+    for u in graph.units:
+        hit = expert_of(u.name)
+        if hit is not None:
+            key = f"{hit[0]}.{hit[1]}"
+            experts[key] = hit
+            costs[key] = costs.get(key, 0.0) + float(u.in_features) ** 2 * (u.in_features + u.out_features)
+    return {experts[k]: r for k, r in world.owners(costs).items()}
+
+
+def statistics_chunks(graph: LayerGraph, budget: int | None,
+                      owners: Mapping[tuple[str, int], int] | None = None) -> list[LayerGraph]:
     """``graph`` split so that each part's float32 statistics (one ``[in, in]`` matrix per
-    input group, as GPTQ keeps) fit ``budget`` bytes: the first part holds every group not
-    owned by a single expert (attention, a shared expert, and, under all-expert calibration,
-    every expert's gate/up, which share one matrix) plus the first experts' own groups; each
-    further part holds only experts' own groups. Each part costs one more calibration pass, so
-    a layer is split only when it must be (DeepSeek-V3 with per-expert Hessians: ~57 GB)."""
+    input group, as GPTQ keeps) fit ``budget`` bytes on every rank: the first part holds every
+    group not owned by a single expert (attention, a shared expert, and, under all-expert
+    calibration, every expert's gate/up, which share one matrix), which every rank holds, plus
+    the first experts' own groups, which their owner rank (``owners``) alone holds (an expert
+    ``owners`` does not name counts as rank 0's, as on one rank); each further part holds only
+    experts' own groups. Each part costs one more calibration pass, so a layer is split only
+    when it must be (DeepSeek-V3 with per-expert Hessians: ~57 GB): on N ranks a part holds
+    about N times the experts it holds on one."""
     owned: dict[tuple[str, int], list[InputGroup]] = {}
     common: list[InputGroup] = []
     for g in graph.groups:
@@ -103,16 +123,21 @@ def statistics_chunks(graph: LayerGraph, budget: int | None) -> list[LayerGraph]
     def size(groups: list[InputGroup]) -> int:
         return sum(4 * graph.unit(g.key).in_features ** 2 for g in groups)
 
-    if budget is None or size(graph.groups) <= budget:
+    owners = owners or {}
+    per_rank: dict[int, int] = {}
+    for expert, groups in owned.items():
+        per_rank[owners.get(expert, 0)] = per_rank.get(owners.get(expert, 0), 0) + size(groups)
+    if budget is None or size(common) + max(per_rank.values(), default=0) <= budget:
         return [graph]
     parts: list[list[InputGroup]] = [list(common)]
-    experts_in_part = 0
-    for groups in owned.values():
-        if experts_in_part and size(parts[-1] + groups) > budget:  # at least one expert per part
+    base, held = size(common), {}  # bytes every rank holds in the part; each owner's experts' bytes
+    for expert, groups in owned.items():
+        r = owners.get(expert, 0)
+        if held and base + held.get(r, 0) + size(groups) > budget:  # at least one expert per part
             parts.append([])
-            experts_in_part = 0
+            base, held = 0, {}
         parts[-1].extend(groups)
-        experts_in_part += 1
+        held[r] = held.get(r, 0) + size(groups)
     out = []
     for groups in parts:
         names = {n for g in groups for n in g.linears}

@@ -22,7 +22,8 @@ def add_plan_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     p.add_argument("model", help="local model folder, config.json file, or hub id")
     p.add_argument("--gpu", default="H100-80GB", help=f"{', '.join(GPUS)}, or a size like 24GB (default H100-80GB)")
-    p.add_argument("--gpus", type=int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="tensor-parallel size (default 1); the quantize line is per device of quantkit run --gpus N")
     p.add_argument("--context", type=int, default=None, help="max_model_len you need (default: longest that fits)")
     p.add_argument("--batch", type=int, default=1, help="sequences of that length held at once (default 1)")
     p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")

@@ -1,7 +1,8 @@
 """One rank of tests/test_distributed_moe.py: the engine quantizes a tiny two-layer Qwen3-MoE
 on this rank's share of two calibration batches (``torchrun`` sets the world; called with
 ``SINGLE`` it is the world of one) and writes every layer it ends with, and its expert report,
-to ``<out>/<case>-rank<r>.safetensors``.
+to ``<out>/<case>-rank<r>.safetensors``, with what the rank held: which Hessians it ever
+allocated and how many calibration passes each layer took (``probe``).
 
 The router never picks expert 2, and picks expert 3 only in the batch of shorter sequences:
 on two ranks rank 0 holds that batch and rank 1 the other, so no token of rank 1 reaches
@@ -29,7 +30,12 @@ CASES = {
     "all-experts": ({"method": "gptq", "group_size": 32}, ExpertCalibration(True)),
     # GPTAQ: the float stream beside the quantized one, each rank carrying its own batches'.
     "input-feedback": ({"method": "gptq", "group_size": 32, "input_feedback": True}, ExpertCalibration(True)),
+    # A statistics budget of two experts' own (down_proj) Hessians, the first pass holding the
+    # common ones and expert 0 beyond it: one rank needs 3 passes, two ranks (each holding only
+    # its own experts': two per pass) 2.
+    "all-experts-chunked": ({"method": "gptq", "group_size": 32}, ExpertCalibration(True)),
 }
+TWO_EXPERTS_BUDGET = {"all-experts-chunked"}
 
 
 def calibration_ids() -> list[torch.Tensor]:
@@ -37,9 +43,21 @@ def calibration_ids() -> list[torch.Tensor]:
     return [torch.randint(3, 300, (n,), generator=g) for n in (SHORT, SHORT, LONG, LONG)]
 
 
-def quantize_case(case: str, model: Path, work: Path, world) -> tuple[dict[str, torch.Tensor], dict]:
-    """Every layer's quantized tensors (``<layer>.<name>.<tensor>``) and the expert report."""
+def two_experts_budget(graph) -> int:
+    """Bytes of two of ``graph``'s experts' own statistics (their down_proj's float32
+    ``[in, in]`` Hessian, as ``moe.statistics_chunks`` counts them)."""
+    return 2 * 4 * graph.unit("mlp.experts.0.down_proj").in_features ** 2
+
+
+def quantize_case(case: str, model: Path, work: Path, world) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Every layer's quantized tensors (``<layer>.<name>.<tensor>``), the expert report, and
+    what this rank held (``held``: every Hessian that had memory on this rank, by group key;
+    ``passes``: calibration passes per layer)."""
+    from unittest import mock
+
+    from quantkit import engine as engine_module
     from quantkit.engine import LayerwiseEngine
+    from quantkit.quantizers.hessian import HessianAccumulator
     from quantkit.graph.runtime import ModelRunner
     from quantkit.model import ModelSource
     from quantkit.quantizers import QUANTIZERS
@@ -60,6 +78,24 @@ def quantize_case(case: str, model: Path, work: Path, world) -> tuple[dict[str, 
     runner.load_layer = routed_layer
     cls = QUANTIZERS[params["method"]]
     quantizer = cls(cls.Params(**params), {})
+    held: set[str] = set()
+    passes: dict[int, int] = {}
+
+    def holding(method):
+        def call(acc, *args):
+            method(acc, *args)
+            if acc._h is not None:
+                held.add(acc.name)
+        return call
+
+    quantize_layer = quantizer.quantize_layer
+
+    def counted(layer, graph, calib, schemes=None):
+        passes[calib.index] = passes.get(calib.index, 0) + 1
+        return quantize_layer(layer, graph, calib, schemes)
+
+    quantizer.quantize_layer = counted
+    budget = two_experts_budget(runner.graph.layer(0)) if case in TWO_EXPERTS_BUDGET else None
     workdir = WorkDir(work)
     workdir.start(case, False, {}, model)
     got: dict[str, torch.Tensor] = {}
@@ -72,10 +108,13 @@ def quantize_case(case: str, model: Path, work: Path, world) -> tuple[dict[str, 
 
     engine = LayerwiseEngine(runner, quantizer, workdir, case, quiet=True, on_layer=on_layer, seed=0,
                              experts=experts, world=world)
-    result = engine.run(calibration_ids(), None, 2)
+    with mock.patch.object(HessianAccumulator, "add", holding(HessianAccumulator.add)), \
+            mock.patch.object(HessianAccumulator, "reduce", holding(HessianAccumulator.reduce)), \
+            mock.patch.object(engine_module, "statistics_budget", lambda _device, _world: budget):
+        result = engine.run(calibration_ids(), None, 2)
     report = result.experts
     return got, {"routed": report.routed, "statistics_tokens": report.statistics_tokens,
-                 "rtn_fallback": report.rtn_fallback}
+                 "rtn_fallback": report.rtn_fallback}, {"held": sorted(held), "passes": passes}
 
 
 def main(model: Path, out: Path) -> None:
@@ -84,8 +123,9 @@ def main(model: Path, out: Path) -> None:
 
     world = world_from_environment(torch.device("cpu"))
     for case in CASES:
-        tensors, report = quantize_case(case, model, out / f"work-{case}-{world.rank}", world)
-        write_safetensors(out / f"{case}-rank{world.rank}.safetensors", tensors, {"report": json.dumps(report)})
+        tensors, report, probe = quantize_case(case, model, out / f"work-{case}-{world.rank}", world)
+        write_safetensors(out / f"{case}-rank{world.rank}.safetensors", tensors,
+                          {"report": json.dumps(report), "probe": json.dumps(probe)})
     close()
 
 

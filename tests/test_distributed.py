@@ -142,6 +142,10 @@ def test_owners_balance_estimated_cost_and_agree():
     load = [sum(c for k, c in costs.items() if owners[0][k] == r) for r in range(3)]
     assert max(load) - min(load) <= max(costs.values())  # greedy largest-first bound
     assert World(0, 1).owners(costs) == dict.fromkeys(costs, 0)
+    # Pinned units (an expert's solves, where its statistics are) keep their rank and count in
+    # its load (6 on rank 1): the two heaviest others both go to rank 0.
+    pinned = World(0, 2).owners(costs, {"expert.0": 1, "expert.1": 1, "expert.2": 1})
+    assert [pinned[f"expert.{e}"] for e in range(3)] == [1, 1, 1] and pinned["gate+up"] == pinned["down"] == 0
 
 
 def test_an_error_every_rank_would_raise_is_one_line(runs, text_file):

@@ -2,7 +2,9 @@
 issue 16's experts): the routed token counts and the round-to-nearest fallback are decided
 from every rank's tokens, so both ranks take the same decisions; an expert none of rank 1's
 tokens reaches still gets the one-rank statistics; GPTQ with input feedback carries each
-rank's own float stream. Every rank ends with the same layers."""
+rank's own float stream. Every rank ends with the same layers, and holds the statistics of
+the experts it owns alone (so a layer split into calibration passes by a statistics budget
+needs fewer passes on more ranks)."""
 
 from __future__ import annotations
 
@@ -45,10 +47,9 @@ def test_moe_on_two_ranks_ends_with_the_one_rank_layers(two_ranks, case, tmp_pat
     from quantkit.distributed import SINGLE
 
     model, out = two_ranks
-    one, report = quantize_case(case, model, tmp_path / "work", SINGLE)
+    one, report, _ = quantize_case(case, model, tmp_path / "work", SINGLE)
     ranks = [load_file(out / f"{case}-rank{r}.safetensors") for r in (0, 1)]
-    reports = [json.loads(safe_open(out / f"{case}-rank{r}.safetensors", framework="pt").metadata()["report"])
-               for r in (0, 1)]
+    reports = [_metadata(out, case, r, "report") for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() == one.keys()
     for k in one:  # every rank holds the same layers, so they all propagate alike
         assert torch.equal(ranks[0][k], ranks[1][k]), k
@@ -70,3 +71,54 @@ def test_moe_on_two_ranks_ends_with_the_one_rank_layers(two_ranks, case, tmp_pat
     for i in (0, 1):
         counts = report["routed"][f"model.layers.{i}.mlp.experts"]
         assert counts[NEVER] == 0 and counts[ONLY_SHORT] > 0
+
+
+def _metadata(out: Path, case: str, rank: int, key: str) -> dict:
+    return json.loads(safe_open(out / f"{case}-rank{rank}.safetensors", framework="pt").metadata()[key])
+
+
+def _held_experts(held: list[str], shared: str | None) -> set[int]:
+    """The experts whose own Hessians a rank held (the group shared by all experts left out)."""
+    from quantkit.graph.experts import expert_of
+
+    return {expert_of(n)[1] for n in held if expert_of(n) is not None and n != shared}
+
+
+@pytest.mark.parametrize("case", ["routed-nvfp4", "all-experts", "all-experts-chunked"])
+def test_each_rank_holds_only_the_statistics_of_its_own_experts(two_ranks, case, tmp_path):
+    """Expert 3 is reached by none of rank 1's tokens and owned by rank 1: it still gets its
+    Hessian there (from rank 0's tokens, equal results above), and rank 0 never holds it."""
+    from quantkit.distributed import SINGLE, World
+    from quantkit.graph.experts import expert_of
+    from quantkit.graph.runtime import ModelRunner
+    from quantkit.model import ModelSource
+    from quantkit.moe import expert_owners
+
+    model, out = two_ranks
+    graph = ModelRunner(ModelSource.open(str(model)), torch.device("cpu"), torch.float32).graph.layer(0)
+    all_experts = CASES[case][1].all_experts
+    shared = next((g.key for g in graph.groups if len({expert_of(n) for n in g.linears}) > 1
+                   and None not in {expert_of(n) for n in g.linears}), None) if all_experts else None
+    experts = set(range(4)) - (set() if all_experts else {NEVER})
+    _, _, alone = quantize_case(case, model, tmp_path / "work", SINGLE)
+    assert _held_experts(alone["held"], shared) == experts  # one rank holds them all
+    owners = expert_owners(graph, World(0, 2))
+    assert owners == expert_owners(graph, World(1, 2)) and owners[("mlp.experts", ONLY_SHORT)] == 1
+    for r in (0, 1):
+        held = _metadata(out, case, r, "probe")["held"]
+        assert _held_experts(held, shared) == {e for (_, e), o in owners.items() if o == r} & experts, (r, held)
+        if shared is not None:
+            assert shared in held  # every expert's gate/up reads one tensor: one Hessian, reduced
+
+
+def test_more_ranks_need_fewer_passes_under_a_statistics_budget(two_ranks, tmp_path):
+    """The budget fits two experts' statistics (the first pass holds the common ones and expert 0
+    beyond it): one rank takes 3 passes (0 | 1 2 | 3), two ranks 2 (0 | 1 2 3: rank 1 holds
+    experts 1 and 3, rank 0 expert 2)."""
+    from quantkit.distributed import SINGLE
+
+    model, out = two_ranks
+    _, _, alone = quantize_case("all-experts-chunked", model, tmp_path / "work", SINGLE)
+    assert alone["passes"] == {0: 3, 1: 3}
+    for r in (0, 1):
+        assert _metadata(out, "all-experts-chunked", r, "probe")["passes"] == {"0": 2, "1": 2}

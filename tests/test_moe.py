@@ -425,7 +425,7 @@ def test_llama4_qk_tensors_vllm_would_not_reorder_are_refused(workspace, tmp_pat
 def test_plan_counts_every_expert(family, config, published):
     """The serving size of a MoE model counts every expert (vLLM holds them all): parameter
     counts match the published model sizes; the quantization-time need of a MoE layer is far
-    below one Hessian per expert Linear."""
+    below one Hessian per expert Linear, and its experts' statistics split across GPUs."""
     from quantkit.planner.quantize import quantize_memory
     from quantkit.planner.shape import ModelShape, count_parameters
 
@@ -435,6 +435,11 @@ def test_plan_counts_every_expert(family, config, published):
     assert count_parameters(shape) == pytest.approx(published, rel=0.01)
     mem = quantize_memory(shape)
     assert mem.hessians < mem.per_expert_hessians
+    # On 4 GPUs each holds its own experts' statistics (they dominate) and a quarter of the
+    # calibration batches; every device still holds the whole layer and its codes.
+    four = quantize_memory(shape, gpus=4)
+    assert four.hessians < mem.hessians and four.per_expert_hessians < mem.per_expert_hessians / 2
+    assert (four.layer, four.codes) == (mem.layer, mem.codes)
 
 
 # --------------------------------------------------------------------------- 5. a source in FP8
@@ -493,7 +498,9 @@ def test_statistics_in_chunks_give_the_same_layer(starved_layer, monkeypatch):
     per expert), experts are calibrated and quantized in chunks, one calibration pass each:
     the result is the same as in one pass."""
     from quantkit import engine as engine_module
-    from quantkit.moe import statistics_chunks
+    from quantkit.distributed import World
+    from quantkit.graph.experts import expert_of
+    from quantkit.moe import expert_owners, statistics_chunks
 
     runner, batches = starved_layer
     quantizer = QUANTIZERS["gptq"](QUANTIZERS["gptq"].Params(**METHODS["gptq"]), {})
@@ -505,6 +512,11 @@ def test_statistics_in_chunks_give_the_same_layer(starved_layer, monkeypatch):
         results.append(engine._quantize(0, layer, batches, None, ExpertReport()))
     parts = statistics_chunks(runner.graph.layer(0).per_expert(), 4 * 128 * 128 * 3)
     assert len(parts) == 4 and {u.name for p in parts for u in p.units} == set(runner.graph.layer(0).linears)
+    # On two ranks each holds only its own experts' statistics: experts 1 (rank 1) and 2 (rank 0)
+    # share the second pass, so one pass fewer.
+    owners = expert_owners(runner.graph.layer(0), World(0, 2))
+    two = statistics_chunks(runner.graph.layer(0).per_expert(), 4 * 128 * 128 * 3, owners)
+    assert [sorted({expert_of(u.name)[1] for u in p.units if expert_of(u.name)}) for p in two] == [[0], [1, 2], [3]]
     assert results[0].keys() == results[1].keys()
     for name, qw in results[0].items():
         assert torch.equal(qw.codes, results[1][name].codes), name

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -94,7 +94,14 @@ class ExpertMLP(nn.Module):
 
 class UnfusedExperts(nn.ModuleList):
     """The experts of one MoE block as ``ExpertMLP``s, called as the fused module is:
-    ``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) → [T, H]``."""
+    ``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) → [T, H]``.
+
+    With ``recorded`` a list, each call appends its ``(hidden_states, top_k_index)``: an
+    expert's statistics can then be fed another rank's tokens by running that expert alone
+    on them (``expert_inputs``, ``run_expert``)."""
+
+    # Whether a call's recorded tokens say what each expert computes on (``expert_inputs``).
+    replayable: ClassVar[bool] = True
 
     def __init__(self, fused: nn.Module):
         layout = layout_of(fused)
@@ -108,6 +115,40 @@ class UnfusedExperts(nn.ModuleList):
         self.__dict__["fused"] = fused
         self.all_experts = False
         self.routed: torch.Tensor | None = None
+        self.recorded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def expert_inputs(self, experts: list[int], hidden: torch.Tensor,
+                      top_k_index: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """Each of ``experts`` with the rows of a call's ``hidden`` ``[T, H]`` it computes on:
+        every token under all-expert calibration, the tokens routed to it otherwise (in token
+        order, as ``forward`` takes them; one host sync for all experts)."""
+        if self.all_experts:
+            yield from ((e, hidden) for e in experts)
+            return
+        counts = torch.bincount(top_k_index.reshape(-1), minlength=self.layout.num_experts + 1)
+        wanted = set(experts)
+        for e, token, _ in self._routed_pairs(top_k_index, counts[:self.layout.num_experts]):
+            if e in wanted:
+                yield e, hidden[token]
+
+    def _routed_pairs(self, idx: torch.Tensor,
+                      counts: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Every picked expert's (token, slot) pairs of ``idx`` ``[T, k]``, each expert's in token
+        order (what ``torch.where(idx == e)`` gives), with one host sync for all experts'
+        ``counts`` instead of one per expert (on a GPU each sync stalls the launch queue, and a
+        128-expert block had 128 of them per batch)."""
+        k = idx.shape[1]
+        order = torch.argsort(idx.reshape(-1), stable=True)
+        start = 0
+        for e, count in enumerate(counts.tolist()):
+            if count:
+                pair = order[start:start + count]
+                yield e, pair // k, pair % k
+            start += count
+
+    def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e`` alone on ``x`` ``[T, H]`` (unweighted), as ``forward`` runs it."""
+        return self._expert(e, x)
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         m: ExpertMLP = self[e]
@@ -127,6 +168,8 @@ class UnfusedExperts(nn.ModuleList):
         n = self.layout.num_experts
         idx = top_k_index.reshape(hidden_states.shape[0], -1)
         weights = top_k_weights.reshape(idx.shape).to(hidden_states.dtype)
+        if self.recorded is not None:
+            self.recorded.append((hidden_states, idx))
         if not hidden_states.is_meta:
             # One device op, no host sync; indices >= n (expert-parallel sentinels) are dropped.
             counts = torch.bincount(idx.reshape(-1), minlength=n + 1)[:n]
@@ -140,20 +183,9 @@ class UnfusedExperts(nn.ModuleList):
             for e in range(n):
                 out += self._expert(e, hidden_states) * dense[:, e:e + 1]
             return out
-        # Every expert's (token, slot) pairs together, each expert's in token order (what
-        # ``torch.where(idx == e)`` gives), with one host sync for all experts' counts instead
-        # of one per expert (on a GPU each sync stalls the launch queue, and a 128-expert block
-        # had 128 of them per batch).
-        k = idx.shape[1]
-        order = torch.argsort(idx.reshape(-1), stable=True)
-        start = 0
-        for e, count in enumerate(counts.tolist()):
-            if count:
-                pair = order[start:start + count]
-                token, pos = pair // k, pair % k
-                y = self._expert(e, hidden_states[token]) * weights[token, pos, None]
-                out.index_add_(0, token, y.to(out.dtype))
-            start += count
+        for e, token, pos in self._routed_pairs(idx, counts):
+            y = self._expert(e, hidden_states[token]) * weights[token, pos, None]
+            out.index_add_(0, token, y.to(out.dtype))
         return out
 
 
@@ -168,7 +200,10 @@ class InputWeightedExperts(UnfusedExperts):
     (``watch``) keeps the router's input and logits for the experts' call. Under all-expert
     calibration each expert also sees the tokens routed elsewhere, scaled by the score the
     router would have given them (the sigmoid of its logit, as for a routed token); their
-    outputs are dropped, as the block's zero input drops them."""
+    outputs are dropped, as the block's zero input drops them. Its calls are not recorded:
+    the router state they need lives outside them, so its experts' statistics are reduced."""
+
+    replayable: ClassVar[bool] = False
 
     def watch(self, router: nn.Module) -> None:
         # A bound method: a deep copy of the layer hooks the copy's router to the copy's experts.

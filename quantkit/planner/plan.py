@@ -68,7 +68,7 @@ def plan_config(
         recommended=best,
         serve_command=command,
         notes=notes,
-        quantize_memory=quantize_memory(shape),
+        quantize_memory=quantize_memory(shape, gpus=gpus),
         experts=shape.num_experts,
         moe_layers=shape.moe_layers,
     )

@@ -36,7 +36,7 @@ class PlanResult:
     recommended: str | None
     serve_command: str | None
     notes: list[str] = field(default_factory=list)
-    quantize_memory: QuantizeMemory | None = None  # GPTQ at 128 x 2048 calibration tokens, one layer
+    quantize_memory: QuantizeMemory | None = None  # GPTQ at 128 x 2048 calibration tokens, one layer, per GPU
     experts: int = 0  # experts per MoE layer (0: dense)
     moe_layers: int = 0
 
@@ -109,7 +109,8 @@ def format_plan_table(result: PlanResult) -> str:
                      "every expert: vLLM holds them all)")
     m = r.quantize_memory
     if m is not None:
-        lines.append(f"quantize (GPTQ, 128 x 2048 calibration tokens): ~{_gib(m.total)} GiB on one device for its "
+        where = "on one device" if r.gpus == 1 else f"per device of `quantkit run --gpus {r.gpus}`"
+        lines.append(f"quantize (GPTQ, 128 x 2048 calibration tokens): ~{_gib(m.total)} GiB {where} for its "
                      f"largest layer: weights {_gib(m.layer)} + codes {_gib(m.codes)} + Hessians {_gib(m.hessians)} + "
                      f"solve {_gib(m.solve)} + activations {_gib(m.activations)}"
                      + (f" (one Hessian per expert Linear would take {_gib(m.per_expert_hessians)} instead of "

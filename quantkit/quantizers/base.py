@@ -81,6 +81,14 @@ class LayerCalibration(Protocol):
         seeded from the recipe's seed and the layer index: never draw from the global RNG."""
         ...
 
+    def expert_owner(self, name: str) -> int | None:
+        """The rank that owns the MoE expert Linear ``name`` belongs to, decided before any
+        statistic (None outside experts). ``observe`` feeds a statistic that carries that
+        rank as its ``owner`` on the owner alone, with every rank's tokens, and never reduces
+        it: a quantizer that solves an expert on its owner keeps each expert's statistics on
+        one rank."""
+        ...
+
 
 class Joined:
     """Several statistics of one input (GPTQ's Hessian and a static activation range)."""
@@ -100,16 +108,18 @@ class Joined:
 UnitJob = tuple[float, Callable[[], dict[str, QuantizedWeight]]]
 
 
-def solve_units(world: World, jobs: Mapping[str, UnitJob]) -> dict[str, QuantizedWeight]:
-    """Run every job ``key -> (estimated cost, solve)`` on its owner rank and give every rank
-    all the Linears they quantized. A job is a unit of work (a Linear, Linears stacked on one
-    Hessian, an expert), so the assignment balances whatever the model's units are."""
+def solve_units(world: World, jobs: Mapping[str, UnitJob],
+                pinned: Mapping[str, int] | None = None) -> dict[str, QuantizedWeight]:
+    """Run every job ``key -> (estimated cost, solve)`` on its owner rank (``pinned`` ones on
+    theirs) and give every rank all the Linears they quantized. A job is a unit of work (a
+    Linear, Linears stacked on one Hessian, an expert), so the assignment balances whatever
+    the model's units are."""
 
     def packed(fn: Callable[[], dict[str, QuantizedWeight]]) -> Callable[[], tuple[dict, dict]]:
         return lambda: quantized_as_tensors(fn())
 
     out: dict[str, QuantizedWeight] = {}
-    for tensors, schemes in world.solve({k: (c, packed(fn)) for k, (c, fn) in jobs.items()}).values():
+    for tensors, schemes in world.solve({k: (c, packed(fn)) for k, (c, fn) in jobs.items()}, pinned).values():
         out.update(quantized_from_tensors(tensors, schemes))
     return out
 

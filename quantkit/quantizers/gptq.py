@@ -597,6 +597,8 @@ class SolvePart:
     stacks: tuple[tuple[str, ...], ...]
     scheme: Scheme
     cost: float
+    # The rank that owns the experts solved here (and holds their statistics); None: any.
+    owner: int | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -608,7 +610,7 @@ class SolvePart:
 
 
 def solve_parts(layer, graph, accs: Mapping[str, HessianAccumulator], schemes: Mapping[str, Scheme],
-                world: World = SINGLE) -> list[SolvePart]:
+                world: World = SINGLE, expert_owner: Callable[[str], int | None] | None = None) -> list[SolvePart]:
     """The solves of ``gptq_layer``, known before any statistic (shapes, schemes, which Linears
     share a Hessian and a global scale), so Hessians can be reduced to where they are solved.
 
@@ -617,8 +619,9 @@ def solve_parts(layer, graph, accs: Mapping[str, HessianAccumulator], schemes: M
     group or row block, and the error update of a row reads only that row), so this is the
     same computation with one Cholesky factorisation and one sequential column loop instead
     of three or two. A stack is cut into row chunks of at most ``MAX_STACKED_ELEMENTS``, and
-    a stack of experts (a MoE layer's gate/up all share one Hessian) into at least one part per
-    rank: experts are units of the owner assignment. The experts' solves of one shape and
+    a stack of experts (a MoE layer's gate/up all share one Hessian) into one part per owner
+    rank (``expert_owner``, the calibration's: an expert is solved where its statistics are;
+    without it, at least one part per rank). The experts' solves of one shape and
     scheme (every down_proj, each with its own Hessian; the gate/up row chunks) are then
     batched (`_batched`): hundreds of small solves are launch-bound on a GPU."""
     globals_ = fused_global_scales(layer, graph, schemes)
@@ -628,18 +631,22 @@ def solve_parts(layer, graph, accs: Mapping[str, HessianAccumulator], schemes: M
     for name, scheme in schemes.items():
         by_key.setdefault((id(accs[name]), scheme, id(globals_.get(name))), []).append(name)
     parts = []
-    for (_, scheme, _), names in by_key.items():
-        units = [graph.unit(n) for n in names]
-        stacked = _stackable(scheme.weights, [u.out_features for u in units])
-        sizes = [u.out_features * u.in_features for u in units]
-        cap = MAX_STACKED_ELEMENTS
-        if world.size > 1 and all(expert_of(n) is not None for n in names):
-            cap = min(cap, -(-sum(sizes) // world.size))
-        in_f = units[0].in_features
-        for part in _row_chunks(names, sizes, cap) if stacked else [[n] for n in names]:
-            rows = sum(graph.unit(n).out_features for n in part)
-            # The column loop touches rows x in^2 / 2 elements, the factorisations about in^3.
-            parts.append(SolvePart((tuple(part),), scheme, float(in_f) * in_f * (rows + in_f)))
+    for (_, scheme, _), stack in by_key.items():
+        by_owner: dict[int | None, list[str]] = {}
+        for n in stack:
+            by_owner.setdefault(expert_owner(n) if expert_owner is not None else None, []).append(n)
+        for owner, names in by_owner.items():
+            units = [graph.unit(n) for n in names]
+            stacked = _stackable(scheme.weights, [u.out_features for u in units])
+            sizes = [u.out_features * u.in_features for u in units]
+            cap = MAX_STACKED_ELEMENTS
+            if owner is None and world.size > 1 and all(expert_of(n) is not None for n in names):
+                cap = min(cap, -(-sum(sizes) // world.size))
+            in_f = units[0].in_features
+            for part in _row_chunks(names, sizes, cap) if stacked else [[n] for n in names]:
+                rows = sum(graph.unit(n).out_features for n in part)
+                # The column loop touches rows x in^2 / 2 elements, the factorisations about in^3.
+                parts.append(SolvePart((tuple(part),), scheme, float(in_f) * in_f * (rows + in_f), owner))
     keys = [_batch_key(p, graph) for p in parts]
     if all(k is None for k in keys):  # no experts to batch: no budget to agree on over the ranks
         return parts
@@ -653,14 +660,14 @@ def _batch_key(part: SolvePart, graph) -> tuple | None:
     if len(part.stacks) != 1 or not all(expert_of(n) is not None for n in part.names):
         return None
     units = [graph.unit(n) for n in part.stacks[0]]
-    return part.scheme, sum(u.out_features for u in units), units[0].in_features
+    return part.scheme, sum(u.out_features for u in units), units[0].in_features, part.owner
 
 
 def _batched(parts: list[SolvePart], keys: list[tuple | None], accs: Mapping[str, HessianAccumulator],
              budget: int, world: World) -> list[SolvePart]:
     """``parts`` with the MoE experts' parts of one key (``_batch_key``) joined into batches,
     as many as ``budget`` bytes allow and, on several ranks, at most their share of the parts
-    (so every rank gets work); every other part alone, as before."""
+    (so every rank gets work) unless one owner holds them all; every other part alone, as before."""
     share = Counter(k for k in keys if k is not None)
     out: list[SolvePart] = []
     open_: dict[tuple, tuple[int, int]] = {}  # key -> (index in out, bytes used)
@@ -676,22 +683,24 @@ def _batched(parts: list[SolvePart], keys: list[tuple | None], accs: Mapping[str
         # codes, column parameters, the block buffers) and a Hessian of its own five times
         # (the stack passed in, its copy, and the factorisation's three at its peak)
         cost = 16 * rows * in_f + (0 if shared_h else 20 * in_f * in_f)
-        full = batch is not None and (used + cost > budget or len(batch.stacks) >= -(-share[k] // world.size))
+        ranks = world.size if k[3] is None else 1
+        full = batch is not None and (used + cost > budget or len(batch.stacks) >= -(-share[k] // ranks))
         if batch is None or full:
             out.append(p)
             open_[k] = (len(out) - 1, 16 * rows * in_f + 20 * in_f * in_f)
             continue
-        out[at] = SolvePart(batch.stacks + p.stacks, p.scheme, batch.cost + p.cost)
+        out[at] = SolvePart(batch.stacks + p.stacks, p.scheme, batch.cost + p.cost, p.owner)
         open_[k] = (at, used + cost)
     return out
 
 
 def hessians_to_owners(parts: list[SolvePart], world: World, *accs: Mapping[str, HessianAccumulator]) -> None:
     """Give each Hessian that only one rank's solves read that rank as its ``owner``: it is
-    reduced to that rank alone and the others drop it (an expert's Hessian lives on one GPU,
-    and the traffic is a reduce instead of an all-reduce). Hessians several ranks' solves
-    read (a MoE layer's shared gate/up one, cut into parts) are all-reduced."""
-    owner = world.owners({p.key: p.cost for p in parts})
+    reduced to that rank alone and the others drop it (the traffic is a reduce instead of an
+    all-reduce), or, for an expert's Hessian (its parts pinned to the expert's owner), the
+    calibration feeds it on that rank alone. Hessians several ranks' solves read (a MoE
+    layer's shared gate/up one, cut into parts) are all-reduced."""
+    owner = world.owners({p.key: p.cost for p in parts}, pinned(parts))
     for group in accs:
         readers: dict[int, set[int]] = {}
         for p in parts:
@@ -700,6 +709,11 @@ def hessians_to_owners(parts: list[SolvePart], world: World, *accs: Mapping[str,
         for acc in {id(a): a for a in group.values()}.values():
             ranks = readers.get(id(acc), set())
             acc.owner = next(iter(ranks)) if len(ranks) == 1 else None
+
+
+def pinned(parts: list[SolvePart]) -> dict[str, int]:
+    """The parts solved on their experts' owner rank."""
+    return {p.key: p.owner for p in parts if p.owner is not None}
 
 
 def gptq_layer(
@@ -739,7 +753,7 @@ def gptq_layer(
                 out.update(split_rows(qw, list(stack), rows) if len(stack) > 1 else {stack[0]: qw})
         return out
 
-    return solve_units(world, {p.key: (p.cost, lambda p=p: solve(p)) for p in parts})
+    return solve_units(world, {p.key: (p.cost, lambda p=p: solve(p)) for p in parts}, pinned(parts))
 
 
 def _stack(ts: list[torch.Tensor]) -> torch.Tensor:
@@ -837,7 +851,7 @@ class GPTQQuantizer(Quantizer):
         target = None
         if p.input_feedback:
             accs, crosses, paired = collect_paired_hessians(graph, input_globals.stats, names=schemes)
-            parts = solve_parts(layer, graph, accs, schemes, calib.world)
+            parts = solve_parts(layer, graph, accs, schemes, calib.world, calib.expert_owner)
             hessians_to_owners(parts, calib.world, accs, crosses)
             calib.observe_paired(paired)
 
@@ -846,7 +860,7 @@ class GPTQQuantizer(Quantizer):
                                        p.dampening_frac, n)
         else:
             accs, stats = collect_hessians(graph, input_globals.stats, names=schemes)
-            parts = solve_parts(layer, graph, accs, schemes, calib.world)
+            parts = solve_parts(layer, graph, accs, schemes, calib.world, calib.expert_owner)
             hessians_to_owners(parts, calib.world, accs)
             calib.observe(stats)
         out = gptq_layer(

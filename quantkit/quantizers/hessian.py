@@ -31,7 +31,8 @@ class HessianAccumulator:
         self.calls = 0
         self._h: torch.Tensor | None = None
         # The one rank whose solves read this Hessian (None: every rank's may): the reduce
-        # sends it there alone and the other ranks drop theirs.
+        # sends it there alone and the other ranks drop theirs; a MoE expert's, the engine
+        # feeds on that rank alone, with every rank's tokens, and never reduces.
         self.owner: int | None = None
         self._elsewhere = False
 

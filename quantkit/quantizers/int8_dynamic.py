@@ -66,7 +66,7 @@ def quantize_w8a8_layer(
     schemes = {n: scheme for n in names}
     if params.weight_method == "gptq":
         accs, stats = collect_hessians(graph, stats)
-        parts = solve_parts(layer, graph, accs, schemes, calib.world)
+        parts = solve_parts(layer, graph, accs, schemes, calib.world, calib.expert_owner)
         hessians_to_owners(parts, calib.world, accs)
     if stats:
         calib.observe(stats)
