@@ -77,6 +77,28 @@ def check_quantized(prefix: str, qw: QuantizedWeight) -> None:
             _check_scale(f"{prefix}.{field}", t)
 
 
+def check_quantized_stack(prefixes: list[str], qws: list[QuantizedWeight], stack: QuantizedWeight) -> None:
+    """`check_quantized` over Linears packed as one stack (``stack`` holds ``qws`` along a leading
+    dim): one reduction a field, and on failure the check of each names the Linear."""
+    try:
+        check_quantized(prefixes[0], stack)
+    except NumericsError:
+        for prefix, qw in zip(prefixes, qws):
+            check_quantized(prefix, qw)
+        raise
+
+
+def check_written_stack(names: list[str], t: torch.Tensor) -> None:
+    """`check_written` over tensors of one kind stacked along dim 0 (entry ``i`` is ``names[i]``):
+    one reduction, and on failure the check of each names the tensor."""
+    try:
+        check_written(names[0], t)
+    except NumericsError:
+        for name, part in zip(names, t):
+            check_written(name, part)
+        raise
+
+
 def check_written(name: str, t: torch.Tensor) -> None:
     """What the checkpoint writer refuses to store: non-finite floats, and scales that are not positive."""
     if not all_finite(t):
