@@ -389,7 +389,7 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     _cuda_init()
     t0 = time.perf_counter()  # the tool's imports count, as llm-compressor's do
     import quantkit
-    from quantkit import engine, pipeline, preflight
+    from quantkit import checkpoint, engine, pipeline, preflight, workdir
     from quantkit.graph import runtime
     from quantkit.quantizers import awq, gptq, hessian, int8_dynamic, smoothquant
     import transformers.modeling_utils  # noqa: F401 (quantkit builds the model's own class: its import cost)
@@ -403,6 +403,11 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     prof.wrap(awq, "awq_clip_search", "awq clip search")
     prof.wrap(int8_dynamic, "smooth_layer", "smoothquant (incl. its forward)")
     prof.wrap(engine._LayerCalibration, "observe", "calibration forward (incl. hooks)")
+    # Inside engine.export: reading the work folder back, and packing with its checks (experts
+    # stacked per scheme and shape, other Linears one at a time); the rest is writing.
+    prof.wrap(workdir.WorkDir, "load_layer", "export: read layer records")
+    prof.wrap(checkpoint.CheckpointWriter, "pack_stack", "export: stacked packing")
+    prof.wrap(checkpoint.CheckpointWriter, "add_quantized", "export: per-Linear packing and write")
     # Fixed cost, once per run.
     prof.wrap(preflight, "check", "run: validation")
     prof.wrap(runtime.ModelRunner, "__init__", "run: model class and layer graph")
