@@ -96,3 +96,23 @@ def test_a_bad_written_tensor_inside_a_stack_is_refused_naming_it(bad):
         check_written_stack(names, scales.to(torch.bfloat16))
     assert err.value.file == "model.layers.1.mlp.experts.3.gate_proj.weight_scale"
     check_written_stack(names, torch.rand(5, 8, 2) + 0.5)  # a sound stack passes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_stacked_packing_on_the_gpu_is_the_cpu_per_linear_packing(symmetric):
+    """The export packs on the run's device: int32 shifts into the sign bit and the scale casts
+    on CUDA give the bytes the CPU gives Linear by Linear."""
+    from quantkit.scheme import Scheme, WeightScheme
+
+    g = torch.Generator().manual_seed(3)
+    scheme = Scheme(WeightScheme(num_bits=4, group_size=128, symmetric=symmetric))
+    qws = [quantize_rtn(torch.randn(256, 512, generator=g), scheme) for _ in range(6)]
+    fmt = CompressedTensorsFormat()
+    prefixes = [f"experts.{i}.up_proj" for i in range(6)]
+    stacked = fmt.stacked_tensors(prefixes, export._stack(qws, torch.device("cuda")), torch.bfloat16)
+    for i, (prefix, qw) in enumerate(zip(prefixes, qws)):
+        for name, t in fmt.weight_tensors(prefix, qw, torch.bfloat16).items():
+            got = stacked[name.rpartition(".")[2]][i].cpu()
+            assert got.dtype == t.dtype and torch.equal(got, t), name
