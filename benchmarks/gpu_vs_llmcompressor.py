@@ -334,6 +334,8 @@ def _cuda_init() -> None:
 
     if DEVICE == "cuda":
         torch.cuda.init()
+        if os.environ.get("QK_BENCH_NO_CUDNN_SDPA"):  # --no-cudnn-sdpa, for both tools
+            torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def _gpu_peaks() -> dict:
@@ -581,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drop-models", action="store_true",
                     help="delete each case's model folder after its runs (MoE models are 5-26 GB)")
     ap.add_argument("--tools", default="quantkit,llmcompressor")
+    ap.add_argument("--no-cudnn-sdpa", action="store_true",
+                    help="turn off torch's cuDNN attention backend in both tools: whether the first layer of each "
+                    "attention kind (Gemma 3's sliding and global) pays cuDNN's plan building")
     ap.add_argument("--work", default="/tmp/quantkit-gpu-bench")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -592,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.no_cudnn_sdpa:
+        os.environ["QK_BENCH_NO_CUDNN_SDPA"] = "1"
     if args.tiny or args.cpu_wide:
         global DEVICE
         DEVICE = os.environ["QK_BENCH_DEVICE"] = "cpu"
