@@ -7,9 +7,10 @@ reads. Every source tensor that no processed layer consumed (embedding, final no
 vision tower, projector, MTP layers, anything) is copied byte for byte when it already has
 the export dtype, else cast and checked, unless a weight edit (the stream rotation) changed
 it; nothing is dropped (``check_nothing_dropped``). On a
-GPU the format's packing runs there (the layer's codes go up once, packed words come back):
-the formats' int64 packing arithmetic would otherwise take several times a layer's size in
-host memory and most of the export time.
+GPU the format's packing runs there (the layer's codes go up once, packed words come back).
+Linears of one scheme and shape (a MoE layer's hundreds of experts) are packed and checked as
+stacks (``stack_chunks``): per-Linear packing paid a dozen small ops and several host syncs
+per expert, most of a MoE export's time on a GPU.
 """
 
 from __future__ import annotations
@@ -100,10 +101,11 @@ def check_nothing_dropped(runner: ModelRunner, written: set[str], quantized_pref
                           hint="this is a bug in quantkit; please report it with the model's config.json")
 
 
-STACK_BYTES = 256 << 20
-"""Codes packed as one stack at most: the int32 packing needs about five times that on the
-device (and the host holds the packed result until its Linears are written), while 256 MiB
-already makes a stack of ~170 of Qwen3-30B-A3B's experts."""
+STACK_BYTES = 64 << 20
+"""Codes packed as one stack at most: the int32 packing needs about five times that where it
+runs (the host, on a CPU run) and the packed result waits on the host until its Linears are
+written; 64 MiB is already a stack of ~40 of Qwen3-30B-A3B's experts (a dozen stacks a layer
+instead of 384 Linears)."""
 
 _UNSTACKED = ("g_idx", "input_scale", "global_scale", "input_global_scale")
 
