@@ -49,6 +49,8 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     n = v.shape[-1]
     if n % pf:
         raise ValueError(f"dimension {dim} has {n} codes, not a multiple of {pf}")
+    if not v.numel():  # no bytes to read as words
+        return torch.zeros(*v.shape[:-1], n // pf, dtype=torch.int32, device=v.device).movedim(-1, dim).contiguous()
     if bits > 8:
         v = v.to(torch.int32).reshape(*v.shape[:-1], n // pf, pf)
         shifts = torch.arange(pf, dtype=torch.int32, device=v.device) * bits
