@@ -334,6 +334,8 @@ def _cuda_init() -> None:
 
     if DEVICE == "cuda":
         torch.cuda.init()
+        if os.environ.get("QK_BENCH_NO_CUDNN_SDPA"):  # --no-cudnn-sdpa, for both tools
+            torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def _gpu_peaks() -> dict:
@@ -389,7 +391,7 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     _cuda_init()
     t0 = time.perf_counter()  # the tool's imports count, as llm-compressor's do
     import quantkit
-    from quantkit import engine, pipeline, preflight
+    from quantkit import checkpoint, engine, pipeline, preflight, workdir
     from quantkit.graph import runtime
     from quantkit.quantizers import awq, gptq, hessian, int8_dynamic, smoothquant
     import transformers.modeling_utils  # noqa: F401 (quantkit builds the model's own class: its import cost)
@@ -403,6 +405,11 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     prof.wrap(awq, "awq_clip_search", "awq clip search")
     prof.wrap(int8_dynamic, "smooth_layer", "smoothquant (incl. its forward)")
     prof.wrap(engine._LayerCalibration, "observe", "calibration forward (incl. hooks)")
+    # Inside engine.export: reading the work folder back, and packing with its checks (experts
+    # stacked per scheme and shape, other Linears one at a time); the rest is writing.
+    prof.wrap(workdir.WorkDir, "load_layer", "export: read layer records")
+    prof.wrap(checkpoint.CheckpointWriter, "pack_stack", "export: stacked packing")
+    prof.wrap(checkpoint.CheckpointWriter, "add_quantized", "export: per-Linear packing and write")
     # Fixed cost, once per run.
     prof.wrap(preflight, "check", "run: validation")
     prof.wrap(runtime.ModelRunner, "__init__", "run: model class and layer graph")
@@ -576,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drop-models", action="store_true",
                     help="delete each case's model folder after its runs (MoE models are 5-26 GB)")
     ap.add_argument("--tools", default="quantkit,llmcompressor")
+    ap.add_argument("--no-cudnn-sdpa", action="store_true",
+                    help="turn off torch's cuDNN attention backend in both tools: whether the first layer of each "
+                    "attention kind (Gemma 3's sliding and global) pays cuDNN's plan building")
     ap.add_argument("--work", default="/tmp/quantkit-gpu-bench")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -587,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.no_cudnn_sdpa:
+        os.environ["QK_BENCH_NO_CUDNN_SDPA"] = "1"
     if args.tiny or args.cpu_wide:
         global DEVICE
         DEVICE = os.environ["QK_BENCH_DEVICE"] = "cpu"

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .errors import ExportError
-from .finite_check import all_finite, check_quantized, check_written
+from .finite_check import all_finite, check_quantized, check_quantized_stack, check_written, check_written_stack
 from .formats.base import Format
 from .interrupts import deferred_interrupts
 from .output_guard import MARKER, check_replaceable, marker_text, old_dir_for, recover_interrupted_publish
@@ -86,6 +86,10 @@ class CheckpointWriter:
     def _put(self, name: str, t: torch.Tensor) -> None:
         t = t.detach().to("cpu").contiguous()
         check_written(name, t)
+        self._write(name, t)
+
+    def _write(self, name: str, t: torch.Tensor) -> None:
+        """Append a host tensor that passed ``check_written``."""
         n = t.numel() * t.element_size()
         f = self._open(name, n)
         if n:
@@ -151,6 +155,23 @@ class CheckpointWriter:
         check_quantized(prefix, qw)
         for name, t in self.fmt.weight_tensors(prefix, qw, self.dtype).items():
             self._put(name, t.detach().to("cpu"))
+
+    def pack_stack(self, prefixes: list[str], qws: list[QuantizedWeight],
+                   stack: QuantizedWeight) -> list[dict[str, torch.Tensor]]:
+        """The tensors of Linears of one scheme and shape (``qws``, at ``prefixes``), packed by
+        the format as one stack (``stack``, on the device that packs) and brought to the host
+        once, checked as ``add_quantized`` checks them but with one reduction per stacked
+        tensor; write each Linear's with ``add_packed``. Only for ``fmt.stacks(scheme)``."""
+        check_quantized_stack(prefixes, qws, stack)
+        fields = {k: t.detach().to("cpu") for k, t in self.fmt.stacked_tensors(prefixes, stack, self.dtype).items()}
+        for k, t in fields.items():
+            check_written_stack([f"{p}.{k}" for p in prefixes], t)
+        return [{f"{p}.{k}": t[i] for k, t in fields.items()} for i, p in enumerate(prefixes)]
+
+    def add_packed(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write one Linear's tensors from ``pack_stack`` (checked there)."""
+        for name, t in tensors.items():
+            self._write(name, t.contiguous())
 
     def flush(self) -> None:
         """Close the open shard: its header goes into the room reserved at the start."""

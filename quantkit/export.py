@@ -7,9 +7,10 @@ reads. Every source tensor that no processed layer consumed (embedding, final no
 vision tower, projector, MTP layers, anything) is copied byte for byte when it already has
 the export dtype, else cast and checked, unless a weight edit (the stream rotation) changed
 it; nothing is dropped (``check_nothing_dropped``). On a
-GPU the format's packing runs there (the layer's codes go up once, packed words come back):
-the formats' int64 packing arithmetic would otherwise take several times a layer's size in
-host memory and most of the export time.
+GPU the format's packing runs there (the layer's codes go up once, packed words come back).
+Linears of one scheme and shape (a MoE layer's hundreds of experts) are packed and checked as
+stacks (``stack_chunks``): per-Linear packing paid a dozen small ops and several host syncs
+per expert, most of a MoE export's time on a GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointWriter
 from .errors import ExportError
+from .formats.base import Format
 from .graph.runtime import ModelRunner
 from .scheme import QuantizedWeight
 from .workdir import WorkDir
@@ -44,10 +46,20 @@ def export_checkpoint(runner: ModelRunner, workdir: WorkDir, writer: CheckpointW
         prefix = runner.layer_prefix(i)
         for name, t in record.floats.items():
             writer.add(names.source_of(prefix + name), t)
+        targets = {name: names.source_module(prefix + name) for name in record.quantized}
+        chunks = stack_chunks(record.quantized, writer.fmt)
+        packed: dict[str, dict[str, torch.Tensor]] = {}
         for name, qw in record.quantized.items():
-            target = names.source_module(prefix + name)
-            writer.add_quantized(target, _to(qw, runner.device))
-            quantized.add(target)
+            if name in chunks and name not in packed:
+                chunk = chunks[name]
+                qws = [record.quantized[n] for n in chunk]
+                tensors = writer.pack_stack([targets[n] for n in chunk], qws, _stack(qws, runner.device))
+                packed.update(zip(chunk, tensors))
+            if name in packed:
+                writer.add_packed(packed.pop(name))
+            else:
+                writer.add_quantized(targets[name], _to(qw, runner.device))
+            quantized.add(targets[name])
         for name, t in record.extra.items():
             module, _, leaf = name.rpartition(".")
             writer.add(f"{names.source_module(prefix + module)}.{leaf}", t, keep_dtype=True)
@@ -87,6 +99,40 @@ def check_nothing_dropped(runner: ModelRunner, written: set[str], quantized_pref
             continue
         raise ExportError(f"export: source tensor {src} was not written", file=src,
                           hint="this is a bug in quantkit; please report it with the model's config.json")
+
+
+STACK_BYTES = 64 << 20
+"""Codes packed as one stack at most: the int32 packing needs about five times that where it
+runs (the host, on a CPU run) and the packed result waits on the host until its Linears are
+written; 64 MiB is already a stack of ~40 of Qwen3-30B-A3B's experts (a dozen stacks a layer
+instead of 384 Linears)."""
+
+_UNSTACKED = ("g_idx", "input_scale", "global_scale", "input_global_scale")
+
+
+def stack_chunks(quantized: dict[str, QuantizedWeight], fmt: Format) -> dict[str, list[str]]:
+    """Each Linear that packs together with others -> the names of its stack, in record order:
+    Linears of one scheme and shape with only codes, scales and zero points (a layer's experts,
+    a dense MLP's gate and up), at most ``STACK_BYTES`` of codes a stack."""
+    groups: dict[tuple, list[list[str]]] = {}
+    for name, qw in quantized.items():
+        if any(getattr(qw, f) is not None for f in _UNSTACKED) or not fmt.stacks(qw.scheme):
+            continue
+        key = (qw.scheme, qw.codes.shape, qw.codes.dtype, qw.scale.shape, qw.scale.dtype, qw.zero_point is None)
+        chunks = groups.setdefault(key, [[]])
+        if chunks[-1] and (len(chunks[-1]) + 1) * qw.codes.numel() * qw.codes.element_size() > STACK_BYTES:
+            chunks.append([])
+        chunks[-1].append(name)
+    return {name: chunk for chunks in groups.values() for chunk in chunks if len(chunk) > 1 for name in chunk}
+
+
+def _stack(qws: list[QuantizedWeight], device: torch.device) -> QuantizedWeight:
+    """One QuantizedWeight whose tensors hold ``qws``'s along a leading dim, on ``device`` (one
+    copy up for the whole stack)."""
+    first = qws[0]
+    zero = None if first.zero_point is None else torch.stack([q.zero_point for q in qws]).to(device)
+    return QuantizedWeight(codes=torch.stack([q.codes for q in qws]).to(device),
+                           scale=torch.stack([q.scale for q in qws]).to(device), zero_point=zero, scheme=first.scheme)
 
 
 def _to(qw: QuantizedWeight, device: torch.device) -> QuantizedWeight:

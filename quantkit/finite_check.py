@@ -11,6 +11,7 @@ global scale likewise) is never published, nor an E8M0 scale holding its NaN cod
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
@@ -75,6 +76,30 @@ def check_quantized(prefix: str, qw: QuantizedWeight) -> None:
         t = getattr(qw, field)
         if t is not None:
             _check_scale(f"{prefix}.{field}", t)
+
+
+def check_quantized_stack(prefixes: list[str], qws: list[QuantizedWeight], stack: QuantizedWeight) -> None:
+    """`check_quantized` over Linears packed as one stack (``stack`` holds ``qws`` along a leading
+    dim): one reduction a field, and on failure the check of each names the Linear."""
+    _check_stack(lambda: check_quantized(prefixes[0], stack),
+                 (lambda p=p, q=q: check_quantized(p, q) for p, q in zip(prefixes, qws)))
+
+
+def check_written_stack(names: list[str], t: torch.Tensor) -> None:
+    """`check_written` over tensors of one kind stacked along dim 0 (entry ``i`` is ``names[i]``):
+    one reduction, and on failure the check of each names the tensor."""
+    _check_stack(lambda: check_written(names[0], t),
+                 (lambda n=n, part=part: check_written(n, part) for n, part in zip(names, t)))
+
+
+def _check_stack(whole: Callable[[], None], each: Iterable[Callable[[], None]]) -> None:
+    """Run ``whole``; when it fails, the first of ``each`` that fails raises (naming its part)."""
+    try:
+        whole()
+    except NumericsError:
+        for check in each:
+            check()
+        raise
 
 
 def check_written(name: str, t: torch.Tensor) -> None:

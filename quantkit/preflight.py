@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
@@ -184,8 +185,8 @@ def check(recipe: RecipeBase) -> RunPlan:
     check_replaceable(output_dir, recipe.export.overwrite)
     sizes = _sizes(model, view, linear_schemes, dtype, output_dir)
     linears: dict[str, int] = {}
-    for s in linear_schemes.values():
-        linears[scheme_name(s)] = linears.get(scheme_name(s), 0) + 1
+    for s, n in Counter(linear_schemes.values()).items():  # named once per scheme, not per Linear
+        linears[scheme_name(s)] = linears.get(scheme_name(s), 0) + n
     return RunPlan(
         recipe=where, model=recipe.model.id, model_dir=model.location, shape=shape, method=params.method,
         format=recipe.format_name, scheme=scheme_name(scheme), linears=linears, device=str(device),

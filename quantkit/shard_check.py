@@ -12,6 +12,7 @@ raises the first as the error the CLI prints.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import struct
@@ -49,8 +50,25 @@ def shard_entries(path: Path) -> tuple[dict[str, TensorEntry], list[str]]:
 
     The file must hold exactly its header and the data the offsets cover, back to back, as the
     safetensors library requires; each tensor's byte range must match its dtype and shape.
+    A file's header is parsed once while the file is unchanged (same inode, size and times):
+    validation, the index check and the model's reader each ask, and Qwen3-30B-A3B's headers
+    hold 18,867 tensors.
     """
     path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return _shard_entries(path)
+    entries, problems = _cached_entries(path, (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return dict(entries), list(problems)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_entries(path: Path, _stat: tuple[int, ...]) -> tuple[dict[str, TensorEntry], list[str]]:
+    return _shard_entries(path)
+
+
+def _shard_entries(path: Path) -> tuple[dict[str, TensorEntry], list[str]]:
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:

@@ -44,6 +44,19 @@ class Format(ABC):
     ) -> dict[str, torch.Tensor]:
         """Tensors for the Linear at ``prefix`` (e.g. ``model.layers.0.mlp.up_proj``)."""
 
+    def stacks(self, scheme: Scheme) -> bool:
+        """Whether ``stacked_tensors`` packs Linears of ``scheme`` (else they go one at a time
+        through ``weight_tensors``)."""
+        return False
+
+    def stacked_tensors(self, prefixes: list[str], stack: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The tensors of Linears of one scheme and shape, packed as one stack (a layer's experts:
+        one pass instead of hundreds of small ones): ``stack``'s tensors have a leading dim, one
+        entry per name in ``prefixes``; returns the tensor of each field (``weight_packed``) with
+        that leading dim, entry ``i`` byte for byte what ``weight_tensors`` gives the Linear
+        ``prefixes[i]``. Only called when ``stacks(stack.scheme)``."""
+        raise NotImplementedError(f"the {self.name} format packs Linears one at a time")
+
     @abstractmethod
     def quantization_config(
         self, schemes: Scheme | Mapping[str, Scheme], ignore: list[str], kv_cache: ActivationScheme | None = None

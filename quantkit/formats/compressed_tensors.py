@@ -279,29 +279,38 @@ class CompressedTensorsFormat(Format):
             out[f"{prefix}.input_global_scale"] = qw.input_global_scale.to(torch.float32).reshape(1)
         return out
 
+    def stacks(self, scheme: Scheme) -> bool:
+        return self.unsupported_reason(scheme) is None and compression_format(scheme) == "pack-quantized"
+
+    def stacked_tensors(self, prefixes: list[str], stack: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return self._packed_fields(prefixes[0], stack, dtype)
+
     def _packed(self, prefix: str, qw: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.{field}": t for field, t in self._packed_fields(prefix, qw, dtype).items()}
+
+    def _packed_fields(self, prefix: str, qw: QuantizedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The pack-quantized tensors by field; ``qw`` is one Linear or a stack of them (every
+        tensor with a leading dim), and each field keeps the leading dims."""
         bits = qw.scheme.weights.num_bits
         if has_permuted_groups(qw):
             raise ExportError(
                 f"{prefix}: its g_idx permutes quantization groups, which compressed-tensors "
                 ">= 0.20 cannot store (actorder='group' was removed)", file=prefix, field="export.format",
                 value="compressed-tensors", hint="export with format 'gptq' or quantize with static act-order groups")
-        out_f, in_f = qw.shape
+        *lead, out_f, in_f = qw.codes.shape
         if in_f % pack_factor(bits):
             raise ExportError(f"{prefix}: in_features {in_f} is not a multiple of {32 // bits}", file=prefix,
                               value=in_f)
         tensors = {
-            f"{prefix}.weight_packed": pack_int32(to_unsigned(qw.codes, bits), bits, dim=1),
-            f"{prefix}.weight_scale": qw.scale.to(dtype).contiguous(),
-            f"{prefix}.weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64),
+            "weight_packed": pack_int32(to_unsigned(qw.codes, bits), bits, dim=-1),
+            "weight_scale": qw.scale.to(dtype).contiguous(),
+            "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64).expand(*lead, 2),
         }
         if qw.zero_point is not None:
             if out_f % pack_factor(bits):
                 raise ExportError(f"{prefix}: out_features {out_f} is not a multiple of {32 // bits}, "
                                   "needed to pack asymmetric zero points", file=prefix, value=out_f)
-            tensors[f"{prefix}.weight_zero_point"] = pack_int32(
-                to_unsigned(qw.zero_point, bits), bits, dim=0
-            )
+            tensors["weight_zero_point"] = pack_int32(to_unsigned(qw.zero_point, bits), bits, dim=-2)
         return tensors
 
     def quantization_config(

@@ -25,7 +25,7 @@ def pack_factor(bits: int) -> int:
 
 def to_unsigned(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Signed codes ``[-2**(b-1), 2**(b-1))`` as unsigned int32 codes ``[0, 2**b)``."""
-    return codes.to(torch.int32) + (1 << (bits - 1))
+    return codes.to(torch.int32).add_(1 << (bits - 1))
 
 
 def to_signed(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -33,26 +33,34 @@ def to_signed(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return (codes.to(torch.int32) - (1 << (bits - 1))).to(torch.int8)
 
 
-def _wrap_int32(x: torch.Tensor) -> torch.Tensor:
-    """int64 holding a 32-bit pattern -> int32 with the same bits (two's complement)."""
-    x = x & 0xFFFFFFFF
-    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
-
-
 def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Pack unsigned ``bits``-bit ``values`` along ``dim`` (its size a multiple of 32 // bits)."""
+    """Pack unsigned ``bits``-bit ``values`` along ``dim`` (its size a multiple of 32 // bits).
+
+    Codes of up to 8 bits are combined into bytes (uint8 arithmetic, a quarter of int32's memory
+    traffic), and each four bytes read as one little-endian int32 word: byte ``j`` holds codes
+    ``j * 8 // bits ...``, so code ``k`` of the word sits at bits ``k * bits``, as the formats
+    require. Wider codes are shifted and summed in int32 (their bits are disjoint: no carries)."""
     pf = pack_factor(bits)
-    v = values.to(torch.int64)
-    if v.numel() and (v.min() < 0 or v.max() >= (1 << bits)):
-        raise ValueError(f"values out of the unsigned {bits}-bit range [0, {(1 << bits) - 1}]")
-    v = v.movedim(dim, -1)
+    if values.numel():
+        lo, hi = torch.aminmax(values)
+        if bool((lo < 0) | (hi >= (1 << bits))):
+            raise ValueError(f"values out of the unsigned {bits}-bit range [0, {(1 << bits) - 1}]")
+    v = values.movedim(dim, -1)
     n = v.shape[-1]
     if n % pf:
         raise ValueError(f"dimension {dim} has {n} codes, not a multiple of {pf}")
-    v = v.reshape(*v.shape[:-1], n // pf, pf)
-    shifts = torch.arange(pf, dtype=torch.int64, device=v.device) * bits
-    words = (v << shifts).sum(dim=-1)
-    return _wrap_int32(words).movedim(-1, dim).contiguous()
+    if not v.numel():  # no bytes to read as words
+        return torch.zeros(*v.shape[:-1], n // pf, dtype=torch.int32, device=v.device).movedim(-1, dim).contiguous()
+    if bits > 8:
+        v = v.to(torch.int32).reshape(*v.shape[:-1], n // pf, pf)
+        shifts = torch.arange(pf, dtype=torch.int32, device=v.device) * bits
+        return (v << shifts).sum(-1, dtype=torch.int32).movedim(-1, dim).contiguous()
+    per_byte = 8 // bits
+    v = v.to(torch.uint8).reshape(*v.shape[:-1], n // per_byte, per_byte)
+    packed = v[..., 0].clone()
+    for k in range(1, per_byte):
+        packed |= v[..., k] << (k * bits)
+    return packed.contiguous().view(torch.int32).movedim(-1, dim).contiguous()
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
