@@ -347,6 +347,91 @@ def test_input_feedback_pairs_the_float_and_quantized_streams(text_file, tmp_pat
     assert any(not torch.equal(codes[True][(1, n)], codes[False][(1, n)]) for i, n in codes[False] if i == 1)
 
 
+def _paired_run(model, text_file, out, monkeypatch, quantize: bool):
+    """One input-feedback GPTQ run of ``model``; returns its calibration batches and, per
+    (layer, batch), q_proj's input on the quantized and on the float stream, and every
+    Linear's codes. With ``quantize`` False the layers keep their float weights after being
+    quantized (the engine's apply_record does nothing), so both streams must be the same."""
+    from quantkit import engine
+    from quantkit.pipeline import run
+    from quantkit.recipe import make_recipe
+
+    batches, seen, codes = [], {}, {}
+    make_batches, observe_paired = engine.make_batches, engine._LayerCalibration.observe_paired
+
+    def recorded_batches(seqs, size):
+        got = make_batches(seqs, size)
+        batches.extend(got)
+        return got
+
+    def recorded_observe(self, stats):
+        count = iter(range(len(self.batches)))
+
+        def spy(xq, xf, add=stats["self_attn.q_proj"].add):
+            seen[(self.index, next(count))] = (xq.clone(), xf.clone())
+            add(xq, xf)
+        observe_paired(self, {**stats, "self_attn.q_proj": type("Spy", (), {"add": staticmethod(spy),
+                                                                           "reduce": stats["self_attn.q_proj"].reduce})})
+
+    monkeypatch.setattr(engine, "make_batches", recorded_batches)
+    monkeypatch.setattr(engine._LayerCalibration, "observe_paired", recorded_observe)
+    if not quantize:
+        monkeypatch.setattr(engine, "apply_record", lambda *_: None)
+    for fb in (False, True):
+        got = codes[fb] = {}
+        run(make_recipe({
+            "model": {"id": str(model)},
+            "quantization": {"method": "gptq", "bits": 4, "group_size": 32, "input_feedback": fb},
+            "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 16, "batch_size": 2},
+            "evaluate": {"enabled": False}, "export": {"output_dir": str(out / f"{quantize}-{fb}")},
+            "device": "cpu"}),
+            quiet=True, on_layer=lambda i, _layer, q, got=got: got.update({(i, n): w.codes for n, w in q.items()}))
+    return batches[:2], seen, codes
+
+
+def test_input_feedback_streams_are_equal_when_nothing_is_quantized(text_file, tmp_path, monkeypatch):
+    """Layers left float after quantizing: the two streams are the same tensors at every layer
+    and batch, so the feedback target is the weight itself and the codes are plain GPTQ's
+    at every layer (not only the first)."""
+    from .tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", layers=3, hidden=64, intermediate=128)
+    _, seen, codes = _paired_run(model, text_file, tmp_path, monkeypatch, quantize=False)
+    assert {i for i, _ in seen} == {0, 1, 2}
+    for key, (xq, xf) in seen.items():
+        assert torch.equal(xq, xf), key
+    assert codes[True].keys() == codes[False].keys()
+    for key, c in codes[False].items():
+        assert torch.equal(codes[True][key], c), key
+
+
+def test_input_feedback_float_stream_is_the_float_model(text_file, tmp_path, monkeypatch):
+    """Quantized for real: at every layer and batch the float stream's q_proj input is what the
+    plain float model computes on that batch (same tokens, positions, layer), and from layer 1
+    the quantized stream differs from it."""
+    from transformers import AutoModelForCausalLM
+
+    from .tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", layers=3, hidden=64, intermediate=128)
+    batches, seen, _ = _paired_run(model, text_file, tmp_path, monkeypatch, quantize=True)
+    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    want = {}
+    for b, ids in enumerate(batches):
+        hooks = [layer.self_attn.q_proj.register_forward_pre_hook(
+            lambda _m, a, i=i: want.__setitem__((i, b), a[0].reshape(-1, a[0].shape[-1])))
+            for i, layer in enumerate(reference.model.layers)]
+        with torch.no_grad():
+            reference(ids)
+        for h in hooks:
+            h.remove()
+    assert seen.keys() == want.keys()
+    for key, (xq, xf) in seen.items():
+        torch.testing.assert_close(xf, want[key], rtol=1e-5, atol=1e-6, msg=str(key))
+        if key[0] > 0:
+            assert (xq - xf).abs().max() > 1e-3, key
+
+
 class _SameStreams(FakeCalibration):
     """Paired calibration whose float stream is the quantized one (as in a model's first layer)."""
 
