@@ -520,9 +520,9 @@ class GPTQParams(SchemeParams):
     static_groups: bool = True
     dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
     block_size: int = Field(128, ge=1, description="columns whose updates are applied together (lazy batch)")
-    input_feedback: bool = Field(False, description="fit the quantized layer on its quantized inputs to the float "
-                                 "layer's output on float inputs (GPTAQ's objective); keeps a second calibration "
-                                 "stream")
+    input_feedback: bool = Field(False, description="GPTAQ: each column's input mismatch between the quantized and "
+                                 "the float model is compensated by the columns not yet quantized (alpha 0.25); "
+                                 "keeps a second calibration stream")
     clip_search: bool = Field(False, description="shrink each group's range where that lowers its Hessian-weighted "
                               "error before the column loop (static groups or per channel)")
 
