@@ -188,11 +188,16 @@ class ModelSource:
             if name.startswith(prefix)
         }
 
-    def tokenizer_files(self) -> list[Path]:
+    def companion_files(self) -> list[Path]:
+        """The files besides weights and config that loaders read from the model's folder: the
+        tokenizer, a multimodal model's processors (vLLM builds its input processor from them and
+        refuses to start without), the generation defaults. The output carries them unchanged."""
         names = (
             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
             "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
             "chat_template.jinja", "chat_template.json",
+            "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+            "generation_config.json",
         )
         return [self.path / n for n in names if (self.path / n).is_file()]
 

@@ -154,7 +154,7 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
                 config["quantization_config"].update(edit.quantization_config_updates())
             extra_files = {"report.json": json.dumps(report, indent=2),
                            "README.md": render_card(report, base_license(source.path))}
-            copy = source.tokenizer_files() + [p for p in [source.path / "generation_config.json"] if p.is_file()]
+            copy = source.companion_files()
             check_unchanged(weights, fingerprint_weights(source.path, list(weights)), source.path,
                             "before publishing")
             writer.finalize(config, extra_files, copy)

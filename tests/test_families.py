@@ -116,6 +116,10 @@ def test_family_end_to_end(workspace, family):
         assert tower and all(torch.equal(dst[k], src[k]) for k in tower)
         assert any("vision_tower" in i or "visual" in i for i in config["quantization_config"]["ignore"])
         assert "not part of the language decoder" in card
+        # The processors vLLM builds its input processor from travel with the checkpoint.
+        processors = [f.name for f in base.iterdir() if f.name.endswith("processor_config.json")]
+        assert "preprocessor_config.json" in processors
+        assert all((out / n).read_bytes() == (base / n).read_bytes() for n in processors)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,20 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 384):
+# A multimodal family's image/video marker tokens, as its processor reads them from the
+# tokenizer; appended in this order, so they take the last ids, where `family_config` puts them.
+# vLLM's Gemma 3 processing also looks up runs of newlines by text, as Gemma's vocabulary has
+# them (`gemma3_mm.py`: ``vocab["\n\n"]``); they are added before the markers.
+NEWLINE_TOKENS = {"gemma3-vl": ["\n" * k for k in range(1, 5)]}
+MEDIA_TOKENS = {
+    "gemma3-vl": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    "qwen2.5-vl": {"vision_end_token": "<|vision_end|>", "vision_start_token": "<|vision_start|>",
+                   "video_token": "<|video_pad|>", "image_token": "<|image_pad|>"},
+}
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 384, media: dict[str, str] | None = None,
+                    words: list[str] | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -32,10 +45,37 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 384):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_TEXT * 4, trainer)
+    tok.add_tokens(words or [])
+    tok.add_special_tokens(list((media or {}).values()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   chat_template=CHAT_TEMPLATE)
+                                   chat_template=CHAT_TEMPLATE, extra_special_tokens=media or {})
     fast.save_pretrained(out_dir)
     return fast
+
+
+def write_processor_files(out_dir: Path, arch: str, config) -> None:
+    """The processor configs a released multimodal checkpoint ships (vLLM builds its input
+    processor from them), sized for the tiny vision tower: one 28 x 28 image is 4 patches."""
+    vision = config.vision_config
+    mean_std = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    if arch == "gemma3-vl":
+        side = vision.image_size
+        files = {"preprocessor_config.json": {"image_processor_type": "Gemma3ImageProcessor",
+                                              "processor_class": "Gemma3Processor", "do_resize": True,
+                                              "size": {"height": side, "width": side}, "resample": 2,
+                                              "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                                              **mean_std},
+                 "processor_config.json": {"processor_class": "Gemma3Processor",
+                                           "image_seq_length": config.mm_tokens_per_image}}
+    else:
+        patch = {"patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
+                 "merge_size": vision.spatial_merge_size, "min_pixels": 28 * 28, "max_pixels": 4 * 28 * 28}
+        files = {"preprocessor_config.json": {"image_processor_type": "Qwen2VLImageProcessor",
+                                              "processor_class": "Qwen2_5_VLProcessor", **patch, **mean_std},
+                 "video_preprocessor_config.json": {"video_processor_type": "Qwen2VLVideoProcessor",
+                                                    "processor_class": "Qwen2_5_VLProcessor", **patch, **mean_std}}
+    for name, body in files.items():
+        (out_dir / name).write_text(json.dumps(body, indent=2))
 
 
 def family_config(arch: str, vocab: int, layers: int = 2, hidden: int = 128, intermediate: int = 256,
@@ -140,9 +180,11 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", layers: int = 2, hidden:
     """Write a random-weight model folder (config, safetensors, tokenizer); return it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out_dir)
+    tokenizer = build_tokenizer(out_dir, media=MEDIA_TOKENS.get(arch), words=NEWLINE_TOKENS.get(arch))
     config = family_config(arch, len(tokenizer), layers, hidden, intermediate, heads, kv_heads, tied,
                            tokenizer.bos_token_id, tokenizer.eos_token_id)
+    if arch in MULTIMODAL_FAMILIES:
+        write_processor_files(out_dir, arch, config)
     torch.manual_seed(seed)
     model = model_class_for(config)._from_config(config, dtype=dtype)
     with torch.no_grad():
@@ -156,7 +198,23 @@ def make_tiny_model(out_dir: Path, arch: str = "llama", layers: int = 2, hidden:
             else:
                 p.normal_(0, 0.02)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    if arch == "gemma3-vl":
+        # Released Gemma 3 checkpoints (and vLLM's loader) keep SigLIP's `vision_model` level,
+        # which transformers 5 drops on save.
+        _rename_tensors(out_dir, lambda k: k.replace("vision_tower.", "vision_tower.vision_model.", 1))
     return out_dir
+
+
+def _rename_tensors(folder: Path, rename) -> None:
+    from safetensors.torch import load_file, save_file
+
+    for shard in folder.glob("*.safetensors"):
+        save_file({rename(k): v for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        body = json.loads(index.read_text())
+        body["weight_map"] = {rename(k): v for k, v in body["weight_map"].items()}
+        index.write_text(json.dumps(body, indent=2))
 
 
 def write_text_file(path: Path, n_docs: int = 40) -> Path:
