@@ -351,10 +351,10 @@ def test_gptq_on_the_feedback_target_fits_the_float_output_better_on_held_out_to
     assert fb < 0.97 * plain, (fb, plain)
 
 
-def _paired_run(model, text_file, out, monkeypatch, quantize: bool):
-    """One input-feedback GPTQ run of ``model``; returns its calibration batches and, per
-    (layer, batch), q_proj's input on the quantized and on the float stream, and every
-    Linear's codes. With ``quantize`` False the layers keep their float weights after being
+def _paired_run(model, text_file, out, monkeypatch, quantize: bool, runs=(True,)):
+    """GPTQ runs of ``model`` with input feedback on or off (``runs``); returns the calibration
+    batches and, per (layer, batch), q_proj's input on the quantized and on the float stream,
+    and every Linear's codes per run. With ``quantize`` False the layers keep their float weights after being
     quantized (the engine's apply_record does nothing), so both streams must be the same."""
     from quantkit import engine
     from quantkit.pipeline import run
@@ -381,7 +381,7 @@ def _paired_run(model, text_file, out, monkeypatch, quantize: bool):
     monkeypatch.setattr(engine._LayerCalibration, "observe_paired", recorded_observe)
     if not quantize:
         monkeypatch.setattr(engine, "apply_record", lambda *_: None)
-    for fb in (False, True):
+    for fb in runs:
         got = codes[fb] = {}
         run(make_recipe({
             "model": {"id": str(model)},
@@ -400,7 +400,7 @@ def test_input_feedback_streams_are_equal_when_nothing_is_quantized(text_file, t
     from .tiny_models import make_tiny_model
 
     model = make_tiny_model(tmp_path / "model", layers=3, hidden=64, intermediate=128)
-    _, seen, codes = _paired_run(model, text_file, tmp_path, monkeypatch, quantize=False)
+    _, seen, codes = _paired_run(model, text_file, tmp_path, monkeypatch, quantize=False, runs=(False, True))
     assert {i for i, _ in seen} == {0, 1, 2}
     for key, (xq, xf) in seen.items():
         assert torch.equal(xq, xf), key
