@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -369,13 +370,12 @@ def _paired_run(model, text_file, out, monkeypatch, quantize: bool, runs=(True,)
         return got
 
     def recorded_observe(self, stats):
-        count = iter(range(len(self.batches)))
+        count, q = iter(range(len(self.batches))), stats["self_attn.q_proj"]
 
-        def spy(xq, xf, add=stats["self_attn.q_proj"].add):
+        def spy(xq, xf):
             seen[(self.index, next(count))] = (xq.clone(), xf.clone())
-            add(xq, xf)
-        observe_paired(self, {**stats, "self_attn.q_proj": type("Spy", (), {"add": staticmethod(spy),
-                                                                           "reduce": stats["self_attn.q_proj"].reduce})})
+            q.add(xq, xf)
+        observe_paired(self, {**stats, "self_attn.q_proj": SimpleNamespace(add=spy, reduce=q.reduce)})
 
     monkeypatch.setattr(engine, "make_batches", recorded_batches)
     monkeypatch.setattr(engine._LayerCalibration, "observe_paired", recorded_observe)
