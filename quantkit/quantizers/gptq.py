@@ -467,25 +467,41 @@ def _block_graph(n_w: int, n_h: int, rows: int, n: int, device: torch.device, dy
 
 
 def feedback_target(w: torch.Tensor, h_quant: torch.Tensor, cross: torch.Tensor, dampening_frac: float,
-                    name: str = "weight") -> torch.Tensor:
-    """The float weight GPTQ should approximate when its inputs are the quantized model's
-    ``X̃`` but its target is the float layer's output on the float inputs ``X`` (GPTAQ's
-    objective): ``min ||X Wᵀ − X̃ Ŵᵀ||² = ||X̃ (W* − Ŵ)ᵀ||² + const`` with
-    ``W* = W + W (Cᵀ − H̃)(H̃ + λI)⁻¹``, ``H̃ = X̃ᵀX̃`` and ``C = X̃ᵀX`` on the same scale.
+                    alpha: float = 0.25, act_order: bool = False, name: str = "weight") -> torch.Tensor:
+    """The weight GPTQ should quantize so that the quantized Linear on the quantized model's
+    inputs ``X̃`` approaches the float Linear on the float inputs ``X`` (GPTAQ, Li et al. 2025).
 
-    The damping ``λ = frac · mean(diag H̃)`` pulls ``W*`` toward ``W`` (not toward zero): with
-    ``X̃ = X`` it is ``W`` exactly, and directions the calibration tokens barely excite are
-    left alone instead of fitted to noise.
+    GPTAQ adds to GPTQ's column loop, for each column ``i`` visited, ``w_i · P[i, i+1:]`` on the
+    columns not yet visited, with ``P = α · triu₁((ΔXᵀX̃) Uᵀ) U``, ``ΔX = X − X̃`` and ``U`` the
+    upper Cholesky factor of the damped ``H̃⁻¹`` in the visiting order: each column's input
+    mismatch is compensated by the columns after it only, shrunk by ``α``. Without rounding
+    that loop ends at ``W' = W (I − P)⁻¹``, which is returned (in natural column order): the
+    loop's own updates differ from it only by products of the rounding errors with ``P``.
+
+    The unmasked, unshrunk target (``α = 1`` on the whole of ``(ΔXᵀX̃) H̃⁻¹``, the exact least
+    squares fit of ``X Wᵀ`` on ``X̃``) fits the calibration tokens' stream mismatch and is
+    far worse on held-out text (docs/quality.md). ``cross`` is ``X̃ᵀX`` on the scale of
+    ``h_quant = X̃ᵀX̃``; ``act_order`` visits columns as GPTQ's act-order does.
     """
     h = h_quant.detach().to(torch.float64).clone()
-    h.diagonal().add_(dampening_frac * torch.diagonal(h).mean().clamp_min(1e-8))
+    mismatch = (cross.detach().to(torch.float64) - h).T  # ΔXᵀX̃; exactly zero when the streams are equal
+    diag = torch.diagonal(h)
+    diag.masked_fill_(diag == 0, 1.0)  # dead columns, as the solve patches them
+    in_f = h.shape[0]
+    order = (torch.argsort(diag, descending=True, stable=True) if act_order
+             else torch.arange(in_f, device=h.device))
+    h, mismatch = h[order][:, order], mismatch[order][:, order]
+    h.diagonal().add_(dampening_frac * torch.diagonal(h).mean())
     low, info = torch.linalg.cholesky_ex(h)
     if int(info) != 0:
-        raise NumericsError(f"GPTQ {name}: the quantized-input Hessian is not positive definite even damped; "
-                            "use more calibration samples or a larger dampening_frac")
-    w64 = w.detach().to(torch.float64)
-    rhs = (cross.to(torch.float64) - h_quant.to(torch.float64)) @ w64.T  # [in, out]
-    return (w64 + torch.cholesky_solve(rhs, low).T).to(torch.float32)
+        raise NumericsError(f"GPTQ {name}: the quantized-input Hessian is not positive definite even damped",
+                            file=name, hint="use more calibration samples or a larger dampening_frac")
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(low), upper=True)
+    p = alpha * (mismatch @ upper.T).triu_(1) @ upper
+    eye = torch.eye(in_f, dtype=torch.float64, device=h.device)
+    w64 = w.detach().to(torch.float64)[:, order]
+    shifted = torch.linalg.solve_triangular(eye - p, w64, upper=True, left=False)
+    return shifted[:, torch.argsort(order)].to(torch.float32)
 
 
 class GPTQParams(SchemeParams):
@@ -504,9 +520,9 @@ class GPTQParams(SchemeParams):
     static_groups: bool = True
     dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
     block_size: int = Field(128, ge=1, description="columns whose updates are applied together (lazy batch)")
-    input_feedback: bool = Field(False, description="fit the quantized layer on its quantized inputs to the float "
-                                 "layer's output on float inputs (GPTAQ's objective); keeps a second calibration "
-                                 "stream")
+    input_feedback: bool = Field(False, description="GPTAQ: each column's input mismatch between the quantized and "
+                                 "the float model is compensated by the columns not yet quantized (alpha 0.25); "
+                                 "keeps a second calibration stream")
     clip_search: bool = Field(False, description="shrink each group's range where that lowers its Hessian-weighted "
                               "error before the column loop (static groups or per channel)")
 
@@ -857,7 +873,7 @@ class GPTQQuantizer(Quantizer):
 
             def target(n: str) -> torch.Tensor:  # on the unit's owner rank, within its solve
                 return feedback_target(graph.unit(n).matrix(layer), accs[n].hessian(), crosses[n].hessian(),
-                                       p.dampening_frac, n)
+                                       p.dampening_frac, act_order=p.act_order, name=n)
         else:
             accs, stats = collect_hessians(graph, input_globals.stats, names=schemes)
             parts = solve_parts(layer, graph, accs, schemes, calib.world, calib.expert_owner)
