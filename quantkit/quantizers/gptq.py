@@ -30,7 +30,6 @@ import torch
 from pydantic import Field, model_validator
 
 from ..errors import NumericsError
-from ..graph.experts import expert_of
 from ..grids import effective_scale, round_to_grid
 from ..scheme import QuantizedWeight, Scheme, WeightScheme
 from ..distributed import SINGLE, World
@@ -864,16 +863,18 @@ class GPTQQuantizer(Quantizer):
         p: GPTQParams = self.params  # type: ignore[assignment]
         schemes = self.schemes_or_default(graph, schemes)
         input_globals = observe_input_globals(graph, schemes)
-        target = None
+        target: Callable[[str], torch.Tensor] | None = None
         if p.input_feedback:
             accs, crosses, paired = collect_paired_hessians(graph, input_globals.stats, names=schemes)
             parts = solve_parts(layer, graph, accs, schemes, calib.world, calib.expert_owner)
             hessians_to_owners(parts, calib.world, accs, crosses)
             calib.observe_paired(paired)
 
-            def target(n: str) -> torch.Tensor:  # on the unit's owner rank, within its solve
+            def feedback(n: str) -> torch.Tensor:  # on the unit's owner rank, within its solve
                 return feedback_target(graph.unit(n).matrix(layer), accs[n].hessian(), crosses[n].hessian(),
                                        p.dampening_frac, act_order=p.act_order, name=n)
+
+            target = feedback
         else:
             accs, stats = collect_hessians(graph, input_globals.stats, names=schemes)
             parts = solve_parts(layer, graph, accs, schemes, calib.world, calib.expert_owner)
