@@ -182,18 +182,9 @@ def _parts(stat: Statistic) -> list[Statistic]:
 
 
 def _fan_out(stats: Mapping[str, list[Statistic]]) -> dict[str, InputHook]:
-    """One input hook per Linear feeding all its statistics."""
-    def feed(parts: list[Statistic]) -> InputHook:
-        if len(parts) == 1:
-            return parts[0].add
-
-        def add(x: torch.Tensor) -> None:
-            for p in parts:
-                p.add(x)
-
-        return add
-
-    return {n: feed(parts) for n, parts in stats.items() if parts}
+    """One input hook per Linear feeding all its statistics (``Joined`` again, over the parts
+    this rank feeds)."""
+    return {n: parts[0].add if len(parts) == 1 else Joined(*parts).add for n, parts in stats.items() if parts}
 
 
 def _summed_counts(counts: dict[str, list[int]], world: World) -> dict[str, list[int]]:

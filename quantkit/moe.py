@@ -12,6 +12,7 @@ it, rather than getting a Hessian or a range from a handful of tokens (or none).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
@@ -124,9 +125,9 @@ def statistics_chunks(graph: LayerGraph, budget: int | None,
         return sum(4 * graph.unit(g.key).in_features ** 2 for g in groups)
 
     owners = owners or {}
-    per_rank: dict[int, int] = {}
+    per_rank: Counter[int] = Counter()
     for expert, groups in owned.items():
-        per_rank[owners.get(expert, 0)] = per_rank.get(owners.get(expert, 0), 0) + size(groups)
+        per_rank[owners.get(expert, 0)] += size(groups)
     if budget is None or size(common) + max(per_rank.values(), default=0) <= budget:
         return [graph]
     parts: list[list[InputGroup]] = [list(common)]
