@@ -31,10 +31,14 @@ from .scheme import QuantizedWeight
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
-# Room for a shard's JSON header (about 120 bytes a tensor: a 5 GB shard of Llama-8B layers
-# has about 300 tensors). The header is padded with spaces to fill it, which the safetensors
-# format allows; a header that does not fit is written by copying the shard once.
-HEADER_ROOM = 256 * 1024
+# Room for a shard's JSON header, reserved at the start of each shard and padded with spaces
+# (which the safetensors format allows). About 120 bytes a tensor: a 5 GB shard of Llama-8B
+# layers has about 300 tensors, of a MoE's experts 10,000 or more. A shard closes when its next
+# tensor's entry would not fit, as when its bytes would pass max_shard_size: rewriting a shard
+# behind a longer header cost a full copy of it (GBs for a MoE) on every shard.
+HEADER_ROOM = 1024 * 1024
+_HEADER_START = b'{"__metadata__":{"format":"pt"}'
+
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
            torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
@@ -53,7 +57,8 @@ class CheckpointWriter:
         self.fmt, self.dtype, self.max_shard_size, self.overwrite = fmt, dtype, max_shard_size, overwrite
         self.work_dir = Path(staging_dir)
         self._file = None
-        self._entries: dict[str, dict[str, Any]] = {}
+        self._entries: dict[str, bytes] = {}  # the open shard's header, one JSON entry a tensor
+        self._header_entry_bytes = 0
         self._buffer_bytes = 0
         self._names: set[str] = set()
         self._shards: list[tuple[str, list[str]]] = []
@@ -91,15 +96,16 @@ class CheckpointWriter:
     def _write(self, name: str, t: torch.Tensor) -> None:
         """Append a host tensor that passed ``check_written``."""
         n = t.numel() * t.element_size()
-        f = self._open(name, n)
+        dtype, shape = _DTYPES[t.dtype], list(t.shape)
+        f = self._open(name, dtype, shape, n)
         if n:
             _write_all(f, t.reshape(-1).view(torch.uint8).numpy().data)
-        self._record(name, _DTYPES[t.dtype], list(t.shape), n)
+        self._record(name, dtype, shape, n)
 
     def add_file_range(self, name: str, dtype: str, shape: list[int], path: Path, start: int, end: int) -> None:
         """Copy a tensor's bytes as they are from another safetensors file (``dtype`` in its
         notation), 64 MiB at a time: the embedding and lm_head never sit whole in memory."""
-        f = self._open(name, end - start)
+        f = self._open(name, dtype, shape, end - start)
         with open(path, "rb") as src:
             pos, left = start, end - start
             try:  # in the kernel, no bytes through Python
@@ -128,14 +134,17 @@ class CheckpointWriter:
     def export_dtype_name(self) -> str:
         return _DTYPES[self.dtype]
 
-    def _open(self, name: str, n: int):
-        """The open shard, ready for ``n`` more bytes of tensor ``name``."""
+    def _open(self, name: str, dtype: str, shape: list[int], n: int):
+        """The open shard, ready for ``n`` more bytes of tensor ``name`` and for its header entry."""
         if name in self._names:
             raise ExportError(f"internal: tensor {name} written twice", file=name)
         self._names.add(name)
         # Close the shard before a tensor that would push it past the limit: max_shard_size is
         # the largest shard (only a single tensor bigger than the limit gets a shard above it).
-        if self._file is not None and self._buffer_bytes and self._buffer_bytes + n > self.max_shard_size:
+        # The entry's length at the current offsets bounds it in a new shard (offsets from 0).
+        entry = len(_entry_json(name, dtype, shape, self._buffer_bytes, n))
+        if self._file is not None and self._buffer_bytes and (
+                self._buffer_bytes + n > self.max_shard_size or self._header_size() + entry > HEADER_ROOM - 8):
             self.flush()
         if self._file is None:
             # unbuffered: copy_file_range writes at the descriptor's offset too
@@ -144,9 +153,12 @@ class CheckpointWriter:
         return self._file
 
     def _record(self, name: str, dtype: str, shape: list[int], n: int) -> None:
-        self._entries[name] = {"dtype": dtype, "shape": shape,
-                               "data_offsets": [self._buffer_bytes, self._buffer_bytes + n]}
+        self._entries[name] = _entry_json(name, dtype, shape, self._buffer_bytes, n)
+        self._header_entry_bytes += len(self._entries[name])
         self._buffer_bytes += n
+
+    def _header_size(self) -> int:
+        return len(_HEADER_START) + self._header_entry_bytes + 1
 
     def _part_name(self) -> str:
         return f"part-{len(self._shards) + 1:05d}.safetensors"
@@ -178,24 +190,17 @@ class CheckpointWriter:
         if self._file is None:
             return
         f, self._file = self._file, None
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        header = _HEADER_START + b"".join(self._entries.values()) + b"}"
+        if len(header) + 8 > HEADER_ROOM:  # _open closes shards before this; never a corrupt header
+            f.close()
+            raise ExportError(f"internal: the safetensors header of {f.name} outgrew its room", file=f.name)
+        f.seek(0)
+        _write_all(f, struct.pack("<Q", HEADER_ROOM - 8) + header + b" " * (HEADER_ROOM - 8 - len(header)))
+        f.close()
         path = Path(f.name)
-        if len(header) + 8 <= HEADER_ROOM:
-            f.seek(0)
-            _write_all(f, struct.pack("<Q", HEADER_ROOM - 8) + header + b" " * (HEADER_ROOM - 8 - len(header)))
-            f.close()
-        else:
-            f.close()
-            pad = (-len(header)) % 8  # data starts 8-byte aligned, as safetensors writes it
-            tmp = path.with_suffix(".tmp")
-            with open(path, "rb") as src, open(tmp, "wb") as dst:
-                dst.write(struct.pack("<Q", len(header) + pad) + header + b" " * pad)
-                src.seek(HEADER_ROOM)
-                shutil.copyfileobj(src, dst, 64 << 20)
-            os.replace(tmp, path)
         self._shards.append((path.name, list(self._entries)))
         self.total_bytes += self._buffer_bytes
-        self._entries, self._buffer_bytes = {}, 0
+        self._entries, self._buffer_bytes, self._header_entry_bytes = {}, 0, 0
 
     def finalize(self, config: dict[str, Any], files: dict[str, str | bytes], copy_files: list[Path]) -> Path:
         """Name shards, write index/config/extra files, then publish the folder atomically."""
@@ -244,6 +249,13 @@ def _remove(path: Path) -> None:
         path.unlink()
     elif path.exists():
         shutil.rmtree(path)
+
+
+def _entry_json(name: str, dtype: str, shape: list[int], start: int, n: int) -> bytes:
+    """One tensor's part of a shard header, with its leading comma (the header begins with
+    the metadata entry)."""
+    entry = {"dtype": dtype, "shape": shape, "data_offsets": [start, start + n]}
+    return b"," + json.dumps({name: entry}, separators=(",", ":")).encode()[1:-1]
 
 
 def _write_all(f, data) -> None:
