@@ -156,3 +156,32 @@ def test_shipped_recipes_validate(name):
 
     recipe = load_recipe(name)
     assert recipe.export.output_dir.parts[0] == "out"
+
+
+def test_calibration_attention_avoids_cudnn_and_restores_the_setting(tiny_llama, text_file, tmp_path, monkeypatch):
+    """The engine's forwards run attention without cuDNN (its per-shape plan costs seconds on a
+    GPU), and a notebook's own setting is back once the run ends."""
+    from quantkit.engine import LayerwiseEngine
+
+    seen: list[bool] = []
+    inside = []
+    sdpa, engine_run = torch.nn.functional.scaled_dot_product_attention, LayerwiseEngine._run
+
+    def recording(*args, **kwargs):
+        if inside:  # not the layer-graph tracing before the run, on tiny CPU instances
+            seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    def engine_running(self, *args, **kwargs):
+        inside.append(True)
+        try:
+            return engine_run(self, *args, **kwargs)
+        finally:
+            inside.clear()
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    monkeypatch.setattr(LayerwiseEngine, "_run", engine_running)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    pipeline.run(make_recipe(_recipe(tiny_llama, text_file, tmp_path / "out", method="rtn")), quiet=True)
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
