@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 # --tiny (a CPU check of the script itself, not a measurement): tiny shapes, runs on the CPU.
 DEVICE = os.environ.get("QK_BENCH_DEVICE", "cuda")
 
@@ -391,7 +392,7 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     _cuda_init()
     t0 = time.perf_counter()  # the tool's imports count, as llm-compressor's do
     import quantkit
-    from quantkit import checkpoint, engine, pipeline, preflight, workdir
+    from quantkit import checkpoint, engine, export, pipeline, preflight, workdir
     from quantkit.graph import runtime
     from quantkit.quantizers import awq, gptq, hessian, int8_dynamic, smoothquant
     import transformers.modeling_utils  # noqa: F401 (quantkit builds the model's own class: its import cost)
@@ -410,6 +411,11 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     prof.wrap(workdir.WorkDir, "load_layer", "export: read layer records")
     prof.wrap(checkpoint.CheckpointWriter, "pack_stack", "export: stacked packing")
     prof.wrap(checkpoint.CheckpointWriter, "add_quantized", "export: per-Linear packing and write")
+    prof.wrap(export, "_stack", "export: stacks onto the device")
+    prof.wrap(checkpoint.CheckpointWriter, "add_packed", "export: write stacked Linears")
+    prof.wrap(checkpoint.CheckpointWriter, "add", "export: write float tensors")
+    prof.wrap(checkpoint.CheckpointWriter, "add_file_range", "export: copy untouched source tensors")
+    prof.wrap(checkpoint.CheckpointWriter, "flush", "export: close shards")
     # Fixed cost, once per run.
     prof.wrap(preflight, "check", "run: validation")
     prof.wrap(runtime.ModelRunner, "__init__", "run: model class and layer graph")
@@ -471,6 +477,11 @@ def run_case(case: str, tool: str, work: Path, n: int, length: int, batch: int, 
     calib = build_calibration(work / f"calib-{n}x{length}-{vocab}.safetensors", n, length, vocab=vocab)
     os.sync()  # the model just written must not be flushed to disk during a timed run
     out = work / f"out-{case}-{tool}"
+    # A run killed earlier (a device call's time limit) leaves quantkit's unfinished work beside
+    # its output, which quantkit rightly refuses to mix with a new run: this is a new run.
+    from quantkit.checkpoint import work_dir_for
+
+    shutil.rmtree(work_dir_for(out), ignore_errors=True)
     result_file = work / f"result-{case}-{tool}.json"
     result_file.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "worker", tool, method, str(model), str(calib), str(out), str(n), str(length),
