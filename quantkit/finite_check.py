@@ -32,10 +32,15 @@ def all_finite(t: torch.Tensor) -> bool:
     """Whether every element is finite. Integers always are; float8 codes are not checked: they
     are a weight over its scale, clamped, so they are finite when the weight (checked as it is
     loaded) and the scale (`check_quantized`) are, and widening every FP8 code of a 70B model to
-    look would cost minutes of export."""
-    if not t.is_floating_point() or t.dtype in _FLOAT8:
+    look would cost minutes of export.
+
+    The smallest and largest element say it (aminmax propagates NaN, and an Inf is an extreme):
+    one pass and no mask the size of the tensor, ~30x faster than ``isfinite(t).all()`` on a
+    CPU's bfloat16 (the embedding and lm_head checked before the first layer took 6 s of a
+    Qwen3-30B-A3B run here)."""
+    if not t.is_floating_point() or t.dtype in _FLOAT8 or not t.numel():
         return True
-    return bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
 
 
 def damaged_source_error(name: str, file: Path) -> NumericsError:

@@ -373,6 +373,26 @@ def test_non_finite_tensor_outside_the_layers_stops_the_run(tmp_path, model, nam
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_all_finite_agrees_with_an_elementwise_check(dtype):
+    """`all_finite` reads only a tensor's extremes: one NaN or Inf anywhere (fresh random
+    positions and sizes, strided views too) must still be found, as ``isfinite`` per element says."""
+    from quantkit.finite_check import all_finite
+
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    for _ in range(40):
+        rows, cols = (int(x) for x in torch.randint(1, 300, (2,), generator=g))
+        t = torch.randn(rows, cols, generator=g).to(dtype)
+        if bool(torch.rand((), generator=g) < 0.5):
+            t = t.t()  # not contiguous
+        if bool(torch.rand((), generator=g) < 0.75):
+            i = int(torch.randint(t.numel(), (), generator=g))
+            bad = [float("nan"), float("inf"), -float("inf")][int(torch.randint(3, (), generator=g))]
+            t[i // t.shape[1], i % t.shape[1]] = bad
+        assert all_finite(t) == bool(torch.isfinite(t).all())
+    assert all_finite(torch.empty(0, 5, dtype=dtype))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), 0.0])
 def test_bad_scale_from_a_quantizer_stops_the_run_naming_it(tmp_path, model, monkeypatch, bad):
     real = QUANTIZERS["rtn"].quantize_layer
