@@ -425,10 +425,12 @@ def derive_layer_graph(decoder: nn.Module, layers_attr: str, index: int) -> Laye
 
 def _config_key(cfg) -> str:
     """The config's fields that can shape a layer: not where it was read from, so validation
-    (config.json as a dict) and the run (the downloaded folder) derive once between them."""
+    (config.json as a dict) and the run (the downloaded folder) derive once between them, nor
+    the dtype the skeleton was built in (the instance is float64 whatever it is, and a CPU run
+    builds its skeleton in float32 where validation read bfloat16)."""
     fields = cfg.to_dict()
-    fields.pop("_name_or_path", None)
-    fields.pop("transformers_version", None)
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype"):
+        fields.pop(volatile, None)
     return json.dumps(fields, sort_keys=True, default=str)
 
 
@@ -498,12 +500,15 @@ def expand_experts(graph: LayerGraph, n: int) -> LayerGraph:
                          for e in range(n) for b in block)
     groups: list[InputGroup] = []
     for g in graph.groups:
-        for i, linears in enumerate(_expand(g.linears, n)):
-            e = i if len(_expand(g.linears, n)) > 1 else 0
+        expanded = _expand(g.linears, n)
+        fused_sets = [(f, set(f)) for s in g.fused for f in _expand(s, n)]
+        for i, linears in enumerate(expanded):
+            e = i if len(expanded) > 1 else 0
             p = g.producer
             if p.module is not None:
                 p = replace(p, module=_renamed(p.module, e))
-            fused = tuple(f for s in g.fused for f in _expand(s, n) if set(f) <= set(linears))
+            members = set(linears)
+            fused = tuple(f for f, names in fused_sets if names <= members)
             groups.append(InputGroup(linears, p, fused))
     readers = tuple(replace(r, consumers=_expand(r.consumers, n)[0] if r.consumers else ()) for r in graph.readers)
     writers = tuple(w for w in graph.writers if expert_of(w.module) is None or expert_of(w.module)[1] == 0)
