@@ -156,9 +156,9 @@ def run_once(model: Path, calib: Path, out: Path, count_ops: bool) -> dict:
 
         setattr(owner, attr, wrapper)
 
-    originals = (pipeline.export_checkpoint, preflight.check, workdir.WorkDir.load_layer)
+    originals = (pipeline.export_checkpoint, preflight.check_run, workdir.WorkDir.load_layer)
     timed(pipeline, "export_checkpoint", "export", count=True)
-    timed(preflight, "check", "validation")
+    timed(preflight, "check_run", "validation")
     load = workdir.WorkDir.load_layer
 
     def load_uncounted(self, i):  # reading the work folder is host work (safetensors' storage indexing)
@@ -175,7 +175,7 @@ def run_once(model: Path, calib: Path, out: Path, count_ops: bool) -> dict:
                           device="cpu", quiet=True)
         seconds["run"] = (time.process_time() - c, time.perf_counter() - w)
     finally:
-        pipeline.export_checkpoint, preflight.check, workdir.WorkDir.load_layer = originals
+        pipeline.export_checkpoint, preflight.check_run, workdir.WorkDir.load_layer = originals
     result = {"seconds": seconds}
     if counter is not None:
         result["ops"] = sum(counter.counts.values())

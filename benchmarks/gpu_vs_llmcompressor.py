@@ -417,7 +417,7 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     prof.wrap(checkpoint.CheckpointWriter, "add_file_range", "export: copy untouched source tensors")
     prof.wrap(checkpoint.CheckpointWriter, "flush", "export: close shards")
     # Fixed cost, once per run.
-    prof.wrap(preflight, "check", "run: validation")
+    prof.wrap(preflight, "check_run", "run: validation")
     prof.wrap(runtime.ModelRunner, "__init__", "run: model class and layer graph")
     prof.wrap(pipeline, "check_source_tensors", "run: finite check of embedding/head")
     prof.wrap(pipeline, "load_tokens", "run: calibration text")

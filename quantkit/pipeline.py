@@ -64,7 +64,7 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     world = world_from_environment(preflight.resolve_device(recipe.device))
     if not world.is_main:  # rank 0 checks first: a bad recipe or model is one error line, not one per rank
         world.barrier()
-    plan = preflight.check(recipe)
+    plan, view = preflight.check_run(recipe)
     # Only now are a hub model's weights downloaded.
     source = ModelSource.open(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle,
                               os.environ.get("HF_TOKEN"))
@@ -82,10 +82,8 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
                          recipe.export.overwrite)
     writer = CheckpointWriter(output_dir, workdir.export, fmt, dtype,
                               parse_size(recipe.export.max_shard_size), recipe.export.overwrite)
-    # CPUs here run bf16 matmuls ~8x slower than fp32, so compute in fp32 and export in dtype.
-    compute_dtype = torch.float32 if device.type == "cpu" else dtype
-    # The model's own classes on the meta device and its layer graph: no weight is read.
-    runner = ModelRunner(source, device, compute_dtype, f"model {recipe.model.id}")
+    # The model's own classes on the meta device and its layer graph (validation's): no weight is read.
+    runner = ModelRunner(source, device, preflight.compute_dtype(device, dtype), f"model {recipe.model.id}", view)
     runner.check_supported()
     if params.rotate == "hadamard":
         runner.edits.append(StreamRotation(runner))

@@ -150,6 +150,13 @@ class RunPlan:
 def check(recipe: RecipeBase) -> RunPlan:
     """Validate ``recipe`` against its model and machine; raise the first problem as a
     ``QuantkitError`` naming it, else return the plan. Reads no weight."""
+    return check_run(recipe)[0]
+
+
+def check_run(recipe: RecipeBase) -> tuple[RunPlan, ModelView]:
+    """``check``, and the model's meta skeleton, layer graph and names it validated, built in
+    the dtype the run computes in: ``ModelRunner`` takes them over instead of building them
+    again (once per run: the runner edits the skeleton)."""
     where = recipe.where
     model = model_files(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle, os.environ.get("HF_TOKEN"))
     shape = ModelShape.from_config(model.config, where=f"{model.location}/config.json")
@@ -159,7 +166,8 @@ def check(recipe: RecipeBase) -> RunPlan:
     dtype = resolve_dtype(recipe.model.dtype, model.config)
     named = f"model {recipe.model.id}"
     config_file = f"{model.location}/config.json"
-    view = model_view(config_from_dict(model.config, config_file, named), model.headers, dtype, config_file, named)
+    view = model_view(config_from_dict(model.config, config_file, named), model.config, model.headers,
+                      compute_dtype(device, dtype), config_file, named)
     view.check_supported(named)
     if params.rotate == "hadamard":
         from .rotation.stream import rotation_targets
@@ -192,7 +200,7 @@ def check(recipe: RecipeBase) -> RunPlan:
         format=recipe.format_name, scheme=scheme_name(scheme), linears=linears, device=str(device),
         dtype=str(dtype).replace("torch.", ""), groups=groups, calibration=calibration, evaluate=evaluate,
         output_dir=str(output_dir), overwrite=recipe.export.overwrite, sizes=sizes,
-    )
+    ), view
 
 
 def text_sources(recipe: RecipeBase) -> dict[str, str]:
@@ -218,6 +226,12 @@ def resolve_device(name: str) -> torch.device:
         raise RecipeError(f"device: '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)",
                           field="device", value=name, hint=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a run computes in on ``device`` (it exports in ``dtype``): CPUs here run bf16
+    matmuls ~8x slower than fp32."""
+    return torch.float32 if device.type == "cpu" else dtype
 
 
 def resolve_dtype(name: str, config: dict[str, Any]) -> torch.dtype:

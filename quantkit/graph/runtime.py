@@ -24,7 +24,7 @@ from ..source_dequant import float_view
 from .capture import LayerCall, capture, inject, materialize_on_use
 from .experts import split_fused
 from .skeleton import free, is_meta, owner_of
-from .view import model_view
+from .view import ModelView, model_view
 
 log = logging.getLogger(__name__)
 
@@ -63,25 +63,36 @@ class WeightEdit(Protocol):
 
 
 class ModelRunner:
-    def __init__(self, source: ModelSource, device: torch.device, dtype: torch.dtype, where: str = "model"):
-        from transformers import AutoConfig
-
+    def __init__(self, source: ModelSource, device: torch.device, dtype: torch.dtype, where: str = "model",
+                 view: ModelView | None = None):
+        """``view``: the run's validation's (``preflight.check_run``), taken over when it was built
+        from this very config.json, tensor names and ``dtype`` (else built anew); it must not
+        serve another runner, which would share and edit its skeleton."""
         # A checkpoint quantized by its authors (DeepSeek-V3's FP8, gpt-oss's MXFP4) is read as
         # the float one it stands for; its scale tensors are consumed, never copied.
         self.source, self.device, self.dtype, self.where = float_view(source), device, dtype, where
-        try:
-            self.config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
-        except (ValueError, KeyError, OSError) as e:
-            raise ModelError(f"{where}: transformers cannot read {source.path / 'config.json'} ({e})",
-                             field="model.id", file=source.path / "config.json",
-                             hint="quantkit runs only models transformers implements") from None
-        view = model_view(self.config, source.weight_map, dtype, str(source.path / "config.json"), where)
+        if view is not None and view.built_from(source.config, source.weight_map, dtype):
+            self.config = view.model.config
+        else:
+            view = self._build_view(source, dtype, where)
         self.model, self.location, self.graph, self.names = view.model, view.location, view.graph, view.names
         self.layers: nn.ModuleList = self.model.get_submodule(self.location.layers)
         self._view = view
         self._tuple_outputs = False
         self._loaded: list[nn.Module] = []
         self.edits: list[WeightEdit] = []
+
+    def _build_view(self, source: ModelSource, dtype: torch.dtype, where: str) -> ModelView:
+        from transformers import AutoConfig
+
+        try:
+            self.config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
+        except (ValueError, KeyError, OSError) as e:
+            raise ModelError(f"{where}: transformers cannot read {source.path / 'config.json'} ({e})",
+                             field="model.id", file=source.path / "config.json",
+                             hint="quantkit runs only models transformers implements") from None
+        return model_view(self.config, source.config, source.weight_map, dtype,
+                          str(source.path / "config.json"), where)
 
     # ------------------------------------------------------------------ facts
     @property

@@ -7,6 +7,7 @@ downloaded for it); the run builds it from the downloaded folder. No weight is r
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -26,6 +27,16 @@ class ModelView:
     location: DecoderLocation
     graph: ModelGraph
     names: CheckpointNames
+    # What it was built from: config.json, the checkpoint's tensor names and the skeleton's dtype.
+    config_json: dict[str, Any]
+    source_names: frozenset[str]
+    dtype: torch.dtype
+
+    def built_from(self, config_json: dict[str, Any], source_names: Iterable[str], dtype: torch.dtype) -> bool:
+        """Whether ``model_view`` given these would build this very view: a run takes over its
+        validation's (a Qwen3-30B-A3B skeleton, its names and graph cost seconds) only then, so
+        a config.json or shard that changed in between is never read through a stale view."""
+        return dtype == self.dtype and config_json == self.config_json and frozenset(source_names) == self.source_names
 
     def check_supported(self, where: str) -> None:
         """Everything about the model's structure that can be refused before a weight is read."""
@@ -64,11 +75,16 @@ def config_from_dict(config: dict[str, Any], config_file: str, where: str):
     return _built(config_file, lambda: CONFIG_MAPPING[model_type].from_dict(config))
 
 
-def model_view(config, source_names: Iterable[str], dtype: torch.dtype, config_file: str, where: str) -> ModelView:
-    """Build the model's own class on the meta device and derive its layer graph."""
+def model_view(config, config_json: dict[str, Any], source_names: Iterable[str], dtype: torch.dtype,
+               config_file: str, where: str) -> ModelView:
+    """Build the model's own class (``config``, read from ``config_json``) on the meta device
+    and derive its layer graph."""
+    snapshot = copy.deepcopy(config_json)  # before anything can edit it
+    names = frozenset(source_names)
     model = _built(config_file, lambda: build_meta(model_class(config, where), config, dtype))
     location = locate_decoder(model, where)
-    return ModelView(model, location, derive_model_graph(model, location), CheckpointNames(model, source_names))
+    return ModelView(model, location, derive_model_graph(model, location), CheckpointNames(model, names),
+                     snapshot, names, dtype)
 
 
 def _built(config_file: str, build):
