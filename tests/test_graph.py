@@ -26,7 +26,7 @@ from quantkit.graph import fold_scales, rotate_layer
 from quantkit.graph.model import derive_model_graph
 from quantkit.graph.rotate import random_orthogonal
 from quantkit.graph.skeleton import build_meta, locate_decoder
-from tests.tiny_models import MULTIMODAL_FAMILIES, TEXT_FAMILIES, family_config, model_class_for
+from tests.tiny_models import MOE_FAMILIES, MULTIMODAL_FAMILIES, TEXT_FAMILIES, family_config, model_class_for
 
 FAMILIES = TEXT_FAMILIES + MULTIMODAL_FAMILIES
 RTOL = 1e-6
@@ -224,7 +224,8 @@ def test_a_wrong_rotation_claim_is_caught(instances, family):
 
 def test_validation_and_the_run_derive_once_between_them():
     """Validation reads config.json as a dict, the run from the downloaded folder: the configs
-    differ only in where they were read from, which must not derive the layers again."""
+    differ only in where they were read from (and, on a CPU, in the skeleton's dtype: fp32
+    compute, bf16 checkpoint), which must not derive the layers again."""
     config = family_config("llama", 64, hidden=48, intermediate=72)  # sizes no other test derives
     cls = model_class_for(config)
     first = build_meta(cls, config, torch.float32)
@@ -233,10 +234,28 @@ def test_validation_and_the_run_derive_once_between_them():
     again._name_or_path = "/somewhere/else"
     second = build_meta(cls, again, torch.float32)
     assert derive_model_graph(second, locate_decoder(second, "t")).types[0] is graph.types[0]
+    half = build_meta(cls, copy.deepcopy(config), torch.bfloat16)
+    assert derive_model_graph(half, locate_decoder(half, "t")).types[0] is graph.types[0]
     wider = copy.deepcopy(config)
     wider.intermediate_size = 80
     third = build_meta(cls, wider, torch.float32)
     assert derive_model_graph(third, locate_decoder(third, "t")).types[0] is not graph.types[0]
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, *MOE_FAMILIES, "tied"])
+def test_checkpoint_names_walk_the_state_dicts_keys(family):
+    """The checkpoint names are matched against the skeleton's state-dict keys, collected in one
+    walk of the module tree instead of building the state dict: the same keys (tied ones under
+    both names) and the same experts modules."""
+    from quantkit.graph.experts import UnfusedExperts
+    from quantkit.graph.names import _state_names
+
+    config = family_config("llama" if family == "tied" else family, vocab=64, tied=family == "tied")
+    meta = build_meta(model_class_for(config), config, torch.float32)
+    names, experts = _state_names(meta)
+    assert list(names) and set(names) == set(meta.state_dict())
+    assert experts == {n: m for n, m in meta.named_modules() if isinstance(m, UnfusedExperts)}
+    assert (family in MOE_FAMILIES) == bool(experts)
 
 
 # --------------------------------------------------------------------------- Mixture-of-Experts (issue 16)

@@ -205,3 +205,63 @@ def test_hub_model_validated_from_headers_without_download(hub, tiny_llama, tmp_
         assert remote["sizes"][key] == local["sizes"][key], key
     assert [p for p, _ in hub.state.ranged] == ["model.safetensors"]  # one header read
     assert not list(cache.rglob("*.safetensors"))  # and no shard downloaded
+
+
+def _view_recipe(tmp_path, model):
+    from quantkit.recipe import make_recipe
+
+    return make_recipe({"model": {"id": str(model)}, "quantization": {"method": "rtn", "bits": 4, "group_size": 64},
+                        "evaluate": {"enabled": False}, "export": {"output_dir": str(tmp_path / "out")},
+                        "device": "cpu"})
+
+
+def test_runner_takes_over_validations_view_only_when_nothing_changed(tiny_llama, tmp_path):
+    """A run reuses its validation's skeleton, graph and names; a config.json, tensor set or
+    dtype that differs from what validation saw gets a view of its own, never the stale one."""
+    import torch
+    from safetensors.torch import save_file
+
+    from quantkit import preflight
+    from quantkit.graph.runtime import ModelRunner
+
+    m = tmp_path / "m"
+    shutil.copytree(tiny_llama, m)
+    cpu = torch.device("cpu")
+
+    def runner(view, dtype=torch.float32):
+        return ModelRunner(ModelSource.open(str(m)), cpu, dtype, view=view)
+
+    _, view = preflight.check_run(_view_recipe(tmp_path, m))
+    assert view.dtype == torch.float32  # the CPU run's compute dtype, not the checkpoint's
+    taken = runner(view)
+    assert taken.model is view.model and taken.graph is view.graph and taken.names is view.names
+
+    _, view = preflight.check_run(_view_recipe(tmp_path, m))
+    assert runner(view, torch.bfloat16).model is not view.model
+
+    _, view = preflight.check_run(_view_recipe(tmp_path, m))
+    config = json.loads((m / "config.json").read_text())
+    config["rms_norm_eps"] = config["rms_norm_eps"] * 10
+    (m / "config.json").write_text(json.dumps(config))
+    changed = runner(view)
+    assert changed.model is not view.model and changed.model.config.rms_norm_eps == config["rms_norm_eps"]
+
+    _, view = preflight.check_run(_view_recipe(tmp_path, m))
+    tensors = load_file(str(m / "model.safetensors"))
+    tensors["extra.bias"] = torch.zeros(3)
+    save_file(tensors, str(m / "model.safetensors"), metadata={"format": "pt"})
+    renamed = runner(view)
+    assert renamed.model is not view.model and "extra.bias" in renamed.names.unexpected
+
+
+def test_a_run_builds_the_model_skeleton_once(tiny_llama, tmp_path, monkeypatch):
+    """Validation's skeleton is the run's: the model's class is built on the meta device once."""
+    from quantkit.graph import view
+
+    built = []
+    real = view.build_meta
+    monkeypatch.setattr(view, "build_meta", lambda *a, **k: built.append(a[0]) or real(*a, **k))
+    quantkit.quantize(model={"id": str(tiny_llama)}, quantization={"method": "rtn", "bits": 4, "group_size": 64},
+                      evaluate={"enabled": False}, export={"output_dir": str(tmp_path / "out")}, device="cpu",
+                      quiet=True)
+    assert len(built) == 1
