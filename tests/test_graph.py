@@ -243,11 +243,13 @@ def test_validation_and_the_run_derive_once_between_them():
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, *MOE_FAMILIES, "tied"])
-def test_checkpoint_names_walk_the_state_dicts_keys(family):
-    """The checkpoint names are matched against the skeleton's state-dict keys, collected in one
-    walk of the module tree instead of building the state dict: the same keys (tied ones under
-    both names) and the same experts modules."""
+def test_one_walk_of_the_module_tree_lists_what_torch_lists(family):
+    """The checkpoint names are matched against the skeleton's state-dict keys, and layers are
+    told apart by their modules and parameters, each collected in one walk of the module tree:
+    the same keys (tied ones under both names), experts modules, and the module and parameter
+    lists of ``named_modules``/``named_parameters`` in their order."""
     from quantkit.graph.experts import UnfusedExperts
+    from quantkit.graph.instance import signature
     from quantkit.graph.names import _state_names
 
     config = family_config("llama" if family == "tied" else family, vocab=64, tied=family == "tied")
@@ -256,6 +258,10 @@ def test_checkpoint_names_walk_the_state_dicts_keys(family):
     assert list(names) and set(names) == set(meta.state_dict())
     assert experts == {n: m for n, m in meta.named_modules() if isinstance(m, UnfusedExperts)}
     assert (family in MOE_FAMILIES) == bool(experts)
+    for layer in meta.get_submodule(locate_decoder(meta, family).layers):
+        assert signature(layer) == (type(layer).__name__,
+                                    tuple((n, type(m).__name__) for n, m in layer.named_modules()),
+                                    tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()))
 
 
 # --------------------------------------------------------------------------- Mixture-of-Experts (issue 16)

@@ -35,9 +35,27 @@ class DerivationError(Exception):
 
 
 def signature(layer: nn.Module) -> tuple:
-    return (type(layer).__name__,
-            tuple((n, type(m).__name__) for n, m in layer.named_modules()),
-            tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()))
+    """The layer's class, its modules' names and classes and its parameters' names and shapes
+    (what ``named_modules`` and ``named_parameters`` list, in their order), from one walk of the
+    tree: their nested generators cost 1.6 s over Qwen3-30B-A3B's 48 layers of 128 experts."""
+    modules: list[tuple[str, str]] = []
+    params: list[tuple[str, tuple[int, ...]]] = []
+    seen_modules: set[int] = set()
+    seen_params: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", layer)]
+    while stack:
+        path, m = stack.pop()
+        if id(m) in seen_modules:
+            continue
+        seen_modules.add(id(m))
+        modules.append((path, type(m).__name__))
+        dot = path + "." if path else ""
+        for n, p in m._parameters.items():
+            if p is not None and id(p) not in seen_params:
+                seen_params.add(id(p))
+                params.append((dot + n, tuple(p.shape)))
+        stack.extend((dot + n, c) for n, c in reversed(m._modules.items()) if c is not None)
+    return type(layer).__name__, tuple(modules), tuple(params)
 
 
 def _same_structure(tiny: nn.Module, real: nn.Module, sizes: dict[int, int], experts: int | None) -> bool:

@@ -9,6 +9,7 @@ to the decoder layer (``"self_attn.q_proj"``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -186,10 +187,19 @@ class LayerGraph:
         return tuple(u.name for u in self.units)
 
     def unit(self, name: str) -> Unit:
+        try:
+            return self._units_by_name[name]
+        except KeyError:
+            raise KeyError(name) from None
+
+    @cached_property
+    def _units_by_name(self) -> dict[str, Unit]:
+        """Units by name (the first of a name): a 128-expert layer has 386 units, and checks
+        that ask for each of them by name scanned the list for each."""
+        index: dict[str, Unit] = {}
         for u in self.units:
-            if u.name == name:
-                return u
-        raise KeyError(name)
+            index.setdefault(u.name, u)
+        return index
 
     def per_expert(self) -> LayerGraph:
         """The graph for calibration where each expert sees only its routed tokens: a group
