@@ -20,8 +20,10 @@ checks, writing) and how many of them wait for a result on the host (``.item()``
 on a GPU each is a device sync) -- device-independent
 measures of what a GPU export pays per Linear.
 
-``full-qwen3-30b`` and ``full-gemma3-12b``: ``preflight.check`` (a run's validation) alone, on
-the released models' configs at full depth (48 layers each; 6,144 experts for Qwen3-30B-A3B)
+``full-qwen3-30b``, ``full-gemma3-12b`` and ``full-deepseek-v3``: ``preflight.check`` (a run's
+validation, whose model skeleton, layer graph and names the run then takes over) alone, on the
+released models' configs at full depth (48 layers each, 61 for DeepSeek-V3; 6,144 experts for
+Qwen3-30B-A3B, 15,616 for DeepSeek-V3)
 from their transformers config classes, with one header-only shard whose data is a hole in a
 sparse file (no weight exists; the disk check is told there is room).
 """
@@ -40,7 +42,7 @@ MOE = dict(hidden_size=1024, intermediate_size=2048, moe_intermediate_size=256, 
            num_experts_per_tok=8, num_attention_heads=8, num_key_value_heads=2, head_dim=128, vocab_size=1024)
 DENSE = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=8, num_key_value_heads=2, head_dim=128,
              vocab_size=1024)
-FULL = {"full-qwen3-30b": "qwen3-30b-a3b", "full-gemma3-12b": "gemma3-12b"}
+FULL = {"full-qwen3-30b": "qwen3-30b-a3b", "full-gemma3-12b": "gemma3-12b", "full-deepseek-v3": "deepseek-v3"}
 HOST_SYNC = "aten::_local_scalar_dense"
 """What ``.item()`` and ``bool()`` of a tensor dispatch to."""
 
