@@ -395,7 +395,7 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     t0 = time.perf_counter()  # the tool's imports count, as llm-compressor's do
     import quantkit
     from quantkit import checkpoint, engine, export, pipeline, preflight, workdir
-    from quantkit.graph import runtime
+    from quantkit.graph import runtime, view
     from quantkit.quantizers import awq, gptq, hessian, int8_dynamic, smoothquant
     import transformers.modeling_utils  # noqa: F401 (quantkit builds the model's own class: its import cost)
 
@@ -420,6 +420,11 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     prof.wrap(checkpoint.CheckpointWriter, "flush", "export: close shards")
     # Fixed cost, once per run.
     prof.wrap(preflight, "check_run", "run: validation")
+    # Inside validation: the meta skeleton, the layer graphs (derived on the first call in a
+    # process), the checkpoint-name mapping (transformers' conversion table built on its first call).
+    prof.wrap(view, "build_meta", "run: validation: model skeleton")
+    prof.wrap(view, "derive_model_graph", "run: validation: layer graphs")
+    prof.wrap(view, "CheckpointNames", "run: validation: checkpoint names")
     prof.wrap(runtime.ModelRunner, "__init__", "run: model class and layer graph")
     prof.wrap(pipeline, "check_source_tensors", "run: finite check of embedding/head")
     prof.wrap(pipeline, "load_tokens", "run: calibration text")
