@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from quantkit.quantizers import QUANTIZERS
 from quantkit.quantizers.gptq import GPTQParams, gptq_quantize
 from quantkit.quantizers.rtn import quantize_rtn
-from quantkit.quantizers.scale_refit import proxy_loss, refit_scales
+from quantkit.quantizers.scale_refit import refit_scales
 from quantkit.scheme import Scheme, WeightScheme
 
 from .helpers import FakeCalibration, correlated_inputs, llama_graph, tiny_llama_layer
@@ -23,6 +23,12 @@ def _scheme(sym: bool, group: int) -> Scheme:
 
 def _hessian(x: torch.Tensor) -> torch.Tensor:
     return x.T.double() @ x.double() / x.shape[0]
+
+
+def proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``(w − ŵ)ᵀ H (w − ŵ)`` per row, in float64."""
+    e = w.double() - w_hat.double()
+    return ((e @ h.double()) * e).sum(1)
 
 
 def _reference_scales(w: torch.Tensor, qw, h: torch.Tensor) -> torch.Tensor:

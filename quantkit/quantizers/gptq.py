@@ -324,7 +324,7 @@ def gptq_quantize_batch(
                            g_idx=None if g_idx is None else own(g_idx[min(e, n_h - 1)]), global_scale=gscales[e])
            for e, (s, z) in enumerate(fixed)]
     if refit_scales:
-        # against the weight the loop started from (dead columns zeroed alike) and the undamped Hessian
+        # against the weight the loop started from and the Hessian before damping
         out = [refit(w[e].to(torch.float32), qw, hessian[min(e, n_h - 1)].to(device), dampening_frac)
                for e, qw in enumerate(out)]
     return out

@@ -20,55 +20,26 @@ import torch
 
 from ..scheme import QuantizedWeight
 
-# Row chunks bound the [rows, in] temporaries to about this many elements.
-_CHUNK_ELEMS = 1 << 24
+# Row chunks bound the [groups, rows, in] temporaries to about this many elements (128 MiB).
+_CHUNK_ELEMS = 1 << 25
 
 
-def proxy_loss(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """``(w − ŵ)ᵀ H (w − ŵ)`` per row of ``[out, in]`` weights, float64 ``[out]``."""
-    h = hessian.to(torch.float64)
-    out = torch.empty(w.shape[0], dtype=torch.float64, device=w.device)
-    step = max(1, _CHUNK_ELEMS // w.shape[1])
-    for r in range(0, w.shape[0], step):
-        e = w[r : r + step].to(torch.float64) - w_hat[r : r + step].to(torch.float64)
-        out[r : r + step] = ((e @ h) * e).sum(1)
-    return out
-
-
-def _block_grams(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``M[r, g, k] = a_{r,g}ᵀ H_{gk} b_{r,k}`` for per-row, per-group vectors ``a``, ``b``
-    ``[rows, G, gs]``: the normal equations' matrix of a design with one column per group."""
+def _normal_equations(w: torch.Tensor, a: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``M[r, g, k] = a_{r,g}ᵀ H_{gk} a_{r,k}`` and ``b[r, g] = a_{r,g}ᵀ (H w_r)_g`` for
+    the per-row, per-group vectors ``a`` ``[rows, G, gs]``: the normal equations of the scales,
+    ``M s = b``. One batched product of ``rows × in²`` multiply-adds, as one GPTQ column loop."""
     rows, n_g, gs = a.shape
-    out = torch.empty(rows, n_g, n_g, dtype=h.dtype, device=h.device)
-    step = max(1, _CHUNK_ELEMS // (n_g * gs))
+    in_f = n_g * gs
+    by_group = h.view(n_g, gs, in_f)
+    m = torch.empty(rows, n_g, n_g, dtype=h.dtype, device=h.device)
+    b = torch.empty(rows, n_g, dtype=h.dtype, device=h.device)
+    step = max(1, _CHUNK_ELEMS // (n_g * in_f))
     for r in range(0, rows, step):
-        ar, br = a[r : r + step], b[r : r + step]
-        for g in range(n_g):
-            v = ar[:, g] @ h[g * gs : (g + 1) * gs]  # [chunk, in]
-            out[r : r + step, g] = (v.view(-1, n_g, gs) * br).sum(-1)
-    return out
-
-
-def _solve(m: torch.Tensor, rhs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Solutions of the symmetric systems ``m x = rhs`` (``[rows, n, n]``, ``[rows, n]``) and
-    which rows were positive definite enough to solve."""
-    low, info = torch.linalg.cholesky_ex(m)
-    x = torch.cholesky_solve(rhs.unsqueeze(-1), low).squeeze(-1)
-    return x, (info == 0) & torch.isfinite(x).all(1)
-
-
-def _fit_scales(w: torch.Tensor, a: torch.Tensor, h: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
-    """Scales ``[rows, G]`` minimising ``(w − ŵ)ᵀ H (w − ŵ)`` with ``ŵ_{g,i} = s_g a_{g,i}``
-    (``a`` ``[rows, G, gs]``: codes minus zero points). A group whose ``a`` is all zero does not
-    depend on its scale, which keeps ``s0``; rows that cannot be solved keep ``s0`` whole."""
-    rows, n_g, gs = a.shape
-    m = _block_grams(a, a, h)
-    rhs = ((w @ h).view(rows, n_g, gs) * a).sum(-1)
-    empty = (a == 0).all(-1)
-    m.diagonal(dim1=1, dim2=2).masked_fill_(empty, 1.0)
-    rhs = torch.where(empty, s0, rhs)
-    s, ok = _solve(m, rhs)
-    return torch.where(ok.unsqueeze(1), s, s0)
+        ar = a[r : r + step]
+        v = torch.bmm(ar.transpose(0, 1), by_group)  # [G, chunk, in]: a_{r,g}ᵀ H_{g,:}
+        m[r : r + step] = torch.einsum("grkj,rkj->rgk", v.view(n_g, -1, n_g, gs), ar)
+        b[r : r + step] = torch.bmm(v.transpose(0, 1), w[r : r + step].unsqueeze(2)).squeeze(2)
+    return m, b
 
 
 def refit_scales(w: torch.Tensor, qw: QuantizedWeight, hessian: torch.Tensor, dampening_frac: float = 0.01
@@ -78,26 +49,41 @@ def refit_scales(w: torch.Tensor, qw: QuantizedWeight, hessian: torch.Tensor, da
     codes were chosen with); codes and zero points are kept. The systems use the Hessian damped
     as GPTQ damps it (``dampening_frac`` of its mean diagonal), so a group with nearly
     dependent inputs cannot get a wild scale; a row keeps its refit only where that lowers its
-    undamped error and all its scales stay positive. Computed in float64."""
+    undamped error ``(w − ŵ)ᵀ H (w − ŵ)`` and all its scales stay positive. A group whose codes
+    all sit on the zero point does not depend on its scale and keeps it.
+
+    The products run in float32 (as GPTQ's), the ``G × G`` solves in float64; the error
+    change is taken from the difference of the two weights, where float32 loses nothing.
+    """
     ws = qw.scheme.weights
     if ws.type != "int" or ws.strategy not in ("group", "channel") or qw.g_idx is not None:
         raise ValueError(f"scale refit needs int codes with group or per-channel scales in natural order, not "
                          f"{ws.type} {ws.strategy}{' with g_idx' if qw.g_idx is not None else ''}")
     rows, in_f = qw.shape
-    f64 = dict(dtype=torch.float64, device=qw.codes.device)
-    h = hessian.to(**f64)
-    dead = h.diagonal() == 0  # as GPTQ: an input that was always zero cannot matter
-    h_damped = h.clone()
-    h_damped.diagonal().masked_fill_(dead, 1.0).add_(dampening_frac * h_damped.diagonal().mean())
-    w64 = w.to(**f64).masked_fill(dead, 0.0)
+    f32 = dict(dtype=torch.float32, device=qw.codes.device)
+    # An input that was always zero has a zero row and column in H: it drops out of the error,
+    # and the damping keeps the systems positive definite.
+    h = hessian.to(**f32)
+    w32 = w.to(**f32)
     n_g = qw.scale.shape[1]
-    a = qw.codes.to(**f64).view(rows, n_g, in_f // n_g)
+    a = qw.codes.to(**f32).view(rows, n_g, in_f // n_g)
     if qw.zero_point is not None:
-        a = a - qw.zero_point.to(**f64).unsqueeze(-1)
+        a = a - qw.zero_point.to(**f32).unsqueeze(-1)
+    m, b = (t.double() for t in _normal_equations(w32, a, h))
+    # Damping H by λI adds λ‖a_g‖² to M's diagonal and λ a_g·w_g to b.
+    damp = dampening_frac * h.diagonal().double().mean()
+    m.diagonal(dim1=1, dim2=2).add_(damp * (a * a).sum(-1).double())
+    b += damp * (a * w32.view(rows, n_g, -1)).sum(-1).double()
     s0 = qw.scale.to(torch.float64)
-    s = _fit_scales(w64, a, h_damped, s0)
-    before = proxy_loss(w64, (a * s0.unsqueeze(-1)).view(rows, in_f), h)
-    after = proxy_loss(w64, (a * s.unsqueeze(-1)).view(rows, in_f), h)
-    keep = (after < before) & (s > 0).all(1)
-    scale = torch.where(keep.unsqueeze(1), s, s0).to(qw.scale.dtype)
-    return replace(qw, scale=scale)
+    empty = (a == 0).all(-1)
+    m.diagonal(dim1=1, dim2=2).masked_fill_(empty, 1.0)
+    b = torch.where(empty, s0, b)
+    low, info = torch.linalg.cholesky_ex(m)
+    s = torch.cholesky_solve(b.unsqueeze(-1), low).squeeze(-1)
+    keep = (info == 0) & torch.isfinite(s).all(1) & (s > 0).all(1)
+    s = torch.where(keep.unsqueeze(1), s, s0).to(torch.float32)
+    # error after − before = dᵀ H (d − 2 e₀), with e₀ = w − ŵ₀ and d = ŵ₁ − ŵ₀ per row
+    e0 = w32 - (a * qw.scale.to(**f32).unsqueeze(-1)).view(rows, in_f)
+    d = (a * (s - qw.scale.to(**f32)).unsqueeze(-1)).view(rows, in_f)
+    keep &= ((d @ h) * (d - 2 * e0)).sum(1) < 0
+    return replace(qw, scale=torch.where(keep.unsqueeze(1), s, qw.scale.to(**f32)).to(qw.scale.dtype))
