@@ -126,7 +126,9 @@ _CPU_WIDE = dict(hidden_size=512, intermediate_size=1024, moe_intermediate_size=
 # case: (shape, decoder layers, method)
 MOE_CASES = {
     "moe-gptq-qwen3-30b-2": ("qwen3-30b-a3b", 2, "gptq"),
+    "moe-gptq-qwen3-30b-4": ("qwen3-30b-a3b", 4, "gptq"),
     "moe-gptq-mixtral-2": ("mixtral-8x7b", 2, "gptq"),
+    "moe-gptq-mixtral-4": ("mixtral-8x7b", 4, "gptq"),
     "moe-gptq-deepseek-v3-1": ("deepseek-v3", 1, "gptq"),
 }
 CASES = {
