@@ -77,13 +77,6 @@ ROWS: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "gptq-asym-rot-clip-fb": ("GPTQ W4A16 g64 asym, act-order static, clip search, input feedback + Hadamard",
                               {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True,
                                "input_feedback": True, "rotate": "hadamard"}, None),
-    "gptq-asym-rot-clip-refit": ("GPTQ W4A16 g64 asym, act-order static, clip search, scale refit + Hadamard",
-                                 {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True,
-                                  "refit_scales": True, "rotate": "hadamard"}, None),
-    "gptq-asym-rot-clip-fb-refit": ("GPTQ W4A16 g64 asym, act-order static, clip search, input feedback, "
-                                    "scale refit + Hadamard",
-                                    {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True,
-                                     "input_feedback": True, "refit_scales": True, "rotate": "hadamard"}, None),
     "rtn-online": ("RTN W4A16 g64 sym + online down_proj Hadamard",
                    {"method": "rtn", **_W4, "online_down_proj": True}, None),
     "gptq-online": ("GPTQ W4A16 g64 sym, act-order static + online down_proj Hadamard",

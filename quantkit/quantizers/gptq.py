@@ -38,7 +38,6 @@ from .activation_params import observe_input_globals
 from .base import Joined, LayerCalibration, Quantizer, register_quantizer, solve_units
 from .clip import clip_to_gram, group_grams
 from .hessian import HessianAccumulator
-from .scale_refit import refit_scales as refit
 from .rtn import fused_global_scales, weight_global_scale, weight_only_scheme, weight_qparams
 from .scheme_params import SchemeParams
 
@@ -123,7 +122,6 @@ class SolveOptions(TypedDict, total=False):
     act_order: bool
     static_groups: bool
     clip_search: bool
-    refit_scales: bool
 
 
 def gptq_quantize(
@@ -147,8 +145,6 @@ def gptq_quantize(
     the min-max range, for per-channel and per-group scales; dynamic groups take no search
     (their weights move under the updates), nor do block, tensor and global-scale layouts.
     A tensor_group scheme uses ``global_scale`` (shared with fused shards) or the weight's own.
-    With ``refit_scales`` the int group (or channel) scales are refitted to the codes once the
-    loop is done (``refit_scales`` in ``quantkit.quantizers.scale_refit``).
     It is ``gptq_quantize_batch`` on a batch of one.
     """
     out_f, in_f = w.shape
@@ -176,7 +172,6 @@ def gptq_quantize_batch(
     act_order: bool = False,
     static_groups: bool = False,
     clip_search: bool = False,
-    refit_scales: bool = False,
     names: Sequence[str] | None = None,
     global_scales: Sequence[torch.Tensor | None] | None = None,
 ) -> list[QuantizedWeight]:
@@ -320,14 +315,9 @@ def gptq_quantize_batch(
         """One weight's part of a stacked tensor as a tensor of its own (a view when alone)."""
         return None if t is None else t.contiguous() if n_w == 1 else t.clone()
 
-    out = [QuantizedWeight(codes=own(codes[e]), scale=own(s), zero_point=own(z), scheme=out_scheme,
-                           g_idx=None if g_idx is None else own(g_idx[min(e, n_h - 1)]), global_scale=gscales[e])
-           for e, (s, z) in enumerate(fixed)]
-    if refit_scales:
-        # against the weight the loop started from and the Hessian before damping
-        out = [refit(w[e].to(torch.float32), qw, hessian[min(e, n_h - 1)].to(device), dampening_frac)
-               for e, qw in enumerate(out)]
-    return out
+    return [QuantizedWeight(codes=own(codes[e]), scale=own(s), zero_point=own(z), scheme=out_scheme,
+                            g_idx=None if g_idx is None else own(g_idx[min(e, n_h - 1)]), global_scale=gscales[e])
+            for e, (s, z) in enumerate(fixed)]
 
 
 def _global_scales(W: torch.Tensor, ws: WeightScheme, given: Sequence[torch.Tensor | None] | None,
@@ -534,27 +524,12 @@ class GPTQParams(SchemeParams):
                                  "keeps a second calibration stream")
     clip_search: bool = Field(False, description="shrink each group's range where that lowers its Hessian-weighted "
                               "error before the column loop (static groups or per channel)")
-    refit_scales: bool = Field(False, description="once the codes are fixed, refit each row's group scales to "
-                               "minimise its Hessian-weighted output error (int schemes; groups in natural order)")
 
     @model_validator(mode="after")
     def _clip_needs_fixed_scales(self) -> "GPTQParams":
         if self.clip_search and self.group_size != -1 and not self.static_groups:
             raise ValueError("clip_search chooses group scales before the column loop: set static_groups: true "
                              "(or group_size: -1)")
-        return self
-
-    @model_validator(mode="after")
-    def _refit_needs_int_groups_in_order(self) -> "GPTQParams":
-        if not self.refit_scales:
-            return self
-        for scheme in self.assignment().schemes:
-            ws = scheme.weights
-            if ws.type != "int" or ws.strategy not in ("group", "channel"):
-                raise ValueError(f"refit_scales refits int group or channel scales, not {ws.type} {ws.strategy} "
-                                 "weights: use an int scheme or leave refit_scales off")
-            if ws.strategy == "group" and self.act_order and not self.static_groups:
-                raise ValueError("refit_scales needs groups in natural order: set static_groups: true with act_order")
         return self
 
     def int_scheme(self, bits: int, group_size: int, symmetric: bool) -> Scheme:
@@ -918,7 +893,6 @@ class GPTQQuantizer(Quantizer):
             act_order=p.act_order,
             static_groups=p.static_groups,
             clip_search=p.clip_search,
-            refit_scales=p.refit_scales,
         )
         input_globals.apply(out)
         return out
