@@ -169,10 +169,12 @@ def check_run(recipe: RecipeBase) -> tuple[RunPlan, ModelView]:
     view = model_view(config_from_dict(model.config, config_file, named), model.config, model.headers,
                       compute_dtype(device, dtype), config_file, named)
     view.check_supported(named)
+    untied = 0  # elements of a head the rotation unties from the embedding: new in the checkpoint
     if params.rotate == "hadamard":
         from .rotation.stream import rotation_targets
 
-        rotation_targets(view.model, view.graph, view.location, named)
+        if rotation_targets(view.model, view.graph, view.location, named).untie:
+            untied = view.model.get_input_embeddings().weight.numel()
     linear_schemes = resolve_assignment(params.assignment(), view.graph, where)
     if params.online_down_proj:
         from .rotation.online import check_online_down_proj
@@ -191,7 +193,7 @@ def check_run(recipe: RecipeBase) -> tuple[RunPlan, ModelView]:
         check_output_placement(output_dir, work_dir_for(output_dir),
                                run_inputs(Path(model.location), shards, text_sources(recipe)))
     check_replaceable(output_dir, recipe.export.overwrite)
-    sizes = _sizes(model, view, linear_schemes, dtype, output_dir)
+    sizes = _sizes(model, view, linear_schemes, dtype, output_dir, untied)
     linears: dict[str, int] = {}
     for s, n in Counter(linear_schemes.values()).items():  # named once per scheme, not per Linear
         linears[scheme_name(s)] = linears.get(scheme_name(s), 0) + n
@@ -310,8 +312,9 @@ def _text_plan(section: str, spec: Any, shape: ModelShape) -> TextPlan:
 
 
 def _sizes(model: ModelFiles, view: ModelView, linear_schemes: dict[str, Scheme], dtype: torch.dtype,
-           output_dir: Path) -> SizePlan:
-    """Refuse to start when the work files plus the checkpoint cannot fit on the output's disk."""
+           output_dir: Path, untied: int) -> SizePlan:
+    """Refuse to start when the work files plus the checkpoint cannot fit on the output's disk
+    (``untied``: elements of a head written anew beside the embedding it was tied to)."""
     headers = model.headers
     precisions = {s: get_scheme(plan_scheme_key(s), _group_size(s)) for s in set(linear_schemes.values())}
     linears = {}
@@ -322,7 +325,7 @@ def _sizes(model: ModelFiles, view: ModelView, linear_schemes: dict[str, Scheme]
     numel = {name: math.prod(h["shape"]) for name, h in headers.items()}
     element = _DTYPE_BYTES[str(dtype).replace("torch.", "")]
     checkpoint = sum(linears[n].linear_bytes(*headers[n]["shape"]) if n in linears else numel[n] * element
-                     for n in headers)
+                     for n in headers) + untied * element
     work = sum(numel[n] for n in linears)
     target = output_dir.resolve().parent
     while not target.exists():

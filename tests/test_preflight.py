@@ -115,6 +115,20 @@ def test_validate_plans_from_config_and_headers_only(tiny_llama, text_file, tmp_
     assert f"{str(text_file)} (file): 8 x 64 tokens" in text
 
 
+def test_plan_counts_the_head_a_rotation_unties(tmp_path, capsys, no_weights):
+    """A rotated tied model gets its own lm_head in the checkpoint: the disk the plan asks for
+    includes it (one vocabulary x hidden matrix in the export dtype, float32 here)."""
+    model = make_tiny_model(tmp_path / "tied", layers=1, hidden=128, intermediate=256, tied=True)
+    sizes = {}
+    for rotate in ("none", "hadamard"):
+        path = _recipe(tmp_path, model, quantization={"method": "rtn", "bits": 4, "group_size": 64, "rotate": rotate})
+        rc, got, _ = _validate_json(capsys, path)
+        assert rc == 0, got
+        sizes[rotate] = got["plan"]["sizes"]["checkpoint_bytes"]
+    config = json.loads((model / "config.json").read_text())
+    assert sizes["hadamard"] - sizes["none"] == config["vocab_size"] * config["hidden_size"] * 4
+
+
 @pytest.mark.parametrize("command", ["validate", "run"])
 def test_group_size_refused_alike_by_validate_and_run(tmp_path_factory, tmp_path, command, capsys, no_weights):
     model = make_tiny_model(tmp_path_factory.mktemp("odd") / "m", layers=1, hidden=192, intermediate=384, heads=3,
