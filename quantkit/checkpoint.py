@@ -96,16 +96,15 @@ class CheckpointWriter:
     def _write(self, name: str, t: torch.Tensor) -> None:
         """Append a host tensor that passed ``check_written``."""
         n = t.numel() * t.element_size()
-        dtype, shape = _DTYPES[t.dtype], list(t.shape)
-        f = self._open(name, dtype, shape, n)
+        f, entry = self._open(name, _DTYPES[t.dtype], list(t.shape), n)
         if n:
             _write_all(f, t.reshape(-1).view(torch.uint8).numpy().data)
-        self._record(name, dtype, shape, n)
+        self._record(name, entry, n)
 
     def add_file_range(self, name: str, dtype: str, shape: list[int], path: Path, start: int, end: int) -> None:
         """Copy a tensor's bytes as they are from another safetensors file (``dtype`` in its
         notation), 64 MiB at a time: the embedding and lm_head never sit whole in memory."""
-        f = self._open(name, dtype, shape, end - start)
+        f, entry = self._open(name, dtype, shape, end - start)
         with open(path, "rb") as src:
             pos, left = start, end - start
             try:  # in the kernel, no bytes through Python
@@ -124,7 +123,7 @@ class CheckpointWriter:
                                       hint="the model file is truncated; re-download or re-convert it")
                 _write_all(f, chunk)
                 left -= len(chunk)
-        self._record(name, dtype, shape, end - start)
+        self._record(name, entry, end - start)
 
     @property
     def written(self) -> set[str]:
@@ -135,26 +134,29 @@ class CheckpointWriter:
         return _DTYPES[self.dtype]
 
     def _open(self, name: str, dtype: str, shape: list[int], n: int):
-        """The open shard, ready for ``n`` more bytes of tensor ``name`` and for its header entry."""
+        """The open shard, ready for ``n`` more bytes of tensor ``name``, and the tensor's header
+        entry there."""
         if name in self._names:
             raise ExportError(f"internal: tensor {name} written twice", file=name)
         self._names.add(name)
         # Close the shard before a tensor that would push it past the limit: max_shard_size is
         # the largest shard (only a single tensor bigger than the limit gets a shard above it).
-        # The entry's length at the current offsets bounds it in a new shard (offsets from 0).
-        entry = len(_entry_json(name, dtype, shape, self._buffer_bytes, n))
+        # The entry at the current offsets bounds it in a new shard (offsets from 0).
+        entry = _entry_json(name, dtype, shape, self._buffer_bytes, n)
         if self._file is not None and self._buffer_bytes and (
-                self._buffer_bytes + n > self.max_shard_size or self._header_size() + entry > HEADER_ROOM - 8):
+                self._buffer_bytes + n > self.max_shard_size or self._header_size() + len(entry) > HEADER_ROOM - 8):
             self.flush()
+            entry = _entry_json(name, dtype, shape, 0, n)
         if self._file is None:
             # unbuffered: copy_file_range writes at the descriptor's offset too
             self._file = open(self.work_dir / self._part_name(), "wb", buffering=0)
             self._file.seek(HEADER_ROOM)
-        return self._file
+        return self._file, entry
 
-    def _record(self, name: str, dtype: str, shape: list[int], n: int) -> None:
-        self._entries[name] = _entry_json(name, dtype, shape, self._buffer_bytes, n)
-        self._header_entry_bytes += len(self._entries[name])
+    def _record(self, name: str, entry: bytes, n: int) -> None:
+        """Add tensor ``name`` (``n`` bytes just written) with its header entry from ``_open``."""
+        self._entries[name] = entry
+        self._header_entry_bytes += len(entry)
         self._buffer_bytes += n
 
     def _header_size(self) -> int:
