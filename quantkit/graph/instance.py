@@ -16,7 +16,7 @@ from torch import nn
 
 from .capture import LayerCall, capture, materialize_on_use
 from .experts import all_experts, expert_of, expert_modules
-from .skeleton import build_meta, materialize
+from .skeleton import build_meta, materialize, module_tree
 from .trace import TRACE_ATTENTION, LayerRun, register_trace_attention, run_layer
 
 BATCH, TOKENS = 2, 8
@@ -42,10 +42,8 @@ def signature(layer: nn.Module) -> tuple:
     params: list[tuple[str, tuple[int, ...]]] = []
     seen_modules: set[int] = set()
     seen_params: set[int] = set()
-    stack: list[tuple[str, nn.Module]] = [("", layer)]
-    while stack:
-        path, m = stack.pop()
-        if id(m) in seen_modules:
+    for path, m in module_tree(layer):
+        if id(m) in seen_modules:  # its children are the seen ones too
             continue
         seen_modules.add(id(m))
         modules.append((path, type(m).__name__))
@@ -54,7 +52,6 @@ def signature(layer: nn.Module) -> tuple:
             if p is not None and id(p) not in seen_params:
                 seen_params.add(id(p))
                 params.append((dot + n, tuple(p.shape)))
-        stack.extend((dot + n, c) for n, c in reversed(m._modules.items()) if c is not None)
     return type(layer).__name__, tuple(modules), tuple(params)
 
 

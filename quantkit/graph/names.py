@@ -16,6 +16,7 @@ from typing import Iterable
 from torch import nn
 
 from .experts import UnfusedExperts, expert_of, fused_shape
+from .skeleton import module_tree
 
 
 class CheckpointNames:
@@ -114,9 +115,7 @@ def _state_names(model: nn.Module) -> tuple[dict[str, bool], dict[str, UnfusedEx
     in validation and again in the run."""
     names: dict[str, bool] = {}
     experts: dict[str, UnfusedExperts] = {}
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    while stack:
-        path, m = stack.pop()
+    for path, m in module_tree(model):
         dot = path + "." if path else ""
         if isinstance(m, UnfusedExperts) and all(m is not e for e in experts.values()):
             experts[path] = m  # a module under two paths: its first, as named_modules gives it
@@ -126,7 +125,6 @@ def _state_names(model: nn.Module) -> tuple[dict[str, bool], dict[str, UnfusedEx
         for n, b in m._buffers.items():
             if b is not None and n not in m._non_persistent_buffers_set:
                 names[dot + n] = True
-        stack.extend((dot + n, c) for n, c in reversed(m._modules.items()) if c is not None)
     return names, experts
 
 

@@ -21,6 +21,18 @@ from ..errors import ModelError
 from .experts import unfuse_experts
 
 
+def module_tree(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every ``(path, module)`` under ``root`` in ``named_modules``' order, a module reached by
+    two paths under each (as ``state_dict`` lists its tensors): one walk with no nested
+    generators, which cost seconds on a MoE skeleton's tens of thousands of modules."""
+    stack: list[tuple[str, nn.Module]] = [("", root)]
+    while stack:
+        path, m = stack.pop()
+        yield path, m
+        dot = path + "." if path else ""
+        stack.extend((dot + n, c) for n, c in reversed(m._modules.items()) if c is not None)
+
+
 def model_class(config, where: str) -> type:
     """The transformers class config.json names (``architectures``), never remote code."""
     import transformers
