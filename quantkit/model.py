@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import ModelError
 from .shard_check import model_file_error, model_file_problems, raise_problems, read_entries, shard_entries
@@ -129,15 +129,12 @@ class ModelSource:
 
     def tensor(self, name: str) -> torch.Tensor:
         """Read one tensor from its shard; counted in ``materialized`` while alive."""
-        shard = self.weight_map.get(name)
-        if shard is None:
-            raise _missing_tensor(name, self.path)
-        with safe_open(self.path / shard, framework="pt") as f:
-            t = f.get_tensor(name)
-        n = t.numel() * t.element_size()
-        self.materialized.add(n)
-        weakref.finalize(t, self.materialized.sub, n)
-        return t
+        with self.reader() as r:
+            return r.tensor(name)
+
+    def reader(self) -> "ShardReader":
+        """A reader of many tensors (a layer's) that opens each shard once."""
+        return ShardReader(self)
 
     def tensor_location(self, name: str) -> tuple[Path, str, list[int], int, int]:
         """Where ``name``'s bytes lie: (shard file, safetensors dtype such as ``BF16``, shape,
@@ -200,6 +197,55 @@ class ModelSource:
             "generation_config.json",
         )
         return [self.path / n for n in names if (self.path / n).is_file()]
+
+
+class ShardReader:
+    """Reads a source's tensors with each shard opened once for the reader's life.
+
+    A MoE layer is 400-1,200 tensors in one shard, and every ``safe_open`` parses the shard's
+    whole JSON header: opened per tensor, the header parsing grows with the square of the
+    expert count. Tensors are still read one at a time (host memory: the tensor being copied).
+    One reader serves one thread.
+    """
+
+    def __init__(self, source: ModelSource):
+        self.source = source
+        self._files: dict[str, Any] = {}
+
+    def __enter__(self) -> "ShardReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.__exit__(None, None, None)
+        self._files = {}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """``name`` on the host as the shard stores it; counted in ``materialized`` while alive."""
+        shard = self.source.weight_map.get(name)
+        if shard is None:
+            raise _missing_tensor(name, self.source.path)
+        path = self.source.path / shard
+        try:
+            f = self._files.get(shard)
+            if f is None:
+                f = self._files[shard] = safe_open(path, framework="pt").__enter__()
+            t = f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ModelError(f"model: cannot read tensor '{name}' from {path} ({e})", value=name, file=path,
+                             hint="the shard is damaged or truncated; re-download or re-convert the model") from None
+        n = t.numel() * t.element_size()
+        self.source.materialized.add(n)
+        weakref.finalize(t, self.source.materialized.sub, n)
+        return t
+
+    def to_device(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``name`` on ``device``, floating-point tensors in ``dtype``, integer ones as stored."""
+        t = self.tensor(name)
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 
 def _missing_tensor(name: str, folder: Path) -> ModelError:

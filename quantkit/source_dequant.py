@@ -77,24 +77,59 @@ class DequantizedSource:
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
+    def reader(self) -> "DequantizingReader":
+        return DequantizingReader(self, self.base.reader())
+
     def tensor(self, name: str) -> torch.Tensor:
-        if name not in self._parts:
-            return self.base.tensor(name)
-        codes, scales = (self.base.tensor(n) for n in self._parts[name])
-        if self.kind == "fp8":
-            return dequantize_fp8_blocks(codes, scales, self.block)
-        return dequantize_mxfp4(codes, scales).transpose(-1, -2).contiguous()  # as transformers holds them
+        with self.reader() as r:
+            return r.tensor(name)
 
     def tensor_on(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         if name not in self._parts:
             return self.base.tensor_on(name, device, dtype)
-        return self.tensor(name).to(device=device, dtype=dtype)
+        with self.reader() as r:
+            return r.to_device(name, device, dtype)
+
+    def dequantize(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """The float32 values of one tensor's codes and scales, on their device."""
+        if self.kind == "fp8":
+            return dequantize_fp8_blocks(codes, scales, self.block)
+        return dequantize_mxfp4(codes, scales).transpose(-1, -2).contiguous()  # as transformers holds them
 
     def tensor_location(self, name: str):
         if name not in self._parts:
             return self.base.tensor_location(name)
         path, _, shape, _, _ = self.base.tensor_location(self._parts[name][0])
         return path, "F32", shape, 0, 0  # not a byte range: read (dequantized) and cast when copied
+
+
+class DequantizingReader:
+    """A ``ShardReader`` over a ``DequantizedSource``: the float tensors its codes and scales
+    stand for, each shard opened once."""
+
+    def __init__(self, view: DequantizedSource, base):
+        self.view, self.base = view, base
+
+    def __enter__(self) -> "DequantizingReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.base.close()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """``name`` on the host (float32 where dequantized)."""
+        if name not in self.view._parts:
+            return self.base.tensor(name)
+        codes, scales = (self.base.tensor(n) for n in self.view._parts[name])
+        return self.view.dequantize(codes, scales)
+
+    def to_device(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if name not in self.view._parts:
+            return self.base.to_device(name, device, dtype)
+        return self.tensor(name).to(device=device, dtype=dtype)
 
 
 def read_as_float(quantization_config) -> bool:

@@ -184,29 +184,35 @@ class ModelRunner:
             self.release()
 
     def load_layer(self, i: int) -> nn.Module:
-        """Decoder layer ``i`` with its checkpoint tensors on the device (one tensor read at a
-        time); checkpoint tensors under the layer that it has no parameter for stay unconsumed
-        and are copied as they are on export."""
+        """Decoder layer ``i`` with its checkpoint tensors on the device; checkpoint tensors
+        under the layer that it has no parameter for stay unconsumed and are copied as they are
+        on export."""
         layer = copy.deepcopy(self.layers[i])
         _real_buffers(self.model, self.layer_prefix(i)[:-1], layer, self.device)
-        sources = self.layer_sources(i)
-        state = self._fused_experts(i, layer)
-        for k, v in layer.state_dict().items():
-            if k in state:
-                continue
-            src = sources.get(k)
-            if src is None:
-                raise ModelError(f"{self.where}: tensor {self.layer_prefix(i)}{k} is missing from {self.source.path}",
-                                 field="model.id", file=self.source.path,
-                                 hint="the checkpoint does not match its config.json")
-            t = self.source.tensor(src)
-            state[k] = t.to(device=self.device, dtype=self.dtype if t.is_floating_point() else t.dtype)
-        layer.load_state_dict(state, strict=True, assign=True)
+        layer.load_state_dict(self.read_layer(i), strict=True, assign=True)
         for edit in self.edits:
             edit.edit_layer(i, layer)
         return layer.eval()
 
-    def _fused_experts(self, i: int, layer: nn.Module) -> dict[str, torch.Tensor]:
+    def read_layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s state (names inside the layer) on the device, read with one open per
+        shard and one tensor on the host at a time."""
+        meta = self.layers[i]
+        sources = self.layer_sources(i)
+        with self.source.reader() as reader:
+            state = self._fused_experts(i, meta, reader)
+            for k in meta.state_dict():
+                if k in state:
+                    continue
+                src = sources.get(k)
+                if src is None:
+                    raise ModelError(f"{self.where}: tensor {self.layer_prefix(i)}{k} is missing from "
+                                     f"{self.source.path}", field="model.id", file=self.source.path,
+                                     hint="the checkpoint does not match its config.json")
+                state[k] = reader.to_device(src, self.device, self.dtype)
+        return state
+
+    def _fused_experts(self, i: int, layer: nn.Module, reader) -> dict[str, torch.Tensor]:
         """Per-expert tensors of layer ``i`` from checkpoint tensors that hold every expert of
         a block (gpt-oss, Llama 4), split as the fused module lays them out."""
         prefix = self.layer_prefix(i)
@@ -216,9 +222,8 @@ class ModelRunner:
                 continue
             rel = container[len(prefix):]
             layout = layer.get_submodule(rel).layout
-            t = self.source.tensor(src)
-            for k, v in split_fused(layout, leaf, t).items():
-                out[f"{rel}.{k}"] = v.to(device=self.device, dtype=self.dtype if v.is_floating_point() else v.dtype)
+            t = reader.to_device(src, self.device, self.dtype)
+            out.update({f"{rel}.{k}": v for k, v in split_fused(layout, leaf, t).items()})
         return out
 
     # ------------------------------------------------------------------ running
