@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,15 +90,20 @@ def local_model_dir(model: str) -> Path | None:
 
 @dataclass
 class _Counter:
+    """Bytes alive and their peak; the next layer's prefetch thread counts beside the main one."""
+
     alive: int = 0
     peak: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, n: int) -> None:
-        self.alive += n
-        self.peak = max(self.peak, self.alive)
+        with self.lock:
+            self.alive += n
+            self.peak = max(self.peak, self.alive)
 
     def sub(self, n: int) -> None:
-        self.alive -= n
+        with self.lock:
+            self.alive -= n
 
 
 @dataclass
