@@ -4,7 +4,7 @@ wall and process CPU seconds and the number of shard opens, optionally from an F
 block scales (DeepSeek-V3's format) dequantized on read.
 
     .venv/bin/python benchmarks/layer_load.py                      # 128 experts at a small width
-    .venv/bin/python benchmarks/layer_load.py --cpu-wide           # gpu_vs_llmcompressor's --cpu-wide shape
+    .venv/bin/python benchmarks/layer_load.py --shape cpu-wide     # gpu_vs_llmcompressor's --cpu-wide shape
     .venv/bin/python benchmarks/layer_load.py --fp8                # the same, FP8 source
     .venv/bin/python benchmarks/layer_load.py --prefetch --compute 0.5   # overlap with 0.5 s of matmuls per layer
 
@@ -69,7 +69,9 @@ def to_fp8(src: Path, dst: Path, block: int = 64) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--cpu-wide", action="store_true", help="gpu_vs_llmcompressor's --cpu-wide Qwen3-MoE shape")
+    ap.add_argument("--shape", choices=("many-experts", "cpu-wide", "qwen3-30b-a3b"), default="many-experts",
+                    help="128 experts at a small width; gpu_vs_llmcompressor's --cpu-wide Qwen3-MoE; the real "
+                    "Qwen3-30B-A3B layer (1.2 GB, for a GPU)")
     ap.add_argument("--fp8", action="store_true", help="the source in FP8 with 64x64 block scales")
     ap.add_argument("--prefetch", action="store_true", help="read layer i+1 in the background while layer i computes")
     ap.add_argument("--compute", type=float, default=0.0, help="seconds of matmuls on the main thread per layer "
@@ -88,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)  # the helpers' machine: 2 cores shared; one for the main thread, one for the reader
     shape = bench.MOE_SHAPES["qwen3-30b-a3b"]
-    shape["config"].update(bench._CPU_WIDE if args.cpu_wide else _MANY_EXPERTS)
-    tag = "cpu-wide" if args.cpu_wide else "many-experts"
+    shape["config"].update({"cpu-wide": bench._CPU_WIDE, "many-experts": _MANY_EXPERTS}.get(args.shape, {}))
+    tag = args.shape
     folder = bench.build_moe_model("qwen3-30b-a3b", args.layers, Path(args.work) / f"{tag}-{args.layers}")
     if args.fp8:
         folder = to_fp8(folder, Path(args.work) / f"{tag}-{args.layers}-fp8")
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model_module.safe_open = counting_open
     device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if args.prefetch and device.type == "cpu":  # quantkit prefetches on GPUs only: measure it here anyway
         from quantkit.graph import prefetch
 
@@ -111,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     iters, t = 0, time.perf_counter()  # a fixed amount of main-thread work: its time shows a slowdown
     while time.perf_counter() - t < args.compute:
         work, iters = torch.tanh(work @ work), iters + 1
+        sync()
     rows = []
     wall0, cpu0 = time.perf_counter(), time.process_time()
     for i in range(runner.num_layers):
@@ -119,11 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         layer = runner.load_layer(i)
         if args.prefetch and i + 1 < runner.num_layers:
             runner.prefetch(i + 1)
+        sync()
         load_wall, load_cpu = time.perf_counter() - t, time.process_time() - c
         n = sum(1 for _ in layer.parameters())
         t = time.perf_counter()
         for _ in range(iters):
             work = torch.tanh(work @ work)
+        sync()
         rows.append((i, n, opens[0], load_wall, load_cpu, time.perf_counter() - t))
         del layer
     total_wall, total_cpu = time.perf_counter() - wall0, time.process_time() - cpu0

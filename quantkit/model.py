@@ -16,7 +16,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -203,6 +203,14 @@ class ModelSource:
             "generation_config.json",
         )
         return [self.path / n for n in names if (self.path / n).is_file()]
+
+
+class TensorReader(Protocol):
+    """What reads a layer's tensors: a ``ShardReader``, or its dequantizing view."""
+
+    def tensor(self, name: str) -> torch.Tensor: ...
+
+    def to_device(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor: ...
 
 
 class ShardReader:

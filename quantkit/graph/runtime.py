@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, NumericsError
-from ..model import ModelSource
+from ..model import ModelSource, TensorReader
 from ..source_dequant import float_view
 from .capture import LayerCall, capture, inject, materialize_on_use
 from .experts import split_fused
@@ -244,7 +244,7 @@ class ModelRunner:
         layer.load_state_dict(state, strict=True, assign=True)
         return layer
 
-    def _fused_experts(self, i: int, layer: nn.Module, reader) -> dict[str, torch.Tensor]:
+    def _fused_experts(self, i: int, layer: nn.Module, reader: TensorReader) -> dict[str, torch.Tensor]:
         """Per-expert tensors of layer ``i`` from checkpoint tensors that hold every expert of
         a block (gpt-oss, Llama 4), split as the fused module lays them out."""
         prefix = self.layer_prefix(i)
