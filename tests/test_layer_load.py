@@ -52,6 +52,11 @@ def test_each_shard_opened_once_per_layer(moe, monkeypatch):
         shards = {runner.source.weight_map[s] for s in runner.layer_sources(i).values()}
         assert len(shards) > 1  # the test needs a layer spread over shards
         assert sorted(opened) == sorted(shards)
+    # a handle is reopened once it has read REMAP_BYTES (its pages leave the resident memory)
+    monkeypatch.setattr(model_module.ShardReader, "REMAP_BYTES", 1)
+    opened.clear()
+    runner.load_layer(0)
+    assert len(opened) == len(runner.layer_sources(0))
 
 
 # --------------------------------------------------------------------------- dequantized on the device
