@@ -67,12 +67,8 @@ def _inverse_hessian_factor(
     # [in, in] are alive at once (the 14336-wide down_proj Hessian is 0.8 GB in float32).
     diag.add_(damp.unsqueeze(1))
     for attempt in range(max_retries + 1):
-        low, info = torch.linalg.cholesky_ex(h)
-        inv = _cholesky_inverse(low)
-        del low
-        upper, info_inv = torch.linalg.cholesky_ex(inv, upper=True)
-        del inv
-        bad = (info != 0) | (info_inv != 0) | ~torch.isfinite(upper).flatten(1).all(1)
+        upper, info = upper_inverse_factor(h)
+        bad = (info != 0) | ~torch.isfinite(upper).flatten(1).all(1)
         if not bool(bad.any()):
             return upper
         failed = ", ".join(names[e] for e in bad.nonzero().flatten().tolist())
@@ -92,14 +88,24 @@ def _inverse_hessian_factor(
         hint="check the calibration activations for NaN/Inf or use more calibration samples")
 
 
-def _cholesky_inverse(low: torch.Tensor) -> torch.Tensor:
-    """``(L Lᵀ)⁻¹`` from ``L`` (a stack). On CPU by solving against I: torch's CPU
-    ``cholesky_inverse`` takes 11 s for a 1536-wide factor, 60x longer than the solve. On CUDA
-    ``cholesky_inverse`` is fast and needs no [in, in] identity beside the result (3.3 GB at
-    28672 wide)."""
-    if low.device.type == "cpu":
-        return torch.cholesky_solve(torch.eye(low.shape[-1], dtype=low.dtype), low)
-    return torch.cholesky_inverse(low)
+def upper_inverse_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upper Cholesky factor ``U`` of ``h⁻¹`` (``h⁻¹ = UᵀU``) of a positive definite
+    ``h`` ``[..., n, n]``, and the factorisation's ``info`` (non-zero: not positive definite).
+
+    With ``J`` the reversal of rows and columns, ``J h J = L Lᵀ`` gives ``h = R Rᵀ`` with the
+    upper triangular ``R = J L J``, so ``h⁻¹ = (R⁻¹)ᵀ R⁻¹`` and ``U = R⁻¹ = J L⁻¹ J``: one
+    factorisation and one triangular solve, where the reference factors ``h``, inverts it and
+    factors the inverse. Mixtral's eight 14336-wide Hessians on an H200: 3.04 s -> 1.18 s
+    (``cholesky_inverse`` alone was 1.81 s), the same error against float64. At most two
+    stacks besides ``h`` are alive at once (a 14336-wide one is 0.8 GB in float32).
+    """
+    flipped = h.flip(-2, -1)
+    low, info = torch.linalg.cholesky_ex(flipped)
+    del flipped
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device).expand_as(low)
+    inverse = torch.linalg.solve_triangular(low, eye, upper=False)
+    del low
+    return inverse.flip(-2, -1), info
 
 
 def _subtract_product(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -491,11 +497,10 @@ def feedback_target(w: torch.Tensor, h_quant: torch.Tensor, cross: torch.Tensor,
              else torch.arange(in_f, device=h.device))
     h, mismatch = h[order][:, order], mismatch[order][:, order]
     h.diagonal().add_(dampening_frac * torch.diagonal(h).mean())
-    low, info = torch.linalg.cholesky_ex(h)
+    upper, info = upper_inverse_factor(h)
     if int(info) != 0:
         raise NumericsError(f"GPTQ {name}: the quantized-input Hessian is not positive definite even damped",
                             file=name, hint="use more calibration samples or a larger dampening_frac")
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(low), upper=True)
     p = alpha * (mismatch @ upper.T).triu_(1) @ upper
     eye = torch.eye(in_f, dtype=torch.float64, device=h.device)
     w64 = w.detach().to(torch.float64)[:, order]
