@@ -87,7 +87,7 @@ def main() -> int:
             torch.randn(2 * n, inter, hidden, device=dev) * 0.02, hessians(1, hidden, args.tokens, dev, 2)),
     }
     parts = Parts(dev)
-    parts.wrap(gptq, "_inverse_hessian_factor", "Hessian factor (Cholesky, inverse, Cholesky)")
+    parts.wrap(gptq, "_inverse_hessian_factor", "Hessian factor")
     parts.wrap(gptq, "clip_to_gram", "clip search")
     parts.wrap(gptq, "weight_qparams", "up-front group scales")
     parts.wrap(gptq, "_subtract_product", "error propagation (batched matmuls)")
