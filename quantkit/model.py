@@ -223,10 +223,11 @@ class ShardReader:
 
     The pages a handle's tensors were read from stay mapped, and counted in the process's
     resident memory, until it closes: a handle is closed after ``REMAP_BYTES`` so that a
-    layer of many gigabytes (DeepSeek-V3's: 11 GB of FP8 codes) is not resident at once.
+    layer of gigabytes (Mixtral-8x7B's: 2.9 GB; DeepSeek-V3's: 11 GB of FP8 codes) is not
+    resident at once (a few more opens per layer: one per 256 MiB).
     """
 
-    REMAP_BYTES = 1 << 30
+    REMAP_BYTES = 256 << 20
 
     def __init__(self, source: ModelSource):
         self.source = source
