@@ -168,12 +168,11 @@ class _LayerCalibration:
         tokens (``own_too``: this rank's as well), from each stream's recorded calls (``calls``:
         the quantized stream's, then the float stream's for paired statistics): each rank in
         turn broadcasts the block's recorded inputs, which the others run through each of their
-        experts alone, a batch's worth of rows at a time, a pair of streams routed as the
+        experts alone, call by call as the pass made them, a pair of streams routed as the
         quantized one. One rank's inputs are on a device at a time (its share of the tokens x
         hidden, 16 bits, once per stream)."""
         width = block.layout.hidden
         quant = calls[0]
-        rows = max([h.shape[0] for h, _ in quant], default=1)
 
         def rows_of(stream: list) -> torch.Tensor:
             return torch.cat([h.reshape(-1, width) for h, _ in stream]) if stream else \
@@ -183,27 +182,32 @@ class _LayerCalibration:
                     torch.zeros(0, 1, dtype=torch.int64, device=self.runner.device)}
         if len(calls) > 1:
             recorded["float"] = rows_of(calls[1])
+        sizes = [i.shape[0] for _, i in quant]
         del calls, quant
         experts = sorted({expert_of(n)[1] for n in mine})
         hooks = _fan_out({n[len(name) + 1:]: parts for n, parts in mine.items()})
         for src in range(self.world.size):
-            theirs, _ = self.world.broadcast(recorded if src == self.world.rank else None, src)
-            if src == self.world.rank and not own_too:  # this rank's own tokens were fed during the pass
+            here = src == self.world.rank
+            theirs, meta = self.world.broadcast(recorded if here else None, src, {"rows": sizes} if here else None)
+            if here and not own_too:  # this rank's own tokens were fed during the pass
                 continue
             index = theirs["index"]
 
-            def through(hidden: torch.Tensor, at: int) -> Callable[[], None]:
+            def through(hidden: torch.Tensor, at: int, rows: int) -> Callable[[], None]:
                 def forward() -> None:
                     for e, x in block.expert_inputs(experts, hidden[at:at + rows], index[at:at + rows]):
                         block.run_expert(e, x)
 
                 return forward
 
-            for at in range(0, index.shape[0], rows):
+            at = 0
+            for rows in meta["rows"]:
                 if "float" in theirs:
-                    run_paired_batch(block, hooks, through(theirs["hidden"], at), through(theirs["float"], at))
+                    run_paired_batch(block, hooks, through(theirs["hidden"], at, rows),
+                                     through(theirs["float"], at, rows))
                 else:
-                    run_calibration(block, hooks, through(theirs["hidden"], at))
+                    run_calibration(block, hooks, through(theirs["hidden"], at, rows))
+                at += rows
             del theirs
 
     @property

@@ -2,9 +2,9 @@
 issue 16's experts): the routed token counts and the round-to-nearest fallback are decided
 from every rank's tokens, so both ranks take the same decisions; an expert none of rank 1's
 tokens reaches still gets the one-rank statistics; GPTQ with input feedback carries each
-rank's own float stream. Every rank ends with the same layers, and holds the statistics of
-the experts it owns alone (so a layer split into calibration passes by a statistics budget
-needs fewer passes on more ranks)."""
+rank's own float stream, also under routed calibration. Every rank ends with the same layers,
+and holds the statistics of the experts it owns alone, paired ones too (so a layer split into
+calibration passes by a statistics budget needs fewer passes on more ranks)."""
 
 from __future__ import annotations
 
@@ -84,10 +84,12 @@ def _held_experts(held: list[str], shared: str | None) -> set[int]:
     return {expert_of(n)[1] for n in held if expert_of(n) is not None and n != shared}
 
 
-@pytest.mark.parametrize("case", ["routed-nvfp4", "all-experts", "all-experts-chunked"])
+@pytest.mark.parametrize("case", ["routed-nvfp4", "all-experts", "all-experts-chunked", "input-feedback",
+                                  "routed-feedback"])
 def test_each_rank_holds_only_the_statistics_of_its_own_experts(two_ranks, case, tmp_path):
     """Expert 3 is reached by none of rank 1's tokens and owned by rank 1: it still gets its
-    Hessian there (from rank 0's tokens, equal results above), and rank 0 never holds it."""
+    Hessian there (from rank 0's tokens, equal results above), and rank 0 never holds it. With
+    input feedback, both of an expert's Hessians (quantized inputs, cross term) alike."""
     from quantkit.distributed import SINGLE, World
     from quantkit.graph.experts import expert_of
     from quantkit.graph.runtime import ModelRunner
@@ -111,14 +113,15 @@ def test_each_rank_holds_only_the_statistics_of_its_own_experts(two_ranks, case,
             assert shared in held  # every expert's gate/up reads one tensor: one Hessian, reduced
 
 
-def test_more_ranks_need_fewer_passes_under_a_statistics_budget(two_ranks, tmp_path):
+@pytest.mark.parametrize("case", ["all-experts-chunked", "input-feedback"])
+def test_more_ranks_need_fewer_passes_under_a_statistics_budget(two_ranks, case, tmp_path):
     """The budget fits two experts' statistics (the first pass holds the common ones and expert 0
     beyond it): one rank takes 3 passes (0 | 1 2 | 3), two ranks 2 (0 | 1 2 3: rank 1 holds
-    experts 1 and 3, rank 0 expert 2)."""
+    experts 1 and 3, rank 0 expert 2), GPTAQ's paired statistics as GPTQ's."""
     from quantkit.distributed import SINGLE
 
     model, out = two_ranks
-    _, _, alone = quantize_case("all-experts-chunked", model, tmp_path / "work", SINGLE)
+    _, _, alone = quantize_case(case, model, tmp_path / "work", SINGLE)
     assert alone["passes"] == {0: 3, 1: 3}
     for r in (0, 1):
-        assert _metadata(out, "all-experts-chunked", r, "probe")["passes"] == {"0": 2, "1": 2}
+        assert _metadata(out, case, r, "probe")["passes"] == {"0": 2, "1": 2}
