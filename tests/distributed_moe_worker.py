@@ -99,7 +99,9 @@ def quantize_case(case: str, model: Path, work: Path, world) -> tuple[dict[str, 
         return quantize_layer(layer, graph, calib, schemes)
 
     quantizer.quantize_layer = counted
-    budget = two_experts_budget(runner.graph.layer(0)) if case in TWO_EXPERTS_BUDGET else None
+    # GPTAQ keeps two matrices per input (the quantized inputs' Hessian and the cross term).
+    budget = two_experts_budget(runner.graph.layer(0)) * (2 if params.get("input_feedback") else 1) \
+        if case in TWO_EXPERTS_BUDGET else None
     workdir = WorkDir(work)
     workdir.start(case, False, {}, model)
     got: dict[str, torch.Tensor] = {}

@@ -517,6 +517,10 @@ def test_statistics_in_chunks_give_the_same_layer(starved_layer, monkeypatch):
     owners = expert_owners(runner.graph.layer(0), World(0, 2))
     two = statistics_chunks(runner.graph.layer(0).per_expert(), 4 * 128 * 128 * 3, owners)
     assert [sorted({expert_of(u.name)[1] for u in p.units if expert_of(u.name)}) for p in two] == [[0], [1, 2], [3]]
+    # GPTAQ's two matrices per input (quantized inputs, cross term) take twice the room.
+    paired = statistics_chunks(runner.graph.layer(0).per_expert(), 2 * 4 * 128 * 128 * 3, owners, matrices=2)
+    assert [[u.name for u in p.units] for p in paired] == [[u.name for u in p.units] for p in two]
+    assert len(statistics_chunks(runner.graph.layer(0).per_expert(), 4 * 128 * 128 * 3, owners, matrices=2)) > 3
     assert results[0].keys() == results[1].keys()
     for name, qw in results[0].items():
         assert torch.equal(qw.codes, results[1][name].codes), name
