@@ -137,7 +137,6 @@ class _LayerCalibration:
                 else:
                     run_calibration(self.layer, hooks, recording(self._forward(self.batches), 0))
                 for b in replayed:
-                    blocks[b].recorded = None
                     self._replay(b, blocks[b], {n: parts for n, parts in mine.items() if expert_of(n)[0] == b},
                                  calls.pop(b)[:2 if paired else 1], own_recorded)
         finally:
