@@ -3,6 +3,7 @@
     python benchmarks/distributed_scaling.py --work /tmp/qk-dist    # 70B x8 and Qwen3-30B-A3B x4, 1/2/4 GPUs
     python benchmarks/distributed_scaling.py --shape tiny,tiny-moe --gpus 1,2 --device cpu --samples 8 --seq-len 64
     python benchmarks/distributed_scaling.py --shape deepseek-v3 --layers 2 --routed --work /tmp/qk-dist  # issue 17.5
+    python benchmarks/distributed_scaling.py --shape deepseek-v3 --layers 2 --routed --input-feedback  # GPTAQ
 
 The models are Llama-3.1-70B-shaped (real hidden, intermediate, head and vocabulary sizes) with
 8 random decoder layers and Qwen3-30B-A3B-shaped (128 experts, every token through every expert
@@ -20,7 +21,9 @@ With ``--routed`` each expert is calibrated on its routed tokens only (one Hessi
 gate/up: DeepSeek-V3's ~57 GB a layer), the case where a layer's statistics do not fit one GPU:
 each rank holds only its own experts' statistics, so the calibration passes per layer (the
 ``passes`` column: observe calls per layer on rank 0, one of them the routed-token count) and
-the peak GPU drop with more GPUs.
+the peak GPU drop with more GPUs. ``--input-feedback`` runs GPTAQ (the shipped 4-bit recipes'
+setting): the float stream beside the quantized one and two statistics per expert input (the
+quantized inputs' Hessian and the cross term), also held by each expert's owner alone.
 With ``--device cpu`` the ranks use gloo (a check of the script, not a measurement).
 """
 
@@ -77,12 +80,14 @@ def worker(args: argparse.Namespace) -> None:
         setattr(owner, attr, wrapped)
 
     timed(engine._LayerCalibration, "observe", "observe")
+    timed(engine._LayerCalibration, "observe_paired", "observe")
     timed(distributed.World, "solve", "solve")
     recipe = peer._quantkit_recipe("gptq", Path(args.model), Path(args.calib), Path(args.out), args.samples,
                                    args.seq_len, args.batch_size)
     recipe["device"] = args.device
     if args.routed:
         recipe["calibration"]["all_experts"] = False
+    recipe["quantization"]["input_feedback"] = args.input_feedback
     if not cuda:
         recipe["model"]["dtype"] = "float32"
     t0 = time.perf_counter()
@@ -118,7 +123,8 @@ def run_gpus(n: int, args: argparse.Namespace, model: Path, calib: Path) -> dict
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", __file__,
            "worker", "--model", str(model), "--calib", str(calib), "--out", str(out), "--samples", str(args.samples),
            "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--device", args.device,
-           "--result-dir", str(results)] + (["--routed"] if args.routed else [])
+           "--result-dir", str(results)] + (["--routed"] if args.routed else []) + \
+        (["--input-feedback"] if args.input_feedback else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(peer.ROOT), os.environ.get("PYTHONPATH", "")]))
     if args.device == "cpu":
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or n) // n))
@@ -169,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("--samples", "--seq-len", "--batch-size"):
             ap.add_argument(name, type=int, required=True)
         ap.add_argument("--routed", action="store_true")
+        ap.add_argument("--input-feedback", action="store_true")
         worker(ap.parse_args(argv[1:]))
         return 0
     ap.add_argument("--shape", default="70b,qwen3-30b-a3b",
@@ -184,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--routed", action="store_true",
                     help="calibrate each expert on its routed tokens only (per-expert Hessians; issue 17 point 5)")
+    ap.add_argument("--input-feedback", action="store_true",
+                    help="GPTAQ (gptq input_feedback): the float stream beside the quantized one, two statistics "
+                    "per input")
     args = ap.parse_args(argv)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     shapes = args.shape.split(",")
@@ -200,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{shape} on {n} GPU(s): {json.dumps(results[shape, n])[:300]}", flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps({f"{s} x{n}": r for (s, n), r in results.items()}, indent=2))
-    print(f"\nGPTQ W4A16 g128 (act_order, static groups), {args.samples} x {args.seq_len} calibration tokens, "
+    print(f"\nGPTQ W4A16 g128 (act_order, static groups{', GPTAQ input feedback' if args.input_feedback else ''}), "
+          f"{args.samples} x {args.seq_len} calibration tokens, "
           f"batch {args.batch_size}, device {args.device}; MoE experts calibrated on "
           f"{'their routed tokens' if args.routed else 'every token'}; estimate for the "
           "full model = fixed + layers x (s/layer + export/layer)")

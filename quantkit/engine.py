@@ -61,8 +61,9 @@ class _LayerCalibration:
     fed on the owner with its own tokens during the pass, then with every other rank's tokens
     reaching that expert (each rank's recorded block inputs, broadcast in turn after the pass,
     run through the owner's experts alone); it is never reduced. Every other statistic is fed
-    on every rank and reduced. On one rank there is no other rank's tokens to replay: the
-    same code, every expert owned."""
+    on every rank and reduced. Paired statistics (the quantized stream beside the float one)
+    are split alike, each stream's block inputs recorded. On one rank there is no other
+    rank's tokens to replay: the same code, every expert owned."""
 
     def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs], seed: int,
                  world: World = SINGLE, every_expert: bool = True, float_batches: list[LayerInputs] | None = None,
@@ -89,37 +90,70 @@ class _LayerCalibration:
         return forward
 
     def observe(self, stats: Mapping[str, Statistic]) -> None:
+        self._observe(stats, None)
+        if self.routed is None:
+            self.routed = _summed_counts(routed_counts(self.layer), self.world)
+
+    def observe_paired(self, stats: Mapping[str, PairedStatistic]) -> None:
+        if self.float_batches is None:
+            raise RuntimeError("observe_paired needs the float stream: the quantizer must set needs_float_inputs")
+        self._observe(stats, self.float_batches)
+
+    def _observe(self, stats: Mapping[str, Statistic | PairedStatistic],
+                 float_batches: list[LayerInputs] | None) -> None:
+        """One pass over this rank's batches (with ``float_batches``, each batch on both
+        streams, the float one first), then every owned statistic fed the recorded tokens of
+        its block, then every other statistic reduced."""
+        paired = float_batches is not None
         blocks = dict(expert_modules(self.layer))
         shared, owned = self._split(stats, blocks)
         mine = {n: parts for n, parts in owned.items() if self.expert_owner(n) == self.world.rank}
-        # Blocks whose experts' statistics other ranks' tokens must reach (the same on every rank).
-        replayed = sorted({expert_of(n)[0] for n in owned}) if self.world.size > 1 else []
+        # Under routed calibration each stream's router picks its own tokens for an expert, so
+        # the hooks of a paired pass would pair different tokens: an expert's owner pairs its
+        # own tokens from the recorded calls too, each token's two inputs, routed as the
+        # quantized stream routes it (the served model's routing).
+        own_recorded = paired and not self.every_expert
+        # Blocks whose experts' statistics recorded tokens must reach (the same on every rank).
+        replayed = sorted({expert_of(n)[0] for n in owned}) if self.world.size > 1 or own_recorded else []
+        fed = {**shared, **{n: shared.get(n, []) + ([] if own_recorded else mine[n]) for n in mine}}
+        calls: dict[str, tuple[list, list]] = {b: ([], []) for b in replayed}  # quantized, float stream
+
+        def recording(forward: Callable[[], None], stream: int) -> Callable[[], None]:
+            def run() -> None:
+                for b in replayed:
+                    blocks[b].recorded = calls[b][stream]
+                forward()
+
+            return run
+
         reset_counts(self.layer)
-        for b in replayed:
-            blocks[b].recorded = []
+        hooks = _fan_out(fed)
         try:
             with all_experts(self.layer, self.every_expert):
-                run_calibration(self.layer, _fan_out({**shared, **{n: shared.get(n, []) + mine[n] for n in mine}}),
-                                self._forward(self.batches))
+                if paired:
+                    for quant, flt in zip(self.batches, float_batches):
+                        run_paired_batch(self.layer, hooks, recording(self._forward([quant]), 0),
+                                         recording(self._forward([flt]), 1))
+                else:
+                    run_calibration(self.layer, hooks, recording(self._forward(self.batches), 0))
                 for b in replayed:
-                    self._replay(b, blocks[b], {n: parts for n, parts in mine.items() if expert_of(n)[0] == b})
+                    self._replay(b, blocks[b], {n: parts for n, parts in mine.items() if expert_of(n)[0] == b},
+                                 calls.pop(b)[:2 if paired else 1], own_recorded)
         finally:
-            for b in replayed:
-                blocks[b].recorded = None
-        if self.routed is None:
-            self.routed = _summed_counts(routed_counts(self.layer), self.world)
+            for m in blocks.values():
+                m.recorded = None
         for name in sorted(shared):  # the same order on every rank: collectives pair up
             for s in shared[name]:
                 s.reduce(self.world)
 
-    def _split(self, stats: Mapping[str, Statistic], blocks: Mapping[str, UnfusedExperts]
-               ) -> tuple[dict[str, list[Statistic]], dict[str, list[Statistic]]]:
+    def _split(self, stats: Mapping[str, Statistic | PairedStatistic], blocks: Mapping[str, UnfusedExperts]
+               ) -> tuple[dict[str, list], dict[str, list]]:
         """``stats`` (``Joined`` taken apart) as those every rank feeds and reduces, and those
         an expert's owner alone feeds, with every rank's tokens (``owner`` set to the expert's
         owner, in one of ``blocks`` whose calls can be replayed); each maps a Linear to its
         statistics."""
-        shared: dict[str, list[Statistic]] = {}
-        owned: dict[str, list[Statistic]] = {}
+        shared: dict[str, list] = {}
+        owned: dict[str, list] = {}
         for name, stat in stats.items():
             owner, hit = self.expert_owner(name), expert_of(name)
             for s in _parts(stat):
@@ -127,46 +161,53 @@ class _LayerCalibration:
                 (owned if alone else shared).setdefault(name, []).append(s)
         return shared, owned
 
-    def _replay(self, name: str, block: UnfusedExperts, mine: Mapping[str, list[Statistic]]) -> None:
+    def _replay(self, name: str, block: UnfusedExperts, mine: Mapping[str, list],
+                calls: tuple[list, ...], own_too: bool) -> None:
         """Feed this rank's experts of ``block`` (``mine``: their statistics) every other rank's
-        tokens: each rank in turn broadcasts the block's recorded inputs, which the others run
-        through each of their experts alone, a batch's worth of rows at a time. One rank's
-        inputs are on a device at a time (its share of the tokens x hidden, 16 bits)."""
-        calls, block.recorded = block.recorded or [], None
+        tokens (``own_too``: this rank's as well), from each stream's recorded calls (``calls``:
+        the quantized stream's, then the float stream's for paired statistics): each rank in
+        turn broadcasts the block's recorded inputs, which the others run through each of their
+        experts alone, call by call as the pass made them, a pair of streams routed as the
+        quantized one. One rank's inputs are on a device at a time (its share of the tokens x
+        hidden, 16 bits, once per stream)."""
         width = block.layout.hidden
-        rows = max([h.shape[0] for h, _ in calls], default=1)
-        recorded = {"hidden": torch.cat([h.reshape(-1, width) for h, _ in calls]) if calls else
-                    torch.zeros(0, width, device=self.runner.device, dtype=self.runner.dtype),
-                    "index": torch.cat([i for _, i in calls]) if calls else
+        quant = calls[0]
+
+        def rows_of(stream: list) -> torch.Tensor:
+            return torch.cat([h.reshape(-1, width) for h, _ in stream]) if stream else \
+                torch.zeros(0, width, device=self.runner.device, dtype=self.runner.dtype)
+
+        recorded = {"hidden": rows_of(quant), "index": torch.cat([i for _, i in quant]) if quant else
                     torch.zeros(0, 1, dtype=torch.int64, device=self.runner.device)}
-        del calls
+        if len(calls) > 1:
+            recorded["float"] = rows_of(calls[1])
+        sizes = [i.shape[0] for _, i in quant]
+        del calls, quant
         experts = sorted({expert_of(n)[1] for n in mine})
         hooks = _fan_out({n[len(name) + 1:]: parts for n, parts in mine.items()})
+        # A pair of streams is fed expert by expert: one expert's float inputs wait for its
+        # quantized ones, not every owned expert's (128 of DeepSeek-V3's down_proj inputs for a
+        # batch of 16k tokens: 8.6 GB).
+        of_expert = {e: {n: h for n, h in hooks.items() if int(n.split(".", 1)[0]) == e} for e in experts}
         for src in range(self.world.size):
-            theirs, _ = self.world.broadcast(recorded if src == self.world.rank else None, src)
-            if src == self.world.rank:  # this rank's own tokens were fed during the pass
+            here = src == self.world.rank
+            theirs, meta = self.world.broadcast(recorded if here else None, src, {"rows": sizes} if here else None)
+            if here and not own_too:  # this rank's own tokens were fed during the pass
                 continue
-
-            def forward(h: torch.Tensor = theirs["hidden"], i: torch.Tensor = theirs["index"]) -> None:
-                for at in range(0, h.shape[0], rows):
-                    for e, x in block.expert_inputs(experts, h[at:at + rows], i[at:at + rows]):
-                        block.run_expert(e, x)
-
-            run_calibration(block, hooks, forward)
+            at = 0
+            for rows in meta["rows"]:
+                span = slice(at, at + rows)
+                at += rows
+                index = theirs["index"][span]
+                quant = block.expert_inputs(experts, theirs["hidden"][span], index)
+                if "float" not in theirs:
+                    run_calibration(block, hooks, lambda q=quant: _run_experts(block, q))
+                    continue
+                flt = block.expert_inputs(experts, theirs["float"][span], index)
+                for (e, xq), (_, xf) in zip(quant, flt):
+                    run_paired_batch(block, of_expert[e], lambda e=e, x=xq: block.run_expert(e, x),
+                                     lambda e=e, x=xf: block.run_expert(e, x))
             del theirs
-
-    def observe_paired(self, stats: Mapping[str, PairedStatistic]) -> None:
-        if self.float_batches is None:
-            raise RuntimeError("observe_paired needs the float stream: the quantizer must set needs_float_inputs")
-        with all_experts(self.layer, self.every_expert):
-            for quant, flt in zip(self.batches, self.float_batches):
-                run_paired_batch(self.layer, {name: s.add for name, s in stats.items()}, self._forward([quant]),
-                                 self._forward([flt]))
-        self._reduce(stats)
-
-    def _reduce(self, stats: Mapping[str, PairedStatistic]) -> None:
-        for name in sorted(stats):  # the same order on every rank: collectives pair up
-            stats[name].reduce(self.world)
 
     @property
     def tokens(self) -> int:
@@ -175,6 +216,11 @@ class _LayerCalibration:
             mine = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self.batches)
             self._tokens = int(self.world.all_reduce(torch.tensor([mine], device=self.world.device)).item())
         return self._tokens
+
+
+def _run_experts(block: UnfusedExperts, inputs: Iterable[tuple[int, torch.Tensor]]) -> None:
+    for e, x in inputs:
+        block.run_expert(e, x)
 
 
 def _parts(stat: Statistic) -> list[Statistic]:
@@ -398,13 +444,14 @@ class LayerwiseEngine:
         where = self.sk.layer_prefix(i)[:-1]
         hungry = starved(counts, settings)
         qweights: dict[str, QuantizedWeight] = {}
-        # Experts' statistics held by their owners alone: not paired ones (the float stream
-        # beside the quantized one), which are reduced, nor those of experts whose calls are
-        # not replayed (``UnfusedExperts.replayable``); every rank holds those.
+        # Experts' statistics held by their owners alone (paired ones too), but not those of
+        # experts whose calls are not replayed (``UnfusedExperts.replayable``): every rank holds those.
         blocks = dict(expert_modules(layer))
-        held = {} if self.quantizer.needs_float_inputs else \
-            {k: r for k, r in owners.items() if blocks[k[0]].replayable}
-        for part in statistics_chunks(without(graph, hungry), statistics_budget(self.sk.device, self.world), held):
+        held = {k: r for k, r in owners.items() if blocks[k[0]].replayable}
+        # A paired statistic keeps its matrix for the quantized stream and its cross term with the float one.
+        matrices = 2 if self.quantizer.needs_float_inputs else 1
+        for part in statistics_chunks(without(graph, hungry), statistics_budget(self.sk.device, self.world), held,
+                                      matrices):
             qweights.update(self.quantizer.quantize_layer(layer, part, calib,
                                                           {n: schemes[n] for n in part.linears if n in schemes}))
         if hungry:

@@ -102,9 +102,10 @@ def expert_owners(graph: LayerGraph, world: World = SINGLE) -> dict[tuple[str, i
 
 
 def statistics_chunks(graph: LayerGraph, budget: int | None,
-                      owners: Mapping[tuple[str, int], int] | None = None) -> list[LayerGraph]:
-    """``graph`` split so that each part's float32 statistics (one ``[in, in]`` matrix per
-    input group, as GPTQ keeps) fit ``budget`` bytes on every rank: the first part holds every
+                      owners: Mapping[tuple[str, int], int] | None = None, matrices: int = 1) -> list[LayerGraph]:
+    """``graph`` split so that each part's float32 statistics (``matrices`` ``[in, in]``
+    matrices per input group: GPTQ keeps one, GPTAQ's paired statistics two, the quantized
+    inputs' Hessian and the cross term) fit ``budget`` bytes on every rank: the first part holds every
     group not owned by a single expert (attention, a shared expert, and, under all-expert
     calibration, every expert's gate/up, which share one matrix), which every rank holds, plus
     the first experts' own groups, which their owner rank (``owners``) alone holds (an expert
@@ -122,7 +123,7 @@ def statistics_chunks(graph: LayerGraph, budget: int | None,
             common.append(g)
 
     def size(groups: list[InputGroup]) -> int:
-        return sum(4 * graph.unit(g.key).in_features ** 2 for g in groups)
+        return sum(4 * matrices * graph.unit(g.key).in_features ** 2 for g in groups)
 
     owners = owners or {}
     per_rank: Counter[int] = Counter()

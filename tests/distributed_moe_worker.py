@@ -28,14 +28,18 @@ CASES = {
     "routed-awq": ({"method": "awq", "group_size": 32, "grid": 4, "max_calib_tokens": 64}, ExpertCalibration(False, 1)),
     # All-expert calibration: every expert's gate/up share one Hessian, solved in parts across ranks.
     "all-experts": ({"method": "gptq", "group_size": 32}, ExpertCalibration(True)),
-    # GPTAQ: the float stream beside the quantized one, each rank carrying its own batches'.
+    # GPTAQ: the float stream beside the quantized one, each rank carrying its own batches'; each
+    # expert's two Hessians on its owner alone, under the two experts' budget (as below).
     "input-feedback": ({"method": "gptq", "group_size": 32, "input_feedback": True}, ExpertCalibration(True)),
+    # GPTAQ under routed calibration: from layer 1 on the two streams' routers pick different
+    # tokens; an expert's pairs are each token's two inputs, routed as the quantized stream.
+    "routed-feedback": ({"method": "gptq", "group_size": 32, "input_feedback": True}, ExpertCalibration(False, 1)),
     # A statistics budget of two experts' own (down_proj) Hessians, the first pass holding the
     # common ones and expert 0 beyond it: one rank needs 3 passes, two ranks (each holding only
     # its own experts': two per pass) 2.
     "all-experts-chunked": ({"method": "gptq", "group_size": 32}, ExpertCalibration(True)),
 }
-TWO_EXPERTS_BUDGET = {"all-experts-chunked"}
+TWO_EXPERTS_BUDGET = {"all-experts-chunked", "input-feedback"}
 
 
 def calibration_ids() -> list[torch.Tensor]:
@@ -95,7 +99,9 @@ def quantize_case(case: str, model: Path, work: Path, world) -> tuple[dict[str, 
         return quantize_layer(layer, graph, calib, schemes)
 
     quantizer.quantize_layer = counted
-    budget = two_experts_budget(runner.graph.layer(0)) if case in TWO_EXPERTS_BUDGET else None
+    # GPTAQ keeps two matrices per input (the quantized inputs' Hessian and the cross term).
+    budget = two_experts_budget(runner.graph.layer(0)) * (2 if params.get("input_feedback") else 1) \
+        if case in TWO_EXPERTS_BUDGET else None
     workdir = WorkDir(work)
     workdir.start(case, False, {}, model)
     got: dict[str, torch.Tensor] = {}

@@ -2,9 +2,9 @@
 issue 16's experts): the routed token counts and the round-to-nearest fallback are decided
 from every rank's tokens, so both ranks take the same decisions; an expert none of rank 1's
 tokens reaches still gets the one-rank statistics; GPTQ with input feedback carries each
-rank's own float stream. Every rank ends with the same layers, and holds the statistics of
-the experts it owns alone (so a layer split into calibration passes by a statistics budget
-needs fewer passes on more ranks)."""
+rank's own float stream, also under routed calibration. Every rank ends with the same layers,
+and holds the statistics of the experts it owns alone, paired ones too (so a layer split into
+calibration passes by a statistics budget needs fewer passes on more ranks)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -38,16 +39,29 @@ def two_ranks(tmp_path_factory) -> tuple[Path, Path]:
     return model, out
 
 
+@pytest.fixture(scope="module")
+def one_rank(two_ranks, tmp_path_factory) -> Callable[[str], tuple[dict, dict, dict]]:
+    """``quantize_case`` of a case in the world of one, run once per case for every test."""
+    from quantkit.distributed import SINGLE
+
+    done: dict[str, tuple[dict, dict, dict]] = {}
+
+    def run(case: str) -> tuple[dict, dict, dict]:
+        if case not in done:
+            done[case] = quantize_case(case, two_ranks[0], tmp_path_factory.mktemp(f"one-{case}"), SINGLE)
+        return done[case]
+
+    return run
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_moe_on_two_ranks_ends_with_the_one_rank_layers(two_ranks, case, tmp_path):
+def test_moe_on_two_ranks_ends_with_the_one_rank_layers(two_ranks, one_rank, case):
     """Hessians and maxima are reduced over the ranks, so they differ from the one-rank ones by
     float32 summation order only: layer 0's codes flip where a weight sits on a rounding
     boundary (under 1%), its scales agree to 1e-4; layer 1 also sees inputs through those
     flipped codes (under 5%, scales to 1e-3)."""
-    from quantkit.distributed import SINGLE
-
-    model, out = two_ranks
-    one, report, _ = quantize_case(case, model, tmp_path / "work", SINGLE)
+    _, out = two_ranks
+    one, report, _ = one_rank(case)
     ranks = [load_file(out / f"{case}-rank{r}.safetensors") for r in (0, 1)]
     reports = [_metadata(out, case, r, "report") for r in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() == one.keys()
@@ -84,11 +98,13 @@ def _held_experts(held: list[str], shared: str | None) -> set[int]:
     return {expert_of(n)[1] for n in held if expert_of(n) is not None and n != shared}
 
 
-@pytest.mark.parametrize("case", ["routed-nvfp4", "all-experts", "all-experts-chunked"])
-def test_each_rank_holds_only_the_statistics_of_its_own_experts(two_ranks, case, tmp_path):
+@pytest.mark.parametrize("case", ["routed-nvfp4", "all-experts", "all-experts-chunked", "input-feedback",
+                                  "routed-feedback"])
+def test_each_rank_holds_only_the_statistics_of_its_own_experts(two_ranks, one_rank, case):
     """Expert 3 is reached by none of rank 1's tokens and owned by rank 1: it still gets its
-    Hessian there (from rank 0's tokens, equal results above), and rank 0 never holds it."""
-    from quantkit.distributed import SINGLE, World
+    Hessian there (from rank 0's tokens, equal results above), and rank 0 never holds it. With
+    input feedback, both of an expert's Hessians (quantized inputs, cross term) alike."""
+    from quantkit.distributed import World
     from quantkit.graph.experts import expert_of
     from quantkit.graph.runtime import ModelRunner
     from quantkit.model import ModelSource
@@ -100,7 +116,7 @@ def test_each_rank_holds_only_the_statistics_of_its_own_experts(two_ranks, case,
     shared = next((g.key for g in graph.groups if len({expert_of(n) for n in g.linears}) > 1
                    and None not in {expert_of(n) for n in g.linears}), None) if all_experts else None
     experts = set(range(4)) - (set() if all_experts else {NEVER})
-    _, _, alone = quantize_case(case, model, tmp_path / "work", SINGLE)
+    _, _, alone = one_rank(case)
     assert _held_experts(alone["held"], shared) == experts  # one rank holds them all
     owners = expert_owners(graph, World(0, 2))
     assert owners == expert_owners(graph, World(1, 2)) and owners[("mlp.experts", ONLY_SHORT)] == 1
@@ -111,14 +127,13 @@ def test_each_rank_holds_only_the_statistics_of_its_own_experts(two_ranks, case,
             assert shared in held  # every expert's gate/up reads one tensor: one Hessian, reduced
 
 
-def test_more_ranks_need_fewer_passes_under_a_statistics_budget(two_ranks, tmp_path):
+@pytest.mark.parametrize("case", ["all-experts-chunked", "input-feedback"])
+def test_more_ranks_need_fewer_passes_under_a_statistics_budget(two_ranks, one_rank, case):
     """The budget fits two experts' statistics (the first pass holds the common ones and expert 0
     beyond it): one rank takes 3 passes (0 | 1 2 | 3), two ranks 2 (0 | 1 2 3: rank 1 holds
-    experts 1 and 3, rank 0 expert 2)."""
-    from quantkit.distributed import SINGLE
-
-    model, out = two_ranks
-    _, _, alone = quantize_case("all-experts-chunked", model, tmp_path / "work", SINGLE)
+    experts 1 and 3, rank 0 expert 2), GPTAQ's paired statistics as GPTQ's."""
+    _, out = two_ranks
+    _, _, alone = one_rank(case)
     assert alone["passes"] == {0: 3, 1: 3}
     for r in (0, 1):
-        assert _metadata(out, "all-experts-chunked", r, "probe")["passes"] == {"0": 2, "1": 2}
+        assert _metadata(out, case, r, "probe")["passes"] == {"0": 2, "1": 2}

@@ -517,6 +517,10 @@ def test_statistics_in_chunks_give_the_same_layer(starved_layer, monkeypatch):
     owners = expert_owners(runner.graph.layer(0), World(0, 2))
     two = statistics_chunks(runner.graph.layer(0).per_expert(), 4 * 128 * 128 * 3, owners)
     assert [sorted({expert_of(u.name)[1] for u in p.units if expert_of(u.name)}) for p in two] == [[0], [1, 2], [3]]
+    # GPTAQ's two matrices per input (quantized inputs, cross term) take twice the room.
+    paired = statistics_chunks(runner.graph.layer(0).per_expert(), 2 * 4 * 128 * 128 * 3, owners, matrices=2)
+    assert [[u.name for u in p.units] for p in paired] == [[u.name for u in p.units] for p in two]
+    assert len(statistics_chunks(runner.graph.layer(0).per_expert(), 4 * 128 * 128 * 3, owners, matrices=2)) > 3
     assert results[0].keys() == results[1].keys()
     for name, qw in results[0].items():
         assert torch.equal(qw.codes, results[1][name].codes), name
@@ -548,3 +552,55 @@ def test_an_expert_with_a_zero_scale_stops_the_run_naming_it(workspace, tmp_path
             quiet=True)
     assert str(err.value).startswith("model.layers.1.block_sparse_moe.experts.2.w2.weight_scale: a scale is 0.0")
     assert not out.exists()
+
+
+def test_routed_paired_statistics_pair_each_token_as_the_quantized_stream_routes_it(starved_layer):
+    """GPTAQ under routed calibration: the float stream's router picks other tokens for an
+    expert than the quantized stream's, so an expert's Hessian ``X̃ᵀX̃`` and cross term ``X̃ᵀX``
+    pair each token the quantized stream routes to it with that token's float-stream input to
+    the same expert (float64 reference, the expert run by hand on both streams' block inputs)."""
+    from quantkit.graph.runtime import LayerInputs
+    from quantkit.moe import expert_owners
+    from quantkit.quantizers.gptq import collect_paired_hessians, hessians_to_owners, solve_parts
+
+    runner, batches = starved_layer
+    layer = runner.load_layer(0)
+    graph = runner.graph.layer(0).per_expert()
+    g = torch.Generator().manual_seed(1)
+    floats = [LayerInputs(b.hidden + 0.5 * torch.randn(b.hidden.shape, generator=g), b.calls) for b in batches]
+    block = layer.mlp.experts
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handle = block.register_forward_pre_hook(lambda _m, args: seen.append((args[0].double(), args[1])))
+    with torch.no_grad():
+        for b in batches + floats:
+            runner.run_layer(layer, b.hidden, b.calls[0])
+    handle.remove()
+    quant, flt = seen[:len(batches)], seen[len(batches):]
+    assert any(not torch.equal(q[1], f[1]) for q, f in zip(quant, flt))  # the routers disagree
+
+    accs, crosses, paired = collect_paired_hessians(graph)
+    calib = _LayerCalibration(runner, 0, layer, batches, 0, every_expert=False, float_batches=floats,
+                              owners=expert_owners(graph))
+    scheme = QUANTIZERS["gptq"].Params(**METHODS["gptq"]).scheme()
+    hessians_to_owners(solve_parts(layer, graph, accs, {n: scheme for n in graph.linears}, calib.world,
+                                   calib.expert_owner), calib.world, accs, crosses)
+    calib.observe_paired(paired)
+
+    def inputs(e: int, proj: str, x: torch.Tensor) -> torch.Tensor:
+        kept = []
+        hook = block[e].get_submodule(proj).register_forward_pre_hook(lambda _m, a: kept.append(a[0].double()))
+        with torch.no_grad():
+            block.run_expert(e, x.float())
+        hook.remove()
+        return kept[0]
+
+    for e in (0, 1, 2):
+        tokens = [(q[1] == e).any(1) for q in quant]
+        for proj in ("gate_proj", "down_proj"):
+            xq = torch.cat([inputs(e, proj, q[0][t]) for q, t in zip(quant, tokens)])
+            xf = torch.cat([inputs(e, proj, f[0][t]) for f, t in zip(flt, tokens)])
+            name = f"mlp.experts.{e}.{proj}"
+            assert accs[name].owner == 0 and accs[name].tokens == xq.shape[0] > 0
+            torch.testing.assert_close(accs[name].hessian().double(), 2 * xq.T @ xq / len(xq), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(crosses[name].hessian().double(), 2 * xq.T @ xf / len(xq), rtol=1e-4,
+                                       atol=1e-6)

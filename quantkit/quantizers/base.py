@@ -72,8 +72,9 @@ class LayerCalibration(Protocol):
         """Run this rank's calibration batches through the layer twice: as the quantized model
         so far gives them, and as the float model gives them (each rank carries the float
         stream of its own batches); each statistic gets both inputs of its Linear for the
-        same tokens, then every statistic is reduced. Only for quantizers with
-        ``needs_float_inputs``."""
+        same tokens, then every statistic is reduced, but for those of an expert's Linear that
+        carry its owner as ``owner``, which are fed on the owner alone with every rank's token
+        pairs, as ``observe`` feeds them. Only for quantizers with ``needs_float_inputs``."""
         ...
 
     def generator(self, name: str) -> torch.Generator:
@@ -91,14 +92,16 @@ class LayerCalibration(Protocol):
 
 
 class Joined:
-    """Several statistics of one input (GPTQ's Hessian and a static activation range)."""
+    """Several statistics of one input (GPTQ's Hessian and a static activation range), or
+    several paired statistics of one pair of inputs (the engine takes either apart to feed
+    each part where it lives)."""
 
-    def __init__(self, *stats: Statistic) -> None:
+    def __init__(self, *stats: Statistic | PairedStatistic) -> None:
         self.stats = stats
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, *inputs: torch.Tensor) -> None:
         for s in self.stats:
-            s.add(x)
+            s.add(*inputs)
 
     def reduce(self, world: World) -> None:
         for s in self.stats:

@@ -591,36 +591,52 @@ def collect_hessians(graph, stats: dict | None = None, names=None) -> tuple[dict
 
 
 class _PairedHessians:
-    """One input group's statistics on both streams: the Hessian of the quantized-stream
-    inputs, the cross term with the float-stream inputs, and ``also`` (an input global
-    scale's range) watching the quantized stream, the one the served model computes on."""
+    """One input group's Hessians on both streams: of the quantized-stream inputs, and the
+    cross term with the float-stream inputs. Both are read by the same solves, so they have
+    one ``owner`` (``hessians_to_owners``), with which the engine feeds a MoE expert's on that
+    rank alone."""
 
-    def __init__(self, acc: HessianAccumulator, cross: HessianAccumulator, also=None) -> None:
-        self.acc, self.cross, self.also = acc, cross, also
+    def __init__(self, acc: HessianAccumulator, cross: HessianAccumulator) -> None:
+        self.acc, self.cross = acc, cross
+
+    @property
+    def owner(self) -> int | None:
+        return self.acc.owner if self.acc.owner == self.cross.owner else None
 
     def add(self, xq: torch.Tensor, xf: torch.Tensor) -> None:
         self.acc.add(xq)
         self.cross.add(xq, xf)
-        if self.also is not None:
-            self.also.add(xq)
 
     def reduce(self, world: World) -> None:
-        for s in (self.acc, self.cross, self.also):
-            if s is not None:
-                s.reduce(world)
+        self.acc.reduce(world)
+        self.cross.reduce(world)
+
+
+class _OnQuantized:
+    """A statistic of one input (an input global scale's range) watching the quantized
+    stream of a pair, the one the served model computes on."""
+
+    def __init__(self, stat) -> None:
+        self.stat = stat
+
+    def add(self, xq: torch.Tensor, xf: torch.Tensor) -> None:
+        self.stat.add(xq)
+
+    def reduce(self, world: World) -> None:
+        self.stat.reduce(world)
 
 
 def collect_paired_hessians(
     graph, stats: Mapping | None = None, names=None
-) -> tuple[dict[str, HessianAccumulator], dict[str, HessianAccumulator], dict[str, _PairedHessians]]:
+) -> tuple[dict[str, HessianAccumulator], dict[str, HessianAccumulator], dict[str, _PairedHessians | Joined]]:
     """Per input group: the Hessian of the quantized-stream inputs ``X̃ᵀX̃`` and the cross
     term ``X̃ᵀX`` with the float-stream inputs, keyed by every Linear of the group, and the
-    paired statistics that feed them (``stats``, one input each, folded in on the quantized
+    paired statistics that feed them (``stats``, one input each, joined on the quantized
     stream); with ``names``, only groups holding one of them."""
     stats = dict(stats or {})
     accs: dict[str, HessianAccumulator] = {}
     crosses: dict[str, HessianAccumulator] = {}
-    paired = {}
+    paired: dict[str, _PairedHessians | Joined] = {}
     for g in graph.groups:
         if names is not None and not set(g.linears) & set(names):
             continue
@@ -628,7 +644,9 @@ def collect_paired_hessians(
         acc, cross = HessianAccumulator(g.key, width), HessianAccumulator(g.key, width)
         for n in g.linears:
             accs[n], crosses[n] = acc, cross
-        paired[g.key] = _PairedHessians(acc, cross, stats.pop(g.key, None))
+        also = stats.pop(g.key, None)
+        both = _PairedHessians(acc, cross)
+        paired[g.key] = both if also is None else Joined(both, _OnQuantized(also))
     return accs, crosses, paired
 
 
