@@ -81,7 +81,7 @@ def killed_at_export(model_dir: Path, out: Path, monkeypatch, **sections) -> Pat
         raise RuntimeError("killed at export")
 
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "export_checkpoint", boom)
+        m.setattr(pipeline.StreamingExport, "finish", boom)
         with pytest.raises(RuntimeError, match="killed at export"):
             run(model_dir, out, **sections)
     work = out.parent / f".{out.name}.quantkit-partial"
