@@ -123,8 +123,11 @@ def export_layer(runner: ModelRunner, writer: CheckpointWriter, i: int, record: 
     names = runner.names
     prefix = runner.layer_prefix(i)
     quantized: set[str] = set()
-    for name, t in record.floats.items():
-        writer.add(names.source_of(prefix + name), t)
+    # Floats and extra tensors in name order, as a record read back from the work folder holds
+    # them (safetensors sorts its keys; the quantized Linears keep their order there), so a
+    # resumed run, whose replayed layers come from there, writes the same bytes.
+    for name in sorted(record.floats):
+        writer.add(names.source_of(prefix + name), record.floats[name])
     targets = {name: names.source_module(prefix + name) for name in record.quantized}
     chunks = stack_chunks(record.quantized, writer.fmt)
     packed: dict[str, dict[str, torch.Tensor]] = {}
@@ -141,9 +144,9 @@ def export_layer(runner: ModelRunner, writer: CheckpointWriter, i: int, record: 
         else:
             writer.add_quantized(targets[name], _to(qw, runner.device))
         quantized.add(targets[name])
-    for name, t in record.extra.items():
+    for name in sorted(record.extra):
         module, _, leaf = name.rpartition(".")
-        writer.add(f"{names.source_module(prefix + module)}.{leaf}", t, keep_dtype=True)
+        writer.add(f"{names.source_module(prefix + module)}.{leaf}", record.extra[name], keep_dtype=True)
     for edit in runner.edits:  # the online Hadamard's transform tensor
         for (module, leaf), t in edit.layer_tensors(i).items():
             writer.add(f"{names.source_module(prefix + module)}.{leaf}", t)

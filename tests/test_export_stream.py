@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import torch
 
 from quantkit import export, pipeline
 from quantkit.errors import ExportError, NumericsError
@@ -84,3 +85,33 @@ def test_failed_layer_ends_the_export_thread_and_keeps_finished_layers(three_lay
     work = tmp_path / ".out.quantkit-partial"
     assert sorted(p.name for p in (work / "layers").iterdir()) == ["00000.safetensors", "00001.safetensors"]
     assert not (tmp_path / "out").exists() and not _export_threads()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_layers_exported_from_memory_and_from_the_work_folder_give_the_same_bytes(tmp_path, monkeypatch, device):
+    """A fresh run exports each MoE layer from its record in memory (on CUDA: codes on the
+    device, packed on the export's own stream); a resume after every layer was finished exports
+    them all from the work folder. Both write the same files byte for byte."""
+    model = make_tiny_model(tmp_path / "moe", arch="qwen3_moe", layers=2)
+
+    def run(out, resume=False):
+        recipe = make_recipe({"model": {"id": str(model)}, "quantization": {"method": "rtn", "group_size": 64},
+                              "evaluate": {"enabled": False}, "export": {"output_dir": str(out)}, "device": device})
+        pipeline.run(recipe, quiet=True, resume=resume)
+
+    run(tmp_path / "fresh")
+
+    def dies(*a):
+        raise RuntimeError("killed after the last layer")
+
+    with monkeypatch.context() as m:
+        m.setattr(export.StreamingExport, "finish", dies)
+        with pytest.raises(RuntimeError, match="killed after the last layer"):
+            run(tmp_path / "resumed")
+    read, load = [], WorkDir.load_layer
+    monkeypatch.setattr(WorkDir, "load_layer", lambda self, i: read.append(i) or load(self, i))
+    run(tmp_path / "resumed", resume=True)
+    assert read == [0, 1]
+    fresh = {p.name: p.read_bytes() for p in (tmp_path / "fresh").glob("*.safetensors")}
+    assert fresh and fresh == {p.name: p.read_bytes() for p in (tmp_path / "resumed").glob("*.safetensors")}
