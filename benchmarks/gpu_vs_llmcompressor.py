@@ -100,6 +100,11 @@ MOE_SHAPES = {
     "deepseek-v3": dict(model_type="deepseek_v3", full_layers=61, name="DeepSeek-V3-671B (58 MoE + 3 dense)",
                         config=dict(first_k_dense_replace=0, vocab_size=129280, max_position_embeddings=4096,
                                     tie_word_embeddings=False)),
+    # The same, stored as DeepSeek ships it: every projection float8_e4m3fn with one scale per
+    # 128x128 block (half the bytes: two layers fit the GPU machine's disk beside the output).
+    "deepseek-v3-fp8": dict(model_type="deepseek_v3", full_layers=61, name="DeepSeek-V3-671B (FP8 source)",
+                            fp8_block=128, config=dict(first_k_dense_replace=0, vocab_size=129280,
+                                                       max_position_embeddings=4096, tie_word_embeddings=False)),
 }
 # Full models estimated from a measured case: the expert parameters per layer relative to the
 # measured shape's (time and memory of a MoE layer scale with them), times the layer count.
@@ -108,6 +113,7 @@ MOE_EXTRAPOLATE = {
                       ("Qwen3-235B-A22B (94 layers; experts 4096 x 1536: 4x per layer)", 4.0, 94)],
     "mixtral-8x7b": [("Mixtral-8x7B (32 layers)", 1.0, 32)],
     "deepseek-v3": [("DeepSeek-V3-671B (61 layers, 58 MoE; dense ones counted as MoE)", 1.0, 61)],
+    "deepseek-v3-fp8": [("DeepSeek-V3-671B (61 layers, 58 MoE; dense ones counted as MoE)", 1.0, 61)],
 }
 _TINY = {  # --tiny: the same families at sizes a CPU runs in seconds (inputs multiples of group 128)
     "qwen3_moe": dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_experts=8,
@@ -130,6 +136,7 @@ MOE_CASES = {
     "moe-gptq-mixtral-2": ("mixtral-8x7b", 2, "gptq"),
     "moe-gptq-mixtral-4": ("mixtral-8x7b", 4, "gptq"),
     "moe-gptq-deepseek-v3-1": ("deepseek-v3", 1, "gptq"),
+    "moe-gptq-deepseek-v3-fp8-2": ("deepseek-v3-fp8", 2, "gptq"),
 }
 CASES = {
     "gptq-8b-2": ("8b", 2, "gptq"),
@@ -258,6 +265,10 @@ def build_moe_model(shape: str, layers: int, folder: Path, seed: int = 0) -> Pat
     config = cls(**s["config"], num_hidden_layers=layers, bos_token_id=1, eos_token_id=2)
     config.architectures = [transformers.AutoModelForCausalLM._model_mapping[cls].__name__]
     config.torch_dtype = "bfloat16"
+    block = s.get("fp8_block")
+    if block:
+        config.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [block, block]}
     config.save_pretrained(tmp)
     meta = build_meta(transformers.AutoModelForCausalLM._model_mapping[cls], config, torch.bfloat16)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -277,6 +288,23 @@ def build_moe_model(shape: str, layers: int, folder: Path, seed: int = 0) -> Pat
             name = name.replace(f".{ours}.weight", f".{theirs}.weight")
         return name
 
+    def fp8_blocks(name: str, shape_: tuple) -> dict[str, torch.Tensor]:
+        """A projection as DeepSeek ships it: codes and the inverse scale of each block."""
+        w = torch.randn(*shape_, generator=g, device=dev) * 0.02
+        rows, cols = -(-shape_[0] // block), -(-shape_[1] // block)
+        padded = torch.zeros(rows * block, cols * block, device=dev)
+        padded[: shape_[0], : shape_[1]] = w
+        amax = padded.view(rows, block, cols, block).abs().amax(dim=(1, 3)).clamp_min(1e-12)
+        scale = amax / torch.finfo(torch.float8_e4m3fn).max
+        codes = (padded.view(rows, block, cols, block) / scale[:, None, :, None]).view(rows * block, cols * block)
+        return {name: codes[: shape_[0], : shape_[1]].to(torch.float8_e4m3fn).cpu(),
+                f"{name}_scale_inv": scale.cpu()}
+
+    def tensors_of(name: str, shape_: tuple) -> dict[str, torch.Tensor]:
+        if block and ".layers." in name and name.endswith(("_proj.weight", "_proj_with_mqa.weight")):
+            return fp8_blocks(name, shape_)
+        return {name: tensor(name, shape_)}
+
     shards: dict[str, dict[str, torch.Tensor]] = {}
     for name, p in meta.state_dict().items():
         layer = name.split(".layers.")[1].split(".")[0] if ".layers." in name else None
@@ -285,7 +313,7 @@ def build_moe_model(shape: str, layers: int, folder: Path, seed: int = 0) -> Pat
     weight_map = {}
     shapes = {checkpoint_name(n): tuple(p.shape) for n, p in meta.state_dict().items()}
     for shard, names in shards.items():
-        tensors = {n: tensor(n, shapes[n]) for n in names}
+        tensors = {k: t for n in names for k, t in tensors_of(n, shapes[n]).items()}
         save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
         weight_map.update({k: shard for k in tensors})
         del tensors

@@ -463,3 +463,22 @@ def test_input_feedback_keeps_per_linear_schemes_and_input_global_scales():
         assert torch.equal(fb.codes, plain.codes), n
         assert torch.equal(fb.global_scale, plain.global_scale), n
         assert fb.input_global_scale is not None and torch.equal(fb.input_global_scale, plain.input_global_scale), n
+
+
+def test_upper_inverse_factor_against_float64():
+    """One factorisation and one triangular solve give the reference's factor of ``H⁻¹``
+    (float64 inverse, then its Cholesky), per element of a stack; a Hessian that is not
+    positive definite is reported in ``info``, not returned as if it were."""
+    from quantkit.quantizers.gptq import upper_inverse_factor
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 400, 96, generator=g) * torch.linspace(0.1, 4.0, 96)
+    h = x.transpose(1, 2) @ x / 400 + 1e-3 * torch.eye(96)
+    upper, info = upper_inverse_factor(h)
+    ref = torch.linalg.cholesky(torch.linalg.inv(h.double()), upper=True)
+    assert info.tolist() == [0, 0, 0]
+    assert torch.equal(upper, upper.triu())
+    assert (upper - ref).abs().max() / ref.abs().max() < 1e-5
+    bad = h.clone()
+    bad[1, 5, 5] = -1.0
+    assert upper_inverse_factor(bad)[1].tolist()[1] != 0
