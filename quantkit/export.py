@@ -8,7 +8,7 @@ work-folder record), while the engine computes the next layer; ``finish`` writes
 exists after the last layer. One layer is exported at a time and the next hand-off waits for
 it, so at most one finished layer waits for the export. Exporting after the engine instead
 read every layer back from the work folder, copied its codes to the GPU again, and kept the GPU
-idle meanwhile: 3-4 s per 2-4 MoE layers on an H200.
+idle meanwhile: 3-7.5 s of a 2- or 4-layer MoE run on an H200.
 
 Names are the checkpoint's own (transformers' conversion mapping undone), which are the names
 vLLM reads. Every source tensor that no processed layer consumed (embedding, final norm,
