@@ -399,16 +399,18 @@ class _Profile:
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
-    def wrap(self, owner, attr: str, stage: str, main_thread_only: bool = False) -> None:
+    def wrap(self, owner, attr: str, stage: str, main_thread_only: bool = False, sync: bool = True) -> None:
         """``main_thread_only``: calls from other threads (the next layer's prefetch) run
-        untimed: a sync there would stall that thread on the main one's kernels."""
+        untimed: a sync there would stall that thread on the main one's kernels. ``sync=False``
+        for what runs in the export's thread: a device-wide sync there would wait for the
+        engine's queued work, and the job ends with its own stream's sync."""
         import threading
 
         import torch
 
         fn = getattr(owner, attr)
 
-        sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+        sync = torch.cuda.synchronize if DEVICE == "cuda" and sync else (lambda: None)
 
         def timed(*a, **k):
             if main_thread_only and threading.current_thread() is not threading.main_thread():
@@ -428,7 +430,7 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     _cuda_init()
     t0 = time.perf_counter()  # the tool's imports count, as llm-compressor's do
     import quantkit
-    from quantkit import checkpoint, engine, export, pipeline, preflight, workdir
+    from quantkit import checkpoint, engine, export, pipeline, preflight
     from quantkit.graph import prefetch, runtime, view
     from quantkit.quantizers import awq, gptq, hessian, int8_dynamic, smoothquant
     import transformers.modeling_utils  # noqa: F401 (quantkit builds the model's own class: its import cost)
@@ -449,16 +451,19 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     forced = os.environ.get("QK_BENCH_PREFETCH", "auto")  # --prefetch
     if forced != "auto":
         prefetch.free_bytes = (lambda device: 1 << 50) if forced == "on" else (lambda device: 0)
-    # Inside engine.export: reading the work folder back, and packing with its checks (experts
-    # stacked per scheme and shape, other Linears one at a time); the rest is writing.
-    prof.wrap(workdir.WorkDir, "load_layer", "export: read layer records")
-    prof.wrap(checkpoint.CheckpointWriter, "pack_stack", "export: stacked packing")
-    prof.wrap(checkpoint.CheckpointWriter, "add_quantized", "export: per-Linear packing and write")
-    prof.wrap(export, "_stack", "export: stacks onto the device")
-    prof.wrap(checkpoint.CheckpointWriter, "add_packed", "export: write stacked Linears")
-    prof.wrap(checkpoint.CheckpointWriter, "add", "export: write float tensors")
-    prof.wrap(checkpoint.CheckpointWriter, "add_file_range", "export: copy untouched source tensors")
-    prof.wrap(checkpoint.CheckpointWriter, "flush", "export: close shards")
+    # The export runs in its own thread beside the engine (each layer while the next is
+    # computed): these overlap the engine's stages, and what they do not hide shows as
+    # engine.export hand-off (the engine waiting for the previous layer's export) and as
+    # "export after the last layer" (the last layer's export, a rotation's tensors, the last shard).
+    prof.wrap(export, "export_layer", "export beside the engine: per layer", sync=False)
+    prof.wrap(checkpoint.CheckpointWriter, "pack_stack", "export beside the engine: stacked packing", sync=False)
+    prof.wrap(checkpoint.CheckpointWriter, "add_quantized", "export beside the engine: per-Linear packing and write",
+              sync=False)
+    prof.wrap(checkpoint.CheckpointWriter, "add_packed", "export beside the engine: write stacked Linears", sync=False)
+    prof.wrap(checkpoint.CheckpointWriter, "add", "export beside the engine: write float tensors", sync=False)
+    prof.wrap(export, "copy_untouched_sources", "run: export beside the engine: copy untouched source tensors",
+              sync=False)
+    prof.wrap(export.StreamingExport, "finish", "run: export after the last layer")
     # Fixed cost, once per run.
     prof.wrap(preflight, "check_run", "run: validation")
     # Inside validation: the meta skeleton, the layer graphs (derived on the first call in a
@@ -607,14 +612,14 @@ def extrapolation(results: dict) -> str:
             continue
         shape, layers, _ = CASES[case]
         per_layer = sum(q["layer_seconds"]) / len(q["layer_seconds"])
-        # export and embedding scale with layers too: charge export per layer, the rest is fixed
-        export_per_layer = q["phases"].get("export", 0.0) / layers
-        fixed = q["wall_s"] - sum(q["layer_seconds"]) - q["phases"].get("export", 0.0)
+        # The export runs beside the layers (its waits are in their seconds); what is left after
+        # the last layer (one layer's export, the last shard) is fixed, as the embedding is.
+        fixed = q["wall_s"] - sum(q["layer_seconds"])
         targets = MOE_EXTRAPOLATE.get(shape) or [(f"{SHAPES[shape]['name']} ({SHAPES[shape]['full_layers']} layers)",
                                                    1.0, SHAPES[shape]["full_layers"])]
         p = r.get("llmcompressor") or REFERENCE.get(case)
         for name, factor, full in targets:
-            est = fixed + full * factor * (per_layer + export_per_layer)
+            est = fixed + full * factor * per_layer
             peer = "-"
             if p and "wall_s" in p:
                 peer = f"~{p['wall_s'] / layers * full * factor / 60:.1f} min (linear in layers)"

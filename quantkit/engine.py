@@ -41,6 +41,7 @@ from .workdir import LayerRecord, WorkDir
 log = logging.getLogger(__name__)
 
 LayerCallback = Callable[[int, nn.Module, Mapping[str, QuantizedWeight]], None]
+RecordHandOff = Callable[[int, LayerRecord], None]
 
 
 def make_batches(seqs: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
@@ -291,7 +292,8 @@ class EngineResult:
     divergence: dict[str, float | int] | None = None
     layer_seconds: list[float] = field(default_factory=list)
     experts: ExpertReport = field(default_factory=ExpertReport)
-    # Seconds per stage summed over layers (load, quantize, save, propagate, ...).
+    # Seconds per stage summed over layers (load, quantize, save, propagate, ...); "export
+    # hand-off": waiting for the previous layer's export (the export itself runs beside).
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -322,13 +324,17 @@ class LayerwiseEngine:
     """Quantizes layers ``start..n-1`` and replays ``0..start-1`` from the work folder.
 
     Every rank of ``world`` calibrates and propagates its share of the calibration batches and
-    ends each layer with the same quantized weights; rank 0 alone evaluates and writes."""
+    ends each layer with the same quantized weights; rank 0 alone evaluates and writes.
+    ``on_record`` gets each layer's record in order, replayed ones included, as soon as it is
+    final (the export; rank 0's alone)."""
 
     def __init__(self, runner: ModelRunner, quantizer: Quantizer, workdir: WorkDir, fingerprint: str,
                  quiet: bool = False, on_layer: LayerCallback | None = None, *, seed: int,
-                 experts: ExpertCalibration = ExpertCalibration(), world: World = SINGLE):
+                 experts: ExpertCalibration = ExpertCalibration(), world: World = SINGLE,
+                 on_record: RecordHandOff | None = None):
         self.sk, self.quantizer, self.workdir, self.fingerprint = runner, quantizer, workdir, fingerprint
         self.quiet, self.on_layer, self.seed, self.experts, self.world = quiet, on_layer, seed, experts, world
+        self.on_record = on_record if world.is_main else None
 
     def run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
             start: int = 0) -> EngineResult:
@@ -391,6 +397,9 @@ class LayerwiseEngine:
                 if self.world.is_main:
                     self.workdir.save_layer(i, record, self.fingerprint)
                 clock.lap("save")
+            if self.on_record is not None:
+                self.on_record(i, record)
+                clock.lap("export hand-off")
             if float_in is not None:  # the layer is still float here (folds leave its function as it was)
                 with torch.no_grad():
                     for b in float_in:

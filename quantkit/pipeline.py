@@ -26,7 +26,7 @@ from .checkpoint import CheckpointWriter, work_dir_for
 from .distributed import World, world_from_environment
 from .engine import LayerCallback, LayerwiseEngine, make_batches
 from .errors import DistributedError, Interrupted, QuantkitError
-from .export import export_checkpoint
+from .export import StreamingExport
 from .finite_check import check_source_tensors
 from .formats import FORMATS
 from .graph.runtime import ModelRunner, describe_outside
@@ -124,15 +124,24 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
             start = _start_workdir(world, run_id, calib, cal.batch_size,
                                    lambda: workdir.start(run_id, resume, weights, source.path))
             started_work = True
-            engine = LayerwiseEngine(runner, quantizer, workdir, run_id, quiet, on_layer, seed=cal.seed,
-                                     experts=ExpertCalibration(cal.all_experts, cal.min_expert_tokens), world=world)
-            result = engine.run(calib, evaluation, cal.batch_size, start)
-            if not world.is_main:
-                return {}
-            exporting = time.perf_counter()
-            writer.start()
-            export_checkpoint(runner, workdir, writer, quiet)
-            result.phase_seconds["export"] = time.perf_counter() - exporting
+            # The writing rank exports each layer as the engine finishes it, in the background.
+            export = StreamingExport(runner, writer) if world.is_main else None
+            try:
+                if export is not None:
+                    export.start()
+                engine = LayerwiseEngine(runner, quantizer, workdir, run_id, quiet, on_layer, seed=cal.seed,
+                                         experts=ExpertCalibration(cal.all_experts, cal.min_expert_tokens),
+                                         world=world, on_record=None if export is None else export.hand_off)
+                result = engine.run(calib, evaluation, cal.batch_size, start)
+                if export is None:
+                    return {}
+                exporting = time.perf_counter()
+                workdir.wait()  # a failed work-folder write stops the run, as when the export read it back
+                export.finish()
+                result.phase_seconds["export"] = time.perf_counter() - exporting
+            finally:
+                if export is not None:
+                    export.close()
             outside = describe_outside(runner.model, runner.location.layers)
             report = _report(recipe, source, scheme, device, calib, evaluation, result, writer, started,
                              linear_schemes)

@@ -4,7 +4,8 @@ After each decoder layer the engine saves what it produced in the neutral repres
 (quantized Linears plus the layer's float tensors, in compute dtype, and extra tensors such as
 KV scales) and then records the layer as finished in ``state.json``. Resuming replays the
 finished layers from these files (a forward pass each, no quantization) to rebuild the next
-layer's inputs exactly, then goes on. The export stage streams the same files into shards.
+layer's inputs exactly, then goes on; the export takes those replayed layers from these files
+(every other layer it takes from the engine, still in memory).
 """
 
 from __future__ import annotations
@@ -15,14 +16,13 @@ import logging
 import os
 import shutil
 import struct
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from .background import OneInFlight
 from .errors import ExportError
 from .scheme import QuantizedWeight, quantized_as_tensors, quantized_from_tensors
 from .weight_fingerprint import Fingerprint, check_unchanged, first_change
@@ -40,14 +40,13 @@ class LayerRecord:
 
 class WorkDir:
     """Layers are written in a background thread while the next layer is computed (one write
-    in flight at a time, so at most one finished layer waits in device memory). The thread is
-    not a daemon: an interrupted run still completes the write under way, so no layer file is
-    ever half-written, and its error surfaces at the next save, load or `wait`."""
+    in flight at a time, so at most one finished layer waits in device memory). An interrupted
+    run still completes the write under way, so no layer file is ever half-written, and its
+    error surfaces at the next save, load or `wait`."""
 
     def __init__(self, root: Path):
         self._weights: Fingerprint = {}
-        self._writer: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
+        self._writer = OneInFlight("quantkit-layer-writer")
         self.root = Path(root)
         self.layers = self.root / "layers"
         self.export = self.root / "export"
@@ -102,7 +101,7 @@ class WorkDir:
     def finished_layers(self) -> int:
         """How many layers are finished and kept (for messages after a failure, whose own error
         wins over one of the write in flight)."""
-        self._settle()
+        self._writer.settle()
         state = self._read_state()
         return int(state["finished_layers"]) if state else 0
 
@@ -112,22 +111,11 @@ class WorkDir:
     def save_layer(self, i: int, record: LayerRecord, fingerprint: str) -> None:
         """Start writing layer ``i`` (its tensors are not changed afterwards: the engine gives the
         layer new ones); the previous layer's write finishes first."""
-        self.wait()
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="quantkit-layer-writer")
-        self._pending = self._writer.submit(self._write_layer, i, record, fingerprint)
+        self._writer.submit(self._write_layer, i, record, fingerprint)
 
     def wait(self) -> None:
         """Until the layer write in flight is on disk; raise its error if it failed."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-    def _settle(self) -> None:
-        """Until the layer write in flight ends, whichever way."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            futures_wait([pending])
+        self._writer.wait()
 
     def _write_layer(self, i: int, record: LayerRecord, fingerprint: str) -> None:
         """Write layer ``i`` atomically, then mark it finished: a kill leaves either both or neither."""
@@ -156,10 +144,7 @@ class WorkDir:
         return LayerRecord(floats, quantized, extra)
 
     def remove(self) -> None:
-        self._settle()
-        if self._writer is not None:
-            self._writer.shutdown()
-            self._writer = None
+        self._writer.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
 

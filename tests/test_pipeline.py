@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import quantkit
-from quantkit import pipeline
+from quantkit import export, pipeline
 from quantkit.errors import ExportError
 from quantkit.recipe import make_recipe
 from quantkit.shipped import recipe_names
@@ -96,7 +96,7 @@ def test_failure_leaves_previous_output_untouched(tiny_llama, text_file, tmp_pat
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(pipeline, "export_checkpoint", boom)
+    monkeypatch.setattr(export, "export_layer", boom)  # in the export's thread: raised at the next hand-off
     recipe = _recipe(tiny_llama, text_file, out)
     recipe["export"]["overwrite"] = True
     with pytest.raises(RuntimeError, match="disk on fire"):

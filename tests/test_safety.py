@@ -81,7 +81,7 @@ def killed_at_export(model_dir: Path, out: Path, monkeypatch, **sections) -> Pat
         raise RuntimeError("killed at export")
 
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "export_checkpoint", boom)
+        m.setattr(pipeline.StreamingExport, "finish", boom)
         with pytest.raises(RuntimeError, match="killed at export"):
             run(model_dir, out, **sections)
     work = out.parent / f".{out.name}.quantkit-partial"
@@ -483,13 +483,15 @@ def test_file_size_limit_is_one_line_for_real(tmp_path, model, capsys):
     out, work = tmp_path / "out", tmp_path / ".out.quantkit-partial"
     path = recipe_file(tmp_path, model)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    # A work layer (~40 KB) fits; the exported shard, written from byte 256 KiB on, does not.
+    # A work layer (~40 KB) fits; the exported shard, written from byte 1 MiB on (its header's room),
+    # does not. The export, beside the engine, fails on its first tensors: the first layer's
+    # hand-off says so.
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
     try:
         line = cli_error(capsys, "run", path)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    assert line == (f"error: the file-size limit (ulimit -f) was reached while writing {work}; 2 of 2 layers are "
+    assert line == (f"error: the file-size limit (ulimit -f) was reached while writing {work}; 1 of 2 layers are "
                     f"finished and kept in {work}; {out} is untouched; free space (or raise the limit), then run "
                     "again with --resume to continue")
     assert not (work / "export").exists()
@@ -660,6 +662,7 @@ def test_signal_mid_run_leaves_output_untouched_lock_released_and_work_resumable
     assert err.endswith(f"; {out} is untouched; run again with --resume to continue\n")
     assert snapshot(out) == {MARKER: marker_text().encode(), "config.json": b"previous"}
     assert not lock_path_for(out).exists() and not list(state.parent.glob("layers/*.tmp"))
+    assert not [t for t in threading.enumerate() if t.name.startswith("quantkit-export")]  # joined
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the run's handler is gone with it
     if sig == signal.SIGTERM:
         assert main(["--quiet", "run", "--resume", str(path)]) == 0
