@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import ModelError
 from .shard_check import model_file_error, model_file_problems, raise_problems, read_entries, shard_entries
-from .source_dequant import read_as_float
+from .source_dequant import quantized_kind
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def read_config(cfg_file: Path, quantized_ok: bool = False) -> dict[str, Any]:
         raise ModelError(f"model.id: {cfg_file} is not a JSON object of config fields", field="model.id",
                          file=cfg_file, hint="fix or re-download config.json")
     quantized = config.get("quantization_config")
-    if quantized is not None and not quantized_ok and not read_as_float(quantized):
+    if quantized is not None and not quantized_ok and quantized_kind(quantized) is None:
         method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
         raise ModelError(f"model.id: {cfg_file.parent} is already quantized ({method}: config.json has a "
                          "quantization_config)", field="model.id", value=str(cfg_file.parent), file=cfg_file,

@@ -36,6 +36,7 @@ from .quantizers import QUANTIZERS
 from .recipe import RecipeBase
 from .scheme import Scheme
 from .scheme_names import plan_scheme_key, scheme_name
+from .source_dequant import float_names
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -166,7 +167,8 @@ def check_run(recipe: RecipeBase) -> tuple[RunPlan, ModelView]:
     dtype = resolve_dtype(recipe.model.dtype, model.config)
     named = f"model {recipe.model.id}"
     config_file = f"{model.location}/config.json"
-    view = model_view(config_from_dict(model.config, config_file, named), model.config, model.headers,
+    view = model_view(config_from_dict(model.config, config_file, named), model.config,
+                      float_names(model.headers, model.config.get("quantization_config")),
                       compute_dtype(device, dtype), config_file, named)
     view.check_supported(named)
     untied = 0  # elements of a head the rotation unties from the embedding: new in the checkpoint

@@ -10,6 +10,8 @@ the float values these stand for; the tensors that only describe the source's qu
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 # E2M1 code -> value (sign bit first): the OCP microscaling FP4 table.
@@ -52,19 +54,10 @@ class DequantizedSource:
 
     def __init__(self, source, kind: str, block: tuple[int, int] | None = None):
         self.base, self.kind, self.block = source, kind, block
-        self.weight_map: dict[str, str] = {}
-        self._parts: dict[str, tuple[str, str]] = {}  # float name -> (codes, scales) source tensors
-        names = source.weight_map
-        for name, shard in names.items():
-            if kind == "fp8" and name.endswith(".weight") and f"{name}_scale_inv" in names:
-                self._parts[name] = (name, f"{name}_scale_inv")
-            elif kind == "mxfp4" and name.endswith("_blocks") and f"{name[:-7]}_scales" in names:
-                self._parts[name[:-7]] = (name, f"{name[:-7]}_scales")
-                name = name[:-7]
-            elif (kind == "fp8" and name.endswith(".weight_scale_inv")) or (
-                    kind == "mxfp4" and name.endswith("_scales") and f"{name[:-7]}_blocks" in names):
-                continue
-            self.weight_map[name] = shard
+        # float name -> (codes, scales) source tensors
+        self._parts: dict[str, tuple[str, str]] = dequantized_parts(source.weight_map, kind)
+        self.weight_map: dict[str, str] = {f: source.weight_map[src]
+                                           for f, src in float_sources(source.weight_map, kind).items()}
 
     @property
     def dequantized(self) -> set[str]:
@@ -149,19 +142,47 @@ class DequantizingReader:
         return self.view.dequantize_as(codes, scales, dtype)
 
 
-def read_as_float(quantization_config) -> bool:
-    """The source's own quantization is one quantkit reads as float values (FP8 with block
-    scales, MXFP4)."""
+def dequantized_parts(names: Iterable[str], kind: str) -> dict[str, tuple[str, str]]:
+    """Each float tensor a source quantized as ``kind`` ("fp8" or "mxfp4") stands for ->
+    its (codes, scales) tensors among ``names``."""
+    names = set(names)
+    if kind == "fp8":
+        return {n: (n, f"{n}_scale_inv") for n in names if n.endswith(".weight") and f"{n}_scale_inv" in names}
+    return {n[:-7]: (n, f"{n[:-7]}_scales") for n in names if n.endswith("_blocks") and f"{n[:-7]}_scales" in names}
+
+
+def float_sources(names: Iterable[str], kind: str) -> dict[str, str]:
+    """Each tensor of the float checkpoint a source quantized as ``kind`` stands for -> the
+    source tensor it is read from (its codes, or itself); scale tensors are consumed."""
+    names = list(names)
+    parts = dequantized_parts(names, kind)
+    codes = {c: f for f, (c, _) in parts.items()}
+    scales = {s for _, s in parts.values()}
+    return {codes.get(n, n): n for n in names if n not in scales}
+
+
+def float_names(names: Iterable[str], quantization_config) -> list[str]:
+    """The tensor names of the float checkpoint a source stands for (``names`` when its
+    quantization is not one quantkit reads as float): what transformers' conversion mapping
+    and the layer graph are matched against, as ``float_view`` reads the checkpoint."""
+    kind = quantized_kind(quantization_config)
+    return list(names) if kind is None else list(float_sources(names, kind))
+
+
+def quantized_kind(quantization_config) -> str | None:
+    """"fp8" (block scales) or "mxfp4" when the source's own quantization is one quantkit reads
+    as float values, else None."""
     qc = quantization_config if isinstance(quantization_config, dict) else {}
-    return (qc.get("quant_method") == "fp8" and bool(qc.get("weight_block_size"))) or qc.get("quant_method") == "mxfp4"
+    if qc.get("quant_method") == "fp8" and qc.get("weight_block_size"):
+        return "fp8"
+    return "mxfp4" if qc.get("quant_method") == "mxfp4" else None
 
 
 def float_view(source):
     """``source`` as a float checkpoint: itself, or a ``DequantizedSource`` when its config
     declares a quantization quantkit reads (FP8 with block scales, MXFP4)."""
     qc = source.config.get("quantization_config") or {}
-    if not read_as_float(qc):
+    kind = quantized_kind(qc)
+    if kind is None:
         return source
-    if qc["quant_method"] == "fp8":
-        return DequantizedSource(source, "fp8", tuple(qc["weight_block_size"]))
-    return DequantizedSource(source, "mxfp4")
+    return DequantizedSource(source, kind, tuple(qc["weight_block_size"]) if kind == "fp8" else None)

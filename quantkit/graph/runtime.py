@@ -74,10 +74,10 @@ class ModelRunner:
         # A checkpoint quantized by its authors (DeepSeek-V3's FP8, gpt-oss's MXFP4) is read as
         # the float one it stands for; its scale tensors are consumed, never copied.
         self.source, self.device, self.dtype, self.where = float_view(source), device, dtype, where
-        if view is not None and view.built_from(source.config, source.weight_map, dtype):
+        if view is not None and view.built_from(source.config, self.source.weight_map, dtype):
             self.config = view.model.config
         else:
-            view = self._build_view(source, dtype, where)
+            view = self._build_view(self.source, dtype, where)
         self.model, self.location, self.graph, self.names = view.model, view.location, view.graph, view.names
         self.layers: nn.ModuleList = self.model.get_submodule(self.location.layers)
         self._view = view
