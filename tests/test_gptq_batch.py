@@ -117,6 +117,46 @@ def test_batch_on_cuda_matches_the_single_solves(case, monkeypatch):
         assert err(graphed[e]) <= 1.05 * err(alone)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_capture_beside_a_thread_copying_off_the_device(caplog, monkeypatch):
+    """The block loop's CUDA graph is captured while another thread copies tensors to the
+    host (the engine's layer writer and export do, beside the next layer's solves): neither
+    the copies nor the capture fail, and the solve is the eager one's."""
+    import threading
+
+    from quantkit.quantizers import gptq
+
+    scheme, opts = CASES["int4 g16 act-order static"]
+    w, h, _ = _inputs(5, shared=False, seed=11)  # a batch size no other test captured
+    w, h = w.cuda(), h.cuda()
+    gptq._GRAPHS.clear()
+    src, stop, errors = torch.randn(4096, 4096, device="cuda"), threading.Event(), []
+
+    def copy_off() -> None:
+        try:
+            while not stop.is_set():
+                src.to("cpu")
+        except BaseException as e:  # noqa: BLE001 (recorded for the assertion)
+            errors.append(e)
+
+    thread = threading.Thread(target=copy_off)
+    thread.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="quantkit.quantizers.gptq"):
+            graphed = gptq_quantize_batch(w, h, scheme, block_size=32, **opts)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors and "capture failed" not in caplog.text
+    assert any(k[0] == 5 and v is not None for k, v in gptq._GRAPHS.items())
+    gptq._GRAPHS.clear()
+    monkeypatch.setenv("QUANTKIT_CUDA_GRAPHS", "0")
+    eager = gptq_quantize_batch(w, h, scheme, block_size=32, **opts)
+    for e in range(5):
+        assert _same(graphed[e], eager[e]), e
+
+
 def test_row_chunks_of_equal_experts_are_even():
     """Qwen3-30B-A3B's 256 gate/up matrices (768 x 2048) do not fit one stacked solve: two
     chunks of 128 (one shape, so one batched solve), not 170 and 86."""

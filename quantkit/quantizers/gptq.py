@@ -457,7 +457,10 @@ class _BlockGraph:
             _quantize_block(*args)  # warm-up outside the capture, as CUDA graphs require
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # Thread-local: the engine's background threads (the work folder's layer writer, the
+        # export) copy other tensors off the device meanwhile; in the default global mode such
+        # a copy during the capture fails in that thread and invalidates the capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             _quantize_block(*args)
 
     def run(self, W1, Hinv1, S, Z, global_scale=None):
