@@ -399,13 +399,9 @@ class _Profile:
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
-    def wrap(self, owner, attr: str, stage: str, main_thread_only: bool = False, sync: bool = True) -> None:
-        """``main_thread_only``: calls from other threads (the next layer's prefetch) run
-        untimed: a sync there would stall that thread on the main one's kernels. ``sync=False``
-        for what runs in the export's thread: a device-wide sync there would wait for the
-        engine's queued work, and the job ends with its own stream's sync."""
-        import threading
-
+    def wrap(self, owner, attr: str, stage: str, sync: bool = True) -> None:
+        """``sync=False`` for what runs in the export's thread: a device-wide sync there would
+        wait for the engine's queued work, and the job ends with its own stream's sync."""
         import torch
 
         fn = getattr(owner, attr)
@@ -413,8 +409,6 @@ class _Profile:
         sync = torch.cuda.synchronize if DEVICE == "cuda" and sync else (lambda: None)
 
         def timed(*a, **k):
-            if main_thread_only and threading.current_thread() is not threading.main_thread():
-                return fn(*a, **k)
             sync()
             t = time.perf_counter()
             try:
@@ -431,7 +425,7 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     t0 = time.perf_counter()  # the tool's imports count, as llm-compressor's do
     import quantkit
     from quantkit import checkpoint, engine, export, pipeline, preflight
-    from quantkit.graph import prefetch, runtime, view
+    from quantkit.graph import runtime, view
     from quantkit.quantizers import awq, gptq, hessian, int8_dynamic, smoothquant
     import transformers.modeling_utils  # noqa: F401 (quantkit builds the model's own class: its import cost)
 
@@ -444,13 +438,7 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     prof.wrap(awq, "awq_clip_search", "awq clip search")
     prof.wrap(int8_dynamic, "smooth_layer", "smoothquant (incl. its forward)")
     prof.wrap(engine._LayerCalibration, "observe", "calibration forward (incl. hooks)")
-    # Inside the engine's "load": a layer read on the main thread (the first, or one the
-    # prefetch had no room for), and the wait for one the background thread read.
-    prof.wrap(runtime.ModelRunner, "_read_layer", "load: read on the main thread", main_thread_only=True)
-    prof.wrap(prefetch.LayerPrefetch, "result", "load: wait for prefetch")
-    forced = os.environ.get("QK_BENCH_PREFETCH", "auto")  # --prefetch
-    if forced != "auto":
-        prefetch.free_bytes = (lambda device: 1 << 50) if forced == "on" else (lambda device: 0)
+    prof.wrap(runtime.ModelRunner, "load_layer", "load: read")
     # The export runs in its own thread beside the engine (each layer while the next is
     # computed): these overlap the engine's stages, and what they do not hide shows as
     # engine.export hand-off (the engine waiting for the previous layer's export) and as
@@ -650,9 +638,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cudnn-sdpa", action="store_true",
                     help="turn off torch's cuDNN attention backend in both tools: whether the first layer of each "
                     "attention kind (Gemma 3's sliding and global) pays cuDNN's plan building")
-    ap.add_argument("--prefetch", choices=("auto", "on", "off"), default="auto",
-                    help="quantkit's prefetch of the next layer: as quantkit decides (GPU, when it fits), on "
-                    "whatever the budget (also on the CPU), or off (the load stage before it existed)")
     ap.add_argument("--work", default="/tmp/quantkit-gpu-bench")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -664,7 +649,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    os.environ["QK_BENCH_PREFETCH"] = args.prefetch
     if args.no_cudnn_sdpa:
         os.environ["QK_BENCH_NO_CUDNN_SDPA"] = "1"
     if args.tiny or args.cpu_wide:

@@ -6,7 +6,6 @@ block scales (DeepSeek-V3's format) dequantized on read.
     .venv/bin/python benchmarks/layer_load.py                      # 128 experts at a small width
     .venv/bin/python benchmarks/layer_load.py --shape cpu-wide     # gpu_vs_llmcompressor's --cpu-wide shape
     .venv/bin/python benchmarks/layer_load.py --fp8                # the same, FP8 source
-    .venv/bin/python benchmarks/layer_load.py --prefetch --compute 0.5   # overlap with 0.5 s of matmuls per layer
 
 Per-tensor costs (header parsing, opens) show with many small experts; ``--device cuda`` on a
 GPU machine adds the copies.
@@ -73,9 +72,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="128 experts at a small width; gpu_vs_llmcompressor's --cpu-wide Qwen3-MoE; the real "
                     "Qwen3-30B-A3B layer (1.2 GB, for a GPU)")
     ap.add_argument("--fp8", action="store_true", help="the source in FP8 with 64x64 block scales")
-    ap.add_argument("--prefetch", action="store_true", help="read layer i+1 in the background while layer i computes")
-    ap.add_argument("--compute", type=float, default=0.0, help="seconds of matmuls on the main thread per layer "
-                    "(the calibration and solve the prefetch overlaps)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", default="/tmp/quantkit-layer-load")
     args = ap.parse_args(argv)
@@ -88,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from quantkit.graph.runtime import ModelRunner
     from quantkit.model import ModelSource
 
-    torch.set_num_threads(1)  # the helpers' machine: 2 cores shared; one for the main thread, one for the reader
+    torch.set_num_threads(1)  # process CPU seconds of one thread: a shared machine's load moves wall time
     shape = bench.MOE_SHAPES["qwen3-30b-a3b"]
     shape["config"].update({"cpu-wide": bench._CPU_WIDE, "many-experts": _MANY_EXPERTS}.get(args.shape, {}))
     tag = args.shape
@@ -105,39 +101,22 @@ def main(argv: list[str] | None = None) -> int:
     model_module.safe_open = counting_open
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if args.prefetch and device.type == "cpu":  # quantkit prefetches on GPUs only: measure it here anyway
-        from quantkit.graph import prefetch
-
-        prefetch.free_bytes = lambda device: 1 << 40
     runner = ModelRunner(ModelSource.open(str(folder)), device, torch.bfloat16)
-    work = torch.randn(512, 512, device=device)
-    iters, t = 0, time.perf_counter()  # a fixed amount of main-thread work: its time shows a slowdown
-    while time.perf_counter() - t < args.compute:
-        work, iters = torch.tanh(work @ work), iters + 1
-        sync()
     rows = []
     wall0, cpu0 = time.perf_counter(), time.process_time()
     for i in range(runner.num_layers):
         opens[0] = 0
         t, c = time.perf_counter(), time.process_time()
         layer = runner.load_layer(i)
-        if args.prefetch and i + 1 < runner.num_layers:
-            runner.prefetch(i + 1)
         sync()
         load_wall, load_cpu = time.perf_counter() - t, time.process_time() - c
-        n = sum(1 for _ in layer.parameters())
-        t = time.perf_counter()
-        for _ in range(iters):
-            work = torch.tanh(work @ work)
-        sync()
-        rows.append((i, n, opens[0], load_wall, load_cpu, time.perf_counter() - t))
+        rows.append((i, sum(1 for _ in layer.parameters()), opens[0], load_wall, load_cpu))
         del layer
     total_wall, total_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    print(f"{tag}{' fp8' if args.fp8 else ''}{' prefetch' if args.prefetch else ''} on {args.device}, "
-          f"{iters} matmuls ({args.compute} s alone) per layer")
-    print(f"{'layer':>5} {'tensors':>8} {'opens':>6} {'load wall s':>12} {'load cpu s':>11} {'compute s':>10}")
-    for i, n, o, w, c, k in rows:
-        print(f"{i:>5} {n:>8} {o:>6} {w:>12.3f} {c:>11.3f} {k:>10.3f}")
+    print(f"{tag}{' fp8' if args.fp8 else ''} on {args.device}")
+    print(f"{'layer':>5} {'tensors':>8} {'opens':>6} {'load wall s':>12} {'load cpu s':>11}")
+    for i, n, o, w, c in rows:
+        print(f"{i:>5} {n:>8} {o:>6} {w:>12.3f} {c:>11.3f}")
     print(f"total wall {total_wall:.3f} s, process cpu {total_cpu:.3f} s")
     return 0
 

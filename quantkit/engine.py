@@ -346,8 +346,6 @@ class LayerwiseEngine:
                 "out of device memory", field="calibration.batch_size",
                 hint="lower calibration.num_samples, calibration.max_seq_length or calibration.batch_size "
                 "(activations of all samples stay on the device)") from None
-        finally:
-            self.sk.cancel_prefetch()
 
     def _run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
              start: int) -> EngineResult:
@@ -373,8 +371,6 @@ class LayerwiseEngine:
         for i in bar:
             began = time.perf_counter()
             layer = sk.load_layer(i)
-            if i + 1 < sk.num_layers:
-                sk.prefetch(i + 1)  # read while this layer computes
             if i >= start:
                 sk.check_finite(layer, i)
             clock.lap("load")

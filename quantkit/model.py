@@ -90,7 +90,8 @@ def local_model_dir(model: str) -> Path | None:
 
 @dataclass
 class _Counter:
-    """Bytes alive and their peak; the next layer's prefetch thread counts beside the main one."""
+    """Bytes alive and their peak; the export's thread (untouched source tensors it casts)
+    counts beside the main one."""
 
     alive: int = 0
     peak: int = 0

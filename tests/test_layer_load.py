@@ -1,10 +1,8 @@
 """A decoder layer's load (issue 16 point 6): one open per shard, FP8/MXFP4 sources dequantized
-on the run's device, the next layer prefetched on a background thread without changing what
-is loaded or losing a read error."""
+on the run's device, read errors naming the tensor and shard."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -13,14 +11,10 @@ from safetensors.torch import save_file
 
 from quantkit import model as model_module
 from quantkit.errors import ModelError
-from quantkit.graph import prefetch
 from quantkit.graph.runtime import ModelRunner
 from quantkit.model import ModelSource
-from quantkit.pipeline import run
-from quantkit.recipe import make_recipe
 from quantkit.source_dequant import float_view
-from tests.test_export_e2e import read_tensors
-from tests.tiny_models import make_tiny_model, write_text_file
+from tests.tiny_models import make_tiny_model
 
 CPU = torch.device("cpu")
 
@@ -30,15 +24,6 @@ def moe(tmp_path_factory) -> Path:
     """A tiny two-layer Qwen3-MoE in shards of ~200 KB, so a layer spans several of them."""
     return make_tiny_model(tmp_path_factory.mktemp("layer-load") / "qwen3_moe", arch="qwen3_moe", layers=2,
                            hidden=128, intermediate=256, heads=4, kv_heads=2, max_shard_size="200KB")
-
-
-def _prefetch_anywhere(monkeypatch, free: int = 1 << 40) -> None:
-    """quantkit prefetches on GPUs only; these tests drive the same thread on the CPU."""
-    monkeypatch.setattr(prefetch, "free_bytes", lambda device: free)
-
-
-def _prefetch_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("quantkit-prefetch") and t.is_alive()]
 
 
 def test_each_shard_opened_once_per_layer(moe, monkeypatch):
@@ -101,51 +86,19 @@ def test_device_dequantization_equals_the_host_one(tmp_path, kind, monkeypatch):
         assert all(got[n].shape == r.tensor(n).shape and got[n].is_meta for n in got)
 
 
-# --------------------------------------------------------------------------- prefetch
+# --------------------------------------------------------------------------- read errors
 
 
-def test_prefetched_layers_equal_direct_reads(moe, monkeypatch):
-    _prefetch_anywhere(monkeypatch)
-    direct = ModelRunner(ModelSource.open(str(moe)), CPU, torch.float32)
-    ahead = ModelRunner(ModelSource.open(str(moe)), CPU, torch.float32)
-    assert ahead.prefetch(0)
-    for i in range(ahead.num_layers):
-        layer = ahead.load_layer(i)
-        if i + 1 < ahead.num_layers:
-            assert ahead.prefetch(i + 1)
-        want = direct.load_layer(i).state_dict()
-        got = layer.state_dict()
-        assert got.keys() == want.keys()
-        assert all(torch.equal(got[k], want[k]) for k in want)
-    assert not _prefetch_threads()
-
-
-def test_prefetch_skipped_over_budget(moe, monkeypatch):
-    runner = ModelRunner(ModelSource.open(str(moe)), CPU, torch.float32)
-    assert not runner.prefetch(1)  # the CPU: never
-    _prefetch_anywhere(monkeypatch, free=1000)  # a GPU with 1 kB free
-    assert not runner.prefetch(1)
-    assert not _prefetch_threads()
-    assert runner.load_layer(1) is not None
-
-
-def test_read_error_surfaces_when_its_layer_is_loaded(moe, monkeypatch):
-    """Layer 1's tensor is missing: layer 0 loads and runs; loading layer 1 raises the error a
-    direct read raises, naming the tensor."""
-    _prefetch_anywhere(monkeypatch)
+def test_missing_tensor_is_a_model_error_naming_it(moe):
+    """Layer 1's tensor is missing from the shard index: layer 0 loads; layer 1 raises a
+    ModelError naming the tensor."""
     runner = ModelRunner(ModelSource.open(str(moe)), CPU, torch.float32)
     lost = runner.layer_sources(1)["mlp.experts.2.up_proj.weight"]
-    shard = runner.source.weight_map.pop(lost)
-    layer0 = runner.load_layer(0)
-    assert runner.prefetch(1)
-    assert all(torch.isfinite(p).all() for p in layer0.parameters())
-    with pytest.raises(ModelError) as prefetched:
+    runner.source.weight_map.pop(lost)
+    assert all(torch.isfinite(p).all() for p in runner.load_layer(0).parameters())
+    with pytest.raises(ModelError) as e:
         runner.load_layer(1)
-    with pytest.raises(ModelError) as direct:
-        runner.load_layer(1)
-    assert prefetched.value.value == direct.value.value == lost
-    assert prefetched.value.file == direct.value.file
-    runner.source.weight_map[lost] = shard
+    assert e.value.value == lost
 
 
 def test_corrupt_shard_is_a_model_error_naming_tensor_and_file(tmp_path):
@@ -155,35 +108,3 @@ def test_corrupt_shard_is_a_model_error_naming_tensor_and_file(tmp_path):
     with pytest.raises(ModelError) as e, source.reader() as r:
         r.tensor("t")
     assert (e.value.value, e.value.file) == ("t", str(tmp_path / "a.safetensors"))
-
-
-def test_run_with_prefetch_writes_the_same_checkpoint_and_a_failing_layer_stops_the_thread(moe, tmp_path,
-                                                                                             monkeypatch):
-    text = write_text_file(tmp_path / "text.jsonl")
-
-    def quantize(out: Path) -> dict:
-        run(make_recipe({"model": {"id": str(moe)}, "quantization": {"method": "rtn", "bits": 4, "group_size": 64},
-                         "calibration": {"source": str(text), "num_samples": 2, "max_seq_length": 16,
-                                         "batch_size": 2},
-                         "evaluate": {"enabled": False}, "export": {"output_dir": str(out)}, "device": "cpu"}),
-            quiet=True)
-        return read_tensors(out)
-
-    plain = quantize(tmp_path / "plain")
-    _prefetch_anywhere(monkeypatch)
-    used: list[int] = []
-    real = prefetch.LayerPrefetch.result
-    monkeypatch.setattr(prefetch.LayerPrefetch, "result", lambda self: used.append(self.index) or real(self))
-    ahead = quantize(tmp_path / "ahead")
-    assert used == [1]
-    assert ahead.keys() == plain.keys() and all(torch.equal(ahead[k], plain[k]) for k in plain)
-
-    from quantkit import engine
-
-    def fail(name, qw):
-        raise RuntimeError("layer 0 fails")
-
-    monkeypatch.setattr(engine, "check_quantized", fail)
-    with pytest.raises(RuntimeError):
-        quantize(tmp_path / "fails")
-    assert not _prefetch_threads()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
 
@@ -24,8 +23,6 @@ from ..model import ModelSource, TensorReader
 from ..source_dequant import float_view
 from .capture import LayerCall, capture, inject, materialize_on_use
 from .experts import split_fused
-from .prefetch import LayerPrefetch, PrefetchCancelled
-from .prefetch import fits as prefetch_fits
 from .skeleton import free, is_meta, owner_of
 from .view import ModelView, model_view
 
@@ -83,7 +80,6 @@ class ModelRunner:
         self._view = view
         self._tuple_outputs = False
         self._loaded: list[nn.Module] = []
-        self._prefetch: LayerPrefetch | None = None
         self.edits: list[WeightEdit] = []
 
     def _build_view(self, source: ModelSource, dtype: torch.dtype, where: str) -> ModelView:
@@ -188,51 +184,16 @@ class ModelRunner:
             self.release()
 
     def load_layer(self, i: int) -> nn.Module:
-        """Decoder layer ``i`` with its checkpoint tensors on the device (prefetched when
-        ``prefetch(i)`` came first); checkpoint tensors under the layer that it has no parameter
-        for stay unconsumed and are copied as they are on export."""
-        layer = None
-        pending, self._prefetch = self._prefetch, None
-        if pending is not None and pending.index == i:
-            layer = pending.result()
-        elif pending is not None:
-            pending.cancel()
-        if layer is None:
-            layer = self._read_layer(i)
-        for edit in self.edits:
-            edit.edit_layer(i, layer)
-        return layer.eval()
-
-    def prefetch(self, i: int) -> bool:
-        """Start building layer ``i`` in the background for the next ``load_layer(i)``; False
-        (and nothing started) when its tensors do not fit a share of the free device memory."""
-        self.cancel_prefetch()
-        need = sum(v.numel() * (self.dtype.itemsize if v.is_floating_point() else v.element_size())
-                   for v in self.layers[i].state_dict().values())
-        if not prefetch_fits(need, self.device):
-            log.debug("layer %d (%d bytes) does not fit the prefetch budget: read when loaded", i, need)
-            return False
-        self._prefetch = LayerPrefetch(i, lambda stop: self._read_layer(i, stop), self.device)
-        return True
-
-    def cancel_prefetch(self) -> None:
-        """Stop a prefetch in flight and drop what it read (a failed or interrupted run)."""
-        pending, self._prefetch = self._prefetch, None
-        if pending is not None:
-            pending.cancel()
-
-    def _read_layer(self, i: int, stop: threading.Event | None = None) -> nn.Module:
-        """Layer ``i`` (a copy of the meta layer) given its checkpoint tensors, no edit applied:
-        one open per shard, one tensor on the host at a time; ``stop`` set ends the read between
-        tensors."""
+        """Decoder layer ``i`` (a copy of the meta layer) with its checkpoint tensors on the
+        device: one open per shard, one tensor on the host at a time; checkpoint tensors under
+        the layer that it has no parameter for stay unconsumed and are copied as they are on
+        export."""
         layer = copy.deepcopy(self.layers[i])
         _real_buffers(self.model, self.layer_prefix(i)[:-1], layer, self.device)
         sources = self.layer_sources(i)
         with self.source.reader() as reader:
             state = self._fused_experts(i, layer, reader)
             for k in layer.state_dict():
-                if stop is not None and stop.is_set():
-                    raise PrefetchCancelled
                 if k in state:
                     continue
                 src = sources.get(k)
@@ -242,7 +203,9 @@ class ModelRunner:
                                      hint="the checkpoint does not match its config.json")
                 state[k] = reader.to_device(src, self.device, self.dtype)
         layer.load_state_dict(state, strict=True, assign=True)
-        return layer
+        for edit in self.edits:
+            edit.edit_layer(i, layer)
+        return layer.eval()
 
     def _fused_experts(self, i: int, layer: nn.Module, reader: TensorReader) -> dict[str, torch.Tensor]:
         """Per-expert tensors of layer ``i`` from checkpoint tensors that hold every expert of
