@@ -453,10 +453,8 @@ class LayerwiseEngine:
         # experts whose calls are not replayed (``UnfusedExperts.replayable``): every rank holds those.
         blocks = dict(expert_modules(layer))
         held = {k: r for k, r in owners.items() if blocks[k[0]].replayable}
-        # A paired statistic keeps its matrix for the quantized stream and its cross term with the float one.
-        matrices = 2 if self.quantizer.needs_float_inputs else 1
         for part in statistics_chunks(without(graph, hungry), statistics_budget(self.sk.device, self.world), held,
-                                      matrices):
+                                      len(self.quantizer.statistics)):
             qweights.update(self.quantizer.quantize_layer(layer, part, calib,
                                                           {n: schemes[n] for n in part.linears if n in schemes}))
         if hungry:

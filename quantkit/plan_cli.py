@@ -20,7 +20,8 @@ def add_plan_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         description="Weights, KV cache, activations per precision; the longest context that fits; "
         "a recommended scheme and its vllm serve command. Figures are per GPU.",
     )
-    p.add_argument("model", help="local model folder, config.json file, or hub id")
+    p.add_argument("model", nargs="?", default=None,
+                   help="local model folder, config.json file, or hub id (default: the recipe's model)")
     p.add_argument("--gpu", default="H100-80GB", help=f"{', '.join(GPUS)}, or a size like 24GB (default H100-80GB)")
     p.add_argument("--gpus", type=int, default=1,
                    help="tensor-parallel size (default 1); the quantize line is per device of quantkit run --gpus N")
@@ -30,6 +31,9 @@ def add_plan_command(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--group-size", type=int, default=None, help="W4A16 group size (default 128)")
     p.add_argument("--revision", default=None, help="hub revision of the config")
+    p.add_argument("--recipe", default=None,
+                   help="recipe file or shipped recipe name: the quantize line counts its quantizer and calibration "
+                   "size (default: the shipped 4-bit recipes' GPTQ with input_feedback at 128 x 2048 tokens)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
     p.set_defaults(func=run_plan)
     return p
@@ -50,6 +54,7 @@ def run_plan(args: argparse.Namespace) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         group_size=args.group_size,
         revision=args.revision,
+        recipe=args.recipe,
     )
     print(result.to_json() if args.json else format_plan_table(result))
     return 0

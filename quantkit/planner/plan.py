@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
+from ..errors import PlanError
 from ..gpus import GPU, get_gpu
 from .budget import KVCacheDtype, check_request, engine_defaults, plan_scheme, required_context
 from .config import load_config
 from .precision import SCHEMES, get_scheme
 from .recommend import plan_notes, recommend
-from .quantize import quantize_memory
+from .quantize import SHIPPED_4BIT, Calibrating, quantize_memory
 from .result import PlanResult
 from .serve import render_serve
 from .shape import ModelShape, check_tensor_parallel, count_parameters
@@ -30,8 +32,10 @@ def plan_config(
     group_size: int | None = None,
     model: str = "model",
     checkpoint_quantized: bool = False,
+    calibrating: Calibrating = SHIPPED_4BIT,
 ) -> PlanResult:
-    """``plan_model`` for a config dict already in hand (``model`` only names it in output)."""
+    """``plan_model`` for a config dict already in hand (``model`` only names it in output);
+    ``calibrating`` is the quantizer the quantization-time line counts."""
     shape = ModelShape.from_config(config, where=f"{model}/config.json")
     device = gpu if isinstance(gpu, GPU) else get_gpu(gpu)
     check_request(batch, context, gpu_memory_utilization)
@@ -68,14 +72,14 @@ def plan_config(
         recommended=best,
         serve_command=command,
         notes=notes,
-        quantize_memory=quantize_memory(shape, gpus=gpus),
+        quantize_memory=quantize_memory(shape, calibrating, gpus=gpus),
         experts=shape.num_experts,
         moe_layers=shape.moe_layers,
     )
 
 
 def plan_model(
-    model: str,
+    model: str | None = None,
     gpu: str = "H100-80GB",
     gpus: int = 1,
     context: int | None = None,
@@ -84,6 +88,7 @@ def plan_model(
     gpu_memory_utilization: float = 0.9,
     group_size: int | None = None,
     revision: str | None = None,
+    recipe: str | Path | None = None,
 ) -> PlanResult:
     """Plan serving ``model`` (local folder or hub id; only config.json is read) with vLLM.
 
@@ -92,11 +97,23 @@ def plan_model(
     >>> print(result.serve_command)
 
     ``context`` is the max_model_len you need (None: as long as fits), ``batch`` how many
-    sequences of that length must be in the KV cache at once.
+    sequences of that length must be in the KV cache at once. The quantization-time line
+    counts ``recipe``'s quantizer and calibration size (a recipe file or a shipped recipe's
+    name; its model unless ``model`` is given), else the shipped 4-bit recipes' quantizer.
     """
+    loaded = None
+    if recipe is not None:
+        from ..recipe import load_recipe
+
+        loaded = load_recipe(recipe)
+        if model is None:
+            model, revision = loaded.model.id, loaded.model.revision
+    if model is None:
+        raise PlanError("plan: give a model or a recipe", field="model", hint="quantkit plan MODEL or --recipe RECIPE")
     config = load_config(model, revision)
     quantized = "quantization_config" in config
+    calibrating = SHIPPED_4BIT if loaded is None else Calibrating.of_recipe(loaded, config)
     return plan_config(config, gpu, gpus=gpus, context=context, batch=batch, kv_cache_dtype=kv_cache_dtype,
                        gpu_memory_utilization=gpu_memory_utilization, group_size=group_size, model=model,
-                       checkpoint_quantized=quantized)
+                       checkpoint_quantized=quantized, calibrating=calibrating)
 

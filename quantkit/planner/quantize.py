@@ -1,42 +1,83 @@
-"""The device memory quantkit needs to quantize a model's largest decoder layer (GPTQ, the
-largest statistics of any method), Mixture-of-Experts layers included, per device of a run
-on one or several GPUs."""
+"""The device memory quantkit needs to quantize a model's largest decoder layer, Mixture-of-Experts
+layers included, per device of a run on one or several GPUs, for the quantizer a recipe names
+(``Calibrating.of``) or, without one, the shipped 4-bit recipes' (``SHIPPED_4BIT``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .shape import ModelShape
 
 
 @dataclass(frozen=True)
-class QuantizeMemory:
-    """Device memory quantkit needs to GPTQ-quantize one decoder layer (its largest), bytes."""
+class Calibrating:
+    """What a quantizer keeps on the device while it calibrates one layer, as the plan counts it."""
 
+    recipe: str  # where the quantizer comes from, as the plan names it
+    method: str
+    statistics: tuple[str, ...]  # the float32 [in, in] matrices per input group, by what each is
+    float_stream: bool  # the float model's calibration stream kept beside the quantized one
+    samples: int = 128
+    seq_len: int = 2048
+
+    @classmethod
+    def of(cls, quantizer: Any, samples: int, seq_len: int, recipe: str) -> "Calibrating":
+        """A built ``Quantizer``'s needs (``statistics``, ``needs_float_inputs``) with its
+        recipe's calibration size; one that calibrates nothing keeps no statistic nor stream."""
+        method = quantizer.params.method
+        if not quantizer.needs_calibration:
+            return cls(recipe, method, (), False, 0, 0)
+        return cls(recipe, method, tuple(quantizer.statistics), quantizer.needs_float_inputs, samples, seq_len)
+
+    @classmethod
+    def of_recipe(cls, recipe: Any, config: dict[str, Any]) -> "Calibrating":
+        """What the quantizer of ``recipe`` (a loaded ``RecipeBase``) keeps while it calibrates
+        the model of ``config`` (imports the quantizers, hence torch)."""
+        from ..quantizers import QUANTIZERS
+
+        params, cal = recipe.quantization, recipe.calibration
+        return cls.of(QUANTIZERS[params.method](params, config), cal.num_samples, cal.max_seq_length, recipe.where)
+
+
+# GPTQ with input_feedback (GPTAQ), as the shipped 4-bit recipes set it: the largest need of any
+# shipped method, which a plan without a recipe counts (tests check it against the recipe's quantizer).
+SHIPPED_4BIT = Calibrating("the shipped 4-bit recipes", "gptq",
+                           ("the quantized inputs' Hessian", "its cross term with the float inputs"), True)
+
+
+@dataclass(frozen=True)
+class QuantizeMemory:
+    """Device memory quantkit needs to quantize one decoder layer (its largest), bytes."""
+
+    calibrating: Calibrating
     layer: int  # the layer's weights in 16 bits
     codes: int  # its codes (one byte per weight) held until the layer is saved
-    hessians: int  # float32, one per input group (every expert's gate/up share one); owned experts' only
+    hessians: int  # float32, len(statistics) per input group (every expert's gate/up share them); owned experts' only
     solve: int  # GPTQ's working set: a stacked chunk, its errors, the inverse Hessian factor
     activations: int  # the calibration hidden states, 16 bits (and a replayed rank's share of a MoE block's)
-    per_expert_hessians: int  # what one Hessian per expert Linear would take instead (routed calibration)
+    float_activations: int  # the same again for the float model's stream, when the quantizer keeps it
+    per_expert_hessians: int  # what len(statistics) per expert Linear would take instead (routed calibration)
 
     @property
     def total(self) -> int:
-        return self.layer + self.codes + self.hessians + self.solve + self.activations
+        return self.layer + self.codes + self.hessians + self.solve + self.activations + self.float_activations
 
 
-def quantize_memory(shape: ModelShape, samples: int = 128, seq_len: int = 2048, gpus: int = 1) -> QuantizeMemory:
+def quantize_memory(shape: ModelShape, calibrating: Calibrating = SHIPPED_4BIT, gpus: int = 1) -> QuantizeMemory:
     """The quantization-time need of the largest layer (a MoE layer when there is one), under
-    all-expert calibration, which lets every expert's gate/up share one Hessian, per device of
-    a run on ``gpus`` (``quantkit run --gpus``): each holds its share of the calibration
-    batches and only the statistics of the experts it owns (the layer's weights, the other
-    statistics and the codes of every Linear are on every device), plus one rank's share of a
-    MoE block's inputs while they are replayed through its experts."""
+    all-expert calibration, which lets every expert's gate/up share their statistics, per
+    device of a run on ``gpus`` (``quantkit run --gpus``): each holds its share of the
+    calibration batches (of each stream) and only the statistics of the experts it owns (the
+    layer's weights, the other statistics and the codes of every Linear are on every device),
+    plus one rank's share of a MoE block's inputs (of each stream) while they are replayed
+    through its experts."""
+    c = calibrating
     h, hd = shape.hidden_size, shape.head_dim
     q, kv = shape.num_heads * hd, shape.num_kv_heads * hd
     attention = 2 * h * q + 2 * h * kv
     hess = h * h + q * q  # q/k/v share one; o_proj its own
-    share = -(-samples // gpus)
+    share = -(-c.samples // gpus)
     replay = 0
     if shape.moe_layers:
         e, i, sh = shape.num_experts, shape.moe_intermediate_size, shape.shared_intermediate_size
@@ -46,7 +87,7 @@ def quantize_memory(shape: ModelShape, samples: int = 128, seq_len: int = 2048, 
         stacked = 2 * h * (e * i + sh)
         separate = owned * (2 * h * h + i * i) + sh * sh + h * h
         extra = e * h
-        replay = 2 * share * seq_len * h if gpus > 1 else 0
+        replay = 2 * share * c.seq_len * h if gpus > 1 else 0
     else:
         i = shape.intermediate_size
         mlp = 3 * h * i
@@ -57,11 +98,15 @@ def quantize_memory(shape: ModelShape, samples: int = 128, seq_len: int = 2048, 
     params = attention + mlp
     chunk = min(stacked, 1 << 28)
     big = max(h, i, q)
+    matrices = len(c.statistics)
+    stream = 2 * share * c.seq_len * h + replay
     return QuantizeMemory(
+        calibrating=c,
         layer=2 * (params + extra),
         codes=params,
-        hessians=4 * hess,
-        solve=4 * (2 * chunk + 2 * big * big),
-        activations=2 * share * seq_len * h + replay,
-        per_expert_hessians=4 * (separate + q * q + h * h) if shape.moe_layers else 4 * hess,
+        hessians=4 * matrices * hess,
+        solve=4 * (2 * chunk + 2 * big * big) if matrices else 0,
+        activations=stream,
+        float_activations=stream if c.float_stream else 0,
+        per_expert_hessians=4 * matrices * (separate + q * q + h * h) if shape.moe_layers else 4 * matrices * hess,
     )

@@ -36,7 +36,7 @@ class PlanResult:
     recommended: str | None
     serve_command: str | None
     notes: list[str] = field(default_factory=list)
-    quantize_memory: QuantizeMemory | None = None  # GPTQ at 128 x 2048 calibration tokens, one layer, per GPU
+    quantize_memory: QuantizeMemory | None = None  # the largest layer, per GPU, for a recipe's quantizer
     experts: int = 0  # experts per MoE layer (0: dense)
     moe_layers: int = 0
 
@@ -109,13 +109,31 @@ def format_plan_table(result: PlanResult) -> str:
                      "every expert: vLLM holds them all)")
     m = r.quantize_memory
     if m is not None:
-        where = "on one device" if r.gpus == 1 else f"per device of `quantkit run --gpus {r.gpus}`"
-        lines.append(f"quantize (GPTQ, 128 x 2048 calibration tokens): ~{_gib(m.total)} GiB {where} for its "
-                     f"largest layer: weights {_gib(m.layer)} + codes {_gib(m.codes)} + Hessians {_gib(m.hessians)} + "
-                     f"solve {_gib(m.solve)} + activations {_gib(m.activations)}"
-                     + (f" (one Hessian per expert Linear would take {_gib(m.per_expert_hessians)} instead of "
-                        f"{_gib(m.hessians)})" if r.experts else ""))
+        lines += quantize_lines(m, r.gpus, bool(r.experts))
     lines += [f"note: {n}" for n in r.notes]
     if r.serve_command:
         lines.append(r.serve_command)
     return "\n".join(lines)
+
+
+def quantize_lines(m: QuantizeMemory, gpus: int, experts: bool) -> list[str]:
+    """The quantization-time need: its sum, then what the statistics and the float stream are."""
+    c = m.calibrating
+    where = "on one device" if gpus == 1 else f"per device of `quantkit run --gpus {gpus}`"
+    if not c.statistics and not c.float_stream:
+        return [f"quantize ({c.method}, {c.recipe}; no calibration): ~{_gib(m.total)} GiB {where} for its largest "
+                f"layer: weights {_gib(m.layer)} + codes {_gib(m.codes)}"]
+    parts = [f"weights {_gib(m.layer)}", f"codes {_gib(m.codes)}", f"statistics {_gib(m.hessians)}",
+             f"solve {_gib(m.solve)}", f"activations {_gib(m.activations)}"]
+    if c.float_stream:
+        parts.append(f"float stream {_gib(m.float_activations)}")
+    lines = [f"quantize ({c.method}, {c.recipe}, {c.samples} x {c.seq_len} calibration tokens): ~{_gib(m.total)} "
+             f"GiB {where} for its largest layer: " + " + ".join(parts)]
+    told = f"  statistics: float32 [in, in] per input group: {' and '.join(c.statistics)}"
+    if experts:
+        told += f" (per expert Linear they would take {_gib(m.per_expert_hessians)} GiB)"
+    lines.append(told)
+    if c.float_stream:
+        lines.append("  float stream: the float model's calibration hidden states, kept beside the quantized "
+                     "model's and as large")
+    return lines

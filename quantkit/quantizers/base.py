@@ -183,6 +183,10 @@ class Quantizer(ABC):
     # The engine then keeps the float model's calibration stream beside the quantized one
     # (twice the calibration activations) for ``LayerCalibration.observe_paired``.
     needs_float_inputs: bool = False
+    # The float32 ``[in, in]`` statistics kept per input group while a layer calibrates, named
+    # by what each is: ``moe.statistics_chunks`` budgets them and ``quantkit plan`` counts them.
+    # GPTQ's one Hessian also bounds the smaller statistics of the other methods.
+    statistics: tuple[str, ...] = ("Hessian",)
     default_format: ClassVar[str] = "compressed-tensors"
 
     def __init__(self, params: QuantizerParams, model_config: dict) -> None:

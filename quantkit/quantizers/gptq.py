@@ -909,6 +909,8 @@ class GPTQQuantizer(Quantizer):
     def __init__(self, params: GPTQParams, model_config: dict) -> None:
         super().__init__(params, model_config)
         self.needs_float_inputs = params.input_feedback
+        if params.input_feedback:
+            self.statistics = ("the quantized inputs' Hessian", "its cross term with the float inputs")
 
     def quantize_layer(self, layer, graph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: GPTQParams = self.params  # type: ignore[assignment]
