@@ -442,6 +442,43 @@ def test_plan_counts_every_expert(family, config, published):
     assert (four.layer, four.codes) == (mem.layer, mem.codes)
 
 
+_PLANNED = {
+    "qwen2_moe": dict(hidden_size=64, moe_intermediate_size=32, num_experts=4, shared_expert_intermediate_size=48,
+                      num_attention_heads=4, num_key_value_heads=2),
+    "qwen3_moe": dict(hidden_size=64, moe_intermediate_size=32, num_experts=4, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=48),
+    "llama": dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=48),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_PLANNED))
+@pytest.mark.parametrize("feedback", [False, True])
+def test_plan_counts_the_statistics_the_layer_graph_keeps(family, feedback):
+    """The plan's statistics of a layer are those a run keeps for its layer graph: a float32
+    ``[in, in]`` per input group (all-expert calibration) or per routed group (one per expert's
+    gate/up and one per down_proj), GPTQ's Hessian, and with input_feedback two (the quantized
+    inputs' Hessian and its cross term), plus the float model's stream beside the quantized one."""
+    from quantkit.graph.view import config_from_dict, model_view
+    from quantkit.planner.quantize import Calibrating, quantize_memory
+    from quantkit.planner.shape import ModelShape
+
+    cfg = transformers.CONFIG_MAPPING[family](**_PLANNED[family], intermediate_size=96, num_experts_per_tok=2,
+                                              vocab_size=128, num_hidden_layers=1, max_position_embeddings=256)
+    config = cfg.to_dict()
+    graph = model_view(cfg, config, [], torch.float32, "config.json", family).graph.layer(0)
+    quantizer = QUANTIZERS["gptq"](QUANTIZERS["gptq"].Params(input_feedback=feedback), config)
+    mem = quantize_memory(ModelShape.from_config(config), Calibrating.of(quantizer, 8, 16, "test"))
+    matrices = 2 if feedback else 1
+
+    def statistics(g) -> int:
+        return sum(4 * matrices * g.unit(group.key).in_features ** 2 for group in g.groups)
+
+    assert mem.hessians == statistics(graph)
+    assert mem.per_expert_hessians == statistics(graph.per_expert() if graph.experts else graph)
+    assert mem.activations == 2 * 8 * 16 * 64
+    assert mem.float_activations == (mem.activations if feedback else 0)
+
+
 # --------------------------------------------------------------------------- 5. a source in FP8
 
 

@@ -85,7 +85,8 @@ def quantize_memory(shape: ModelShape, calibrating: Calibrating = SHIPPED_4BIT, 
         mlp = 3 * h * (e * i + sh)
         hess += h * h + owned * i * i + sh * sh
         stacked = 2 * h * (e * i + sh)
-        separate = owned * (2 * h * h + i * i) + sh * sh + h * h
+        # Routed: each expert's gate/up share one, its down_proj its own; a shared expert's two.
+        separate = h * h + q * q + owned * (h * h + i * i) + (h * h + sh * sh if sh else 0)
         extra = e * h
         replay = 2 * share * c.seq_len * h if gpus > 1 else 0
     else:
@@ -108,5 +109,5 @@ def quantize_memory(shape: ModelShape, calibrating: Calibrating = SHIPPED_4BIT, 
         solve=4 * (2 * chunk + 2 * big * big) if matrices else 0,
         activations=stream,
         float_activations=stream if c.float_stream else 0,
-        per_expert_hessians=4 * matrices * (separate + q * q + h * h) if shape.moe_layers else 4 * matrices * hess,
+        per_expert_hessians=4 * matrices * separate,
     )
