@@ -377,6 +377,66 @@ def test_cli_table_and_json(tmp_path, capsys):
 def test_cli_errors_are_quantkit_errors(tmp_path):
     with pytest.raises(QuantkitError):
         main(["plan", str(tmp_path)])
+    with pytest.raises(PlanError) as e:
+        main(["plan"])
+    assert e.value.field == "model"
+
+
+def test_quantize_line_counts_input_feedback_of_a_recipe(tmp_path, capsys):
+    """With ``--recipe``, the quantization-time need is that recipe's: input_feedback (GPTAQ)
+    adds a second float32 [in, in] per input group (q/k/v and gate/up read the hidden size,
+    o_proj the heads, down_proj the intermediate size) and the float model's calibration stream
+    (samples x tokens x hidden in 16 bits); the table says what both are."""
+    import yaml
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B))
+    h, i, q, samples, tokens = 4096, 14336, 32 * 128, 16, 512
+    totals, lines = {}, {}
+    for feedback in (False, True):
+        recipe = tmp_path / f"feedback-{feedback}.yaml"
+        recipe.write_text(yaml.safe_dump({
+            "model": {"id": str(tmp_path)}, "quantization": {"method": "gptq", "input_feedback": feedback},
+            "calibration": {"num_samples": samples, "max_seq_length": tokens},
+            "export": {"output_dir": str(tmp_path / "out")}}))
+        totals[feedback] = plan_model(recipe=str(recipe)).quantize_memory.total
+        assert main(["plan", "--recipe", str(recipe)]) == 0
+        lines[feedback] = [line for line in capsys.readouterr().out.splitlines()
+                           if line.startswith(("quantize (", "  "))]
+    assert totals[True] - totals[False] == 4 * (2 * h * h + q * q + i * i) + 2 * samples * tokens * h
+    assert lines[True][0].startswith(f"quantize (gptq, {tmp_path}/feedback-True.yaml, 16 x 512 calibration tokens)")
+    assert lines[True][0].endswith(f"float stream {2 * samples * tokens * h / GiB:.2f}")
+    assert lines[True][1:] == [
+        "  statistics: float32 [in, in] per input group: the quantized inputs' Hessian and its cross term with the "
+        "float inputs",
+        "  float stream: the float model's calibration hidden states, kept beside the quantized model's and as large"]
+    assert "float stream" not in lines[False][0]
+    assert lines[False][1:] == ["  statistics: float32 [in, in] per input group: Hessian"]
+
+
+def test_quantize_line_of_a_recipe_that_calibrates_nothing(tmp_path, capsys):
+    """Round-to-nearest keeps no statistic and no calibration stream: weights and codes only."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B))
+    recipe = tmp_path / "rtn.yaml"
+    recipe.write_text(json.dumps({"model": {"id": str(tmp_path)}, "quantization": {"method": "rtn"},
+                                  "export": {"output_dir": str(tmp_path / "out")}}))
+    m = plan_model(recipe=str(recipe)).quantize_memory
+    assert m.total == m.layer + m.codes == 3 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    assert main(["plan", "--recipe", str(recipe)]) == 0
+    assert f"quantize (rtn, {recipe}; no calibration): ~{m.total / GiB:.2f} GiB on one device" in capsys.readouterr().out
+
+
+def test_plan_without_a_recipe_counts_the_shipped_4bit_recipes_quantizer():
+    """The default quantize line is the shipped GPTQ recipes' quantizer (input_feedback on), at
+    128 x 2048 calibration tokens."""
+    from quantkit.planner.quantize import SHIPPED_4BIT, Calibrating
+    from quantkit.recipe import load_recipe
+
+    for name in ("smollm2-gptq", "llama8b-gptq"):
+        theirs = Calibrating.of_recipe(load_recipe(name), LLAMA_8B)
+        assert (theirs.method, theirs.statistics, theirs.float_stream) == (
+            SHIPPED_4BIT.method, SHIPPED_4BIT.statistics, SHIPPED_4BIT.float_stream)
+    assert plan_config(LLAMA_8B).quantize_memory.calibrating == SHIPPED_4BIT
+    assert (SHIPPED_4BIT.samples, SHIPPED_4BIT.seq_len) == (128, 2048)
 
 
 def test_result_renders_in_notebooks():
