@@ -445,6 +445,29 @@ class _SameStreams(FakeCalibration):
             s.reduce(self.world)
 
 
+@pytest.mark.parametrize("feedback", [False, True])
+def test_plan_counts_the_statistics_a_quantized_layer_holds(feedback, monkeypatch):
+    """A real decoder layer quantized with and without input_feedback: the float32 statistics
+    its accumulators hold after calibration (all alive until the layer's solves end) are what
+    ``quantkit plan`` counts for a layer of that shape."""
+    from quantkit.planner import ModelShape
+    from quantkit.planner.quantize import Calibrating, quantize_memory
+
+    held: dict[int, int] = {}
+    reduce = HessianAccumulator.reduce
+
+    def measured(self, world) -> None:
+        reduce(self, world)
+        held[id(self)] = self.hessian().numel() * self.hessian().element_size()
+
+    monkeypatch.setattr(HessianAccumulator, "reduce", measured)
+    layer, data, cfg = tiny_llama_layer(seed=1)
+    quantizer = QUANTIZERS["gptq"](GPTQParams(group_size=32, input_feedback=feedback), cfg)
+    quantizer.quantize_layer(layer, llama_graph(), _SameStreams(layer, data))
+    planned = quantize_memory(ModelShape.from_config(cfg), Calibrating.of(quantizer, 2, 16, "test"))
+    assert sum(held.values()) == planned.hessians
+
+
 def test_input_feedback_keeps_per_linear_schemes_and_input_global_scales():
     """input_feedback on an assignment (NVFP4 W4A4 on q/k/v only): with equal streams its
     target is the weight itself, so it quantizes exactly the assigned Linears as plain GPTQ
