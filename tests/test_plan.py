@@ -28,6 +28,7 @@ from quantkit.planner import (
     weight_bytes,
 )
 from quantkit.plan_cli import add_plan_command, main
+from quantkit.quantizers.gptq import FEEDBACK_TARGET_MATRICES
 
 GiB = 2**30
 
@@ -391,23 +392,31 @@ def test_quantize_line_counts_input_feedback_of_a_recipe(tmp_path, capsys):
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_8B))
     h, i, q, samples, tokens = 4096, 14336, 32 * 128, 16, 512
-    totals, lines = {}, {}
+    mems, lines = {}, {}
     for feedback in (False, True):
         recipe = tmp_path / f"feedback-{feedback}.yaml"
         recipe.write_text(yaml.safe_dump({
             "model": {"id": str(tmp_path)}, "quantization": {"method": "gptq", "input_feedback": feedback},
             "calibration": {"num_samples": samples, "max_seq_length": tokens},
             "export": {"output_dir": str(tmp_path / "out")}}))
-        totals[feedback] = plan_model(recipe=str(recipe)).quantize_memory.total
+        mems[feedback] = plan_model(recipe=str(recipe)).quantize_memory
         assert main(["plan", "--recipe", str(recipe)]) == 0
         lines[feedback] = [line for line in capsys.readouterr().out.splitlines()
                            if line.startswith(("quantize (", "  "))]
-    assert totals[True] - totals[False] == 4 * (2 * h * h + q * q + i * i) + 2 * samples * tokens * h
+    plain, fb = mems[False], mems[True]
+    assert fb.hessians - plain.hessians == 4 * (2 * h * h + q * q + i * i)
+    assert (plain.float_activations, fb.float_activations) == (0, 2 * samples * tokens * h) == (0, fb.activations)
+    # The feedback target of down_proj (the widest input) in float64 outweighs GPTQ's own solve.
+    assert fb.solve == 8 * FEEDBACK_TARGET_MATRICES * i * i > plain.solve
+    assert (fb.layer, fb.codes, fb.activations) == (plain.layer, plain.codes, plain.activations)
+    assert fb.total - plain.total == (fb.hessians - plain.hessians) + fb.float_activations + fb.solve - plain.solve
     assert lines[True][0].startswith(f"quantize (gptq, {tmp_path}/feedback-True.yaml, 16 x 512 calibration tokens)")
     assert lines[True][0].endswith(f"float stream {2 * samples * tokens * h / GiB:.2f}")
     assert lines[True][1:] == [
         "  statistics: float32 [in, in] per input group: the quantized inputs' Hessian and its cross term with the "
         "float inputs",
+        "  solve: the larger of GPTQ's working set and the 7 float64 [in, in] a Linear's target takes before its "
+        "solve (the widest input)",
         "  float stream: the float model's calibration hidden states, kept beside the quantized model's and as large"]
     assert "float stream" not in lines[False][0]
     assert lines[False][1:] == ["  statistics: float32 [in, in] per input group: Hessian"]

@@ -324,6 +324,44 @@ def test_feedback_target_is_gptaqs_loop_without_rounding(act_order):
         torch.testing.assert_close(got.double(), _gptaq_reference(w, x, xq, 0.01, alpha, order), rtol=1e-5, atol=1e-5)
 
 
+_TARGET_PEAK = """
+import sys, torch
+from quantkit.quantizers.gptq import feedback_target
+torch.set_num_threads(1)
+n = int(sys.argv[1])
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2 * n, n, generator=g)
+h, cross, w = x.T @ x, x.T @ (x + 0.1 * torch.randn(2 * n, n, generator=g)), torch.randn(64, n, generator=g)
+del x
+def vm(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+feedback_target(w, h, cross, 0.01, act_order=True)  # LAPACK's buffers allocated once
+base = vm("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")
+feedback_target(w, h, cross, 0.01, act_order=True)
+print(vm("VmHWM:") - base)
+"""
+
+
+def test_feedback_target_peak_is_what_the_plan_counts():
+    """The float64 ``[in, in]`` matrices ``feedback_target`` holds at once (measured as the
+    peak RSS growth of a fresh process, in=1024: 8 MiB each) are the
+    ``FEEDBACK_TARGET_MATRICES`` that ``quantkit plan`` counts for GPTAQ's solve."""
+    import os
+    import subprocess
+    import sys
+
+    from quantkit.quantizers.gptq import FEEDBACK_TARGET_MATRICES
+
+    n = 1024
+    # Every large block mmapped and unmapped when freed: glibc's adaptive threshold would keep
+    # freed blocks in the heap, and the peak would depend on what ran before.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run([sys.executable, "-c", _TARGET_PEAK, str(n)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.split()[-1]) / (8 * n * n) == pytest.approx(FEEDBACK_TARGET_MATRICES, abs=0.5)
+
+
 def test_feedback_target_is_the_weight_when_the_streams_are_equal():
     g = torch.Generator().manual_seed(8)
     w = torch.randn(16, 64, generator=g)

@@ -18,6 +18,7 @@ class Calibrating:
     method: str
     statistics: tuple[str, ...]  # the float32 [in, in] matrices per input group, by what each is
     float_stream: bool  # the float model's calibration stream kept beside the quantized one
+    target_matrices: int = 0  # float64 [in, in] a Linear's target takes at its peak, before its solve
     samples: int = 128
     seq_len: int = 2048
 
@@ -27,8 +28,9 @@ class Calibrating:
         recipe's calibration size; one that calibrates nothing keeps no statistic nor stream."""
         method = quantizer.params.method
         if not quantizer.needs_calibration:
-            return cls(recipe, method, (), False, 0, 0)
-        return cls(recipe, method, tuple(quantizer.statistics), quantizer.needs_float_inputs, samples, seq_len)
+            return cls(recipe, method, (), False, 0, 0, 0)
+        return cls(recipe, method, tuple(quantizer.statistics), quantizer.needs_float_inputs,
+                   quantizer.target_matrices, samples, seq_len)
 
     @classmethod
     def of_recipe(cls, recipe: Any, config: dict[str, Any]) -> "Calibrating":
@@ -43,7 +45,7 @@ class Calibrating:
 # GPTQ with input_feedback (GPTAQ), as the shipped 4-bit recipes set it: the largest need of any
 # shipped method, which a plan without a recipe counts (tests check it against the recipe's quantizer).
 SHIPPED_4BIT = Calibrating("the shipped 4-bit recipes", "gptq",
-                           ("the quantized inputs' Hessian", "its cross term with the float inputs"), True)
+                           ("the quantized inputs' Hessian", "its cross term with the float inputs"), True, 7)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class QuantizeMemory:
     layer: int  # the layer's weights in 16 bits
     codes: int  # its codes (one byte per weight) held until the layer is saved
     hessians: int  # float32, len(statistics) per input group (every expert's gate/up share them); owned experts' only
-    solve: int  # GPTQ's working set: a stacked chunk, its errors, the inverse Hessian factor
+    solve: int  # GPTQ's working set (a stacked chunk, its errors, the inverse Hessian factor) or a target's, the larger
     activations: int  # the calibration hidden states, 16 bits (and a replayed rank's share of a MoE block's)
     float_activations: int  # the same again for the float model's stream, when the quantizer keeps it
     per_expert_hessians: int  # what len(statistics) per expert Linear would take instead (routed calibration)
@@ -98,7 +100,7 @@ def quantize_memory(shape: ModelShape, calibrating: Calibrating = SHIPPED_4BIT, 
         extra = 0
     params = attention + mlp
     chunk = min(stacked, 1 << 28)
-    big = max(h, i, q)
+    big = max(h, i, q, shape.shared_intermediate_size)  # the widest input
     matrices = len(c.statistics)
     stream = 2 * share * c.seq_len * h + replay
     return QuantizeMemory(
@@ -106,7 +108,7 @@ def quantize_memory(shape: ModelShape, calibrating: Calibrating = SHIPPED_4BIT, 
         layer=2 * (params + extra),
         codes=params,
         hessians=4 * matrices * hess,
-        solve=4 * (2 * chunk + 2 * big * big) if matrices else 0,
+        solve=max(4 * (2 * chunk + 2 * big * big), 8 * c.target_matrices * big * big) if matrices else 0,
         activations=stream,
         float_activations=stream if c.float_stream else 0,
         per_expert_hessians=4 * matrices * separate,

@@ -187,6 +187,10 @@ class Quantizer(ABC):
     # by what each is: ``moe.statistics_chunks`` budgets them and ``quantkit plan`` counts them.
     # GPTQ's one Hessian also bounds the smaller statistics of the other methods.
     statistics: tuple[str, ...] = ("Hessian",)
+    # Float64 ``[in, in]`` matrices that computing a Linear's target (what its solve then
+    # approximates) holds at its peak, before the solve: ``quantkit plan`` counts them for the
+    # widest input, against the solve's own working set. Zero: the target is the weight.
+    target_matrices: int = 0
     default_format: ClassVar[str] = "compressed-tensors"
 
     def __init__(self, params: QuantizerParams, model_config: dict) -> None:

@@ -499,6 +499,11 @@ def _block_graph(n_w: int, n_h: int, rows: int, n: int, device: torch.device, dy
     return _GRAPHS[key]
 
 
+# Float64 [in, in] matrices alive at once at feedback_target's peak (the damped Hessian, the
+# mismatch, the factor, two products, the identity and I - P), as measured by the tests.
+FEEDBACK_TARGET_MATRICES = 7
+
+
 def feedback_target(w: torch.Tensor, h_quant: torch.Tensor, cross: torch.Tensor, dampening_frac: float,
                     alpha: float = 0.25, act_order: bool = False, name: str = "weight") -> torch.Tensor:
     """The weight GPTQ should quantize so that the quantized Linear on the quantized model's
@@ -911,6 +916,7 @@ class GPTQQuantizer(Quantizer):
         self.needs_float_inputs = params.input_feedback
         if params.input_feedback:
             self.statistics = ("the quantized inputs' Hessian", "its cross term with the float inputs")
+            self.target_matrices = FEEDBACK_TARGET_MATRICES
 
     def quantize_layer(self, layer, graph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
         p: GPTQParams = self.params  # type: ignore[assignment]
