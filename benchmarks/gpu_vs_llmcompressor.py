@@ -163,6 +163,10 @@ REFERENCE = {
 CALIBRATION_VOCAB = 128256
 GIB = 1024**3
 CASES.update(MOE_CASES)
+# GPTQ with input_feedback (GPTAQ), quantkit only (--tools quantkit), not run by default: its
+# peak GPU memory against what `quantkit plan --recipe` counts for the same recipe.
+GPTAQ_CASES = {"gptaq-8b-2": ("8b", 2, "gptaq"), "gptaq-70b-2": ("70b", 2, "gptaq")}
+CASES.update(GPTAQ_CASES)
 
 
 # ---------------------------------------------------------------- model and calibration set
@@ -384,6 +388,8 @@ def _dir_bytes(folder: Path) -> int:
 def _quantkit_recipe(method: str, model: Path, calib: Path, out: Path, n: int, length: int, batch: int) -> dict:
     q = {
         "gptq": {"method": "gptq", "bits": 4, "group_size": 128, "act_order": True, "static_groups": True},
+        "gptaq": {"method": "gptq", "bits": 4, "group_size": 128, "act_order": True, "static_groups": True,
+                  "input_feedback": True},
         "awq": {"method": "awq", "bits": 4, "group_size": 128, "symmetric": False},
         "w8a8": {"method": "dynamic_int8", "weight_method": "gptq", "smoothquant_alpha": 0.8, "act_order": True},
         "fp8": {"method": "fp8", "weight_strategy": "channel", "activations": "dynamic"},
@@ -626,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(result).write_text(json.dumps(r, indent=2))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", default=",".join(c for c in CASES if c not in MOE_CASES),
+    ap.add_argument("--cases", default=",".join(c for c in CASES if c not in MOE_CASES and c not in GPTAQ_CASES),
                     help="comma-separated; 'moe' for the Mixture-of-Experts cases")
     ap.add_argument("--tiny", action="store_true", help="check the script on the CPU with tiny MoE shapes "
                     "(a smoke test, not a measurement)")
