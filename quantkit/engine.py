@@ -107,7 +107,7 @@ class _LayerCalibration:
         its block, then every other statistic reduced."""
         paired = float_batches is not None
         blocks = dict(expert_modules(self.layer))
-        shared, owned = self._split(stats, blocks)
+        shared, owned = self._split(stats)
         mine = {n: parts for n, parts in owned.items() if self.expert_owner(n) == self.world.rank}
         # Under routed calibration each stream's router picks its own tokens for an expert, so
         # the hooks of a paired pass would pair different tokens: an expert's owner pairs its
@@ -147,18 +147,16 @@ class _LayerCalibration:
             for s in shared[name]:
                 s.reduce(self.world)
 
-    def _split(self, stats: Mapping[str, Statistic | PairedStatistic], blocks: Mapping[str, UnfusedExperts]
-               ) -> tuple[dict[str, list], dict[str, list]]:
+    def _split(self, stats: Mapping[str, Statistic | PairedStatistic]) -> tuple[dict[str, list], dict[str, list]]:
         """``stats`` (``Joined`` taken apart) as those every rank feeds and reduces, and those
         an expert's owner alone feeds, with every rank's tokens (``owner`` set to the expert's
-        owner, in one of ``blocks`` whose calls can be replayed); each maps a Linear to its
-        statistics."""
+        owner); each maps a Linear to its statistics."""
         shared: dict[str, list] = {}
         owned: dict[str, list] = {}
         for name, stat in stats.items():
-            owner, hit = self.expert_owner(name), expert_of(name)
+            owner = self.expert_owner(name)
             for s in _parts(stat):
-                alone = owner is not None and getattr(s, "owner", None) == owner and blocks[hit[0]].replayable
+                alone = owner is not None and getattr(s, "owner", None) == owner
                 (owned if alone else shared).setdefault(name, []).append(s)
         return shared, owned
 
@@ -170,7 +168,8 @@ class _LayerCalibration:
         turn broadcasts the block's recorded inputs, which the others run through each of their
         experts alone, call by call as the pass made them, a pair of streams routed as the
         quantized one. One rank's inputs are on a device at a time (its share of the tokens x
-        hidden, 16 bits, once per stream)."""
+        hidden, 16 bits, once per stream, with each token's routing: its top-k experts, or
+        Llama 4's router logits over every expert)."""
         width = block.layout.hidden
         quant = calls[0]
 
@@ -178,11 +177,13 @@ class _LayerCalibration:
             return torch.cat([h.reshape(-1, width) for h, _ in stream]) if stream else \
                 torch.zeros(0, width, device=self.runner.device, dtype=self.runner.dtype)
 
-        recorded = {"hidden": rows_of(quant), "index": torch.cat([i for _, i in quant]) if quant else
-                    torch.zeros(0, 1, dtype=torch.int64, device=self.runner.device)}
+        def routing_of(stream: list) -> torch.Tensor:  # no call: no row is ever read, any width does
+            return torch.cat([r for _, r in stream]) if stream else torch.zeros(0, 1, device=self.runner.device)
+
+        recorded = {"hidden": rows_of(quant), "routing": routing_of(quant)}
         if len(calls) > 1:
-            recorded["float"] = rows_of(calls[1])
-        sizes = [i.shape[0] for _, i in quant]
+            recorded["float"], recorded["float_routing"] = rows_of(calls[1]), routing_of(calls[1])
+        sizes = [r.shape[0] for _, r in quant]
         del calls, quant
         experts = sorted({expert_of(n)[1] for n in mine})
         hooks = _fan_out({n[len(name) + 1:]: parts for n, parts in mine.items()})
@@ -199,12 +200,12 @@ class _LayerCalibration:
             for rows in meta["rows"]:
                 span = slice(at, at + rows)
                 at += rows
-                index = theirs["index"][span]
-                quant = block.expert_inputs(experts, theirs["hidden"][span], index)
+                routing = theirs["routing"][span]
+                quant = block.expert_inputs(experts, theirs["hidden"][span], routing)
                 if "float" not in theirs:
                     run_calibration(block, hooks, lambda q=quant: _run_experts(block, q))
                     continue
-                flt = block.expert_inputs(experts, theirs["float"][span], index)
+                flt = block.expert_inputs(experts, theirs["float"][span], theirs["float_routing"][span], routing)
                 for (e, xq), (_, xf) in zip(quant, flt):
                     run_paired_batch(block, of_expert[e], lambda e=e, x=xq: block.run_expert(e, x),
                                      lambda e=e, x=xf: block.run_expert(e, x))
@@ -449,11 +450,9 @@ class LayerwiseEngine:
         where = self.sk.layer_prefix(i)[:-1]
         hungry = starved(counts, settings)
         qweights: dict[str, QuantizedWeight] = {}
-        # Experts' statistics held by their owners alone (paired ones too), but not those of
-        # experts whose calls are not replayed (``UnfusedExperts.replayable``): every rank holds those.
-        blocks = dict(expert_modules(layer))
-        held = {k: r for k, r in owners.items() if blocks[k[0]].replayable}
-        for part in statistics_chunks(without(graph, hungry), statistics_budget(self.sk.device, self.world), held,
+        # Experts' statistics are held by their owners alone (paired ones too); the quantizer
+        # says how many float32 [in, in] it keeps per input (GPTAQ: two).
+        for part in statistics_chunks(without(graph, hungry), statistics_budget(self.sk.device, self.world), owners,
                                       len(self.quantizer.statistics)):
             qweights.update(self.quantizer.quantize_layer(layer, part, calib,
                                                           {n: schemes[n] for n in part.linears if n in schemes}))

@@ -1,8 +1,9 @@
 """One rank of tests/test_distributed_moe.py: the engine quantizes a tiny two-layer Qwen3-MoE
-on this rank's share of two calibration batches (``torchrun`` sets the world; called with
-``SINGLE`` it is the world of one) and writes every layer it ends with, and its expert report,
-to ``<out>/<case>-rank<r>.safetensors``, with what the rank held: which Hessians it ever
-allocated and how many calibration passes each layer took (``probe``).
+(or Llama 4, its second layer MoE: ``FAMILIES``) on this rank's share of two calibration
+batches (``torchrun`` sets the world; called with ``SINGLE`` it is the world of one) and writes
+every layer it ends with, and its expert report, to ``<out>/<case>-rank<r>.safetensors``, with
+what the rank held: which Hessians it ever allocated and how many calibration passes each layer
+took (``probe``).
 
 The router never picks expert 2, and picks expert 3 only in the batch of shorter sequences:
 on two ranks rank 0 holds that batch and rank 1 the other, so no token of rank 1 reaches
@@ -12,11 +13,14 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from quantkit.moe import ExpertCalibration
+from tests.helpers import mask_llama4_router, mask_router
 
 SHORT, LONG = 12, 16  # the two batches' sequence lengths (two sequences each)
 NEVER, ONLY_SHORT = 2, 3
@@ -40,6 +44,32 @@ CASES = {
     "all-experts-chunked": ({"method": "gptq", "group_size": 32}, ExpertCalibration(True)),
 }
 TWO_EXPERTS_BUDGET = {"all-experts-chunked", "input-feedback"}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a family's tiny model is run: its MoE block in a layer, which layers have one, how
+    its router is masked (given the layer), and its cases."""
+
+    block: str
+    moe_layers: tuple[int, ...]
+    mask: Callable[[torch.nn.Module, Callable[[torch.Tensor], tuple[int, ...]]], None]
+    cases: tuple[str, ...]
+    budget: bool  # TWO_EXPERTS_BUDGET applies
+
+
+FAMILIES = {
+    "qwen3_moe": Family("mlp", (0, 1), lambda layer, masked: mask_router(layer.mlp.gate, masked), tuple(CASES), True),
+    # Llama 4's experts read router-scaled inputs, their calls recorded as the block's input
+    # and the router logits; each expert reads its own tensor (no shared gate/up Hessian).
+    "llama4_text": Family("feed_forward", (1,),
+                          lambda layer, masked: mask_llama4_router(layer.feed_forward.router, masked),
+                          ("all-experts", "routed-nvfp4", "input-feedback", "routed-feedback"), False),
+}
+
+
+def family_of(model: Path) -> Family:
+    return FAMILIES[json.loads((model / "config.json").read_text())["model_type"]]
 
 
 def calibration_ids() -> list[torch.Tensor]:
@@ -67,16 +97,15 @@ def quantize_case(case: str, model: Path, work: Path, world) -> tuple[dict[str, 
     from quantkit.quantizers import QUANTIZERS
     from quantkit.scheme import quantized_as_tensors
     from quantkit.workdir import WorkDir
-    from tests.helpers import mask_router
-
     params, experts = CASES[case]
+    family = family_of(model)
     runner = ModelRunner(ModelSource.open(str(model)), torch.device("cpu"), torch.float32)
     load = runner.load_layer
 
     def routed_layer(i: int):
         layer = load(i)
-        # Expert 2 never picked; expert 3 never in the long batch.
-        mask_router(layer.mlp.gate, lambda h: (NEVER, ONLY_SHORT) if h.shape[0] == 2 * LONG else (NEVER,))
+        if i in family.moe_layers:  # expert 2 never picked; expert 3 never in the long batch
+            family.mask(layer, lambda h: (NEVER, ONLY_SHORT) if h.shape[0] == 2 * LONG else (NEVER,))
         return layer
 
     runner.load_layer = routed_layer
@@ -101,7 +130,7 @@ def quantize_case(case: str, model: Path, work: Path, world) -> tuple[dict[str, 
     quantizer.quantize_layer = counted
     # GPTAQ keeps two matrices per input (the quantized inputs' Hessian and the cross term).
     budget = two_experts_budget(runner.graph.layer(0)) * (2 if params.get("input_feedback") else 1) \
-        if case in TWO_EXPERTS_BUDGET else None
+        if family.budget and case in TWO_EXPERTS_BUDGET else None
     workdir = WorkDir(work)
     workdir.start(case, False, {}, model)
     got: dict[str, torch.Tensor] = {}
@@ -128,7 +157,7 @@ def main(model: Path, out: Path) -> None:
     from quantkit.workdir import write_safetensors
 
     world = world_from_environment(torch.device("cpu"))
-    for case in CASES:
+    for case in family_of(model).cases:
         tensors, report, probe = quantize_case(case, model, out / f"work-{case}-{world.rank}", world)
         write_safetensors(out / f"{case}-rank{world.rank}.safetensors", tensors,
                           {"report": json.dumps(report), "probe": json.dumps(probe)})

@@ -91,6 +91,23 @@ def mask_router(gate: nn.Module, masked: Callable[[torch.Tensor], Iterable[int]]
     gate.forward = forward
 
 
+def mask_llama4_router(router: nn.Module, masked: Callable[[torch.Tensor], Iterable[int]]) -> None:
+    """Llama 4's router (its own computation) with the experts ``masked(h)`` names never picked
+    for its input ``h`` ``[tokens, hidden]``: their logits are -inf, so their would-be scores
+    are zero too."""
+    import torch.nn.functional as F
+
+    def forward(hidden_states):
+        logits = F.linear(hidden_states, router.weight)
+        for e in masked(hidden_states):
+            logits[:, e] = float("-inf")
+        top, idx = torch.topk(logits, router.top_k, dim=1)
+        scores = torch.full_like(logits, float("-inf")).scatter_(1, idx, top)
+        return torch.sigmoid(scores.float()).to(scores.dtype), logits
+
+    router.forward = forward
+
+
 def group_inputs(layer: nn.Module, batches: list, graph: LayerGraph) -> dict[str, list[torch.Tensor]]:
     """Every input group's calibration inputs ``[tokens, in]`` in float64, one per batch,
     keyed by the group's key Linear: what a quantizer observing that input sees."""

@@ -136,26 +136,7 @@ def test_llama4_unfused_experts_compute_what_its_moe_block_does():
     """Llama 4 scales each expert's input by its router score: the unfused block computes
     what transformers' fused one does, routed and all-expert alike, and under all-expert
     calibration an expert the router never picks still runs on every token."""
-    import copy
-
-    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
-    from quantkit.graph.experts import InputWeightedExperts, unfuse_experts
-
-    config = transformers.Llama4TextConfig(hidden_size=24, intermediate_size=40, num_local_experts=5,
-                                           num_experts_per_tok=1)
-    torch.manual_seed(0)
-    fused = Llama4TextMoe(config).to(torch.float64)
-    with torch.no_grad():
-        for p in fused.parameters():
-            p.normal_(0, 0.3)
-        fused.router.weight[4, 0] = -3.0  # with input feature 0 at 5: expert 4 never has the top score
-    unfused = copy.deepcopy(fused)
-    state = {f"experts.{k}": v for name in ("gate_up_proj", "down_proj")
-             for k, v in split_fused(layout_of(fused.experts), name, getattr(fused.experts, name)).items()}
-    assert unfuse_experts(unfused) == 1 and isinstance(unfused.experts, InputWeightedExperts)
-    unfused.experts.to_empty(device="cpu")
-    unfused.load_state_dict({**{k: v for k, v in fused.state_dict().items() if not k.startswith("experts.")},
-                             **state}, strict=True)
+    fused, unfused = _llama4_blocks()
     x = torch.randn(37, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     x[:, 0] = 5.0
     seen: list[torch.Tensor] = []
@@ -171,6 +152,63 @@ def test_llama4_unfused_experts_compute_what_its_moe_block_does():
     # Never routed, yet under all-expert calibration it reads every token (at its would-be score).
     assert len(seen) == 1 and seen[0].shape[0] == 37 and bool((seen[0].abs().sum(1) > 0).all())
     assert unfused.experts.routed[4] == 0 and int(unfused.experts.routed.sum()) == 2 * 37
+
+
+def _llama4_blocks(top_k: int = 1, dtype: torch.dtype = torch.float64) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A random Llama 4 MoE block (5 experts, hidden 24; the router never gives expert 4 the
+    top score where input feature 0 is 5) and its copy with unfused experts, same weights."""
+    import copy
+
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+    from quantkit.graph.experts import InputWeightedExperts, unfuse_experts
+
+    config = transformers.Llama4TextConfig(hidden_size=24, intermediate_size=40, num_local_experts=5,
+                                           num_experts_per_tok=top_k)
+    torch.manual_seed(0)
+    fused = Llama4TextMoe(config).to(dtype)
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.normal_(0, 0.3)
+        fused.router.weight[4, 0] = -3.0
+    unfused = copy.deepcopy(fused)
+    state = {f"experts.{k}": v for name in ("gate_up_proj", "down_proj")
+             for k, v in split_fused(layout_of(fused.experts), name, getattr(fused.experts, name)).items()}
+    assert unfuse_experts(unfused) == 1 and isinstance(unfused.experts, InputWeightedExperts)
+    unfused.experts.to_empty(device="cpu")
+    unfused.load_state_dict({**{k: v for k, v in fused.state_dict().items() if not k.startswith("experts.")},
+                             **state}, strict=True)
+    return fused, unfused
+
+
+@pytest.mark.parametrize("every", [False, True], ids=["routed", "all-experts"])
+def test_llama4_recorded_call_gives_each_expert_what_its_forward_fed_it(every):
+    """A Llama 4 experts call records the block's input once and the router logits, not the
+    E scaled copies the block hands its experts; from them each expert's inputs (in bfloat16,
+    where a rounding would show) are bit for bit what the call fed it, scaled by the router
+    score, picked tokens or all, and another call's routing can pick the tokens instead."""
+    _, block = _llama4_blocks(top_k=2, dtype=torch.bfloat16)
+    experts = block.experts
+    x = torch.randn(41, 24, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    seen: dict[int, list[torch.Tensor]] = {e: [] for e in range(5)}
+    for e in range(5):
+        experts[e].gate_proj.register_forward_pre_hook(lambda _m, args, e=e: seen[e].append(args[0]))
+    experts.recorded, experts.all_experts = [], every
+    with torch.no_grad():
+        block(x)
+        (hidden, logits), = experts.recorded
+        assert hidden.shape == (41, 24) and logits.shape == (41, 5)
+        replayed = dict(experts.expert_inputs([0, 1, 3, 4], hidden, logits))
+        assert sorted(replayed) == sorted(e for e in (0, 1, 3, 4) if seen[e])
+        for e, got in replayed.items():
+            assert torch.equal(got, seen[e][0]), e
+        if every:
+            assert all(replayed[e].shape[0] == 41 for e in (0, 1, 3, 4))
+            return
+        # Another stream's choice picks the tokens; each is scaled by its own call's score.
+        other = logits.roll(1, dims=1)
+        for e, got in experts.expert_inputs([0, 1], hidden, logits, other):
+            token = torch.topk(other, 2, dim=1).indices.eq(e).any(1)
+            assert torch.equal(got, hidden[token] * torch.sigmoid(logits[token, e:e + 1].float()).to(hidden.dtype))
 
 
 # --------------------------------------------------------------------------- 2. full runs

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -105,12 +105,9 @@ class UnfusedExperts(nn.ModuleList):
     """The experts of one MoE block as ``ExpertMLP``s, called as the fused module is:
     ``(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) → [T, H]``.
 
-    With ``recorded`` a list, each call appends its ``(hidden_states, top_k_index)``: an
-    expert's statistics can then be fed another rank's tokens by running that expert alone
-    on them (``expert_inputs``, ``run_expert``)."""
-
-    # Whether a call's recorded tokens say what each expert computes on (``expert_inputs``).
-    replayable: ClassVar[bool] = True
+    With ``recorded`` a list, each call appends its ``(hidden_states, routing)`` (here the
+    routing is ``top_k_index``): an expert's statistics can then be fed another rank's tokens
+    by running that expert alone on them (``expert_inputs``, ``run_expert``)."""
 
     def __init__(self, fused: nn.Module):
         layout = layout_of(fused)
@@ -126,19 +123,33 @@ class UnfusedExperts(nn.ModuleList):
         self.routed: torch.Tensor | None = None
         self.recorded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def expert_inputs(self, experts: list[int], hidden: torch.Tensor,
-                      top_k_index: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        """Each of ``experts`` with the rows of a call's ``hidden`` ``[T, H]`` it computes on:
-        every token under all-expert calibration, the tokens routed to it otherwise (in token
-        order, as ``forward`` takes them; one host sync for all experts)."""
+    def expert_inputs(self, experts: list[int], hidden: torch.Tensor, routing: torch.Tensor,
+                      chosen: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Each of ``experts`` with what it computes on in a recorded call (``hidden`` ``[T, H]``
+        and ``routing``, as ``recorded`` holds them): the rows of ``hidden``, every token under
+        all-expert calibration, the tokens routed to it otherwise (in token order, as
+        ``forward`` takes them; one host sync for all experts). ``chosen``: another call's
+        routing that picks the tokens instead (a pair of streams routed as the quantized one)."""
+        for e, token in self._expert_tokens(experts, routing if chosen is None else chosen):
+            yield e, hidden if token is None else hidden[token]
+
+    def _expert_tokens(self, experts: list[int],
+                       routing: torch.Tensor) -> Iterator[tuple[int, torch.Tensor | None]]:
+        """Each of ``experts`` with the tokens of a call it computes on: None for every token
+        (all-expert calibration), else those ``routing`` gives it, in token order."""
         if self.all_experts:
-            yield from ((e, hidden) for e in experts)
+            yield from ((e, None) for e in experts)
             return
+        top_k_index = self._top_k_index(routing)
         counts = torch.bincount(top_k_index.reshape(-1), minlength=self.layout.num_experts + 1)
         wanted = set(experts)
         for e, token, _ in self._routed_pairs(top_k_index, counts[:self.layout.num_experts]):
             if e in wanted:
-                yield e, hidden[token]
+                yield e, token
+
+    def _top_k_index(self, routing: torch.Tensor) -> torch.Tensor:
+        """The experts a recorded call's ``routing`` picks for each token, ``[T, k]``."""
+        return routing
 
     def _routed_pairs(self, idx: torch.Tensor,
                       counts: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -206,20 +217,33 @@ class InputWeightedExperts(UnfusedExperts):
     statistics.
 
     The block does not hand the experts its router's choice, so a hook on the block's router
-    (``watch``) keeps the router's input and logits for the experts' call. Under all-expert
+    (``watch``) keeps the router's input (the block's tokens ``[T, H]``) and logits ``[T, E]``
+    for the experts' call. That pair is a call's routing and what it records (the block's
+    input once, not ``routed_in``'s E scaled copies of it): the router's choice is the top-k
+    of the logits, and an expert's input is a token scaled by the sigmoid of its logit, the
+    very product the block computes for a routed token (``expert_inputs``). Under all-expert
     calibration each expert also sees the tokens routed elsewhere, scaled by the score the
-    router would have given them (the sigmoid of its logit, as for a routed token); their
-    outputs are dropped, as the block's zero input drops them. Its calls are not recorded:
-    the router state they need lives outside them, so its experts' statistics are reduced."""
-
-    replayable: ClassVar[bool] = False
+    router would have given them (the same sigmoid); their outputs are dropped, as the
+    block's zero input drops them."""
 
     def watch(self, router: nn.Module) -> None:
+        self.top_k = int(router.top_k)
         # A bound method: a deep copy of the layer hooks the copy's router to the copy's experts.
         router.register_forward_hook(self._router_ran)
 
     def _router_ran(self, router: nn.Module, args: tuple, output) -> None:
-        self.__dict__["_router"] = (args[0], output[1], int(router.top_k))
+        self.__dict__["_router"] = (args[0], output[1])
+
+    def _top_k_index(self, routing: torch.Tensor) -> torch.Tensor:
+        return torch.topk(routing, self.top_k, dim=1).indices  # the router's own choice
+
+    def expert_inputs(self, experts: list[int], hidden: torch.Tensor, routing: torch.Tensor,
+                      chosen: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """As ``UnfusedExperts.expert_inputs``, each row scaled by its score from ``routing``
+        (the router logits of ``hidden``'s own call, also where ``chosen`` picks the tokens)."""
+        scores = _scores(routing, hidden.dtype)
+        for e, token in self._expert_tokens(experts, routing if chosen is None else chosen):
+            yield e, hidden * scores[:, e:e + 1] if token is None else hidden[token] * scores[token, e:e + 1]
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         m: ExpertMLP = self[e]
@@ -227,16 +251,18 @@ class InputWeightedExperts(UnfusedExperts):
 
     def forward(self, routed_in: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         n = self.layout.num_experts
-        hidden, logits, k = self.__dict__.pop("_router")
+        hidden, logits = self.__dict__.pop("_router")
+        if self.recorded is not None:
+            self.recorded.append((hidden, logits))
         chunks = routed_in.view(n, -1, routed_in.shape[-1])
-        idx = torch.topk(logits, k, dim=1).indices  # the router's own choice
+        idx = self._top_k_index(logits)
         picked = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter_(1, idx, True)
         if not routed_in.is_meta:
             counts = picked.sum(0)
             self.routed = counts if self.routed is None else self.routed + counts
         out = torch.zeros_like(chunks)
         if self.all_experts:
-            would_be = torch.sigmoid(logits.float()).to(hidden.dtype)
+            would_be = _scores(logits, hidden.dtype)
             for e in range(n):
                 x = torch.where(picked[:, e:e + 1], chunks[e], hidden * would_be[:, e:e + 1])
                 out[e] = self._expert(e, x) * picked[:, e:e + 1]
@@ -245,6 +271,12 @@ class InputWeightedExperts(UnfusedExperts):
             token = torch.nonzero(picked[:, e]).flatten()
             out[e].index_copy_(0, token, self._expert(e, chunks[e][token]).to(out.dtype))
         return out.view_as(routed_in)
+
+
+def _scores(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Every token's router score for every expert ``[T, E]``, as Llama 4's router computes a
+    picked one's (sigmoid in float32, cast back)."""
+    return torch.sigmoid(logits.float()).to(dtype)
 
 
 def unfuse_experts(model: nn.Module) -> int:
