@@ -498,6 +498,7 @@ def test_plan_counts_the_statistics_the_layer_graph_keeps(family, feedback):
     inputs' Hessian and its cross term), plus the float model's stream beside the quantized one."""
     from quantkit.graph.view import config_from_dict, model_view
     from quantkit.planner.quantize import Calibrating, quantize_memory
+    from quantkit.planner.result import quantize_lines
     from quantkit.planner.shape import ModelShape
 
     cfg = transformers.CONFIG_MAPPING[family](**_PLANNED[family], intermediate_size=96, num_experts_per_tok=2,
@@ -515,6 +516,10 @@ def test_plan_counts_the_statistics_the_layer_graph_keeps(family, feedback):
     assert mem.per_expert_hessians == statistics(graph.per_expert() if graph.experts else graph)
     assert mem.activations == 2 * 8 * 16 * 64
     assert mem.float_activations == (mem.activations if feedback else 0)
+    if graph.experts:
+        told = quantize_lines(mem, 1, experts=True)[1]
+        assert told.endswith(f"(under routed calibration, per expert's gate/up and down_proj: "
+                             f"{mem.per_expert_hessians / 2**30:.2f} GiB)")
 
 
 # --------------------------------------------------------------------------- 5. a source in FP8

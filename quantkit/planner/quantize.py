@@ -59,7 +59,7 @@ class QuantizeMemory:
     solve: int  # GPTQ's working set (a stacked chunk, its errors, the inverse Hessian factor) or a target's, the larger
     activations: int  # the calibration hidden states, 16 bits (and a replayed rank's share of a MoE block's)
     float_activations: int  # the same again for the float model's stream, when the quantizer keeps it
-    per_expert_hessians: int  # what len(statistics) per expert Linear would take instead (routed calibration)
+    per_expert_hessians: int  # what they take under routed calibration (per expert: gate/up, down_proj)
 
     @property
     def total(self) -> int:

@@ -131,7 +131,8 @@ def quantize_lines(m: QuantizeMemory, gpus: int, experts: bool) -> list[str]:
              f"GiB {where} for its largest layer: " + " + ".join(parts)]
     told = f"  statistics: float32 [in, in] per input group: {' and '.join(c.statistics)}"
     if experts:
-        told += f" (per expert Linear they would take {_gib(m.per_expert_hessians)} GiB)"
+        told += (f" (under routed calibration, per expert's gate/up and down_proj: {_gib(m.per_expert_hessians)} "
+                 "GiB)")
     lines.append(told)
     if c.target_matrices:
         lines.append(f"  solve: the larger of GPTQ's working set and the {c.target_matrices} float64 [in, in] a Linear's "
