@@ -495,7 +495,8 @@ def test_plan_counts_the_statistics_the_layer_graph_keeps(family, feedback):
     """The plan's statistics of a layer are those a run keeps for its layer graph: a float32
     ``[in, in]`` per input group (all-expert calibration) or per routed group (one per expert's
     gate/up and one per down_proj), GPTQ's Hessian, and with input_feedback two (the quantized
-    inputs' Hessian and its cross term), plus the float model's stream beside the quantized one."""
+    inputs' Hessian and its cross term), plus the float model's stream beside the quantized one
+    and, during a pass, one batch's float-stream input to every group."""
     from quantkit.graph.view import config_from_dict, model_view
     from quantkit.planner.quantize import Calibrating, quantize_memory
     from quantkit.planner.result import quantize_lines
@@ -516,6 +517,9 @@ def test_plan_counts_the_statistics_the_layer_graph_keeps(family, feedback):
     assert mem.per_expert_hessians == statistics(graph.per_expert() if graph.experts else graph)
     assert mem.activations == 2 * 8 * 16 * 64
     assert mem.float_activations == (mem.activations if feedback else 0)
+    # A paired pass keeps each group's float-stream input of one batch (8 x 16 tokens, 16 bits).
+    assert mem.paired_inputs == (2 * 8 * 16 * sum(graph.unit(g.key).in_features for g in graph.groups)
+                                 if feedback else 0)
     if graph.experts:
         told = quantize_lines(mem, 1, experts=True)[1]
         assert told.endswith(f"(under routed calibration, per expert's gate/up and down_proj: "

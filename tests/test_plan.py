@@ -409,15 +409,21 @@ def test_quantize_line_counts_input_feedback_of_a_recipe(tmp_path, capsys):
     # The feedback target of down_proj (the widest input) in float64 outweighs GPTQ's own solve.
     assert fb.solve == 8 * FEEDBACK_TARGET_MATRICES * i * i > plain.solve
     assert (fb.layer, fb.codes, fb.activations) == (plain.layer, plain.codes, plain.activations)
+    # Each batch's (8 x 512 tokens) float-stream inputs of q/k/v, o_proj, gate/up and down_proj,
+    # 16 bits, are kept for pairing during the calibration pass, before any solve.
+    assert (plain.paired_inputs, fb.paired_inputs) == (0, 2 * 8 * tokens * (2 * h + q + i))
     assert fb.total - plain.total == (fb.hessians - plain.hessians) + fb.float_activations + fb.solve - plain.solve
     assert lines[True][0].startswith(f"quantize (gptq, {tmp_path}/feedback-True.yaml, 16 x 512 calibration tokens)")
-    assert lines[True][0].endswith(f"float stream {2 * samples * tokens * h / GiB:.2f}")
+    assert lines[True][0].endswith(f"float stream {2 * samples * tokens * h / GiB:.2f} + the larger of solve "
+                                   f"{fb.solve / GiB:.2f} and paired inputs {fb.paired_inputs / GiB:.2f}")
     assert lines[True][1:] == [
         "  statistics: float32 [in, in] per input group: the quantized inputs' Hessian and its cross term with the "
         "float inputs",
         "  solve: the larger of GPTQ's working set and the 7 float64 [in, in] a Linear's target takes before its "
         "solve (the widest input)",
-        "  float stream: the float model's calibration hidden states, kept beside the quantized model's and as large"]
+        "  float stream: the float model's calibration hidden states, kept beside the quantized model's and as "
+        "large; paired inputs: every input group's float-stream input for one batch (8 x 512 tokens), kept until "
+        "the quantized pass pairs it"]
     assert "float stream" not in lines[False][0]
     assert lines[False][1:] == ["  statistics: float32 [in, in] per input group: Hessian"]
 

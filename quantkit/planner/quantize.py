@@ -21,16 +21,18 @@ class Calibrating:
     target_matrices: int = 0  # float64 [in, in] a Linear's target takes at its peak, before its solve
     samples: int = 128
     seq_len: int = 2048
+    batch: int = 8  # sequences per forward pass
 
     @classmethod
-    def of(cls, quantizer: Any, samples: int, seq_len: int, recipe: str) -> "Calibrating":
-        """A built ``Quantizer``'s needs (``statistics``, ``needs_float_inputs``) with its
-        recipe's calibration size; one that calibrates nothing keeps no statistic nor stream."""
+    def of(cls, quantizer: Any, samples: int, seq_len: int, recipe: str, batch: int = 8) -> "Calibrating":
+        """A built ``Quantizer``'s needs (``statistics``, ``needs_float_inputs``,
+        ``target_matrices``) with its recipe's calibration size; one that calibrates nothing
+        keeps no statistic nor stream."""
         method = quantizer.params.method
         if not quantizer.needs_calibration:
-            return cls(recipe, method, (), False, 0, 0, 0)
+            return cls(recipe, method, (), False, 0, 0, 0, 0)
         return cls(recipe, method, tuple(quantizer.statistics), quantizer.needs_float_inputs,
-                   quantizer.target_matrices, samples, seq_len)
+                   quantizer.target_matrices, samples, seq_len, batch)
 
     @classmethod
     def of_recipe(cls, recipe: Any, config: dict[str, Any]) -> "Calibrating":
@@ -39,7 +41,8 @@ class Calibrating:
         from ..quantizers import QUANTIZERS
 
         params, cal = recipe.quantization, recipe.calibration
-        return cls.of(QUANTIZERS[params.method](params, config), cal.num_samples, cal.max_seq_length, recipe.where)
+        return cls.of(QUANTIZERS[params.method](params, config), cal.num_samples, cal.max_seq_length, recipe.where,
+                      cal.batch_size)
 
 
 # GPTQ with input_feedback (GPTAQ), as the shipped 4-bit recipes set it: the largest need of any
@@ -59,11 +62,15 @@ class QuantizeMemory:
     solve: int  # GPTQ's working set (a stacked chunk, its errors, the inverse Hessian factor) or a target's, the larger
     activations: int  # the calibration hidden states, 16 bits (and a replayed rank's share of a MoE block's)
     float_activations: int  # the same again for the float model's stream, when the quantizer keeps it
+    paired_inputs: int  # with it, one batch's float-stream input to every input group, 16 bits, kept for the pairing
     per_expert_hessians: int  # what they take under routed calibration (per expert: gate/up, down_proj)
 
     @property
     def total(self) -> int:
-        return self.layer + self.codes + self.hessians + self.solve + self.activations + self.float_activations
+        """The solves run after the calibration passes: a pass's paired inputs and a solve's
+        working set are never alive together, so only the larger counts."""
+        return (self.layer + self.codes + self.hessians + self.activations + self.float_activations
+                + max(self.solve, self.paired_inputs))
 
 
 def quantize_memory(shape: ModelShape, calibrating: Calibrating = SHIPPED_4BIT, gpus: int = 1) -> QuantizeMemory:
@@ -90,6 +97,7 @@ def quantize_memory(shape: ModelShape, calibrating: Calibrating = SHIPPED_4BIT, 
         # Routed: each expert's gate/up share one, its down_proj its own; a shared expert's two.
         separate = h * h + q * q + owned * (h * h + i * i) + (h * h + sh * sh if sh else 0)
         extra = e * h
+        inputs = 2 * h + q + owned * i + sh  # widths the statistics of a pass hook: owned experts' down_proj
         replay = 2 * share * c.seq_len * h if gpus > 1 else 0
     else:
         i = shape.intermediate_size
@@ -98,6 +106,7 @@ def quantize_memory(shape: ModelShape, calibrating: Calibrating = SHIPPED_4BIT, 
         stacked = 2 * h * i
         separate = hess
         extra = 0
+        inputs = 2 * h + q + i
     params = attention + mlp
     chunk = min(stacked, 1 << 28)
     big = max(h, i, q, shape.shared_intermediate_size)  # the widest input
@@ -111,5 +120,6 @@ def quantize_memory(shape: ModelShape, calibrating: Calibrating = SHIPPED_4BIT, 
         solve=max(4 * (2 * chunk + 2 * big * big), 8 * c.target_matrices * big * big) if matrices else 0,
         activations=stream,
         float_activations=stream if c.float_stream else 0,
+        paired_inputs=2 * min(c.batch, share) * c.seq_len * inputs if c.float_stream else 0,
         per_expert_hessians=4 * matrices * separate,
     )

@@ -124,9 +124,12 @@ def quantize_lines(m: QuantizeMemory, gpus: int, experts: bool) -> list[str]:
         return [f"quantize ({c.method}, {c.recipe}; no calibration): ~{_gib(m.total)} GiB {where} for its largest "
                 f"layer: weights {_gib(m.layer)} + codes {_gib(m.codes)}"]
     parts = [f"weights {_gib(m.layer)}", f"codes {_gib(m.codes)}", f"statistics {_gib(m.hessians)}",
-             f"solve {_gib(m.solve)}", f"activations {_gib(m.activations)}"]
+             f"activations {_gib(m.activations)}"]
     if c.float_stream:
-        parts.append(f"float stream {_gib(m.float_activations)}")
+        parts += [f"float stream {_gib(m.float_activations)}",
+                  f"the larger of solve {_gib(m.solve)} and paired inputs {_gib(m.paired_inputs)}"]
+    else:
+        parts.append(f"solve {_gib(m.solve)}")
     lines = [f"quantize ({c.method}, {c.recipe}, {c.samples} x {c.seq_len} calibration tokens): ~{_gib(m.total)} "
              f"GiB {where} for its largest layer: " + " + ".join(parts)]
     told = f"  statistics: float32 [in, in] per input group: {' and '.join(c.statistics)}"
@@ -139,5 +142,6 @@ def quantize_lines(m: QuantizeMemory, gpus: int, experts: bool) -> list[str]:
                      "target takes before its solve (the widest input)")
     if c.float_stream:
         lines.append("  float stream: the float model's calibration hidden states, kept beside the quantized "
-                     "model's and as large")
+                     f"model's and as large; paired inputs: every input group's float-stream input for one batch "
+                     f"({c.batch} x {c.seq_len} tokens), kept until the quantized pass pairs it")
     return lines
