@@ -165,7 +165,8 @@ GIB = 1024**3
 CASES.update(MOE_CASES)
 # GPTQ with input_feedback (GPTAQ), quantkit only (--tools quantkit), not run by default: its
 # peak GPU memory against what `quantkit plan --recipe` counts for the same recipe.
-GPTAQ_CASES = {"gptaq-8b-2": ("8b", 2, "gptaq"), "gptaq-70b-2": ("70b", 2, "gptaq")}
+GPTAQ_CASES = {"gptaq-8b-2": ("8b", 2, "gptaq"), "gptaq-70b-2": ("70b", 2, "gptaq"),
+               "moe-gptaq-qwen3-30b-2": ("qwen3-30b-a3b", 2, "gptaq")}
 CASES.update(GPTAQ_CASES)
 
 
