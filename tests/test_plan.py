@@ -419,8 +419,8 @@ def test_quantize_line_counts_input_feedback_of_a_recipe(tmp_path, capsys):
     assert lines[True][1:] == [
         "  statistics: float32 [in, in] per input group: the quantized inputs' Hessian and its cross term with the "
         "float inputs",
-        "  solve: the larger of GPTQ's working set and the 7 float64 [in, in] a Linear's target takes before its "
-        "solve (the widest input)",
+        f"  solve: the larger of GPTQ's working set and the {FEEDBACK_TARGET_MATRICES} float64 [in, in] a Linear's "
+        "target takes before its solve (the widest input)",
         "  float stream: the float model's calibration hidden states, kept beside the quantized model's and as "
         "large; paired inputs: every input group's float-stream input for one batch (8 x 512 tokens), kept until "
         "the quantized pass pairs it"]

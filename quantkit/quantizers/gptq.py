@@ -499,9 +499,9 @@ def _block_graph(n_w: int, n_h: int, rows: int, n: int, device: torch.device, dy
     return _GRAPHS[key]
 
 
-# Float64 [in, in] matrices alive at once at feedback_target's peak (the damped Hessian, the
-# mismatch, the factor, two products, the identity and I - P), as measured by the tests.
-FEEDBACK_TARGET_MATRICES = 7
+# Float64 [in, in] matrices alive at once at feedback_target's peak (the damped Hessian and
+# the factorisation's three), as measured by the tests.
+FEEDBACK_TARGET_MATRICES = 4
 
 
 def feedback_target(w: torch.Tensor, h_quant: torch.Tensor, cross: torch.Tensor, dampening_frac: float,
@@ -521,23 +521,39 @@ def feedback_target(w: torch.Tensor, h_quant: torch.Tensor, cross: torch.Tensor,
     far worse on held-out text (docs/quality.md). ``cross`` is ``X̃ᵀX`` on the scale of
     ``h_quant = X̃ᵀX̃``; ``act_order`` visits columns as GPTQ's act-order does.
     """
-    h = h_quant.detach().to(torch.float64).clone()
-    mismatch = (cross.detach().to(torch.float64) - h).T  # ΔXᵀX̃; exactly zero when the streams are equal
-    diag = torch.diagonal(h)
+    # float64 [in, in] matrices, each freed as soon as it is used: at most four alive (a
+    # 14336-wide one is 1.6 GB; this took seven before).
+    diag = torch.diagonal(h_quant).to(torch.float64)
     diag.masked_fill_(diag == 0, 1.0)  # dead columns, as the solve patches them
-    in_f = h.shape[0]
+    in_f = diag.shape[0]
     order = (torch.argsort(diag, descending=True, stable=True) if act_order
-             else torch.arange(in_f, device=h.device))
-    h, mismatch = h[order][:, order], mismatch[order][:, order]
+             else torch.arange(in_f, device=diag.device))
+
+    def visited(t: torch.Tensor) -> torch.Tensor:
+        """``t`` in float64, rows and columns in the visiting order."""
+        return t.detach()[order.unsqueeze(1), order.unsqueeze(0)].to(torch.float64)
+
+    h = visited(h_quant)
+    h.diagonal().copy_(diag[order])
     h.diagonal().add_(dampening_frac * torch.diagonal(h).mean())
     upper, info = upper_inverse_factor(h)
+    del h
     if int(info) != 0:
         raise NumericsError(f"GPTQ {name}: the quantized-input Hessian is not positive definite even damped",
                             file=name, hint="use more calibration samples or a larger dampening_frac")
-    p = alpha * (mismatch @ upper.T).triu_(1) @ upper
-    eye = torch.eye(in_f, dtype=torch.float64, device=h.device)
+    # ΔXᵀX̃ = (X̃ᵀX − X̃ᵀX̃)ᵀ, dead columns patched as above; exactly zero when the streams are equal
+    mismatch, quant = visited(cross), visited(h_quant)
+    quant.diagonal().copy_(diag[order])
+    mismatch = mismatch.sub_(quant).T
+    del quant
+    p = (mismatch @ upper.T).triu_(1)
+    del mismatch
+    p.mul_(alpha)
+    p = p @ upper
+    del upper
+    p.neg_().diagonal().add_(1.0)  # I − P (P is strictly upper triangular)
     w64 = w.detach().to(torch.float64)[:, order]
-    shifted = torch.linalg.solve_triangular(eye - p, w64, upper=True, left=False)
+    shifted = torch.linalg.solve_triangular(p, w64, upper=True, left=False)
     return shifted[:, torch.argsort(order)].to(torch.float32)
 
 
