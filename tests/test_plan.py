@@ -437,7 +437,8 @@ def test_quantize_line_of_a_recipe_that_calibrates_nothing(tmp_path, capsys):
     m = plan_model(recipe=str(recipe)).quantize_memory
     assert m.total == m.layer + m.codes == 3 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
     assert main(["plan", "--recipe", str(recipe)]) == 0
-    assert f"quantize (rtn, {recipe}; no calibration): ~{m.total / GiB:.2f} GiB on one device" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"quantize (rtn, {recipe}; no calibration): ~{m.total / GiB:.2f} GiB on one device" in out
 
 
 def test_plan_without_a_recipe_counts_the_shipped_4bit_recipes_quantizer():
