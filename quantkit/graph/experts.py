@@ -143,7 +143,7 @@ class UnfusedExperts(nn.ModuleList):
         top_k_index = self._top_k_index(routing)
         counts = torch.bincount(top_k_index.reshape(-1), minlength=self.layout.num_experts + 1)
         wanted = set(experts)
-        for e, token, _ in self._routed_pairs(top_k_index, counts[:self.layout.num_experts]):
+        for e, token, _ in self._routed_pairs(top_k_index, counts[:self.layout.num_experts])[1]:
             if e in wanted:
                 yield e, token
 
@@ -152,19 +152,21 @@ class UnfusedExperts(nn.ModuleList):
         return routing
 
     def _routed_pairs(self, idx: torch.Tensor,
-                      counts: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Every picked expert's (token, slot) pairs of ``idx`` ``[T, k]``, each expert's in token
-        order (what ``torch.where(idx == e)`` gives), with one host sync for all experts'
-        ``counts`` instead of one per expert (on a GPU each sync stalls the launch queue, and a
-        128-expert block had 128 of them per batch)."""
-        k = idx.shape[1]
+                      counts: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, slice]]]:
+        """``idx`` ``[T, k]``'s (token, slot) pairs as flat indices sorted by expert (each expert's
+        in token order, what ``torch.where(idx == e)`` gives), and each picked expert with its
+        tokens and its span of that order. The tokens of every pair come from one division and
+        the experts' spans from one host sync for all ``counts``: on a GPU the routed forward is
+        launch-bound (a 128-expert block calls 128 experts a batch), and each sync stalls the
+        launch queue."""
         order = torch.argsort(idx.reshape(-1), stable=True)
-        start = 0
+        tokens = order // idx.shape[1]
+        runs, start = [], 0
         for e, count in enumerate(counts.tolist()):
             if count:
-                pair = order[start:start + count]
-                yield e, pair // k, pair % k
+                runs.append((e, tokens[start:start + count], slice(start, start + count)))
             start += count
+        return order, runs
 
     def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` alone on ``x`` ``[T, H]`` (unweighted), as ``forward`` runs it."""
@@ -203,8 +205,10 @@ class UnfusedExperts(nn.ModuleList):
             for e in range(n):
                 out += self._expert(e, hidden_states) * dense[:, e:e + 1]
             return out
-        for e, token, pos in self._routed_pairs(idx, counts):
-            y = self._expert(e, hidden_states[token]) * weights[token, pos, None]
+        order, runs = self._routed_pairs(idx, counts)
+        pair_weights = weights.reshape(-1)[order].unsqueeze(1)  # one gather for every expert's pairs
+        for e, token, span in runs:
+            y = self._expert(e, hidden_states[token]) * pair_weights[span]
             out.index_add_(0, token, y.to(out.dtype))
         return out
 
