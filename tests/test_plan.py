@@ -449,8 +449,8 @@ def test_plan_without_a_recipe_counts_the_shipped_4bit_recipes_quantizer():
 
     for name in ("smollm2-gptq", "llama8b-gptq"):
         theirs = Calibrating.of_recipe(load_recipe(name), LLAMA_8B)
-        assert (theirs.method, theirs.statistics, theirs.float_stream) == (
-            SHIPPED_4BIT.method, SHIPPED_4BIT.statistics, SHIPPED_4BIT.float_stream)
+        assert (theirs.method, theirs.statistics, theirs.float_stream, theirs.target_matrices) == (
+            SHIPPED_4BIT.method, SHIPPED_4BIT.statistics, SHIPPED_4BIT.float_stream, SHIPPED_4BIT.target_matrices)
     assert plan_config(LLAMA_8B).quantize_memory.calibrating == SHIPPED_4BIT
     assert (SHIPPED_4BIT.samples, SHIPPED_4BIT.seq_len) == (128, 2048)
 

@@ -48,7 +48,7 @@ class Calibrating:
 # GPTQ with input_feedback (GPTAQ), as the shipped 4-bit recipes set it: the largest need of any
 # shipped method, which a plan without a recipe counts (tests check it against the recipe's quantizer).
 SHIPPED_4BIT = Calibrating("the shipped 4-bit recipes", "gptq",
-                           ("the quantized inputs' Hessian", "its cross term with the float inputs"), True, 7)
+                           ("the quantized inputs' Hessian", "its cross term with the float inputs"), True, 4)
 
 
 @dataclass(frozen=True)
