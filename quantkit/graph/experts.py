@@ -34,6 +34,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import grouped
+from .grouped import expert_spans, grouped_linear, grouped_takes
+
 _EXPERT = re.compile(r"^(.*\.)?experts\.(\d+)\.")
 
 
@@ -155,18 +158,22 @@ class UnfusedExperts(nn.ModuleList):
                       counts: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, slice]]]:
         """``idx`` ``[T, k]``'s (token, slot) pairs as flat indices sorted by expert (each expert's
         in token order, what ``torch.where(idx == e)`` gives), and each picked expert with its
-        tokens and its span of that order. The tokens of every pair come from one division and
-        the experts' spans from one host sync for all ``counts``: on a GPU the routed forward is
-        launch-bound (a 128-expert block calls 128 experts a batch), and each sync stalls the
-        launch queue."""
-        order = torch.argsort(idx.reshape(-1), stable=True)
-        tokens = order // idx.shape[1]
+        tokens and its span of that order."""
+        order, tokens, per_expert = self._sorted_pairs(idx, counts)
         runs, start = [], 0
-        for e, count in enumerate(counts.tolist()):
+        for e, count in enumerate(per_expert):
             if count:
                 runs.append((e, tokens[start:start + count], slice(start, start + count)))
             start += count
         return order, runs
+
+    def _sorted_pairs(self, idx: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """``idx``'s pairs sorted by expert (``_routed_pairs``), the token of each, and each
+        expert's number of pairs. The tokens of every pair come from one division and the
+        experts' counts from one host sync: on a GPU the routed forward is launch-bound (a
+        128-expert block calls 128 experts a batch), and each sync stalls the launch queue."""
+        order = torch.argsort(idx.reshape(-1), stable=True)
+        return order, order // idx.shape[1], counts.tolist()
 
     def run_expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` alone on ``x`` ``[T, H]`` (unweighted), as ``forward`` runs it."""
@@ -174,16 +181,19 @@ class UnfusedExperts(nn.ModuleList):
 
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         m: ExpertMLP = self[e]
-        if not self.layout.has_gate:
-            h = self.fused.act_fn(m.up_proj(x))
+        return m.down_proj(self._gated(m.gate_proj(x) if self.layout.has_gate else None, m.up_proj(x)))
+
+    def _gated(self, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
+        """The down projection's input from the gate and up projections' outputs, as the fused
+        module computes it: its activation on ``up`` without a gate, else its own ``_apply_gate``
+        on the rows it holds (gate then up, or interleaved)."""
+        if gate is None:
+            return self.fused.act_fn(up)
+        if self.layout.is_concatenated:
+            both = torch.cat([gate, up], dim=-1)
         else:
-            gate, up = m.gate_proj(x), m.up_proj(x)
-            if self.layout.is_concatenated:
-                both = torch.cat([gate, up], dim=-1)
-            else:
-                both = torch.stack([gate, up], dim=-1).reshape(*gate.shape[:-1], 2 * gate.shape[-1])
-            h = type(self.fused)._apply_gate(self.fused, both)
-        return m.down_proj(h)
+            both = torch.stack([gate, up], dim=-1).reshape(*gate.shape[:-1], 2 * gate.shape[-1])
+        return type(self.fused)._apply_gate(self.fused, both)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -205,12 +215,70 @@ class UnfusedExperts(nn.ModuleList):
             for e in range(n):
                 out += self._expert(e, hidden_states) * dense[:, e:e + 1]
             return out
+        if self._grouped(hidden_states):
+            self._routed_grouped(hidden_states, idx, counts, weights, out)
+            return out
         order, runs = self._routed_pairs(idx, counts)
         pair_weights = weights.reshape(-1)[order].unsqueeze(1)  # one gather for every expert's pairs
         for e, token, span in runs:
             y = self._expert(e, hidden_states[token]) * pair_weights[span]
             out.index_add_(0, token, y.to(out.dtype))
         return out
+
+    def _grouped(self, x: torch.Tensor) -> bool:
+        """Whether the routed forward may compute the experts' Linears as grouped products:
+        only where skipping their modules changes nothing (each a plain ``ExpertLinear`` with
+        plain parameters, no hook on it nor any global module hook: the quantizers' statistics
+        and activation fake-quant attach as hooks; no autograd through the kernel) and the
+        kernel takes ``x``'s dtype and the widths on its device."""
+        from torch.nn.modules import module as hooks
+
+        if (torch.is_grad_enabled() or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks
+                or not grouped_takes(x, (self.layout.hidden, self.layout.intermediate))):
+            return False
+        for m in self:
+            for name in self.layout.projections:
+                lin = getattr(m, name)
+                if (type(lin) is not ExpertLinear or lin._forward_hooks or lin._forward_pre_hooks
+                        or lin._backward_hooks or lin._backward_pre_hooks
+                        or any(type(p) is not nn.Parameter or p.dtype != x.dtype or p.device != x.device
+                               for p in lin._parameters.values() if p is not None)):
+                    return False
+        return True
+
+    def _routed_grouped(self, hidden_states: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
+                        weights: torch.Tensor, out: torch.Tensor) -> None:
+        """The routed forward with each projection of a run of experts (``expert_spans``) as one
+        grouped product, the gate rule applied once on the run's rows and one ``index_add_`` per
+        run; each token's outputs still summed in expert order, so on CPU the result is bitwise
+        the per-expert loop's (biased experts: see ``grouped_linear``). One host sync, as there."""
+        order, tokens, per_expert = self._sorted_pairs(idx, counts)
+        pairs = sum(per_expert)
+        x = hidden_states[tokens[:pairs]]  # every pair's token, sorted by expert
+        pair_weights = weights.reshape(-1)[order[:pairs]].unsqueeze(1)
+        ends = counts.cumsum(0)
+        expert_of_row = idx.reshape(-1)[order[:pairs]] if self.layout.has_bias else None
+        starts = [0]
+        for count in per_expert:
+            starts.append(starts[-1] + count)
+        expert_bytes = sum(p.numel() * p.element_size() for p in self[0].parameters())
+        for span in expert_spans(self.layout.num_experts, expert_bytes, grouped.GROUPED_CHUNK_BYTES):
+            lo, hi = starts[span.start], starts[span.stop]
+            if lo == hi:
+                continue
+            offs = (ends[span.start:span.stop] - lo).to(torch.int32)
+            rows = None if expert_of_row is None else expert_of_row[lo:hi] - span.start
+            mlps = [self[e] for e in span]
+
+            def project(name: str, inputs: torch.Tensor) -> torch.Tensor:
+                return grouped_linear(inputs, [getattr(m, name) for m in mlps], offs, rows)
+
+            xs = x[lo:hi]
+            gate = project("gate_proj", xs) if self.layout.has_gate else None
+            h = self._gated(gate, project("up_proj", xs)).contiguous()
+            y = project("down_proj", h) * pair_weights[lo:hi]
+            out.index_add_(0, tokens[lo:hi], y.to(out.dtype))
 
 
 class InputWeightedExperts(UnfusedExperts):
