@@ -196,3 +196,30 @@ def test_grouped_routed_forward_on_cuda_bf16(family, monkeypatch, grouped_calls)
     assert grouped_calls.n == len(unfused.layout.projections)
     assert len([s for s in syncs if "synchroniz" in str(s.message)]) == 1
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from tests.helpers import family_workspace
+
+    return family_workspace(tmp_path_factory, "routed-grouped")
+
+
+def test_a_quantized_moe_model_is_the_same_checkpoint_as_with_the_per_expert_loop(workspace, monkeypatch,
+                                                                                   grouped_calls):
+    """GPTQ with routed calibration: the quantized layer 0's routed forward feeds layer 1's
+    statistics, so the checkpoint's bytes depend on it."""
+    from tests.helpers import run_family
+
+    root, text, model = workspace
+    base = model("qwen3_moe")
+    gptq = {"method": "gptq", "bits": 4, "group_size": 64}
+    run_family(base, text, root / "grouped", gptq, all_experts=False)
+    assert grouped_calls.n > 0
+    with monkeypatch.context() as m:
+        m.setattr(UnfusedExperts, "_grouped", lambda self, x: False)
+        run_family(base, text, root / "loop", gptq, all_experts=False)
+    written = sorted(p.name for p in (root / "loop").glob("*.safetensors"))
+    assert written and written == sorted(p.name for p in (root / "grouped").glob("*.safetensors"))
+    for name in written:
+        assert (root / "grouped" / name).read_bytes() == (root / "loop" / name).read_bytes(), name
