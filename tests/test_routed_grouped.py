@@ -23,7 +23,7 @@ FAMILIES = {
 }
 EXPERTS, HIDDEN, TOP_K = 9, 64, 3
 # Ops that make the host wait for the device (a GPU's launch queue stalls on each).
-HOST_SYNCS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "unique",
+HOST_SYNCS = {"bincount", "tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "unique",
               "masked_select", "repeat_interleave"}
 
 

@@ -144,9 +144,9 @@ class UnfusedExperts(nn.ModuleList):
             yield from ((e, None) for e in experts)
             return
         top_k_index = self._top_k_index(routing)
-        counts = torch.bincount(top_k_index.reshape(-1), minlength=self.layout.num_experts + 1)
+        counts = _expert_counts(top_k_index, self.layout.num_experts)
         wanted = set(experts)
-        for e, token, _ in self._routed_pairs(top_k_index, counts[:self.layout.num_experts])[1]:
+        for e, token, _ in self._routed_pairs(top_k_index, counts)[1]:
             if e in wanted:
                 yield e, token
 
@@ -203,8 +203,7 @@ class UnfusedExperts(nn.ModuleList):
         if self.recorded is not None:
             self.recorded.append((hidden_states, idx))
         if not hidden_states.is_meta:
-            # One device op, no host sync; indices >= n (expert-parallel sentinels) are dropped.
-            counts = torch.bincount(idx.reshape(-1), minlength=n + 1)[:n]
+            counts = _expert_counts(idx, n)
             self.routed = counts if self.routed is None else self.routed + counts
         out = torch.zeros_like(hidden_states)
         if self.all_experts:
@@ -277,7 +276,7 @@ class UnfusedExperts(nn.ModuleList):
             xs = x[lo:hi]
             gate = project("gate_proj", xs) if self.layout.has_gate else None
             h = self._gated(gate, project("up_proj", xs)).contiguous()
-            y = project("down_proj", h) * pair_weights[lo:hi]
+            y = project("down_proj", h).mul_(pair_weights[lo:hi])  # in place: no second [pairs, H]
             out.index_add_(0, tokens[lo:hi], y.to(out.dtype))
 
 
@@ -343,6 +342,15 @@ class InputWeightedExperts(UnfusedExperts):
             token = torch.nonzero(picked[:, e]).flatten()
             out[e].index_copy_(0, token, self._expert(e, chunks[e][token]).to(out.dtype))
         return out.view_as(routed_in)
+
+
+def _expert_counts(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """How many of ``idx``'s entries pick each of ``n`` experts; indices >= n (expert-parallel
+    sentinels) are dropped. A scatter, not ``bincount``, which on CUDA waits for the device
+    twice (its input's max and min) to size its output."""
+    flat = idx.reshape(-1).long()
+    counts = torch.zeros(n + 1, dtype=torch.long, device=idx.device)
+    return counts.scatter_add_(0, flat.clamp(max=n), torch.ones_like(flat))[:n]
 
 
 def _scores(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
