@@ -27,6 +27,19 @@ HOST_SYNCS = {"bincount", "tolist", "item", "__bool__", "__int__", "__float__", 
               "masked_select", "repeat_interleave"}
 
 
+class _HostSyncs(TorchFunctionMode):
+    """Records the calls of ``HOST_SYNCS`` made inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in HOST_SYNCS:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def unfused_experts(family: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                     experts: int = EXPERTS, hidden: int = HIDDEN, intermediate: int = 96) -> UnfusedExperts:
     """The family's fused experts module at tiny shape, random weights (biases too), unfused."""
@@ -120,6 +133,27 @@ def test_an_expert_without_tokens_in_a_whole_chunk_is_skipped(monkeypatch, group
     assert grouped_calls.n == 3 * 2 and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_llama4_grouped_routed_forward_is_the_per_expert_loop(chunked, monkeypatch, grouped_calls):
+    """Llama 4's experts read each picked token scaled by its score from their own chunk of the
+    block's input and write their own chunk of its output: bitwise the per-expert loop, one
+    host sync a call (the loop waits once per picked expert)."""
+    from tests.test_moe import _llama4_blocks
+
+    _, block = _llama4_blocks(top_k=2, dtype=torch.float32)
+    x = torch.randn(37, 24, generator=torch.Generator().manual_seed(1))
+    x[:, 0] = 5.0  # expert 4 never picked
+    with monkeypatch.context() as m, torch.no_grad():
+        m.setattr(UnfusedExperts, "_grouped", lambda self, x: False)
+        want = block(x)[0]
+    if chunked:  # one expert a chunk
+        monkeypatch.setattr(grouped, "GROUPED_CHUNK_BYTES", 1)
+    with torch.no_grad(), _HostSyncs() as syncs:
+        got = block(x)[0]
+    assert grouped_calls.n == 3 * (4 if chunked else 1) and syncs.seen == ["tolist"]
+    assert want.abs().max() > 0.1 and torch.equal(got, want)
+
+
 def test_a_hooked_linear_sends_every_expert_through_its_module(monkeypatch, grouped_calls):
     """A forward hook on any expert Linear (a quantizer's statistics, activation fake-quant)
     must see its tokens: the whole call takes the per-expert loop."""
@@ -139,17 +173,7 @@ def test_grouped_forward_waits_for_the_device_once_per_call(grouped_calls):
     x = torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(3))
     idx, w = routing(64, EXPERTS, seed=4)
 
-    class Syncs(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.seen: list[str] = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if getattr(func, "__name__", "") in HOST_SYNCS:
-                self.seen.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), Syncs() as syncs:
+    with torch.no_grad(), _HostSyncs() as syncs:
         unfused(x, idx, w)
     assert grouped_calls.n == 3 and syncs.seen == ["tolist"]
 

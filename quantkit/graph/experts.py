@@ -248,16 +248,24 @@ class UnfusedExperts(nn.ModuleList):
 
     def _routed_grouped(self, hidden_states: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
                         weights: torch.Tensor, out: torch.Tensor) -> None:
-        """The routed forward with each projection of a run of experts (``expert_spans``) as one
-        grouped product, the gate rule applied once on the run's rows and one ``index_add_`` per
-        run; each token's outputs still summed in expert order, so on CPU the result is bitwise
-        the per-expert loop's (biased experts: see ``grouped_linear``). One host sync, as there."""
+        """The routed forward by ``_grouped_runs``, each run's outputs weighted and added with one
+        ``index_add_``: each token's outputs are still summed in expert order, so on CPU the
+        result is bitwise the per-expert loop's (biased experts: see ``grouped_linear``). One
+        host sync, as there."""
         order, tokens, per_expert = self._sorted_pairs(idx, counts)
         pairs = sum(per_expert)
-        x = hidden_states[tokens[:pairs]]  # every pair's token, sorted by expert
         pair_weights = weights.reshape(-1)[order[:pairs]].unsqueeze(1)
-        ends = counts.cumsum(0)
         expert_of_row = idx.reshape(-1)[order[:pairs]] if self.layout.has_bias else None
+        for lo, hi, y in self._grouped_runs(hidden_states[tokens[:pairs]], per_expert, counts, expert_of_row):
+            out.index_add_(0, tokens[lo:hi], y.mul_(pair_weights[lo:hi]).to(out.dtype))  # in place: no 2nd copy
+
+    def _grouped_runs(self, x: torch.Tensor, per_expert: list[int], counts: torch.Tensor,
+                      expert_of_row: torch.Tensor | None) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """The experts on ``x``, every pair's input row sorted by expert (``per_expert`` rows
+        each, ``counts`` on the device): each projection of a run of experts (``expert_spans``)
+        as one grouped product, the gate rule once on the run's rows. Yields each run's span
+        of rows and its outputs, unweighted. ``expert_of_row``: each row's expert, for biases."""
+        ends = counts.cumsum(0)
         starts = [0]
         for count in per_expert:
             starts.append(starts[-1] + count)
@@ -275,9 +283,7 @@ class UnfusedExperts(nn.ModuleList):
 
             xs = x[lo:hi]
             gate = project("gate_proj", xs) if self.layout.has_gate else None
-            h = self._gated(gate, project("up_proj", xs)).contiguous()
-            y = project("down_proj", h).mul_(pair_weights[lo:hi])  # in place: no second [pairs, H]
-            out.index_add_(0, tokens[lo:hi], y.to(out.dtype))
+            yield lo, hi, project("down_proj", self._gated(gate, project("up_proj", xs)).contiguous())
 
 
 class InputWeightedExperts(UnfusedExperts):
@@ -316,9 +322,8 @@ class InputWeightedExperts(UnfusedExperts):
         for e, token in self._expert_tokens(experts, routing if chosen is None else chosen):
             yield e, hidden * scores[:, e:e + 1] if token is None else hidden[token] * scores[token, e:e + 1]
 
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        m: ExpertMLP = self[e]
-        return m.down_proj(self.fused.act_fn(m.gate_proj(x)) * m.up_proj(x))
+    def _gated(self, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
+        return self.fused.act_fn(gate) * up  # Llama4TextExperts.forward's own rule
 
     def forward(self, routed_in: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         n = self.layout.num_experts
@@ -337,6 +342,15 @@ class InputWeightedExperts(UnfusedExperts):
             for e in range(n):
                 x = torch.where(picked[:, e:e + 1], chunks[e], hidden * would_be[:, e:e + 1])
                 out[e] = self._expert(e, x) * picked[:, e:e + 1]
+            return out.view_as(routed_in)
+        if self._grouped(routed_in):
+            # Pair (token t, expert e) reads and writes row e * T + t of the flat chunks.
+            order, tokens, per_expert = self._sorted_pairs(idx, counts)
+            rows = idx.reshape(-1)[order] * chunks.shape[1] + tokens
+            flat_out = out.view(-1, out.shape[-1])
+            for lo, hi, y in self._grouped_runs(routed_in.view(-1, routed_in.shape[-1])[rows], per_expert, counts,
+                                                None):
+                flat_out.index_copy_(0, rows[lo:hi], y.to(out.dtype))
             return out.view_as(routed_in)
         for e in torch.nonzero(picked.any(0)).flatten().tolist():
             token = torch.nonzero(picked[:, e]).flatten()
