@@ -33,6 +33,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules import module as hooks
 
 from . import grouped
 from .grouped import expert_spans, grouped_linear, grouped_takes
@@ -230,8 +231,6 @@ class UnfusedExperts(nn.ModuleList):
         plain parameters, no hook on it nor any global module hook: the quantizers' statistics
         and activation fake-quant attach as hooks; no autograd through the kernel) and the
         kernel takes ``x``'s dtype and the widths on its device."""
-        from torch.nn.modules import module as hooks
-
         if (torch.is_grad_enabled() or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
                 or hooks._global_backward_hooks or hooks._global_backward_pre_hooks
                 or not grouped_takes(x, (self.layout.hidden, self.layout.intermediate))):
