@@ -419,7 +419,8 @@ class _Profile:
             sync()
             t = time.perf_counter()
             try:
-                return fn(*a, **k)
+                with torch.profiler.record_function(stage):  # a row of --torch-profile's tables
+                    return fn(*a, **k)
             finally:
                 sync()
                 self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
@@ -446,6 +447,7 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     prof.wrap(int8_dynamic, "smooth_layer", "smoothquant (incl. its forward)")
     prof.wrap(engine._LayerCalibration, "observe", "calibration forward (incl. hooks)")
     prof.wrap(runtime.ModelRunner, "load_layer", "load: read")
+    prof.wrap(engine, "apply_record", "propagate: quantized weights into the layer")
     # The export runs in its own thread beside the engine (each layer while the next is
     # computed): these overlap the engine's stages, and what they do not hide shows as
     # engine.export hand-off (the engine waiting for the previous layer's export) and as
@@ -469,12 +471,33 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     prof.wrap(runtime.ModelRunner, "__init__", "run: model class and layer graph")
     prof.wrap(pipeline, "check_source_tensors", "run: finite check of embedding/head")
     prof.wrap(pipeline, "load_tokens", "run: calibration text")
-    report = quantkit.quantize(**_quantkit_recipe(method, model, calib, out, n, length, batch), quiet=True)
+    recipe = _quantkit_recipe(method, model, calib, out, n, length, batch)
+    tables = os.environ.get("QK_BENCH_TORCH_PROFILE")
+    if tables:
+        report = _torch_profiled(lambda: quantkit.quantize(**recipe, quiet=True), Path(tables))
+    else:
+        report = quantkit.quantize(**recipe, quiet=True)
     wall = time.perf_counter() - t0
     return {"wall_s": wall, **_gpu_peaks(), "rss_gib": _peak_rss_bytes() / GIB,
             "out_gib": _dir_bytes(out) / GIB, "phases": report["timing"]["phase_seconds"],
             "layer_seconds": report["timing"]["layer_seconds"],
             "profile": {"run: imports": imported, **prof.seconds}}
+
+
+def _torch_profiled(run, tables: Path) -> dict:
+    """``run()`` under torch's profiler; its op tables (by the device's own time and by host time,
+    the stage rows of ``_Profile`` among them) written to ``tables``. The profiler slows the run:
+    its wall time is not a measurement, its shares are."""
+    import torch
+
+    kinds = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with torch.profiler.profile(activities=kinds) as prof:
+        report = run()
+    ops = prof.key_averages()
+    by_device = "self_cuda_time_total" if DEVICE == "cuda" else "self_cpu_time_total"
+    tables.write_text(f"by {by_device}\n{ops.table(sort_by=by_device, row_limit=45)}\n\n"
+                      f"by cpu_time_total\n{ops.table(sort_by='cpu_time_total', row_limit=45)}\n")
+    return report
 
 
 def worker_llmcompressor(method: str, model_dir: Path, calib: Path, out: Path, n: int, length: int) -> dict:
@@ -645,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cudnn-sdpa", action="store_true",
                     help="turn off torch's cuDNN attention backend in both tools: whether the first layer of each "
                     "attention kind (Gemma 3's sliding and global) pays cuDNN's plan building")
+    ap.add_argument("--torch-profile", action="store_true",
+                    help="run quantkit under torch's profiler: its op tables go to <work>/torch-profile-<case>.txt "
+                    "and are printed (the run is slower: its times are not measurements)")
     ap.add_argument("--work", default="/tmp/quantkit-gpu-bench")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -680,12 +706,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{case} {tool}: from {args.peer_results}", flush=True)
                 continue
             t = time.perf_counter()
+            tables = work / f"torch-profile-{case}.txt"
+            if args.torch_profile and tool == "quantkit":
+                os.environ["QK_BENCH_TORCH_PROFILE"] = str(tables)
             results[case][tool] = r = run_case(case, tool, work, args.samples, args.seq_len, args.batch_size,
                                                args.timeout)
             print(f"{case} {tool}: {json.dumps({k: v for k, v in r.items() if k != 'log_tail'})[:400]} "
                   f"({time.perf_counter() - t:.0f} s)", flush=True)
             if "log_tail" in r:
                 print(r["log_tail"], flush=True)
+            if os.environ.pop("QK_BENCH_TORCH_PROFILE", None) and tables.is_file():
+                print(tables.read_text(), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
         if args.drop_models:

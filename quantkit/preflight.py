@@ -71,7 +71,8 @@ class TextPlan:
 @dataclass(frozen=True)
 class SizePlan:
     """Bytes, from the shard headers. The checkpoint figure is the planner's estimate for the
-    scheme; the work files hold one byte per quantized weight until export."""
+    scheme; the work files hold each quantized weight's code until export (half a byte for integer
+    codes of at most 4 bits, a byte otherwise)."""
 
     parameters: int
     quantized_parameters: int
@@ -319,22 +320,24 @@ def _sizes(model: ModelFiles, view: ModelView, linear_schemes: dict[str, Scheme]
     (``untied``: elements of a head written anew beside the embedding it was tied to)."""
     headers = model.headers
     precisions = {s: get_scheme(plan_scheme_key(s), _group_size(s)) for s in set(linear_schemes.values())}
-    linears = {}
+    linears, code_bytes = {}, {}
     for prefix, u, source in _decoder_units(view):
         scheme = linear_schemes.get(prefix + u.name)
         if scheme is not None and source in headers:
             linears[source] = precisions[scheme]
+            # the work folder keeps integer codes of at most 4 bits two to a byte (workdir.pack_nibbles)
+            code_bytes[source] = 0.5 if scheme.weights.type == "int" and scheme.weights.num_bits <= 4 else 1.0
     numel = {name: math.prod(h["shape"]) for name, h in headers.items()}
     element = _DTYPE_BYTES[str(dtype).replace("torch.", "")]
     checkpoint = sum(linears[n].linear_bytes(*headers[n]["shape"]) if n in linears else numel[n] * element
                      for n in headers) + untied * element
-    work = sum(numel[n] for n in linears)
+    work = int(sum(numel[n] * code_bytes[n] for n in linears))
     target = output_dir.resolve().parent
     while not target.exists():
         target = target.parent
     free = shutil.disk_usage(target).free
     sizes = SizePlan(
-        parameters=sum(numel.values()), quantized_parameters=work, shards=model.shards, base_bytes=model.shard_bytes,
+        parameters=sum(numel.values()), quantized_parameters=sum(numel[n] for n in linears), shards=model.shards, base_bytes=model.shard_bytes,
         download_bytes=model.shard_bytes if model.remote else 0, checkpoint_bytes=checkpoint, work_bytes=work,
         disk_needed_bytes=checkpoint + work, disk_free_bytes=free)
     if free < sizes.disk_needed_bytes:

@@ -130,3 +130,16 @@ def test_gpu_reruns_write_identical_checkpoints(quant, tiny_llama, token_file, t
         _run(tiny_llama, token_file, out, quant, "cuda", "bfloat16")
         files.append({p.name: p.read_bytes() for p in out.glob("*.safetensors")})
     assert files[0] and files[0] == files[1]
+
+
+def test_work_folder_nibbles_on_cuda_equal_cpu():
+    """The work folder packs codes where they are (on the device during a GPU run): CUDA's
+    shifts of int8 give the CPU's bytes, and unpack back to the codes."""
+    import itertools
+
+    from quantkit.workdir import pack_nibbles, unpack_nibbles
+
+    pairs = torch.tensor(list(itertools.product(range(-8, 8), repeat=2)), dtype=torch.int8).reshape(4, 128)
+    on_gpu = pack_nibbles(pairs.cuda())
+    assert torch.equal(on_gpu.cpu(), pack_nibbles(pairs))
+    assert torch.equal(unpack_nibbles(on_gpu).cpu(), pairs)

@@ -543,3 +543,21 @@ def test_upper_inverse_factor_against_float64():
     bad = h.clone()
     bad[1, 5, 5] = -1.0
     assert upper_inverse_factor(bad)[1].tolist()[1] != 0
+
+
+@pytest.mark.parametrize("n", [64, 300])
+def test_lower_inverse_by_halves_against_float64(n):
+    """Split down to 32-wide solves, the inverse of a Cholesky factor matches float64's and the
+    one solve against the identity does (per element of a stack, upper triangle exactly zero)."""
+    from quantkit.quantizers.gptq import lower_inverse_into
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2, 4 * n, n, generator=g) * torch.linspace(0.1, 4.0, n)
+    low = torch.linalg.cholesky(x.transpose(1, 2) @ x / (4 * n) + 1e-2 * torch.eye(n))
+    out = torch.empty_like(low)
+    lower_inverse_into(low, out, base=32)
+    ref = torch.linalg.solve_triangular(low.double(), torch.eye(n, dtype=torch.float64).expand_as(low), upper=False)
+    solved = torch.linalg.solve_triangular(low, torch.eye(n).expand_as(low), upper=False)
+    assert torch.equal(out, out.tril())
+    err, solve_err = ((t.double() - ref).abs().max() / ref.abs().max() for t in (out, solved))
+    assert err < max(4 * solve_err, 1e-6)

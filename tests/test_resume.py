@@ -88,3 +88,53 @@ def test_resume_refuses_work_of_another_recipe(tmp_path, text_file):
         assert e.hint == "delete it or run without --resume"
     else:
         raise AssertionError("resume accepted a work folder of another run")
+
+
+def test_nibble_packing_round_trips_every_pair_of_4bit_codes():
+    """Every pair of signed 4-bit codes, in either column, comes back as it was."""
+    import itertools
+
+    import torch
+
+    from quantkit.workdir import pack_nibbles, unpack_nibbles
+
+    pairs = torch.tensor(list(itertools.product(range(-8, 8), repeat=2)), dtype=torch.int8).reshape(4, 128)
+    packed = pack_nibbles(pairs)
+    assert packed.dtype == torch.uint8 and packed.shape == (4, 64)
+    assert torch.equal(unpack_nibbles(packed), pairs)
+
+
+def test_work_folder_keeps_4bit_codes_two_to_a_byte(tmp_path):
+    """A layer of 4-bit Linears reloads with the same codes, scales and zero points from a file
+    about half the size of one byte per code; 8-bit codes and odd rows stay a byte per code."""
+    import dataclasses
+
+    import torch
+
+    from quantkit.scheme import QuantizedWeight, Scheme, WeightScheme
+    from quantkit.workdir import LayerRecord, WorkDir
+
+    g = torch.Generator().manual_seed(0)
+
+    def weight(bits: int, cols: int, asym: bool) -> QuantizedWeight:
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1)
+        scheme = Scheme(WeightScheme(num_bits=bits, symmetric=not asym, group_size=cols), None)
+        zero = torch.randint(lo, hi, (64, 1), generator=g, dtype=torch.int8) if asym else None
+        return QuantizedWeight(codes=torch.randint(lo, hi, (64, cols), generator=g, dtype=torch.int8),
+                               scale=torch.rand(64, 1, generator=g), zero_point=zero, scheme=scheme)
+
+    quantized = {"a": weight(4, 512, True), "b": weight(4, 512, False), "c": weight(8, 512, False),
+                 "d": weight(4, 511, False)}
+    work = WorkDir(tmp_path / "work")
+    work.start("fp", resume=False, weights={}, model_dir=tmp_path)
+    work.save_layer(0, LayerRecord({}, quantized, {}), "fp")
+    back = work.load_layer(0).quantized
+    for name, qw in quantized.items():
+        for f in ("codes", "scale", "zero_point"):
+            a, b = getattr(qw, f), getattr(back[name], f)
+            assert (a is None and b is None) or torch.equal(a, b), (name, f)
+        assert dataclasses.asdict(back[name].scheme) == dataclasses.asdict(qw.scheme)
+    one_byte = sum(qw.codes.numel() for qw in quantized.values())
+    packed = one_byte - (quantized["a"].codes.numel() + quantized["b"].codes.numel()) // 2
+    size = work.layer_path(0).stat().st_size
+    assert packed < size < packed + 4096 + 64 * 4 * 4 + 64 * 2  # codes + header + scales + zero points

@@ -94,7 +94,7 @@ def upper_inverse_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     With ``J`` the reversal of rows and columns, ``J h J = L Lᵀ`` gives ``h = R Rᵀ`` with the
     upper triangular ``R = J L J``, so ``h⁻¹ = (R⁻¹)ᵀ R⁻¹`` and ``U = R⁻¹ = J L⁻¹ J``: one
-    factorisation and one triangular solve, where the reference factors ``h``, inverts it and
+    factorisation and one triangular inverse, where the reference factors ``h``, inverts it and
     factors the inverse. Mixtral's eight 14336-wide Hessians on an H200: 3.04 s -> 1.18 s
     (``cholesky_inverse`` alone was 1.81 s), the same error against float64. At most two
     stacks besides ``h`` are alive at once (a 14336-wide one is 0.8 GB in float32).
@@ -102,10 +102,38 @@ def upper_inverse_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flipped = h.flip(-2, -1)
     low, info = torch.linalg.cholesky_ex(flipped)
     del flipped
-    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device).expand_as(low)
-    inverse = torch.linalg.solve_triangular(low, eye, upper=False)
+    inverse = torch.empty_like(low)
+    lower_inverse_into(low, inverse)
     del low
     return inverse.flip(-2, -1), info
+
+
+TRIANGULAR_BASE = 2048
+"""Widest triangle ``lower_inverse_into`` inverts by a triangular solve; wider ones are split."""
+
+
+def lower_inverse_into(low: torch.Tensor, out: torch.Tensor, base: int = TRIANGULAR_BASE) -> None:
+    """``out = low⁻¹`` for lower triangular ``low`` ``[..., n, n]``, by halves:
+    ``[[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]]`` (LAPACK's blocked ``trtri``). A
+    triangular solve against the identity costs ``n³`` multiply-adds in a solve kernel; the
+    halves cost less than ``2n³/3`` in matrix products, which run faster: eight 14336-wide
+    factors on an H200 0.62 s -> 0.38 s, the same error against float64. Below ``base`` the
+    solve is used. ``−C⁻¹ B A⁻¹`` is formed ``base`` rows at a time (the row block of the
+    triangular ``C⁻¹`` reaches only the columns up to its last row), so the temporaries stay
+    ``base`` rows high and ``feedback_target``'s float64 peak stays what the plan counts."""
+    n = low.shape[-1]
+    if n <= base:
+        eye = torch.eye(n, dtype=low.dtype, device=low.device).expand_as(low)
+        torch.linalg.solve_triangular(low, eye, upper=False, out=out)
+        return
+    k = n // 2 // 128 * 128 or n // 2
+    lower_inverse_into(low[..., :k, :k], out[..., :k, :k], base)
+    lower_inverse_into(low[..., k:, k:], out[..., k:, k:], base)
+    out[..., :k, k:] = 0
+    for r0 in range(k, n, base):
+        r1 = min(r0 + base, n)
+        part = torch.matmul(out[..., r0:r1, k:r1], low[..., k:r1, :k])
+        out[..., r0:r1, :k] = torch.matmul(part, out[..., :k, :k]).neg_()
 
 
 def _subtract_product(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
