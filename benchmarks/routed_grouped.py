@@ -1,7 +1,7 @@
 """The routed forward of one MoE experts block: the per-expert loop against grouped products.
 
-    python benchmarks/routed_grouped.py                      # Qwen3-30B-A3B and DeepSeek-V3 blocks on the GPU
-    python benchmarks/routed_grouped.py --shape cpu-wide     # 128 experts at hidden 256, 4096 tokens, CPU
+    python benchmarks/routed_grouped.py                    # Qwen3-30B-A3B and DeepSeek-V3 blocks, GPU
+    python benchmarks/routed_grouped.py --shape cpu-wide   # 128 experts at hidden 256, 4096 tokens, CPU
 
 One ``UnfusedExperts`` block of the shape (the family's transformers experts class, unfused as
 a run does it) with random weights (bf16 on CUDA, float32 on CPU), ``--tokens`` random hidden
@@ -9,8 +9,8 @@ states routed top-k by a random router (softmax, top-k, renormalised), then its 
 with each expert's Linears called one by one (what ``propagate`` did before) and with the
 grouped products, best of ``--repeat`` after a warm-up. Prints one table: seconds per call of
 each, the speedup, ATen operator calls per call of each (on a GPU most are a kernel launch),
-host syncs per call of each (CUDA: counted by torch's sync debug mode), and how far the two outputs are apart (max |difference| / max |output|; 0 on CPU
-for experts without biases). On CUDA times are wall time after a synchronize; on the CPU they
+host syncs per call of each (CUDA: counted by torch's sync debug mode), and how far the two
+outputs are apart (max |difference| / max |output|; 0 on CPU for experts without biases). On CUDA times are wall time after a synchronize; on the CPU they
 are the process's CPU seconds on one thread (a shared machine's load moves wall time more than
 the work does).
 """
@@ -118,6 +118,31 @@ def aten_ops(fn) -> int:
     return Count.n
 
 
+def measure(shape: str, device: torch.device, dtype: torch.dtype, tokens: int, repeat: int) -> tuple:
+    """One table row: the block of ``shape`` on ``tokens`` routed tokens, per expert and grouped."""
+    experts, top_k = build(shape, device, dtype)
+    x, idx, w = routed_inputs(experts, top_k, tokens)
+
+    def call() -> torch.Tensor:
+        return experts(x, idx, w)
+
+    with torch.no_grad():
+        assert experts._grouped(x), f"{shape}: the grouped path does not take {dtype} on {device}"
+        grouped_s, got = timed(call, device, repeat)
+        syncs, grouped_ops = host_syncs(call, device), aten_ops(call)
+        original = UnfusedExperts._grouped
+        UnfusedExperts._grouped = lambda self, x: False
+        try:
+            loop_s, want = timed(call, device, repeat)
+            loop_syncs, loop_ops = host_syncs(call, device), aten_ops(call)
+        finally:
+            UnfusedExperts._grouped = original
+    apart = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+    return (shape, experts.layout.num_experts, experts.layout.hidden, experts.layout.intermediate, top_k, tokens,
+            loop_s, grouped_s, f"{loop_ops} / {grouped_ops}", "-" if syncs is None else f"{loop_syncs} / {syncs}",
+            apart)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cuda = torch.cuda.is_available()
@@ -134,26 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     rows = []
     for shape in shapes:
-        experts, top_k = build(shape, device, dtype)
-        x, idx, w = routed_inputs(experts, top_k, tokens)
-        with torch.no_grad():
-            assert experts._grouped(x), f"{shape}: the grouped path does not take {dtype} on {device}"
-            grouped_s, got = timed(lambda: experts(x, idx, w), device, args.repeat)
-            syncs = host_syncs(lambda: experts(x, idx, w), device)
-            grouped_ops = aten_ops(lambda: experts(x, idx, w))
-            original = UnfusedExperts._grouped
-            UnfusedExperts._grouped = lambda self, x: False
-            try:
-                loop_s, want = timed(lambda: experts(x, idx, w), device, args.repeat)
-                loop_syncs = host_syncs(lambda: experts(x, idx, w), device)
-                loop_ops = aten_ops(lambda: experts(x, idx, w))
-            finally:
-                UnfusedExperts._grouped = original
-        apart = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-        rows.append((shape, experts.layout.num_experts, experts.layout.hidden, experts.layout.intermediate, top_k,
-                     tokens, loop_s, grouped_s, f"{loop_ops} / {grouped_ops}",
-                     "-" if syncs is None else f"{loop_syncs} / {syncs}", apart))
-        del experts, x, idx, w, got, want
+        rows.append(measure(shape, device, dtype, tokens, args.repeat))
         if cuda:
             torch.cuda.empty_cache()
 
