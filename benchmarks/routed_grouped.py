@@ -10,9 +10,9 @@ with each expert's Linears called one by one (what ``propagate`` did before) and
 grouped products, best of ``--repeat`` after a warm-up. Prints one table: seconds per call of
 each, the speedup, ATen operator calls per call of each (on a GPU most are a kernel launch),
 host syncs per call of each (CUDA: counted by torch's sync debug mode), and how far the two
-outputs are apart (max |difference| / max |output|; 0 on CPU for experts without biases). On CUDA times are wall time after a synchronize; on the CPU they
-are the process's CPU seconds on one thread (a shared machine's load moves wall time more than
-the work does).
+outputs are apart (max |difference| / max |output|; 0 on CPU for experts without biases). On
+CUDA times are wall time after a synchronize; on the CPU they are the process's CPU seconds on
+one thread (a shared machine's load moves wall time more than the work does).
 """
 
 from __future__ import annotations
