@@ -168,6 +168,30 @@ def test_a_hooked_linear_sends_every_expert_through_its_module(monkeypatch, grou
     assert grouped_calls.n == 0 and len(seen) == 1 and torch.equal(seen[0], x[token])
 
 
+def test_a_replaced_linear_is_called(grouped_calls):
+    """A Linear that is no plain ``ExpertLinear`` (a scheme's own module) computes its own
+    output: the call takes the per-expert loop."""
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    unfused = unfused_experts("qwen3_moe")
+    x = torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(3))
+    idx, w = routing(64, EXPERTS, seed=4)
+    with torch.no_grad():
+        before = unfused(x, idx, w)
+        plain = unfused[1].down_proj
+        doubled = Doubled(plain.in_features, plain.out_features, bias=False)
+        doubled.load_state_dict(plain.state_dict())
+        unfused[1].down_proj = doubled
+        after = unfused(x, idx, w)
+    token, pos = torch.where(idx == 1)
+    change = torch.zeros_like(x).index_add_(0, token, unfused._expert(1, x[token]) / 2 * w[token, pos, None])
+    assert grouped_calls.n == 3 and change.abs().max() > 0.01
+    torch.testing.assert_close(after, before + change, rtol=1e-5, atol=1e-5)
+
+
 def test_grouped_forward_waits_for_the_device_once_per_call(grouped_calls):
     unfused = unfused_experts("deepseek_v3")
     x = torch.randn(64, HIDDEN, generator=torch.Generator().manual_seed(3))

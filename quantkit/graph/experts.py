@@ -235,14 +235,18 @@ class UnfusedExperts(nn.ModuleList):
                 or hooks._global_backward_hooks or hooks._global_backward_pre_hooks
                 or not grouped_takes(x, (self.layout.hidden, self.layout.intermediate))):
             return False
-        for m in self:
+        # Checked on every call (a scheme may hook or replace a Linear at any time), so through
+        # the modules' dicts: nn.Module.__getattr__ over 768 Linears took 3.6 ms a call, this 0.8.
+        dtype, device = x.dtype, x.device
+        for m in self._modules.values():
             for name in self.layout.projections:
-                lin = getattr(m, name)
+                lin = m._modules[name]
                 if (type(lin) is not ExpertLinear or lin._forward_hooks or lin._forward_pre_hooks
-                        or lin._backward_hooks or lin._backward_pre_hooks
-                        or any(type(p) is not nn.Parameter or p.dtype != x.dtype or p.device != x.device
-                               for p in lin._parameters.values() if p is not None)):
+                        or lin._backward_hooks or lin._backward_pre_hooks):
                     return False
+                for p in lin._parameters.values():
+                    if p is not None and (type(p) is not nn.Parameter or p.dtype != dtype or p.device != device):
+                        return False
         return True
 
     def _routed_grouped(self, hidden_states: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor,
