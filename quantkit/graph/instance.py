@@ -1,7 +1,8 @@
 """A random float64 instance of one decoder layer, built from the model's own classes.
 
 The layer class comes from a copy of the model's own config: hidden and intermediate sizes
-shrunk (head counts and head size real, so head maps are the real ones), or, for attention
+(and a factored projection's low rank) shrunk (head counts and head size real, so head maps
+are the real ones), or, for attention
 that takes its head size from hidden / heads, one kv head and its share of query heads, or
 the real sizes. Its arguments come from the tiny text model's own forward (``capture``);
 its weights make every channel distinct.
@@ -24,6 +25,12 @@ BATCH, TOKENS = 2, 8
 # each tensor's channels are told apart by their count as well.
 _HIDDEN_CHOICES = (64, 80, 96, 112, 48)
 _INTERMEDIATE_CHOICES = (160, 176, 144, 208, 224)
+# Low ranks of factored projections, shrunk like the intermediate size. Only MLA's query rank
+# (DeepSeek-V3: 1536; its q_b_proj alone is 300 MB in float64 on the instance, and deriving its
+# graph took 18 s on one CPU core, 7 s with it shrunk): the key/value rank is not, since
+# kv_a_proj's output adds the RoPE width to it, a sum the structure check does not explain.
+_LOW_RANK_KEYS = ("q_lora_rank",)
+_LOW_RANK_CHOICES = (40, 56, 72)
 # Experts on the instance: a few stand for all (each expert's graph is the same up to its index).
 _EXPERT_CHOICES = (3, 5, 6, 7)
 _EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -118,6 +125,12 @@ class TinyLayer:
             if isinstance(inter, int) and inter > max(_INTERMEDIATE_CHOICES):
                 cfg.intermediate_size = next(i for i in _INTERMEDIATE_CHOICES if i not in taken)
                 sizes[cfg.intermediate_size] = inter
+            for key in _LOW_RANK_KEYS:
+                rank = getattr(cfg, key, None)
+                if isinstance(rank, int) and rank > max(_LOW_RANK_CHOICES):
+                    tiny = next(r for r in _LOW_RANK_CHOICES if r not in taken and r not in sizes)
+                    setattr(cfg, key, tiny)
+                    sizes[tiny] = rank
         shrunk = _shrink_experts(cfg, {int(d) for p in real.parameters() for d in p.shape})
         self.experts, self.real_experts = shrunk or (None, None)
         if shrunk is not None:
