@@ -25,11 +25,12 @@ BATCH, TOKENS = 2, 8
 # each tensor's channels are told apart by their count as well.
 _HIDDEN_CHOICES = (64, 80, 96, 112, 48)
 _INTERMEDIATE_CHOICES = (160, 176, 144, 208, 224)
-# Low ranks of factored projections, shrunk like the intermediate size. Only MLA's query rank
-# (DeepSeek-V3: 1536; its q_b_proj alone is 300 MB in float64 on the instance, and deriving its
-# graph took 18 s on one CPU core, 7 s with it shrunk): the key/value rank is not, since
-# kv_a_proj's output adds the RoPE width to it, a sum the structure check does not explain.
-_LOW_RANK_KEYS = ("q_lora_rank",)
+# Low ranks of factored projections, shrunk like the intermediate size: MLA's query and
+# key/value ranks (DeepSeek-V3: 1536 and 512; its q_b_proj alone is 300 MB in float64 on the
+# instance, and deriving its graph took 18 s on one CPU core, 3.5 s with both shrunk).
+# kv_a_proj's output is the key/value rank plus the RoPE width: the structure check explains a
+# dimension as a shrunk size plus an unshrunk remainder too.
+_LOW_RANK_KEYS = ("q_lora_rank", "kv_lora_rank")
 _LOW_RANK_CHOICES = (40, 56, 72)
 # Experts on the instance: a few stand for all (each expert's graph is the same up to its index).
 _EXPERT_CHOICES = (3, 5, 6, 7)
@@ -64,7 +65,8 @@ def signature(layer: nn.Module) -> tuple:
 
 def _same_structure(tiny: nn.Module, real: nn.Module, sizes: dict[int, int], experts: int | None) -> bool:
     """Same parameters, and every dimension either real or a shrunk size (``sizes`` maps a
-    tiny size to the real one; a fused projection may hold several of one, as ``2 * I``).
+    tiny size to the real one; a fused projection may hold several of one, as ``2 * I``, or one
+    plus an unshrunk width, as MLA's ``kv_lora_rank + qk_rope_head_dim``).
     With ``experts`` the instance has that many experts, which stand for all of the real ones."""
     a = dict(tiny.named_parameters())
     b = {n: p for n, p in real.named_parameters()
@@ -73,7 +75,8 @@ def _same_structure(tiny: nn.Module, real: nn.Module, sizes: dict[int, int], exp
         return False
 
     def explained(t: int, r: int) -> bool:
-        return t == r or any(t % st == 0 and t // st * sr == r and t // st <= 4 for st, sr in sizes.items())
+        return t == r or any((t % st == 0 and t // st * sr == r and t // st <= 4) or t - st == r - sr > 0
+                             for st, sr in sizes.items())
 
     return all(p.dim() == b[n].dim() and all(explained(t, r) for t, r in zip(p.shape, b[n].shape))
                for n, p in a.items())
