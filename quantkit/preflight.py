@@ -37,6 +37,7 @@ from .recipe import RecipeBase
 from .scheme import Scheme
 from .scheme_names import plan_scheme_key, scheme_name
 from .source_dequant import float_names
+from .workdir import packs_nibbles
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -325,8 +326,7 @@ def _sizes(model: ModelFiles, view: ModelView, linear_schemes: dict[str, Scheme]
         scheme = linear_schemes.get(prefix + u.name)
         if scheme is not None and source in headers:
             linears[source] = precisions[scheme]
-            # the work folder keeps integer codes of at most 4 bits two to a byte (workdir.pack_nibbles)
-            code_bytes[source] = 0.5 if scheme.weights.type == "int" and scheme.weights.num_bits <= 4 else 1.0
+            code_bytes[source] = 0.5 if packs_nibbles(scheme.weights) else 1.0
     numel = {name: math.prod(h["shape"]) for name, h in headers.items()}
     element = _DTYPE_BYTES[str(dtype).replace("torch.", "")]
     checkpoint = sum(linears[n].linear_bytes(*headers[n]["shape"]) if n in linears else numel[n] * element
@@ -337,7 +337,8 @@ def _sizes(model: ModelFiles, view: ModelView, linear_schemes: dict[str, Scheme]
         target = target.parent
     free = shutil.disk_usage(target).free
     sizes = SizePlan(
-        parameters=sum(numel.values()), quantized_parameters=sum(numel[n] for n in linears), shards=model.shards, base_bytes=model.shard_bytes,
+        parameters=sum(numel.values()), quantized_parameters=sum(numel[n] for n in linears), shards=model.shards,
+        base_bytes=model.shard_bytes,
         download_bytes=model.shard_bytes if model.remote else 0, checkpoint_bytes=checkpoint, work_bytes=work,
         disk_needed_bytes=checkpoint + work, disk_free_bytes=free)
     if free < sizes.disk_needed_bytes:

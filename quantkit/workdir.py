@@ -24,7 +24,7 @@ from safetensors import safe_open
 
 from .background import OneInFlight
 from .errors import ExportError
-from .scheme import QuantizedWeight, quantized_as_tensors, quantized_from_tensors
+from .scheme import QuantizedWeight, WeightScheme, quantized_as_tensors, quantized_from_tensors
 from .weight_fingerprint import Fingerprint, check_unchanged, first_change
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,8 @@ class WorkDir:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         floats = {k[6:]: v for k, v in tensors.items() if k.startswith("float.")}
         extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
-        quantized = {k[2:]: unpack_nibbles(v) if k[2:] in nibbles else v for k, v in tensors.items() if k.startswith("q.")}
+        quantized = {k[2:]: unpack_nibbles(v) if k[2:] in nibbles else v
+                     for k, v in tensors.items() if k.startswith("q.")}
         quantized = quantized_from_tensors(quantized, schemes)
         return LayerRecord(floats, quantized, extra)
 
@@ -153,10 +154,15 @@ class WorkDir:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def packs_nibbles(weights: WeightScheme) -> bool:
+    """Whether the work folder keeps a scheme's codes two to a byte: integer codes of at most 4
+    bits (what validation's disk check counts too)."""
+    return weights.type == "int" and weights.num_bits <= 4
+
+
 def _fits_nibbles(qw: QuantizedWeight) -> bool:
-    """Integer codes of at most 4 bits in rows of even length: two to a byte in the work folder."""
-    return (qw.scheme.weights.type == "int" and qw.scheme.weights.num_bits <= 4 and qw.codes.dtype == torch.int8
-            and qw.codes.shape[-1] % 2 == 0)
+    """``packs_nibbles`` codes as int8 in rows of even length."""
+    return packs_nibbles(qw.scheme.weights) and qw.codes.dtype == torch.int8 and qw.codes.shape[-1] % 2 == 0
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

@@ -94,7 +94,8 @@ def test_validate_plans_from_config_and_headers_only(tiny_llama, text_file, tmp_
                for o, i in (v.shape for v in quantized.values()))
     want += sum(v.numel() * 4 for k, v in weights.items() if k not in quantized)
     assert sizes["checkpoint_bytes"] == want
-    assert sizes["disk_needed_bytes"] == want + sizes["quantized_parameters"] // 2  # work folder: 4-bit codes two to a byte
+    # the work folder keeps 4-bit codes two to a byte
+    assert sizes["disk_needed_bytes"] == want + sizes["quantized_parameters"] // 2
     groups = {tuple(g["linears"]): (g["in_features"], g["out_features"]) for g in plan["groups"]}
     w = {name: weights[f"model.layers.0.{name}.weight"].shape for name in LINEARS}
     assert groups[LINEARS[:3]] == (w[LINEARS[0]][1], [w[n][0] for n in LINEARS[:3]])
