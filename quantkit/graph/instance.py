@@ -2,9 +2,8 @@
 
 The layer class comes from a copy of the model's own config: hidden and intermediate sizes
 (and a factored projection's low rank) shrunk (head counts and head size real, so head maps
-are the real ones), or, for attention
-that takes its head size from hidden / heads, one kv head and its share of query heads, or
-the real sizes. Its arguments come from the tiny text model's own forward (``capture``);
+are the real ones), or, for attention that takes its head size from hidden / heads, one kv
+head and its share of query heads, or the real sizes. Its arguments come from the tiny text model's own forward (``capture``);
 its weights make every channel distinct.
 """
 
@@ -124,16 +123,13 @@ class TinyLayer:
                 sizes[head_dim] = kv * head_dim
             cfg.hidden_size = self.h
             sizes[self.h] = self.h_real
-            inter = getattr(cfg, "intermediate_size", None)
-            if isinstance(inter, int) and inter > max(_INTERMEDIATE_CHOICES):
-                cfg.intermediate_size = next(i for i in _INTERMEDIATE_CHOICES if i not in taken)
-                sizes[cfg.intermediate_size] = inter
-            for key in _LOW_RANK_KEYS:
-                rank = getattr(cfg, key, None)
-                if isinstance(rank, int) and rank > max(_LOW_RANK_CHOICES):
-                    tiny = next(r for r in _LOW_RANK_CHOICES if r not in taken and r not in sizes)
+            for key, choices in (("intermediate_size", _INTERMEDIATE_CHOICES),
+                                 *((k, _LOW_RANK_CHOICES) for k in _LOW_RANK_KEYS)):
+                real_size = getattr(cfg, key, None)
+                if isinstance(real_size, int) and real_size > max(choices):
+                    tiny = next(c for c in choices if c not in taken and c not in sizes)
                     setattr(cfg, key, tiny)
-                    sizes[tiny] = rank
+                    sizes[tiny] = real_size
         shrunk = _shrink_experts(cfg, {int(d) for p in real.parameters() for d in p.shape})
         self.experts, self.real_experts = shrunk or (None, None)
         if shrunk is not None:
