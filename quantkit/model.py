@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .bulk_read import TORCH_DTYPES, Extent, read_extents, unreadable_tensor
 from .errors import ModelError
 from .shard_check import model_file_error, model_file_problems, raise_problems, read_entries, shard_entries
 from .source_dequant import quantized_kind
@@ -153,6 +154,28 @@ class ModelSource:
         entry = read_entries(path)[name]
         return path, entry.dtype, list(entry.shape), entry.begin, entry.end
 
+    def extents(self, names: list[str]) -> list[Extent]:
+        """Where each of ``names``' bytes lie, from the shard headers (each parsed once): a
+        missing tensor, or a shard whose header is damaged, raises the error that reading it would."""
+        entries: dict[str, dict[str, Any]] = {}
+        out = []
+        for name in names:
+            shard = self.weight_map.get(name)
+            if shard is None:
+                raise _missing_tensor(name, self.path)
+            path = self.path / shard
+            if shard not in entries:
+                try:
+                    entries[shard] = read_entries(path)
+                except ModelError as e:
+                    raise unreadable_tensor(name, path, e.message) from None
+            entry = entries[shard].get(name)
+            if entry is None or entry.dtype not in TORCH_DTYPES:
+                why = "not in the shard's header" if entry is None else f"unknown dtype {entry.dtype}"
+                raise unreadable_tensor(name, path, why)
+            out.append(Extent(name, path, TORCH_DTYPES[entry.dtype], entry.shape, entry.begin, entry.end))
+        return out
+
     def tensor_headers(self) -> dict[str, dict[str, Any]]:
         """Every tensor's ``dtype`` and ``shape`` from the shard headers alone (each checked):
         what validation knows of the weights without reading one."""
@@ -213,6 +236,9 @@ class TensorReader(Protocol):
 
     def to_device(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor: ...
 
+    def to_device_all(self, names: list[str], device: torch.device,
+                      dtype: torch.dtype) -> dict[str, torch.Tensor]: ...
+
 
 class ShardReader:
     """Reads a source's tensors with each shard opened once for the reader's life.
@@ -229,6 +255,9 @@ class ShardReader:
     """
 
     REMAP_BYTES = 256 << 20
+    BULK_DEVICES = ("cuda",)
+    """Device types whose tensors are read in bulk (``bulk_read``): on the CPU, safetensors'
+    one-at-a-time reads are as fast (the copy out of the mapped file is the only copy)."""
 
     def __init__(self, source: ModelSource):
         self.source = source
@@ -261,8 +290,7 @@ class ShardReader:
                 f = self._files[shard] = safe_open(path, framework="pt").__enter__()
             t = f.get_tensor(name)
         except (SafetensorError, OSError) as e:
-            raise ModelError(f"model: cannot read tensor '{name}' from {path} ({e})", value=name, file=path,
-                             hint="the shard is damaged or truncated; re-download or re-convert the model") from None
+            raise unreadable_tensor(name, path, e) from None
         n = t.numel() * t.element_size()
         self.source.materialized.add(n)
         weakref.finalize(t, self.source.materialized.sub, n)
@@ -275,6 +303,16 @@ class ShardReader:
         """``name`` on ``device``, floating-point tensors in ``dtype``, integer ones as stored."""
         t = self.tensor(name)
         return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    def to_device_all(self, names: list[str], device: torch.device,
+                      dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """Each of ``names`` on ``device``, floating-point tensors in ``dtype`` (as stored when
+        None), integer ones as stored: read in bulk where ``BULK_DEVICES`` says, else one at a
+        time as ``to_device``."""
+        names = list(dict.fromkeys(names))
+        if device.type in self.BULK_DEVICES:
+            return dict(zip(names, read_extents(self.source.extents(names), device, dtype)))
+        return {n: self.tensor(n).to(device) if dtype is None else self.to_device(n, device, dtype) for n in names}
 
 
 def _missing_tensor(name: str, folder: Path) -> ModelError:

@@ -141,6 +141,15 @@ class DequantizingReader:
         codes, scales = (self.base.tensor(n).to(device) for n in self.view._parts[name])
         return self.view.dequantize_as(codes, scales, dtype)
 
+    def to_device_all(self, names: list[str], device: torch.device,
+                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """``to_device`` of each of ``names``, their source tensors (codes and scales as stored)
+        read in one go."""
+        parts = self.view._parts
+        raw = self.base.to_device_all([s for n in names for s in parts.get(n, (n,))], device, None)
+        return {n: self.view.dequantize_as(*(raw[s] for s in parts[n]), dtype) if n in parts else
+                raw[n].to(dtype if raw[n].is_floating_point() else raw[n].dtype) for n in names}
+
 
 def dequantized_parts(names: Iterable[str], kind: str) -> dict[str, tuple[str, str]]:
     """Each float tensor a source quantized as ``kind`` ("fp8" or "mxfp4") stands for ->
