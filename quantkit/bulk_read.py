@@ -18,8 +18,11 @@ plan, on a CUDA device with page-locked chunks, elsewhere with plain ones.
 from __future__ import annotations
 
 import os
+import queue
+import signal
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,8 +151,9 @@ def read_extents(extents: Sequence[Extent], device: torch.device,
     events: list[torch.cuda.Event | None] = [None] * len(bufs)
     fds: dict[Path, int] = {}
     futures: dict[int, Future] = {}
-    pool = ThreadPoolExecutor(max_workers=min(THREADS, len(bufs)), thread_name_prefix="quantkit-read")
+    pool = _Readers(min(THREADS, len(bufs)))
     try:
+        pool.start()
         for path in dict.fromkeys(r.path for c in plan for r in c.reads):
             try:
                 fds[path] = os.open(path, os.O_RDONLY)
@@ -179,10 +183,56 @@ def read_extents(extents: Sequence[Extent], device: torch.device,
             if k + len(bufs) < len(plan):
                 submit(k + len(bufs))
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.close()
         for fd in fds.values():
             os.close(fd)
     return out
+
+
+class _Readers:
+    """Threads running jobs in the order given; ``close`` drops the jobs not yet begun and joins
+    every thread."""
+
+    def __init__(self, n: int):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = False
+        self._threads = [threading.Thread(target=self._run, name=f"quantkit-read-{i}") for i in range(n)]
+
+    def start(self) -> None:
+        """The threads, started with SIGINT blocked (they inherit the mask): a Ctrl-C cannot land
+        inside ``Thread.start`` and leave a running thread unrecorded (it is raised once the
+        mask is lifted, every thread started), and the kernel hands it to the calling thread,
+        waking it from its wait at once."""
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for t in self._threads:
+                t.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def submit(self, fn: Callable[..., None], *args: object) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def close(self) -> None:
+        self._stop = True
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            if t.ident is not None:
+                t.join()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if self._stop:
+                future.cancel()
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # handed to the thread waiting on the result
+                future.set_exception(e)
 
 
 def _fill(chunk: Chunk, view: memoryview, fds: dict[Path, int], free: torch.cuda.Event | None,

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import NumericsError
+from .model import ShardReader
 from .scheme import QuantizedWeight
 from .shard_check import DTYPE_BYTES
 
@@ -49,10 +50,18 @@ def damaged_source_error(name: str, file: Path) -> NumericsError:
 
 
 def check_source_tensors(source, names: list[str], device: torch.device, chunk_bytes: int = 64 << 20) -> None:
-    """Refuse non-finite values in the named tensors of ``source`` (a `ModelSource`), read in row
-    chunks of about ``chunk_bytes`` (host memory holds one chunk of a 2 GB embedding) and checked
-    on ``device`` (a GPU checks a 70B's embedding and lm_head in the time it takes to read them)."""
-    for name in dict.fromkeys(names):  # a tied lm_head is the embedding: read it once
+    """Refuse non-finite values in the named tensors of ``source`` (a `ModelSource`), checked on
+    ``device`` (a GPU checks a 70B's embedding and lm_head in the time it takes to read them):
+    read in bulk where its reader reads so, else in row chunks of about ``chunk_bytes`` (host
+    memory holds one chunk of a 2 GB embedding)."""
+    names = list(dict.fromkeys(names))  # a tied lm_head is the embedding: read it once
+    if device.type in ShardReader.BULK_DEVICES:
+        with source.reader() as r:
+            bad = [n for n, t in r.to_device_all(names, device, None).items() if not all_finite(t)]
+        if bad:
+            raise damaged_source_error(bad[0], source.path / source.weight_map[bad[0]])
+        return
+    for name in names:
         path = source.path / source.weight_map[name]
         with safe_open(path, framework="pt") as f:
             part = f.get_slice(name)

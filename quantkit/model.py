@@ -185,27 +185,12 @@ class ModelSource:
             entries.update({k: {"dtype": e.dtype, "shape": list(e.shape)} for k, e in read_entries(shard).items()})
         return entries
 
-    def tensor_on(self, name: str, device: torch.device, dtype: torch.dtype,
-                  chunk_bytes: int = 64 << 20) -> torch.Tensor:
-        """``name`` on ``device`` in ``dtype``, read in row chunks of about ``chunk_bytes``.
-
-        A 128k-vocabulary embedding is 1-2 GB: read whole, it is held twice on the host (the
-        mapped file pages and the copy). Each chunk maps the shard anew, so host memory holds
-        one chunk at a time.
-        """
-        if device.type == "cpu":
-            return self.tensor(name).to(dtype)
-        path = self.path / self.weight_map[name]
-        with safe_open(path, framework="pt") as f:
-            shape = f.get_slice(name).get_shape()
-        out = torch.empty(shape, device=device, dtype=dtype)
-        if not shape or not out.numel():
-            return self.tensor(name).to(device=device, dtype=dtype)
-        rows = max(1, chunk_bytes // max(1, out[0].numel() * out.element_size()))
-        for i in range(0, shape[0], rows):
-            with safe_open(path, framework="pt") as f:
-                out[i : i + rows] = f.get_slice(name)[i : i + rows].to(device=device, dtype=dtype)
-        return out
+    def tensor_on(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``name`` on ``device``, floating-point in ``dtype``: on a GPU read in bulk through a few
+        chunks of host memory (a 128k-vocabulary embedding is 1-2 GB, read whole it was held
+        twice on the host: the mapped file pages and the copy)."""
+        with self.reader() as r:
+            return r.to_device_all([name], device, dtype)[name]
 
     def tensors_with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """All tensors under ``prefix`` (e.g. ``model.layers.3.``), keys without the prefix."""

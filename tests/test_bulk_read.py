@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from quantkit import bulk_read
 from quantkit.bulk_read import Extent, plan_reads, read_extents
-from quantkit.errors import ModelError
+from quantkit.errors import ModelError, NumericsError
+from quantkit.finite_check import check_source_tensors
 from quantkit.graph.runtime import ModelRunner
 from quantkit.model import ModelSource, ShardReader
 from tests.tiny_models import make_tiny_model
@@ -114,6 +118,26 @@ def test_short_read_is_a_model_error_naming_tensor_and_file(shard, monkeypatch):
         read_extents(extents, CPU)
     assert (e.value.value, e.value.file) == (last.name, str(path))
     assert "short read" in e.value.message
+    assert not [t for t in threading.enumerate() if t.name.startswith("quantkit-read")]
+
+
+def test_ctrl_c_while_reading_leaves_no_reader_thread(shard, monkeypatch):
+    monkeypatch.setattr(bulk_read, "CHUNK_BYTES", 16)
+    real, fills = bulk_read._fill, []
+
+    def interrupted(*a):
+        fills.append(1)
+        if len(fills) == 1:  # Ctrl-C once, while the main thread waits for this chunk
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            time.sleep(0.2)
+        real(*a)
+
+    monkeypatch.setattr(bulk_read, "_fill", interrupted)
+    source = ModelSource(path=shard, config={}, weight_map={k: "model.safetensors" for k in "abcdefg"})
+    with pytest.raises(KeyboardInterrupt):
+        read_extents(source.extents(list("abcdefg")), CPU)
+    assert not [t for t in threading.enumerate() if t.name.startswith("quantkit-read")]
+    assert len(fills) < len(plan_reads(source.extents(list("abcdefg")), 16))  # the reads left were dropped
 
 
 def test_damaged_header_and_missing_tensor_are_the_errors_of_a_read(shard):
@@ -125,6 +149,24 @@ def test_damaged_header_and_missing_tensor_are_the_errors_of_a_read(shard):
     with pytest.raises(ModelError) as e:
         source.extents(["a"])
     assert (e.value.value, e.value.file) == ("a", str(shard / "model.safetensors"))
+
+
+@pytest.mark.parametrize("bulk", [False, True])
+def test_outside_tensors_checked_and_read_in_bulk_as_one_at_a_time(shard, bulk, monkeypatch):
+    """The embedding/head check and read (``check_source_tensors``, ``tensor_on``) give the same
+    verdicts and values through the bulk reader as through row chunks."""
+    monkeypatch.setattr(ShardReader, "BULK_DEVICES", ("cpu",) if bulk else ())
+    monkeypatch.setattr(bulk_read, "CHUNK_BYTES", 64)
+    path = shard / "model.safetensors"
+    source = ModelSource(path=shard, config={}, weight_map={k: "model.safetensors" for k in "abcdefg"})
+    check_source_tensors(source, list("abcdefg"), CPU, chunk_bytes=64)
+    expect = load_file(str(path))
+    assert all(torch.equal(source.tensor_on(n, CPU, torch.float32), expect[n].float()) for n in "abf")
+    expect["b"][3] = float("nan")
+    save_file(expect, str(path))
+    with pytest.raises(NumericsError) as e:
+        check_source_tensors(source, list("abcdefg"), CPU, chunk_bytes=64)
+    assert (e.value.value, e.value.file) == ("b", str(path))
 
 
 # --------------------------------------------------------------------------- whole layers
