@@ -1,14 +1,19 @@
 """A decoder layer's load stage on its own: ``ModelRunner.load_layer`` over a few layers of a
-random Qwen3-MoE model (one shard per layer, tensors named as the released checkpoints), its
-wall and process CPU seconds and the number of shard opens, optionally from an FP8 source with
-block scales (DeepSeek-V3's format) dequantized on read.
+random Qwen3-MoE model (one shard per layer, tensors named as the released checkpoints), read
+one tensor at a time through safetensors and in bulk (``quantkit.bulk_read``: threads
+``preadv`` into a few reused chunks, page-locked on a GPU, copied asynchronously), side by
+side: wall and process CPU seconds a layer, the same for the tensors outside the layers (the
+finite check of embedding and head, then the embedding read), and whether both paths gave the
+same bytes. Optionally from an FP8 source with block scales (DeepSeek-V3's format) dequantized
+on read. The shards are read once before timing, so both paths read from the page cache.
 
     .venv/bin/python benchmarks/layer_load.py                      # 128 experts at a small width
     .venv/bin/python benchmarks/layer_load.py --shape cpu-wide     # gpu_vs_llmcompressor's --cpu-wide shape
     .venv/bin/python benchmarks/layer_load.py --fp8                # the same, FP8 source
+    .venv/bin/python benchmarks/layer_load.py --shape qwen3-30b-a3b --layers 2 --device cuda   # the real layer
 
-Per-tensor costs (header parsing, opens) show with many small experts; ``--device cuda`` on a
-GPU machine adds the copies.
+On the CPU the run's path stays one tensor at a time (``ShardReader.BULK_DEVICES``); the bulk
+column there says what it would cost.
 """
 
 from __future__ import annotations
@@ -70,55 +75,77 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--shape", choices=("many-experts", "cpu-wide", "qwen3-30b-a3b"), default="many-experts",
                     help="128 experts at a small width; gpu_vs_llmcompressor's --cpu-wide Qwen3-MoE; the real "
-                    "Qwen3-30B-A3B layer (1.2 GB, for a GPU)")
+                    "Qwen3-30B-A3B layer (1.2 GB)")
     ap.add_argument("--fp8", action="store_true", help="the source in FP8 with 64x64 block scales")
+    ap.add_argument("--model", help="an existing model folder instead of building one (e.g. build_moe_model's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", default="/tmp/quantkit-layer-load")
     args = ap.parse_args(argv)
 
-    import safetensors
     import torch
 
     import gpu_vs_llmcompressor as bench
-    from quantkit import model as model_module
+    from quantkit.finite_check import check_source_tensors
     from quantkit.graph.runtime import ModelRunner
-    from quantkit.model import ModelSource
+    from quantkit.model import ModelSource, ShardReader
 
     torch.set_num_threads(1)  # process CPU seconds of one thread: a shared machine's load moves wall time
-    shape = bench.MOE_SHAPES["qwen3-30b-a3b"]
-    shape["config"].update({"cpu-wide": bench._CPU_WIDE, "many-experts": _MANY_EXPERTS}.get(args.shape, {}))
     tag = args.shape
-    folder = bench.build_moe_model("qwen3-30b-a3b", args.layers, Path(args.work) / f"{tag}-{args.layers}")
+    if args.model:
+        folder, tag = Path(args.model), Path(args.model).name
+    else:
+        shape = bench.MOE_SHAPES["qwen3-30b-a3b"]
+        shape["config"].update({"cpu-wide": bench._CPU_WIDE, "many-experts": _MANY_EXPERTS}.get(args.shape, {}))
+        folder = bench.build_moe_model("qwen3-30b-a3b", args.layers, Path(args.work) / f"{tag}-{args.layers}")
     if args.fp8:
-        folder = to_fp8(folder, Path(args.work) / f"{tag}-{args.layers}-fp8")
-    opens = [0]
-    real_open = safetensors.safe_open
-
-    def counting_open(*a, **k):
-        opens[0] += 1
-        return real_open(*a, **k)
-
-    model_module.safe_open = counting_open
+        folder = to_fp8(folder, Path(args.work) / f"{folder.name}-fp8")
+    for shard in sorted(folder.glob("*.safetensors")):  # into the page cache
+        with open(shard, "rb") as f:
+            while f.read(64 << 20):
+                pass
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    runner = ModelRunner(ModelSource.open(str(folder)), device, torch.bfloat16)
-    rows = []
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    for i in range(runner.num_layers):
-        opens[0] = 0
+    source = ModelSource.open(str(folder))
+    runner = ModelRunner(source, device, torch.bfloat16)
+    rows, first = [], {}
+    for path, bulk in (("one at a time", ()), ("bulk", (device.type,))):
+        ShardReader.BULK_DEVICES = bulk
         t, c = time.perf_counter(), time.process_time()
-        layer = runner.load_layer(i)
+        check_source_tensors(source, runner.outside_text_sources(), device)
+        embed = next(n for n, m in runner.model.named_modules() if m is runner.model.get_input_embeddings())
+        runner.read_source(f"{embed}.weight", torch.empty(0))
         sync()
-        load_wall, load_cpu = time.perf_counter() - t, time.process_time() - c
-        rows.append((i, sum(1 for _ in layer.parameters()), opens[0], load_wall, load_cpu))
-        del layer
-    total_wall, total_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    print(f"{tag}{' fp8' if args.fp8 else ''} on {args.device}")
-    print(f"{'layer':>5} {'tensors':>8} {'opens':>6} {'load wall s':>12} {'load cpu s':>11}")
-    for i, n, o, w, c in rows:
-        print(f"{i:>5} {n:>8} {o:>6} {w:>12.3f} {c:>11.3f}")
-    print(f"total wall {total_wall:.3f} s, process cpu {total_cpu:.3f} s")
-    return 0
+        rows.append((path, "outside", len(runner.outside_text_sources()), time.perf_counter() - t,
+                     time.process_time() - c, _rss_gib()))
+        for i in range(runner.num_layers):
+            t, c = time.perf_counter(), time.process_time()
+            layer = runner.load_layer(i)
+            sync()
+            rows.append((path, str(i), sum(1 for _ in layer.parameters()), time.perf_counter() - t,
+                         time.process_time() - c, _rss_gib()))
+            if i == 0:
+                state = {k: v.reshape(-1).view(torch.uint8) for k, v in layer.state_dict().items()}
+                first.setdefault(path, state)
+            del layer
+    same = all(torch.equal(a, b) for a, b in zip(*(s.values() for s in first.values()))) and \
+        len({tuple(s) for s in first.values()}) == 1
+    print(f"{tag}{' fp8' if args.fp8 else ''} on {args.device}: layer 0 the same bytes both ways: {same}")
+    print(f"{'path':>14} {'layer':>8} {'tensors':>8} {'wall s':>8} {'cpu s':>8} {'RSS GiB':>8}")
+    for path, i, n, w, c, rss in rows:
+        print(f"{path:>14} {i:>8} {n:>8} {w:>8.3f} {c:>8.3f} {rss:>8.2f}")
+    for what in ("outside", "layers"):
+        walls = {p: sum(w for p_, i, _, w, _, _ in rows if p_ == p and (i == "outside") == (what == "outside"))
+                 for p in ("one at a time", "bulk")}
+        print(f"{what}: one at a time {walls['one at a time']:.3f} s, bulk {walls['bulk']:.3f} s "
+              f"({walls['bulk'] / max(walls['one at a time'], 1e-9):.2f}x)")
+    return 0 if same else 1
+
+
+def _rss_gib() -> float:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 if __name__ == "__main__":
