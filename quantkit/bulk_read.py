@@ -31,8 +31,8 @@ import torch
 from .errors import ModelError
 
 CHUNK_BYTES = 64 << 20
-RING = 4  # chunks in flight: host memory is RING * CHUNK_BYTES (page-locked on a GPU)
 THREADS = 4
+RING = THREADS + 1  # chunks: host memory is RING * CHUNK_BYTES (page-locked on a GPU)
 
 # safetensors dtype names -> torch (F8_E8M0: MXFP4 scales where a checkpoint stores them so).
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -162,8 +162,7 @@ def read_extents(extents: Sequence[Extent], device: torch.device,
                 raise unreadable_tensor(first, path, e.strerror or e) from None
 
         def submit(k: int) -> None:
-            slot = k % len(bufs)
-            futures[k] = pool.submit(_fill, plan[k], views[slot], fds, events[slot],
+            futures[k] = pool.submit(_fill, plan[k], views[k % len(bufs)], fds,
                                      lambda at, why, k=k: _error_at(plan[k], at, why, extents))
 
         for k in range(len(bufs)):
@@ -179,9 +178,16 @@ def read_extents(extents: Sequence[Extent], device: torch.device,
                     finish(p.index)
             if cuda:
                 events[slot] = torch.cuda.Event()
-                events[slot].record()
-            if k + len(bufs) < len(plan):
-                submit(k + len(bufs))
+                events[slot].record(torch.cuda.current_stream(device))
+            # The previous chunk's slot is refilled once its copies are done (issued a chunk
+            # ago, they are by now): the wait stays on this thread, the one that set the
+            # device; the readers never touch CUDA.
+            again = k - 1 + len(bufs)
+            if k and again < len(plan):
+                done = events[(k - 1) % len(bufs)]
+                if done is not None:
+                    done.synchronize()
+                submit(again)
     finally:
         pool.close()
         for fd in fds.values():
@@ -235,11 +241,8 @@ class _Readers:
                 future.set_exception(e)
 
 
-def _fill(chunk: Chunk, view: memoryview, fds: dict[Path, int], free: torch.cuda.Event | None,
-          error: Callable[[int, object], ModelError]) -> None:
-    """A chunk's reads into ``view``, once the copies out of its previous contents are done."""
-    if free is not None:
-        free.synchronize()
+def _fill(chunk: Chunk, view: memoryview, fds: dict[Path, int], error: Callable[[int, object], ModelError]) -> None:
+    """A chunk's reads into ``view``."""
     for r in chunk.reads:
         got = 0
         while got < r.size:

@@ -156,16 +156,27 @@ def test_outside_tensors_checked_and_read_in_bulk_as_one_at_a_time(shard, bulk, 
     """The embedding/head check and read (``check_source_tensors``, ``tensor_on``) give the same
     verdicts and values through the bulk reader as through row chunks."""
     monkeypatch.setattr(ShardReader, "BULK_DEVICES", ("cpu",) if bulk else ())
+    _outside_tensors(shard, CPU, monkeypatch)
+
+
+@pytest.mark.gpu
+def test_outside_tensors_checked_and_read_in_bulk_on_cuda(shard, monkeypatch):
+    _outside_tensors(shard, torch.device("cuda"), monkeypatch)
+
+
+def _outside_tensors(shard: Path, device: torch.device, monkeypatch) -> None:
     monkeypatch.setattr(bulk_read, "CHUNK_BYTES", 64)
     path = shard / "model.safetensors"
     source = ModelSource(path=shard, config={}, weight_map={k: "model.safetensors" for k in "abcdefg"})
-    check_source_tensors(source, list("abcdefg"), CPU, chunk_bytes=64)
+    check_source_tensors(source, list("abcdefg"), device, chunk_bytes=64)
     expect = load_file(str(path))
-    assert all(torch.equal(source.tensor_on(n, CPU, torch.float32), expect[n].float()) for n in "abf")
+    for n in "abf":
+        got = source.tensor_on(n, device, torch.float32)
+        assert got.device.type == device.type and torch.equal(got.cpu(), expect[n].float()), n
     expect["b"][3] = float("nan")
     save_file(expect, str(path))
     with pytest.raises(NumericsError) as e:
-        check_source_tensors(source, list("abcdefg"), CPU, chunk_bytes=64)
+        check_source_tensors(source, list("abcdefg"), device, chunk_bytes=64)
     assert (e.value.value, e.value.file) == ("b", str(path))
 
 
