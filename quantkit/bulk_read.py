@@ -21,7 +21,7 @@ import os
 import queue
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,27 +123,30 @@ def unreadable_tensor(name: str, path: Path, why: object) -> ModelError:
 
 
 def read_extents(extents: Sequence[Extent], device: torch.device,
-                 cast: torch.dtype | None = None) -> list[torch.Tensor]:
+                 cast: torch.dtype | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Each extent as a tensor on ``device`` (its stored dtype, or ``cast`` for floating-point
-    ones, cast on the device as soon as its last byte has arrived).
+    ones, cast on the device), yielded as ``(index in extents, tensor)`` once its last byte's
+    copy is issued, in file order: a caller that turns tensors into others (codes and scales
+    into float weights) holds only those not yet turned, not the whole layer's.
 
     A short read (the file shorter than its header says) or an I/O error raises the
     ``ModelError`` of ``unreadable_tensor`` naming the tensor and its file. The reading threads
-    are joined before this returns or raises (Ctrl-C included).
+    are joined before the generator finishes, raises or is closed (Ctrl-C included).
     """
     plan = plan_reads(extents, CHUNK_BYTES)
-    out = [torch.empty(e.shape, dtype=e.dtype, device=device) for e in extents]
-    flat = [t.reshape(-1).view(torch.uint8) for t in out]
+    out: dict[int, torch.Tensor] = {}
+    flat: dict[int, torch.Tensor] = {}
     left = [e.size for e in extents]
 
-    def finish(i: int) -> None:
-        if cast is not None and out[i].is_floating_point() and out[i].dtype != cast:
-            out[i] = out[i].to(cast)
+    def finish(i: int) -> tuple[int, torch.Tensor]:
+        t = out.pop(i) if i in out else torch.empty(extents[i].shape, dtype=extents[i].dtype, device=device)
+        flat.pop(i, None)
+        return i, t.to(cast) if cast is not None and t.is_floating_point() else t
 
     for i in (i for i, n in enumerate(left) if n == 0):
-        finish(i)
+        yield finish(i)
     if not plan:
-        return out
+        return
     cuda = device.type == "cuda"
     size = max(c.size for c in plan)
     bufs = [torch.empty(size, dtype=torch.uint8, pin_memory=cuda) for _ in range(min(RING, len(plan)))]
@@ -171,11 +174,16 @@ def read_extents(extents: Sequence[Extent], device: torch.device,
             slot = k % len(bufs)
             futures.pop(k).result()
             buf = bufs[slot]
+            complete = []
             for p in chunk.pieces:
+                if p.index not in out:  # allocated at its first piece: the device holds what has arrived
+                    e = extents[p.index]
+                    out[p.index] = torch.empty(e.shape, dtype=e.dtype, device=device)
+                    flat[p.index] = out[p.index].reshape(-1).view(torch.uint8)
                 flat[p.index][p.offset:p.offset + p.size].copy_(buf[p.at:p.at + p.size], non_blocking=cuda)
                 left[p.index] -= p.size
                 if not left[p.index]:
-                    finish(p.index)
+                    complete.append(p.index)
             if cuda:
                 events[slot] = torch.cuda.Event()
                 events[slot].record(torch.cuda.current_stream(device))
@@ -188,11 +196,12 @@ def read_extents(extents: Sequence[Extent], device: torch.device,
                 if done is not None:
                     done.synchronize()
                 submit(again)
+            for i in complete:
+                yield finish(i)
     finally:
         pool.close()
         for fd in fds.values():
             os.close(fd)
-    return out
 
 
 class _Readers:

@@ -10,6 +10,7 @@ global scale likewise) is never published, nor an E8M0 scale holding its NaN cod
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -56,10 +57,10 @@ def check_source_tensors(source, names: list[str], device: torch.device, chunk_b
     memory holds one chunk of a 2 GB embedding)."""
     names = list(dict.fromkeys(names))  # a tied lm_head is the embedding: read it once
     if device.type in ShardReader.BULK_DEVICES:
-        with source.reader() as r:
-            bad = [n for n, t in r.to_device_all(names, device, None).items() if not all_finite(t)]
-        if bad:
-            raise damaged_source_error(bad[0], source.path / source.weight_map[bad[0]])
+        with source.reader() as r, contextlib.closing(r.stream(names, device, None)) as tensors:
+            for name, t in tensors:  # each checked as it arrives: the device holds one at a time
+                if not all_finite(t):
+                    raise damaged_source_error(name, source.path / source.weight_map[name])
         return
     for name in names:
         path = source.path / source.weight_map[name]

@@ -8,6 +8,7 @@ layer in memory, whatever the model's size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,7 +17,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -292,12 +293,22 @@ class ShardReader:
     def to_device_all(self, names: list[str], device: torch.device,
                       dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         """Each of ``names`` on ``device``, floating-point tensors in ``dtype`` (as stored when
-        None), integer ones as stored: read in bulk where ``BULK_DEVICES`` says, else one at a
-        time as ``to_device``."""
+        None), integer ones as stored."""
+        with contextlib.closing(self.stream(names, device, dtype)) as tensors:
+            return dict(tensors)
+
+    def stream(self, names: list[str], device: torch.device,
+               dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``to_device_all`` one tensor at a time, as each arrives: read in bulk where
+        ``BULK_DEVICES`` says (in file order), else one at a time as ``to_device``."""
         names = list(dict.fromkeys(names))
         if device.type in self.BULK_DEVICES:
-            return dict(zip(names, read_extents(self.source.extents(names), device, dtype)))
-        return {n: self.tensor(n).to(device) if dtype is None else self.to_device(n, device, dtype) for n in names}
+            with contextlib.closing(read_extents(self.source.extents(names), device, dtype)) as tensors:
+                for i, t in tensors:
+                    yield names[i], t
+            return
+        for n in names:
+            yield n, self.tensor(n).to(device) if dtype is None else self.to_device(n, device, dtype)
 
 
 def _missing_tensor(name: str, folder: Path) -> ModelError:

@@ -99,11 +99,27 @@ def test_read_extents_equals_safetensors_bitwise(shard, chunk, monkeypatch):
     names = list("gcbadfe")
     expect = load_file(str(shard / "model.safetensors"))
     for cast in (None, torch.float32):
-        got = dict(zip(names, read_extents(source.extents(names), CPU, cast)))
+        got = {names[i]: t for i, t in read_extents(source.extents(names), CPU, cast)}
         for n in names:
             want = expect[n].to(cast) if cast is not None and expect[n].is_floating_point() else expect[n]
             assert got[n].dtype == want.dtype and got[n].shape == want.shape, n
             assert torch.equal(_bytes(got[n]), _bytes(want)), n
+
+
+def test_tensors_come_as_they_arrive(shard, monkeypatch):
+    """A tensor is handed over once its bytes are in, before later chunks are read: a caller
+    turning codes into float weights never holds a whole layer's codes."""
+    monkeypatch.setattr(bulk_read, "CHUNK_BYTES", 16)
+    monkeypatch.setattr(bulk_read, "RING", 2)
+    real, fills = bulk_read._fill, []
+    monkeypatch.setattr(bulk_read, "_fill", lambda *a: fills.append(1) or real(*a))
+    source = ModelSource(path=shard, config={}, weight_map={k: "model.safetensors" for k in "abcdefg"})
+    extents = source.extents(list("abcdefg"))
+    tensors = read_extents(extents, CPU)
+    first = next(i for i, t in tensors if t.numel())
+    assert len(fills) < len(plan_reads(extents, 16)) // 2
+    assert extents[first].begin == min(e.begin for e in extents if e.size)
+    tensors.close()
 
 
 def test_short_read_is_a_model_error_naming_tensor_and_file(shard, monkeypatch):
@@ -115,7 +131,7 @@ def test_short_read_is_a_model_error_naming_tensor_and_file(shard, monkeypatch):
     last = max(extents, key=lambda e: e.end)
     path.write_bytes(path.read_bytes()[:last.begin + 1])
     with pytest.raises(ModelError) as e:
-        read_extents(extents, CPU)
+        list(read_extents(extents, CPU))
     assert (e.value.value, e.value.file) == (last.name, str(path))
     assert "short read" in e.value.message
     assert not [t for t in threading.enumerate() if t.name.startswith("quantkit-read")]
@@ -135,7 +151,7 @@ def test_ctrl_c_while_reading_leaves_no_reader_thread(shard, monkeypatch):
     monkeypatch.setattr(bulk_read, "_fill", interrupted)
     source = ModelSource(path=shard, config={}, weight_map={k: "model.safetensors" for k in "abcdefg"})
     with pytest.raises(KeyboardInterrupt):
-        read_extents(source.extents(list("abcdefg")), CPU)
+        list(read_extents(source.extents(list("abcdefg")), CPU))
     assert not [t for t in threading.enumerate() if t.name.startswith("quantkit-read")]
     assert len(fills) < len(plan_reads(source.extents(list("abcdefg")), 16))  # the reads left were dropped
 
