@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 pass
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    torch.ones(1).to(device)  # the CUDA context, before the first path's clock
+    sync()
     source = ModelSource.open(str(folder))
     runner = ModelRunner(source, device, torch.bfloat16)
     rows, first = [], {}
