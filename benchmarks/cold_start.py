@@ -11,12 +11,18 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def _ops(device: torch.device) -> dict:
     a = torch.randn(512, 512, device=device)
     h = a @ a.T + 512 * torch.eye(512, device=device)
-    q = torch.randn(1, 8, 256, 64, device=device, dtype=torch.bfloat16)
+    q128 = torch.randn(1, 8, 256, 128, device=device, dtype=torch.bfloat16)
+    q64 = torch.randn(1, 8, 256, 64, device=device, dtype=torch.bfloat16)
+
+    def attention(q: torch.Tensor, backend: SDPBackend):
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, q, q, is_causal=True)
     w = torch.randn(4, 256, 128, device=device, dtype=torch.bfloat16)
     x = torch.randn(64, 256, device=device, dtype=torch.bfloat16)
     offs = torch.tensor([16, 32, 48, 64], device=device, dtype=torch.int32)
@@ -26,7 +32,10 @@ def _ops(device: torch.device) -> dict:
         "cholesky (cuSOLVER)": lambda: torch.linalg.cholesky(h),
         "triangular solve": lambda: torch.linalg.solve_triangular(torch.linalg.cholesky(h), a, upper=False),
         "batched matmul": lambda: torch.bmm(a.expand(4, -1, -1), a.expand(4, -1, -1)),
-        "attention (flash)": lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True),
+        "attention, flash, head 128": lambda: attention(q128, SDPBackend.FLASH_ATTENTION),
+        "attention, flash, head 64 (after 128)": lambda: attention(q64, SDPBackend.FLASH_ATTENTION),
+        "attention, memory-efficient, head 128": lambda: attention(q128, SDPBackend.EFFICIENT_ATTENTION),
+        "attention, cuDNN, head 128": lambda: attention(q128, SDPBackend.CUDNN_ATTENTION),
         "grouped matmul": lambda: torch._grouped_mm(x, w, offs=offs),
         "top-k + softmax": lambda: torch.topk(a.softmax(-1), 8, dim=-1),
         "pinned copy to host": lambda: torch.empty(a.shape, pin_memory=True).copy_(a, non_blocking=True),
