@@ -24,6 +24,7 @@ import torch
 from .errors import ExportError
 from .finite_check import all_finite, check_quantized, check_quantized_stack, check_written, check_written_stack
 from .formats.base import Format
+from .host_copy import to_host
 from .interrupts import deferred_interrupts
 from .output_guard import MARKER, check_replaceable, marker_text, old_dir_for, recover_interrupted_publish
 from .scheme import QuantizedWeight
@@ -78,7 +79,7 @@ class CheckpointWriter:
 
     def add(self, name: str, tensor: torch.Tensor, keep_dtype: bool = False) -> None:
         """Write one tensor; float tensors are cast to the export dtype unless ``keep_dtype``."""
-        t = tensor.detach().to("cpu")
+        t = to_host(tensor)
         if t.is_floating_point() and not keep_dtype:
             cast = t.to(self.dtype)
             if not all_finite(cast) and all_finite(t):
@@ -89,7 +90,7 @@ class CheckpointWriter:
         self._put(name, t)
 
     def _put(self, name: str, t: torch.Tensor) -> None:
-        t = t.detach().to("cpu").contiguous()
+        t = to_host(t).contiguous()
         check_written(name, t)
         self._write(name, t)
 
@@ -168,7 +169,7 @@ class CheckpointWriter:
     def add_quantized(self, prefix: str, qw: QuantizedWeight) -> None:
         check_quantized(prefix, qw)
         for name, t in self.fmt.weight_tensors(prefix, qw, self.dtype).items():
-            self._put(name, t.detach().to("cpu"))
+            self._put(name, t)
 
     def pack_stack(self, prefixes: list[str], qws: list[QuantizedWeight],
                    stack: QuantizedWeight) -> list[dict[str, torch.Tensor]]:
@@ -177,7 +178,7 @@ class CheckpointWriter:
         once, checked as ``add_quantized`` checks them but with one reduction per stacked
         tensor; write each Linear's with ``add_packed``. Only for ``fmt.stacks(scheme)``."""
         check_quantized_stack(prefixes, qws, stack)
-        fields = {k: t.detach().to("cpu") for k, t in self.fmt.stacked_tensors(prefixes, stack, self.dtype).items()}
+        fields = {k: to_host(t) for k, t in self.fmt.stacked_tensors(prefixes, stack, self.dtype).items()}
         for k, t in fields.items():
             check_written_stack([f"{p}.{k}" for p in prefixes], t)
         return [{f"{p}.{k}": t[i] for k, t in fields.items()} for i, p in enumerate(prefixes)]

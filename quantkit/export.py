@@ -26,10 +26,9 @@ edited tensors) is the same for a fresh run and a resumed one, so both write the
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from dataclasses import replace
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -55,42 +54,19 @@ class StreamingExport:
         self.quantized: set[str] = set()
         self._worker = OneInFlight("quantkit-export")
         self._stop = threading.Event()
-        self._stream = torch.cuda.Stream(runner.device) if runner.device.type == "cuda" else None
 
     def start(self) -> None:
         """Open the staging folder and copy the untouched source tensors in the background."""
         self.writer.start()
-        self._worker.submit(self._job, copy_untouched_sources, None, self.runner, self.writer)
+        self._worker.submit(copy_untouched_sources, self.runner, self.writer)
 
     def hand_off(self, i: int, record: LayerRecord) -> None:
-        """Export layer ``i`` (its tensors are not changed afterwards) once layer ``i - 1``'s is written."""
-        ready = None
-        if self._stream is not None:  # the record's last kernels, queued on the engine's stream
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.runner.device))
-        self._worker.submit(self._job, self._layer, ready, i, record)
+        """Export layer ``i`` (its tensors are not changed afterwards) once layer ``i - 1``'s is
+        written; its device work follows the record's last kernels on the engine's stream."""
+        self._worker.submit(self._layer, i, record)
 
     def _layer(self, i: int, record: LayerRecord) -> None:
         self.quantized |= export_layer(self.runner, self.writer, i, record, self._stop.is_set)
-
-    def _job(self, fn: Callable[..., None], ready: torch.cuda.Event | None, *args: Any) -> None:
-        with self._on_stream(ready):
-            fn(*args)
-
-    @contextlib.contextmanager
-    def _on_stream(self, ready: torch.cuda.Event | None) -> Iterator[None]:
-        """The job's device work on the export's own stream, after ``ready``; finished on the
-        device before the job ends (it then drops tensors the engine's stream allocated)."""
-        if self._stream is None:
-            yield
-            return
-        with torch.cuda.stream(self._stream):
-            if ready is not None:
-                self._stream.wait_event(ready)
-            try:
-                yield
-            finally:
-                self._stream.synchronize()
 
     def finish(self) -> None:
         """After the last hand-off: wait for its export, write a rotation's edited tensors,

@@ -24,6 +24,7 @@ from safetensors import safe_open
 
 from .background import OneInFlight
 from .errors import ExportError
+from .host_copy import to_host
 from .scheme import QuantizedWeight, WeightScheme, quantized_as_tensors, quantized_from_tensors
 from .weight_fingerprint import Fingerprint, check_unchanged, first_change
 
@@ -202,7 +203,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         f.write(struct.pack("<Q", len(raw)) + raw)
         for t in tensors.values():
             if t.numel():
-                f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                f.write(to_host(t).contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def fingerprint(*parts: Any) -> str:

@@ -166,3 +166,25 @@ def test_row_chunks_of_equal_experts_are_even():
     chunks = _row_chunks([f"m{i}" for i in range(256)], [size] * 256, MAX_STACKED_ELEMENTS)
     assert [len(c) for c in chunks] == [128, 128] and 128 * size <= MAX_STACKED_ELEMENTS
     assert [n for c in chunks for n in c] == [f"m{i}" for i in range(256)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_wide_stack_is_factored_one_hessian_at_a_time_on_streams(monkeypatch):
+    """From ``STREAMED_WIDTH`` a CUDA stack of Hessians is factored per Hessian on several
+    streams: each factor is bitwise that Hessian's own, close to float64's, and a Hessian that
+    is not positive definite is reported in its own ``info`` alone."""
+    from quantkit.quantizers import gptq
+
+    monkeypatch.setattr(gptq, "STREAMED_WIDTH", 256)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(6, 256, 700, device="cuda", generator=g) * torch.linspace(0.1, 4.0, 256, device="cuda")[:, None]
+    h = x @ x.transpose(1, 2) / 700 + 1e-3 * torch.eye(256, device="cuda")
+    h[3, 7, 7] = -1.0
+    upper, info = gptq.upper_inverse_factor(h)
+    assert info.tolist()[3] != 0 and [v for e, v in enumerate(info.tolist()) if e != 3] == [0] * 5
+    for e in (0, 1, 2, 4, 5):
+        alone, one = gptq.upper_inverse_factor(h[e:e + 1])
+        assert int(one[0]) == 0 and torch.equal(upper[e], alone[0]), e
+        ref = torch.linalg.cholesky(torch.linalg.inv(h[e].double()), upper=True)
+        assert (upper[e].double() - ref).abs().max() / ref.abs().max() < 1e-4, e
