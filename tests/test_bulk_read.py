@@ -91,19 +91,20 @@ def shard(tmp_path) -> Path:
     return tmp_path
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("chunk", [16, 100, 1 << 20])
-def test_read_extents_equals_safetensors_bitwise(shard, chunk, monkeypatch):
+def test_read_extents_equals_safetensors_bitwise(shard, chunk, device, monkeypatch):
     monkeypatch.setattr(bulk_read, "CHUNK_BYTES", chunk)
     monkeypatch.setattr(bulk_read, "RING", 2)
     source = ModelSource(path=shard, config={}, weight_map={k: "model.safetensors" for k in "abcdefg"})
     names = list("gcbadfe")
     expect = load_file(str(shard / "model.safetensors"))
     for cast in (None, torch.float32):
-        got = {names[i]: t for i, t in read_extents(source.extents(names), CPU, cast)}
+        got = {names[i]: t for i, t in read_extents(source.extents(names), torch.device(device), cast)}
         for n in names:
             want = expect[n].to(cast) if cast is not None and expect[n].is_floating_point() else expect[n]
-            assert got[n].dtype == want.dtype and got[n].shape == want.shape, n
-            assert torch.equal(_bytes(got[n]), _bytes(want)), n
+            assert got[n].device.type == device and got[n].dtype == want.dtype and got[n].shape == want.shape, n
+            assert torch.equal(_bytes(got[n].cpu()), _bytes(want)), n
 
 
 def test_tensors_come_as_they_arrive(shard, monkeypatch):
@@ -122,7 +123,8 @@ def test_tensors_come_as_they_arrive(shard, monkeypatch):
     tensors.close()
 
 
-def test_short_read_is_a_model_error_naming_tensor_and_file(shard, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_short_read_is_a_model_error_naming_tensor_and_file(shard, device, monkeypatch):
     """The file shrinks after its header was read: the tensor whose bytes are missing is named."""
     monkeypatch.setattr(bulk_read, "CHUNK_BYTES", 64)
     path = shard / "model.safetensors"
@@ -131,7 +133,7 @@ def test_short_read_is_a_model_error_naming_tensor_and_file(shard, monkeypatch):
     last = max(extents, key=lambda e: e.end)
     path.write_bytes(path.read_bytes()[:last.begin + 1])
     with pytest.raises(ModelError) as e:
-        list(read_extents(extents, CPU))
+        list(read_extents(extents, torch.device(device)))
     assert (e.value.value, e.value.file) == (last.name, str(path))
     assert "short read" in e.value.message
     assert not [t for t in threading.enumerate() if t.name.startswith("quantkit-read")]
