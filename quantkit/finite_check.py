@@ -10,6 +10,7 @@ global scale likewise) is never published, nor an E8M0 scale holding its NaN cod
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -17,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import NumericsError
+from .model import ShardReader
 from .scheme import QuantizedWeight
 from .shard_check import DTYPE_BYTES
 
@@ -49,10 +51,18 @@ def damaged_source_error(name: str, file: Path) -> NumericsError:
 
 
 def check_source_tensors(source, names: list[str], device: torch.device, chunk_bytes: int = 64 << 20) -> None:
-    """Refuse non-finite values in the named tensors of ``source`` (a `ModelSource`), read in row
-    chunks of about ``chunk_bytes`` (host memory holds one chunk of a 2 GB embedding) and checked
-    on ``device`` (a GPU checks a 70B's embedding and lm_head in the time it takes to read them)."""
-    for name in dict.fromkeys(names):  # a tied lm_head is the embedding: read it once
+    """Refuse non-finite values in the named tensors of ``source`` (a `ModelSource`), checked on
+    ``device`` (a GPU checks a 70B's embedding and lm_head in the time it takes to read them):
+    read in bulk where its reader reads so, else in row chunks of about ``chunk_bytes`` (host
+    memory holds one chunk of a 2 GB embedding)."""
+    names = list(dict.fromkeys(names))  # a tied lm_head is the embedding: read it once
+    if device.type in ShardReader.BULK_DEVICES:
+        with source.reader() as r, contextlib.closing(r.stream(names, device, None)) as tensors:
+            for name, t in tensors:  # each checked as it arrives: the device holds one at a time
+                if not all_finite(t):
+                    raise damaged_source_error(name, source.path / source.weight_map[name])
+        return
+    for name in names:
         path = source.path / source.weight_map[name]
         with safe_open(path, framework="pt") as f:
             part = f.get_slice(name)

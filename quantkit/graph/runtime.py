@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError, NumericsError
-from ..model import ModelSource, TensorReader
+from ..model import ModelSource
 from ..source_dequant import float_view
 from .capture import LayerCall, capture, inject, materialize_on_use
 from .experts import split_fused
@@ -185,40 +185,48 @@ class ModelRunner:
 
     def load_layer(self, i: int) -> nn.Module:
         """Decoder layer ``i`` (a copy of the meta layer) with its checkpoint tensors on the
-        device: one open per shard, one tensor on the host at a time; checkpoint tensors under
+        device, all read in one go (``TensorReader.to_device_all``); checkpoint tensors under
         the layer that it has no parameter for stay unconsumed and are copied as they are on
         export."""
         layer = copy.deepcopy(self.layers[i])
         _real_buffers(self.model, self.layer_prefix(i)[:-1], layer, self.device)
         sources = self.layer_sources(i)
+        fused = self._fused_sources(i)
+        keys = list(layer.state_dict())
         with self.source.reader() as reader:
-            state = self._fused_experts(i, layer, reader)
-            for k in layer.state_dict():
-                if k in state:
-                    continue
-                src = sources.get(k)
-                if src is None:
-                    raise ModelError(f"{self.where}: tensor {self.layer_prefix(i)}{k} is missing from "
-                                     f"{self.source.path}", field="model.id", file=self.source.path,
-                                     hint="the checkpoint does not match its config.json")
-                state[k] = reader.to_device(src, self.device, self.dtype)
+            read = reader.to_device_all([*fused, *(sources[k] for k in keys if k in sources)], self.device,
+                                        self.dtype)
+        state = self._fused_experts(layer, fused, read)
+        for k in keys:
+            if k in state:
+                continue
+            src = sources.get(k)
+            if src is None:
+                raise ModelError(f"{self.where}: tensor {self.layer_prefix(i)}{k} is missing from "
+                                 f"{self.source.path}", field="model.id", file=self.source.path,
+                                 hint="the checkpoint does not match its config.json")
+            state[k] = read[src]
         layer.load_state_dict(state, strict=True, assign=True)
         for edit in self.edits:
             edit.edit_layer(i, layer)
         return layer.eval()
 
-    def _fused_experts(self, i: int, layer: nn.Module, reader: TensorReader) -> dict[str, torch.Tensor]:
-        """Per-expert tensors of layer ``i`` from checkpoint tensors that hold every expert of
-        a block (gpt-oss, Llama 4), split as the fused module lays them out."""
+    def _fused_sources(self, i: int) -> dict[str, tuple[str, str]]:
+        """Checkpoint tensors of layer ``i`` holding every expert of a block (gpt-oss, Llama 4)
+        → (experts module relative to the layer, fused parameter name)."""
         prefix = self.layer_prefix(i)
+        return {src: (container[len(prefix):], leaf) for src, (container, leaf) in self.names.fused.items()
+                if container.startswith(prefix)}
+
+    @staticmethod
+    def _fused_experts(layer: nn.Module, fused: dict[str, tuple[str, str]],
+                       read: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-expert tensors from the ``fused`` checkpoint tensors ``read``, split as the fused
+        module lays them out."""
         out: dict[str, torch.Tensor] = {}
-        for src, (container, leaf) in self.names.fused.items():
-            if not container.startswith(prefix):
-                continue
-            rel = container[len(prefix):]
+        for src, (rel, leaf) in fused.items():
             layout = layer.get_submodule(rel).layout
-            t = reader.to_device(src, self.device, self.dtype)
-            out.update({f"{rel}.{k}": v for k, v in split_fused(layout, leaf, t).items()})
+            out.update({f"{rel}.{k}": v for k, v in split_fused(layout, leaf, read[src]).items()})
         return out
 
     # ------------------------------------------------------------------ running
