@@ -242,8 +242,9 @@ class ShardReader:
     """
 
     REMAP_BYTES = 256 << 20
-    BULK_DEVICES = ("cuda",)
-    """Device types whose tensors are read in bulk (``bulk_read``). Not the CPU: there
+    BULK_DEVICES = ("cuda",) if hasattr(os, "preadv") else ()
+    """Device types whose tensors are read in bulk (``bulk_read``, which needs ``os.preadv``:
+    not on Windows, where every device reads one tensor at a time). Not the CPU: there
     safetensors hands out tensors mapped from the file, read when first used, where the bulk
     read copies every byte twice up front (a real-shaped Qwen3-30B-A3B layer, 1.2 GB in the page
     cache: 0.18 s one at a time, 1.7-3.0 s in bulk on a shared 2-core machine). To a GPU the
