@@ -65,7 +65,8 @@ def on_streams(h: torch.Tensor, k: int = 4) -> torch.Tensor:
 
 
 def main() -> None:
-    print("| stack | in one call s | one at a time s | on 4 streams s | max diff vs one call |\n|---|---:|---:|---:|---:|")
+    print("| stack | in one call s | one at a time s | on 4 streams s | max diff vs one call |")
+    print("|---|---:|---:|---:|---:|")
     for name, (e, n) in SHAPES.items():
         h = _hessians(e, n)
         a, ua = _timed(stacked, h)
