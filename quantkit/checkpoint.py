@@ -27,6 +27,7 @@ from .formats.base import Format
 from .host_copy import to_host
 from .interrupts import deferred_interrupts
 from .output_guard import MARKER, check_replaceable, marker_text, old_dir_for, recover_interrupted_publish
+from .safetensors_dtypes import DTYPE_NAMES
 from .scheme import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,6 @@ INDEX_NAME = "model.safetensors.index.json"
 # behind a longer header cost a full copy of it (GBs for a MoE) on every shard.
 HEADER_ROOM = 1024 * 1024
 _HEADER_START = b'{"__metadata__":{"format":"pt"}'
-
-_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-           torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
 def work_dir_for(output_dir: Path) -> Path:
@@ -97,7 +94,7 @@ class CheckpointWriter:
     def _write(self, name: str, t: torch.Tensor) -> None:
         """Append a host tensor that passed ``check_written``."""
         n = t.numel() * t.element_size()
-        f, entry = self._open(name, _DTYPES[t.dtype], list(t.shape), n)
+        f, entry = self._open(name, DTYPE_NAMES[t.dtype], list(t.shape), n)
         if n:
             _write_all(f, t.reshape(-1).view(torch.uint8).numpy().data)
         self._record(name, entry, n)
@@ -132,7 +129,7 @@ class CheckpointWriter:
         return set(self._names)
 
     def export_dtype_name(self) -> str:
-        return _DTYPES[self.dtype]
+        return DTYPE_NAMES[self.dtype]
 
     def _open(self, name: str, dtype: str, shape: list[int], n: int):
         """The open shard, ready for ``n`` more bytes of tensor ``name``, and the tensor's header

@@ -22,8 +22,9 @@ from typing import Any, Iterator, Protocol
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .bulk_read import TORCH_DTYPES, Extent, read_extents, unreadable_tensor
+from .bulk_read import Extent, read_extents, unreadable_tensor
 from .errors import ModelError
+from .safetensors_dtypes import TORCH_DTYPES
 from .shard_check import model_file_error, model_file_problems, raise_problems, read_entries, shard_entries
 from .source_dequant import quantized_kind
 

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from .background import OneInFlight
 from .errors import ExportError
 from .host_copy import to_host
+from .safetensors_dtypes import DTYPE_NAMES
 from .scheme import QuantizedWeight, WeightScheme, quantized_as_tensors, quantized_from_tensors
 from .weight_fingerprint import Fingerprint, check_unchanged, first_change
 
@@ -182,11 +183,6 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 
-_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-           torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
-
-
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """A safetensors file written one tensor at a time, each brought to the host only while
     it is written (``save_file`` wants every tensor on the host and copies them all again into
@@ -195,7 +191,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     offset = 0
     for k, t in tensors.items():
         n = t.numel() * t.element_size()
-        header[k] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[k] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * ((-len(raw)) % 8)
