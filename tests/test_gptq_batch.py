@@ -102,6 +102,7 @@ def test_batch_on_cuda_matches_the_single_solves(case, monkeypatch):
     scheme, opts = CASES[case]
     w, h, xs = _inputs(8, shared=False)
     w, h = w.cuda(), h.cuda()
+    monkeypatch.setenv("QUANTKIT_TRITON", "0")  # the torch loop (the kernel: test_gptq_block_kernel.py)
     graphed = gptq_quantize_batch(w, h, scheme, block_size=32, **opts)
     monkeypatch.setenv("QUANTKIT_CUDA_GRAPHS", "0")
     eager = gptq_quantize_batch(w, h, scheme, block_size=32, **opts)
@@ -130,6 +131,7 @@ def test_capture_beside_a_thread_copying_off_the_device(caplog, monkeypatch):
     scheme, opts = CASES["int4 g16 act-order static"]
     w, h, _ = _inputs(5, shared=False, seed=11)  # a batch size no other test captured
     w, h = w.cuda(), h.cuda()
+    monkeypatch.setenv("QUANTKIT_TRITON", "0")  # static groups would take the Triton kernel, not a graph
     gptq._GRAPHS.clear()
     src, stop, errors = torch.randn(4096, 4096, device="cuda"), threading.Event(), []
 

@@ -36,6 +36,7 @@ from ..distributed import SINGLE, World
 from ..graph.experts import expert_of
 from .activation_params import observe_input_globals
 from .base import Joined, LayerCalibration, Quantizer, register_quantizer, solve_units
+from . import gptq_block_kernel
 from .clip import clip_to_gram, group_grams
 from .hessian import HessianAccumulator
 from .rtn import fused_global_scales, weight_global_scale, weight_only_scheme, weight_qparams
@@ -253,7 +254,10 @@ def gptq_quantize_batch(
     The batch dimension is carried through every step (damping, factorisation, act-order
     permutation, the column loop), so the E solves cost one factorisation call and one
     sequential column loop: on a GPU the loop is launch-bound, and a MoE layer's 128 experts
-    launch one loop's kernels instead of 128 loops'. Parameters fixed before the loop
+    launch one loop's kernels instead of 128 loops'. With per-column parameters fixed before
+    the loop on an int grid (static groups, channels), each block's loop is one Triton kernel
+    on a GPU (``gptq_block_kernel``; whole solves 0.33-0.75x the CUDA-graphed torch loop's
+    time on an H200, ``benchmarks/gptq_column_loop.py``). Parameters fixed before the loop
     (and ``clip_search``) are taken per weight; per-row column-group parameters during the
     loop see the weights' rows flattened together (``batchable`` says when that is allowed).
     On CPU each weight's result is bitwise the single solve's; on CUDA the batched kernels may
@@ -332,9 +336,19 @@ def gptq_quantize_batch(
     group_scales: list[torch.Tensor] = []
     group_zeros: list[torch.Tensor] = []
     asym = not ws.symmetric
+    fused = not dynamic_groups and ws.grid.type == "int" and gptq_block_kernel.available(device)
     for i1 in range(0, in_f, bs):
         i2 = min(i1 + bs, in_f)
         n = i2 - i1
+        if fused:
+            done = gptq_block_kernel.quantize_block(
+                W[:, :, i1:i2], Hinv[:, i1:i2, i1:i2], col_scale[:, :, i1:i2],
+                None if col_zero is None else col_zero[:, :, i1:i2], ws.grid.qmin, ws.grid.qmax)
+            if done is not None:
+                codes[:, :, i1:i2] = done[0]
+                _subtract_product(W[:, :, i2:], done[1], Hinv[:, i1:i2, i2:])
+                continue
+            fused = False
         # The block column-major ([E, n, rows]): each column the loop visits is contiguous.
         W1 = W[:, :, i1:i2].transpose(1, 2)
         S = None if dynamic_groups else col_scale[:, :, i1:i2].transpose(1, 2)
