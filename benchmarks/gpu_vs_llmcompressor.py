@@ -458,6 +458,17 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
               sync=False)
     prof.wrap(checkpoint.CheckpointWriter, "add_packed", "export beside the engine: write stacked Linears", sync=False)
     prof.wrap(checkpoint.CheckpointWriter, "add", "export beside the engine: write float tensors", sync=False)
+    # Inside those: the export's own stages, whichever path (per Linear or stacked) calls them.
+    from quantkit import workdir
+    from quantkit.formats import compressed_tensors
+
+    prof.wrap(compressed_tensors.CompressedTensorsFormat, "weight_tensors", "export stage: packing (per Linear)",
+              sync=False)
+    prof.wrap(checkpoint, "to_host", "export stage: copies off the device", sync=False)
+    prof.wrap(checkpoint, "check_written", "export stage: host checks", sync=False)
+    prof.wrap(checkpoint.CheckpointWriter, "_write", "export stage: file writes", sync=False)
+    # The work folder's layer writer (the record --resume replays), in a thread of its own.
+    prof.wrap(workdir.WorkDir, "_write_layer", "work folder: layer record written (own thread)", sync=False)
     prof.wrap(export, "copy_untouched_sources", "run: export beside the engine: copy untouched source tensors",
               sync=False)
     prof.wrap(export.StreamingExport, "finish", "run: export after the last layer")

@@ -87,9 +87,10 @@ class CheckpointWriter:
         self._put(name, t)
 
     def _put(self, name: str, t: torch.Tensor) -> None:
-        t = to_host(t).contiguous()
+        # Checked where it is: on a GPU a reduction there. On the host, in the export's thread
+        # beside the engine's, a Mixtral layer's checks took 1.4 s instead of 0.04 s alone.
         check_written(name, t)
-        self._write(name, t)
+        self._write(name, to_host(t).contiguous())
 
     def _write(self, name: str, t: torch.Tensor) -> None:
         """Append a host tensor that passed ``check_written``."""
@@ -175,9 +176,10 @@ class CheckpointWriter:
         once, checked as ``add_quantized`` checks them but with one reduction per stacked
         tensor; write each Linear's with ``add_packed``. Only for ``fmt.stacks(scheme)``."""
         check_quantized_stack(prefixes, qws, stack)
-        fields = {k: to_host(t) for k, t in self.fmt.stacked_tensors(prefixes, stack, self.dtype).items()}
-        for k, t in fields.items():
+        fields = self.fmt.stacked_tensors(prefixes, stack, self.dtype)
+        for k, t in fields.items():  # on the packing device, as _put checks
             check_written_stack([f"{p}.{k}" for p in prefixes], t)
+        fields = {k: to_host(t) for k, t in fields.items()}
         return [{f"{p}.{k}": t[i] for k, t in fields.items()} for i, p in enumerate(prefixes)]
 
     def add_packed(self, tensors: dict[str, torch.Tensor]) -> None:
