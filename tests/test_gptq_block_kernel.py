@@ -80,7 +80,8 @@ def interpreted() -> dict:
     if importlib.util.find_spec("triton") is None:
         pytest.skip("Triton is not installed (the test extra installs it on Linux x86_64)")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = "import json; from tests.test_gptq_block_kernel import compare_interpreted; print(json.dumps(compare_interpreted()))"
+    code = ("import json; from tests.test_gptq_block_kernel import compare_interpreted; "
+            "print(json.dumps(compare_interpreted()))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parent.parent, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -20,6 +20,7 @@ check it without a GPU).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -72,15 +73,18 @@ def quantize_block(w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, zer
         z = z.contiguous()
         scale = scale.contiguous()
     h_stride_e = hinv.stride(0) if hinv.shape[0] > 1 else 0
+    # Triton launches on the current device: the tensors' (a rank's own GPU).
+    place = torch.cuda.device(w.device) if w.is_cuda else contextlib.nullcontext()
     try:
-        kernel[grid](
-            w, scale, z, hinv, codes, err, rows, n,
-            w.stride(0), w.stride(1), w.stride(2),
-            scale.stride(0), scale.stride(1), scale.stride(2),
-            h_stride_e, hinv.stride(1), hinv.stride(2),
-            float(qmin), float(qmax),
-            ASYM=zero is not None, BLOCK_R=ROWS_PER_PROGRAM, BLOCK_N=1 << (n - 1).bit_length(),
-        )
+        with place:
+            kernel[grid](
+                w, scale, z, hinv, codes, err, rows, n,
+                w.stride(0), w.stride(1), w.stride(2),
+                scale.stride(0), scale.stride(1), scale.stride(2),
+                h_stride_e, hinv.stride(1), hinv.stride(2),
+                float(qmin), float(qmax),
+                ASYM=zero is not None, BLOCK_R=ROWS_PER_PROGRAM, BLOCK_N=1 << (n - 1).bit_length(),
+            )
     except Exception as e:  # a compiler or driver missing here: the torch loop is the fallback
         log.warning("GPTQ: the Triton column kernel failed (%s: %s); using the torch loop", type(e).__name__, e)
         _state["kernel"] = None
