@@ -75,8 +75,9 @@ class CheckpointWriter:
         self.work_dir.mkdir(parents=True)
 
     def add(self, name: str, tensor: torch.Tensor, keep_dtype: bool = False) -> None:
-        """Write one tensor; float tensors are cast to the export dtype unless ``keep_dtype``."""
-        t = to_host(tensor)
+        """Write one tensor; float tensors are cast to the export dtype unless ``keep_dtype``
+        (cast and checked where the tensor is, as ``_put`` checks)."""
+        t = tensor.detach()
         if t.is_floating_point() and not keep_dtype:
             cast = t.to(self.dtype)
             if not all_finite(cast) and all_finite(t):
