@@ -64,3 +64,22 @@ def test_tensor_copied_byte_for_byte_from_a_source_file(tmp_path):
     with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as st:
         assert torch.equal(st.get_tensor("model.emb"), src["emb"])
         assert torch.equal(st.get_tensor("first"), torch.arange(3, dtype=torch.int32))
+
+
+def test_float_overflowing_the_export_dtype_is_refused_by_name(tmp_path):
+    """A finite float32 tensor that float16 cannot hold names itself and the dtype field; one
+    already non-finite is refused as damaged instead; nothing of either reaches a shard."""
+    from quantkit.errors import ExportError, NumericsError
+
+    w = CheckpointWriter(tmp_path / "out", tmp_path / "stage", FORMATS["compressed-tensors"](), torch.float16,
+                         10**9, overwrite=False)
+    w.start()
+    w.add("fits.weight", torch.tensor([1.0, -65504.0]))
+    with pytest.raises(ExportError, match="big.weight overflows float16") as err:
+        w.add("big.weight", torch.tensor([1.0, 1e6]))
+    assert err.value.field == "model.dtype"
+    with pytest.raises(NumericsError, match="nan.weight contains NaN or Inf"):
+        w.add("nan.weight", torch.tensor([1.0, float("nan")]))
+    w.finalize({"model_type": "llama"}, {}, [])
+    with safe_open(next((tmp_path / "out").glob("*.safetensors")), framework="pt") as st:
+        assert list(st.keys()) == ["fits.weight"] and st.get_tensor("fits.weight").dtype == torch.float16
