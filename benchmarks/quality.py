@@ -77,6 +77,15 @@ ROWS: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "gptq-asym-rot-clip-fb": ("GPTQ W4A16 g64 asym, act-order static, clip search, input feedback + Hadamard",
                               {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True,
                                "input_feedback": True, "rotate": "hadamard"}, None),
+    "gptq-asym-rot-clip-fb-damp0.1": ("GPTQ W4A16 g64 asym, act-order static, clip search, input feedback + Hadamard, "
+                                      "damping 0.1",
+                                      {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True,
+                                       "input_feedback": True, "rotate": "hadamard", "dampening_frac": 0.1}, None),
+    "gptq-asym-rot-clip-fb-damp0.001": ("GPTQ W4A16 g64 asym, act-order static, clip search, input feedback + "
+                                        "Hadamard, damping 0.001",
+                                        {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True,
+                                         "input_feedback": True, "rotate": "hadamard", "dampening_frac": 0.001},
+                                        None),
     "rtn-online": ("RTN W4A16 g64 sym + online down_proj Hadamard",
                    {"method": "rtn", **_W4, "online_down_proj": True}, None),
     "gptq-online": ("GPTQ W4A16 g64 sym, act-order static + online down_proj Hadamard",
