@@ -54,8 +54,6 @@ def compare_interpreted() -> dict:
     """Every case, own and shared Hessians, the torch loop against the kernel, as JSON-able
     numbers; run in a process that set TRITON_INTERPRET=1 before importing Triton (the
     interpreter is chosen when Triton is imported)."""
-    import os
-
     out = {}
     for case, (scheme, opts) in CASES.items():
         for shared in (False, True):

@@ -5,7 +5,6 @@ import triton
 import triton.language as tl
 
 
-
 @triton.jit(do_not_specialize=["rows", "n", "w_se", "w_sr", "w_sc", "s_se", "s_sr", "s_sc",
                                "h_se", "h_si", "h_sj", "qmin", "qmax"])
 def gptq_block(w_ptr, s_ptr, z_ptr, h_ptr, c_ptr, err_ptr, rows, n,
