@@ -61,7 +61,8 @@ def quantize_block(w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, zer
 
     ``w`` ``[E, rows, n]`` are the block's columns of ``E`` weights (any strides; not written),
     ``hinv`` ``[E or 1, n, n]`` the block's diagonal block of the upper factor, ``scale`` and
-    ``zero`` (None: symmetric) ``[E, rows, n]`` each column's effective scale and zero point.
+    ``zero`` (None: symmetric) ``[E, rows, n]`` each column's effective scale and zero point
+    (views of one layout: the kernel reads both with ``scale``'s strides).
     None when the kernel failed (logged once; the caller runs the torch loop).
     """
     kernel = _kernel()
@@ -70,9 +71,6 @@ def quantize_block(w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, zer
     err = torch.empty_like(codes)
     grid = (-(-rows // ROWS_PER_PROGRAM), n_w)
     z = zero if zero is not None else scale  # not read when symmetric
-    if scale.stride() != z.stride():
-        z = z.contiguous()
-        scale = scale.contiguous()
     h_stride_e = hinv.stride(0) if hinv.shape[0] > 1 else 0
     # Triton launches on the current device: the tensors' (a rank's own GPU).
     place = torch.cuda.device(w.device) if w.is_cuda else contextlib.nullcontext()
