@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,7 @@ class _LayerCalibration:
         # Tokens routed to each expert over every rank's batches, from the first pass.
         self.routed: dict[str, list[int]] | None = None
         self._tokens: int | None = None
+        self._substitutes: dict[str, torch.Tensor] = {}
 
     def generator(self, name: str) -> torch.Generator:
         return seeding.generator(self.seed, self.index, name, device=self.runner.device)
@@ -83,10 +84,15 @@ class _LayerCalibration:
         hit = expert_of(name)
         return None if hit is None else self.owners.get(hit)
 
-    def _forward(self, batches: list[LayerInputs]) -> Callable[[], None]:
+    def substitute(self, weights: Mapping[str, torch.Tensor]) -> None:
+        self._substitutes.update(weights)
+
+    def _forward(self, batches: list[LayerInputs], quantized: bool = True) -> Callable[[], None]:
         def forward() -> None:
-            for b in batches:  # outputs dropped as they come: activations stay on the device once
-                self.runner.run_layer(self.layer, b.hidden, b.calls[self.index])
+            with _weights_in_place(self.layer, self.runner.graph.layer(self.index),
+                                   self._substitutes if quantized else {}):
+                for b in batches:  # outputs dropped as they come: activations stay on the device once
+                    self.runner.run_layer(self.layer, b.hidden, b.calls[self.index])
 
         return forward
 
@@ -134,7 +140,7 @@ class _LayerCalibration:
                 if paired:
                     for quant, flt in zip(self.batches, float_batches):
                         run_paired_batch(self.layer, hooks, recording(self._forward([quant]), 0),
-                                         recording(self._forward([flt]), 1))
+                                         recording(self._forward([flt], quantized=False), 1))
                 else:
                     run_calibration(self.layer, hooks, recording(self._forward(self.batches), 0))
                 for b in replayed:
@@ -218,6 +224,24 @@ class _LayerCalibration:
             mine = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in self.batches)
             self._tokens = int(self.world.all_reduce(torch.tensor([mine], device=self.world.device)).item())
         return self._tokens
+
+
+@contextlib.contextmanager
+def _weights_in_place(layer: nn.Module, graph, weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """``layer`` with these Linears' weights in place of its own while inside (its own put
+    back after, bit for bit)."""
+    kept = {}
+    with torch.no_grad():
+        for name, w in weights.items():
+            m = graph.unit(name).matrix(layer)
+            kept[name] = m.clone()
+            m.copy_(w)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, w in kept.items():
+                graph.unit(name).matrix(layer).copy_(w)
 
 
 def _run_experts(block: UnfusedExperts, inputs: Iterable[tuple[int, torch.Tensor]]) -> None:

@@ -390,16 +390,17 @@ def test_gptq_on_the_feedback_target_fits_the_float_output_better_on_held_out_to
     assert fb < 0.97 * plain, (fb, plain)
 
 
-def _paired_run(model, text_file, out, monkeypatch, quantize: bool, runs=(True,)):
+def _paired_run(model, text_file, out, monkeypatch, quantize: bool, runs=(True,), sequential: bool = False):
     """GPTQ runs of ``model`` with input feedback on or off (``runs``); returns the calibration
-    batches and, per (layer, batch), q_proj's input on the quantized and on the float stream,
-    and every Linear's codes per run. With ``quantize`` False the layers keep their float weights after being
-    quantized (the engine's apply_record does nothing), so both streams must be the same."""
+    batches and, per (layer, Linear, batch), the Linear's input on the quantized and on the
+    float stream (the last run's), and every Linear's quantized weight per run. With
+    ``quantize`` False the layers keep their float weights after being quantized (the engine's
+    apply_record does nothing), so both streams must be the same."""
     from quantkit import engine
     from quantkit.pipeline import run
     from quantkit.recipe import make_recipe
 
-    batches, seen, codes = [], {}, {}
+    batches, seen, quantized = [], {}, {}
     make_batches, observe_paired = engine.make_batches, engine._LayerCalibration.observe_paired
 
     def recorded_batches(seqs, size):
@@ -408,27 +409,31 @@ def _paired_run(model, text_file, out, monkeypatch, quantize: bool, runs=(True,)
         return got
 
     def recorded_observe(self, stats):
-        count, q = iter(range(len(self.batches))), stats["self_attn.q_proj"]
+        def spy(name, stat):
+            count = iter(range(len(self.batches)))
 
-        def spy(xq, xf):
-            seen[(self.index, next(count))] = (xq.clone(), xf.clone())
-            q.add(xq, xf)
-        observe_paired(self, {**stats, "self_attn.q_proj": SimpleNamespace(add=spy, reduce=q.reduce)})
+            def add(xq, xf):
+                seen[(self.index, name, next(count))] = (xq.clone(), xf.clone())
+                stat.add(xq, xf)
+            return SimpleNamespace(add=add, reduce=stat.reduce)
+        observe_paired(self, {n: spy(n, s) for n, s in stats.items()})
 
     monkeypatch.setattr(engine, "make_batches", recorded_batches)
     monkeypatch.setattr(engine._LayerCalibration, "observe_paired", recorded_observe)
     if not quantize:
         monkeypatch.setattr(engine, "apply_record", lambda *_: None)
     for fb in runs:
-        got = codes[fb] = {}
+        got = quantized[fb] = {}
+        batches.clear()
         run(make_recipe({
             "model": {"id": str(model)},
-            "quantization": {"method": "gptq", "bits": 4, "group_size": 32, "input_feedback": fb},
+            "quantization": {"method": "gptq", "bits": 4, "group_size": 32, "input_feedback": fb,
+                             "sequential": sequential},
             "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 16, "batch_size": 2},
             "evaluate": {"enabled": False}, "export": {"output_dir": str(out / f"{quantize}-{fb}")},
             "device": "cpu"}),
-            quiet=True, on_layer=lambda i, _layer, q, got=got: got.update({(i, n): w.codes for n, w in q.items()}))
-    return batches[:2], seen, codes
+            quiet=True, on_layer=lambda i, _layer, q, got=got: got.update({(i, n): w for n, w in q.items()}))
+    return batches[:2], seen, quantized
 
 
 def test_input_feedback_streams_are_equal_when_nothing_is_quantized(text_file, tmp_path, monkeypatch):
@@ -438,40 +443,85 @@ def test_input_feedback_streams_are_equal_when_nothing_is_quantized(text_file, t
     from .tiny_models import make_tiny_model
 
     model = make_tiny_model(tmp_path / "model", layers=3, hidden=64, intermediate=128)
-    _, seen, codes = _paired_run(model, text_file, tmp_path, monkeypatch, quantize=False, runs=(False, True))
-    assert {i for i, _ in seen} == {0, 1, 2}
+    _, seen, quantized = _paired_run(model, text_file, tmp_path, monkeypatch, quantize=False, runs=(False, True))
+    assert {i for i, n, _ in seen if n == "self_attn.q_proj"} == {0, 1, 2}
     for key, (xq, xf) in seen.items():
         assert torch.equal(xq, xf), key
-    assert codes[True].keys() == codes[False].keys()
-    for key, c in codes[False].items():
-        assert torch.equal(codes[True][key], c), key
+    assert quantized[True].keys() == quantized[False].keys()
+    for key, w in quantized[False].items():
+        assert torch.equal(quantized[True][key].codes, w.codes), key
 
 
-def test_input_feedback_float_stream_is_the_float_model(text_file, tmp_path, monkeypatch):
-    """Quantized for real: at every layer and batch the float stream's q_proj input is what the
-    plain float model computes on that batch (same tokens, positions, layer), and from layer 1
-    the quantized stream differs from it."""
-    from transformers import AutoModelForCausalLM
-
-    from .tiny_models import make_tiny_model
-
-    model = make_tiny_model(tmp_path / "model", layers=3, hidden=64, intermediate=128)
-    batches, seen, _ = _paired_run(model, text_file, tmp_path, monkeypatch, quantize=True)
-    reference = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+def _inputs_in(reference, batches, names) -> dict:
+    """Per (layer, Linear, batch) the Linear's input in the transformers model ``reference``."""
     want = {}
     for b, ids in enumerate(batches):
-        hooks = [layer.self_attn.q_proj.register_forward_pre_hook(
-            lambda _m, a, i=i: want.__setitem__((i, b), a[0].reshape(-1, a[0].shape[-1])))
-            for i, layer in enumerate(reference.model.layers)]
+        hooks = [layer.get_submodule(n).register_forward_pre_hook(
+            lambda _m, a, i=i, n=n: want.__setitem__((i, n, b), a[0].reshape(-1, a[0].shape[-1])))
+            for i, layer in enumerate(reference.model.layers) for n in names]
         with torch.no_grad():
             reference(ids)
         for h in hooks:
             h.remove()
-    assert seen.keys() == want.keys()
+    return want
+
+
+def _float_model(model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_input_feedback_float_stream_is_the_float_model(sequential, text_file, tmp_path, monkeypatch):
+    """Quantized for real: at every layer, Linear and batch the float stream's input is what
+    the plain float model computes on that batch (same tokens, positions, layer; with
+    ``sequential`` also after each group's quantized weights were put in for the quantized
+    stream), and from layer 1 the quantized stream differs from it."""
+    from .tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", layers=3, hidden=64, intermediate=128)
+    batches, seen, _ = _paired_run(model, text_file, tmp_path, monkeypatch, quantize=True, sequential=sequential)
+    want = _inputs_in(_float_model(model), batches, ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"))
+    assert want.keys() <= seen.keys()
     for key, (xq, xf) in seen.items():
+        if key not in want:
+            continue
         torch.testing.assert_close(xf, want[key], rtol=1e-5, atol=1e-6, msg=str(key))
         if key[0] > 0:
             assert (xq - xf).abs().max() > 1e-3, key
+
+
+def test_sequential_groups_are_calibrated_on_the_layer_quantized_before_them(text_file, tmp_path, monkeypatch):
+    """With ``sequential``, each input group's quantized-stream input in the first layer (whose
+    own input is the float one) is the float layer's with the groups its forward reaches
+    first replaced by their quantized weights: o_proj after q/k/v, gate/up after o_proj,
+    down_proj after gate/up. Input feedback then compensates the layer's own earlier groups:
+    q/k/v (both streams equal there) keep plain GPTQ's codes, the later groups do not."""
+    from .tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", layers=2, hidden=64, intermediate=128)
+    batches, seen, quantized = _paired_run(model, text_file, tmp_path, monkeypatch, quantize=True, runs=(False, True),
+                                           sequential=True)
+    reference = _float_model(model)
+    order = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+             ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+    done: list[str] = []
+    for group in order:
+        want = _inputs_in(reference, batches, group[:1])
+        for b in range(len(batches)):
+            xq, xf = seen[(0, group[0], b)]
+            torch.testing.assert_close(xq, want[(0, group[0], b)], rtol=1e-5, atol=1e-5, msg=f"{group[0]} {b}")
+            if done:
+                assert (xq - xf).abs().max() > 1e-4, (group, b)
+        for n in group:
+            with torch.no_grad():
+                reference.model.layers[0].get_submodule(n).weight.copy_(
+                    quantized[True][(0, n)].dequantize(torch.float32))
+        done += group
+    for n in order[0]:
+        assert torch.equal(quantized[True][(0, n)].codes, quantized[False][(0, n)].codes), n
+    assert any(not torch.equal(quantized[True][(0, n)].codes, quantized[False][(0, n)].codes) for n in done[3:])
 
 
 class _SameStreams(FakeCalibration):

@@ -77,6 +77,12 @@ class LayerCalibration(Protocol):
         pairs, as ``observe`` feeds them. Only for quantizers with ``needs_float_inputs``."""
         ...
 
+    def substitute(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """From now on run the quantized stream with these Linears' weights (``[out, in]``, by
+        name inside the layer) in place of the layer's own: a sequential quantizer's later
+        groups see the earlier ones quantized. The float stream and the layer keep theirs."""
+        ...
+
     def generator(self, name: str) -> torch.Generator:
         """The generator for random draws about ``name`` (a Linear or group) in this layer,
         seeded from the recipe's seed and the layer index: never draw from the global RNG."""

@@ -34,6 +34,7 @@ from ..grids import effective_scale, round_to_grid
 from ..scheme import QuantizedWeight, Scheme, WeightScheme
 from ..distributed import SINGLE, World
 from ..graph.experts import expert_of
+from ..graph.stages import sequential_stages
 from .activation_params import observe_input_globals
 from .base import Joined, LayerCalibration, Quantizer, register_quantizer, solve_units
 from . import gptq_block_kernel
@@ -656,6 +657,9 @@ class GPTQParams(SchemeParams):
                                  "keeps a second calibration stream")
     clip_search: bool = Field(False, description="shrink each group's range where that lowers its Hessian-weighted "
                               "error before the column loop (static groups or per channel)")
+    sequential: bool = Field(False, description="quantize a layer's input groups in the order its forward reaches "
+                             "them, each calibrated on the layer with the groups before it already quantized "
+                             "(one calibration pass per group; a MoE block's experts take two)")
 
     @model_validator(mode="after")
     def _clip_needs_fixed_scales(self) -> "GPTQParams":
@@ -1013,8 +1017,20 @@ class GPTQQuantizer(Quantizer):
             self.target_matrices = FEEDBACK_TARGET_MATRICES
 
     def quantize_layer(self, layer, graph, calib: LayerCalibration, schemes=None) -> dict[str, QuantizedWeight]:
-        p: GPTQParams = self.params  # type: ignore[assignment]
         schemes = self.schemes_or_default(graph, schemes)
+        stages = sequential_stages(graph) if self.params.sequential else [graph]  # type: ignore[attr-defined]
+        if len(stages) == 1:
+            return self._quantize_groups(layer, graph, calib, schemes)
+        out: dict[str, QuantizedWeight] = {}
+        for stage in stages:
+            names = set(stage.linears)
+            done = self._quantize_groups(layer, stage, calib, {n: s for n, s in schemes.items() if n in names})
+            calib.substitute({n: qw.dequantize(stage.unit(n).matrix(layer).dtype) for n, qw in done.items()})
+            out.update(done)
+        return out
+
+    def _quantize_groups(self, layer, graph, calib: LayerCalibration, schemes) -> dict[str, QuantizedWeight]:
+        p: GPTQParams = self.params  # type: ignore[assignment]
         input_globals = observe_input_globals(graph, schemes)
         target: Callable[[str], torch.Tensor] | None = None
         if p.input_feedback:

@@ -1,0 +1,114 @@
+"""GPTQ's ``sequential`` option: the stages a layer is calibrated in, and the engine's passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantkit.graph.experts import expert_of
+from quantkit.graph.model import derive_model_graph
+from quantkit.graph.skeleton import build_meta, locate_decoder
+from quantkit.graph.stages import sequential_stages
+from tests.tiny_models import MOE_FAMILIES, TEXT_FAMILIES, family_config, model_class_for
+
+
+def _layer_graph(family: str, experts: int | None = None):
+    config = family_config(family, vocab=256, layers=2, hidden=64, intermediate=96, heads=4, kv_heads=2)
+    if experts is not None:
+        for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+            if hasattr(config, key):
+                setattr(config, key, experts)
+    cls = model_class_for(config)
+    meta = build_meta(cls, config, torch.float32)
+    return derive_model_graph(meta, locate_decoder(meta, family)).layer(1)
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES + MOE_FAMILIES)
+def test_stages_split_the_groups_and_never_hold_a_group_with_its_producer(family):
+    """Every group is in exactly one stage, in the graph's order within each stage, with its
+    units; a group whose input a Linear produces (o_proj after v_proj, down_proj after up_proj)
+    is in a later stage than that Linear's group."""
+    graph = _layer_graph(family)
+    stages = sequential_stages(graph)
+    flat = [g for s in stages for g in s.groups]
+    assert sorted(g.key for g in flat) == sorted(g.key for g in graph.groups)
+    for s in stages:
+        assert [g.key for g in s.groups] == [g.key for g in graph.groups if g in s.groups]
+        assert set(s.linears) == {n for g in s.groups for n in g.linears}
+    stage_of = {n: i for i, s in enumerate(stages) for n in s.linears}
+    producers = 0
+    for g in graph.groups:
+        producer = g.producer.module
+        if producer in stage_of:
+            producers += 1
+            assert stage_of[producer] < stage_of[g.linears[0]], (g.key, producer)
+    assert producers >= 1  # at least o_proj's v_proj (or MLA's kv_b_proj)
+    for n in stage_of:  # an expert's down_proj reads act(gate) * up, whatever names its producer
+        if expert_of(n) is not None and n.endswith("down_proj"):
+            gate = n[: -len("down_proj")] + "gate_proj"
+            assert stage_of[gate] < stage_of[n], n
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_a_dense_layer_takes_a_stage_per_group(family):
+    graph = _layer_graph(family)
+    assert [s.groups for s in sequential_stages(graph)] == [(g,) for g in graph.groups]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_a_moe_layer_takes_as_many_stages_with_more_experts(family):
+    """The number of calibration passes does not grow with the experts: the experts of a block
+    make two stages (their gate/up, then their down), with 4 experts as with 16."""
+    few, many = _layer_graph(family, 4), _layer_graph(family, 16)
+    assert len(many.groups) > len(few.groups)
+    assert len(sequential_stages(many)) == len(sequential_stages(few))
+    expert_stages = [s for s in sequential_stages(many) if any(expert_of(n) for n in s.linears)]
+    assert len(expert_stages) == 2
+
+
+def test_sequential_run_of_a_moe_model_takes_a_pass_per_stage(text_file, tmp_path, monkeypatch):
+    """A tiny Qwen3-MoE quantized with ``sequential`` and input feedback: each layer is calibrated
+    once per stage, and the experts' down_proj sees their gate/up quantized on the quantized
+    stream (its input differs from the float stream's in the first layer, where the layer's own
+    input is still the float one)."""
+    from quantkit import engine
+    from quantkit.pipeline import run
+    from quantkit.recipe import make_recipe
+
+    from .tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", arch="qwen3_moe", layers=2, hidden=64, intermediate=128)
+    passes: dict[int, int] = {}
+    gap: dict[str, float] = {}
+    observe_paired = engine._LayerCalibration.observe_paired
+
+    def counted(self, stats):
+        passes[self.index] = passes.get(self.index, 0) + 1
+        watched = {n for n in stats if self.index == 0 and n.endswith("down_proj")}
+
+        def spy(name, stat):
+            def add(xq, xf):
+                gap[name] = max(gap.get(name, 0.0), (xq - xf).abs().max().item())
+                stat.add(xq, xf)
+            return type("Spy", (), {"add": staticmethod(add), "reduce": staticmethod(stat.reduce)})()
+        observe_paired(self, {n: spy(n, s) if n in watched else s for n, s in stats.items()})
+
+    monkeypatch.setattr(engine._LayerCalibration, "observe_paired", counted)
+    run(make_recipe({
+        "model": {"id": str(model)},
+        "quantization": {"method": "gptq", "bits": 4, "group_size": 32, "input_feedback": True, "sequential": True},
+        "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 16, "batch_size": 2},
+        "evaluate": {"enabled": False}, "export": {"output_dir": str(tmp_path / "out")}, "device": "cpu"}),
+        quiet=True)
+    stages = len(sequential_stages(_layer_graph_of(model)))
+    assert passes == {0: stages, 1: stages}
+    assert gap and all(v > 1e-4 for v in gap.values()), gap
+
+
+def _layer_graph_of(model):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    cls = model_class_for(config)
+    meta = build_meta(cls, config, torch.float32)
+    return derive_model_graph(meta, locate_decoder(meta, "t")).layer(0)
