@@ -76,6 +76,7 @@ class _LayerCalibration:
         self.routed: dict[str, list[int]] | None = None
         self._tokens: int | None = None
         self._substitutes: dict[str, torch.Tensor] = {}
+        self._passes = 0
 
     def generator(self, name: str) -> torch.Generator:
         return seeding.generator(self.seed, self.index, name, device=self.runner.device)
@@ -133,6 +134,10 @@ class _LayerCalibration:
 
             return run
 
+        # After the first pass (whole: it counts the routing), a pass over Linears outside the
+        # experts ends at the last input it needs (an expert's Linear may be called in chunks).
+        stop = self._passes > 0 and not any(expert_of(n) for n in fed)
+        self._passes += 1
         reset_counts(self.layer)
         hooks = _fan_out(fed)
         try:
@@ -140,7 +145,10 @@ class _LayerCalibration:
                 if paired:
                     for quant, flt in zip(self.batches, float_batches):
                         run_paired_batch(self.layer, hooks, recording(self._forward([quant]), 0),
-                                         recording(self._forward([flt], quantized=False), 1))
+                                         recording(self._forward([flt], quantized=False), 1), stop)
+                elif stop:
+                    for b in self.batches:
+                        run_calibration(self.layer, hooks, self._forward([b]), stop_early=True)
                 else:
                     run_calibration(self.layer, hooks, recording(self._forward(self.batches), 0))
                 for b in replayed:
@@ -276,17 +284,45 @@ def _summed_counts(counts: dict[str, list[int]], world: World) -> dict[str, list
 
 
 def run_paired_batch(layer: nn.Module, hooks: Mapping[str, Callable[[torch.Tensor, torch.Tensor], None]],
-                     quant: Callable[[], None], flt: Callable[[], None]) -> None:
+                     quant: Callable[[], None], flt: Callable[[], None], stop_early: bool = False) -> None:
     """One batch through ``layer`` on the float stream (each hooked Linear's input kept), then
     on the quantized stream (each hook called with both inputs of the same tokens)."""
     kept: dict[str, list[torch.Tensor]] = {n: [] for n in hooks}
-    run_calibration(layer, {n: kept[n].append for n in hooks}, flt)
-    run_calibration(layer, {n: (lambda x, n=n: hooks[n](x, kept[n].pop(0))) for n in hooks}, quant)
+    run_calibration(layer, {n: kept[n].append for n in hooks}, flt, stop_early)
+    run_calibration(layer, {n: (lambda x, n=n: hooks[n](x, kept[n].pop(0))) for n in hooks}, quant, stop_early)
 
 
-def run_calibration(layer: nn.Module, hooks: Mapping[str, InputHook], forward: Callable[[], object]) -> None:
+class _InputsTaken(Exception):
+    """Every hooked input of the batch was seen: the rest of the layer's forward feeds nothing."""
+
+
+def run_calibration(layer: nn.Module, hooks: Mapping[str, InputHook], forward: Callable[[], object],
+                    stop_early: bool = False) -> None:
     """Call ``forward()`` (every calibration batch through ``layer``) with ``hooks`` attached:
-    Linear names get their input, the attention names what ``layer``'s attention receives."""
+    Linear names get their input, the attention names what ``layer``'s attention receives.
+
+    With ``stop_early`` (``forward`` runs one batch, and each hook is called once for it) the
+    forward stops as soon as every hook had its input: a later stage of a sequential quantizer
+    reads inputs early in the layer, and the layer's output is not used."""
+    if stop_early and hooks:
+        left = set(hooks)
+
+        def last_stops(name: str, fn: InputHook) -> InputHook:
+            def hook(*x: torch.Tensor) -> None:
+                fn(*x)
+                left.discard(name)
+                if not left:
+                    raise _InputsTaken
+            return hook
+
+        hooks = {n: last_stops(n, fn) for n, fn in hooks.items()}
+    try:
+        _run_hooked(layer, hooks, forward)
+    except _InputsTaken:
+        pass
+
+
+def _run_hooked(layer: nn.Module, hooks: Mapping[str, InputHook], forward: Callable[[], object]) -> None:
     inside = {id(m) for m in layer.modules()}
     handles = [
         layer.get_submodule(name).register_forward_pre_hook(

@@ -112,3 +112,38 @@ def _layer_graph_of(model):
     cls = model_class_for(config)
     meta = build_meta(cls, config, torch.float32)
     return derive_model_graph(meta, locate_decoder(meta, "t")).layer(0)
+
+
+def test_later_stages_stop_the_forward_at_their_last_input(text_file, tmp_path, monkeypatch):
+    """A sequential run of a dense layer: the first pass runs the whole layer, each later one
+    stops at its stage's last input, so down_proj runs once per batch in calibration (the first
+    pass) and q_proj in every pass (o_proj's, gate/up's and down_proj's stages all need the
+    attention)."""
+    from quantkit import engine
+    from quantkit.pipeline import run
+    from quantkit.recipe import make_recipe
+
+    from .tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", layers=2, hidden=64, intermediate=128)
+    calls = {"self_attn.q_proj": 0, "mlp.down_proj": 0}
+    run_calibration = engine.run_calibration
+
+    def counted(layer, hooks, forward, stop_early=False):
+        handles = [layer.get_submodule(n).register_forward_hook(
+            lambda *_a, n=n: calls.__setitem__(n, calls[n] + 1)) for n in calls]
+        try:
+            run_calibration(layer, hooks, forward, stop_early)
+        finally:
+            for h in handles:
+                h.remove()
+
+    monkeypatch.setattr(engine, "run_calibration", counted)
+    run(make_recipe({
+        "model": {"id": str(model)},
+        "quantization": {"method": "gptq", "bits": 4, "group_size": 32, "sequential": True},
+        "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 16, "batch_size": 2},
+        "evaluate": {"enabled": False}, "export": {"output_dir": str(tmp_path / "out")}, "device": "cpu"}),
+        quiet=True)
+    layers, batches, stages = 2, 2, 4
+    assert calls == {"mlp.down_proj": layers * batches, "self_attn.q_proj": layers * stages * batches}
