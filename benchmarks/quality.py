@@ -93,6 +93,18 @@ ROWS: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "gptq-asym-rot-online": ("GPTQ W4A16 g64 asym, act-order static + Hadamard + online down_proj Hadamard",
                              {"method": "gptq", **_W4, **_ACT, "symmetric": False, "rotate": "hadamard",
                               "online_down_proj": True}, None),
+    "gptq-asym-rot-clip-fb-online": ("GPTQ W4A16 g64 asym, act-order static, clip search, input feedback + Hadamard "
+                                     "+ online down_proj Hadamard",
+                                     {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True,
+                                      "input_feedback": True, "rotate": "hadamard", "online_down_proj": True},
+                                     None),
+    "gptq-asym-rot-clip-seq": ("GPTQ W4A16 g64 asym, act-order static, clip search, sequential + Hadamard",
+                               {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True,
+                                "sequential": True, "rotate": "hadamard"}, None),
+    "gptq-asym-rot-clip-fb-seq": ("GPTQ W4A16 g64 asym, act-order static, clip search, input feedback, sequential "
+                                  "+ Hadamard",
+                                  {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True,
+                                   "input_feedback": True, "sequential": True, "rotate": "hadamard"}, None),
     "awq": ("AWQ W4A16 g64 asym (grid 20)", {"method": "awq", **_W4, "symmetric": False}, "awq"),
     "awq-rot": ("AWQ W4A16 g64 asym (grid 20) + Hadamard",
                 {"method": "awq", **_W4, "symmetric": False, "rotate": "hadamard"}, None),

@@ -76,7 +76,6 @@ class _LayerCalibration:
         self.routed: dict[str, list[int]] | None = None
         self._tokens: int | None = None
         self._substitutes: dict[str, torch.Tensor] = {}
-        self._passes = 0
 
     def generator(self, name: str) -> torch.Generator:
         return seeding.generator(self.seed, self.index, name, device=self.runner.device)
@@ -134,10 +133,10 @@ class _LayerCalibration:
 
             return run
 
-        # After the first pass (whole: it counts the routing), a pass over Linears outside the
-        # experts ends at the last input it needs (an expert's Linear may be called in chunks).
-        stop = self._passes > 0 and not any(expert_of(n) for n in fed)
-        self._passes += 1
+        # A sequential quantizer's later stage (the first pass ran whole and counted the routing)
+        # ends its pass at the last input it needs, unless it holds experts (an expert's Linear
+        # may be called in chunks).
+        stop = bool(self._substitutes) and not any(expert_of(n) for n in fed)
         reset_counts(self.layer)
         hooks = _fan_out(fed)
         try:

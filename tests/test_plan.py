@@ -442,15 +442,16 @@ def test_quantize_line_of_a_recipe_that_calibrates_nothing(tmp_path, capsys):
 
 
 def test_plan_without_a_recipe_counts_the_shipped_4bit_recipes_quantizer():
-    """The default quantize line is the shipped GPTQ recipes' quantizer (input_feedback on), at
-    128 x 2048 calibration tokens."""
+    """The default quantize line is the shipped GPTQ recipes' quantizer (input_feedback and
+    sequential on), at 128 x 2048 calibration tokens."""
     from quantkit.planner.quantize import SHIPPED_4BIT, Calibrating
     from quantkit.recipe import load_recipe
 
     for name in ("smollm2-gptq", "llama8b-gptq"):
         theirs = Calibrating.of_recipe(load_recipe(name), LLAMA_8B)
-        assert (theirs.method, theirs.statistics, theirs.float_stream, theirs.target_matrices) == (
-            SHIPPED_4BIT.method, SHIPPED_4BIT.statistics, SHIPPED_4BIT.float_stream, SHIPPED_4BIT.target_matrices)
+        assert (theirs.method, theirs.statistics, theirs.float_stream, theirs.target_matrices, theirs.sequential) == (
+            SHIPPED_4BIT.method, SHIPPED_4BIT.statistics, SHIPPED_4BIT.float_stream, SHIPPED_4BIT.target_matrices,
+            SHIPPED_4BIT.sequential)
     assert plan_config(LLAMA_8B).quantize_memory.calibrating == SHIPPED_4BIT
     assert (SHIPPED_4BIT.samples, SHIPPED_4BIT.seq_len) == (128, 2048)
 

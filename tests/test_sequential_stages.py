@@ -147,3 +147,41 @@ def test_later_stages_stop_the_forward_at_their_last_input(text_file, tmp_path, 
         quiet=True)
     layers, batches, stages = 2, 2, 4
     assert calls == {"mlp.down_proj": layers * batches, "self_attn.q_proj": layers * stages * batches}
+
+
+def test_plan_counts_what_sequential_stages_hold(text_file, tmp_path, monkeypatch):
+    """What a sequential run holds for its stages at most (the substituted weights and the float
+    ones put aside, in the layer's dtype) is within what ``quantkit plan`` counts for that layer
+    in 16 bits, and more than the last stage's share below it: the plan counts every Linear."""
+    from quantkit import engine
+    from quantkit.pipeline import run
+    from quantkit.planner import ModelShape
+    from quantkit.planner.quantize import Calibrating, quantize_memory
+    from quantkit.quantizers import QUANTIZERS
+    from quantkit.recipe import make_recipe
+    from transformers import AutoConfig
+
+    from .tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", layers=2, hidden=64, intermediate=128)
+    held = []
+    in_place = engine._weights_in_place
+
+    def measured(layer, graph, weights):
+        held.append(2 * sum(w.numel() for w in weights.values()))  # the substitutes and the float copies
+        return in_place(layer, graph, weights)
+
+    monkeypatch.setattr(engine, "_weights_in_place", measured)
+    params = {"method": "gptq", "bits": 4, "group_size": 32, "sequential": True, "input_feedback": True}
+    run(make_recipe({
+        "model": {"id": str(model)}, "quantization": params,
+        "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 16, "batch_size": 2},
+        "evaluate": {"enabled": False}, "export": {"output_dir": str(tmp_path / "out")}, "device": "cpu"}),
+        quiet=True)
+    config = AutoConfig.from_pretrained(model).to_dict()
+    quantizer = QUANTIZERS["gptq"](QUANTIZERS["gptq"].Params.model_validate(params), config)
+    planned = quantize_memory(ModelShape.from_config(config), Calibrating.of(quantizer, 4, 16, "test"))
+    down = 64 * 128
+    assert max(held) * 2 <= planned.substitutes  # elements, counted at 2 bytes each
+    assert max(held) * 2 == planned.substitutes - 2 * 2 * down
+    assert Calibrating.of(quantizer, 4, 16, "test").sequential

@@ -19,6 +19,7 @@ class Calibrating:
     statistics: tuple[str, ...]  # the float32 [in, in] matrices per input group, by what each is
     float_stream: bool  # the float model's calibration stream kept beside the quantized one
     target_matrices: int = 0  # float64 [in, in] a Linear's target takes at its peak, before its solve
+    sequential: bool = False  # calibrated in stages, the quantized stages' weights put into the layer
     samples: int = 128
     seq_len: int = 2048
     batch: int = 8  # sequences per forward pass
@@ -26,13 +27,13 @@ class Calibrating:
     @classmethod
     def of(cls, quantizer: Any, samples: int, seq_len: int, recipe: str, batch: int = 8) -> "Calibrating":
         """A built ``Quantizer``'s needs (``statistics``, ``needs_float_inputs``,
-        ``target_matrices``) with its recipe's calibration size; one that calibrates nothing
-        keeps no statistic nor stream."""
+        ``target_matrices``, GPTQ's ``sequential``) with its recipe's calibration size; one that
+        calibrates nothing keeps no statistic nor stream."""
         method = quantizer.params.method
         if not quantizer.needs_calibration:
-            return cls(recipe, method, (), False, 0, 0, 0, 0)
+            return cls(recipe, method, (), False, 0, False, 0, 0, 0)
         return cls(recipe, method, tuple(quantizer.statistics), quantizer.needs_float_inputs,
-                   quantizer.target_matrices, samples, seq_len, batch)
+                   quantizer.target_matrices, getattr(quantizer.params, "sequential", False), samples, seq_len, batch)
 
     @classmethod
     def of_recipe(cls, recipe: Any, config: dict[str, Any]) -> "Calibrating":
@@ -45,10 +46,10 @@ class Calibrating:
                       cal.batch_size)
 
 
-# GPTQ with input_feedback (GPTAQ), as the shipped 4-bit recipes set it: the largest need of any
-# shipped method, which a plan without a recipe counts (tests check it against the recipe's quantizer).
+# GPTQ with input_feedback (GPTAQ), sequential, as the shipped 4-bit recipes set it: the largest need
+# of any shipped method, which a plan without a recipe counts (tests check it against the recipe's quantizer).
 SHIPPED_4BIT = Calibrating("the shipped 4-bit recipes", "gptq",
-                           ("the quantized inputs' Hessian", "its cross term with the float inputs"), True, 4)
+                           ("the quantized inputs' Hessian", "its cross term with the float inputs"), True, 4, True)
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,14 @@ class QuantizeMemory:
     float_activations: int  # the same again for the float model's stream, when the quantizer keeps it
     paired_inputs: int  # with it, one batch's float-stream input to every input group, 16 bits, kept for the pairing
     per_expert_hessians: int  # what they take under routed calibration (per expert: gate/up, down_proj)
+    substitutes: int = 0  # sequential: the quantized stages' weights in 16 bits, and the float ones put aside
 
     @property
     def total(self) -> int:
         """The solves run after the calibration passes: a pass's paired inputs and a solve's
         working set are never alive together, so only the larger counts."""
         return (self.layer + self.codes + self.hessians + self.activations + self.float_activations
-                + max(self.solve, self.paired_inputs))
+                + self.substitutes + max(self.solve, self.paired_inputs))
 
 
 def quantize_memory(shape: ModelShape, calibrating: Calibrating = SHIPPED_4BIT, gpus: int = 1) -> QuantizeMemory:
@@ -122,4 +124,6 @@ def quantize_memory(shape: ModelShape, calibrating: Calibrating = SHIPPED_4BIT, 
         float_activations=stream if c.float_stream else 0,
         paired_inputs=2 * min(c.batch, share) * c.seq_len * inputs if c.float_stream else 0,
         per_expert_hessians=4 * matrices * separate,
+        # At most every Linear but the last stage's, counted as all of them.
+        substitutes=2 * 2 * params if c.sequential else 0,
     )

@@ -130,6 +130,8 @@ def quantize_lines(m: QuantizeMemory, gpus: int, experts: bool) -> list[str]:
                   f"the larger of solve {_gib(m.solve)} and paired inputs {_gib(m.paired_inputs)}"]
     else:
         parts.append(f"solve {_gib(m.solve)}")
+    if c.sequential:
+        parts.append(f"sequential stages {_gib(m.substitutes)}")
     lines = [f"quantize ({c.method}, {c.recipe}, {c.samples} x {c.seq_len} calibration tokens): ~{_gib(m.total)} "
              f"GiB {where} for its largest layer: " + " + ".join(parts)]
     told = f"  statistics: float32 [in, in] per input group: {' and '.join(c.statistics)}"
@@ -144,4 +146,7 @@ def quantize_lines(m: QuantizeMemory, gpus: int, experts: bool) -> list[str]:
         lines.append("  float stream: the float model's calibration hidden states, kept beside the quantized "
                      f"model's and as large; paired inputs: every input group's float-stream input for one batch "
                      f"({c.batch} x {c.seq_len} tokens), kept until the quantized pass pairs it")
+    if c.sequential:
+        lines.append("  sequential stages: the quantized stages' weights, put into the layer for the later stages' "
+                     "passes, and the float weights put aside meanwhile (16 bits each)")
     return lines
