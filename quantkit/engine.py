@@ -32,6 +32,7 @@ from .finite_check import check_quantized, check_written
 from .graph.attention import observe_attention
 from .graph.experts import UnfusedExperts, all_experts, expert_modules, expert_of, reset_counts, routed_counts
 from .graph.runtime import LayerInputs, ModelRunner
+from .graph.types import LayerGraph
 from .moe import (ExpertCalibration, ExpertReport, expert_owners, rtn_fallback, starved, statistics_budget,
                   statistics_chunks, statistics_tokens, without)
 from .quantizers.base import ATTENTION_KEY, ATTENTION_VALUE, InputHook, Joined, PairedStatistic, Quantizer, Statistic
@@ -234,7 +235,7 @@ class _LayerCalibration:
 
 
 @contextlib.contextmanager
-def _weights_in_place(layer: nn.Module, graph, weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+def _weights_in_place(layer: nn.Module, graph: LayerGraph, weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
     """``layer`` with these Linears' weights in place of its own while inside (its own put
     back after, bit for bit)."""
     kept = {}
