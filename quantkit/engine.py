@@ -76,7 +76,10 @@ class _LayerCalibration:
         # Tokens routed to each expert over every rank's batches, from the first pass.
         self.routed: dict[str, list[int]] | None = None
         self._tokens: int | None = None
+        # A sequential quantizer's quantized weights for the quantized stream, and the float
+        # weights they replace, copied once (the layer's own are float outside a pass).
         self._substitutes: dict[str, torch.Tensor] = {}
+        self._floats: dict[str, torch.Tensor] = {}
 
     def generator(self, name: str) -> torch.Generator:
         return seeding.generator(self.seed, self.index, name, device=self.runner.device)
@@ -86,12 +89,16 @@ class _LayerCalibration:
         return None if hit is None else self.owners.get(hit)
 
     def substitute(self, weights: Mapping[str, torch.Tensor]) -> None:
+        graph = self.runner.graph.layer(self.index)
+        with torch.no_grad():
+            for name in weights:
+                self._floats.setdefault(name, graph.unit(name).matrix(self.layer).clone())
         self._substitutes.update(weights)
 
     def _forward(self, batches: list[LayerInputs], quantized: bool = True) -> Callable[[], None]:
         def forward() -> None:
             with _weights_in_place(self.layer, self.runner.graph.layer(self.index),
-                                   self._substitutes if quantized else {}):
+                                   self._substitutes if quantized else {}, self._floats):
                 for b in batches:  # outputs dropped as they come: activations stay on the device once
                     self.runner.run_layer(self.layer, b.hidden, b.calls[self.index])
 
@@ -235,21 +242,19 @@ class _LayerCalibration:
 
 
 @contextlib.contextmanager
-def _weights_in_place(layer: nn.Module, graph: LayerGraph, weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """``layer`` with these Linears' weights in place of its own while inside (its own put
-    back after, bit for bit)."""
-    kept = {}
+def _weights_in_place(layer: nn.Module, graph: LayerGraph, weights: Mapping[str, torch.Tensor],
+                      floats: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """``layer`` with these Linears' weights in place of its own while inside; its own
+    (``floats``, copies of them) put back after, bit for bit."""
     with torch.no_grad():
         for name, w in weights.items():
-            m = graph.unit(name).matrix(layer)
-            kept[name] = m.clone()
-            m.copy_(w)
+            graph.unit(name).matrix(layer).copy_(w)
     try:
         yield
     finally:
         with torch.no_grad():
-            for name, w in kept.items():
-                graph.unit(name).matrix(layer).copy_(w)
+            for name in weights:
+                graph.unit(name).matrix(layer).copy_(floats[name])
 
 
 def _run_experts(block: UnfusedExperts, inputs: Iterable[tuple[int, torch.Tensor]]) -> None:

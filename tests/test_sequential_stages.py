@@ -18,9 +18,12 @@ def _layer_graph(family: str, experts: int | None = None):
         for key in ("num_local_experts", "num_experts", "n_routed_experts"):
             if hasattr(config, key):
                 setattr(config, key, experts)
-    cls = model_class_for(config)
-    meta = build_meta(cls, config, torch.float32)
-    return derive_model_graph(meta, locate_decoder(meta, family)).layer(1)
+    return _graph_of(config, 1)
+
+
+def _graph_of(config, layer: int):
+    meta = build_meta(model_class_for(config), config, torch.float32)
+    return derive_model_graph(meta, locate_decoder(meta, "t")).layer(layer)
 
 
 @pytest.mark.parametrize("family", TEXT_FAMILIES + MOE_FAMILIES)
@@ -100,18 +103,11 @@ def test_sequential_run_of_a_moe_model_takes_a_pass_per_stage(text_file, tmp_pat
         "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 16, "batch_size": 2},
         "evaluate": {"enabled": False}, "export": {"output_dir": str(tmp_path / "out")}, "device": "cpu"}),
         quiet=True)
-    stages = len(sequential_stages(_layer_graph_of(model)))
-    assert passes == {0: stages, 1: stages}
-    assert gap and all(v > 1e-4 for v in gap.values()), gap
-
-
-def _layer_graph_of(model):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model)
-    cls = model_class_for(config)
-    meta = build_meta(cls, config, torch.float32)
-    return derive_model_graph(meta, locate_decoder(meta, "t")).layer(0)
+    stages = len(sequential_stages(_graph_of(AutoConfig.from_pretrained(model), 0)))
+    assert passes == {0: stages, 1: stages}
+    assert gap and all(v > 1e-4 for v in gap.values()), gap
 
 
 def test_later_stages_stop_the_forward_at_their_last_input(text_file, tmp_path, monkeypatch):
@@ -167,9 +163,9 @@ def test_plan_counts_what_sequential_stages_hold(text_file, tmp_path, monkeypatc
     held = []
     in_place = engine._weights_in_place
 
-    def measured(layer, graph, weights):
-        held.append(2 * sum(w.numel() for w in weights.values()))  # the substitutes and the float copies
-        return in_place(layer, graph, weights)
+    def measured(layer, graph, weights, floats):
+        held.append(sum(w.numel() for w in weights.values()) + sum(w.numel() for w in floats.values()))
+        return in_place(layer, graph, weights, floats)
 
     monkeypatch.setattr(engine, "_weights_in_place", measured)
     params = {"method": "gptq", "bits": 4, "group_size": 32, "sequential": True, "input_feedback": True}
