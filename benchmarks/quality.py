@@ -46,6 +46,9 @@ sys.path.insert(0, str(ROOT))
 MODEL = "builtin:smollm2-135m"
 _W4 = {"bits": 4, "group_size": 64}
 _ACT = {"act_order": True, "static_groups": True}
+# The best row's settings (the shipped 4-bit recipes' before ``sequential``), which its variants extend.
+_BEST = {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True, "input_feedback": True,
+         "rotate": "hadamard"}
 
 # key: (label, quantization section, export format or None for the method's default)
 ROWS: dict[str, tuple[str, dict[str, Any], str | None]] = {
@@ -75,17 +78,13 @@ ROWS: dict[str, tuple[str, dict[str, Any], str | None]] = {
                          {"method": "gptq", **_W4, **_ACT, "symmetric": False, "input_feedback": True,
                           "rotate": "hadamard"}, None),
     "gptq-asym-rot-clip-fb": ("GPTQ W4A16 g64 asym, act-order static, clip search, input feedback + Hadamard",
-                              {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True,
-                               "input_feedback": True, "rotate": "hadamard"}, None),
+                              _BEST, None),
     "gptq-asym-rot-clip-fb-damp0.1": ("GPTQ W4A16 g64 asym, act-order static, clip search, input feedback + Hadamard, "
                                       "damping 0.1",
-                                      {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True,
-                                       "input_feedback": True, "rotate": "hadamard", "dampening_frac": 0.1}, None),
+                                      {**_BEST, "dampening_frac": 0.1}, None),
     "gptq-asym-rot-clip-fb-damp0.001": ("GPTQ W4A16 g64 asym, act-order static, clip search, input feedback + "
                                         "Hadamard, damping 0.001",
-                                        {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True,
-                                         "input_feedback": True, "rotate": "hadamard", "dampening_frac": 0.001},
-                                        None),
+                                        {**_BEST, "dampening_frac": 0.001}, None),
     "rtn-online": ("RTN W4A16 g64 sym + online down_proj Hadamard",
                    {"method": "rtn", **_W4, "online_down_proj": True}, None),
     "gptq-online": ("GPTQ W4A16 g64 sym, act-order static + online down_proj Hadamard",
@@ -95,16 +94,13 @@ ROWS: dict[str, tuple[str, dict[str, Any], str | None]] = {
                               "online_down_proj": True}, None),
     "gptq-asym-rot-clip-fb-online": ("GPTQ W4A16 g64 asym, act-order static, clip search, input feedback + Hadamard "
                                      "+ online down_proj Hadamard",
-                                     {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True,
-                                      "input_feedback": True, "rotate": "hadamard", "online_down_proj": True},
-                                     None),
+                                     {**_BEST, "online_down_proj": True}, None),
     "gptq-asym-rot-clip-seq": ("GPTQ W4A16 g64 asym, act-order static, clip search, sequential + Hadamard",
                                {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True,
                                 "sequential": True, "rotate": "hadamard"}, None),
     "gptq-asym-rot-clip-fb-seq": ("GPTQ W4A16 g64 asym, act-order static, clip search, input feedback, sequential "
                                   "+ Hadamard",
-                                  {"method": "gptq", **_W4, **_ACT, "symmetric": False, "clip_search": True,
-                                   "input_feedback": True, "sequential": True, "rotate": "hadamard"}, None),
+                                  {**_BEST, "sequential": True}, None),
     "awq": ("AWQ W4A16 g64 asym (grid 20)", {"method": "awq", **_W4, "symmetric": False}, "awq"),
     "awq-rot": ("AWQ W4A16 g64 asym (grid 20) + Hadamard",
                 {"method": "awq", **_W4, "symmetric": False, "rotate": "hadamard"}, None),
