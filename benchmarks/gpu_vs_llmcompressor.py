@@ -16,7 +16,8 @@ llm-compressor (``oneshot`` on the model loaded on the CPU, which its sequential
 onloads one layer at a time, with a ``datasets.Dataset`` of the same ids) each run in their
 own subprocess, which reports wall time, peak GPU memory (``torch.cuda.max_memory_allocated``),
 peak host RSS (``VmHWM``) and the checkpoint's size. Wall time is end to end for both: import
-the tool (torch's import and CUDA's start are excluded for both), read the model from disk,
+the tool (torch's import and CUDA's start are excluded for both; both import from a bytecode
+cache filled by one untimed import of each tool, as an installation has), read the model from disk,
 calibrate and quantize, write the checkpoint (llm-compressor's ``oneshot`` alone is reported
 too). Without llm-compressor installed, or with ``--tools quantkit``, the
 peer numbers are the reference measurements below, and the table says so.
@@ -405,6 +406,7 @@ class _Profile:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.calls: dict[str, list[float]] = {}  # each call's seconds: the first layer's against the others'
 
     def wrap(self, owner, attr: str, stage: str, sync: bool = True) -> None:
         """``sync=False`` for what runs in the export's thread: a device-wide sync there would
@@ -423,13 +425,21 @@ class _Profile:
                     return fn(*a, **k)
             finally:
                 sync()
-                self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
+                took = time.perf_counter() - t
+                self.seconds[stage] = self.seconds.get(stage, 0.0) + took
+                self.calls.setdefault(stage, []).append(took)
 
         setattr(owner, attr, timed)
 
 
 def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, length: int, batch: int) -> dict:
     _cuda_init()
+    py_profile = os.environ.get("QK_BENCH_PY_PROFILE")
+    if py_profile:  # --py-profile: the main thread's Python calls, imports included
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     t0 = time.perf_counter()  # the tool's imports count, as llm-compressor's do
     import quantkit
     from quantkit import checkpoint, engine, export, pipeline, preflight
@@ -489,10 +499,28 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     else:
         report = quantkit.quantize(**recipe, quiet=True)
     wall = time.perf_counter() - t0
+    if py_profile:
+        profiler.disable()
+        _write_py_profile(profiler, Path(py_profile))
     return {"wall_s": wall, **_gpu_peaks(), "rss_gib": _peak_rss_bytes() / GIB,
             "out_gib": _dir_bytes(out) / GIB, "phases": report["timing"]["phase_seconds"],
             "layer_seconds": report["timing"]["layer_seconds"],
-            "profile": {"run: imports": imported, **prof.seconds}}
+            "profile": {"run: imports": imported, **prof.seconds}, "profile_calls": prof.calls}
+
+
+def _write_py_profile(profiler, tables: Path) -> None:
+    """The slowest calls by cumulative and by own time (the raw statistics beside them, for
+    ``pstats``' callers). cProfile slows Python-bound stages (not the device's): its shares point
+    at the fixed cost, its wall time is not a measurement."""
+    import io
+    import pstats
+
+    profiler.dump_stats(str(tables.with_suffix(".pstats")))
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text).strip_dirs()
+    stats.sort_stats("cumulative").print_stats(70)
+    stats.sort_stats("tottime").print_stats(40)
+    tables.write_text(text.getvalue())
 
 
 def _torch_profiled(run, tables: Path) -> dict:
@@ -548,6 +576,29 @@ def worker_llmcompressor(method: str, model_dir: Path, calib: Path, out: Path, n
 
 # ---------------------------------------------------------------- driver
 
+def worker_env(work: Path) -> dict[str, str]:
+    """The workers' environment, with a bytecode cache under ``work``. An installed package
+    has its modules' bytecode (pip writes it), which the GPU machines' image lacks for torch,
+    sympy, numpy and triton while it sets PYTHONDONTWRITEBYTECODE: there each worker compiled
+    ~1,700 modules from source, seconds of both tools' imports that no user pays."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               PYTHONPYCACHEPREFIX=str(work / "bytecode"))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+_TOOL_IMPORTS = {"quantkit": "import quantkit.pipeline, quantkit.quantizers.gptq, transformers.modeling_utils",
+                 "llmcompressor": "import llmcompressor, datasets, transformers.modeling_utils"}
+
+
+def fill_bytecode(tools: list[str], work: Path) -> None:
+    """Each tool's imports once, untimed, in the workers' environment: its bytecode cache is
+    then what an installation has, for both tools alike."""
+    for tool in tools:
+        subprocess.run([sys.executable, "-c", f"import torch; {_TOOL_IMPORTS[tool]}"], env=worker_env(work),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
 def run_case(case: str, tool: str, work: Path, n: int, length: int, batch: int, timeout: float) -> dict:
     shape, layers, method = CASES[case]
     if shape in MOE_SHAPES:
@@ -568,7 +619,7 @@ def run_case(case: str, tool: str, work: Path, n: int, length: int, batch: int, 
     result_file.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "worker", tool, method, str(model), str(calib), str(out), str(n), str(length),
            str(batch), str(result_file)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = worker_env(work)
     log = work / f"log-{case}-{tool}.txt"
     with open(log, "w") as f:
         try:
@@ -682,6 +733,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--torch-profile", action="store_true",
                     help="run quantkit under torch's profiler: its op tables go to <work>/torch-profile-<case>.txt "
                     "and are printed (the run is slower: its times are not measurements)")
+    ap.add_argument("--py-profile", action="store_true",
+                    help="run quantkit under cProfile (imports included): the slowest calls go to "
+                         "<work>/py-profile-<case>.txt and the output")
     ap.add_argument("--work", default="/tmp/quantkit-gpu-bench")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -706,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         print("llm-compressor is not installed here: peers are the reference table's numbers", flush=True)
         tools.remove("llmcompressor")
     results: dict = {}
+    fill_bytecode(tools, work)
     earlier = json.loads(Path(args.peer_results).read_text()) if args.peer_results else {}
     cases = [c for entry in args.cases.split(",") for c in (MOE_CASES if entry == "moe" else [entry])]
     for case in cases:
@@ -720,6 +775,9 @@ def main(argv: list[str] | None = None) -> int:
             tables = work / f"torch-profile-{case}.txt"
             if args.torch_profile and tool == "quantkit":
                 os.environ["QK_BENCH_TORCH_PROFILE"] = str(tables)
+            py_tables = work / f"py-profile-{case}.txt"
+            if args.py_profile and tool == "quantkit":
+                os.environ["QK_BENCH_PY_PROFILE"] = str(py_tables)
             results[case][tool] = r = run_case(case, tool, work, args.samples, args.seq_len, args.batch_size,
                                                args.timeout)
             print(f"{case} {tool}: {json.dumps({k: v for k, v in r.items() if k != 'log_tail'})[:400]} "
@@ -728,6 +786,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(r["log_tail"], flush=True)
             if os.environ.pop("QK_BENCH_TORCH_PROFILE", None) and tables.is_file():
                 print(tables.read_text(), flush=True)
+            if os.environ.pop("QK_BENCH_PY_PROFILE", None) and py_tables.is_file():
+                print(py_tables.read_text(), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
         if args.drop_models:
