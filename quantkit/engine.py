@@ -379,7 +379,7 @@ class _Clock:
         self.t = now
 
 
-_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 """Attention without cuDNN's: its first call for each attention shape builds an execution plan
 (1.3-1.9 s on an H200, measured on Gemma-3-12B's shapes: once for the local layers, once for the
 global), which every run pays, while flash and memory-efficient attention were as fast per
@@ -405,7 +405,7 @@ class LayerwiseEngine:
     def run(self, calib: list[torch.Tensor], evaluation: list[torch.Tensor] | None, batch_size: int,
             start: int = 0) -> EngineResult:
         try:
-            with sdpa_kernel(_ATTENTION_BACKENDS):
+            with sdpa_kernel(ATTENTION_BACKENDS):
                 return self._run(calib, evaluation, batch_size, start)
         except torch.OutOfMemoryError:
             raise DeviceMemoryError(

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__, preflight
+from . import __version__, preflight, warmup
 from .assignment_check import decoder_linear_names
 from .calibration import TextRequest, load_tokens
 from .card import base_license, render_card
@@ -64,7 +64,10 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     world = world_from_environment(preflight.resolve_device(recipe.device))
     if not world.is_main:  # rank 0 checks first: a bad recipe or model is one error line, not one per rank
         world.barrier()
+    warm = warmup.start(world.device, recipe.quantization)
     plan, view = preflight.check_run(recipe)
+    warm.add(warmup.attention_steps(world.device, preflight.compute_dtype(world.device, preflight.DTYPES[plan.dtype]),
+                                    plan.shape.num_heads, plan.shape.head_dim))
     # Only now are a hub model's weights downloaded.
     source = ModelSource.open(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle,
                               os.environ.get("HF_TOKEN"))
@@ -132,6 +135,7 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
                 engine = LayerwiseEngine(runner, quantizer, workdir, run_id, quiet, on_layer, seed=cal.seed,
                                          experts=ExpertCalibration(cal.all_experts, cal.min_expert_tokens),
                                          world=world, on_record=None if export is None else export.hand_off)
+                warm.join()
                 result = engine.run(calib, evaluation, cal.batch_size, start)
                 if export is None:
                     return {}
