@@ -7,11 +7,15 @@ most a warm-up beside validation could hide from the first layer.
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _ops(device: torch.device) -> dict:
@@ -39,7 +43,21 @@ def _ops(device: torch.device) -> dict:
         "grouped matmul": lambda: torch._grouped_mm(x, w, offs=offs),
         "top-k + softmax": lambda: torch.topk(a.softmax(-1), 8, dim=-1),
         "pinned copy to host": lambda: torch.empty(a.shape, pin_memory=True).copy_(a, non_blocking=True),
+        **_gptq_kernel(device),
     }
+
+
+def _gptq_kernel(device: torch.device) -> dict:
+    """GPTQ's Triton column kernel: compiled on its first call on a machine (Triton's cache,
+    ``~/.triton/cache``, empty), loaded from that cache in every later process."""
+    from quantkit.quantizers import gptq_block_kernel
+
+    if not gptq_block_kernel.available(device):
+        return {}
+    w = torch.randn(8, 4096, 128, device=device)
+    u = torch.eye(128, device=device).unsqueeze(0)
+    s = torch.full_like(w, 0.1)
+    return {"GPTQ Triton column kernel": lambda: gptq_block_kernel.quantize_block(w, u, s, None, -8.0, 7.0)}
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ A process pays once for each library's and kernel's first call: cuBLAS's handle,
 the attention kernels, the GPTQ Triton kernel loaded from Triton's cache (compiled there the
 first time on a machine). On an H200 these put 1.1 s into Mixtral-8x7B's first layer (the
 first GPTQ solve 0.66 s against 0.02 s, the first calibration forward 1.14 s against 0.71 s;
-``benchmarks/first_calls.py`` times each). Made here, on a stream of their own, they overlap
+``benchmarks/cold_start.py`` times each). Made here, on a stream of their own, they overlap
 the validation instead. The calls are the same operations on tiny tensors: nothing they compute
 is kept, and a failure is only logged (the layer's own call then fails, or pays, as before).
 The engine starts after ``join``: the two threads never launch the same kernel for the first
