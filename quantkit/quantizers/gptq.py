@@ -176,13 +176,16 @@ def lower_inverse_into(low: torch.Tensor, out: torch.Tensor, base: int = TRIANGU
 
 def _subtract_product(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``dst -= a @ b`` per batch element (``dst`` ``[E, r, m]``, ``a`` ``[E or 1, r, k]``,
-    ``b`` ``[E or 1, k, m]``), in place on a view. A single weight takes ``addmm_``: CPU's
-    batched kernel is 1.5x slower at one element, and gives the same bits per element as
-    ``addmm_`` (so a batched solve equals the single ones on CPU)."""
-    if dst.shape[0] == 1:
-        dst[0].addmm_(a[0], b[0], alpha=-1.0)
+    ``b`` ``[E or 1, k, m]``), in place on a view. On a GPU a stack is one ``baddbmm_``. On the
+    CPU every element takes ``addmm_``, a single weight's product: MKL's batched kernel is 1.5x
+    slower at one element, and on AVX-512 machines it sums in another order than ``addmm_`` (a
+    batched solve then differed from the single ones in the last bit), so a batched solve is
+    bitwise the single ones by construction."""
+    n = dst.shape[0]
+    if n == 1 or not dst.is_cuda:
+        for e in range(n):
+            dst[e].addmm_(a[min(e, a.shape[0] - 1)], b[min(e, b.shape[0] - 1)], alpha=-1.0)
     else:
-        n = dst.shape[0]
         dst.baddbmm_(a.expand(n, -1, -1), b.expand(n, -1, -1), alpha=-1.0)
 
 
