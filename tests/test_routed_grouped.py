@@ -136,8 +136,11 @@ def test_an_expert_without_tokens_in_a_whole_chunk_is_skipped(monkeypatch, group
 @pytest.mark.parametrize("chunked", [False, True])
 def test_llama4_grouped_routed_forward_is_the_per_expert_loop(chunked, monkeypatch, grouped_calls):
     """Llama 4's experts read each picked token scaled by its score from their own chunk of the
-    block's input and write their own chunk of its output: bitwise the per-expert loop, one
-    host sync a call (the loop waits once per picked expert)."""
+    block's input and write their own chunk of its output: the per-expert loop's outputs, one
+    host sync a call (the loop waits once per picked expert). One expert a chunk, bitwise; all
+    in one grouped call, to float32's last bit: on an AVX-512 machine MKL summed 7 of these
+    888 outputs in another order in the grouped kernel than in the experts' own Linears (at
+    most 7.6e-7 relative), which a routing or scaling error would exceed by far."""
     from tests.test_moe import _llama4_blocks
 
     _, block = _llama4_blocks(top_k=2, dtype=torch.float32)
@@ -151,7 +154,11 @@ def test_llama4_grouped_routed_forward_is_the_per_expert_loop(chunked, monkeypat
     with torch.no_grad(), _HostSyncs() as syncs:
         got = block(x)[0]
     assert grouped_calls.n == 3 * (4 if chunked else 1) and syncs.seen == ["tolist"]
-    assert want.abs().max() > 0.1 and torch.equal(got, want)
+    assert want.abs().max() > 0.1
+    if chunked:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0.0)
 
 
 def test_a_hooked_linear_sends_every_expert_through_its_module(monkeypatch, grouped_calls):

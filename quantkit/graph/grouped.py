@@ -65,9 +65,10 @@ def grouped_linear(x: torch.Tensor, linears: Sequence[nn.Linear], offs: torch.Te
     to ``offs[g]`` (int32, cumulative ends; a group may be empty). ``expert_of_row``: each
     row's index into ``linears``, for their biases (None without biases).
 
-    Without a bias the result is bitwise each Linear's on CPU (torch's fallback is the same
-    matmul per group); a bias is added after the product here, where ``nn.Linear`` fuses it
-    into the matmul (``addmm``): one rounding apart."""
+    Without a bias the result is each Linear's on CPU (torch's fallback is a matmul per
+    group), bitwise where MKL sums both products alike, which on AVX-512 machines it did not for
+    every shape (a last-bit difference); a bias is added after the product here, where
+    ``nn.Linear`` fuses it into the matmul (``addmm``): one rounding apart."""
     weight = torch.stack([m.weight for m in linears]).transpose(1, 2)  # [G, K, N]: each W.T
     y = _GROUPED_MM(x, weight, offs=offs)
     if expert_of_row is not None:
