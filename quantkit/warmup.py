@@ -23,6 +23,7 @@ from torch.nn.attention import sdpa_kernel
 
 from .engine import ATTENTION_BACKENDS
 from .quantizers import gptq_block_kernel
+from .quantizers.base import QuantizerParams
 from .quantizers.gptq import upper_inverse_factor
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def attention_steps(device: torch.device, dtype: torch.dtype, heads: int, head_d
     return [attention]
 
 
-def start(device: torch.device, params) -> Warmup:
+def start(device: torch.device, params: QuantizerParams) -> Warmup:
     """The library steps for a recipe's ``quantization`` section, started on ``device``."""
     warm = Warmup(device)
     asym = None
