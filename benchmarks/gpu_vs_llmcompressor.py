@@ -406,7 +406,9 @@ class _Profile:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
-        self.calls: dict[str, list[float]] = {}  # each call's seconds: the first layer's against the others'
+        # Each call's seconds of the engine's own stages (the first layer's against the others');
+        # the export thread's stages are called hundreds of times and keep their sums only.
+        self.calls: dict[str, list[float]] = {}
 
     def wrap(self, owner, attr: str, stage: str, sync: bool = True) -> None:
         """``sync=False`` for what runs in the export's thread: a device-wide sync there would
@@ -415,6 +417,7 @@ class _Profile:
 
         fn = getattr(owner, attr)
 
+        timed_calls = sync
         sync = torch.cuda.synchronize if DEVICE == "cuda" and sync else (lambda: None)
 
         def timed(*a, **k):
@@ -427,7 +430,8 @@ class _Profile:
                 sync()
                 took = time.perf_counter() - t
                 self.seconds[stage] = self.seconds.get(stage, 0.0) + took
-                self.calls.setdefault(stage, []).append(took)
+                if timed_calls:
+                    self.calls.setdefault(stage, []).append(took)
 
         setattr(owner, attr, timed)
 
