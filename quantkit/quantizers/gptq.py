@@ -180,7 +180,8 @@ def _subtract_product(dst: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
     CPU every element takes ``addmm_``, a single weight's product: MKL's batched kernel is 1.5x
     slower at one element, and on AVX-512 machines it sums in another order than ``addmm_`` (a
     batched solve then differed from the single ones in the last bit), so a batched solve is
-    bitwise the single ones by construction."""
+    bitwise the single ones by construction, at some speed (32 experts, 256 x 512 each, static
+    groups: 0.36 s against 0.29 s batched)."""
     n = dst.shape[0]
     if n == 1 or not dst.is_cuda:
         for e in range(n):
