@@ -417,20 +417,19 @@ class _Profile:
 
         fn = getattr(owner, attr)
 
-        timed_calls = sync
-        sync = torch.cuda.synchronize if DEVICE == "cuda" and sync else (lambda: None)
+        wait = torch.cuda.synchronize if DEVICE == "cuda" and sync else (lambda: None)
 
         def timed(*a, **k):
-            sync()
+            wait()
             t = time.perf_counter()
             try:
                 with torch.profiler.record_function(stage):  # a row of --torch-profile's tables
                     return fn(*a, **k)
             finally:
-                sync()
+                wait()
                 took = time.perf_counter() - t
                 self.seconds[stage] = self.seconds.get(stage, 0.0) + took
-                if timed_calls:
+                if sync:  # the engine's own stages
                     self.calls.setdefault(stage, []).append(took)
 
         setattr(owner, attr, timed)

@@ -66,8 +66,9 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
         world.barrier()
     warm = warmup.start(world.device, recipe.quantization)
     plan, view = preflight.check_run(recipe)
-    warm.add(warmup.attention_steps(world.device, preflight.compute_dtype(world.device, preflight.DTYPES[plan.dtype]),
-                                    plan.shape.num_heads, plan.shape.head_dim))
+    device, dtype = world.device, preflight.DTYPES[plan.dtype]
+    compute = preflight.compute_dtype(device, dtype)
+    warm.add(warmup.attention_steps(device, compute, plan.shape.num_heads, plan.shape.head_dim))
     # Only now are a hub model's weights downloaded.
     source = ModelSource.open(recipe.model.id, recipe.model.revision, recipe.model.allow_pickle,
                               os.environ.get("HF_TOKEN"))
@@ -75,7 +76,6 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     scheme = params.scheme()
     assignment = params.assignment()
     quantizer = QUANTIZERS[params.method](params, source.config)
-    device, dtype = world.device, preflight.DTYPES[plan.dtype]
     fmt = FORMATS[recipe.format_name]()
     output_dir = recipe.export.output_dir
     workdir = WorkDir(work_dir_for(output_dir))
@@ -86,7 +86,7 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
     writer = CheckpointWriter(output_dir, workdir.export, fmt, dtype,
                               parse_size(recipe.export.max_shard_size), recipe.export.overwrite)
     # The model's own classes on the meta device and its layer graph (validation's): no weight is read.
-    runner = ModelRunner(source, device, preflight.compute_dtype(device, dtype), f"model {recipe.model.id}", view)
+    runner = ModelRunner(source, device, compute, f"model {recipe.model.id}", view)
     runner.check_supported()
     if params.rotate == "hadamard":
         runner.edits.append(StreamRotation(runner))
