@@ -141,10 +141,11 @@ class _LayerCalibration:
 
             return run
 
-        # A sequential quantizer's later stage (the first pass ran whole and counted the routing)
-        # ends its pass at the last input it needs, unless it holds experts (an expert's Linear
-        # may be called in chunks).
-        stop = bool(self._substitutes) and not any(expert_of(n) for n in fed)
+        # A pass ends at the last input it needs (a sequential quantizer's first stage needs only
+        # the normed input: two whole forwards a layer saved with input feedback), unless it
+        # feeds an expert (an expert's Linear may be called in chunks) or is a MoE layer's first
+        # pass, which runs whole to count the routing.
+        stop = (bool(self._substitutes) or not blocks) and not any(expert_of(n) for n in fed)
         reset_counts(self.layer)
         hooks = _fan_out(fed)
         try:

@@ -110,11 +110,11 @@ def test_sequential_run_of_a_moe_model_takes_a_pass_per_stage(text_file, tmp_pat
     assert gap and all(v > 1e-4 for v in gap.values()), gap
 
 
-def test_later_stages_stop_the_forward_at_their_last_input(text_file, tmp_path, monkeypatch):
-    """A sequential run of a dense layer: the first pass runs the whole layer, each later one
-    stops at its stage's last input, so down_proj runs once per batch in calibration (the first
-    pass) and q_proj in every pass (o_proj's, gate/up's and down_proj's stages all need the
-    attention)."""
+def test_stages_stop_the_forward_at_their_last_input(text_file, tmp_path, monkeypatch):
+    """A sequential run of a dense layer: every pass stops at its stage's last input, so
+    down_proj never runs in calibration (no stage reads its output) and q_proj in every pass but
+    its own (q/k/v's pass stops at their shared input, before q_proj; o_proj's, gate/up's and
+    down_proj's stages all need the attention)."""
     from quantkit import engine
     from quantkit.pipeline import run
     from quantkit.recipe import make_recipe
@@ -142,7 +142,7 @@ def test_later_stages_stop_the_forward_at_their_last_input(text_file, tmp_path, 
         "evaluate": {"enabled": False}, "export": {"output_dir": str(tmp_path / "out")}, "device": "cpu"}),
         quiet=True)
     layers, batches, stages = 2, 2, 4
-    assert calls == {"mlp.down_proj": layers * batches, "self_attn.q_proj": layers * stages * batches}
+    assert calls == {"mlp.down_proj": 0, "self_attn.q_proj": layers * (stages - 1) * batches}
 
 
 def test_plan_counts_what_sequential_stages_hold(text_file, tmp_path, monkeypatch):
