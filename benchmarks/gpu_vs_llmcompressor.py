@@ -392,21 +392,24 @@ def _dir_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
-def _shipped_quantization(recipe: str) -> dict:
+def _shipped_quantization(name: str) -> dict:
+    """The ``quantization`` block of the recipe the package ships as ``name``, as written there."""
     import yaml
 
-    return yaml.safe_load((ROOT / "quantkit" / "data" / "recipes" / recipe).read_text())["quantization"]
+    from quantkit import shipped
+
+    return yaml.safe_load(shipped.recipe(name).read_text())["quantization"]
 
 
 def _quantkit_recipe(method: str, model: Path, calib: Path, out: Path, n: int, length: int, batch: int) -> dict:
-    q = {
+    q = _shipped_quantization("llama8b-gptq") if method == "shipped-gptq" else {
         "gptq": {"method": "gptq", "bits": 4, "group_size": 128, "act_order": True, "static_groups": True},
         "gptaq": {"method": "gptq", "bits": 4, "group_size": 128, "act_order": True, "static_groups": True,
                   "input_feedback": True},
         "awq": {"method": "awq", "bits": 4, "group_size": 128, "symmetric": False},
         "w8a8": {"method": "dynamic_int8", "weight_method": "gptq", "smoothquant_alpha": 0.8, "act_order": True},
         "fp8": {"method": "fp8", "weight_strategy": "channel", "activations": "dynamic"},
-    }[method] if method != "shipped-gptq" else _shipped_quantization("llama8b-gptq.yaml")
+    }[method]
     return {"model": {"id": str(model), "dtype": "bfloat16"}, "quantization": q,
             "calibration": {"source": str(calib), "num_samples": n, "max_seq_length": length, "batch_size": batch},
             "evaluate": {"enabled": False}, "export": {"output_dir": str(out), "overwrite": True}, "device": DEVICE}
