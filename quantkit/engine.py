@@ -308,8 +308,8 @@ def run_calibration(layer: nn.Module, hooks: Mapping[str, InputHook], forward: C
     Linear names get their input, the attention names what ``layer``'s attention receives.
 
     With ``stop_early`` (``forward`` runs one batch, and each hook is called once for it) the
-    forward stops as soon as every hook had its input: a later stage of a sequential quantizer
-    reads inputs early in the layer, and the layer's output is not used."""
+    forward stops as soon as every hook had its input: no pass reads the layer's output, and a
+    sequential quantizer's stages read inputs early in the layer."""
     if stop_early and hooks:
         left = set(hooks)
 
