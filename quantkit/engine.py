@@ -80,6 +80,8 @@ class _LayerCalibration:
         # weights they replace, copied once (the layer's own are float outside a pass).
         self._substitutes: dict[str, torch.Tensor] = {}
         self._floats: dict[str, torch.Tensor] = {}
+        # The float stream's batches already hold this layer's outputs (its last pass ran them whole).
+        self.float_carried = False
 
     def generator(self, name: str) -> torch.Generator:
         return seeding.generator(self.seed, self.index, name, device=self.runner.device)
@@ -95,12 +97,16 @@ class _LayerCalibration:
                 self._floats.setdefault(name, graph.unit(name).matrix(self.layer).clone())
         self._substitutes.update(weights)
 
-    def _forward(self, batches: list[LayerInputs], quantized: bool = True) -> Callable[[], None]:
+    def _forward(self, batches: list[LayerInputs], quantized: bool = True, carry: bool = False) -> Callable[[], None]:
+        """Run ``batches`` through the layer; their outputs dropped as they come (activations
+        stay on the device once), or with ``carry`` each output put in place of its input."""
         def forward() -> None:
             with _weights_in_place(self.layer, self.runner.graph.layer(self.index),
                                    self._substitutes if quantized else {}, self._floats):
-                for b in batches:  # outputs dropped as they come: activations stay on the device once
-                    self.runner.run_layer(self.layer, b.hidden, b.calls[self.index])
+                for b in batches:
+                    out = self.runner.run_layer(self.layer, b.hidden, b.calls[self.index])
+                    if carry:
+                        b.hidden = out
 
         return forward
 
@@ -109,16 +115,19 @@ class _LayerCalibration:
         if self.routed is None:
             self.routed = _summed_counts(routed_counts(self.layer), self.world)
 
-    def observe_paired(self, stats: Mapping[str, PairedStatistic]) -> None:
+    def observe_paired(self, stats: Mapping[str, PairedStatistic], last: bool = False) -> None:
         if self.float_batches is None:
             raise RuntimeError("observe_paired needs the float stream: the quantizer must set needs_float_inputs")
-        self._observe(stats, self.float_batches)
+        self._observe(stats, self.float_batches, last)
 
     def _observe(self, stats: Mapping[str, Statistic | PairedStatistic],
-                 float_batches: list[LayerInputs] | None) -> None:
+                 float_batches: list[LayerInputs] | None, last: bool = False) -> None:
         """One pass over this rank's batches (with ``float_batches``, each batch on both
         streams, the float one first), then every owned statistic fed the recorded tokens of
-        its block, then every other statistic reduced."""
+        its block, then every other statistic reduced. The last paired pass over a dense layer
+        runs the float stream whole and leaves its outputs in ``float_batches``: the engine
+        then does not run the float layer once more to carry that stream on. (A MoE layer's
+        passes route every token to every expert, so their outputs are not the layer's.)"""
         paired = float_batches is not None
         blocks = dict(expert_modules(self.layer))
         shared, owned = self._split(stats)
@@ -146,6 +155,7 @@ class _LayerCalibration:
         # feeds an expert (an expert's Linear may be called in chunks) or is a MoE layer's first
         # pass, which runs whole to count the routing.
         stop = (bool(self._substitutes) or not blocks) and not any(expert_of(n) for n in fed)
+        carry = paired and last and not blocks
         reset_counts(self.layer)
         hooks = _fan_out(fed)
         try:
@@ -153,7 +163,9 @@ class _LayerCalibration:
                 if paired:
                     for quant, flt in zip(self.batches, float_batches):
                         run_paired_batch(self.layer, hooks, recording(self._forward([quant]), 0),
-                                         recording(self._forward([flt], quantized=False), 1), stop)
+                                         recording(self._forward([flt], quantized=False, carry=carry), 1), stop,
+                                         float_whole=carry)
+                    self.float_carried = carry
                 elif stop:
                     for b in self.batches:
                         run_calibration(self.layer, hooks, self._forward([b]), stop_early=True)
@@ -290,11 +302,13 @@ def _summed_counts(counts: dict[str, list[int]], world: World) -> dict[str, list
 
 
 def run_paired_batch(layer: nn.Module, hooks: Mapping[str, Callable[[torch.Tensor, torch.Tensor], None]],
-                     quant: Callable[[], None], flt: Callable[[], None], stop_early: bool = False) -> None:
-    """One batch through ``layer`` on the float stream (each hooked Linear's input kept), then
-    on the quantized stream (each hook called with both inputs of the same tokens)."""
+                     quant: Callable[[], None], flt: Callable[[], None], stop_early: bool = False,
+                     float_whole: bool = False) -> None:
+    """One batch through ``layer`` on the float stream (each hooked Linear's input kept; with
+    ``float_whole`` never stopped early), then on the quantized stream (each hook called with
+    both inputs of the same tokens)."""
     kept: dict[str, list[torch.Tensor]] = {n: [] for n in hooks}
-    run_calibration(layer, {n: kept[n].append for n in hooks}, flt, stop_early)
+    run_calibration(layer, {n: kept[n].append for n in hooks}, flt, stop_early and not float_whole)
     run_calibration(layer, {n: (lambda x, n=n: hooks[n](x, kept[n].pop(0))) for n in hooks}, quant, stop_early)
 
 
@@ -445,10 +459,11 @@ class LayerwiseEngine:
                 for b in base_in:
                     b.hidden = sk.run_layer(layer, b.hidden, b.calls[i])
             clock.lap("evaluate")
+            float_carried = False
             if i < start:
                 record = self.workdir.load_layer(i)
             else:
-                qweights = self._quantize(i, layer, calib_in, float_in, result.experts)
+                qweights, float_carried = self._quantize(i, layer, calib_in, float_in, result.experts)
                 for name, qw in qweights.items():
                     check_quantized(sk.layer_prefix(i) + name, qw)
                 clock.lap("quantize")
@@ -463,7 +478,8 @@ class LayerwiseEngine:
             if self.on_record is not None:
                 self.on_record(i, record)
                 clock.lap("export hand-off")
-            if float_in is not None:  # the layer is still float here (folds leave its function as it was)
+            # The layer is still float here (folds leave its function as it was).
+            if float_in is not None and not float_carried:
                 with torch.no_grad():
                     for b in float_in:
                         b.hidden = sk.run_layer(layer, b.hidden, b.calls[i])
@@ -497,9 +513,10 @@ class LayerwiseEngine:
         return result
 
     def _quantize(self, i: int, layer: nn.Module, calib_in: list[LayerInputs], float_in: list[LayerInputs] | None,
-                  report: ExpertReport) -> dict[str, QuantizedWeight]:
+                  report: ExpertReport) -> tuple[dict[str, QuantizedWeight], bool]:
         """The quantizer on layer ``i``; for a Mixture-of-Experts layer, with the experts'
-        calibration mode, their token counts recorded and starved experts rounded instead."""
+        calibration mode, their token counts recorded and starved experts rounded instead.
+        Also whether ``float_in`` already left the layer (its last paired pass carried it)."""
         graph = self.sk.graph.layer(i)
         settings = self.experts
         owners = expert_owners(graph, self.world)
@@ -507,7 +524,7 @@ class LayerwiseEngine:
                                   owners)
         schemes = self.quantizer.layer_schemes(self.sk.layer_prefix(i), graph)
         if not graph.experts or not self.quantizer.needs_calibration:
-            return self.quantizer.quantize_layer(layer, graph, calib, schemes)
+            return self.quantizer.quantize_layer(layer, graph, calib, schemes), calib.float_carried
         if not settings.all_experts:
             graph = graph.per_expert()
             calib.observe({})  # who is starved must be known before the quantizer hooks them
@@ -528,7 +545,7 @@ class LayerwiseEngine:
         for name, per in (calib.routed or {}).items():
             report.routed[f"{where}.{name}"] = per
             report.statistics_tokens[f"{where}.{name}"] = statistics_tokens(per, calib.tokens, settings)
-        return qweights
+        return qweights, calib.float_carried
 
 
 def apply_record(layer: nn.Module, record: LayerRecord, device: torch.device, dtype: torch.dtype) -> None:

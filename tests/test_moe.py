@@ -326,7 +326,7 @@ def test_unpicked_expert_falls_back_to_rtn_with_routed_calibration(starved_layer
     engine = LayerwiseEngine(runner, quantizer, None, "", quiet=True, seed=0, experts=ExpertCalibration(False, 8))
     report = ExpertReport()
     with caplog.at_level(logging.WARNING, logger="quantkit.moe"):
-        out = engine._quantize(0, layer, batches, None, report)
+        out, _ = engine._quantize(0, layer, batches, None, report)
     assert set(out) == set(runner.graph.layer(0).linears)
     assert report.routed["model.layers.0.mlp.experts"][3] == 0
     assert report.rtn_fallback == [f"model.layers.0.mlp.experts.3.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
@@ -601,7 +601,7 @@ def test_statistics_in_chunks_give_the_same_layer(starved_layer, monkeypatch):
         monkeypatch.setattr(engine_module, "statistics_budget", lambda _device, _world, b=budget: b)
         layer = runner.load_layer(0)
         engine = LayerwiseEngine(runner, quantizer, None, "", quiet=True, seed=0, experts=ExpertCalibration(False, 1))
-        results.append(engine._quantize(0, layer, batches, None, ExpertReport()))
+        results.append(engine._quantize(0, layer, batches, None, ExpertReport())[0])
     parts = statistics_chunks(runner.graph.layer(0).per_expert(), 4 * 128 * 128 * 3)
     assert len(parts) == 4 and {u.name for p in parts for u in p.units} == set(runner.graph.layer(0).linears)
     # On two ranks each holds only its own experts' statistics: experts 1 (rank 1) and 2 (rank 0)

@@ -408,7 +408,7 @@ def _paired_run(model, text_file, out, monkeypatch, quantize: bool, runs=(True,)
         batches.extend(got)
         return got
 
-    def recorded_observe(self, stats):
+    def recorded_observe(self, stats, **kw):
         def spy(name, stat):
             count = iter(range(len(self.batches)))
 
@@ -416,7 +416,7 @@ def _paired_run(model, text_file, out, monkeypatch, quantize: bool, runs=(True,)
                 seen[(self.index, name, next(count))] = (xq.clone(), xf.clone())
                 stat.add(xq, xf)
             return SimpleNamespace(add=add, reduce=stat.reduce)
-        observe_paired(self, {n: spy(n, s) for n, s in stats.items()})
+        observe_paired(self, {n: spy(n, s) for n, s in stats.items()}, **kw)
 
     monkeypatch.setattr(engine, "make_batches", recorded_batches)
     monkeypatch.setattr(engine._LayerCalibration, "observe_paired", recorded_observe)
@@ -527,7 +527,7 @@ def test_sequential_groups_are_calibrated_on_the_layer_quantized_before_them(tex
 class _SameStreams(FakeCalibration):
     """Paired calibration whose float stream is the quantized one (as in a model's first layer)."""
 
-    def observe_paired(self, stats) -> None:
+    def observe_paired(self, stats, last: bool = False) -> None:
         self.run({k: (lambda x, s=s: s.add(x, x)) for k, s in stats.items()})
         for s in stats.values():
             s.reduce(self.world)

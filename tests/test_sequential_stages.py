@@ -85,7 +85,7 @@ def test_sequential_run_of_a_moe_model_takes_a_pass_per_stage(text_file, tmp_pat
     gap: dict[str, float] = {}
     observe_paired = engine._LayerCalibration.observe_paired
 
-    def counted(self, stats):
+    def counted(self, stats, **kw):
         passes[self.index] = passes.get(self.index, 0) + 1
         watched = {n for n in stats if self.index == 0 and n.endswith("down_proj")}
 
@@ -94,7 +94,7 @@ def test_sequential_run_of_a_moe_model_takes_a_pass_per_stage(text_file, tmp_pat
                 gap[name] = max(gap.get(name, 0.0), (xq - xf).abs().max().item())
                 stat.add(xq, xf)
             return type("Spy", (), {"add": staticmethod(add), "reduce": staticmethod(stat.reduce)})()
-        observe_paired(self, {n: spy(n, s) if n in watched else s for n, s in stats.items()})
+        observe_paired(self, {n: spy(n, s) if n in watched else s for n, s in stats.items()}, **kw)
 
     monkeypatch.setattr(engine._LayerCalibration, "observe_paired", counted)
     run(make_recipe({
@@ -143,6 +143,53 @@ def test_stages_stop_the_forward_at_their_last_input(text_file, tmp_path, monkey
         quiet=True)
     layers, batches, stages = 2, 2, 4
     assert calls == {"mlp.down_proj": 0, "self_attn.q_proj": layers * (stages - 1) * batches}
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_the_last_paired_pass_carries_the_float_stream(sequential, text_file, tmp_path, monkeypatch):
+    """With input feedback the last paired pass over a dense layer runs the float stream whole
+    and that output is the stream's next input: one float forward per batch and layer fewer
+    than running the float layer again after quantization, and the checkpoint is the same to
+    the bit as with that extra forward."""
+    from safetensors.torch import load_file
+
+    from quantkit import engine
+    from quantkit.graph.runtime import ModelRunner
+    from quantkit.pipeline import run
+    from quantkit.recipe import make_recipe
+
+    from .tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", layers=2, hidden=64, intermediate=128)
+    forwards = {}
+    run_layer, observe_paired = ModelRunner.run_layer, engine._LayerCalibration.observe_paired
+
+    def counted(self, layer, hidden, call):
+        forwards[mode] = forwards.get(mode, 0) + 1
+        return run_layer(self, layer, hidden, call)
+
+    def never_last(self, stats, last=False):
+        observe_paired(self, stats, last=False)
+
+    monkeypatch.setattr(ModelRunner, "run_layer", counted)
+    weights = {}
+    for mode in ("carried", "forward again"):
+        if mode == "forward again":
+            monkeypatch.setattr(engine._LayerCalibration, "observe_paired", never_last)
+        out = tmp_path / mode
+        run(make_recipe({
+            "model": {"id": str(model)},
+            "quantization": {"method": "gptq", "bits": 4, "group_size": 32, "input_feedback": True,
+                             "sequential": sequential},
+            "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 16, "batch_size": 2},
+            "evaluate": {"enabled": False}, "export": {"output_dir": str(out)}, "device": "cpu"}),
+            quiet=True)
+        weights[mode] = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    layers, batches = 2, 2
+    assert forwards["forward again"] - forwards["carried"] == layers * batches
+    assert weights["carried"].keys() == weights["forward again"].keys()
+    for k, v in weights["carried"].items():
+        assert torch.equal(v, weights["forward again"][k]), k
 
 
 def test_plan_counts_what_sequential_stages_hold(text_file, tmp_path, monkeypatch):

@@ -68,13 +68,17 @@ class LayerCalibration(Protocol):
         """
         ...
 
-    def observe_paired(self, stats: Mapping[str, PairedStatistic]) -> None:
+    def observe_paired(self, stats: Mapping[str, PairedStatistic], last: bool = False) -> None:
         """Run this rank's calibration batches through the layer twice: as the quantized model
         so far gives them, and as the float model gives them (each rank carries the float
         stream of its own batches); each statistic gets both inputs of its Linear for the
         same tokens, then every statistic is reduced, but for those of an expert's Linear that
         carry its owner as ``owner``, which are fed on the owner alone with every rank's token
-        pairs, as ``observe`` feeds them. Only for quantizers with ``needs_float_inputs``."""
+        pairs, as ``observe`` feeds them. Only for quantizers with ``needs_float_inputs``.
+
+        ``last``: the layer's last pass over the float stream (no statistic after it reads
+        the float inputs), so that stream may leave the layer in the same pass instead of
+        in one more forward after quantization."""
         ...
 
     def substitute(self, weights: Mapping[str, torch.Tensor]) -> None:

@@ -1024,16 +1024,18 @@ class GPTQQuantizer(Quantizer):
         schemes = self.schemes_or_default(graph, schemes)
         stages = sequential_stages(graph) if self.params.sequential else [graph]  # type: ignore[attr-defined]
         if len(stages) == 1:
-            return self._quantize_groups(layer, graph, calib, schemes)
+            return self._quantize_groups(layer, graph, calib, schemes, last=True)
         out: dict[str, QuantizedWeight] = {}
         for stage in stages:
             names = set(stage.linears)
-            done = self._quantize_groups(layer, stage, calib, {n: s for n, s in schemes.items() if n in names})
+            done = self._quantize_groups(layer, stage, calib, {n: s for n, s in schemes.items() if n in names},
+                                         last=stage is stages[-1])
             calib.substitute({n: qw.dequantize(stage.unit(n).matrix(layer).dtype) for n, qw in done.items()})
             out.update(done)
         return out
 
-    def _quantize_groups(self, layer, graph, calib: LayerCalibration, schemes) -> dict[str, QuantizedWeight]:
+    def _quantize_groups(self, layer, graph, calib: LayerCalibration, schemes,
+                         last: bool) -> dict[str, QuantizedWeight]:
         p: GPTQParams = self.params  # type: ignore[assignment]
         input_globals = observe_input_globals(graph, schemes)
         target: Callable[[str], torch.Tensor] | None = None
@@ -1041,7 +1043,7 @@ class GPTQQuantizer(Quantizer):
             accs, crosses, paired = collect_paired_hessians(graph, input_globals.stats, names=schemes)
             parts = solve_parts(layer, graph, accs, schemes, calib.world, calib.expert_owner)
             hessians_to_owners(parts, calib.world, accs, crosses)
-            calib.observe_paired(paired)
+            calib.observe_paired(paired, last=last)
 
             def feedback(n: str) -> torch.Tensor:  # on the unit's owner rank, within its solve
                 return feedback_target(graph.unit(n).matrix(layer), accs[n].hessian(), crosses[n].hessian(),
