@@ -13,7 +13,7 @@ functions, seed 0). ``--iters 0`` is rotated RTN through the same code.
 
 The calibration and evaluation ids are ``benchmarks/quality.py``'s for the pydoc domain, and
 the perplexity is scored in float32 like the peers' in that table (``llmcompressor_parity``'s
-function, on fake-quantized weights): its increase over the original model is comparable with
+``model_perplexity``, on fake-quantized weights): its increase over the original model is comparable with
 theirs. Prints one table; each run's result is a JSON line in ``--out``/probe.jsonl.
 """
 
@@ -146,13 +146,13 @@ def quantize_layer(layer: nn.Module, xq: torch.Tensor, yf: torch.Tensor, kw: dic
     best, best_loss, first = {n: r().detach() for n, r in rounders.items()}, math.inf, math.nan
     for _ in range(iters):
         pick = torch.randint(0, xq.shape[0], (BATCH,), generator=gen).to(xq.device)
-        weights = {f"{n}.weight": r() for n, r in rounders.items()}
-        loss = F.mse_loss(run_layer(layer, xq[pick], kw, weights).float(), yf[pick].float())
+        current = {n: r() for n, r in rounders.items()}
+        loss = F.mse_loss(run_layer(layer, xq[pick], kw, {f"{n}.weight": w for n, w in current.items()}).float(),
+                          yf[pick].float())
         if math.isnan(first):
             first = loss.item()
         if loss.item() < best_loss:
-            best_loss, best = loss.item(), {n: w.detach() for n, w in
-                                            ((k[:-len(".weight")], v) for k, v in weights.items())}
+            best_loss, best = loss.item(), {n: w.detach() for n, w in current.items()}
         for p in params:
             p.grad = None
         loss.backward()
@@ -167,17 +167,8 @@ def quantize_layer(layer: nn.Module, xq: torch.Tensor, yf: torch.Tensor, kw: dic
     return first, best_loss
 
 
-@torch.no_grad()
-def perplexity(model: nn.Module, ids: torch.Tensor, batch: int = 4) -> float:
-    nll, count = 0.0, 0
-    for b in ids.split(batch):
-        logits = model(b).logits[:, :-1].float()
-        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1), reduction="sum").item()
-        count += b[:, 1:].numel()
-    return math.exp(nll / count)
-
-
 def probe(model_dir: Path, tokens: Path, device: str, iters: int, lr: float, seed: int) -> dict:
+    from llmcompressor_parity import model_perplexity as perplexity
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -190,8 +181,10 @@ def probe(model_dir: Path, tokens: Path, device: str, iters: int, lr: float, see
     for p in model.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
-        x, kw = layer_arguments(model, cal[:BATCH])
-        xf = torch.cat([layer_arguments(model, c)[0] for c in cal.split(BATCH)])
+        firsts = [layer_arguments(model, c) for c in cal.split(BATCH)]
+    kw = firsts[0][1]  # every batch of BATCH sequences gets the same arguments
+    xf = torch.cat([x for x, _ in firsts])
+    del firsts
     xq = xf.clone()
     gen = torch.Generator().manual_seed(seed)
     losses = []

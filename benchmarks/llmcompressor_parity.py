@@ -139,12 +139,20 @@ def llmc_quantize(method: str, model_dir: Path, tokens: Path, out_dir: Path) -> 
 def perplexity(checkpoint: Path, tokens: Path, batch_size: int = 4) -> float:
     """exp(mean next-token NLL) of a transformers-loaded checkpoint over the evaluation ids."""
     import torch
-    import torch.nn.functional as F
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     ids = load_file(str(tokens))["evaluation"]
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return model_perplexity(model, ids, batch_size)
+
+
+def model_perplexity(model, ids, batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) of a model in memory over ``ids`` (the peers' scoring, which
+    block_rounding_probe.py applies to its fake-quantized model too)."""
+    import torch
+    import torch.nn.functional as F
+
     nll, count = 0.0, 0
     with torch.no_grad():
         for b in ids.split(batch_size):
