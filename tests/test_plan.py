@@ -406,8 +406,8 @@ def test_quantize_line_counts_input_feedback_of_a_recipe(tmp_path, capsys):
     plain, fb = mems[False], mems[True]
     assert fb.hessians - plain.hessians == 4 * (2 * h * h + q * q + i * i)
     assert (plain.float_activations, fb.float_activations) == (0, 2 * samples * tokens * h) == (0, fb.activations)
-    # The feedback target of down_proj (the widest input) in float64 outweighs GPTQ's own solve.
-    assert fb.solve == 8 * FEEDBACK_TARGET_MATRICES * i * i > plain.solve
+    # The feedback target of down_proj (the widest input) outweighs GPTQ's own solve.
+    assert fb.solve == 4 * FEEDBACK_TARGET_MATRICES * i * i > plain.solve
     assert (fb.layer, fb.codes, fb.activations) == (plain.layer, plain.codes, plain.activations)
     # Each batch's (8 x 512 tokens) float-stream inputs of q/k/v, o_proj, gate/up and down_proj,
     # 16 bits, are kept for pairing during the calibration pass, before any solve.
@@ -419,8 +419,8 @@ def test_quantize_line_counts_input_feedback_of_a_recipe(tmp_path, capsys):
     assert lines[True][1:] == [
         "  statistics: float32 [in, in] per input group: the quantized inputs' Hessian and its cross term with the "
         "float inputs",
-        f"  solve: the larger of GPTQ's working set and the {FEEDBACK_TARGET_MATRICES} float64 [in, in] a Linear's "
-        "target takes before its solve (the widest input)",
+        f"  solve: the larger of GPTQ's working set and the {FEEDBACK_TARGET_MATRICES} float32 [in, in] an input "
+        "feedback target takes before its solve (the widest input)",
         "  float stream: the float model's calibration hidden states, kept beside the quantized model's and as "
         "large; paired inputs: every input group's float-stream input for one batch (8 x 512 tokens), kept until "
         "the quantized pass pairs it"]

@@ -18,7 +18,7 @@ class Calibrating:
     method: str
     statistics: tuple[str, ...]  # the float32 [in, in] matrices per input group, by what each is
     float_stream: bool  # the float model's calibration stream kept beside the quantized one
-    target_matrices: int = 0  # float64 [in, in] a Linear's target takes at its peak, before its solve
+    target_matrices: int = 0  # float32 [in, in] a stack's target takes at its peak, before its solve
     sequential: bool = False  # calibrated in stages, the quantized stages' weights put into the layer
     samples: int = 128
     seq_len: int = 2048
@@ -49,7 +49,7 @@ class Calibrating:
 # GPTQ with input_feedback (GPTAQ), sequential, as the shipped 4-bit recipes set it: the largest need
 # of any shipped method, which a plan without a recipe counts (tests check it against the recipe's quantizer).
 SHIPPED_4BIT = Calibrating("the shipped 4-bit recipes", "gptq",
-                           ("the quantized inputs' Hessian", "its cross term with the float inputs"), True, 4, True)
+                           ("the quantized inputs' Hessian", "its cross term with the float inputs"), True, 5, True)
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def quantize_memory(shape: ModelShape, calibrating: Calibrating = SHIPPED_4BIT, 
         layer=2 * (params + extra),
         codes=params,
         hessians=4 * matrices * hess,
-        solve=max(4 * (2 * chunk + 2 * big * big), 8 * c.target_matrices * big * big) if matrices else 0,
+        solve=max(4 * (2 * chunk + 2 * big * big), 4 * c.target_matrices * big * big) if matrices else 0,
         activations=stream,
         float_activations=stream if c.float_stream else 0,
         paired_inputs=2 * min(c.batch, share) * c.seq_len * inputs if c.float_stream else 0,

@@ -140,8 +140,8 @@ def quantize_lines(m: QuantizeMemory, gpus: int, experts: bool) -> list[str]:
                  "GiB)")
     lines.append(told)
     if c.target_matrices:
-        lines.append(f"  solve: the larger of GPTQ's working set and the {c.target_matrices} float64 [in, in] "
-                     "a Linear's target takes before its solve (the widest input)")
+        lines.append(f"  solve: the larger of GPTQ's working set and the {c.target_matrices} float32 [in, in] "
+                     "an input feedback target takes before its solve (the widest input)")
     if c.float_stream:
         lines.append("  float stream: the float model's calibration hidden states, kept beside the quantized "
                      f"model's and as large; paired inputs: every input group's float-stream input for one batch "

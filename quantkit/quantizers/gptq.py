@@ -42,6 +42,7 @@ from .clip import clip_to_gram, group_grams
 from .hessian import HessianAccumulator
 from .rtn import fused_global_scales, weight_global_scale, weight_only_scheme, weight_qparams
 from .scheme_params import SchemeParams
+from .split_product import split_product
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing's own from Python 3.11; quantkit supports 3.10
@@ -158,7 +159,7 @@ def lower_inverse_into(low: torch.Tensor, out: torch.Tensor, base: int = TRIANGU
     factors on an H200 0.62 s -> 0.38 s, the same error against float64. Below ``base`` the
     solve is used. ``−C⁻¹ B A⁻¹`` is formed ``base`` rows at a time (the row block of the
     triangular ``C⁻¹`` reaches only the columns up to its last row), so the temporaries stay
-    ``base`` rows high and ``feedback_target``'s float64 peak stays what the plan counts."""
+    ``base`` rows high and ``feedback_operator``'s peak stays what the plan counts."""
     n = low.shape[-1]
     if n <= base:
         eye = torch.eye(n, dtype=low.dtype, device=low.device).expand_as(low)
@@ -582,39 +583,59 @@ def _block_graph(n_w: int, n_h: int, rows: int, n: int, device: torch.device, dy
     return _GRAPHS[key]
 
 
-# Float64 [in, in] matrices alive at once at feedback_target's peak (the damped Hessian and
-# the factorisation's three), as measured by the tests.
-FEEDBACK_TARGET_MATRICES = 4
+# Float32 [in, in] matrices alive at once at feedback_operator's peak, as measured by the tests on
+# the CPU (a product's two factors, the output, the split of the second factor and the CPU's
+# float32 copy of one half of it, which the GPU does not take).
+FEEDBACK_TARGET_MATRICES = 5
 
 
-def feedback_target(w: torch.Tensor, h_quant: torch.Tensor, cross: torch.Tensor, dampening_frac: float,
-                    alpha: float = 0.25, act_order: bool = False, name: str = "weight") -> torch.Tensor:
-    """The weight GPTQ should quantize so that the quantized Linear on the quantized model's
-    inputs ``X̃`` approaches the float Linear on the float inputs ``X`` (GPTAQ, Li et al. 2025).
+@dataclass(frozen=True)
+class FeedbackOperator:
+    """GPTAQ's correction of one input group's weights: ``W' = W (I − P)⁻¹``, with ``I − P``
+    (``lhs``, upper triangular) in the visiting ``order``. It depends on the group's Hessians
+    alone, so q/k/v (gate/up) share one."""
+
+    order: torch.Tensor
+    lhs: torch.Tensor
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor:
+        shifted = torch.linalg.solve_triangular(self.lhs, w.detach().float()[:, self.order], upper=True, left=False)
+        return shifted[:, torch.argsort(self.order)]
+
+
+def feedback_operator(h_quant: torch.Tensor, cross: torch.Tensor, dampening_frac: float, alpha: float = 0.25,
+                      act_order: bool = False, name: str = "weight") -> FeedbackOperator:
+    """The operator taking a weight to the one GPTQ should quantize so that the quantized
+    Linear on the quantized model's inputs ``X̃`` approaches the float Linear on the float
+    inputs ``X`` (GPTAQ, Li et al. 2025).
 
     GPTAQ adds to GPTQ's column loop, for each column ``i`` visited, ``w_i · P[i, i+1:]`` on the
     columns not yet visited, with ``P = α · triu₁((ΔXᵀX̃) Uᵀ) U``, ``ΔX = X − X̃`` and ``U`` the
     upper Cholesky factor of the damped ``H̃⁻¹`` in the visiting order: each column's input
     mismatch is compensated by the columns after it only, shrunk by ``α``. Without rounding
-    that loop ends at ``W' = W (I − P)⁻¹``, which is returned (in natural column order): the
-    loop's own updates differ from it only by products of the rounding errors with ``P``.
+    that loop ends at ``W' = W (I − P)⁻¹``: the loop's own updates differ from it only by
+    products of the rounding errors with ``P``.
 
     The unmasked, unshrunk target (``α = 1`` on the whole of ``(ΔXᵀX̃) H̃⁻¹``, the exact least
     squares fit of ``X Wᵀ`` on ``X̃``) fits the calibration tokens' stream mismatch and is
     far worse on held-out text (docs/quality.md). ``cross`` is ``X̃ᵀX`` on the scale of
     ``h_quant = X̃ᵀX̃``; ``act_order`` visits columns as GPTQ's act-order does.
+
+    In float32, as the statistics are accumulated and GPTQ's own solve factors them, with
+    the two ``[in, in]`` products on bf16 tensor cores (``split_product``): float64 took
+    0.29 s for a 14336-wide down_proj on an H200 and 2.1 s for a 28672-wide one
+    (``benchmarks/feedback_target_speed.py``).
     """
-    # float64 [in, in] matrices, each freed as soon as it is used: at most four alive (a
-    # 14336-wide one is 1.6 GB; this took seven before).
-    diag = torch.diagonal(h_quant).to(torch.float64)
+    # float32 [in, in] matrices, each freed as soon as it is used (FEEDBACK_TARGET_MATRICES).
+    diag = torch.diagonal(h_quant).float()
     diag.masked_fill_(diag == 0, 1.0)  # dead columns, as the solve patches them
     in_f = diag.shape[0]
     order = (torch.argsort(diag, descending=True, stable=True) if act_order
              else torch.arange(in_f, device=diag.device))
 
     def visited(t: torch.Tensor) -> torch.Tensor:
-        """``t`` in float64, rows and columns in the visiting order."""
-        return t.detach()[order.unsqueeze(1), order.unsqueeze(0)].to(torch.float64)
+        """``t`` in float32, rows and columns in the visiting order."""
+        return t.detach()[order.unsqueeze(1), order.unsqueeze(0)].float()
 
     h = visited(h_quant)
     h.diagonal().copy_(diag[order])
@@ -629,15 +650,19 @@ def feedback_target(w: torch.Tensor, h_quant: torch.Tensor, cross: torch.Tensor,
     quant.diagonal().copy_(diag[order])
     mismatch = mismatch.sub_(quant).T
     del quant
-    p = (mismatch @ upper.T).triu_(1)
+    p = split_product(mismatch, upper.T).triu_(1)
     del mismatch
     p.mul_(alpha)
-    p = p @ upper
+    p = split_product(p, upper)
     del upper
     p.neg_().diagonal().add_(1.0)  # I − P (P is strictly upper triangular)
-    w64 = w.detach().to(torch.float64)[:, order]
-    shifted = torch.linalg.solve_triangular(p, w64, upper=True, left=False)
-    return shifted[:, torch.argsort(order)].to(torch.float32)
+    return FeedbackOperator(order, p)
+
+
+def feedback_target(w: torch.Tensor, h_quant: torch.Tensor, cross: torch.Tensor, dampening_frac: float,
+                    alpha: float = 0.25, act_order: bool = False, name: str = "weight") -> torch.Tensor:
+    """The weight GPTQ should quantize for ``w`` under input feedback (``feedback_operator``)."""
+    return feedback_operator(h_quant, cross, dampening_frac, alpha, act_order, name).apply(w)
 
 
 class GPTQParams(SchemeParams):
@@ -891,19 +916,20 @@ def pinned(parts: list[SolvePart]) -> dict[str, int]:
 
 def gptq_layer(
     layer, graph, accs: dict[str, HessianAccumulator], schemes: Scheme | Mapping[str, Scheme],
-    world: World = SINGLE, target: Callable[[str], torch.Tensor] | None = None,
+    world: World = SINGLE, target: Callable[[Sequence[str]], list[torch.Tensor]] | None = None,
     parts: list[SolvePart] | None = None, **kwargs
 ) -> dict[str, QuantizedWeight]:
     """GPTQ the units of ``schemes`` (or every unit of ``graph`` with one scheme) with the
     Hessians already accumulated (and reduced) in ``accs``, each of ``parts`` (``solve_parts``)
     solved on its owner rank of ``world``. Linears stacked in one solve share one global
     scale (tensor_group), as vLLM needs for the matrix it fuses them into; it is taken from
-    the layer's own weights. ``target(name)`` is what GPTQ approximates for a unit: its
-    weight, or ``feedback_target``.
+    the layer's own weights. ``target(stack)`` is what GPTQ approximates for the Linears of
+    one stack (they share a Hessian): their weights, or the input feedback's targets, whose
+    operator the stack shares.
     """
     if isinstance(schemes, Scheme):
         schemes = {n: schemes for n in graph.linears}
-    target = target or (lambda n: graph.unit(n).matrix(layer).detach())
+    target = target or (lambda stack: [graph.unit(n).matrix(layer).detach() for n in stack])
     globals_ = fused_global_scales(layer, graph, schemes)  # from the weights alone: the same on every rank
     parts = parts if parts is not None else solve_parts(layer, graph, accs, schemes, world)
     static_groups = kwargs.get("static_groups", False)
@@ -911,7 +937,7 @@ def gptq_layer(
     def solve(part: SolvePart) -> dict[str, QuantizedWeight]:
         solves = []
         for stack in part.stacks:
-            ws = [target(n) for n in stack]
+            ws = target(stack)
             solves.append((stack, [w.shape[0] for w in ws], torch.cat(ws) if len(ws) > 1 else ws[0],
                            accs[stack[0]].hessian(), globals_.get(stack[0])))
         together = len(solves) > 1 and batchable(part.scheme.weights, solves[0][2].shape[0], static_groups)
@@ -1038,16 +1064,17 @@ class GPTQQuantizer(Quantizer):
                          last: bool) -> dict[str, QuantizedWeight]:
         p: GPTQParams = self.params  # type: ignore[assignment]
         input_globals = observe_input_globals(graph, schemes)
-        target: Callable[[str], torch.Tensor] | None = None
+        target: Callable[[Sequence[str]], list[torch.Tensor]] | None = None
         if p.input_feedback:
             accs, crosses, paired = collect_paired_hessians(graph, input_globals.stats, names=schemes)
             parts = solve_parts(layer, graph, accs, schemes, calib.world, calib.expert_owner)
             hessians_to_owners(parts, calib.world, accs, crosses)
             calib.observe_paired(paired, last=last)
 
-            def feedback(n: str) -> torch.Tensor:  # on the unit's owner rank, within its solve
-                return feedback_target(graph.unit(n).matrix(layer), accs[n].hessian(), crosses[n].hessian(),
-                                       p.dampening_frac, act_order=p.act_order, name=n)
+            def feedback(stack: Sequence[str]) -> list[torch.Tensor]:  # on the owner rank, within its solve
+                op = feedback_operator(accs[stack[0]].hessian(), crosses[stack[0]].hessian(), p.dampening_frac,
+                                       act_order=p.act_order, name="+".join(stack))
+                return [op.apply(graph.unit(n).matrix(layer)) for n in stack]
 
             target = feedback
         else:
@@ -1071,3 +1098,4 @@ class GPTQQuantizer(Quantizer):
         )
         input_globals.apply(out)
         return out
+

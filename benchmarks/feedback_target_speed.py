@@ -1,0 +1,119 @@
+"""GPTAQ's feedback target at Llama-3.1-8B and 70B widths: quantkit's (float32, bf16-split
+products) against the same arithmetic in float64 (quantkit's before stop 35), in float32 and
+in float32 with TF32 products.
+
+    python benchmarks/feedback_target_speed.py            # on the GPU
+
+Prints, per width, the seconds of one target and its error against the float64 one: the
+relative error of the correction ``W' - W`` and the share of W4 g64 asymmetric
+round-to-nearest codes of ``W'`` that differ from the float64 target's.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from quantkit.quantizers import gptq  # noqa: E402
+from quantkit.quantizers.hessian import HessianAccumulator  # noqa: E402
+
+
+def hessians(n: int, tokens: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``X̃ᵀX̃`` and ``X̃ᵀX`` of correlated, unevenly scaled inputs and a float stream 5% away."""
+    g = torch.Generator(device=device).manual_seed(0)
+    mix = torch.randn(n, n, generator=g, device=device) / n ** 0.5 + torch.eye(n, device=device)
+    scales = torch.exp(torch.randn(n, generator=g, device=device))
+    h, c = HessianAccumulator(), HessianAccumulator()
+    for _ in range(tokens // 4096):
+        xf = (torch.randn(4096, n, generator=g, device=device) @ mix) * scales
+        xq = xf + 0.05 * torch.randn(4096, n, generator=g, device=device) * scales
+        h.add(xq.bfloat16())
+        c.add(xq.bfloat16(), xf.bfloat16())
+    return h.hessian(), c.hessian()
+
+
+def variant(w, h_quant, cross, dtype, product, alpha=0.25, damp=0.01):
+    """``feedback_target``'s arithmetic in ``dtype`` with the two [in, in] products by ``product``."""
+    diag = torch.diagonal(h_quant).to(dtype)
+    diag.masked_fill_(diag == 0, 1.0)
+    order = torch.argsort(diag, descending=True, stable=True)
+
+    def visited(t):
+        return t[order.unsqueeze(1), order.unsqueeze(0)].to(dtype)
+
+    h = visited(h_quant)
+    h.diagonal().copy_(diag[order])
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    upper, info = gptq.upper_inverse_factor(h)
+    del h
+    mismatch, quant = visited(cross), visited(h_quant)
+    quant.diagonal().copy_(diag[order])
+    mismatch = mismatch.sub_(quant).T
+    del quant
+    p = product(mismatch, upper.T).triu_(1)
+    del mismatch
+    p.mul_(alpha)
+    p = product(p, upper)
+    del upper
+    p.neg_().diagonal().add_(1.0)
+    shifted = torch.linalg.solve_triangular(p, w.to(dtype)[:, order], upper=True, left=False)
+    return shifted[:, torch.argsort(order)].to(torch.float32)
+
+
+def tf32_product(a, b):
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return a @ b
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def codes(w: torch.Tensor) -> torch.Tensor:
+    g = w.reshape(w.shape[0], -1, 64)
+    lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    zero = torch.round(-lo / scale)
+    return torch.clamp(torch.round(g / scale) + zero, 0, 15)
+
+
+def timed(fn, reps=2):
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        out = fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps, out
+
+
+def main() -> None:
+    dev = "cuda"
+    print("| in | out | variant | s | rel. error of W'-W | codes differing |")
+    print("|---:|---:|---|---:|---:|---:|")
+    for n, out in ((4096, 6144), (14336, 4096), (28672, 8192)):
+        h, c = hessians(n, 32768, dev)
+        w = torch.randn(out, n, device=dev) * 0.02
+        s_ref, ref = timed(lambda: variant(w, h, c, torch.float64, torch.matmul))
+        ref_codes = codes(ref)
+        rows = (("float64 (quantkit before)", lambda: (s_ref, ref)),
+                ("float32, bf16-split products (quantkit)",
+                 lambda: timed(lambda: gptq.feedback_target(w, h, c, 0.01, act_order=True))),
+                ("float32", lambda: timed(lambda: variant(w, h, c, torch.float32, torch.matmul))),
+                ("float32, TF32 products", lambda: timed(lambda: variant(w, h, c, torch.float32, tf32_product))))
+        for name, run in rows:
+            s, got = run()
+            rel = ((got - ref).norm() / (ref - w).norm()).item()
+            diff = (codes(got) != ref_codes).float().mean().item()
+            print(f"| {n} | {out} | {name} | {s:.3f} | {rel:.2e} | {diff:.2e} |", flush=True)
+        del h, c, w, ref
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
