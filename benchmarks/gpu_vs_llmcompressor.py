@@ -31,9 +31,11 @@ default). Their extrapolations scale the per-layer time by expert parameters per
 
     python benchmarks/gpu_vs_llmcompressor.py --cases moe --samples 32 --drop-models
 
-Also printed: quantkit's time per stage per layer (a profile: calibration forward, Hessian
-accumulation, GPTQ solve, AWQ search, saving, propagation, export) and full-model
-extrapolations (32, 80, 36 and 48 layers) from the per-layer time.
+Also printed: quantkit's time per stage per layer (the engine's own stages: load, quantize,
+propagate, export hand-off; with ``--stage-profile`` also calibration forward, Hessian
+accumulation, GPTQ solve, AWQ search, export, each synchronised per call, which slows the run:
+before stop 35 every run was timed so) and full-model extrapolations (32, 80, 36 and 48
+layers) from the per-layer time.
 """
 
 from __future__ import annotations
@@ -449,23 +451,15 @@ class _Profile:
         setattr(owner, attr, timed)
 
 
-def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, length: int, batch: int) -> dict:
-    _cuda_init()
-    py_profile = os.environ.get("QK_BENCH_PY_PROFILE")
-    if py_profile:  # --py-profile: the main thread's Python calls, imports included
-        import cProfile
-
-        profiler = cProfile.Profile()
-        profiler.enable()
-    t0 = time.perf_counter()  # the tool's imports count, as llm-compressor's do
-    import quantkit
+def _wrap_stages(prof: _Profile) -> None:
+    """Time quantkit's stages (``--stage-profile``). Each engine-thread stage synchronises the
+    device before and after every call: the Hessian accumulation's hundreds of calls a layer
+    then stall the host at every batch, which costs the recipes with more calls (input feedback
+    adds the cross term's) more wall time than the others; so the timed runs leave them out."""
     from quantkit import checkpoint, engine, export, pipeline, preflight
     from quantkit.graph import runtime, view
-    from quantkit.quantizers import awq, gptq, hessian, int8_dynamic, smoothquant
-    import transformers.modeling_utils  # noqa: F401 (quantkit builds the model's own class: its import cost)
+    from quantkit.quantizers import awq, gptq, hessian, int8_dynamic
 
-    imported = time.perf_counter() - t0
-    prof = _Profile()
     prof.wrap(hessian.HessianAccumulator, "add", "hessian accumulation")
     # every solve goes through the batched one (gptq_quantize is its batch of one): counted once
     prof.wrap(gptq, "gptq_quantize_batch", "gptq solve")
@@ -509,6 +503,28 @@ def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, le
     prof.wrap(runtime.ModelRunner, "__init__", "run: model class and layer graph")
     prof.wrap(pipeline, "check_source_tensors", "run: finite check of embedding/head")
     prof.wrap(pipeline, "load_tokens", "run: calibration text")
+
+
+def worker_quantkit(method: str, model: Path, calib: Path, out: Path, n: int, length: int, batch: int) -> dict:
+    _cuda_init()
+    py_profile = os.environ.get("QK_BENCH_PY_PROFILE")
+    if py_profile:  # --py-profile: the main thread's Python calls, imports included
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    t0 = time.perf_counter()  # the tool's imports count, as llm-compressor's do
+    import quantkit
+    # What a run imports, inside the timed imports (quantize imports them on its first call).
+    from quantkit import checkpoint, engine, export, pipeline, preflight  # noqa: F401
+    from quantkit.graph import runtime, view  # noqa: F401
+    from quantkit.quantizers import awq, gptq, hessian, int8_dynamic, smoothquant  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401 (quantkit builds the model's own class: its import cost)
+
+    imported = time.perf_counter() - t0
+    prof = _Profile()
+    if os.environ.get("QK_BENCH_STAGE_PROFILE") or os.environ.get("QK_BENCH_TORCH_PROFILE"):
+        _wrap_stages(prof)
     recipe = _quantkit_recipe(method, model, calib, out, n, length, batch)
     tables = os.environ.get("QK_BENCH_TORCH_PROFILE")
     if tables:
@@ -751,6 +767,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--torch-profile", action="store_true",
                     help="run quantkit under torch's profiler: its op tables go to <work>/torch-profile-<case>.txt "
                     "and are printed (the run is slower: its times are not measurements)")
+    ap.add_argument("--stage-profile", action="store_true",
+                    help="time quantkit's stages per call (synchronising the device at each: its wall time is "
+                         "then not a measurement); without it only the engine's own per-stage seconds are kept")
     ap.add_argument("--py-profile", action="store_true",
                     help="run quantkit under cProfile (imports included): the slowest calls go to "
                          "<work>/py-profile-<case>.txt and the output")
@@ -767,6 +786,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if args.no_cudnn_sdpa:
         os.environ["QK_BENCH_NO_CUDNN_SDPA"] = "1"
+    if args.stage_profile:
+        os.environ["QK_BENCH_STAGE_PROFILE"] = "1"
     if args.tiny or args.cpu_wide:
         global DEVICE
         DEVICE = os.environ["QK_BENCH_DEVICE"] = "cpu"
