@@ -5,7 +5,8 @@ offline Hadamard rotation get W4A16 closer to bf16 than the shipped GPTQ row (is
         --seeds 0,1,2 --iters 200 [--calib 64x256] [--eval 32x256] [--out DIR]
 
 Per decoder layer, on quantized-stream inputs, every Linear's 4-bit asymmetric g64 codes get a
-learned rounding offset in [-0.5, 0.5] and each group's range two learned shrink factors, by
+learned rounding offset in [-0.5, 0.5] and each group's range two learned shrink factors,
+starting from round-to-nearest or (``--init gptq``) from each Linear's GPTQ codes, by
 signed gradient steps (AutoRound's rule: learning rate 1/steps, batch 8, best loss kept) on
 the mean squared error against the float layer's output on the float stream. The model is
 rotated first exactly as ``quantization.rotate: hadamard`` rotates it (quantkit's own
@@ -34,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from quantkit.scheme import QuantizedWeight  # noqa: E402
+
 BITS, GROUP, BATCH = 4, 64, 8
 QMAX = 2 ** BITS - 1
 
@@ -46,13 +49,21 @@ class LearnedRounding(nn.Module):
     """One Linear's weight as asymmetric ``BITS``-bit group codes with a learned rounding
     offset per weight and learned shrink factors for each group's minimum and maximum."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, start: QuantizedWeight | None = None):
+        """From round-to-nearest of ``weight``, or with ``start`` from its codes and grid (at
+        zero offsets and unit factors the module gives ``start``'s dequantized weight)."""
         super().__init__()
         out, n = weight.shape
-        w = weight.detach().float().reshape(out, n // GROUP, GROUP)
+        source = weight if start is None else start.dequantize(torch.float32)
+        w = source.detach().float().reshape(out, n // GROUP, GROUP)
         self.register_buffer("w", w)
-        self.register_buffer("lo", w.amin(-1, keepdim=True).clamp(max=0))
-        self.register_buffer("hi", w.amax(-1, keepdim=True).clamp(min=0))
+        if start is None:
+            self.register_buffer("lo", w.amin(-1, keepdim=True).clamp(max=0))
+            self.register_buffer("hi", w.amax(-1, keepdim=True).clamp(min=0))
+        else:  # quantkit's asymmetric codes are signed, -8..7, with a signed zero point
+            scale, zero = start.scale.float().unsqueeze(-1), start.zero_point.float().unsqueeze(-1)
+            self.register_buffer("lo", (-8 - zero) * scale)
+            self.register_buffer("hi", (7 - zero) * scale)
         self.v = nn.Parameter(torch.zeros_like(w))
         self.a = nn.Parameter(torch.ones_like(self.lo))
         self.b = nn.Parameter(torch.ones_like(self.hi))
@@ -136,14 +147,42 @@ def run_layer(layer: nn.Module, x: torch.Tensor, kw: dict, weights: dict | None 
     return out[0] if isinstance(out, tuple) else out
 
 
+def gptq_start(layer: nn.Module, linears: dict[str, nn.Linear], xq: torch.Tensor, kw: dict) -> dict:
+    """Each Linear's GPTQ codes (W4 g64 asymmetric, act-order static, clip search) under the
+    Hessian of its inputs on the quantized stream, the layer's other Linears float."""
+    from quantkit.quantizers.gptq import gptq_quantize
+    from quantkit.quantizers.hessian import HessianAccumulator
+    from quantkit.quantizers.rtn import weight_only_scheme
+
+    accs = {n: HessianAccumulator(n) for n in linears}
+    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: accs[n].add(a[0].reshape(-1, a[0].shape[-1])))
+               for n, m in linears.items()]
+    try:
+        with torch.no_grad():
+            for c in xq.split(BATCH):
+                run_layer(layer, c, kw)
+    finally:
+        for h in handles:
+            h.remove()
+    scheme = weight_only_scheme(BITS, GROUP, False)
+    return {n: gptq_quantize(m.weight.detach().float(), accs[n].hessian(), scheme, name=n, act_order=True,
+                             static_groups=True, clip_search=True) for n, m in linears.items()}
+
+
 def quantize_layer(layer: nn.Module, xq: torch.Tensor, yf: torch.Tensor, kw: dict, iters: int, lr: float,
-                   gen: torch.Generator) -> tuple[float, float]:
-    """Learn the layer's rounding on (``xq`` → ``yf``), write the dequantized weights into it;
-    the first step's loss (round-to-nearest) and the best one."""
+                   gen: torch.Generator, init: str = "rtn") -> tuple[float, float]:
+    """Learn the layer's rounding on (``xq`` → ``yf``) from round-to-nearest or GPTQ's codes
+    (``init``), write the dequantized weights into it; the first step's loss and the best one."""
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    rounders = {n: LearnedRounding(m.weight) for n, m in linears.items()}
+    starts = gptq_start(layer, linears, xq, kw) if init == "gptq" else {}
+    rounders = {n: LearnedRounding(m.weight, starts.get(n)) for n, m in linears.items()}
     params = [p for r in rounders.values() for p in r.parameters()]
     best, best_loss, first = {n: r().detach() for n, r in rounders.items()}, math.inf, math.nan
+    if iters == 0:
+        weights = {f"{n}.weight": w for n, w in best.items()}
+        with torch.no_grad():
+            out = torch.cat([run_layer(layer, c, kw, weights) for c in xq.split(BATCH)])
+        first = best_loss = F.mse_loss(out.float(), yf.float()).item()
     for _ in range(iters):
         pick = torch.randint(0, xq.shape[0], (BATCH,), generator=gen).to(xq.device)
         current = {n: r() for n, r in rounders.items()}
@@ -167,7 +206,7 @@ def quantize_layer(layer: nn.Module, xq: torch.Tensor, yf: torch.Tensor, kw: dic
     return first, best_loss
 
 
-def probe(model_dir: Path, tokens: Path, device: str, iters: int, lr: float, seed: int) -> dict:
+def probe(model_dir: Path, tokens: Path, device: str, iters: int, lr: float, seed: int, init: str = "rtn") -> dict:
     from llmcompressor_parity import model_perplexity as perplexity
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -192,12 +231,12 @@ def probe(model_dir: Path, tokens: Path, device: str, iters: int, lr: float, see
         with torch.no_grad():
             yf = torch.cat([run_layer(layer, c, kw) for c in xf.split(BATCH)])
         with torch.enable_grad():
-            losses.append(quantize_layer(layer, xq, yf, kw, iters, lr, gen))
+            losses.append(quantize_layer(layer, xq, yf, kw, iters, lr, gen, init))
         with torch.no_grad():
             xq = torch.cat([run_layer(layer, c, kw) for c in xq.split(BATCH)])
         xf = yf
     seconds = time.perf_counter() - began
-    return {"seed": seed, "iters": iters, "lr": lr, "ppl_base": base, "ppl": perplexity(model, ev),
+    return {"seed": seed, "iters": iters, "lr": lr, "init": init, "ppl_base": base, "ppl": perplexity(model, ev),
             "seconds": seconds, "layer_losses": losses}
 
 
@@ -212,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2", help="calibration draws (quality.py's)")
     ap.add_argument("--iters", default="200", help="comma-separated steps per layer (0: rotated RTN)")
     ap.add_argument("--lr", type=float, default=None, help="signed step size (AutoRound's default: 1/steps)")
+    ap.add_argument("--init", choices=("rtn", "gptq"), default="rtn",
+                    help="start from round-to-nearest (AutoRound's start) or from each Linear's GPTQ codes")
     ap.add_argument("--calib", default="64x256")
     ap.add_argument("--eval", default="32x256")
     ap.add_argument("--out", type=Path, default=Path("/tmp/quantkit-probe"))
@@ -222,11 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     for iters in (int(i) for i in args.iters.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):
             tokens = quality.dump_tokens("pydoc", seed, calib, evaluation, args.out, model_dir)
-            row = probe(model_dir, tokens, args.device, iters, args.lr or 1.0 / max(iters, 1), seed)
+            row = probe(model_dir, tokens, args.device, iters, args.lr or 1.0 / max(iters, 1), seed, args.init)
             rows.append(row)
             with open(args.out / "probe.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"iters {iters} seed {seed}: ppl {row['ppl']:.3f} (base {row['ppl_base']:.3f}) "
+            print(f"{args.init} iters {iters} seed {seed}: ppl {row['ppl']:.3f} (base {row['ppl_base']:.3f}) "
                   f"{row['seconds']:.1f} s", flush=True)
     print("\n| steps | draws | Δ ppl vs float32 base (mean ± 95%) | seconds |\n|---:|---:|---:|---:|")
     for iters in sorted({r["iters"] for r in rows}):
