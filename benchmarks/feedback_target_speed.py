@@ -1,6 +1,6 @@
 """GPTAQ's feedback target at Llama-3.1-8B and 70B widths: quantkit's (float32, bf16-split
-products) against the same arithmetic in float64 (quantkit's before stop 35), in float32 and
-in float32 with TF32 products.
+products) against the same arithmetic in float64 (quantkit's before stop 35: float64 statistics
+take that path), in float32 with exact products and in float32 with TF32 products.
 
     python benchmarks/feedback_target_speed.py            # on the GPU
 
@@ -37,32 +37,14 @@ def hessians(n: int, tokens: int, device: str) -> tuple[torch.Tensor, torch.Tens
     return h.hessian(), c.hessian()
 
 
-def variant(w, h_quant, cross, dtype, product, alpha=0.25, damp=0.01):
-    """``feedback_target``'s arithmetic in ``dtype`` with the two [in, in] products by ``product``."""
-    diag = torch.diagonal(h_quant).to(dtype)
-    diag.masked_fill_(diag == 0, 1.0)
-    order = torch.argsort(diag, descending=True, stable=True)
-
-    def visited(t):
-        return t[order.unsqueeze(1), order.unsqueeze(0)].to(dtype)
-
-    h = visited(h_quant)
-    h.diagonal().copy_(diag[order])
-    h.diagonal().add_(damp * torch.diagonal(h).mean())
-    upper, info = gptq.upper_inverse_factor(h)
-    del h
-    mismatch, quant = visited(cross), visited(h_quant)
-    quant.diagonal().copy_(diag[order])
-    mismatch = mismatch.sub_(quant).T
-    del quant
-    p = product(mismatch, upper.T).triu_(1)
-    del mismatch
-    p.mul_(alpha)
-    p = product(p, upper)
-    del upper
-    p.neg_().diagonal().add_(1.0)
-    shifted = torch.linalg.solve_triangular(p, w.to(dtype)[:, order], upper=True, left=False)
-    return shifted[:, torch.argsort(order)].to(torch.float32)
+def with_product(product, run):
+    """``run()`` with feedback_operator's float32 products made by ``product``."""
+    saved = gptq.split_product
+    gptq.split_product = product
+    try:
+        return run()
+    finally:
+        gptq.split_product = saved
 
 
 def tf32_product(a, b):
@@ -99,13 +81,16 @@ def main() -> None:
     for n, out in ((4096, 6144), (14336, 4096), (28672, 8192)):
         h, c = hessians(n, 32768, dev)
         w = torch.randn(out, n, device=dev) * 0.02
-        s_ref, ref = timed(lambda: variant(w, h, c, torch.float64, torch.matmul))
+        s_ref, ref = timed(lambda: gptq.feedback_target(w.double(), h.double(), c.double(), 0.01, act_order=True))
         ref_codes = codes(ref)
+
+        def target():
+            return gptq.feedback_target(w, h, c, 0.01, act_order=True)
+
         rows = (("float64 (quantkit before)", lambda: (s_ref, ref)),
-                ("float32, bf16-split products (quantkit)",
-                 lambda: timed(lambda: gptq.feedback_target(w, h, c, 0.01, act_order=True))),
-                ("float32", lambda: timed(lambda: variant(w, h, c, torch.float32, torch.matmul))),
-                ("float32, TF32 products", lambda: timed(lambda: variant(w, h, c, torch.float32, tf32_product))))
+                ("float32, bf16-split products (quantkit)", lambda: timed(target)),
+                ("float32", lambda: with_product(torch.matmul, lambda: timed(target))),
+                ("float32, TF32 products", lambda: with_product(tf32_product, lambda: timed(target))))
         for name, run in rows:
             s, got = run()
             rel = ((got - ref).norm() / (ref - w).norm()).item()

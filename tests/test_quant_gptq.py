@@ -319,6 +319,7 @@ def test_feedback_target_is_gptaqs_loop_without_rounding(act_order):
     xq = xq * torch.linspace(0.5, 2.0, 48, dtype=torch.float64).to(xq.dtype)  # act-order's visiting order matters
     h, cross = _hessian(xq), 2.0 / xq.shape[0] * xq.T.double() @ x.double()
     order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(48)
+    h, cross = h.float(), cross.float()  # as accumulated: the float32 arithmetic the quantizer runs
     for alpha in (0.25, 1.0):
         got = feedback_target(w, h, cross, 0.01, alpha=alpha, act_order=act_order)
         want = _gptaq_reference(w, x, xq, 0.01, alpha, order)

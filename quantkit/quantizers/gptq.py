@@ -599,7 +599,8 @@ class FeedbackOperator:
     lhs: torch.Tensor
 
     def apply(self, w: torch.Tensor) -> torch.Tensor:
-        shifted = torch.linalg.solve_triangular(self.lhs, w.detach().float()[:, self.order], upper=True, left=False)
+        shifted = torch.linalg.solve_triangular(self.lhs, w.detach().to(self.lhs.dtype)[:, self.order], upper=True,
+                                                left=False)
         return shifted[:, torch.argsort(self.order)]
 
 
@@ -624,18 +625,21 @@ def feedback_operator(h_quant: torch.Tensor, cross: torch.Tensor, dampening_frac
     In float32, as the statistics are accumulated and GPTQ's own solve factors them, with
     the two ``[in, in]`` products on bf16 tensor cores (``split_product``): float64 took
     0.29 s for a 14336-wide down_proj on an H200 and 2.1 s for a 28672-wide one
-    (``benchmarks/feedback_target_speed.py``).
+    (``benchmarks/feedback_target_speed.py``). Float64 statistics are taken in float64 with
+    exact products (the benchmark's reference).
     """
-    # float32 [in, in] matrices, each freed as soon as it is used (FEEDBACK_TARGET_MATRICES).
-    diag = torch.diagonal(h_quant).float()
+    # [in, in] matrices, each freed as soon as it is used (FEEDBACK_TARGET_MATRICES).
+    dtype = torch.promote_types(h_quant.dtype, torch.float32)
+    product = split_product if dtype == torch.float32 else torch.matmul
+    diag = torch.diagonal(h_quant).to(dtype)
     diag.masked_fill_(diag == 0, 1.0)  # dead columns, as the solve patches them
     in_f = diag.shape[0]
     order = (torch.argsort(diag, descending=True, stable=True) if act_order
              else torch.arange(in_f, device=diag.device))
 
     def visited(t: torch.Tensor) -> torch.Tensor:
-        """``t`` in float32, rows and columns in the visiting order."""
-        return t.detach()[order.unsqueeze(1), order.unsqueeze(0)].float()
+        """``t`` in ``dtype``, rows and columns in the visiting order."""
+        return t.detach()[order.unsqueeze(1), order.unsqueeze(0)].to(dtype)
 
     h = visited(h_quant)
     h.diagonal().copy_(diag[order])
@@ -650,10 +654,10 @@ def feedback_operator(h_quant: torch.Tensor, cross: torch.Tensor, dampening_frac
     quant.diagonal().copy_(diag[order])
     mismatch = mismatch.sub_(quant).T
     del quant
-    p = split_product(mismatch, upper.T).triu_(1)
+    p = product(mismatch, upper.T).triu_(1)
     del mismatch
     p.mul_(alpha)
-    p = split_product(p, upper)
+    p = product(p, upper)
     del upper
     p.neg_().diagonal().add_(1.0)  # I − P (P is strictly upper triangular)
     return FeedbackOperator(order, p)
