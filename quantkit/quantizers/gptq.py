@@ -1102,4 +1102,3 @@ class GPTQQuantizer(Quantizer):
         )
         input_globals.apply(out)
         return out
-
