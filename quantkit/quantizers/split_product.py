@@ -4,8 +4,8 @@ A GPU's float32 and float64 units multiply at the same rate (67 TFLOPS on an H20
 tensor cores at ten times that. Each float32 operand is split into a bf16 high part and the
 bf16-rounded remainder, ``a ≈ a_hi + a_lo`` to 16 bits of mantissa, and three products are
 accumulated in float32: ``a_lo b_lo`` and the remainders' own rounding, left out, are about
-2⁻¹⁷ of each term. Measured on GPTAQ's products: a relative error of about 1e-5, where TF32's
-is 1e-3.
+2⁻¹⁷ of each term. Measured on GPTAQ's targets (one H200, 4096 to 28672 wide): 2e-5 to 8e-5 of
+the correction, where TF32's products give 1e-3 (``benchmarks/feedback_target_speed.py``).
 
 The CPU computes the same split with float32 products, so the tests there check the GPU's
 arithmetic; its products take a float32 copy of a half of ``b`` at a time, one ``[k, n]``
