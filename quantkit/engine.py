@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Collection, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from .divergence import compare_streams
 from .errors import DeviceMemoryError, NumericsError
 from .finite_check import check_quantized, check_written
 from .graph.attention import observe_attention
+from .graph.resume import resumed
 from .graph.experts import UnfusedExperts, all_experts, expert_modules, expert_of, reset_counts, routed_counts
 from .graph.runtime import LayerInputs, ModelRunner
 from .graph.types import LayerGraph
@@ -65,7 +66,12 @@ class _LayerCalibration:
     run through the owner's experts alone); it is never reduced. Every other statistic is fed
     on every rank and reduced. Paired statistics (the quantized stream beside the float one)
     are split alike, each stream's block inputs recorded. On one rank there is no other
-    rank's tokens to replay: the same code, every expert owned."""
+    rank's tokens to replay: the same code, every expert owned.
+
+    A stream whose later passes read only the layer's second block (the layer graph's
+    ``resume``) keeps, in place of each batch's input, the residual that block reads, taken in
+    the pass where the attention last mattered: every later forward of that stream, the
+    propagation after quantization included, starts there (``resumed``)."""
 
     def __init__(self, runner: ModelRunner, index: int, layer: nn.Module, batches: list[LayerInputs], seed: int,
                  world: World = SINGLE, every_expert: bool = True, float_batches: list[LayerInputs] | None = None,
@@ -82,6 +88,13 @@ class _LayerCalibration:
         self._floats: dict[str, torch.Tensor] = {}
         # The float stream's batches already hold this layer's outputs (its last pass ran them whole).
         self.float_carried = False
+        self.resume = runner.graph.layer(index).resume
+        # Whether each stream's batches (quantized, float) hold the residual ``resume.reader`` reads.
+        self.resumed = [False, False]
+        # Substituted Linears whose inputs the served model quantizes: the quantized stream does
+        # not, so their block's output there is not the served one.
+        self._inputs_quantized: set[str] = set()
+        self._fed: set[str] = set()  # every name a pass over this layer fed so far
 
     def generator(self, name: str) -> torch.Generator:
         return seeding.generator(self.seed, self.index, name, device=self.runner.device)
@@ -90,19 +103,23 @@ class _LayerCalibration:
         hit = expert_of(name)
         return None if hit is None else self.owners.get(hit)
 
-    def substitute(self, weights: Mapping[str, torch.Tensor]) -> None:
+    def substitute(self, weights: Mapping[str, QuantizedWeight]) -> None:
         graph = self.runner.graph.layer(self.index)
         with torch.no_grad():
-            for name in weights:
-                self._floats.setdefault(name, graph.unit(name).matrix(self.layer).clone())
-        self._substitutes.update(weights)
+            for name, qw in weights.items():
+                w = graph.unit(name).matrix(self.layer)
+                self._floats.setdefault(name, w.clone())
+                self._substitutes[name] = qw.dequantize(w.dtype)
+                if qw.scheme.input_activations is not None:
+                    self._inputs_quantized.add(name)
 
     def _forward(self, batches: list[LayerInputs], quantized: bool = True, carry: bool = False) -> Callable[[], None]:
         """Run ``batches`` through the layer; their outputs dropped as they come (activations
         stay on the device once), or with ``carry`` each output put in place of its input."""
         def forward() -> None:
             with _weights_in_place(self.layer, self.runner.graph.layer(self.index),
-                                   self._substitutes if quantized else {}, self._floats):
+                                   self._substitutes if quantized else {}, self._floats), \
+                    self.starting(self.layer, quantized):
                 for b in batches:
                     out = self.runner.run_layer(self.layer, b.hidden, b.calls[self.index])
                     if carry:
@@ -110,24 +127,51 @@ class _LayerCalibration:
 
         return forward
 
-    def observe(self, stats: Mapping[str, Statistic]) -> None:
-        self._observe(stats, None)
+    def starting(self, layer: nn.Module, quantized: bool) -> contextlib.AbstractContextManager:
+        """``layer`` run on a stream's batches as they are: from the residual if resumed."""
+        return resumed(layer, self.resume) if self.resumed[0 if quantized else 1] else contextlib.nullcontext()
+
+    def observe(self, stats: Mapping[str, Statistic], later: Collection[str] = ()) -> None:
+        self._observe(stats, None, later)
         if self.routed is None:
             self.routed = _summed_counts(routed_counts(self.layer), self.world)
 
-    def observe_paired(self, stats: Mapping[str, PairedStatistic], last: bool = False) -> None:
+    def observe_paired(self, stats: Mapping[str, PairedStatistic], later: Collection[str] = ()) -> None:
         if self.float_batches is None:
             raise RuntimeError("observe_paired needs the float stream: the quantizer must set needs_float_inputs")
-        self._observe(stats, self.float_batches, last)
+        self._observe(stats, self.float_batches, later)
+
+    def _resumes(self, fed: Collection[str], later: Collection[str], paired: bool) -> tuple[bool, bool]:
+        """Whether this pass leaves each stream (quantized, float) at the resume point: no
+        pass after it reads the first block, and the stream's first block is final there
+        (the float one always; the quantized one once every Linear of the block this layer
+        quantizes is substituted and computes as served) or, for the float stream, this pass
+        is not its last (the last runs it whole)."""
+        if self.resume is None:
+            return False, False
+        early = set(self.resume.before) | {ATTENTION_KEY, ATTENTION_VALUE}
+        if early & set(later):
+            return False, False
+        take_float = paired and bool(later) and not self.resumed[1]
+        final = not early & (set(fed) | self._inputs_quantized) and early & self._fed <= set(self._substitutes)
+        return bool(self._substitutes) and final and not self.resumed[0], take_float
+
+    def _taking(self, b: LayerInputs, take: bool) -> dict[str, InputHook]:
+        """An input hook putting the residual the resume point reads in place of ``b``'s input."""
+        if not take:
+            return {}
+        shape = b.hidden.shape
+        return {self.resume.reader: lambda x: setattr(b, "hidden", x.reshape(shape).clone())}
 
     def _observe(self, stats: Mapping[str, Statistic | PairedStatistic],
-                 float_batches: list[LayerInputs] | None, last: bool = False) -> None:
+                 float_batches: list[LayerInputs] | None, later: Collection[str] = ()) -> None:
         """One pass over this rank's batches (with ``float_batches``, each batch on both
         streams, the float one first), then every owned statistic fed the recorded tokens of
-        its block, then every other statistic reduced. The last paired pass over a dense layer
-        runs the float stream whole and leaves its outputs in ``float_batches``: the engine
-        then does not run the float layer once more to carry that stream on. (A MoE layer's
-        passes route every token to every expert, so their outputs are not the layer's.)"""
+        its block, then every other statistic reduced. ``later``: the Linears later passes
+        over this layer feed. The last paired pass over a dense layer runs the float stream
+        whole and leaves its outputs in ``float_batches``: the engine then does not run the
+        float layer once more to carry that stream on. (A MoE layer's passes route every token
+        to every expert, so their outputs are not the layer's.)"""
         paired = float_batches is not None
         blocks = dict(expert_modules(self.layer))
         shared, owned = self._split(stats)
@@ -155,7 +199,9 @@ class _LayerCalibration:
         # feeds an expert (an expert's Linear may be called in chunks) or is a MoE layer's first
         # pass, which runs whole to count the routing.
         stop = (bool(self._substitutes) or not blocks) and not any(expert_of(n) for n in fed)
-        carry = paired and last and not blocks
+        carry = paired and not later and not blocks
+        take_quant, take_float = self._resumes(stats, later, paired) if stop and not blocks else (False, False)
+        self._fed.update(stats)
         reset_counts(self.layer)
         hooks = _fan_out(fed)
         try:
@@ -164,13 +210,17 @@ class _LayerCalibration:
                     for quant, flt in zip(self.batches, float_batches):
                         run_paired_batch(self.layer, hooks, recording(self._forward([quant]), 0),
                                          recording(self._forward([flt], quantized=False, carry=carry), 1), stop,
-                                         float_whole=carry)
+                                         float_whole=carry, quant_taps=self._taking(quant, take_quant),
+                                         float_taps=self._taking(flt, take_float))
                     self.float_carried = carry
+                    self.resumed[1] = (self.resumed[1] or take_float) and not carry
                 elif stop:
                     for b in self.batches:
-                        run_calibration(self.layer, hooks, self._forward([b]), stop_early=True)
+                        run_calibration(self.layer, {**hooks, **self._taking(b, take_quant)}, self._forward([b]),
+                                        stop_early=True)
                 else:
                     run_calibration(self.layer, hooks, recording(self._forward(self.batches), 0))
+                self.resumed[0] = self.resumed[0] or take_quant
                 for b in replayed:
                     self._replay(b, blocks[b], {n: parts for n, parts in mine.items() if expert_of(n)[0] == b},
                                  calls.pop(b)[:2 if paired else 1], own_recorded)
@@ -303,13 +353,16 @@ def _summed_counts(counts: dict[str, list[int]], world: World) -> dict[str, list
 
 def run_paired_batch(layer: nn.Module, hooks: Mapping[str, Callable[[torch.Tensor, torch.Tensor], None]],
                      quant: Callable[[], None], flt: Callable[[], None], stop_early: bool = False,
-                     float_whole: bool = False) -> None:
+                     float_whole: bool = False, quant_taps: Mapping[str, InputHook] | None = None,
+                     float_taps: Mapping[str, InputHook] | None = None) -> None:
     """One batch through ``layer`` on the float stream (each hooked Linear's input kept; with
     ``float_whole`` never stopped early), then on the quantized stream (each hook called with
-    both inputs of the same tokens)."""
+    both inputs of the same tokens); each stream's ``taps`` are input hooks of its own."""
     kept: dict[str, list[torch.Tensor]] = {n: [] for n in hooks}
-    run_calibration(layer, {n: kept[n].append for n in hooks}, flt, stop_early and not float_whole)
-    run_calibration(layer, {n: (lambda x, n=n: hooks[n](x, kept[n].pop(0))) for n in hooks}, quant, stop_early)
+    run_calibration(layer, {**{n: kept[n].append for n in hooks}, **(float_taps or {})}, flt,
+                    stop_early and not float_whole)
+    run_calibration(layer, {**{n: (lambda x, n=n: hooks[n](x, kept[n].pop(0))) for n in hooks}, **(quant_taps or {})},
+                    quant, stop_early)
 
 
 class _InputsTaken(Exception):
@@ -459,11 +512,11 @@ class LayerwiseEngine:
                 for b in base_in:
                     b.hidden = sk.run_layer(layer, b.hidden, b.calls[i])
             clock.lap("evaluate")
-            float_carried = False
+            calib: _LayerCalibration | None = None
             if i < start:
                 record = self.workdir.load_layer(i)
             else:
-                qweights, float_carried = self._quantize(i, layer, calib_in, float_in, result.experts)
+                qweights, calib = self._quantize(i, layer, calib_in, float_in, result.experts)
                 for name, qw in qweights.items():
                     check_quantized(sk.layer_prefix(i) + name, qw)
                 clock.lap("quantize")
@@ -479,8 +532,8 @@ class LayerwiseEngine:
                 self.on_record(i, record)
                 clock.lap("export hand-off")
             # The layer is still float here (folds leave its function as it was).
-            if float_in is not None and not float_carried:
-                with torch.no_grad():
+            if float_in is not None and not (calib and calib.float_carried):
+                with torch.no_grad(), calib.starting(layer, quantized=False) if calib else contextlib.nullcontext():
                     for b in float_in:
                         b.hidden = sk.run_layer(layer, b.hidden, b.calls[i])
             apply_record(layer, record, sk.device, sk.dtype)
@@ -489,8 +542,9 @@ class LayerwiseEngine:
             with torch.no_grad():
                 # Batch by batch in place: each input is freed as its output appears, so the
                 # activations are on the device once, not twice (2 GiB for 128 x 2048 at 4096 wide).
-                for b in calib_in:
-                    b.hidden = sk.run_layer(layer, b.hidden, b.calls[i])
+                with calib.starting(layer, quantized=True) if calib else contextlib.nullcontext():
+                    for b in calib_in:
+                        b.hidden = sk.run_layer(layer, b.hidden, b.calls[i])
                 for b in quant_in:
                     b.hidden = sk.run_layer(layer, b.hidden, b.calls[i])
             _check_finite_list([b.hidden for b in calib_in], f"outputs of layer {i} on calibration data", sk.dtype)
@@ -513,10 +567,11 @@ class LayerwiseEngine:
         return result
 
     def _quantize(self, i: int, layer: nn.Module, calib_in: list[LayerInputs], float_in: list[LayerInputs] | None,
-                  report: ExpertReport) -> tuple[dict[str, QuantizedWeight], bool]:
+                  report: ExpertReport) -> tuple[dict[str, QuantizedWeight], _LayerCalibration]:
         """The quantizer on layer ``i``; for a Mixture-of-Experts layer, with the experts'
         calibration mode, their token counts recorded and starved experts rounded instead.
-        Also whether ``float_in`` already left the layer (its last paired pass carried it)."""
+        Also the calibration, which says where each stream stands in the layer (whether
+        ``float_in`` already left it, whether a stream holds the resumed residual)."""
         graph = self.sk.graph.layer(i)
         settings = self.experts
         owners = expert_owners(graph, self.world)
@@ -524,7 +579,7 @@ class LayerwiseEngine:
                                   owners)
         schemes = self.quantizer.layer_schemes(self.sk.layer_prefix(i), graph)
         if not graph.experts or not self.quantizer.needs_calibration:
-            return self.quantizer.quantize_layer(layer, graph, calib, schemes), calib.float_carried
+            return self.quantizer.quantize_layer(layer, graph, calib, schemes), calib
         if not settings.all_experts:
             graph = graph.per_expert()
             calib.observe({})  # who is starved must be known before the quantizer hooks them
@@ -545,7 +600,7 @@ class LayerwiseEngine:
         for name, per in (calib.routed or {}).items():
             report.routed[f"{where}.{name}"] = per
             report.statistics_tokens[f"{where}.{name}"] = statistics_tokens(per, calib.tokens, settings)
-        return qweights, calib.float_carried
+        return qweights, calib
 
 
 def apply_record(layer: nn.Module, record: LayerRecord, device: torch.device, dtype: torch.dtype) -> None:

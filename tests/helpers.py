@@ -36,7 +36,7 @@ class FakeCalibration:
     def expert_owner(self, name: str) -> int | None:  # statistics reduced, as before ownership existed
         return None
 
-    def observe(self, stats: Mapping[str, object]) -> None:
+    def observe(self, stats: Mapping[str, object], later=()) -> None:
         self.runs += 1
 
         def counted(name, hook):

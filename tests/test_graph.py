@@ -24,6 +24,7 @@ import torch
 
 from quantkit.graph import fold_scales, rotate_layer
 from quantkit.graph.model import derive_model_graph
+from quantkit.graph.resume import resumed
 from quantkit.graph.rotate import random_orthogonal
 from quantkit.graph.skeleton import build_meta, locate_decoder
 from tests.tiny_models import MOE_FAMILIES, MULTIMODAL_FAMILIES, TEXT_FAMILIES, family_config, model_class_for
@@ -177,7 +178,49 @@ def test_derived_facts(instances, family):
         assert {"self_attn.q_norm", "self_attn.k_norm"} <= {u.module for u in graph.unquantized}
 
 
+def _from_residual(inst: Instance, i: int, resume, layer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``i``'s output, and its output run from the residual ``resume.reader`` read in
+    that run, with ``resume``'s modules skipped."""
+    layer = layer or inst.layers[i]
+    seen = []
+    handle = layer.get_submodule(resume.reader).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        whole = inst.run(i, layer)
+    finally:
+        handle.remove()
+    with resumed(layer, resume):
+        return whole, inst.run(i, layer, x=seen[0].clone())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_layer_resumed_after_its_attention_gives_its_output(instances, family):
+    """Every family with a second residual block (all but Cohere's parallel one) computes its
+    output from the residual that block reads, the attention skipped: to the bit, in float64."""
+    inst = instances(family)
+    resume = inst.graph.layer(0).resume
+    if family == "cohere":
+        assert resume is None  # attention and MLP both read the layer's input
+        return
+    assert "self_attn" in resume.skipped and resume.reader not in resume.skipped
+    assert resume.reader == {"gemma2": "pre_feedforward_layernorm", "gemma3": "pre_feedforward_layernorm",
+                             "gemma3-vl": "pre_feedforward_layernorm", "olmo2": "mlp"}.get(
+                                 family, "post_attention_layernorm")
+    assert set(resume.before) == {u.name for u in inst.graph.layer(0).units if u.name.startswith("self_attn.")}
+    for i in range(len(inst.layers)):
+        whole, resumed_out = _from_residual(inst, i, inst.graph.layer(i).resume)
+        assert torch.equal(whole, resumed_out), (family, i)
+
+
 # --------------------------------------------------------------------------- the checks can fail
+
+
+def test_a_wrong_resume_point_is_caught(instances):
+    """Skipping the MLP instead of the attention: the layer's output from the residual is not
+    its output."""
+    inst = instances("llama")
+    wrong = replace(inst.graph.layer(0).resume, skipped=("mlp",), returns=(None,))
+    whole, resumed_out = _from_residual(inst, 0, wrong)
+    assert rel_err(resumed_out, whole) > 1e-2
 
 
 def test_a_wrong_norm_rule_is_caught(instances):

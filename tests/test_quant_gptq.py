@@ -530,7 +530,7 @@ def test_sequential_groups_are_calibrated_on_the_layer_quantized_before_them(tex
 class _SameStreams(FakeCalibration):
     """Paired calibration whose float stream is the quantized one (as in a model's first layer)."""
 
-    def observe_paired(self, stats, last: bool = False) -> None:
+    def observe_paired(self, stats, later=()) -> None:
         self.run({k: (lambda x, s=s: s.add(x, x)) for k, s in stats.items()})
         for s in stats.values():
             s.reduce(self.world)

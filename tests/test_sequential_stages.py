@@ -112,9 +112,9 @@ def test_sequential_run_of_a_moe_model_takes_a_pass_per_stage(text_file, tmp_pat
 
 def test_stages_stop_the_forward_at_their_last_input(text_file, tmp_path, monkeypatch):
     """A sequential run of a dense layer: every pass stops at its stage's last input, so
-    down_proj never runs in calibration (no stage reads its output) and q_proj in every pass but
-    its own (q/k/v's pass stops at their shared input, before q_proj; o_proj's, gate/up's and
-    down_proj's stages all need the attention)."""
+    down_proj never runs in calibration (no stage reads its output) and q_proj only in o_proj's
+    and gate/up's passes (q/k/v's pass stops at their shared input, before q_proj; gate/up's
+    keeps the residual the attention left, and down_proj's pass starts there)."""
     from quantkit import engine
     from quantkit.pipeline import run
     from quantkit.recipe import make_recipe
@@ -141,8 +141,8 @@ def test_stages_stop_the_forward_at_their_last_input(text_file, tmp_path, monkey
         "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 16, "batch_size": 2},
         "evaluate": {"enabled": False}, "export": {"output_dir": str(tmp_path / "out")}, "device": "cpu"}),
         quiet=True)
-    layers, batches, stages = 2, 2, 4
-    assert calls == {"mlp.down_proj": 0, "self_attn.q_proj": layers * (stages - 1) * batches}
+    layers, batches = 2, 2
+    assert calls == {"mlp.down_proj": 0, "self_attn.q_proj": layers * 2 * batches}
 
 
 @pytest.mark.parametrize("sequential", [False, True])
@@ -168,8 +168,8 @@ def test_the_last_paired_pass_carries_the_float_stream(sequential, text_file, tm
         forwards[mode] = forwards.get(mode, 0) + 1
         return run_layer(self, layer, hidden, call)
 
-    def never_last(self, stats, last=False):
-        observe_paired(self, stats, last=False)
+    def never_last(self, stats, later=()):
+        observe_paired(self, stats, later=later or list(stats))
 
     monkeypatch.setattr(ModelRunner, "run_layer", counted)
     weights = {}
@@ -190,6 +190,62 @@ def test_the_last_paired_pass_carries_the_float_stream(sequential, text_file, tm
     assert weights["carried"].keys() == weights["forward again"].keys()
     for k, v in weights["carried"].items():
         assert torch.equal(v, weights["forward again"][k]), k
+
+
+@pytest.mark.parametrize("feedback", [False, True])
+def test_streams_resume_after_the_attention_and_the_checkpoint_is_the_same(feedback, text_file, tmp_path,
+                                                                           monkeypatch):
+    """A sequential run keeps, per stream, the residual the attention left once no later stage
+    reads the attention: the float stream from o_proj's pass, the quantized one from gate/up's
+    (its attention quantized then). Later passes and the propagation start there, and the
+    checkpoint is the same to the bit as when every forward starts at the layer's input."""
+    from safetensors.torch import load_file
+
+    from quantkit.graph import derive
+    from quantkit.graph.runtime import ModelRunner
+    from quantkit.pipeline import run
+    from quantkit.recipe import make_recipe
+
+    from .tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", layers=2, hidden=64, intermediate=128)
+    attention = {}
+    run_layer = ModelRunner.run_layer
+
+    def counted(self, layer, hidden, call):
+        handle = layer.self_attn.q_proj.register_forward_hook(
+            lambda *_a: attention.__setitem__(mode, attention.get(mode, 0) + 1))
+        try:
+            return run_layer(self, layer, hidden, call)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(ModelRunner, "run_layer", counted)
+    weights = {}
+    for mode in ("resumed", "from the input"):
+        if mode == "from the input":
+            monkeypatch.setattr(derive, "_CACHE", {})
+            monkeypatch.setattr(derive._Deriver, "_resume", lambda self: None)
+        out = tmp_path / mode
+        run(make_recipe({
+            "model": {"id": str(model)},
+            "quantization": {"method": "gptq", "bits": 4, "group_size": 32, "input_feedback": feedback,
+                             "sequential": True},
+            "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 16, "batch_size": 2},
+            "evaluate": {"enabled": False}, "export": {"output_dir": str(out)}, "device": "cpu"}),
+            quiet=True)
+        weights[mode] = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    layers, batches = 2, 2
+    # Per batch and layer, the quantized stream's attention runs in the passes of o_proj, gate/up,
+    # down_proj and in the propagation; the float stream's in those of o_proj, gate/up and down_proj.
+    quant, flt = (4, 3) if feedback else (4, 0)
+    assert attention["from the input"] == (quant + flt) * layers * batches
+    # Resumed: the quantized stream's in o_proj's and gate/up's passes, the float stream's in o_proj's.
+    quant, flt = (2, 1) if feedback else (2, 0)
+    assert attention["resumed"] == (quant + flt) * layers * batches
+    assert weights["resumed"].keys() == weights["from the input"].keys()
+    for k, v in weights["resumed"].items():
+        assert torch.equal(v, weights["from the input"][k]), k
 
 
 def test_plan_counts_what_sequential_stages_hold(text_file, tmp_path, monkeypatch):

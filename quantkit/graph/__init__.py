@@ -12,13 +12,14 @@ from .types import (
     Producer,
     ResidualReader,
     ResidualWriter,
+    Resume,
     Segment,
     Unit,
     Unquantized,
 )
 
 __all__ = [
-    "ChannelMap", "InputGroup", "LayerGraph", "ModelGraph", "Producer", "ResidualReader", "ResidualWriter",
+    "ChannelMap", "InputGroup", "LayerGraph", "ModelGraph", "Producer", "ResidualReader", "ResidualWriter", "Resume",
     "Segment", "Unit", "Unquantized", "derive_layer_graph", "derive_model_graph", "fold_scales",
     "producer_scales", "rotate_layer",
 ]

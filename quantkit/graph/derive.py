@@ -49,6 +49,7 @@ from .fold import fold_scales
 from .instance import MODES, DerivationError, TinyLayer, signature
 from .overrides import override_for
 from .realize import realize
+from .resume import resumed
 from .rotate import random_orthogonal, rotate_layer
 from .trace import LayerRun
 from .types import (
@@ -57,6 +58,7 @@ from .types import (
     Producer,
     ResidualReader,
     ResidualWriter,
+    Resume,
     Segment,
     Unit,
     Unquantized,
@@ -130,7 +132,7 @@ class _Deriver:
             unquantized=tuple(self.unquantized), unsupported="; ".join(self.unsupported) or None, experts=experts)
         if graph.rotatable:
             graph = self._verify_rotation(graph)
-        return graph
+        return replace(graph, resume=self._resume())
 
     def _grads(self, sink: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
         """Which output channels of each Linear in ``names`` influence ``sink``."""
@@ -391,6 +393,52 @@ class _Deriver:
             return graph
         why = f"rotating the stream changes the layer's output (relative error {err:.1e} on a float64 instance)"
         return replace(graph, readers=tuple(replace(r, rotatable=False, reason=why) for r in graph.readers))
+
+    # -- resuming after the attention block
+    def _resume(self) -> Resume | None:
+        """The residual the layer's second block reads, if the layer's output follows from it
+        alone with every module called before that block (its input norm, the attention, a
+        post-norm) returning zeros: confirmed on the instance, else None (a parallel block,
+        as Cohere's, has no such residual)."""
+        run = self.base
+        top = [c for c in run.calls if c.depth == 0]
+        reader = next((c for c in top if c.input is not None and id(c.input) in self.resid
+                       and c.input is not run.input and not isinstance(self.mods[c.name], nn.Linear)), None)
+        if reader is None or len(run.calls_of(reader.name)) != 1 or reader.input.shape != run.input.shape:
+            return None
+        skipped = tuple(c.name for c in top if c.order < reader.order)
+        returns = self._layouts(skipped)
+        if returns is None:
+            return None
+        before = tuple(n for n in self.quant if run.calls_of(n)[0].order < reader.order)
+        resume = Resume(reader.name, skipped, returns, before)
+        layer = copy.deepcopy(self.layer)
+        with resumed(layer, resume), torch.no_grad():
+            got = self.t.run(layer, x=reader.input.detach()).output
+        return resume if rel_err(got, self.base.output.detach()) <= EXACT_RTOL else None
+
+    def _layouts(self, names: tuple[str, ...]) -> tuple[tuple[bool, ...] | None, ...] | None:
+        """Each module's output layout (``Resume.returns``: a tensor shaped as its input, or a
+        tuple whose elements so shaped are the ones zeroed, the others, such as eager
+        attention's weights, None); None if one returns anything else."""
+        outs: dict[str, object] = {}
+        handles = [self.mods[n].register_forward_hook(lambda _m, _a, o, n=n: outs.setdefault(n, o)) for n in names]
+        try:
+            with torch.no_grad():
+                self.t.run()
+        finally:
+            for h in handles:
+                h.remove()
+        layouts: list[tuple[bool, ...] | None] = []
+        for n in names:
+            o, shape = outs.get(n), self.base.first(n).input.shape
+            if isinstance(o, torch.Tensor) and o.shape == shape:
+                layouts.append(None)
+            elif isinstance(o, tuple):
+                layouts.append(tuple(isinstance(v, torch.Tensor) and v.shape == shape for v in o))
+            else:
+                return None
+        return tuple(layouts)
 
     # -- units
     def _unit(self, n: str) -> Unit:

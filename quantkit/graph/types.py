@@ -161,6 +161,21 @@ class ResidualWriter:
 
 
 @dataclass(frozen=True)
+class Resume:
+    """Where a pass may pick the layer up after its attention block: ``reader`` reads the
+    residual stream once that block has added into it, and the layer computes its output
+    from that residual alone once the ``skipped`` modules (every one called before
+    ``reader``) return zeros shaped as their input; ``returns`` lays out each one's output:
+    None a bare tensor, else each element a tensor (True) or None. ``before`` are the
+    Linears called before ``reader``: a pass that starts there feeds none of them."""
+
+    reader: str
+    skipped: tuple[str, ...]
+    returns: tuple[tuple[bool, ...] | None, ...]
+    before: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Unquantized:
     """A module of the layer that stays in float, and why."""
 
@@ -181,6 +196,7 @@ class LayerGraph:
     unsupported: str | None = None  # why the engine cannot process this layer type
     output_index: int | None = None  # the layer returns a tuple; the hidden state is at this index
     experts: tuple[str, ...] = field(default=())  # Mixture-of-Experts blocks' experts modules ("mlp.experts")
+    resume: Resume | None = None  # None: every pass runs the layer from its input
 
     @property
     def linears(self) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ exports as they are. It never sees a file format.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar, Literal, Mapping, Protocol
+from typing import Callable, ClassVar, Collection, Literal, Mapping, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -59,16 +59,20 @@ class LayerCalibration(Protocol):
 
     world: World
 
-    def observe(self, stats: Mapping[str, Statistic]) -> None:
+    def observe(self, stats: Mapping[str, Statistic], later: Collection[str] = ()) -> None:
         """Run this rank's calibration batches through the layer, then reduce every statistic.
 
         ``stats`` maps a Linear's name inside the layer (``"mlp.down_proj"``) to the statistic
         fed with that Linear's input, flattened to ``[tokens, in_features]``;
         ``ATTENTION_KEY`` / ``ATTENTION_VALUE`` to one fed with the attention's key/value.
+        ``later``: the names later passes over this layer will feed (a sequential quantizer's
+        later stages). Once no pass is left that reads the attention block, and that block is
+        quantized and substituted, the quantized stream runs it no more: later passes and the
+        propagation start from the residual it left.
         """
         ...
 
-    def observe_paired(self, stats: Mapping[str, PairedStatistic], last: bool = False) -> None:
+    def observe_paired(self, stats: Mapping[str, PairedStatistic], later: Collection[str] = ()) -> None:
         """Run this rank's calibration batches through the layer twice: as the quantized model
         so far gives them, and as the float model gives them (each rank carries the float
         stream of its own batches); each statistic gets both inputs of its Linear for the
@@ -76,14 +80,15 @@ class LayerCalibration(Protocol):
         carry its owner as ``owner``, which are fed on the owner alone with every rank's token
         pairs, as ``observe`` feeds them. Only for quantizers with ``needs_float_inputs``.
 
-        ``last``: the layer's last pass over the float stream (no statistic after it reads
-        the float inputs), so that stream may leave the layer in the same pass instead of
-        in one more forward after quantization."""
+        ``later`` as for ``observe``; the float stream stops running the attention block as
+        soon as no later pass reads it. Without ``later`` this is the layer's last pass over
+        the float stream, which then leaves the layer in the same pass instead of in one more
+        forward after quantization."""
         ...
 
-    def substitute(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """From now on run the quantized stream with these Linears' weights (``[out, in]``, by
-        name inside the layer) in place of the layer's own: a sequential quantizer's later
+    def substitute(self, weights: Mapping[str, QuantizedWeight]) -> None:
+        """From now on run the quantized stream with these Linears' weights (by name inside
+        the layer), dequantized, in place of the layer's own: a sequential quantizer's later
         groups see the earlier ones quantized. The float stream and the layer keep theirs."""
         ...
 

@@ -1054,18 +1054,18 @@ class GPTQQuantizer(Quantizer):
         schemes = self.schemes_or_default(graph, schemes)
         stages = sequential_stages(graph) if self.params.sequential else [graph]  # type: ignore[attr-defined]
         if len(stages) == 1:
-            return self._quantize_groups(layer, graph, calib, schemes, last=True)
+            return self._quantize_groups(layer, graph, calib, schemes)
         out: dict[str, QuantizedWeight] = {}
-        for stage in stages:
+        for k, stage in enumerate(stages):
             names = set(stage.linears)
             done = self._quantize_groups(layer, stage, calib, {n: s for n, s in schemes.items() if n in names},
-                                         last=stage is stages[-1])
-            calib.substitute({n: qw.dequantize(stage.unit(n).matrix(layer).dtype) for n, qw in done.items()})
+                                         later=[n for s in stages[k + 1:] for n in s.linears])
+            calib.substitute(done)
             out.update(done)
         return out
 
     def _quantize_groups(self, layer, graph, calib: LayerCalibration, schemes,
-                         last: bool) -> dict[str, QuantizedWeight]:
+                         later: Sequence[str] = ()) -> dict[str, QuantizedWeight]:
         p: GPTQParams = self.params  # type: ignore[assignment]
         input_globals = observe_input_globals(graph, schemes)
         target: Callable[[Sequence[str]], list[torch.Tensor]] | None = None
@@ -1073,7 +1073,7 @@ class GPTQQuantizer(Quantizer):
             accs, crosses, paired = collect_paired_hessians(graph, input_globals.stats, names=schemes)
             parts = solve_parts(layer, graph, accs, schemes, calib.world, calib.expert_owner)
             hessians_to_owners(parts, calib.world, accs, crosses)
-            calib.observe_paired(paired, last=last)
+            calib.observe_paired(paired, later=later)
 
             def feedback(stack: Sequence[str]) -> list[torch.Tensor]:  # on the owner rank, within its solve
                 op = feedback_operator(accs[stack[0]].hessian(), crosses[stack[0]].hessian(), p.dampening_frac,
@@ -1085,7 +1085,7 @@ class GPTQQuantizer(Quantizer):
             accs, stats = collect_hessians(graph, input_globals.stats, names=schemes)
             parts = solve_parts(layer, graph, accs, schemes, calib.world, calib.expert_owner)
             hessians_to_owners(parts, calib.world, accs)
-            calib.observe(stats)
+            calib.observe(stats, later=later)
         out = gptq_layer(
             layer,
             graph,
