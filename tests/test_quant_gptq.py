@@ -263,6 +263,30 @@ def test_clip_to_gram_picks_each_groups_best_shrink(sym):
     assert (ref_scale < weight_qparams(w, scheme.weights)[0]).any()  # some range did shrink
 
 
+@pytest.mark.parametrize("preset", ["W4A16", "W4A16_ASYM", "W8A8", "FP8_DYNAMIC", "NVFP4A16", "MXFP4A16"])
+def test_a_shrinks_error_is_the_rounded_clamped_weights(preset):
+    """The clip search's error of a shrink, computed in the groups' shape from their range,
+    is ``w − quantize_rtn(clamped w).dequantize()`` to the bit, for every grid and layout it
+    serves (a global scale taken from the whole clamped weight)."""
+    from quantkit.presets import PRESETS
+    from quantkit.quantizers.clip import _clip, _rtn_error
+    from quantkit.quantizers.rtn import weight_global_scale
+
+    scheme = PRESETS[preset]
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(24, 128, generator=g) * 0.05
+    w[:, 9] *= 7
+    size = scheme.weights.group_size or 128
+    wg = w.reshape(24, -1, size)
+    hi0, lo0 = (wg.abs().amax(-1), -wg.abs().amax(-1)) if scheme.weights.symmetric else \
+        (wg.amax(-1).clamp_min(0), wg.amin(-1).clamp_max(0))
+    for r in (1.0, 0.85, 0.55):
+        want = w - quantize_rtn(_clip(w, lo0 * r, hi0 * r, size), scheme).dequantize()
+        gs = weight_global_scale([torch.maximum(hi0 * r, -(lo0 * r))], scheme.weights)
+        got = _rtn_error(wg, lo0 * r, hi0 * r, scheme, gs).reshape(w.shape)
+        assert torch.equal(got, want), r
+
+
 def test_gptq_clip_search_lowers_the_output_error_with_outliers():
     g = torch.Generator().manual_seed(5)
     errs = {True: 0.0, False: 0.0}

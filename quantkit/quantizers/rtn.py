@@ -36,8 +36,13 @@ def weight_qparams(w: torch.Tensor, ws: WeightScheme, global_scale: torch.Tensor
     layout, grid = ws.layout, ws.grid
     if ws.symmetric:
         return symmetric_scale(layout.amax(w), weight_divisor(grid), ws.scale_format, global_scale), None
-    lo = layout.reduce(w, torch.amin).clamp_max(0)
-    hi = layout.reduce(w, torch.amax).clamp_min(0)
+    return range_qparams(layout.reduce(w, torch.amin).clamp_max(0), layout.reduce(w, torch.amax).clamp_min(0), ws)
+
+
+def range_qparams(lo: torch.Tensor, hi: torch.Tensor, ws: WeightScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int scale and zero point of entries whose range is ``[lo, hi]`` (``lo`` ≤ 0
+    ≤ ``hi``, float32): what ``weight_qparams`` gives a weight of that range."""
+    grid = ws.grid
     scale = ((hi - lo) / (grid.qmax - grid.qmin)).clamp_min(_TINY)
     zero = (grid.qmin - torch.round(lo / scale)).clamp(grid.qmin, grid.qmax)
     return scale, zero.to(torch.int8)
