@@ -583,25 +583,50 @@ def test_plan_counts_the_statistics_a_quantized_layer_holds(feedback, monkeypatc
     assert sum(held.values()) == planned.hessians
 
 
-def test_input_feedback_computes_one_operator_per_input_group(monkeypatch):
+def test_input_feedback_computes_one_operator_and_one_factor_per_input_group(monkeypatch):
     """q/k/v (gate/up) read one input: their feedback targets come from one operator, not
     one per Linear (the operator's cost is the [in, in] work, a 14336-wide down_proj's 0.3 s
-    on an H200 in float64)."""
+    on an H200 in float64), and GPTQ's solve takes the operator's factor of the damped
+    inverse Hessian instead of factoring the same matrix again."""
     from quantkit.quantizers import gptq
 
     made: list[str] = []
-    operator = gptq.feedback_operator
+    factored: list[int] = []
+    operator, factor = gptq.feedback_operator, gptq.upper_inverse_factor
 
     def counted(*args, **kw):
         made.append(kw["name"])
         return operator(*args, **kw)
 
+    def counted_factor(h):
+        factored.append(h.shape[-1])
+        return factor(h)
+
     monkeypatch.setattr(gptq, "feedback_operator", counted)
+    monkeypatch.setattr(gptq, "upper_inverse_factor", counted_factor)
     layer, data, cfg = tiny_llama_layer(seed=2)
     graph = llama_graph()
     QUANTIZERS["gptq"](GPTQParams(group_size=32, input_feedback=True), cfg).quantize_layer(
         layer, graph, _SameStreams(layer, data))
     assert sorted(made) == sorted("+".join(g.linears) for g in graph.groups)
+    assert len(factored) == len(graph.groups)
+
+
+def test_a_given_inverse_factor_is_the_one_gptq_computes():
+    """The feedback operator's factor of the damped inverse Hessian, in act-order, solves to
+    the same codes as GPTQ's own factorisation."""
+    from quantkit.quantizers.gptq import feedback_operator, gptq_quantize_batch
+
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(48, 128, generator=g)
+    h = _hessian(correlated_inputs(512, 128, g)).float()
+    h[:, 7] = h[7, :] = 0  # a dead column, patched alike by both
+    scheme = _scheme(4, False, 32)
+    op = feedback_operator(h, h, 0.01, act_order=True)
+    opts = dict(act_order=True, static_groups=True, dampening_frac=0.01)
+    given = gptq_quantize_batch(w[None], h[None], scheme, inverse_factor=op.upper[None], **opts)[0]
+    own = gptq_quantize_batch(w[None], h[None], scheme, **opts)[0]
+    assert torch.equal(given.codes, own.codes) and torch.equal(given.scale, own.scale)
 
 
 def test_split_product_against_float64():

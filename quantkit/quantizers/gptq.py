@@ -24,7 +24,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal, TypedDict
+from typing import TYPE_CHECKING, Literal, NamedTuple, TypedDict
 
 import torch
 from pydantic import Field, model_validator
@@ -252,6 +252,7 @@ def gptq_quantize_batch(
     clip_search: bool = False,
     names: Sequence[str] | None = None,
     global_scales: Sequence[torch.Tensor | None] | None = None,
+    inverse_factor: torch.Tensor | None = None,
 ) -> list[QuantizedWeight]:
     """``gptq_quantize`` for a stack of ``E`` weights ``[E, out, in]`` of one scheme at once,
     each with its own Hessian (``hessian`` ``[E, in, in]``) or all with one (``[1, in, in]``);
@@ -269,7 +270,9 @@ def gptq_quantize_batch(
     On CPU each weight's result is bitwise the single solve's; on CUDA the batched kernels may
     round differently (float32 rounding, not a different algorithm). ``names`` name the
     weights in errors and logs; ``global_scales`` are each weight's tensor_group global scale
-    (None: its own, as in ``gptq_quantize``).
+    (None: its own, as in ``gptq_quantize``). ``inverse_factor`` (each damped ``H⁻¹``'s upper
+    Cholesky factor in the visiting order, as ``feedback_operator`` builds it from the same
+    Hessian) saves factoring the Hessians again.
     """
     ws: WeightScheme = scheme.weights
     n_w, out_f, in_f = w.shape
@@ -325,14 +328,16 @@ def gptq_quantize_batch(
     if act_order:
         # stable: ties (dead columns) keep their order on every device and batch size
         perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=1, descending=True, stable=True)
-        H = H.gather(1, perm.unsqueeze(2).expand(-1, -1, in_f)).gather(2, perm.unsqueeze(1).expand(-1, in_f, -1))
+        if inverse_factor is None:
+            H = H.gather(1, perm.unsqueeze(2).expand(-1, -1, in_f)).gather(2, perm.unsqueeze(1).expand(-1, in_f, -1))
         cols = perm.unsqueeze(1).expand(n_w, out_f, in_f)
         W = W.gather(2, cols)
         if col_scale is not None:
             col_scale = col_scale.gather(2, cols)
             col_zero = None if col_zero is None else col_zero.gather(2, cols)
 
-    Hinv = _inverse_hessian_factor(H, dampening_frac, names if n_h == n_w else [label])
+    Hinv = inverse_factor.to(device=device, dtype=torch.float32) if inverse_factor is not None else \
+        _inverse_hessian_factor(H, dampening_frac, names if n_h == n_w else [label])
     del H
 
     bs = max(1, block_size)
@@ -593,10 +598,13 @@ FEEDBACK_TARGET_MATRICES = 5
 class FeedbackOperator:
     """GPTAQ's correction of one input group's weights: ``W' = W (I − P)⁻¹``, with ``I − P``
     (``lhs``, upper triangular) in the visiting ``order``. It depends on the group's Hessians
-    alone, so q/k/v (gate/up) share one."""
+    alone, so q/k/v (gate/up) share one. ``upper`` is the upper Cholesky factor of the damped
+    ``H̃⁻¹`` in that order it was built from: GPTQ's solve of the group factors the same
+    matrix, and takes it instead."""
 
     order: torch.Tensor
     lhs: torch.Tensor
+    upper: torch.Tensor
 
     def apply(self, w: torch.Tensor) -> torch.Tensor:
         shifted = torch.linalg.solve_triangular(self.lhs, w.detach().to(self.lhs.dtype)[:, self.order], upper=True,
@@ -658,9 +666,8 @@ def feedback_operator(h_quant: torch.Tensor, cross: torch.Tensor, dampening_frac
     del mismatch
     p.mul_(alpha)
     p = product(p, upper)
-    del upper
     p.neg_().diagonal().add_(1.0)  # I − P (P is strictly upper triangular)
-    return FeedbackOperator(order, p)
+    return FeedbackOperator(order, p, upper)
 
 
 def feedback_target(w: torch.Tensor, h_quant: torch.Tensor, cross: torch.Tensor, dampening_frac: float,
@@ -918,9 +925,17 @@ def pinned(parts: list[SolvePart]) -> dict[str, int]:
     return {p.key: p.owner for p in parts if p.owner is not None}
 
 
+class StackTarget(NamedTuple):
+    """What GPTQ approximates for the Linears of one stack, and the upper Cholesky factor of
+    their damped inverse Hessian in the visiting order when the target's maker has it."""
+
+    weights: list[torch.Tensor]
+    inverse_factor: torch.Tensor | None = None
+
+
 def gptq_layer(
     layer, graph, accs: dict[str, HessianAccumulator], schemes: Scheme | Mapping[str, Scheme],
-    world: World = SINGLE, target: Callable[[Sequence[str]], list[torch.Tensor]] | None = None,
+    world: World = SINGLE, target: Callable[[Sequence[str]], StackTarget] | None = None,
     parts: list[SolvePart] | None = None, **kwargs
 ) -> dict[str, QuantizedWeight]:
     """GPTQ the units of ``schemes`` (or every unit of ``graph`` with one scheme) with the
@@ -933,7 +948,7 @@ def gptq_layer(
     """
     if isinstance(schemes, Scheme):
         schemes = {n: schemes for n in graph.linears}
-    target = target or (lambda stack: [graph.unit(n).matrix(layer).detach() for n in stack])
+    target = target or (lambda stack: StackTarget([graph.unit(n).matrix(layer).detach() for n in stack]))
     globals_ = fused_global_scales(layer, graph, schemes)  # from the weights alone: the same on every rank
     parts = parts if parts is not None else solve_parts(layer, graph, accs, schemes, world)
     static_groups = kwargs.get("static_groups", False)
@@ -941,17 +956,19 @@ def gptq_layer(
     def solve(part: SolvePart) -> dict[str, QuantizedWeight]:
         solves = []
         for stack in part.stacks:
-            ws = target(stack)
+            ws, factor = target(stack)
             solves.append((stack, [w.shape[0] for w in ws], torch.cat(ws) if len(ws) > 1 else ws[0],
-                           accs[stack[0]].hessian(), globals_.get(stack[0])))
+                           accs[stack[0]].hessian(), globals_.get(stack[0]), factor))
         together = len(solves) > 1 and batchable(part.scheme.weights, solves[0][2].shape[0], static_groups)
         out: dict[str, QuantizedWeight] = {}
         for batch in [solves] if together else [[s] for s in solves]:
             hessians = [s[3] for s in batch]
             shared_h = all(h is hessians[0] for h in hessians)
+            factors = [s[5] for s in batch]
+            factor = None if any(f is None for f in factors) else _stack(factors[:1] if shared_h else factors)
             results = gptq_quantize_batch(_stack([s[2] for s in batch]), _stack(hessians[:1] if shared_h else hessians),
                                           part.scheme, names=["+".join(s[0]) for s in batch],
-                                          global_scales=[s[4] for s in batch], **kwargs)
+                                          global_scales=[s[4] for s in batch], inverse_factor=factor, **kwargs)
             for (stack, rows, *_), qw in zip(batch, results):
                 out.update(split_rows(qw, list(stack), rows) if len(stack) > 1 else {stack[0]: qw})
         return out
@@ -1068,17 +1085,17 @@ class GPTQQuantizer(Quantizer):
                          later: Sequence[str] = ()) -> dict[str, QuantizedWeight]:
         p: GPTQParams = self.params  # type: ignore[assignment]
         input_globals = observe_input_globals(graph, schemes)
-        target: Callable[[Sequence[str]], list[torch.Tensor]] | None = None
+        target: Callable[[Sequence[str]], StackTarget] | None = None
         if p.input_feedback:
             accs, crosses, paired = collect_paired_hessians(graph, input_globals.stats, names=schemes)
             parts = solve_parts(layer, graph, accs, schemes, calib.world, calib.expert_owner)
             hessians_to_owners(parts, calib.world, accs, crosses)
             calib.observe_paired(paired, later=later)
 
-            def feedback(stack: Sequence[str]) -> list[torch.Tensor]:  # on the owner rank, within its solve
+            def feedback(stack: Sequence[str]) -> StackTarget:  # on the owner rank, within its solve
                 op = feedback_operator(accs[stack[0]].hessian(), crosses[stack[0]].hessian(), p.dampening_frac,
                                        act_order=p.act_order, name="+".join(stack))
-                return [op.apply(graph.unit(n).matrix(layer)) for n in stack]
+                return StackTarget([op.apply(graph.unit(n).matrix(layer)) for n in stack], op.upper)
 
             target = feedback
         else:
