@@ -145,18 +145,30 @@ def test_stages_stop_the_forward_at_their_last_input(text_file, tmp_path, monkey
     assert calls == {"mlp.down_proj": 0, "self_attn.q_proj": layers * 2 * batches}
 
 
+def _gptq_checkpoint(model, text_file, out, **quantization) -> dict[str, torch.Tensor]:
+    """The tensors of a tiny model's 4-bit GPTQ checkpoint (two batches of two sequences)."""
+    from safetensors.torch import load_file
+
+    from quantkit.pipeline import run
+    from quantkit.recipe import make_recipe
+
+    run(make_recipe({
+        "model": {"id": str(model)},
+        "quantization": {"method": "gptq", "bits": 4, "group_size": 32, **quantization},
+        "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 16, "batch_size": 2},
+        "evaluate": {"enabled": False}, "export": {"output_dir": str(out)}, "device": "cpu"}),
+        quiet=True)
+    return {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
 @pytest.mark.parametrize("sequential", [False, True])
 def test_the_last_paired_pass_carries_the_float_stream(sequential, text_file, tmp_path, monkeypatch):
     """With input feedback the last paired pass over a dense layer runs the float stream whole
     and that output is the stream's next input: one float forward per batch and layer fewer
     than running the float layer again after quantization, and the checkpoint is the same to
     the bit as with that extra forward."""
-    from safetensors.torch import load_file
-
     from quantkit import engine
     from quantkit.graph.runtime import ModelRunner
-    from quantkit.pipeline import run
-    from quantkit.recipe import make_recipe
 
     from .tiny_models import make_tiny_model
 
@@ -176,15 +188,8 @@ def test_the_last_paired_pass_carries_the_float_stream(sequential, text_file, tm
     for mode in ("carried", "forward again"):
         if mode == "forward again":
             monkeypatch.setattr(engine._LayerCalibration, "observe_paired", never_last)
-        out = tmp_path / mode
-        run(make_recipe({
-            "model": {"id": str(model)},
-            "quantization": {"method": "gptq", "bits": 4, "group_size": 32, "input_feedback": True,
-                             "sequential": sequential},
-            "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 16, "batch_size": 2},
-            "evaluate": {"enabled": False}, "export": {"output_dir": str(out)}, "device": "cpu"}),
-            quiet=True)
-        weights[mode] = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+        weights[mode] = _gptq_checkpoint(model, text_file, tmp_path / mode, input_feedback=True,
+                                         sequential=sequential)
     layers, batches = 2, 2
     assert forwards["forward again"] - forwards["carried"] == layers * batches
     assert weights["carried"].keys() == weights["forward again"].keys()
@@ -199,12 +204,8 @@ def test_streams_resume_after_the_attention_and_the_checkpoint_is_the_same(feedb
     reads the attention: the float stream from o_proj's pass, the quantized one from gate/up's
     (its attention quantized then). Later passes and the propagation start there, and the
     checkpoint is the same to the bit as when every forward starts at the layer's input."""
-    from safetensors.torch import load_file
-
     from quantkit.graph import derive
     from quantkit.graph.runtime import ModelRunner
-    from quantkit.pipeline import run
-    from quantkit.recipe import make_recipe
 
     from .tiny_models import make_tiny_model
 
@@ -226,15 +227,8 @@ def test_streams_resume_after_the_attention_and_the_checkpoint_is_the_same(feedb
         if mode == "from the input":
             monkeypatch.setattr(derive, "_CACHE", {})
             monkeypatch.setattr(derive._Deriver, "_resume", lambda self: None)
-        out = tmp_path / mode
-        run(make_recipe({
-            "model": {"id": str(model)},
-            "quantization": {"method": "gptq", "bits": 4, "group_size": 32, "input_feedback": feedback,
-                             "sequential": True},
-            "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 16, "batch_size": 2},
-            "evaluate": {"enabled": False}, "export": {"output_dir": str(out)}, "device": "cpu"}),
-            quiet=True)
-        weights[mode] = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+        weights[mode] = _gptq_checkpoint(model, text_file, tmp_path / mode, input_feedback=feedback,
+                                         sequential=True)
     layers, batches = 2, 2
     # Per batch and layer, the quantized stream's attention runs in the passes of o_proj, gate/up,
     # down_proj and in the propagation; the float stream's in those of o_proj, gate/up and down_proj.
