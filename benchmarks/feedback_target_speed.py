@@ -1,6 +1,7 @@
 """GPTAQ's feedback target at Llama-3.1-8B and 70B widths: quantkit's (float32, bf16-split
-products) against the same arithmetic in float64 (quantkit's before stop 35: float64 statistics
-take that path), in float32 with exact products and in float32 with TF32 products.
+products of the blocks on and above the diagonal) against the same arithmetic in float64
+(quantkit's before stop 35: float64 statistics take that path), with the full bf16-split
+products (stop 35), in float32 with exact products and in float32 with TF32 products.
 
     python benchmarks/feedback_target_speed.py            # on the GPU
 
@@ -19,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quantkit.quantizers import gptq  # noqa: E402
+from quantkit.quantizers import gptq, split_product  # noqa: E402
 from quantkit.quantizers.hessian import HessianAccumulator  # noqa: E402
 
 
@@ -37,14 +38,23 @@ def hessians(n: int, tokens: int, device: str) -> tuple[torch.Tensor, torch.Tens
     return h.hessian(), c.hessian()
 
 
-def with_product(product, run):
-    """``run()`` with feedback_operator's float32 products made by ``product``."""
-    saved = gptq.split_product
-    gptq.split_product = product
+def with_product(product, run, block: int | None = None):
+    """``run()`` with feedback_operator's float32 products made by ``product`` (None: quantkit's
+    own), of blocks ``block`` wide (None: quantkit's; wider than the matrix: one full product)."""
+    saved = split_product.split_product, split_product.BLOCK
+
+    def into(a, b, out=None):
+        if out is None:
+            return product(a, b)
+        return out.copy_(product(a, b))
+
+    if product is not None:
+        split_product.split_product = into
+    split_product.BLOCK = block or saved[1]
     try:
         return run()
     finally:
-        gptq.split_product = saved
+        split_product.split_product, split_product.BLOCK = saved
 
 
 def tf32_product(a, b):
@@ -87,10 +97,13 @@ def main() -> None:
         def target():
             return gptq.feedback_target(w, h, c, 0.01, act_order=True)
 
+        whole = 1 << 30
         rows = (("float64 (quantkit before)", lambda: (s_ref, ref)),
-                ("float32, bf16-split products (quantkit)", lambda: timed(target)),
-                ("float32", lambda: with_product(torch.matmul, lambda: timed(target))),
-                ("float32, TF32 products", lambda: with_product(tf32_product, lambda: timed(target))))
+                ("float32, bf16-split products of the upper blocks (quantkit)", lambda: timed(target)),
+                ("float32, full bf16-split products (stop 35)",
+                 lambda: with_product(None, lambda: timed(target), whole)),
+                ("float32", lambda: with_product(torch.matmul, lambda: timed(target), whole)),
+                ("float32, TF32 products", lambda: with_product(tf32_product, lambda: timed(target), whole)))
         for name, run in rows:
             s, got = run()
             rel = ((got - ref).norm() / (ref - w).norm()).item()

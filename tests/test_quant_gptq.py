@@ -646,6 +646,28 @@ def test_split_product_against_float64():
     assert error(a.bfloat16().float() @ b.bfloat16().float()) > 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_upper_blocks_product_is_the_products_upper_blocks(dtype, monkeypatch):
+    """GPTAQ's products of triangular factors, blocks on and above the diagonal only, each
+    against the factors' nonzero blocks: the full product's blocks (float32 within the
+    split's 3e-5, float64 to rounding), zero below; blocks straddling the matrix's edge."""
+    from quantkit.quantizers import split_product
+
+    monkeypatch.setattr(split_product, "BLOCK", 64)
+    g = torch.Generator().manual_seed(9)
+    n = 150
+    dense = torch.randn(n, n, generator=g, dtype=torch.float64)
+    upper = torch.randn(n, n, generator=g, dtype=torch.float64).triu()
+    strict = torch.randn(n, n, generator=g, dtype=torch.float64).triu(1)
+    block = torch.arange(n) // 64
+    above = block.unsqueeze(1) <= block.unsqueeze(0)
+    for a, b, kw in ((dense, upper.T, dict(b_lower=True)), (strict, upper, dict(a_upper=True, b_upper=True))):
+        got = split_product.upper_blocks_product(a.to(dtype), b.to(dtype), **kw).double()
+        want = torch.where(above, a @ b, torch.zeros(()))
+        assert ((got - want).norm() / want.norm()).item() < (3e-5 if dtype == torch.float32 else 1e-14)
+        assert torch.equal(got[~above], torch.zeros_like(got[~above]))
+
+
 def test_input_feedback_keeps_per_linear_schemes_and_input_global_scales():
     """input_feedback on an assignment (NVFP4 W4A4 on q/k/v only): with equal streams its
     target is the weight itself, so it quantizes exactly the assigned Linears as plain GPTQ

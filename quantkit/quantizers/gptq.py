@@ -42,7 +42,7 @@ from .clip import clip_to_gram, group_grams
 from .hessian import HessianAccumulator
 from .rtn import fused_global_scales, weight_global_scale, weight_only_scheme, weight_qparams
 from .scheme_params import SchemeParams
-from .split_product import split_product
+from .split_product import upper_blocks_product
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing's own from Python 3.11; quantkit supports 3.10
@@ -634,11 +634,12 @@ def feedback_operator(h_quant: torch.Tensor, cross: torch.Tensor, dampening_frac
     the two ``[in, in]`` products on bf16 tensor cores (``split_product``): float64 took
     0.29 s for a 14336-wide down_proj on an H200 and 2.1 s for a 28672-wide one
     (``benchmarks/feedback_target_speed.py``). Float64 statistics are taken in float64 with
-    exact products (the benchmark's reference).
+    exact products (the benchmark's reference). Each product computes only the blocks on and
+    above the diagonal, against the factors' nonzero blocks (``upper_blocks_product``): ``P``
+    is strictly upper triangular, ``U`` upper.
     """
     # [in, in] matrices, each freed as soon as it is used (FEEDBACK_TARGET_MATRICES).
     dtype = torch.promote_types(h_quant.dtype, torch.float32)
-    product = split_product if dtype == torch.float32 else torch.matmul
     diag = torch.diagonal(h_quant).to(dtype)
     diag.masked_fill_(diag == 0, 1.0)  # dead columns, as the solve patches them
     in_f = diag.shape[0]
@@ -662,10 +663,10 @@ def feedback_operator(h_quant: torch.Tensor, cross: torch.Tensor, dampening_frac
     quant.diagonal().copy_(diag[order])
     mismatch = mismatch.sub_(quant).T
     del quant
-    p = product(mismatch, upper.T).triu_(1)
+    p = upper_blocks_product(mismatch, upper.T, b_lower=True).triu_(1)
     del mismatch
     p.mul_(alpha)
-    p = product(p, upper)
+    p = upper_blocks_product(p, upper, a_upper=True, b_upper=True)
     p.neg_().diagonal().add_(1.0)  # I − P (P is strictly upper triangular)
     return FeedbackOperator(order, p, upper)
 
