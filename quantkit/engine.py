@@ -30,8 +30,8 @@ from .divergence import compare_streams
 from .errors import DeviceMemoryError, NumericsError
 from .finite_check import check_quantized, check_written
 from .graph.attention import observe_attention
-from .graph.resume import resumed
 from .graph.experts import UnfusedExperts, all_experts, expert_modules, expert_of, reset_counts, routed_counts
+from .graph.resume import resumed
 from .graph.runtime import LayerInputs, ModelRunner
 from .graph.types import LayerGraph
 from .moe import (ExpertCalibration, ExpertReport, expert_owners, rtn_fallback, starved, statistics_budget,
@@ -142,11 +142,11 @@ class _LayerCalibration:
         self._observe(stats, self.float_batches, later)
 
     def _resumes(self, fed: Collection[str], later: Collection[str], paired: bool) -> tuple[bool, bool]:
-        """Whether this pass leaves each stream (quantized, float) at the resume point: no
-        pass after it reads the first block, and the stream's first block is final there
-        (the float one always; the quantized one once every Linear of the block this layer
-        quantizes is substituted and computes as served) or, for the float stream, this pass
-        is not its last (the last runs it whole)."""
+        """Whether this pass leaves each stream (quantized, float) at the resume point. Only
+        once no later pass reads the first block; then the float stream unless this is its
+        last pass (which runs it whole), and the quantized one once its first block is final:
+        every Linear of it this layer quantizes substituted, none with inputs the served model
+        quantizes, none fed by this pass."""
         if self.resume is None:
             return False, False
         early = set(self.resume.before) | {ATTENTION_KEY, ATTENTION_VALUE}
