@@ -56,10 +56,11 @@ products keep the tensor cores busy (three per block on a GPU)."""
 def upper_blocks_product(a: torch.Tensor, b: torch.Tensor, a_upper: bool = False, b_lower: bool = False,
                          b_upper: bool = False) -> torch.Tensor:
     """The blocks of ``a @ b`` (``[n, n]``, float32 by ``split_product``, float64 exactly) on and
-    above its block diagonal, those below it zero, with the products against ``a``'s or
-    ``b``'s zero blocks skipped: ``a`` upper triangular (``a_upper``), ``b`` lower or upper
-    triangular. GPTAQ's two products need only those blocks of such factors: about a fifth
-    of the full products' work at 14336 wide and above."""
+    above its block diagonal, those below it zero (one block, ``n`` ≤ ``BLOCK``: the full
+    product), with the products against ``a``'s or ``b``'s zero blocks skipped: ``a`` upper
+    triangular (``a_upper``), ``b`` lower or upper triangular. GPTAQ's two products need only
+    those blocks of such factors: about a fifth of the full products' work at 14336 wide and
+    above."""
     n = a.shape[0]
     if n <= BLOCK:  # one block: the full product
         return split_product(a, b) if a.dtype == torch.float32 else a @ b
@@ -74,4 +75,3 @@ def upper_blocks_product(a: torch.Tensor, b: torch.Tensor, a_upper: bool = False
             else:
                 block.copy_(a[i:i + BLOCK, lo:hi] @ b[lo:hi, j:j + BLOCK])
     return out
-
