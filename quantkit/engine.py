@@ -271,6 +271,19 @@ class _LayerCalibration:
         del calls, quant
         experts = sorted({expert_of(n)[1] for n in mine})
         hooks = _fan_out({n[len(name) + 1:]: parts for n, parts in mine.items()})
+        # The quantized stream's tokens run through the experts as that stream's passes do: a
+        # sequential quantizer's substituted experts (gate/up before their down_proj's stage).
+        graph = self.runner.graph.layer(self.index)
+        substituted = {n: w for n, w in self._substitutes.items() if (expert_of(n) or (None,))[0] == name}
+
+        def quantized(e: int | None = None) -> contextlib.AbstractContextManager:
+            return _weights_in_place(self.layer, graph, {n: w for n, w in substituted.items()
+                                                         if e is None or expert_of(n)[1] == e}, self._floats)
+
+        def run_quantized(e: int, x: torch.Tensor) -> None:
+            with quantized(e):
+                block.run_expert(e, x)
+
         # A pair of streams is fed expert by expert: one expert's float inputs wait for its
         # quantized ones, not every owned expert's (128 of DeepSeek-V3's down_proj inputs for a
         # batch of 16k tokens: 8.6 GB).
@@ -287,11 +300,12 @@ class _LayerCalibration:
                 routing = theirs["routing"][span]
                 quant = block.expert_inputs(experts, theirs["hidden"][span], routing)
                 if "float" not in theirs:
-                    run_calibration(block, hooks, lambda q=quant: _run_experts(block, q))
+                    with quantized():
+                        run_calibration(block, hooks, lambda q=quant: _run_experts(block, q))
                     continue
                 flt = block.expert_inputs(experts, theirs["float"][span], theirs["float_routing"][span], routing)
                 for (e, xq), (_, xf) in zip(quant, flt):
-                    run_paired_batch(block, of_expert[e], lambda e=e, x=xq: block.run_expert(e, x),
+                    run_paired_batch(block, of_expert[e], lambda e=e, x=xq: run_quantized(e, x),
                                      lambda e=e, x=xf: block.run_expert(e, x))
             del theirs
 

@@ -38,6 +38,11 @@ CASES = {
     # GPTAQ under routed calibration: from layer 1 on the two streams' routers pick different
     # tokens; an expert's pairs are each token's two inputs, routed as the quantized stream.
     "routed-feedback": ({"method": "gptq", "group_size": 32, "input_feedback": True}, ExpertCalibration(False, 1)),
+    # Sequential GPTAQ: the experts' down_proj sees their gate/up quantized on the quantized
+    # stream, for the tokens other ranks' experts record and replay too (each stream's as its
+    # passes ran it); both streams resume after the attention.
+    "feedback-sequential": ({"method": "gptq", "group_size": 32, "input_feedback": True, "sequential": True},
+                            ExpertCalibration(True)),
     # A statistics budget of two experts' own (down_proj) Hessians, the first pass holding the
     # common ones and expert 0 beyond it: one rank needs 3 passes, two ranks (each holding only
     # its own experts': two per pass) 2.
