@@ -150,18 +150,27 @@ class _LayerCalibration:
         if self.resume is None:
             return False, False
         early = set(self.resume.before) | {ATTENTION_KEY, ATTENTION_VALUE}
+        if any(self.resumed) and early & set(fed):
+            raise RuntimeError(f"layer {self.index}: a pass feeds {sorted(early & set(fed))} after a stream resumed "
+                               "past them: an earlier pass's ``later`` did not name them")
         if early & set(later):
             return False, False
         take_float = paired and bool(later) and not self.resumed[1]
         final = not early & (set(fed) | self._inputs_quantized) and early & self._fed <= set(self._substitutes)
         return bool(self._substitutes) and final and not self.resumed[0], take_float
 
-    def _taking(self, b: LayerInputs, take: bool) -> dict[str, InputHook]:
-        """An input hook putting the residual the resume point reads in place of ``b``'s input."""
+    def _taking(self, batches: list[LayerInputs], take: bool) -> dict[str, InputHook]:
+        """An input hook putting the residual the resume point reads in place of each batch's
+        input, for a forward over ``batches`` in their order (the reader runs once a batch)."""
         if not take:
             return {}
-        shape = b.hidden.shape
-        return {self.resume.reader: lambda x: setattr(b, "hidden", x.reshape(shape).clone())}
+        left = iter(batches)
+
+        def tap(x: torch.Tensor) -> None:
+            b = next(left)
+            b.hidden = x.reshape(b.hidden.shape).clone()
+
+        return {self.resume.reader: tap}
 
     def _observe(self, stats: Mapping[str, Statistic | PairedStatistic],
                  float_batches: list[LayerInputs] | None, later: Collection[str] = ()) -> None:
@@ -200,7 +209,7 @@ class _LayerCalibration:
         # pass, which runs whole to count the routing.
         stop = (bool(self._substitutes) or not blocks) and not any(expert_of(n) for n in fed)
         carry = paired and not later and not blocks
-        take_quant, take_float = self._resumes(stats, later, paired) if stop and not blocks else (False, False)
+        take_quant, take_float = self._resumes(stats, later, paired)
         self._fed.update(stats)
         reset_counts(self.layer)
         hooks = _fan_out(fed)
@@ -210,16 +219,17 @@ class _LayerCalibration:
                     for quant, flt in zip(self.batches, float_batches):
                         run_paired_batch(self.layer, hooks, recording(self._forward([quant]), 0),
                                          recording(self._forward([flt], quantized=False, carry=carry), 1), stop,
-                                         float_whole=carry, quant_taps=self._taking(quant, take_quant),
-                                         float_taps=self._taking(flt, take_float))
+                                         float_whole=carry, quant_taps=self._taking([quant], take_quant),
+                                         float_taps=self._taking([flt], take_float))
                     self.float_carried = carry
                     self.resumed[1] = (self.resumed[1] or take_float) and not carry
                 elif stop:
                     for b in self.batches:
-                        run_calibration(self.layer, {**hooks, **self._taking(b, take_quant)}, self._forward([b]),
+                        run_calibration(self.layer, {**hooks, **self._taking([b], take_quant)}, self._forward([b]),
                                         stop_early=True)
                 else:
-                    run_calibration(self.layer, hooks, recording(self._forward(self.batches), 0))
+                    run_calibration(self.layer, {**hooks, **self._taking(self.batches, take_quant)},
+                                    recording(self._forward(self.batches), 0))
                 self.resumed[0] = self.resumed[0] or take_quant
                 for b in replayed:
                     self._replay(b, blocks[b], {n: parts for n, parts in mine.items() if expert_of(n)[0] == b},

@@ -69,11 +69,13 @@ def test_a_moe_layer_takes_as_many_stages_with_more_experts(family):
     assert len(expert_stages) == 2
 
 
-def test_sequential_run_of_a_moe_model_takes_a_pass_per_stage(text_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("all_experts", [True, False])
+def test_sequential_run_of_a_moe_model_takes_a_pass_per_stage(all_experts, text_file, tmp_path, monkeypatch):
     """A tiny Qwen3-MoE quantized with ``sequential`` and input feedback: each layer is calibrated
     once per stage, and the experts' down_proj sees their gate/up quantized on the quantized
     stream (its input differs from the float stream's in the first layer, where the layer's own
-    input is still the float one)."""
+    input is still the float one), also under routed calibration, where an expert's owner feeds
+    it each token's two inputs from the recorded calls."""
     from quantkit import engine
     from quantkit.pipeline import run
     from quantkit.recipe import make_recipe
@@ -93,14 +95,16 @@ def test_sequential_run_of_a_moe_model_takes_a_pass_per_stage(text_file, tmp_pat
             def add(xq, xf):
                 gap[name] = max(gap.get(name, 0.0), (xq - xf).abs().max().item())
                 stat.add(xq, xf)
-            return type("Spy", (), {"add": staticmethod(add), "reduce": staticmethod(stat.reduce)})()
+            return type("Spy", (), {"add": staticmethod(add), "reduce": staticmethod(stat.reduce),
+                                    "owner": getattr(stat, "owner", None)})()
         observe_paired(self, {n: spy(n, s) if n in watched else s for n, s in stats.items()}, **kw)
 
     monkeypatch.setattr(engine._LayerCalibration, "observe_paired", counted)
     run(make_recipe({
         "model": {"id": str(model)},
         "quantization": {"method": "gptq", "bits": 4, "group_size": 32, "input_feedback": True, "sequential": True},
-        "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 16, "batch_size": 2},
+        "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 16, "batch_size": 2,
+                        "all_experts": all_experts, "min_expert_tokens": 1},
         "evaluate": {"enabled": False}, "export": {"output_dir": str(tmp_path / "out")}, "device": "cpu"}),
         quiet=True)
     from transformers import AutoConfig
@@ -197,8 +201,20 @@ def test_the_last_paired_pass_carries_the_float_stream(sequential, text_file, tm
         assert torch.equal(v, weights["forward again"][k]), k
 
 
+# Attention forwards per batch and layer of a sequential run, (quantized stream, float stream),
+# from the layer's input and resumed. Dense: the quantized stream's attention runs in the passes
+# of o_proj, gate/up and down_proj and in the propagation, the float stream's in the first
+# three; resumed, in o_proj's and gate/up's, and the float stream's in o_proj's. A MoE layer's
+# first pass (q/k/v) runs whole on both streams, to count the routing: one more each; and its
+# float stream leaves the layer in one more forward (its passes' outputs are not the layer's),
+# from the residual when resumed.
+_ATTENTION_RUNS = {"llama": {"from the input": (4, 3), "resumed": (2, 1)},
+                   "qwen3_moe": {"from the input": (5, 5), "resumed": (3, 2)}}
+
+
+@pytest.mark.parametrize("family", sorted(_ATTENTION_RUNS))
 @pytest.mark.parametrize("feedback", [False, True])
-def test_streams_resume_after_the_attention_and_the_checkpoint_is_the_same(feedback, text_file, tmp_path,
+def test_streams_resume_after_the_attention_and_the_checkpoint_is_the_same(family, feedback, text_file, tmp_path,
                                                                            monkeypatch):
     """A sequential run keeps, per stream, the residual the attention left once no later stage
     reads the attention: the float stream from o_proj's pass, the quantized one from gate/up's
@@ -209,7 +225,7 @@ def test_streams_resume_after_the_attention_and_the_checkpoint_is_the_same(feedb
 
     from .tiny_models import make_tiny_model
 
-    model = make_tiny_model(tmp_path / "model", layers=2, hidden=64, intermediate=128)
+    model = make_tiny_model(tmp_path / "model", arch=family, layers=2, hidden=64, intermediate=128)
     attention = {}
     run_layer = ModelRunner.run_layer
 
@@ -230,16 +246,31 @@ def test_streams_resume_after_the_attention_and_the_checkpoint_is_the_same(feedb
         weights[mode] = _gptq_checkpoint(model, text_file, tmp_path / mode, input_feedback=feedback,
                                          sequential=True)
     layers, batches = 2, 2
-    # Per batch and layer, the quantized stream's attention runs in the passes of o_proj, gate/up,
-    # down_proj and in the propagation; the float stream's in those of o_proj, gate/up and down_proj.
-    quant, flt = (4, 3) if feedback else (4, 0)
-    assert attention["from the input"] == (quant + flt) * layers * batches
-    # Resumed: the quantized stream's in o_proj's and gate/up's passes, the float stream's in o_proj's.
-    quant, flt = (2, 1) if feedback else (2, 0)
-    assert attention["resumed"] == (quant + flt) * layers * batches
+    for mode, (quant, flt) in _ATTENTION_RUNS[family].items():
+        assert attention[mode] == (quant + (flt if feedback else 0)) * layers * batches, mode
     assert weights["resumed"].keys() == weights["from the input"].keys()
     for k, v in weights["resumed"].items():
         assert torch.equal(v, weights["from the input"][k]), k
+
+
+def test_a_pass_after_a_stream_resumed_may_not_read_the_attention(text_file, tmp_path, monkeypatch):
+    """A quantizer whose pass says no later pass reads the attention, and then feeds one there,
+    is stopped with an error: the streams no longer hold the attention's input."""
+    from quantkit.quantizers import gptq
+
+    from .tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", layers=2, hidden=64, intermediate=128)
+    quantize_layer = gptq.GPTQQuantizer.quantize_layer
+
+    def again(self, layer, graph, calib, schemes=None):
+        out = quantize_layer(self, layer, graph, calib, schemes)
+        calib.observe({"self_attn.q_proj": gptq.HessianAccumulator()})  # the attention's input once more
+        return out
+
+    monkeypatch.setattr(gptq.GPTQQuantizer, "quantize_layer", again)
+    with pytest.raises(RuntimeError, match="after a stream resumed"):
+        _gptq_checkpoint(model, text_file, tmp_path / "out", sequential=True)
 
 
 def test_plan_counts_what_sequential_stages_hold(text_file, tmp_path, monkeypatch):
