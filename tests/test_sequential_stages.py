@@ -75,8 +75,10 @@ def test_sequential_run_of_a_moe_model_takes_a_pass_per_stage(all_experts, text_
     once per stage, and the experts' down_proj sees their gate/up quantized on the quantized
     stream (its input differs from the float stream's in the first layer, where the layer's own
     input is still the float one), also under routed calibration, where an expert's owner feeds
-    it each token's two inputs from the recorded calls."""
+    it each token's two inputs from the recorded calls: the quantized one through the expert's
+    substituted gate/up."""
     from quantkit import engine
+    from quantkit.graph.experts import UnfusedExperts
     from quantkit.pipeline import run
     from quantkit.recipe import make_recipe
 
@@ -99,7 +101,16 @@ def test_sequential_run_of_a_moe_model_takes_a_pass_per_stage(all_experts, text_
                                     "owner": getattr(stat, "owner", None)})()
         observe_paired(self, {n: spy(n, s) if n in watched else s for n, s in stats.items()}, **kw)
 
+    # The experts' weights each replayed call runs with, the float stream's call of a token's pair first.
+    replayed: list[float] = []
+    run_expert = UnfusedExperts.run_expert
+
+    def recorded(self, e, x):
+        replayed.append(sum(p.detach().double().sum().item() for p in self.parameters()))
+        return run_expert(self, e, x)
+
     monkeypatch.setattr(engine._LayerCalibration, "observe_paired", counted)
+    monkeypatch.setattr(UnfusedExperts, "run_expert", recorded)
     run(make_recipe({
         "model": {"id": str(model)},
         "quantization": {"method": "gptq", "bits": 4, "group_size": 32, "input_feedback": True, "sequential": True},
@@ -112,6 +123,8 @@ def test_sequential_run_of_a_moe_model_takes_a_pass_per_stage(all_experts, text_
     stages = len(sequential_stages(_graph_of(AutoConfig.from_pretrained(model), 0)))
     assert passes == {0: stages, 1: stages}
     assert gap and all(v > 1e-4 for v in gap.values()), gap
+    if not all_experts:  # from the down_proj stage on, a pair's quantized call runs other weights
+        assert any(flt != quant for flt, quant in zip(replayed[::2], replayed[1::2]))
 
 
 def test_stages_stop_the_forward_at_their_last_input(text_file, tmp_path, monkeypatch):
