@@ -284,11 +284,16 @@ class _LayerCalibration:
         # The quantized stream's tokens run through the experts as that stream's passes do: a
         # sequential quantizer's substituted experts (gate/up before their down_proj's stage).
         graph = self.runner.graph.layer(self.index)
-        substituted = {n: w for n, w in self._substitutes.items() if (expert_of(n) or (None,))[0] == name}
+        substituted: dict[int, dict[str, torch.Tensor]] = {}  # this block's, by expert
+        for n, w in self._substitutes.items():
+            hit = expert_of(n)
+            if hit is not None and hit[0] == name:
+                substituted.setdefault(hit[1], {})[n] = w
 
         def quantized(e: int | None = None) -> contextlib.AbstractContextManager:
-            return _weights_in_place(self.layer, graph, {n: w for n, w in substituted.items()
-                                                         if e is None or expert_of(n)[1] == e}, self._floats)
+            weights = substituted.get(e, {}) if e is not None else {n: w for ws in substituted.values()
+                                                                   for n, w in ws.items()}
+            return _weights_in_place(self.layer, graph, weights, self._floats)
 
         def run_quantized(e: int, x: torch.Tensor) -> None:
             with quantized(e):
