@@ -35,9 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from quantkit.quantizers.rtn import weight_only_scheme  # noqa: E402
 from quantkit.scheme import QuantizedWeight  # noqa: E402
 
 BITS, GROUP, BATCH = 4, 64, 8
+SCHEME = weight_only_scheme(BITS, GROUP, False)
 QMAX = 2 ** BITS - 1
 
 
@@ -60,10 +62,11 @@ class LearnedRounding(nn.Module):
         if start is None:
             self.register_buffer("lo", w.amin(-1, keepdim=True).clamp(max=0))
             self.register_buffer("hi", w.amax(-1, keepdim=True).clamp(min=0))
-        else:  # quantkit's asymmetric codes are signed, -8..7, with a signed zero point
+        else:  # quantkit's asymmetric codes are signed, with a signed zero point
             scale, zero = start.scale.float().unsqueeze(-1), start.zero_point.float().unsqueeze(-1)
-            self.register_buffer("lo", (-8 - zero) * scale)
-            self.register_buffer("hi", (7 - zero) * scale)
+            grid = start.scheme.weights.grid
+            self.register_buffer("lo", (grid.qmin - zero) * scale)
+            self.register_buffer("hi", (grid.qmax - zero) * scale)
         self.v = nn.Parameter(torch.zeros_like(w))
         self.a = nn.Parameter(torch.ones_like(self.lo))
         self.b = nn.Parameter(torch.ones_like(self.hi))
@@ -82,8 +85,9 @@ class LearnedRounding(nn.Module):
         self.b.clamp_(0.5, 1.0)
 
 
-def rotate_model(model: nn.Module, seed: int) -> None:
-    """``quantization.rotate: hadamard``'s edits on a float model in memory (float64 products)."""
+def rotate_model(model: nn.Module, seed: int):
+    """``quantization.rotate: hadamard``'s edits on a float model in memory (float64 products);
+    the model's layer graph, which they follow."""
     from transformers import AutoModelForCausalLM
 
     from quantkit.graph.model import derive_model_graph
@@ -115,6 +119,7 @@ def rotate_model(model: nn.Module, seed: int) -> None:
             for group in g.groups:
                 if group.producer.kind == "attention_value" and group.producer.exact:
                     rotate_heads(layer, group, head_q)
+    return graph
 
 
 def layer_arguments(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -147,34 +152,26 @@ def run_layer(layer: nn.Module, x: torch.Tensor, kw: dict, weights: dict | None 
     return out[0] if isinstance(out, tuple) else out
 
 
-def gptq_start(layer: nn.Module, linears: dict[str, nn.Linear], xq: torch.Tensor, kw: dict) -> dict:
+def gptq_start(layer: nn.Module, graph, linears: dict[str, nn.Linear], xq: torch.Tensor, kw: dict) -> dict:
     """Each Linear's GPTQ codes (W4 g64 asymmetric, act-order static, clip search) under the
-    Hessian of its inputs on the quantized stream, the layer's other Linears float."""
-    from quantkit.quantizers.gptq import gptq_quantize
-    from quantkit.quantizers.hessian import HessianAccumulator
-    from quantkit.quantizers.rtn import weight_only_scheme
+    Hessian of its input group (``graph``'s) on the quantized stream, the layer's other
+    Linears float."""
+    from quantkit.engine import run_calibration
+    from quantkit.quantizers.gptq import collect_hessians, gptq_quantize
 
-    accs = {n: HessianAccumulator(n) for n in linears}
-    handles = [m.register_forward_pre_hook(lambda _m, a, n=n: accs[n].add(a[0].reshape(-1, a[0].shape[-1])))
-               for n, m in linears.items()]
-    try:
-        with torch.no_grad():
-            for c in xq.split(BATCH):
-                run_layer(layer, c, kw)
-    finally:
-        for h in handles:
-            h.remove()
-    scheme = weight_only_scheme(BITS, GROUP, False)
-    return {n: gptq_quantize(m.weight.detach().float(), accs[n].hessian(), scheme, name=n, act_order=True,
+    accs, stats = collect_hessians(graph)
+    run_calibration(layer, {n: s.add for n, s in stats.items()},
+                    lambda: [run_layer(layer, c, kw) for c in xq.split(BATCH)])
+    return {n: gptq_quantize(m.weight.detach().float(), accs[n].hessian(), SCHEME, name=n, act_order=True,
                              static_groups=True, clip_search=True) for n, m in linears.items()}
 
 
-def quantize_layer(layer: nn.Module, xq: torch.Tensor, yf: torch.Tensor, kw: dict, iters: int, lr: float,
+def quantize_layer(layer: nn.Module, graph, xq: torch.Tensor, yf: torch.Tensor, kw: dict, iters: int, lr: float,
                    gen: torch.Generator, init: str = "rtn") -> tuple[float, float]:
     """Learn the layer's rounding on (``xq`` → ``yf``) from round-to-nearest or GPTQ's codes
     (``init``), write the dequantized weights into it; the first step's loss and the best one."""
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-    starts = gptq_start(layer, linears, xq, kw) if init == "gptq" else {}
+    starts = gptq_start(layer, graph, linears, xq, kw) if init == "gptq" else {}
     rounders = {n: LearnedRounding(m.weight, starts.get(n)) for n, m in linears.items()}
     params = [p for r in rounders.values() for p in r.parameters()]
     best, best_loss, first = {n: r().detach() for n, r in rounders.items()}, math.inf, math.nan
@@ -216,7 +213,7 @@ def probe(model_dir: Path, tokens: Path, device: str, iters: int, lr: float, see
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     base = perplexity(model, ev)
     began = time.perf_counter()
-    rotate_model(model, 0)
+    graph = rotate_model(model, 0)
     for p in model.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
@@ -227,11 +224,11 @@ def probe(model_dir: Path, tokens: Path, device: str, iters: int, lr: float, see
     xq = xf.clone()
     gen = torch.Generator().manual_seed(seed)
     losses = []
-    for layer in model.model.layers:
+    for i, layer in enumerate(model.model.layers):
         with torch.no_grad():
             yf = torch.cat([run_layer(layer, c, kw) for c in xf.split(BATCH)])
         with torch.enable_grad():
-            losses.append(quantize_layer(layer, xq, yf, kw, iters, lr, gen, init))
+            losses.append(quantize_layer(layer, graph.layer(i), xq, yf, kw, iters, lr, gen, init))
         with torch.no_grad():
             xq = torch.cat([run_layer(layer, c, kw) for c in xq.split(BATCH)])
         xf = yf
