@@ -629,6 +629,20 @@ def test_a_given_inverse_factor_is_the_one_gptq_computes():
     assert torch.equal(given.codes, own.codes) and torch.equal(given.scale, own.scale)
 
 
+def test_the_feedback_operator_retries_damping_as_gptq_does(caplog):
+    """A quantized-input Hessian that 1% damping leaves indefinite gets GPTQ's retries with
+    more damping (logged), not an error: GPTQ's solve takes the operator's factor, so both
+    must damp alike, and plain GPTQ quantizes this Hessian."""
+    from quantkit.quantizers.gptq import _inverse_hessian_factor, feedback_operator
+
+    h = torch.eye(64)
+    h[0, 1] = h[1, 0] = 1.04
+    with caplog.at_level(logging.WARNING, logger="quantkit.quantizers.gptq"):
+        op = feedback_operator(h, h, 0.01, name="probe")
+    assert any("probe" in r.message and "dampening" in r.message for r in caplog.records)
+    assert torch.equal(op.upper, _inverse_hessian_factor(h.clone()[None], 0.01, ["probe"])[0])
+
+
 def test_split_product_against_float64():
     """The bf16-split product keeps about 16 bits: within 3e-5 of float64 on unevenly scaled
     rows, where one bf16 product is off by 2e-3."""

@@ -652,12 +652,9 @@ def feedback_operator(h_quant: torch.Tensor, cross: torch.Tensor, dampening_frac
 
     h = visited(h_quant)
     h.diagonal().copy_(diag[order])
-    h.diagonal().add_(dampening_frac * torch.diagonal(h).mean())
-    upper, info = upper_inverse_factor(h)
+    # Damped, and retried with more damping, exactly as GPTQ's own solve: that solve takes this factor.
+    upper = _inverse_hessian_factor(h.unsqueeze(0), dampening_frac, [name])[0]
     del h
-    if int(info) != 0:
-        raise NumericsError(f"GPTQ {name}: the quantized-input Hessian is not positive definite even damped",
-                            file=name, hint="use more calibration samples or a larger dampening_frac")
     # ΔXᵀX̃ = (X̃ᵀX − X̃ᵀX̃)ᵀ, dead columns patched as above; exactly zero when the streams are equal
     mismatch, quant = visited(cross), visited(h_quant)
     quant.diagonal().copy_(diag[order])
