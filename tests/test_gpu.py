@@ -143,3 +143,24 @@ def test_work_folder_nibbles_on_cuda_equal_cpu():
     on_gpu = pack_nibbles(pairs.cuda())
     assert torch.equal(on_gpu.cpu(), pack_nibbles(pairs))
     assert torch.equal(unpack_nibbles(on_gpu).cpu(), pairs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_hessian_accumulation_matches_float64(dtype):
+    """On CUDA, half-precision inputs are summed by one fused product into the float32 running
+    mean (``addmm`` with ``out_dtype``, in place): the same mean as float64 on the CPU, over
+    batches of uneven sizes, for ``XᵀX`` and a cross term."""
+    from quantkit.quantizers.hessian import HessianAccumulator
+
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(t, 96, generator=g).to(dtype) for t in (300, 7, 1024, 1)]
+    ys = [x + 0.1 * torch.randn(x.shape, generator=g).to(dtype) for x in xs]
+    h, c = HessianAccumulator(), HessianAccumulator()
+    for x, y in zip(xs, ys):
+        h.add(x.cuda())
+        c.add(x.cuda(), y.cuda())
+    x64, y64 = torch.cat(xs).double(), torch.cat(ys).double()
+    for got, want in ((h, 2 * x64.T @ x64 / len(x64)), (c, 2 * x64.T @ y64 / len(x64))):
+        assert got.hessian().dtype == torch.float32 and got.tokens == len(x64)
+        assert torch.allclose(got.hessian().cpu().double(), want, rtol=1e-5, atol=1e-5 * want.abs().max())
+
