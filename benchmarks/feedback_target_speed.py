@@ -41,7 +41,7 @@ def hessians(n: int, tokens: int, device: str) -> tuple[torch.Tensor, torch.Tens
 def with_product(product, run, block: int | None = None):
     """``run()`` with feedback_operator's float32 products made by ``product`` (None: quantkit's
     own), of blocks ``block`` wide (None: quantkit's; wider than the matrix: one full product)."""
-    saved = split_product.split_product, split_product.BLOCK
+    saved = split_product.split_product, split_product.CUDA_BLOCK
 
     def into(a, b, out=None):
         if out is None:
@@ -50,11 +50,11 @@ def with_product(product, run, block: int | None = None):
 
     if product is not None:
         split_product.split_product = into
-    split_product.BLOCK = block or saved[1]
+    split_product.CUDA_BLOCK = block or saved[1]
     try:
         return run()
     finally:
-        split_product.split_product, split_product.BLOCK = saved
+        split_product.split_product, split_product.CUDA_BLOCK = saved
 
 
 def tf32_product(a, b):
@@ -100,6 +100,8 @@ def main() -> None:
         whole = 1 << 30
         rows = (("float64 (quantkit before)", lambda: (s_ref, ref)),
                 ("float32, bf16-split products of the upper blocks (quantkit)", lambda: timed(target)),
+                *((f"float32, bf16-split products of the upper blocks, {b} wide",
+                   lambda b=b: with_product(None, lambda: timed(target), b)) for b in (2048, 8192)),
                 ("float32, full bf16-split products (stop 35)",
                  lambda: with_product(None, lambda: timed(target), whole)),
                 ("float32", lambda: with_product(torch.matmul, lambda: timed(target), whole)),

@@ -49,29 +49,34 @@ def split_product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = N
 
 
 BLOCK = 2048
-"""Side of the blocks ``upper_blocks_product`` skips or computes: wide enough that each block's
-products keep the tensor cores busy (three per block on a GPU)."""
+"""Side of the blocks ``upper_blocks_product`` skips or computes on the CPU."""
+CUDA_BLOCK = 4096
+"""The same on a GPU, where each block's products must also keep the tensor cores busy (three
+per block). One H200 (``benchmarks/feedback_target_speed.py``), GPTAQ's operator 14336 wide:
+0.18 s in blocks of 2048, 0.14 s in blocks of 4096 or 8192, 0.16 s as full products; 28672
+wide: 0.99, 0.84, 0.84 and 1.05 s."""
 
 
 def upper_blocks_product(a: torch.Tensor, b: torch.Tensor, a_upper: bool = False, b_lower: bool = False,
                          b_upper: bool = False) -> torch.Tensor:
     """The blocks of ``a @ b`` (``[n, n]``, float32 by ``split_product``, float64 exactly) on and
-    above its block diagonal, those below it zero (one block, ``n`` ≤ ``BLOCK``: the full
-    product), with the products against ``a``'s or ``b``'s zero blocks skipped: ``a`` upper
+    above its block diagonal, those below it zero (one block, ``n`` ≤ ``BLOCK`` or, on a GPU,
+    ``CUDA_BLOCK``: the full product), with the products against ``a``'s or ``b``'s zero blocks skipped: ``a`` upper
     triangular (``a_upper``), ``b`` lower or upper triangular. GPTAQ's two products need only
     those blocks of such factors: about a fifth of the full products' work at 14336 wide and
     above."""
     n = a.shape[0]
-    if n <= BLOCK:  # one block: the full product
+    side = CUDA_BLOCK if a.is_cuda else BLOCK
+    if n <= side:  # one block: the full product
         return split_product(a, b) if a.dtype == torch.float32 else a @ b
     out = torch.zeros(n, n, dtype=a.dtype, device=a.device)
-    for i in range(0, n, BLOCK):
-        for j in range(i, n, BLOCK):
+    for i in range(0, n, side):
+        for j in range(i, n, side):
             lo = max(i if a_upper else 0, j if b_lower else 0)
-            hi = min(j + BLOCK, n) if b_upper else n
-            block = out[i:i + BLOCK, j:j + BLOCK]
+            hi = min(j + side, n) if b_upper else n
+            block = out[i:i + side, j:j + side]
             if a.dtype == torch.float32:
-                split_product(a[i:i + BLOCK, lo:hi], b[lo:hi, j:j + BLOCK], out=block)
+                split_product(a[i:i + side, lo:hi], b[lo:hi, j:j + side], out=block)
             else:
-                block.copy_(a[i:i + BLOCK, lo:hi] @ b[lo:hi, j:j + BLOCK])
+                block.copy_(a[i:i + side, lo:hi] @ b[lo:hi, j:j + side])
     return out
