@@ -40,7 +40,8 @@ def hessians(n: int, tokens: int, device: str) -> tuple[torch.Tensor, torch.Tens
 
 def with_product(product, run, block: int | None = None):
     """``run()`` with feedback_operator's float32 products made by ``product`` (None: quantkit's
-    own), of blocks ``block`` wide (None: quantkit's; wider than the matrix: one full product)."""
+    own), of blocks ``block`` wide on the GPU (None: quantkit's; wider than the matrix: one full
+    product)."""
     saved = split_product.split_product, split_product.CUDA_BLOCK
 
     def into(a, b, out=None):

@@ -22,8 +22,8 @@ class HessianAccumulator:
     On CUDA, bf16/fp16 inputs are multiplied as they are with float32 accumulation and output
     (``out_dtype``): their products are exact in float32, so this loses nothing against
     upcasting first, and runs on the tensor cores instead of float32 CUDA cores (about 15x
-    faster on an H100, where this matmul is most of the calibration cost)
-    (``benchmarks/hessian_accumulate.py``).
+    faster on an H100, where this matmul is most of the calibration cost), and the running mean's
+    rescale and sum happen in the same call (``benchmarks/hessian_accumulate.py``).
     """
 
     def __init__(self, name: str = "", in_features: int | None = None) -> None:

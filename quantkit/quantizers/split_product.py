@@ -53,16 +53,16 @@ BLOCK = 2048
 CUDA_BLOCK = 4096
 """The same on a GPU, where each block's products must also keep the tensor cores busy (three
 per block). One H200 (``benchmarks/feedback_target_speed.py``), GPTAQ's operator 14336 wide:
-0.18 s in blocks of 2048, 0.14 s in blocks of 4096 or 8192, 0.16 s as full products; 28672
-wide: 0.99, 0.84, 0.84 and 1.05 s."""
+0.16–0.18 s in blocks of 2048, 0.14 s in blocks of 4096 or 8192, 0.16 s as full products;
+28672 wide: 0.95–0.99, 0.84, 0.84 and 1.05 s."""
 
 
 def upper_blocks_product(a: torch.Tensor, b: torch.Tensor, a_upper: bool = False, b_lower: bool = False,
                          b_upper: bool = False) -> torch.Tensor:
     """The blocks of ``a @ b`` (``[n, n]``, float32 by ``split_product``, float64 exactly) on and
     above its block diagonal, those below it zero (one block, ``n`` ≤ ``BLOCK`` or, on a GPU,
-    ``CUDA_BLOCK``: the full product), with the products against ``a``'s or ``b``'s zero blocks skipped: ``a`` upper
-    triangular (``a_upper``), ``b`` lower or upper triangular. GPTAQ's two products need only
+    ``CUDA_BLOCK``: the full product), with the products against ``a``'s or ``b``'s zero blocks
+    skipped: ``a`` upper triangular (``a_upper``), ``b`` lower or upper triangular. GPTAQ's two products need only
     those blocks of such factors: about a fifth of the full products' work at 14336 wide and
     above."""
     n = a.shape[0]
