@@ -10,13 +10,13 @@ against the float64 mean relative to its largest entry.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from hessian_factor import best_of_three  # noqa: E402  (this script's folder is on the path)
 from quantkit.quantizers.hessian import HessianAccumulator  # noqa: E402
 
 WIDTHS = (4096, 8192, 14336, 28672)
@@ -40,18 +40,6 @@ def fused(xs: list[torch.Tensor]) -> torch.Tensor:
     return acc.hessian()
 
 
-def timed(fn, xs: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
-    fn(xs[:2])
-    torch.cuda.synchronize()
-    best, out = float("inf"), None
-    for _ in range(3):
-        began = time.perf_counter()
-        out = fn(xs)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - began)
-    return best, out
-
-
 def main() -> None:
     print("| in | product, scale, add (before) s | fused addmm (quantkit) s | speed-up | error before | error now |")
     print("|---:|---:|---:|---:|---:|---:|")
@@ -62,8 +50,8 @@ def main() -> None:
         for x in xs:
             want.addmm_(x.T.double(), x.double())
         want.mul_(2.0 / (BATCHES * TOKENS))
-        t0, h0 = timed(unfused, xs)
-        t1, h1 = timed(fused, xs)
+        t0, h0 = best_of_three(unfused, xs, xs[:2])
+        t1, h1 = best_of_three(fused, xs, xs[:2])
         scale = want.abs().max()
         e0, e1 = ((h - want).abs().max() / scale for h in (h0.double(), h1.double()))
         print(f"| {n} | {t0:.3f} | {t1:.3f} | {t0 / t1:.2f}x | {e0:.1e} | {e1:.1e} |", flush=True)

@@ -10,12 +10,15 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quantkit.quantizers.gptq import upper_inverse_factor  # noqa: E402
+
+T, R = TypeVar("T"), TypeVar("R")
 
 SHAPES = {"Mixtral-8x7B down_proj x8": (8, 14336), "Llama-4 down_proj x16 (8192 wide)": (16, 8192),
           "x16 of 6144": (16, 6144), "x16 of 4096": (16, 4096), "DeepSeek-V3 down_proj x64": (64, 2048),
@@ -30,13 +33,15 @@ def _hessians(e: int, n: int) -> torch.Tensor:
     return h
 
 
-def _timed(fn, h: torch.Tensor) -> tuple[float, torch.Tensor]:
-    fn(h[:1].clone())  # first-call costs out
+def best_of_three(fn: Callable[[T], R], arg: T, warm: T) -> tuple[float, R]:
+    """The fastest of three timed calls ``fn(arg)`` on the GPU and the last's result, after one
+    call ``fn(warm)`` that takes the first-call costs out."""
+    fn(warm)
     torch.cuda.synchronize()
     best, out = float("inf"), None
     for _ in range(3):
         t = time.perf_counter()
-        out = fn(h)
+        out = fn(arg)
         torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return best, out
@@ -69,9 +74,9 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for name, (e, n) in SHAPES.items():
         h = _hessians(e, n)
-        a, ua = _timed(stacked, h)
-        b, ub = _timed(one_by_one, h)
-        c, uc = _timed(on_streams, h)
+        a, ua = best_of_three(stacked, h, h[:1].clone())
+        b, ub = best_of_three(one_by_one, h, h[:1].clone())
+        c, uc = best_of_three(on_streams, h, h[:1].clone())
         scale = ua.abs().max()
         diff = max(float((ub - ua).abs().max() / scale), float((uc - ua).abs().max() / scale))
         print(f"| {name} | {a:.3f} | {b:.3f} | {c:.3f} | {diff:.1e} |")
