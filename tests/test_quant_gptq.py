@@ -269,7 +269,7 @@ def test_a_shrinks_error_is_the_rounded_clamped_weights(preset):
     is ``w − quantize_rtn(clamped w).dequantize()`` to the bit, for every grid and layout it
     serves (a global scale taken from the whole clamped weight)."""
     from quantkit.presets import PRESETS
-    from quantkit.quantizers.clip import _clip, _rtn_error
+    from quantkit.quantizers.clip import _clamp_groups, _rtn_error
     from quantkit.quantizers.rtn import weight_global_scale
 
     scheme = PRESETS[preset]
@@ -281,7 +281,7 @@ def test_a_shrinks_error_is_the_rounded_clamped_weights(preset):
     hi0, lo0 = (wg.abs().amax(-1), -wg.abs().amax(-1)) if scheme.weights.symmetric else \
         (wg.amax(-1).clamp_min(0), wg.amin(-1).clamp_max(0))
     for r in (1.0, 0.85, 0.55):
-        want = w - quantize_rtn(_clip(w, lo0 * r, hi0 * r, size), scheme).dequantize()
+        want = w - quantize_rtn(_clamp_groups(wg, lo0 * r, hi0 * r).reshape(w.shape), scheme).dequantize()
         gs = weight_global_scale([torch.maximum(hi0 * r, -(lo0 * r))], scheme.weights)
         got = _rtn_error(wg, lo0 * r, hi0 * r, scheme, gs).reshape(w.shape)
         assert torch.equal(got, want), r

@@ -19,10 +19,9 @@ _CHUNK_ELEMS = 1 << 25
 MAX_SHRINK = 0.5
 
 
-def _clip(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, g: int) -> torch.Tensor:
-    out_f, in_f = w.shape
-    wg = w.reshape(out_f, in_f // g, g)
-    return torch.maximum(torch.minimum(wg, hi.unsqueeze(-1)), lo.unsqueeze(-1)).reshape(out_f, in_f)
+def _clamp_groups(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``wg`` ``[rows, ng, g]`` with each (row, group) clamped to its ``[lo, hi]`` ``[rows, ng]``."""
+    return torch.maximum(torch.minimum(wg, hi.unsqueeze(-1)), lo.unsqueeze(-1))
 
 
 def group_grams(hessian: torch.Tensor, g: int) -> torch.Tensor:
@@ -39,7 +38,7 @@ def _rtn_error(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Sche
     point taken from the range (the clamped group's own min and max) and broadcast over the
     group instead of expanded to the weight's shape."""
     ws = scheme.weights
-    wc = torch.maximum(torch.minimum(w, hi.unsqueeze(-1)), lo.unsqueeze(-1))
+    wc = _clamp_groups(w, lo, hi)
     if ws.symmetric:
         scale, zero = symmetric_scale(hi, weight_divisor(ws.grid), ws.scale_format, gs), None
     else:
@@ -92,4 +91,4 @@ def clip_to_gram(
         better = loss < best_loss
         best_loss = torch.where(better, loss, best_loss)
         best_r = torch.where(better, torch.full_like(best_r, r), best_r)
-    return _clip(w, lo0 * best_r, hi0 * best_r, g)
+    return _clamp_groups(wg, lo0 * best_r, hi0 * best_r).reshape(out_f, in_f)
