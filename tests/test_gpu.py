@@ -164,20 +164,3 @@ def test_cuda_hessian_accumulation_matches_float64(dtype):
         assert got.hessian().dtype == torch.float32 and got.tokens == len(x64)
         assert torch.allclose(got.hessian().cpu().double(), want, rtol=1e-5, atol=1e-5 * want.abs().max())
 
-
-def test_upper_blocks_product_on_cuda_takes_the_cuda_block(monkeypatch):
-    """On a GPU the products are split in ``CUDA_BLOCK``s: the full product's blocks on and
-    above the diagonal of those blocks, zero below, blocks straddling the edge."""
-    from quantkit.quantizers import split_product
-
-    monkeypatch.setattr(split_product, "CUDA_BLOCK", 64)
-    g = torch.Generator().manual_seed(9)
-    n = 150
-    a = torch.randn(n, n, generator=g, dtype=torch.float64)
-    b = torch.randn(n, n, generator=g, dtype=torch.float64).triu().T
-    block = torch.arange(n) // 64
-    above = block.unsqueeze(1) <= block.unsqueeze(0)
-    got = split_product.upper_blocks_product(a.float().cuda(), b.float().cuda(), b_lower=True).cpu().double()
-    want = torch.where(above, a @ b, torch.zeros(()))
-    assert ((got - want).norm() / want.norm()).item() < 3e-5
-    assert torch.equal(got[~above], torch.zeros_like(got[~above]))

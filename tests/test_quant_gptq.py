@@ -660,14 +660,17 @@ def test_split_product_against_float64():
     assert error(a.bfloat16().float() @ b.bfloat16().float()) > 1e-3
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_upper_blocks_product_is_the_products_upper_blocks(dtype, monkeypatch):
+@pytest.mark.parametrize("dtype, device", [(torch.float32, "cpu"), (torch.float64, "cpu"),
+                                           pytest.param(torch.float32, "cuda", marks=pytest.mark.gpu)])
+def test_upper_blocks_product_is_the_products_upper_blocks(dtype, device, monkeypatch):
     """GPTAQ's products of triangular factors, blocks on and above the diagonal only, each
     against the factors' nonzero blocks: the full product's blocks (float32 within the
-    split's 3e-5, float64 to rounding), zero below; blocks straddling the matrix's edge."""
+    split's 3e-5, float64 to rounding), zero below; blocks straddling the matrix's edge. On a
+    GPU the blocks are ``CUDA_BLOCK`` wide, on the CPU ``BLOCK``: only the device's own is
+    narrowed, so the other would leave the whole product and fail."""
     from quantkit.quantizers import split_product
 
-    monkeypatch.setattr(split_product, "BLOCK", 64)
+    monkeypatch.setattr(split_product, "CUDA_BLOCK" if device == "cuda" else "BLOCK", 64)
     g = torch.Generator().manual_seed(9)
     n = 150
     dense = torch.randn(n, n, generator=g, dtype=torch.float64)
@@ -676,7 +679,7 @@ def test_upper_blocks_product_is_the_products_upper_blocks(dtype, monkeypatch):
     block = torch.arange(n) // 64
     above = block.unsqueeze(1) <= block.unsqueeze(0)
     for a, b, kw in ((dense, upper.T, dict(b_lower=True)), (strict, upper, dict(a_upper=True, b_upper=True))):
-        got = split_product.upper_blocks_product(a.to(dtype), b.to(dtype), **kw).double()
+        got = split_product.upper_blocks_product(a.to(device, dtype), b.to(device, dtype), **kw).cpu().double()
         want = torch.where(above, a @ b, torch.zeros(()))
         assert ((got - want).norm() / want.norm()).item() < (3e-5 if dtype == torch.float32 else 1e-14)
         assert torch.equal(got[~above], torch.zeros_like(got[~above]))
