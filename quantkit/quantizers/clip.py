@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..grids import effective_scale, round_to_grid, symmetric_scale, weight_divisor
+from ..grids import effective_scale, round_to_grid
 from ..scheme import Scheme
 from .rtn import range_qparams, weight_global_scale
 
@@ -39,10 +39,7 @@ def _rtn_error(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: Sche
     group instead of expanded to the weight's shape."""
     ws = scheme.weights
     wc = _clamp_groups(w, lo, hi)
-    if ws.symmetric:
-        scale, zero = symmetric_scale(hi, weight_divisor(ws.grid), ws.scale_format, gs), None
-    else:
-        scale, zero = range_qparams(lo, hi, ws)
+    scale, zero = range_qparams(lo, hi, ws, gs)
     step = effective_scale(scale, gs).unsqueeze(-1)
     x = wc.div_(step)
     if zero is not None:

@@ -33,16 +33,21 @@ def weight_qparams(w: torch.Tensor, ws: WeightScheme, global_scale: torch.Tensor
     compressed-tensors, so zero sits at code 0. The asymmetric (int only) range always
     contains 0 so that exact zeros stay exact.
     """
-    layout, grid = ws.layout, ws.grid
+    layout = ws.layout
     if ws.symmetric:
-        return symmetric_scale(layout.amax(w), weight_divisor(grid), ws.scale_format, global_scale), None
+        amax = layout.amax(w)
+        return range_qparams(-amax, amax, ws, global_scale)
     return range_qparams(layout.reduce(w, torch.amin).clamp_max(0), layout.reduce(w, torch.amax).clamp_min(0), ws)
 
 
-def range_qparams(lo: torch.Tensor, hi: torch.Tensor, ws: WeightScheme) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric int scale and zero point of entries whose range is ``[lo, hi]`` (``lo`` ≤ 0
-    ≤ ``hi``, float32): what ``weight_qparams`` gives a weight of that range."""
+def range_qparams(lo: torch.Tensor, hi: torch.Tensor, ws: WeightScheme, global_scale: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point (None when symmetric) of entries whose range is ``[lo, hi]`` (``lo``
+    ≤ 0 ≤ ``hi``, float32; symmetric schemes read only ``hi``, the largest magnitude): what
+    ``weight_qparams`` gives a weight of that range, in any shape of groups."""
     grid = ws.grid
+    if ws.symmetric:
+        return symmetric_scale(hi, weight_divisor(grid), ws.scale_format, global_scale), None
     scale = ((hi - lo) / (grid.qmax - grid.qmin)).clamp_min(_TINY)
     zero = (grid.qmin - torch.round(lo / scale)).clamp(grid.qmin, grid.qmax)
     return scale, zero.to(torch.int8)
