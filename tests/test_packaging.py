@@ -147,7 +147,7 @@ def _in_env(env: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def test_wheel_outside_the_checkout_validates_and_runs_a_shipped_recipe(wheel_env, tmp_path):
     from tests.tiny_models import make_tiny_model
 
-    model = make_tiny_model(tmp_path / "model", layers=1, hidden=128, intermediate=256)  # the recipe's 64 x 256 tokens
+    model = make_tiny_model(tmp_path / "model", layers=1, hidden=128, intermediate=256)  # the recipe's 128 x 256 tokens
     where = _in_env(wheel_env, tmp_path, "-c", "import quantkit; print(quantkit.__file__)")
     assert where.returncode == 0, where.stderr
     # The wheel's quantkit, not the checkout's.
