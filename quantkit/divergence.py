@@ -77,21 +77,27 @@ class StreamComparison:
                 "top1_agreement": self.agree / self.count, "positions": self.count}
 
 
-def compare_streams(streams: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                    head: Callable[[torch.Tensor], torch.Tensor], vocab_size: int,
+def compare_streams(streams: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
+                    head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], vocab_size: int,
                     chunk_bytes: int = CHUNK_BYTES) -> StreamComparison:
-    """Run ``head`` (hidden states -> logits) over both streams in chunks of positions.
+    """Run ``head`` (hidden states and their token ids -> logits) over both streams in chunks.
 
-    ``streams`` yields ``(h_base, h_quant, targets)``: hidden states ``[..., d]`` at the
-    positions that predict ``targets`` ``[...]``. A chunk holds at most ``chunk_bytes`` of
-    float32 logits for the two streams together.
+    ``streams`` yields ``(h_base, h_quant, ids, targets)``: hidden states ``[n, len, d]`` at
+    the positions that predict ``targets`` ``[n, len]``, and ``ids`` ``[n, len]``, those
+    positions' own tokens, which the model's forward (the head) takes beside them. The head
+    works position by position, so a chunk is any block of sequences × positions; one holds
+    at most ``chunk_bytes`` of float32 logits for the two streams together.
     """
-    rows = max(1, chunk_bytes // (2 * 4 * vocab_size))
+    budget = max(1, chunk_bytes // (2 * 4 * vocab_size))
     result = StreamComparison()
     with torch.no_grad():
-        for h_base, h_quant, targets in streams:
-            h_base, h_quant = h_base.reshape(-1, h_base.shape[-1]), h_quant.reshape(-1, h_quant.shape[-1])
-            targets = targets.reshape(-1)
-            for i in range(0, len(targets), rows):
-                result.add(head(h_base[i:i + rows]), head(h_quant[i:i + rows]), targets[i:i + rows])
+        for h_base, h_quant, ids, targets in streams:
+            n, length = targets.shape
+            cols = min(length, budget)
+            seqs = max(1, budget // cols)
+            for a in range(0, n, seqs):
+                for c in range(0, length, cols):
+                    block = (slice(a, a + seqs), slice(c, c + cols))
+                    result.add(head(h_base[block], ids[block]).flatten(0, 1),
+                               head(h_quant[block], ids[block]).flatten(0, 1), targets[block].reshape(-1))
     return result

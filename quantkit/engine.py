@@ -584,11 +584,12 @@ class LayerwiseEngine:
                 result.layer_seconds.append(time.perf_counter() - began)
 
         if eval_batches:
-            # The model's own head (final norm, lm_head, softcap) gives each batch's logits.
+            # The model's own head (final norm, lm_head, softcap) gives the logits, a chunk of
+            # positions at a time: a batch's whole logits are GBs at a 128k-262k vocabulary.
             streams = tqdm(zip(base_in, quant_in, eval_batches), total=len(eval_batches), desc="comparing logits",
                            unit="batch", disable=self.quiet)
-            compared = compare_streams(((sk.logits(b.hidden, t)[:, :-1], sk.logits(q.hidden, t)[:, :-1], t[:, 1:])
-                                        for b, q, t in streams), lambda logits: logits, sk.text_config.vocab_size)
+            compared = compare_streams(((b.hidden[:, :-1], q.hidden[:, :-1], t[:, :-1], t[:, 1:])
+                                        for b, q, t in streams), sk.logits, sk.text_config.vocab_size)
             sk.release()
             result.perplexity_base, result.perplexity_quantized = compared.perplexity_base, compared.perplexity_quantized
             result.divergence = compared.divergence()

@@ -54,28 +54,33 @@ def test_top1_agreement_and_quantile_match_references():
             assert quantile(v, q) == pytest.approx(float(np.quantile(v.double().numpy(), q)), abs=1e-12)
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 8 * 40 * 7, 1 << 30])
+@pytest.mark.parametrize("chunk_bytes", [1, 8 * 40 * 7, 8 * 40 * 20, 1 << 30])
 def test_compare_streams_chunks_never_hold_all_logits(chunk_bytes):
-    """Any chunk size gives the float64 whole-tensor numbers; no head call sees more rows than the budget."""
+    """Any chunk size gives the float64 whole-tensor numbers; no head call sees more positions
+    than the budget, and each sees the token ids of its own positions."""
     g = torch.Generator().manual_seed(4)
     vocab, d = 40, 16
     head_w = torch.randn(vocab, d, generator=g)
+    token_bias = torch.randn(vocab, vocab, generator=g)  # the head reads the ids: a misplaced one shows
     batches = [(torch.randn(2, 9, d, generator=g), torch.randn(2, 9, d, generator=g),
-                torch.randint(0, vocab, (2, 9), generator=g)) for _ in range(3)]
+                torch.randint(0, vocab, (2, 9), generator=g), torch.randint(0, vocab, (2, 9), generator=g))
+               for _ in range(3)]
     seen: list[int] = []
 
-    def head(h: torch.Tensor) -> torch.Tensor:
-        seen.append(h.shape[0])
-        return h @ head_w.T
+    def head(h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        assert ids.shape == h.shape[:2]
+        seen.append(ids.numel())
+        return h @ head_w.T + token_bias[ids]
 
     got = compare_streams(iter(batches), head, vocab, chunk_bytes=chunk_bytes)
     budget = max(1, chunk_bytes // (2 * 4 * vocab))
     assert max(seen) <= budget and sum(seen) == 2 * 3 * 2 * 9
 
-    hb = torch.cat([b.reshape(-1, d) for b, _, _ in batches]).double()
-    hq = torch.cat([q.reshape(-1, d) for _, q, _ in batches]).double()
-    t = torch.cat([x.reshape(-1) for _, _, x in batches])
-    lb, lq = hb @ head_w.double().T, hq @ head_w.double().T
+    hb = torch.cat([b.reshape(-1, d) for b, _, _, _ in batches]).double()
+    hq = torch.cat([q.reshape(-1, d) for _, q, _, _ in batches]).double()
+    bias = token_bias.double()[torch.cat([i.reshape(-1) for _, _, i, _ in batches])]
+    t = torch.cat([x.reshape(-1) for _, _, _, x in batches])
+    lb, lq = hb @ head_w.double().T + bias, hq @ head_w.double().T + bias
     kl = _kl64(lb, lq)
     nll_b = -torch.log_softmax(lb, -1).gather(1, t[:, None]).mean()
     nll_q = -torch.log_softmax(lq, -1).gather(1, t[:, None]).mean()
@@ -88,13 +93,25 @@ def test_compare_streams_chunks_never_hold_all_logits(chunk_bytes):
     assert got.perplexity_quantized == pytest.approx(math.exp(float(nll_q)), rel=1e-5)
 
 
-def test_engine_divergence_matches_transformers_on_the_checkpoint(tiny_llama, text_file, tmp_path):
+@pytest.mark.parametrize("chunk_positions", [None, 7])
+def test_engine_divergence_matches_transformers_on_the_checkpoint(tiny_llama, text_file, tmp_path, monkeypatch,
+                                                                  chunk_positions):
     """The streaming pass's KL, top-1 agreement and perplexities equal those computed from the
-    full logits of the base model and of the written checkpoint, both loaded by transformers."""
+    full logits of the base model and of the written checkpoint, both loaded by transformers;
+    also where the model's own head runs on chunks of 7 positions, none of them larger."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from quantkit import engine
     from quantkit.calibration import TextRequest, load_tokens
 
+    seen: list[int] = []
+    if chunk_positions:
+        def small_chunks(streams, head, vocab_size):
+            def counted(h, ids):
+                seen.append(ids.numel())
+                return head(h, ids)
+            return compare_streams(streams, counted, vocab_size, chunk_bytes=chunk_positions * 2 * 4 * vocab_size)
+        monkeypatch.setattr(engine, "compare_streams", small_chunks)
     out = tmp_path / "out"
     recipe = {"model": {"id": str(tiny_llama)},
               "quantization": {"method": "rtn", "bits": 4, "group_size": 64},
@@ -122,6 +139,8 @@ def test_engine_divergence_matches_transformers_on_the_checkpoint(tiny_llama, te
     target = tokens[:, 1:].reshape(-1)
     ppl_q = math.exp(float(-torch.log_softmax(quant, -1).gather(1, target[:, None]).mean()))
     assert ev["perplexity_quantized"] == pytest.approx(ppl_q, rel=1e-4)
+    if chunk_positions:
+        assert max(seen) == chunk_positions and sum(seen) == 2 * 4 * 47
 
     card = (out / "README.md").read_text()
     assert f"KL divergence mean {ev['kl_mean']:.4f} nats, p99 {ev['kl_p99']:.4f}" in card
