@@ -163,4 +163,3 @@ def test_cuda_hessian_accumulation_matches_float64(dtype):
     for got, want in ((h, 2 * x64.T @ x64 / len(x64)), (c, 2 * x64.T @ y64 / len(x64))):
         assert got.hessian().dtype == torch.float32 and got.tokens == len(x64)
         assert torch.allclose(got.hessian().cpu().double(), want, rtol=1e-5, atol=1e-5 * want.abs().max())
-
