@@ -92,12 +92,14 @@ def _eval(args: argparse.Namespace) -> int:
     if args.tasks:
         return _eval_tasks(args)
     from .evaluate import evaluate_checkpoint
+    from .preflight import resolve_device
 
     result = evaluate_checkpoint(args.checkpoint, source=args.source, num_samples=args.num_samples,
-                                 max_seq_length=args.max_seq_length)
+                                 max_seq_length=args.max_seq_length,
+                                 device=resolve_device(args.device, field="--device"))
     print(json.dumps(result, indent=2) if args.json else
           f"{args.checkpoint}: perplexity {result['perplexity']:.3f} on {result['num_windows']} windows "
-          f"x {result['seq_len']} tokens of {result['source']}")
+          f"x {result['seq_len']} tokens of {result['source']} ({result['device']}, {result['dtype']})")
     return 0
 
 
@@ -210,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "shipped) or hellaswag,arc_easy")
     ev.add_argument("--base", help="base model to compare against (default: the model in report.json)")
     ev.add_argument("--backend", default="auto", help="auto (vLLM if installed, else hf) | hf | vllm")
-    ev.add_argument("--device", default="auto", help="auto | cpu | cuda (hf backend)")
+    ev.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (perplexity, and the hf backend)")
     ev.add_argument("--batch-size", type=positive_int, default=8, help="lm-eval batch size (hf backend)")
     ev.add_argument("--limit", type=positive_int, help="first N documents of each task (quick checks only)")
     ev.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")

@@ -20,10 +20,15 @@ from .shard_check import read_entries
 
 
 def evaluate_checkpoint(checkpoint: str | Path, source: str = "shakespeare-eval", num_samples: int = 16,
-                        max_seq_length: int = 512, batch_size: int = 4) -> dict[str, Any]:
+                        max_seq_length: int = 512, batch_size: int = 4,
+                        device: torch.device | None = None) -> dict[str, Any]:
+    """``device`` None: a GPU where there is one. A GPU computes in the checkpoint's own dtype
+    (what vLLM serves it in), a CPU in float32 (bf16 matmuls are far slower there); the result
+    names both, since the two perplexities differ in the last digits."""
     from transformers import AutoConfig
 
     from .graph.skeleton import model_class
+    from .preflight import compute_dtype, resolve_dtype, resolve_device
 
     path = resolve_model_dir(str(checkpoint))
     config = read_config(path / "config.json", quantized_ok=True)
@@ -38,8 +43,12 @@ def evaluate_checkpoint(checkpoint: str | Path, source: str = "shakespeare-eval"
     tokenizer = load_tokenizer(path)
     # The class config.json names: a multimodal checkpoint (Qwen2.5-VL) has no causal-LM auto class.
     cls = model_class(AutoConfig.from_pretrained(path, trust_remote_code=False), str(checkpoint))
-    model = cls.from_pretrained(path, dtype=torch.float32, trust_remote_code=False).eval()
+    device = device or resolve_device("auto")
+    dtype = compute_dtype(device, resolve_dtype("auto", config))
+    placement = {"device_map": {"": device}} if device.type == "cuda" else {}
+    model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False, **placement).eval()
     tokens = load_tokens(TextRequest(source, num_samples, max_seq_length, True, 0, False), tokenizer, path)
-    ppl = perplexity((model(batch).logits[:, :-1], batch) for batch in make_batches(tokens, batch_size))
+    ppl = perplexity((model(batch.to(device)).logits[:, :-1], batch) for batch in make_batches(tokens, batch_size))
     return {"checkpoint": str(checkpoint), "perplexity": ppl, "source": source,
-            "num_windows": len(tokens), "seq_len": max_seq_length}
+            "num_windows": len(tokens), "seq_len": max_seq_length, "device": str(device),
+            "dtype": str(dtype).removeprefix("torch.")}

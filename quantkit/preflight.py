@@ -214,23 +214,25 @@ def text_sources(recipe: RecipeBase) -> dict[str, str]:
     return {"calibration.source": recipe.calibration.source, "evaluate.source": recipe.evaluate.source}
 
 
-def resolve_device(name: str) -> torch.device:
-    """The recipe's ``device`` as a torch device, or a `RecipeError` saying what exists here."""
+def resolve_device(name: str, field: str = "device") -> torch.device:
+    """The recipe's ``device`` (or a command's ``field``, e.g. ``--device``) as a torch device,
+    or a `RecipeError` naming ``field`` and saying what exists here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    hint = "use device: auto, cpu, cuda or cuda:N"
+    setting = field if field.startswith("--") else f"{field}:"  # a flag, or a recipe key as YAML writes it
+    hint = f"use {setting} auto, cpu, cuda or cuda:N"
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise RecipeError(f"device: '{name}' is not a device", field="device", value=name, hint=hint) from None
+        raise RecipeError(f"{field}: '{name}' is not a device", field=field, value=name, hint=hint) from None
     if device.type not in ("cpu", "cuda"):
-        raise RecipeError(f"device: '{name}' is not supported", field="device", value=name, hint=hint)
+        raise RecipeError(f"{field}: '{name}' is not supported", field=field, value=name, hint=hint)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"device: '{name}' asked for but CUDA is not available", field="device", value=name,
-                          hint="use device: cpu")
+        raise RecipeError(f"{field}: '{name}' asked for but CUDA is not available", field=field, value=name,
+                          hint=f"use {setting} cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise RecipeError(f"device: '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)",
-                          field="device", value=name, hint=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        raise RecipeError(f"{field}: '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)",
+                          field=field, value=name, hint=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
-from quantkit.cli import build_parser
+from quantkit.cli import build_parser, main
 from quantkit.quantizers import QUANTIZERS
 from quantkit.recipe import CalibrationSpec, EvaluateSpec, ExportSpec, ModelSpec, PushSpec
 
@@ -61,3 +63,20 @@ def test_progress_bar_with_eta_and_quiet(tmp_path, tiny_llama, text_file):
     assert quiet.returncode == 0
     assert "quantizing layers" not in quiet.stderr and quiet.stderr.strip() == ""
     assert "perplexity: base" in quiet.stdout
+
+
+def test_eval_gives_the_perplexity_the_run_measured(tmp_path, tiny_llama, text_file, capsys):
+    """``quantkit eval`` (the model through transformers) and the run's own evaluation (the
+    layerwise engine) score the base model on the same windows alike, on the device asked for."""
+    recipe = {"model": {"id": str(tiny_llama)}, "quantization": {"method": "rtn", "group_size": 64},
+              "evaluate": {"source": str(text_file), "num_samples": 2, "max_seq_length": 32},
+              "export": {"output_dir": str(tmp_path / "out")}, "device": "cpu"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["--quiet", "run", str(tmp_path / "r.yaml")]) == 0
+    measured = json.loads((tmp_path / "out" / "report.json").read_text())["evaluation"]["perplexity_base"]
+    capsys.readouterr()
+    assert main(["--quiet", "eval", str(tiny_llama), "--source", str(text_file), "--num-samples", "2",
+                 "--max-seq-length", "32", "--device", "cpu", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["device"], got["dtype"], got["num_windows"]) == ("cpu", "float32", 2)
+    assert got["perplexity"] == pytest.approx(measured, rel=1e-5)

@@ -187,6 +187,24 @@ def test_trust_remote_code_true_is_refused(tmp_path, model_dir, capsys):
     assert main(["validate", str(path)]) == 0
 
 
+@pytest.mark.parametrize("device, expected", [
+    ("cuda", "'cuda' asked for but CUDA is not available; use --device cpu"),
+    ("tpu", "'tpu' is not a device; use --device auto, cpu, cuda or cuda:N"),
+    ("mps", "'mps' is not supported; use --device auto, cpu, cuda or cuda:N"),
+])
+def test_eval_device_that_is_not_here(model_dir, monkeypatch, device, expected, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli_error(capsys, "eval", model_dir, "--device", device) == f"error: --device: {expected}"
+
+
+def test_recipe_device_without_cuda(tmp_path, model_dir, monkeypatch, capsys):
+    """The same check as ``eval --device``, spelling the setting as the recipe writes it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = recipe_file(tmp_path, model_dir, device="cuda:1")
+    assert cli_error(capsys, "validate", path) == (
+        "error: device: 'cuda:1' asked for but CUDA is not available; use device: cpu")
+
+
 def test_remote_code_in_model_folder_never_runs(tmp_path, model_dir, capsys):
     """A folder whose config and tokenizer point at their own code (auto_map) still runs the
     built-in classes: the code, which would leave a marker file, is never imported."""

@@ -163,3 +163,15 @@ def test_cuda_hessian_accumulation_matches_float64(dtype):
     for got, want in ((h, 2 * x64.T @ x64 / len(x64)), (c, 2 * x64.T @ y64 / len(x64))):
         assert got.hessian().dtype == torch.float32 and got.tokens == len(x64)
         assert torch.allclose(got.hessian().cpu().double(), want, rtol=1e-5, atol=1e-5 * want.abs().max())
+
+
+def test_eval_on_cuda_gives_the_cpu_perplexity(tiny_llama, text_file):
+    """``quantkit eval --device cuda`` puts the model on the GPU in the checkpoint's dtype
+    (float32 here, so the CPU's perplexity up to summation order)."""
+    from quantkit.evaluate import evaluate_checkpoint
+
+    windows = {"source": str(text_file), "num_samples": 2, "max_seq_length": 32}
+    cpu = evaluate_checkpoint(tiny_llama, device=torch.device("cpu"), **windows)
+    gpu = evaluate_checkpoint(tiny_llama, device=torch.device("cuda"), **windows)
+    assert (gpu["device"], gpu["dtype"]) == ("cuda", "float32")
+    assert gpu["perplexity"] == pytest.approx(cpu["perplexity"], rel=1e-4)
