@@ -106,6 +106,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_tasks(args: argparse.Namespace) -> int:
     from .accuracy import compare_on_tasks
     from .output_report import add_section, read_report
+    from .preflight import resolve_device
 
     folder = Path(args.checkpoint)
     report = read_report(folder)
@@ -114,7 +115,8 @@ def _eval_tasks(args: argparse.Namespace) -> int:
         raise QuantkitError(f"{folder} has no report.json naming its base model", field="--base",
                             hint="pass --base MODEL (folder, hub id or builtin:smollm2-135m)")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    result = compare_on_tasks(base, folder, tasks, backend=args.backend, device=args.device,
+    device = str(resolve_device(args.device, field="--device"))
+    result = compare_on_tasks(base, folder, tasks, backend=args.backend, device=device,
                               batch_size=args.batch_size, limit=args.limit, num_fewshot=args.num_fewshot,
                               include_paths=[Path(p) for p in args.include_path], quiet=args.quiet).report
     if report is not None:

@@ -195,6 +195,8 @@ def test_trust_remote_code_true_is_refused(tmp_path, model_dir, capsys):
 def test_eval_device_that_is_not_here(model_dir, monkeypatch, device, expected, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli_error(capsys, "eval", model_dir, "--device", device) == f"error: --device: {expected}"
+    assert cli_error(capsys, "eval", model_dir, "--tasks", "quantkit_mc", "--base", model_dir,
+                     "--device", device) == f"error: --device: {expected}"
 
 
 def test_recipe_device_without_cuda(tmp_path, model_dir, monkeypatch, capsys):
