@@ -7,6 +7,8 @@ perplexity during ``run`` instead (base and quantized in one streaming pass).
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +45,38 @@ def evaluate_checkpoint(checkpoint: str | Path, source: str = "shakespeare-eval"
     tokenizer = load_tokenizer(path)
     # The class config.json names: a multimodal checkpoint (Qwen2.5-VL) has no causal-LM auto class.
     cls = model_class(AutoConfig.from_pretrained(path, trust_remote_code=False), str(checkpoint))
-    device = device or resolve_device("auto")
+    device = resolve_device("auto") if device is None else device
     dtype = compute_dtype(device, resolve_dtype("auto", config))
     placement = {"device_map": {"": device}} if device.type == "cuda" else {}
-    model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False, **placement).eval()
+    with warnings.catch_warnings():  # the option is there to override the checkpoint's own; transformers says so
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+        model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False, **placement,
+                                    **decompressed_on_load(config)).eval()
     tokens = load_tokens(TextRequest(source, num_samples, max_seq_length, True, 0, False), tokenizer, path)
     ppl = perplexity((model(batch.to(device)).logits[:, :-1], batch) for batch in make_batches(tokens, batch_size))
     return {"checkpoint": str(checkpoint), "perplexity": ppl, "source": source,
             "num_windows": len(tokens), "seq_len": max_seq_length, "device": str(device),
             "dtype": str(dtype).removeprefix("torch.")}
+
+
+def decompressed_on_load(config: dict[str, Any]) -> dict[str, Any]:
+    """transformers' loading option for a compressed-tensors checkpoint that quantizes weights
+    only: its Linears decompressed as they load.
+
+    They then compute the same products as the compressed modules would, and this is the one
+    way transformers 5 with compressed-tensors 0.20 reads asymmetric ``pack-quantized`` weights:
+    its compressed modules are laid out on the meta device with the zero points unpacked
+    (``[out, groups]``), the checkpoint holds them packed as vLLM reads them (``[out / 8,
+    groups]`` at 4 bits), and the load stops on the size mismatch. A scheme that quantizes
+    activations keeps the compressed modules, which quantize them at run time.
+    """
+    qc = config.get("quantization_config") or {}
+    groups = (qc.get("config_groups") or {}).values()
+    if qc.get("quant_method") != "compressed-tensors" or any(g.get("input_activations") for g in groups):
+        return {}
+    from transformers import CompressedTensorsConfig
+
+    # Later transformers 5 releases name it `dequantize=True` and warn on `run_compressed=False`.
+    named = "dequantize" in inspect.signature(CompressedTensorsConfig).parameters
+    return {"quantization_config": CompressedTensorsConfig(**({"dequantize": True} if named else
+                                                              {"run_compressed": False}))}

@@ -65,18 +65,23 @@ def test_progress_bar_with_eta_and_quiet(tmp_path, tiny_llama, text_file):
     assert "perplexity: base" in quiet.stdout
 
 
-def test_eval_gives_the_perplexity_the_run_measured(tmp_path, tiny_llama, text_file, capsys):
-    """``quantkit eval`` (the model through transformers) and the run's own evaluation (the
-    layerwise engine) score the base model on the same windows alike, on the device asked for."""
-    recipe = {"model": {"id": str(tiny_llama)}, "quantization": {"method": "rtn", "group_size": 64},
-              "evaluate": {"source": str(text_file), "num_samples": 2, "max_seq_length": 32},
+def test_eval_gives_the_perplexities_the_run_measured(tmp_path, tiny_llama, text_file, capsys):
+    """``quantkit eval`` (a model through transformers) and the run's own evaluation (the
+    layerwise engine) score the base model and the checkpoint alike on the same windows, on the
+    device asked for. The checkpoint is asymmetric 4-bit ``pack-quantized``, whose packed zero
+    points transformers' compressed modules cannot load."""
+    windows = {"source": str(text_file), "num_samples": 2, "max_seq_length": 32}
+    recipe = {"model": {"id": str(tiny_llama)},
+              "quantization": {"method": "gptq", "group_size": 64, "symmetric": False},
+              "calibration": {**windows, "num_samples": 4}, "evaluate": windows,
               "export": {"output_dir": str(tmp_path / "out")}, "device": "cpu"}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["--quiet", "run", str(tmp_path / "r.yaml")]) == 0
-    measured = json.loads((tmp_path / "out" / "report.json").read_text())["evaluation"]["perplexity_base"]
-    capsys.readouterr()
-    assert main(["--quiet", "eval", str(tiny_llama), "--source", str(text_file), "--num-samples", "2",
-                 "--max-seq-length", "32", "--device", "cpu", "--json"]) == 0
-    got = json.loads(capsys.readouterr().out)
-    assert (got["device"], got["dtype"], got["num_windows"]) == ("cpu", "float32", 2)
-    assert got["perplexity"] == pytest.approx(measured, rel=1e-5)
+    measured = json.loads((tmp_path / "out" / "report.json").read_text())["evaluation"]
+    for folder, key, rel in ((tiny_llama, "perplexity_base", 1e-5), (tmp_path / "out", "perplexity_quantized", 1e-4)):
+        capsys.readouterr()
+        assert main(["--quiet", "eval", str(folder), "--source", str(text_file), "--num-samples", "2",
+                     "--max-seq-length", "32", "--device", "cpu", "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert (got["device"], got["dtype"], got["num_windows"]) == ("cpu", "float32", 2)
+        assert got["perplexity"] == pytest.approx(measured[key], rel=rel), key
