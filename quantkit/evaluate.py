@@ -16,7 +16,7 @@ import torch
 
 from .calibration import TextRequest, load_tokens
 from .engine import make_batches, perplexity
-from .errors import ModelError
+from .errors import MissingDependencyError, ModelError
 from .model import load_tokenizer, read_config, resolve_model_dir
 from .shard_check import read_entries
 
@@ -50,8 +50,15 @@ def evaluate_checkpoint(checkpoint: str | Path, source: str = "shakespeare-eval"
     placement = {"device_map": {"": device}} if device.type == "cuda" else {}
     with warnings.catch_warnings():  # the option is there to override the checkpoint's own; transformers says so
         warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
-        model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False, **placement,
-                                    **decompressed_on_load(config)).eval()
+        try:
+            model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=False, **placement,
+                                        **decompressed_on_load(config)).eval()
+        except ImportError as e:  # the gptq and awq formats load through packages quantkit does not need
+            method = (config.get("quantization_config") or {}).get("quant_method")
+            raise MissingDependencyError(f"{checkpoint}: transformers cannot load its {method} format here: {e}",
+                                         field="checkpoint", value=str(checkpoint),
+                                         hint="install what it names, or read the perplexity the run "
+                                         "measured in report.json") from None
     tokens = load_tokens(TextRequest(source, num_samples, max_seq_length, True, 0, False), tokenizer, path)
     ppl = perplexity((model(batch.to(device)).logits[:, :-1], batch) for batch in make_batches(tokens, batch_size))
     return {"checkpoint": str(checkpoint), "perplexity": ppl, "source": source,
@@ -60,19 +67,21 @@ def evaluate_checkpoint(checkpoint: str | Path, source: str = "shakespeare-eval"
 
 
 def decompressed_on_load(config: dict[str, Any]) -> dict[str, Any]:
-    """transformers' loading option for a compressed-tensors checkpoint that quantizes weights
-    only: its Linears decompressed as they load.
+    """transformers' loading option for a compressed-tensors checkpoint of one scheme that
+    quantizes weights only: its Linears decompressed as they load.
 
     They then compute the same products as the compressed modules would, and this is the one
-    way transformers 5 with compressed-tensors 0.20 reads asymmetric ``pack-quantized`` weights:
-    its compressed modules are laid out on the meta device with the zero points unpacked
-    (``[out, groups]``), the checkpoint holds them packed as vLLM reads them (``[out / 8,
-    groups]`` at 4 bits), and the load stops on the size mismatch. A scheme that quantizes
-    activations keeps the compressed modules, which quantize them at run time.
+    way transformers 5 with compressed-tensors 0.20 reads asymmetric ``pack-quantized`` and FP4
+    weights. For the former its compressed modules are laid out with the zero points unpacked
+    (``[out, groups]``) while the checkpoint holds them packed as vLLM reads them (``[out / 8,
+    groups]`` at 4 bits), and the load stops on the size mismatch; the latter decompress to
+    bf16 inside a float32 model. Schemes that quantize activations keep the compressed modules,
+    which quantize them at run time; so do checkpoints of several schemes, whose decompression
+    on load fails in transformers (a conversion error) where the compressed modules load.
     """
     qc = config.get("quantization_config") or {}
-    groups = (qc.get("config_groups") or {}).values()
-    if qc.get("quant_method") != "compressed-tensors" or any(g.get("input_activations") for g in groups):
+    groups = list((qc.get("config_groups") or {}).values())
+    if qc.get("quant_method") != "compressed-tensors" or len(groups) != 1 or groups[0].get("input_activations"):
         return {}
     from transformers import CompressedTensorsConfig
 

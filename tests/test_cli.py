@@ -65,14 +65,18 @@ def test_progress_bar_with_eta_and_quiet(tmp_path, tiny_llama, text_file):
     assert "perplexity: base" in quiet.stdout
 
 
-def test_eval_gives_the_perplexities_the_run_measured(tmp_path, tiny_llama, text_file, capsys):
+@pytest.mark.parametrize("quantization", [
+    # one scheme, asymmetric 4-bit pack-quantized: transformers' compressed modules cannot load its packed zero points
+    {"method": "gptq", "group_size": 64, "symmetric": False},
+    # two schemes (down_proj at 8 bits): transformers cannot decompress it on load, its compressed modules load it
+    {"method": "gptq", "group_size": 64, "overrides": [{"targets": ["re:.*down_proj$"], "bits": 8}]},
+], ids=["asymmetric", "two-schemes"])
+def test_eval_gives_the_perplexities_the_run_measured(tmp_path, tiny_llama, text_file, quantization, capsys):
     """``quantkit eval`` (a model through transformers) and the run's own evaluation (the
     layerwise engine) score the base model and the checkpoint alike on the same windows, on the
-    device asked for. The checkpoint is asymmetric 4-bit ``pack-quantized``, whose packed zero
-    points transformers' compressed modules cannot load."""
+    device asked for."""
     windows = {"source": str(text_file), "num_samples": 2, "max_seq_length": 32}
-    recipe = {"model": {"id": str(tiny_llama)},
-              "quantization": {"method": "gptq", "group_size": 64, "symmetric": False},
+    recipe = {"model": {"id": str(tiny_llama)}, "quantization": quantization,
               "calibration": {**windows, "num_samples": 4}, "evaluate": windows,
               "export": {"output_dir": str(tmp_path / "out")}, "device": "cpu"}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))

@@ -7,6 +7,7 @@ prints a ``QuantkitError`` as one ``error: ...`` line on stderr and exits 2, wit
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import shutil
@@ -197,6 +198,17 @@ def test_eval_device_that_is_not_here(model_dir, monkeypatch, device, expected, 
     assert cli_error(capsys, "eval", model_dir, "--device", device) == f"error: --device: {expected}"
     assert cli_error(capsys, "eval", model_dir, "--tasks", "quantkit_mc", "--base", model_dir,
                      "--device", device) == f"error: --device: {expected}"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("optimum") is not None, reason="transformers can load the gptq format here")
+def test_eval_of_a_format_transformers_cannot_load_here(tmp_path, model_dir, text_file, capsys):
+    path = recipe_file(tmp_path, model_dir, **gptq(text_file), export={"output_dir": str(tmp_path / "out"),
+                                                                     "format": "gptq"})
+    assert main(["--quiet", "run", str(path)]) == 0
+    line = cli_error(capsys, "eval", tmp_path / "out")  # the middle is transformers' own words, which name the package
+    assert line.startswith(f"error: {tmp_path / 'out'}: transformers cannot load its gptq format here: ")
+    assert "optimum" in line and line.endswith("; install what it names, or read the perplexity the run measured "
+                                               "in report.json")
 
 
 def test_recipe_device_without_cuda(tmp_path, model_dir, monkeypatch, capsys):
