@@ -59,11 +59,16 @@ def _vllm_distribution() -> bool:
 
 def model_args(backend: str, path: Path, device: str, batch_size: int) -> dict[str, Any]:
     """lm-eval's arguments for one model. On CPU both compute in float32 (bf16 matmuls are far
-    slower there); on GPU in the checkpoint's dtype."""
+    slower there); on GPU in the checkpoint's dtype. The hf backend gets the model loaded as
+    ``quantkit eval`` loads it: lm-eval's own loader cannot load an asymmetric checkpoint."""
     cpu = device == "cpu"
     if backend == "hf":
-        return {"pretrained": str(path), "dtype": "float32" if cpu else "auto", "device": device,
-                "batch_size": batch_size, "trust_remote_code": False}
+        import torch
+
+        from .evaluate import load_for_evaluation
+
+        model, _ = load_for_evaluation(path, torch.device(device))
+        return {"pretrained": model, "tokenizer": str(path), "batch_size": batch_size}
     args: dict[str, Any] = {"pretrained": str(path), "dtype": "bfloat16" if cpu else "auto",
                             "batch_size": "auto", "trust_remote_code": False, "max_model_len": 2048}
     if cpu:  # vLLM on CPU: the KV cache share is of host RAM, and CUDA graphs do not exist

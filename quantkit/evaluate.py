@@ -24,28 +24,41 @@ from .shard_check import read_entries
 def evaluate_checkpoint(checkpoint: str | Path, source: str = "shakespeare-eval", num_samples: int = 16,
                         max_seq_length: int = 512, batch_size: int = 4,
                         device: torch.device | None = None) -> dict[str, Any]:
-    """``device`` None: a GPU where there is one. A GPU computes in the checkpoint's own dtype
-    (what vLLM serves it in), a CPU in float32 (bf16 matmuls are far slower there); the result
-    names both, since the two perplexities differ in the last digits."""
+    """``device`` None: a GPU where there is one. The result names the device and the dtype
+    (``load_for_evaluation``), since perplexities in float32 and bf16 differ in the last digits."""
+    from .preflight import resolve_device
+
+    path = resolve_model_dir(str(checkpoint))
+    device = resolve_device("auto") if device is None else device
+    model, dtype = load_for_evaluation(checkpoint, device)
+    tokens = load_tokens(TextRequest(source, num_samples, max_seq_length, True, 0, False), load_tokenizer(path), path)
+    ppl = perplexity((model(batch.to(device)).logits[:, :-1], batch) for batch in make_batches(tokens, batch_size))
+    return {"checkpoint": str(checkpoint), "perplexity": ppl, "source": source,
+            "num_windows": len(tokens), "seq_len": max_seq_length, "device": str(device),
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
+def load_for_evaluation(checkpoint: str | Path, device: torch.device) -> tuple[Any, torch.dtype]:
+    """A model folder or quantized checkpoint as transformers loads it, on ``device``, and the
+    dtype it computes in: the checkpoint's own on a GPU (what vLLM serves it in), float32 on a
+    CPU (bf16 matmuls are far slower there). Perplexity and lm-eval's tasks load it alike."""
     from transformers import AutoConfig
 
     from .graph.skeleton import model_class
-    from .preflight import compute_dtype, resolve_dtype, resolve_device
+    from .preflight import compute_dtype, resolve_dtype
 
     path = resolve_model_dir(str(checkpoint))
     config = read_config(path / "config.json", quantized_ok=True)
     if (config.get("quantization_config") or {}).get("transform_config"):
         raise ModelError(f"{checkpoint}: its quantization_config has a transform_config (online_down_proj), "
-                         "which vLLM applies at run time and transformers does not: its perplexity here would be wrong",
+                         "which vLLM applies at run time and transformers does not: its scores here would be wrong",
                          field="checkpoint", file=path / "config.json",
-                         hint="read the perplexity from the run's report.json (measured with the transform), "
-                         "or serve it in vLLM")
+                         hint="read the perplexity from the run's report.json (measured with the transform); "
+                         "for tasks use --backend vllm")
     for shard in sorted(path.glob("*.safetensors")):  # a damaged file is one line, not a loader traceback
         read_entries(shard)
-    tokenizer = load_tokenizer(path)
     # The class config.json names: a multimodal checkpoint (Qwen2.5-VL) has no causal-LM auto class.
     cls = model_class(AutoConfig.from_pretrained(path, trust_remote_code=False), str(checkpoint))
-    device = resolve_device("auto") if device is None else device
     dtype = compute_dtype(device, resolve_dtype("auto", config))
     placement = {"device_map": {"": device}} if device.type == "cuda" else {}
     with warnings.catch_warnings():  # the option is there to override the checkpoint's own; transformers says so
@@ -59,11 +72,7 @@ def evaluate_checkpoint(checkpoint: str | Path, source: str = "shakespeare-eval"
                                          field="checkpoint", value=str(checkpoint),
                                          hint="install what it names, or read the perplexity the run "
                                          "measured in report.json") from None
-    tokens = load_tokens(TextRequest(source, num_samples, max_seq_length, True, 0, False), tokenizer, path)
-    ppl = perplexity((model(batch.to(device)).logits[:, :-1], batch) for batch in make_batches(tokens, batch_size))
-    return {"checkpoint": str(checkpoint), "perplexity": ppl, "source": source,
-            "num_windows": len(tokens), "seq_len": max_seq_length, "device": str(device),
-            "dtype": str(dtype).removeprefix("torch.")}
+    return model, dtype
 
 
 def decompressed_on_load(config: dict[str, Any]) -> dict[str, Any]:
