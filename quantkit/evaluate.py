@@ -1,8 +1,9 @@
 """Perplexity of a saved model or quantized checkpoint, through transformers.
 
-transformers decompresses compressed-tensors/GPTQ/AWQ checkpoints on load, so this measures
-what a user will actually load. For models larger than memory the layerwise engine measures
-perplexity during ``run`` instead (base and quantized in one streaming pass).
+The checkpoint is loaded as a user's own transformers code can load it (``load_for_evaluation``;
+lm-eval's tasks take the same model), so this measures the written files, not the run's
+in-memory model. For models larger than memory the layerwise engine measures perplexity during
+``run`` instead (base and quantized in one streaming pass).
 """
 
 from __future__ import annotations
