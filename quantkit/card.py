@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,19 @@ def render_card(report: dict[str, Any], license_: str | None) -> str:
         f"`{report['model']}` quantized with quantkit using **{method}** "
         f"({report['scheme_name']}), stored in the **{fmt}** format that vLLM loads directly.", "",
         "## Serve", "", "```bash", report["serve_command"], "```", "",
-        "## Evaluation", "",
     ]
+    if report.get("load_decompressed"):
+        lines += [
+            "## Load with transformers", "", "```python",
+            "from transformers import AutoModelForCausalLM, CompressedTensorsConfig",
+            "",
+            f"model = AutoModelForCausalLM.from_pretrained({json.dumps(report['output_dir'])},",
+            "                                             quantization_config=CompressedTensorsConfig(dequantize=True))",
+            "```", "",
+            "Decompressed as it loads (`run_compressed=False` on transformers releases before that name): "
+            "transformers 5 with compressed-tensors 0.20 cannot load asymmetric or FP4 weights compressed.", "",
+        ]
+    lines += ["## Evaluation", ""]
     if ev.get("perplexity_base") is not None:
         lines += [
             f"Perplexity on {ev['num_windows']} windows of {ev['seq_len']} tokens of `{ev['source']}`:", "",

@@ -89,9 +89,7 @@ def decompressed_on_load(config: dict[str, Any]) -> dict[str, Any]:
     which quantize them at run time; so do checkpoints of several schemes, whose decompression
     on load fails in transformers (a conversion error) where the compressed modules load.
     """
-    qc = config.get("quantization_config") or {}
-    groups = list((qc.get("config_groups") or {}).values())
-    if qc.get("quant_method") != "compressed-tensors" or len(groups) != 1 or groups[0].get("input_activations"):
+    if not loads_decompressed(config.get("quantization_config") or {}):
         return {}
     from transformers import CompressedTensorsConfig
 
@@ -99,3 +97,11 @@ def decompressed_on_load(config: dict[str, Any]) -> dict[str, Any]:
     named = "dequantize" in inspect.signature(CompressedTensorsConfig).parameters
     return {"quantization_config": CompressedTensorsConfig(**({"dequantize": True} if named else
                                                               {"run_compressed": False}))}
+
+
+def loads_decompressed(quantization_config: dict[str, Any]) -> bool:
+    """Whether transformers loads a checkpoint of this ``quantization_config`` decompressed
+    (``decompressed_on_load`` says why): compressed-tensors, one scheme, weights only."""
+    groups = list((quantization_config.get("config_groups") or {}).values())
+    return (quantization_config.get("quant_method") == "compressed-tensors" and len(groups) == 1
+            and not groups[0].get("input_activations"))

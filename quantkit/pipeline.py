@@ -22,6 +22,7 @@ from . import __version__, preflight, warmup
 from .assignment_check import decoder_linear_names
 from .calibration import TextRequest, load_tokens
 from .card import base_license, render_card
+from .evaluate import loads_decompressed
 from .checkpoint import CheckpointWriter, work_dir_for
 from .distributed import World, world_from_environment
 from .engine import LayerCallback, LayerwiseEngine, make_batches
@@ -163,6 +164,7 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
             for edit in runner.edits:
                 config.update(edit.config_updates())
                 config["quantization_config"].update(edit.quantization_config_updates())
+            report["load_decompressed"] = loads_decompressed(config["quantization_config"])
             extra_files = {"report.json": json.dumps(report, indent=2),
                            "README.md": render_card(report, base_license(source.path))}
             copy = source.companion_files()

@@ -82,6 +82,13 @@ def test_eval_gives_the_perplexities_the_run_measured(tmp_path, tiny_llama, text
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["--quiet", "run", str(tmp_path / "r.yaml")]) == 0
     measured = json.loads((tmp_path / "out" / "report.json").read_text())["evaluation"]
+    # The card tells transformers users how to load a one-scheme checkpoint, and its code does.
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert ("## Load with transformers" in card) == ("overrides" not in quantization)
+    if "overrides" not in quantization:
+        scope: dict = {}
+        exec(card.split("```python\n")[1].split("```")[0], scope)
+        assert scope["model"].model.layers[0].mlp.down_proj.weight.shape == (256, 512)
     for folder, key, rel in ((tiny_llama, "perplexity_base", 1e-5), (tmp_path / "out", "perplexity_quantized", 1e-4)):
         capsys.readouterr()
         assert main(["--quiet", "eval", str(folder), "--source", str(text_file), "--num-samples", "2",
