@@ -52,7 +52,8 @@ def render_card(report: dict[str, Any], license_: str | None) -> str:
             "                                             quantization_config=CompressedTensorsConfig(dequantize=True))",
             "```", "",
             "Decompressed as it loads (`run_compressed=False` on transformers releases before that name): "
-            "transformers 5 with compressed-tensors 0.20 cannot load asymmetric or FP4 weights compressed.", "",
+            "transformers 5 with compressed-tensors 0.20 cannot load asymmetric weights compressed, nor run "
+            "compressed FP4 weights in float32.", "",
         ]
     lines += ["## Evaluation", ""]
     if ev.get("perplexity_base") is not None:
