@@ -22,11 +22,11 @@ from . import __version__, preflight, warmup
 from .assignment_check import decoder_linear_names
 from .calibration import TextRequest, load_tokens
 from .card import base_license, render_card
-from .evaluate import loads_decompressed
 from .checkpoint import CheckpointWriter, work_dir_for
 from .distributed import World, world_from_environment
 from .engine import LayerCallback, LayerwiseEngine, make_batches
 from .errors import DistributedError, Interrupted, QuantkitError
+from .evaluate import loads_decompressed
 from .export import StreamingExport
 from .finite_check import check_source_tensors
 from .formats import FORMATS
