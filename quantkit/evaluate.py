@@ -56,6 +56,14 @@ def load_for_evaluation(checkpoint: str | Path, device: torch.device) -> tuple[A
                          field="checkpoint", file=path / "config.json",
                          hint="read the perplexity from the run's report.json (measured with the transform); "
                          "for tasks use --backend vllm")
+    groups = ((config.get("quantization_config") or {}).get("config_groups") or {}).values()
+    if any((g.get("input_activations") or {}).get("type") == "float" and g["input_activations"].get("num_bits") == 4
+           for g in groups):
+        raise ModelError(f"{checkpoint}: transformers does not quantize its FP4 activations (NVFP4 W4A4) as vLLM "
+                         "does, so its scores here would not be the served model's",
+                         field="checkpoint", file=path / "config.json",
+                         hint="read the perplexity from the run's report.json (vLLM's arithmetic); "
+                         "for tasks use --backend vllm")
     for shard in sorted(path.glob("*.safetensors")):  # a damaged file is one line, not a loader traceback
         read_entries(shard)
     # The class config.json names: a multimodal checkpoint (Qwen2.5-VL) has no causal-LM auto class.

@@ -211,6 +211,17 @@ def test_eval_of_a_format_transformers_cannot_load_here(tmp_path, model_dir, tex
                                                "in report.json")
 
 
+def test_eval_refuses_fp4_activations(tmp_path, model_dir, text_file, capsys):
+    """transformers' NVFP4 activations are not vLLM's (docs/evaluation.md): no number, one line."""
+    sections = gptq(text_file)
+    sections["quantization"] = {"method": "rtn", "scheme": "NVFP4"}
+    assert main(["--quiet", "run", str(recipe_file(tmp_path, model_dir, **sections))]) == 0
+    assert cli_error(capsys, "eval", tmp_path / "out") == (
+        f"error: {tmp_path / 'out'}: transformers does not quantize its FP4 activations (NVFP4 W4A4) as vLLM does, "
+        "so its scores here would not be the served model's; read the perplexity from the run's report.json "
+        "(vLLM's arithmetic); for tasks use --backend vllm")
+
+
 def test_recipe_device_without_cuda(tmp_path, model_dir, monkeypatch, capsys):
     """The same check as ``eval --device``, spelling the setting as the recipe writes it."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
