@@ -64,6 +64,11 @@ def load_for_evaluation(checkpoint: str | Path, device: torch.device) -> tuple[A
                          field="checkpoint", file=path / "config.json",
                          hint="read the perplexity from the run's report.json (vLLM's arithmetic); "
                          "for tasks use --backend vllm")
+    if asymmetric_experts(config):
+        raise ModelError(f"{checkpoint}: transformers 5 reads no zero points for a Mixture-of-Experts block's experts, "
+                         "so it cannot load this asymmetric checkpoint", field="checkpoint", file=path / "config.json",
+                         hint="read the perplexity from the run's report.json; for tasks use --backend vllm, "
+                         "which reads them")
     for shard in sorted(path.glob("*.safetensors")):  # a damaged file is one line, not a loader traceback
         read_entries(shard)
     # The class config.json names: a multimodal checkpoint (Qwen2.5-VL) has no causal-LM auto class.
@@ -113,3 +118,14 @@ def loads_decompressed(quantization_config: dict[str, Any]) -> bool:
     groups = list((quantization_config.get("config_groups") or {}).values())
     return (quantization_config.get("quant_method") == "compressed-tensors" and len(groups) == 1
             and not groups[0].get("input_activations"))
+
+
+def asymmetric_experts(config: dict[str, Any]) -> bool:
+    """Whether a checkpoint's config has Mixture-of-Experts blocks and asymmetric weights:
+    transformers 5 decompresses a block's experts without their zero points, so it cannot
+    load such a checkpoint either way (vLLM reads them)."""
+    from .planner import ModelShape
+
+    groups = ((config.get("quantization_config") or {}).get("config_groups") or {}).values()
+    return (any(not (g.get("weights") or {}).get("symmetric", True) for g in groups)
+            and ModelShape.from_config(config).num_experts > 0)

@@ -26,7 +26,7 @@ from .checkpoint import CheckpointWriter, work_dir_for
 from .distributed import World, world_from_environment
 from .engine import LayerCallback, LayerwiseEngine, make_batches
 from .errors import DistributedError, Interrupted, QuantkitError
-from .evaluate import loads_decompressed
+from .evaluate import asymmetric_experts, loads_decompressed
 from .export import StreamingExport
 from .finite_check import check_source_tensors
 from .formats import FORMATS
@@ -164,7 +164,8 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
             for edit in runner.edits:
                 config.update(edit.config_updates())
                 config["quantization_config"].update(edit.quantization_config_updates())
-            report["load_decompressed"] = loads_decompressed(config["quantization_config"])
+            report["load_decompressed"] = (loads_decompressed(config["quantization_config"])
+                                           and not asymmetric_experts(config))
             extra_files = {"report.json": json.dumps(report, indent=2),
                            "README.md": render_card(report, base_license(source.path))}
             copy = source.companion_files()

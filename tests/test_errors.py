@@ -222,6 +222,19 @@ def test_eval_refuses_fp4_activations(tmp_path, model_dir, text_file, capsys):
         "(vLLM's arithmetic); for tasks use --backend vllm")
 
 
+def test_eval_refuses_asymmetric_experts(tmp_path, text_file, capsys):
+    """transformers 5 decompresses a MoE block's experts without their zero points: no number, one line."""
+    model = make_tiny_model(tmp_path / "moe", arch="qwen3_moe", layers=1)
+    sections = gptq(text_file)
+    sections["quantization"]["symmetric"] = False
+    assert main(["--quiet", "run", str(recipe_file(tmp_path, model, **sections))]) == 0
+    assert "## Load with transformers" not in (tmp_path / "out" / "README.md").read_text()  # there is no way
+    assert cli_error(capsys, "eval", tmp_path / "out") == (
+        f"error: {tmp_path / 'out'}: transformers 5 reads no zero points for a Mixture-of-Experts block's experts, "
+        "so it cannot load this asymmetric checkpoint; read the perplexity from the run's report.json; for tasks "
+        "use --backend vllm, which reads them")
+
+
 def test_recipe_device_without_cuda(tmp_path, model_dir, monkeypatch, capsys):
     """The same check as ``eval --device``, spelling the setting as the recipe writes it."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
