@@ -31,7 +31,7 @@ def evaluate_checkpoint(checkpoint: str | Path, source: str = "shakespeare-eval"
 
     path = resolve_model_dir(str(checkpoint))
     device = resolve_device("auto") if device is None else device
-    model, dtype = load_for_evaluation(checkpoint, device)
+    model, dtype = load_for_evaluation(path, device, name=str(checkpoint))
     tokens = load_tokens(TextRequest(source, num_samples, max_seq_length, True, 0, False), load_tokenizer(path), path)
     ppl = perplexity((model(batch.to(device)).logits[:, :-1], batch) for batch in make_batches(tokens, batch_size))
     return {"checkpoint": str(checkpoint), "perplexity": ppl, "source": source,
@@ -39,16 +39,17 @@ def evaluate_checkpoint(checkpoint: str | Path, source: str = "shakespeare-eval"
             "dtype": str(dtype).removeprefix("torch.")}
 
 
-def load_for_evaluation(checkpoint: str | Path, device: torch.device) -> tuple[Any, torch.dtype]:
-    """A model folder or quantized checkpoint as transformers loads it, on ``device``, and the
-    dtype it computes in: the checkpoint's own on a GPU (what vLLM serves it in), float32 on a
-    CPU (bf16 matmuls are far slower there). Perplexity and lm-eval's tasks load it alike."""
+def load_for_evaluation(path: Path, device: torch.device, name: str | None = None) -> tuple[Any, torch.dtype]:
+    """A model folder or quantized checkpoint (``path``, resolved; ``name``, what the user
+    called it, names it in errors) as transformers loads it, on ``device``, and the dtype it
+    computes in: the checkpoint's own on a GPU (what vLLM serves it in), float32 on a CPU (bf16
+    matmuls are far slower there). Perplexity and lm-eval's tasks load it alike."""
     from transformers import AutoConfig
 
     from .graph.skeleton import model_class
     from .preflight import compute_dtype, resolve_dtype
 
-    path = resolve_model_dir(str(checkpoint))
+    checkpoint = name or str(path)
     config = read_config(path / "config.json", quantized_ok=True)
     if (config.get("quantization_config") or {}).get("transform_config"):
         raise ModelError(f"{checkpoint}: its quantization_config has a transform_config (online_down_proj), "
@@ -56,9 +57,8 @@ def load_for_evaluation(checkpoint: str | Path, device: torch.device) -> tuple[A
                          field="checkpoint", file=path / "config.json",
                          hint="read the perplexity from the run's report.json (measured with the transform); "
                          "for tasks use --backend vllm")
-    groups = ((config.get("quantization_config") or {}).get("config_groups") or {}).values()
     if any((g.get("input_activations") or {}).get("type") == "float" and g["input_activations"].get("num_bits") == 4
-           for g in groups):
+           for g in config_groups(config)):
         raise ModelError(f"{checkpoint}: transformers does not quantize its FP4 activations (NVFP4 W4A4) as vLLM "
                          "does, so its scores here would not be the served model's",
                          field="checkpoint", file=path / "config.json",
@@ -102,7 +102,7 @@ def decompressed_on_load(config: dict[str, Any]) -> dict[str, Any]:
     which quantize them at run time; so do checkpoints of several schemes, whose decompression
     on load fails in transformers (a conversion error) where the compressed modules load.
     """
-    if not loads_decompressed(config.get("quantization_config") or {}):
+    if not loads_decompressed(config):
         return {}
     from transformers import CompressedTensorsConfig
 
@@ -112,12 +112,12 @@ def decompressed_on_load(config: dict[str, Any]) -> dict[str, Any]:
                                                               {"run_compressed": False}))}
 
 
-def loads_decompressed(quantization_config: dict[str, Any]) -> bool:
-    """Whether transformers loads a checkpoint of this ``quantization_config`` decompressed
+def loads_decompressed(config: dict[str, Any]) -> bool:
+    """Whether transformers loads a checkpoint of this ``config`` decompressed
     (``decompressed_on_load`` says why): compressed-tensors, one scheme, weights only."""
-    groups = list((quantization_config.get("config_groups") or {}).values())
-    return (quantization_config.get("quant_method") == "compressed-tensors" and len(groups) == 1
-            and not groups[0].get("input_activations"))
+    groups = config_groups(config)
+    return ((config.get("quantization_config") or {}).get("quant_method") == "compressed-tensors"
+            and len(groups) == 1 and not groups[0].get("input_activations"))
 
 
 def asymmetric_experts(config: dict[str, Any]) -> bool:
@@ -126,6 +126,10 @@ def asymmetric_experts(config: dict[str, Any]) -> bool:
     load such a checkpoint either way (vLLM reads them)."""
     from .planner import ModelShape
 
-    groups = ((config.get("quantization_config") or {}).get("config_groups") or {}).values()
-    return (any(not (g.get("weights") or {}).get("symmetric", True) for g in groups)
+    return (any(not (g.get("weights") or {}).get("symmetric", True) for g in config_groups(config))
             and ModelShape.from_config(config).num_experts > 0)
+
+
+def config_groups(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The schemes of a checkpoint's ``quantization_config`` (none for a float model)."""
+    return list(((config.get("quantization_config") or {}).get("config_groups") or {}).values())

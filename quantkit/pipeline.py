@@ -164,8 +164,7 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
             for edit in runner.edits:
                 config.update(edit.config_updates())
                 config["quantization_config"].update(edit.quantization_config_updates())
-            report["load_decompressed"] = (loads_decompressed(config["quantization_config"])
-                                           and not asymmetric_experts(config))
+            report["load_decompressed"] = loads_decompressed(config) and not asymmetric_experts(config)
             extra_files = {"report.json": json.dumps(report, indent=2),
                            "README.md": render_card(report, base_license(source.path))}
             copy = source.companion_files()
