@@ -196,9 +196,9 @@ def compare_on_tasks(base_model: str, quantized_dir: Path, tasks: list[str], bac
     require("lm_eval", "lm-eval", "eval", "quantkit eval --tasks")
     backend = pick_backend(backend)
     if device == "auto":
-        import torch
+        from .preflight import resolve_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(resolve_device("auto"))
     manager = task_manager(tasks, list(include_paths))
     models = {"base": resolve_model_dir(base_model), "quantized": Path(quantized_dir)}
     raw: dict[str, dict[str, Any]] = {}

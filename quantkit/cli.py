@@ -142,9 +142,9 @@ def _bench(args: argparse.Namespace) -> int:
     require("matplotlib", "matplotlib", "bench", "quantkit bench")
     device = args.device
     if device == "auto":
-        import torch
+        from .preflight import resolve_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(resolve_device("auto"))
     settings = BenchSettings(concurrencies=[int(c) for c in args.concurrency.split(",")], max_tokens=args.max_tokens,
                              device=device, dtype=args.dtype or ("bfloat16" if device == "cpu" else "auto"),
                              max_model_len=args.max_model_len, prompts_per_kind=args.prompts_per_kind,
