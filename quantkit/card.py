@@ -72,6 +72,7 @@ def render_card(report: dict[str, Any], license_: str | None) -> str:
             ]
     else:
         lines += ["Not evaluated (evaluate.enabled: false).", ""]
+    lines += _tuning_lines(report.get("tuning"))
     kept = report.get("unquantized") or []
     if kept:
         lines += ["## What stayed unquantized", "",
@@ -135,4 +136,19 @@ def _experts_section(experts: dict[str, Any] | None) -> list[str]:
     if experts["rtn_fallback"]:
         lines += [f"Below {experts['min_expert_tokens']} tokens an expert is quantized by round-to-nearest: "
                   + ", ".join(f"`{n}`" for n in experts["rtn_fallback"]), ""]
+    return lines
+
+
+def _tuning_lines(tuning: dict[str, Any] | None) -> list[str]:
+    """What ``quantkit tune`` changed after the run, and what it measured (float32)."""
+    if not tuning:
+        return []
+    lines = [
+        f"The group scales and norm weights were then tuned end to end against `{tuning['base']}` "
+        f"(`quantkit tune`, {tuning['steps']} steps on {tuning['windows']} windows of {tuning['seq_len']} tokens): "
+        f"next-token KL on those windows {tuning['kl_before']:.4f} -> {tuning['kl_after']:.4f} nats.", "",
+    ]
+    if "perplexity_tuned" in tuning:
+        lines += [f"Perplexity in float32 on the evaluation windows above: base {tuning['perplexity_base']:.3f}, "
+                  f"quantized {tuning['perplexity_before']:.3f}, tuned {tuning['perplexity_tuned']:.3f}.", ""]
     return lines

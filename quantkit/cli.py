@@ -1,4 +1,4 @@
-"""The command line: ``python -m quantkit run|validate|eval|bench|plan|push``.
+"""The command line: ``python -m quantkit run|validate|eval|bench|plan|push|tune``.
 
 A ``QuantkitError`` is printed as one line and exits 2; ``--debug`` shows the traceback.
 """
@@ -245,6 +245,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .hub_cli import add_push_command
     from .plan_cli import add_plan_command
+    from .tune_cli import run_tune
+
+    tune = sub.add_parser(
+        "tune",
+        help="tune a written 4-bit checkpoint's group scales and norm weights end to end against its base model",
+        description="Adam on KL(base || quantized) over the calibration windows moves each group's scale and "
+                    "each norm's weight; the integer codes stay, so the checkpoint keeps its format and vLLM its "
+                    "kernels. Rewrites the folder's shards in place (all or none) and adds a tuning section to "
+                    "report.json and the card. Holds the base model and the quantized one in float32 on one "
+                    "device: for models that fit there.")
+    tune.add_argument("checkpoint", help="output folder written by `quantkit run` (compressed-tensors W4A16/W8A16)")
+    tune.add_argument("--base", help="base model (default: the model in report.json)")
+    tune.add_argument("--source", help="calibration text, as calibration.source (default: the run's)")
+    tune.add_argument("--num-samples", type=positive_int, help="calibration windows (default: the run's)")
+    tune.add_argument("--max-seq-length", type=positive_int, help="tokens per window (default: the run's)")
+    tune.add_argument("--steps", type=positive_int, default=128, help="Adam steps (default 128)")
+    tune.add_argument("--lr", type=float, default=1e-3, help="Adam's peak learning rate, cosine-decayed (default 1e-3)")
+    tune.add_argument("--batch-size", type=positive_int, default=8, help="windows a step (default 8)")
+    tune.add_argument("--seed", type=int, default=0, help="order of the windows (default 0)")
+    tune.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    tune.set_defaults(func=run_tune)
 
     add_plan_command(sub)
     add_push_command(sub)

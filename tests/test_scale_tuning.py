@@ -1,0 +1,156 @@
+"""``quantkit tune``: the numerics against float64, the tuned checkpoint on disk closer to its
+base than the run's, only scales and norm weights rewritten, and all or nothing on failure."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantkit import pipeline
+from quantkit.cli import main as cli_main
+from quantkit.errors import ExportError
+from quantkit.recipe import make_recipe
+from quantkit.scale_tuning import TUNED_SUFFIX, next_token_kl, rewrite_shards, scaled_weight
+
+
+def test_scaled_weight_matches_float64_reference():
+    g = torch.Generator().manual_seed(0)
+    steps = torch.randint(-8, 8, (6, 32), generator=g).float()
+    scale = torch.rand(6, 4, generator=g) + 0.1
+    theta = torch.randn(6, 4, generator=g) * 0.1
+    expect = torch.empty(6, 32, dtype=torch.float64)
+    for row in range(6):
+        for col in range(32):
+            expect[row, col] = steps[row, col].double() * scale[row, col // 8].double() * theta[row, col // 8].double().exp()
+    torch.testing.assert_close(scaled_weight(steps, scale, theta).double(), expect, rtol=1e-6, atol=0)
+
+
+def test_next_token_kl_matches_float64_reference():
+    g = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g) * 2
+    p = teacher.double().softmax(-1)
+    expect = (p * (p.log() - student.double().log_softmax(-1))).sum(-1)
+    torch.testing.assert_close(next_token_kl(student, teacher).double(), expect, rtol=1e-5, atol=1e-7)
+    assert next_token_kl(teacher, teacher).abs().max() < 1e-6
+
+
+def _mean_kl(checkpoint, base, ids) -> float:
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.evaluate import load_for_evaluation
+
+    student, _ = load_for_evaluation(checkpoint, torch.device("cpu"))
+    teacher = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return next_token_kl(student(ids).logits[:, :-1], teacher(ids).logits[:, :-1]).mean().item()
+
+
+def test_tune_brings_the_checkpoint_on_disk_closer_to_its_base(tiny_llama, text_file, tmp_path, capsys):
+    """After a GPTQ W4A16 g64 asymmetric run, `tune` rewrites the folder so that the model
+    transformers loads from it is closer to the base model (next-token KL on the run's
+    calibration windows) than the run's own checkpoint; codes, zero points and every other
+    tensor are byte-identical, and report.json and the card say what was done."""
+    from quantkit.calibration import TextRequest, load_tokens
+    from quantkit.model import load_tokenizer
+
+    out = tmp_path / "out"
+    pipeline.run(make_recipe({
+        "model": {"id": str(tiny_llama)},
+        "quantization": {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False},
+        "calibration": {"source": str(text_file), "num_samples": 16, "max_seq_length": 64, "batch_size": 4},
+        "evaluate": {"source": str(text_file), "num_samples": 4, "max_seq_length": 64},
+        "export": {"output_dir": str(out)},
+    }), quiet=True)
+    before = tmp_path / "before"
+    shutil.copytree(out, before)
+
+    assert cli_main(["--quiet", "tune", str(out), "--steps", "16", "--batch-size", "4", "--lr", "1e-2",
+                     "--device", "cpu"]) == 0
+    assert "KL from base" in capsys.readouterr().out
+
+    old, new = {}, {}
+    for folder, into in ((before, old), (out, new)):
+        for shard in sorted(folder.glob("*.safetensors")):
+            into.update(load_file(str(shard)))
+    assert old.keys() == new.keys()
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    assert changed, "tune changed nothing"
+    assert all(k.endswith(".weight_scale") or k.endswith("norm.weight") for k in changed), sorted(changed)
+    assert any(k.endswith("norm.weight") for k in changed) and any(k.endswith(".weight_scale") for k in changed)
+    assert all(old[k].dtype == new[k].dtype for k in changed)
+    assert not list(out.glob(f"*{TUNED_SUFFIX}"))
+
+    report = json.loads((out / "report.json").read_text())
+    tuning = report["tuning"]
+    assert tuning["kl_after"] < tuning["kl_before"]
+    assert "tuned end to end" in (out / "README.md").read_text()
+
+    ids = torch.stack(load_tokens(TextRequest(str(text_file), 16, 64, True, 0, True), load_tokenizer(tiny_llama),
+                                  tiny_llama))
+    assert _mean_kl(out, tiny_llama, ids) < 0.9 * _mean_kl(before, tiny_llama, ids)  # 0.72 when written
+
+
+def _two_shards(folder):
+    folder.mkdir()
+    save_file({"a.weight_scale": torch.ones(2, 2, dtype=torch.bfloat16)}, str(folder / "model-1.safetensors"),
+              metadata={"format": "pt"})
+    save_file({"b.weight_scale": torch.ones(3), "b.weight_packed": torch.arange(4, dtype=torch.int32)},
+              str(folder / "model-2.safetensors"), metadata={"format": "pt"})
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_rewrite_shards_replaces_the_named_tensors_and_keeps_the_rest(tmp_path):
+    folder = tmp_path / "ckpt"
+    _two_shards(folder)
+    rewritten = rewrite_shards(folder, {"a.weight_scale": torch.full((2, 2), 2.0, dtype=torch.bfloat16),
+                                        "b.weight_scale": torch.full((3,), 3.0)})
+    assert rewritten == ["model-1.safetensors", "model-2.safetensors"]
+    b = load_file(str(folder / "model-2.safetensors"))
+    assert torch.equal(b["b.weight_scale"], torch.full((3,), 3.0))
+    assert torch.equal(b["b.weight_packed"], torch.arange(4, dtype=torch.int32))
+    assert load_file(str(folder / "model-1.safetensors"))["a.weight_scale"].dtype == torch.bfloat16
+    assert sorted(p.name for p in folder.iterdir()) == ["model-1.safetensors", "model-2.safetensors"]
+
+
+def test_a_failed_rewrite_leaves_every_shard_as_it_was(tmp_path, monkeypatch):
+    """The second shard's write fails after the first was written: nothing is replaced and the
+    first's rewritten copy is gone; a tensor no shard holds is refused the same way."""
+    import safetensors.torch
+
+    folder = tmp_path / "ckpt"
+    original = _two_shards(folder)
+    real_save, calls = safetensors.torch.save_file, []
+
+    def failing_save(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    changed = {"a.weight_scale": torch.zeros(2, 2, dtype=torch.bfloat16), "b.weight_scale": torch.zeros(3)}
+    with pytest.raises(OSError, match="disk full"):
+        rewrite_shards(folder, changed)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == original
+
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    with pytest.raises(ExportError, match="no shard holds c.weight_scale"):
+        rewrite_shards(folder, {**changed, "c.weight_scale": torch.zeros(1)})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == original
+
+
+def test_tune_refuses_a_checkpoint_with_quantized_activations(tmp_path, capsys):
+    folder = tmp_path / "w8a8"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "int-quantized",
+        "config_groups": {"group_0": {"weights": {"num_bits": 8}, "input_activations": {"num_bits": 8}}}}}))
+    (folder / "report.json").write_text(json.dumps({"model": "builtin:smollm2-135m", "calibration": {
+        "source": "shakespeare", "num_samples": 2, "max_seq_length": 16}}))
+    assert cli_main(["tune", str(folder), "--base", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "pack-quantized" in err and str(folder) in err
