@@ -38,6 +38,23 @@ def test_next_token_kl_matches_float64_reference():
     assert next_token_kl(teacher, teacher).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, True)])
+def test_packed_linears_read_back_what_the_export_wrote(bits, symmetric):
+    """The codes less their zero points times the scales, as read from the tensors the
+    compressed-tensors export writes, are the quantized weight's own dequantization."""
+    from quantkit.formats.compressed_tensors import CompressedTensorsFormat
+    from quantkit.quantizers.rtn import quantize_rtn, weight_only_scheme
+    from quantkit.scale_tuning import packed_linears
+
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(2))
+    qw = quantize_rtn(w, weight_only_scheme(bits, 32, symmetric))
+    tensors = CompressedTensorsFormat().weight_tensors("model.layers.0.mlp.up_proj", qw, torch.float32)
+    (name, (steps, scale)), = packed_linears(tensors, bits).items()
+    assert name == "model.layers.0.mlp.up_proj"
+    torch.testing.assert_close(scaled_weight(steps, scale, torch.zeros_like(scale)).double(),
+                               qw.dequantize(torch.float64), rtol=1e-6, atol=1e-7)
+
+
 def _mean_kl(checkpoint, base, ids) -> float:
     from transformers import AutoModelForCausalLM
 
