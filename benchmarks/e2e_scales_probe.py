@@ -15,7 +15,9 @@ calibration windows, the float model being the original (the rotation leaves its
 unchanged).
 
 Per draw: ``quality.run_one`` quantizes and exports the shipped row; its codes, zero points and
-scales are read back from the checkpoint; base, start and tuned perplexity are scored in float32
+scales are read back from the checkpoint and tuned by ``quantkit.scale_tuning`` (what ``quantkit
+tune`` runs; before that module existed this probe held the same code, and the two gave the same
+perplexity to 14 digits on the CPU); base, start and tuned perplexity are scored in float32
 on ``quality.py``'s evaluation ids by ``llmcompressor_parity.model_perplexity`` (the peers'
 scoring), the tuned scales rounded to the checkpoint's dtype first, as an export would store them;
 and the same on the shipped Shakespeare tragedies (``shakespeare-eval``), out of the calibration's
@@ -32,8 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -42,85 +42,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import quality  # noqa: E402
 from llmcompressor_parity import model_perplexity  # noqa: E402
 
-from quantkit.formats.packing import unpack_int32  # noqa: E402
+from quantkit.scale_tuning import TuneSettings, attach, norm_weights, packed_linears, tune  # noqa: E402
 
-KEY, BITS, GROUP = "gptq-asym-rot-clip-fb-seq", 4, 64
-
-
-class GroupScaled(nn.Module):
-    """A Linear's weight as ``(u − z)·s₀·exp(θ)`` per group: codes fixed, scales learned."""
-
-    def __init__(self, steps: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
-        super().__init__()
-        self.register_buffer("steps", steps)  # (u − z), [out, in], float32
-        self.register_buffer("scale", scale)  # s₀, [out, in / GROUP], float32
-        self.theta = nn.Parameter(torch.zeros_like(scale))
-        self.dtype = dtype
-
-    def stored_scale(self) -> torch.Tensor:
-        """The scale an export writes: rounded to the checkpoint's dtype."""
-        return (self.scale * self.theta.exp()).to(self.dtype).float()
-
-    def forward(self, _weight: torch.Tensor) -> torch.Tensor:
-        s = self.scale * self.theta.exp() if self.training else self.stored_scale()
-        return self.steps * s.repeat_interleave(GROUP, dim=1)
-
-
-def attach_scales(model: nn.Module, checkpoint: Path, device: str) -> list[GroupScaled]:
-    """Parametrize every pack-quantized Linear of ``model`` (loaded decompressed) from the
-    checkpoint's codes; checks that the decompressed weight is what the codes give."""
-    from safetensors.torch import load_file
-    from torch.nn.utils import parametrize
-
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(checkpoint.glob("*.safetensors")):
-        tensors.update(load_file(str(shard)))
-    modules = dict(model.named_modules())
-    out = []
-    for name in sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed")):
-        codes = unpack_int32(tensors[f"{name}.weight_packed"], BITS, dim=-1).float()
-        zero = unpack_int32(tensors[f"{name}.weight_zero_point"], BITS, dim=-2).float()
-        scale = tensors[f"{name}.weight_scale"]
-        steps = codes - zero.repeat_interleave(GROUP, dim=1)
-        linear = modules[name]
-        dense = (steps * scale.float().repeat_interleave(GROUP, dim=1)).to(device)
-        # transformers decompresses to bf16: equal up to one bf16 rounding
-        err = ((linear.weight.detach().float().to(device) - dense).abs() - dense.abs() / 256).max().item()
-        if err > 1e-6:
-            raise SystemExit(f"{name}: decompressed weight differs from codes·scale by more than bf16 rounding")
-        p = GroupScaled(steps.to(device), scale.float().to(device), scale.dtype)
-        linear.weight.requires_grad_(False)
-        parametrize.register_parametrization(linear, "weight", p, unsafe=True)
-        out.append(p)
-    return out
-
-
-def tune(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, params: list[nn.Parameter], steps: int,
-         lr: float, batch: int, seed: int) -> list[float]:
-    """Adam on the mean KL(teacher ‖ student) over next-token positions; minibatches drawn from
-    ``ids`` without replacement, epoch after epoch."""
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    losses = []
-    student.train()
-    for _ in range(steps):
-        if len(order) < batch:
-            order += torch.randperm(len(ids), generator=gen).tolist()
-        b = ids[order[:batch]]
-        del order[:batch]
-        with torch.no_grad():
-            target = F.log_softmax(teacher(b).logits[:, :-1].float(), -1)
-        logp = F.log_softmax(student(b).logits[:, :-1].float(), -1)
-        loss = F.kl_div(logp, target, log_target=True, reduction="none").sum(-1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    student.eval()
-    return losses
+KEY, BITS = "gptq-asym-rot-clip-fb-seq", 4
 
 
 def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, int], work: Path, device: str,
@@ -150,6 +74,10 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
                                                 section="evaluate"), tok, model_dir)).to(device)
     checkpoint = work / "checkpoints" / f"pydoc-{KEY}-{seed}"
     config = read_config(checkpoint / "config.json", quantized_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(checkpoint.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    linears = packed_linears(tensors, BITS)
 
     teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     for p in teacher.parameters():
@@ -161,22 +89,21 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
                                                        **decompressed_on_load(config)).eval()
         for p in student.parameters():
             p.requires_grad_(False)
-        scaled = attach_scales(student, checkpoint, device)
-        params = [p.theta for p in scaled] if "scales" in train else []
+        scaled = attach(student, linears, torch.device(device), str(checkpoint))
+        params = [p.theta for p in scaled.values()] if "scales" in train else []
         if "norms" in train:
-            for name, m in student.named_modules():
-                if name.endswith("norm") and hasattr(m, "weight"):
-                    m.weight.requires_grad_(True)
-                    params.append(m.weight)
+            for w in norm_weights(student).values():
+                w.requires_grad_(True)
+                params.append(w)
         start, other_start = model_perplexity(student, ev), model_perplexity(student, other)
         began = time.perf_counter()
-        losses = tune(student, teacher, cal, params, steps, lr, batch, seed)
+        losses = tune(student, teacher, cal, params, TuneSettings(steps, lr, batch, seed))
         seconds = time.perf_counter() - began
         tuned, other_tuned = model_perplexity(student, ev), model_perplexity(student, other)
         results.append({"seed": seed, "calib": list(calib), "eval": list(evaluation), "steps": steps, "lr": lr,
                         "batch": batch, "train": sorted(train), "ppl_base": base, "ppl_start": start,
-                        "ppl_tuned": tuned, "shakespeare_base": other_base,
-                        "shakespeare_start": other_start, "shakespeare_tuned": other_tuned, "engine_base": row["ppl_base"], "engine_ppl": row["ppl"],
+                        "ppl_tuned": tuned, "shakespeare_base": other_base, "shakespeare_start": other_start,
+                        "shakespeare_tuned": other_tuned, "engine_base": row["ppl_base"], "engine_ppl": row["ppl"],
                         "gptq_s": row["quantize_s"], "tune_s": seconds, "loss_first": sum(losses[:4]) / 4,
                         "loss_last": sum(losses[-4:]) / 4, "device": device})
         del student, scaled, params
