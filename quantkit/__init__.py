@@ -77,4 +77,13 @@ def push(folder: "str | Path", repo_id: str, **options: Any):
     return push_folder(folder, repo_id, **options)
 
 
-__all__ = ["quantize", "validate", "load_recipe", "plan", "push", "__version__"]
+def tune(folder: "str | Path", **options: Any) -> dict[str, Any]:
+    """Tune a finished output folder's 4-bit group scales and norm weights end to end against
+    its base model, in place (see :func:`quantkit.folder_tuning.tune_folder` for the options);
+    returns the ``tuning`` section also written to report.json."""
+    from .folder_tuning import tune_folder
+
+    return tune_folder(folder, **options)
+
+
+__all__ = ["quantize", "validate", "load_recipe", "plan", "push", "tune", "__version__"]

@@ -133,6 +133,22 @@ def _eval_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from .folder_tuning import tune_folder
+
+    result = tune_folder(args.checkpoint, base=args.base, source=args.source, num_samples=args.num_samples,
+                         max_seq_length=args.max_seq_length, steps=args.steps, lr=args.lr,
+                         batch_size=args.batch_size, seed=args.seed, device=args.device, quiet=args.quiet)
+    print(f"KL from base on the calibration windows: {result['kl_before']:.4f} -> {result['kl_after']:.4f} nats "
+          f"({result['steps']} steps, {result['seconds']:.0f} s)")
+    if "perplexity_tuned" in result:
+        print(f"perplexity (float32): base {result['perplexity_base']:.3f}, quantized "
+              f"{result['perplexity_before']:.3f} -> tuned {result['perplexity_tuned']:.3f} on "
+              f"{result['eval_windows']} windows of {result['eval_source']}")
+    print(f"rewrote {args.checkpoint}'s scales and norm weights")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import BenchSettings, benchmark, subprocess_runner, vllm_python
 
@@ -245,8 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .hub_cli import add_push_command
     from .plan_cli import add_plan_command
-    from .tune_cli import run_tune
-
     tune = sub.add_parser(
         "tune",
         help="tune a written 4-bit checkpoint's group scales and norm weights end to end against its base model",
@@ -265,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--batch-size", type=positive_int, default=8, help="windows a step (default 8)")
     tune.add_argument("--seed", type=int, default=0, help="order of the windows (default 0)")
     tune.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    tune.set_defaults(func=run_tune)
+    tune.set_defaults(func=_tune)
 
     add_plan_command(sub)
     add_push_command(sub)

@@ -171,3 +171,19 @@ def test_tune_refuses_a_checkpoint_with_quantized_activations(tmp_path, capsys):
     assert cli_main(["tune", str(folder), "--base", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "pack-quantized" in err and str(folder) in err
+
+
+def test_tune_from_python_names_the_bad_option(tmp_path):
+    import quantkit
+    from quantkit.errors import QuantkitError
+
+    folder = tmp_path / "w4a16"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": {"weights": {"num_bits": 4}}}}}))
+    with pytest.raises(QuantkitError, match="--lr must be positive") as e:
+        quantkit.tune(folder, lr=0.0)
+    assert e.value.field == "--lr"
+    with pytest.raises(QuantkitError, match="no report.json naming its base model"):
+        quantkit.tune(folder)
