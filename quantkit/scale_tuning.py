@@ -1,5 +1,5 @@
-"""A written 4-bit checkpoint's group scales and norm weights tuned end to end against its base
-model (``python -m quantkit tune``).
+"""A written weight-only checkpoint's (W4A16, W8A16) group scales and norm weights tuned end to
+end against its base model (``python -m quantkit tune``).
 
 Every layer-wise lever measured on the best GPTQ row stayed inside the calibration draws' noise,
 because the row's error compounds from layer to layer and no per-layer fit sees that. Tuning
@@ -16,7 +16,6 @@ that fit there, not the 70B that ``run`` streams.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -27,10 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ExportError, ModelError
+from .errors import ExportError, ModelError, QuantkitError
 from .formats.packing import unpack_int32
-
-log = logging.getLogger("quantkit")
 
 TUNED_SUFFIX = ".tuning"  # a rewritten shard before it replaces the original
 
@@ -152,8 +149,8 @@ def tune(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, params: list
                 target = teacher(batch).logits[:, :-1]
             loss = next_token_kl(student(batch).logits[:, :-1], target).mean()
             if not math.isfinite(loss.item()):
-                raise ExportError(f"tune: the KL became {loss.item()} at step {len(losses) + 1}; nothing was "
-                                  "written", field="--lr", value=settings.lr, hint="try a smaller --lr")
+                raise QuantkitError(f"tune: the KL became {loss.item()} at step {len(losses) + 1}; nothing was "
+                                    "written", field="--lr", value=settings.lr, hint="try a smaller --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

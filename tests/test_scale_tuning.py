@@ -187,3 +187,28 @@ def test_tune_from_python_names_the_bad_option(tmp_path):
     assert e.value.field == "--lr"
     with pytest.raises(QuantkitError, match="no report.json naming its base model"):
         quantkit.tune(folder)
+
+
+def test_tune_stops_on_a_diverging_kl_and_names_the_learning_rate():
+    """A step size that blows the logits up ends the tuning with an error naming --lr, instead
+    of writing NaN scales."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from quantkit.errors import QuantkitError
+    from quantkit.scale_tuning import TuneSettings, tune
+
+    class Logits(nn.Module):
+        def __init__(self, seed: int):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(7, 7, generator=torch.Generator().manual_seed(seed)))
+
+        def forward(self, ids):
+            return SimpleNamespace(logits=self.table[ids] * 1e30)
+
+    student, teacher = Logits(0), Logits(1)
+    ids = torch.randint(0, 7, (4, 5), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(QuantkitError, match="KL became") as e:
+        tune(student, teacher.requires_grad_(False), ids, [student.table], TuneSettings(steps=3, lr=1e30, batch_size=2))
+    assert e.value.field == "--lr" and not student.training
