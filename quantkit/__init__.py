@@ -78,7 +78,7 @@ def push(folder: "str | Path", repo_id: str, **options: Any):
 
 
 def tune(folder: "str | Path", **options: Any) -> dict[str, Any]:
-    """Tune a finished output folder's 4-bit group scales and norm weights end to end against
+    """Tune a finished output folder's weight-only (W4A16, W8A16) group scales and norm weights end to end against
     its base model, in place (see :func:`quantkit.folder_tuning.tune_folder` for the options);
     returns the ``tuning`` section also written to report.json."""
     from .folder_tuning import tune_folder

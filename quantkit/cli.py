@@ -259,11 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--timeout", type=int, default=3600, help="seconds per model before giving up")
     bench.set_defaults(func=_bench)
 
-    from .hub_cli import add_push_command
-    from .plan_cli import add_plan_command
     tune = sub.add_parser(
         "tune",
-        help="tune a written 4-bit checkpoint's group scales and norm weights end to end against its base model",
+        help="tune a written W4A16/W8A16 checkpoint's group scales and norm weights end to end against its base model",
         description="Adam on KL(base || quantized) over the calibration windows moves each group's scale and "
                     "each norm's weight; the integer codes stay, so the checkpoint keeps its format and vLLM its "
                     "kernels. Rewrites the folder's shards in place (all or none) and adds a tuning section to "
@@ -280,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0, help="order of the windows (default 0)")
     tune.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     tune.set_defaults(func=_tune)
+
+    from .hub_cli import add_push_command
+    from .plan_cli import add_plan_command
 
     add_plan_command(sub)
     add_push_command(sub)
