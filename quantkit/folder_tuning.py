@@ -36,6 +36,8 @@ def tune_folder(folder: str | Path, *, base: str | None = None, source: str | No
         if not value > 0:
             raise QuantkitError(f"{flag} must be positive, got {value}", field=flag, value=value)
     report = read_report(folder) or {}
+    # The run's base at the run's revision; a --base of the user's own at its latest.
+    revision = None if base else report.get("revision")
     base = base or report.get("model")
     if base is None:
         raise QuantkitError(f"{folder} has no report.json naming its base model", field="--base",
@@ -51,7 +53,7 @@ def tune_folder(folder: str | Path, *, base: str | None = None, source: str | No
         raise QuantkitError(f"{folder}: the run calibrated on text the model generated, which tune does not "
                             "regenerate", field="--source", value=source, hint="pass --source with a text source")
     where = resolve_device(device, field="--device")
-    model_dir = ModelSource.open(base).path
+    model_dir = ModelSource.open(base, revision).path
     tokenizer = load_tokenizer(model_dir)
     calibration = load_tokens(TextRequest(source, num, seq, cal.get("packing", True), cal.get("seed", 0), True),
                               tokenizer, model_dir)
@@ -59,7 +61,7 @@ def tune_folder(folder: str | Path, *, base: str | None = None, source: str | No
     evaluation = load_tokens(TextRequest(ev["source"], ev["num_windows"], ev["seq_len"], True, 0, False,
                                          section="evaluate"), tokenizer, model_dir) if ev.get("source") else None
     result = tune_checkpoint(folder, base, calibration, TuneSettings(steps, lr, batch_size, seed), where, evaluation,
-                             name=name, quiet=quiet)
+                             name=name, quiet=quiet, revision=revision)
     if evaluation:
         result["eval_source"] = ev["source"]
     if report:

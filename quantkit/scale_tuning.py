@@ -218,8 +218,8 @@ def rewrite_shards(folder: Path, changed: dict[str, torch.Tensor]) -> list[str]:
 
 def tune_checkpoint(checkpoint: Path, base: str, calibration: list[torch.Tensor], settings: TuneSettings,
                     device: torch.device, evaluation: list[torch.Tensor] | None = None,
-                    name: str | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Tune ``checkpoint`` (a folder ``run`` wrote) against ``base`` on ``calibration``'s
+                    name: str | None = None, quiet: bool = False, revision: str | None = None) -> dict[str, Any]:
+    """Tune ``checkpoint`` (a folder ``run`` wrote) against ``base`` (at ``revision``) on ``calibration``'s
     windows and rewrite its scales and norm weights in place. Returns what report.json records:
     the settings, the KL before and after on the calibration windows and, with ``evaluation``,
     the perplexity of base, quantized and tuned there (all float32, which the run's own numbers
@@ -255,7 +255,7 @@ def tune_checkpoint(checkpoint: Path, base: str, calibration: list[torch.Tensor]
                          file=missing[0])
     for w in norms.values():
         w.requires_grad_(True)
-    teacher = AutoModelForCausalLM.from_pretrained(ModelSource.open(base).path, dtype=torch.float32,
+    teacher = AutoModelForCausalLM.from_pretrained(ModelSource.open(base, revision).path, dtype=torch.float32,
                                                    trust_remote_code=False).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -277,7 +277,7 @@ def tune_checkpoint(checkpoint: Path, base: str, calibration: list[torch.Tensor]
                       bar)
     kl_after = mean_kl(student, teacher, ids, settings.batch_size)
     report: dict[str, Any] = {
-        "base": base, "steps": settings.steps, "lr": settings.lr, "batch_size": settings.batch_size,
+        "base": base, "revision": revision, "steps": settings.steps, "lr": settings.lr, "batch_size": settings.batch_size,
         "seed": settings.seed, "windows": len(calibration), "seq_len": int(ids.shape[1]),
         "linears": len(scaled), "norms": len(norms), "kl_before": kl_before, "kl_after": kl_after,
         "loss_first_step": losses[0], "loss_last_step": losses[-1],

@@ -212,3 +212,29 @@ def test_tune_stops_on_a_diverging_kl_and_names_the_learning_rate():
     with pytest.raises(QuantkitError, match="KL became") as e:
         tune(student, teacher.requires_grad_(False), ids, [student.table], TuneSettings(steps=3, lr=1e30, batch_size=2))
     assert e.value.field == "--lr" and not student.training
+
+
+def test_tune_loads_the_base_at_the_runs_revision(tmp_path, monkeypatch):
+    """A run of a hub model pinned to a revision is tuned against that revision, not the
+    latest; a --base of the user's own is taken as given."""
+    import quantkit
+    from quantkit.model import ModelSource
+
+    folder = tmp_path / "w4a16"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": {"weights": {"num_bits": 4}}}}}))
+    (folder / "report.json").write_text(json.dumps({"model": "org/model", "revision": "abc123", "calibration": {
+        "source": "shakespeare", "num_samples": 2, "max_seq_length": 16}}))
+    opened = []
+
+    def record(model, revision=None, *args, **kwargs):
+        opened.append((model, revision))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(ModelSource, "open", staticmethod(record))
+    for options, expect in (({}, ("org/model", "abc123")), ({"base": "other/model"}, ("other/model", None))):
+        with pytest.raises(RuntimeError, match="stop here"):
+            quantkit.tune(folder, device="cpu", **options)
+        assert opened[-1] == expect
