@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ExportError, ModelError, QuantkitError
+from .errors import DeviceMemoryError, ExportError, ModelError, NumericsError
 from .formats.packing import unpack_int32
 
 TUNED_SUFFIX = ".tuning"  # a rewritten shard before it replaces the original
@@ -149,8 +149,8 @@ def tune(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, params: list
                 target = teacher(batch).logits[:, :-1]
             loss = next_token_kl(student(batch).logits[:, :-1], target).mean()
             if not math.isfinite(loss.item()):
-                raise QuantkitError(f"tune: the KL became {loss.item()} at step {len(losses) + 1}; nothing was "
-                                    "written", field="--lr", value=settings.lr, hint="try a smaller --lr")
+                raise NumericsError(f"tune: the KL became {loss.item()} at step {len(losses) + 1}; nothing was "
+                                     "written", field="--lr", value=settings.lr, hint="try a smaller --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -225,12 +225,8 @@ def tune_checkpoint(checkpoint: Path, base: str, calibration: list[torch.Tensor]
     the perplexity of base, quantized and tuned there (all float32, which the run's own numbers
     on a GPU are not)."""
     from safetensors.torch import load_file
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM
 
-    from .engine import perplexity
-    from .evaluate import load_for_evaluation
-    from .model import ModelSource, read_config
+    from .model import read_config
 
     label = name or str(checkpoint)
     config = read_config(checkpoint / "config.json", quantized_ok=True)
@@ -242,6 +238,31 @@ def tune_checkpoint(checkpoint: Path, base: str, calibration: list[torch.Tensor]
     linears = packed_linears(tensors, bits)
     stored = {k: v.dtype for k, v in tensors.items()}
     del tensors
+    try:
+        report, changed = _tune_in_memory(checkpoint, label, base, revision, linears, stored, calibration, evaluation,
+                                          settings, device, quiet)
+    except torch.OutOfMemoryError:
+        raise DeviceMemoryError(
+            f"{label}: out of memory on {device} holding the base and the quantized model in float32 (about 8 "
+            f"bytes a parameter) and a step of {settings.batch_size} windows; nothing was written",
+            field="--batch-size", value=settings.batch_size,
+            hint="lower --batch-size, or tune where both models fit (--device cpu uses host memory)") from None
+    rewrite_shards(checkpoint, changed)
+    report["seconds"] = time.perf_counter() - began
+    return report
+
+
+def _tune_in_memory(checkpoint: Path, label: str, base: str, revision: str | None,
+                    linears: dict[str, tuple[torch.Tensor, torch.Tensor]], stored: dict[str, torch.dtype],
+                    calibration: list[torch.Tensor], evaluation: list[torch.Tensor] | None, settings: TuneSettings,
+                    device: torch.device, quiet: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The models loaded, tuned and measured: the report and the tensors to write."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    from .engine import perplexity
+    from .evaluate import load_for_evaluation
+    from .model import ModelSource
 
     student, _ = load_for_evaluation(checkpoint, device, name=label)
     student = student.float().eval()
@@ -277,17 +298,15 @@ def tune_checkpoint(checkpoint: Path, base: str, calibration: list[torch.Tensor]
                       bar)
     kl_after = mean_kl(student, teacher, ids, settings.batch_size)
     report: dict[str, Any] = {
-        "base": base, "revision": revision, "steps": settings.steps, "lr": settings.lr, "batch_size": settings.batch_size,
-        "seed": settings.seed, "windows": len(calibration), "seq_len": int(ids.shape[1]),
-        "linears": len(scaled), "norms": len(norms), "kl_before": kl_before, "kl_after": kl_after,
-        "loss_first_step": losses[0], "loss_last_step": losses[-1],
+        "base": base, "revision": revision, "steps": settings.steps, "lr": settings.lr,
+        "batch_size": settings.batch_size, "seed": settings.seed, "windows": len(calibration),
+        "seq_len": int(ids.shape[1]), "linears": len(scaled), "norms": len(norms), "kl_before": kl_before,
+        "kl_after": kl_after, "loss_first_step": losses[0], "loss_last_step": losses[-1],
     }
     score("perplexity_tuned", student)
     if ev is not None:
         report.update(ppl, eval_windows=len(ev))
-    rewrite_shards(checkpoint, tuned_tensors(scaled, norms, stored))
-    report["seconds"] = time.perf_counter() - began
-    return report
+    return report, tuned_tensors(scaled, norms, stored)
 
 
 def packed_bits(config: dict[str, Any], label: str, checkpoint: Path) -> int:

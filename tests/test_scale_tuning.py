@@ -238,3 +238,28 @@ def test_tune_loads_the_base_at_the_runs_revision(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="stop here"):
             quantkit.tune(folder, device="cpu", **options)
         assert opened[-1] == expect
+
+
+def test_out_of_device_memory_is_one_error_and_writes_nothing(tmp_path, monkeypatch):
+    """Running out of memory while the models load or train names --batch-size and leaves the
+    folder's shards as they were."""
+    import quantkit.evaluate
+    from quantkit.errors import DeviceMemoryError
+    from quantkit.scale_tuning import TuneSettings, tune_checkpoint
+
+    folder = tmp_path / "w4a16"
+    folder.mkdir()
+    save_file({"model.norm.weight": torch.ones(4, dtype=torch.bfloat16)}, str(folder / "model.safetensors"))
+    original = {p.name: p.read_bytes() for p in folder.glob("*.safetensors")}
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": {"weights": {"num_bits": 4}}}}}))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(quantkit.evaluate, "load_for_evaluation", out_of_memory)
+    with pytest.raises(DeviceMemoryError, match="nothing was written") as e:
+        tune_checkpoint(folder, "base", [torch.zeros(8, dtype=torch.long)], TuneSettings(), torch.device("cpu"))
+    assert e.value.field == "--batch-size"
+    assert {p.name: p.read_bytes() for p in folder.glob("*.safetensors")} == original
