@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import quality  # noqa: E402
 from llmcompressor_parity import model_perplexity  # noqa: E402
 
-from quantkit.scale_tuning import TuneSettings, attach, norm_weights, packed_linears, tune  # noqa: E402
+from quantkit.scale_tuning import TuneSettings, attach, norm_weights, read_packed, tune  # noqa: E402
 
 KEY, BITS = "gptq-asym-rot-clip-fb-seq", 4
 
@@ -74,10 +74,7 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
                                                 section="evaluate"), tok, model_dir)).to(device)
     checkpoint = work / "checkpoints" / f"pydoc-{KEY}-{seed}"
     config = read_config(checkpoint / "config.json", quantized_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(checkpoint.glob("*.safetensors")):
-        tensors.update(load_file(str(shard)))
-    linears = packed_linears(tensors, BITS)
+    linears, _ = read_packed(checkpoint, BITS)
 
     teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     for p in teacher.parameters():

@@ -60,8 +60,9 @@ def tune_folder(folder: str | Path, *, base: str | None = None, source: str | No
     ev = report.get("evaluation") or {}
     evaluation = load_tokens(TextRequest(ev["source"], ev["num_windows"], ev["seq_len"], True, 0, False,
                                          section="evaluate"), tokenizer, model_dir) if ev.get("source") else None
-    result = tune_checkpoint(folder, base, calibration, TuneSettings(steps, lr, batch_size, seed), where, evaluation,
-                             name=name, quiet=quiet, revision=revision)
+    result = {"base": base, "revision": revision,
+              **tune_checkpoint(folder, model_dir, calibration, TuneSettings(steps, lr, batch_size, seed), where,
+                                evaluation, name=name, quiet=quiet)}
     if evaluation:
         result["eval_source"] = ev["source"]
     if report:

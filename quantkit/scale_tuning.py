@@ -97,6 +97,27 @@ def packed_linears(tensors: dict[str, torch.Tensor], bits: int) -> dict[str, tup
     return out
 
 
+def read_packed(checkpoint: Path, bits: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
+                                                      dict[str, torch.dtype]]:
+    """``packed_linears`` of ``checkpoint`` and every tensor's stored dtype. Only the packed
+    Linears' tensors are read; the others' dtypes come from the shards' headers (the cached
+    reader the evaluation load validates them with)."""
+    from safetensors import safe_open
+
+    from .safetensors_dtypes import TORCH_DTYPES
+    from .shard_check import read_entries
+
+    stored: dict[str, torch.dtype] = {}
+    packed: dict[str, torch.Tensor] = {}
+    for shard in sorted(checkpoint.glob("*.safetensors")):
+        entries = read_entries(shard)
+        stored.update({name: TORCH_DTYPES[e.dtype] for name, e in entries.items()})
+        with safe_open(str(shard), "pt") as f:
+            packed.update({name: f.get_tensor(name) for name in entries
+                           if name.endswith((".weight_packed", ".weight_scale", ".weight_zero_point"))})
+    return packed_linears(packed, bits), stored
+
+
 def attach(model: nn.Module, linears: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device,
            checkpoint: str) -> dict[str, GroupScaled]:
     """Parametrize each of ``model``'s quantized Linears from its codes; the weight transformers
@@ -216,30 +237,22 @@ def rewrite_shards(folder: Path, changed: dict[str, torch.Tensor]) -> list[str]:
     return [shard.name for _, shard in written]
 
 
-def tune_checkpoint(checkpoint: Path, base: str, calibration: list[torch.Tensor], settings: TuneSettings,
+def tune_checkpoint(checkpoint: Path, base_dir: Path, calibration: list[torch.Tensor], settings: TuneSettings,
                     device: torch.device, evaluation: list[torch.Tensor] | None = None,
-                    name: str | None = None, quiet: bool = False, revision: str | None = None) -> dict[str, Any]:
-    """Tune ``checkpoint`` (a folder ``run`` wrote) against ``base`` (at ``revision``) on ``calibration``'s
-    windows and rewrite its scales and norm weights in place. Returns what report.json records:
-    the settings, the KL before and after on the calibration windows and, with ``evaluation``,
-    the perplexity of base, quantized and tuned there (all float32, which the run's own numbers
-    on a GPU are not)."""
-    from safetensors.torch import load_file
-
+                    name: str | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Tune ``checkpoint`` (a folder ``run`` wrote) against the base model in ``base_dir`` on
+    ``calibration``'s windows and rewrite its scales and norm weights in place. Returns what
+    report.json records: the settings, the KL before and after on the calibration windows and,
+    with ``evaluation``, the perplexity of base, quantized and tuned there (all float32, which
+    the run's own numbers on a GPU are not)."""
     from .model import read_config
 
     label = name or str(checkpoint)
     config = read_config(checkpoint / "config.json", quantized_ok=True)
-    bits = packed_bits(config, label, checkpoint)
     began = time.perf_counter()
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(checkpoint.glob("*.safetensors")):
-        tensors.update(load_file(str(shard)))
-    linears = packed_linears(tensors, bits)
-    stored = {k: v.dtype for k, v in tensors.items()}
-    del tensors
+    linears, stored = read_packed(checkpoint, packed_bits(config, label, checkpoint))
     try:
-        report, changed = _tune_in_memory(checkpoint, label, base, revision, linears, stored, calibration, evaluation,
+        report, changed = _tune_in_memory(checkpoint, label, base_dir, linears, stored, calibration, evaluation,
                                           settings, device, quiet)
     except torch.OutOfMemoryError:
         raise DeviceMemoryError(
@@ -252,7 +265,7 @@ def tune_checkpoint(checkpoint: Path, base: str, calibration: list[torch.Tensor]
     return report
 
 
-def _tune_in_memory(checkpoint: Path, label: str, base: str, revision: str | None,
+def _tune_in_memory(checkpoint: Path, label: str, base_dir: Path,
                     linears: dict[str, tuple[torch.Tensor, torch.Tensor]], stored: dict[str, torch.dtype],
                     calibration: list[torch.Tensor], evaluation: list[torch.Tensor] | None, settings: TuneSettings,
                     device: torch.device, quiet: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -262,7 +275,6 @@ def _tune_in_memory(checkpoint: Path, label: str, base: str, revision: str | Non
 
     from .engine import perplexity
     from .evaluate import load_for_evaluation
-    from .model import ModelSource
 
     student, _ = load_for_evaluation(checkpoint, device, name=label)
     student = student.float().eval()
@@ -276,7 +288,7 @@ def _tune_in_memory(checkpoint: Path, label: str, base: str, revision: str | Non
                          file=missing[0])
     for w in norms.values():
         w.requires_grad_(True)
-    teacher = AutoModelForCausalLM.from_pretrained(ModelSource.open(base, revision).path, dtype=torch.float32,
+    teacher = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
                                                    trust_remote_code=False).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -298,8 +310,8 @@ def _tune_in_memory(checkpoint: Path, label: str, base: str, revision: str | Non
                       bar)
     kl_after = mean_kl(student, teacher, ids, settings.batch_size)
     report: dict[str, Any] = {
-        "base": base, "revision": revision, "steps": settings.steps, "lr": settings.lr,
-        "batch_size": settings.batch_size, "seed": settings.seed, "windows": len(calibration),
+        "steps": settings.steps, "lr": settings.lr, "batch_size": settings.batch_size, "seed": settings.seed,
+        "windows": len(calibration),
         "seq_len": int(ids.shape[1]), "linears": len(scaled), "norms": len(norms), "kl_before": kl_before,
         "kl_after": kl_after, "loss_first_step": losses[0], "loss_last_step": losses[-1],
     }

@@ -260,6 +260,7 @@ def test_out_of_device_memory_is_one_error_and_writes_nothing(tmp_path, monkeypa
 
     monkeypatch.setattr(quantkit.evaluate, "load_for_evaluation", out_of_memory)
     with pytest.raises(DeviceMemoryError, match="nothing was written") as e:
-        tune_checkpoint(folder, "base", [torch.zeros(8, dtype=torch.long)], TuneSettings(), torch.device("cpu"))
+        tune_checkpoint(folder, tmp_path / "base", [torch.zeros(8, dtype=torch.long)], TuneSettings(),
+                        torch.device("cpu"))
     assert e.value.field == "--batch-size"
     assert {p.name: p.read_bytes() for p in folder.glob("*.safetensors")} == original
