@@ -160,6 +160,16 @@ def test_a_failed_rewrite_leaves_every_shard_as_it_was(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == original
 
 
+def _w4a16_folder(tmp_path):
+    """A folder whose config.json is a one-scheme W4A16 pack-quantized checkpoint's."""
+    folder = tmp_path / "w4a16"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": {"weights": {"num_bits": 4}}}}}))
+    return folder
+
+
 def test_tune_refuses_a_checkpoint_with_quantized_activations(tmp_path, capsys):
     folder = tmp_path / "w8a8"
     folder.mkdir()
@@ -177,11 +187,7 @@ def test_tune_from_python_names_the_bad_option(tmp_path):
     import quantkit
     from quantkit.errors import QuantkitError
 
-    folder = tmp_path / "w4a16"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
-        "quant_method": "compressed-tensors", "format": "pack-quantized",
-        "config_groups": {"group_0": {"weights": {"num_bits": 4}}}}}))
+    folder = _w4a16_folder(tmp_path)
     with pytest.raises(QuantkitError, match="--lr must be positive") as e:
         quantkit.tune(folder, lr=0.0)
     assert e.value.field == "--lr"
@@ -220,11 +226,7 @@ def test_tune_loads_the_base_at_the_runs_revision(tmp_path, monkeypatch):
     import quantkit
     from quantkit.model import ModelSource
 
-    folder = tmp_path / "w4a16"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
-        "quant_method": "compressed-tensors", "format": "pack-quantized",
-        "config_groups": {"group_0": {"weights": {"num_bits": 4}}}}}))
+    folder = _w4a16_folder(tmp_path)
     (folder / "report.json").write_text(json.dumps({"model": "org/model", "revision": "abc123", "calibration": {
         "source": "shakespeare", "num_samples": 2, "max_seq_length": 16}}))
     opened = []
@@ -247,13 +249,9 @@ def test_out_of_device_memory_is_one_error_and_writes_nothing(tmp_path, monkeypa
     from quantkit.errors import DeviceMemoryError
     from quantkit.scale_tuning import TuneSettings, tune_checkpoint
 
-    folder = tmp_path / "w4a16"
-    folder.mkdir()
+    folder = _w4a16_folder(tmp_path)
     save_file({"model.norm.weight": torch.ones(4, dtype=torch.bfloat16)}, str(folder / "model.safetensors"))
     original = {p.name: p.read_bytes() for p in folder.glob("*.safetensors")}
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
-        "quant_method": "compressed-tensors", "format": "pack-quantized",
-        "config_groups": {"group_0": {"weights": {"num_bits": 4}}}}}))
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
