@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QuantkitError
+from .scale_tuning import TuneSettings, packed_bits, tune_checkpoint
 
 
 def tune_folder(folder: str | Path, *, base: str | None = None, source: str | None = None,
-                num_samples: int | None = None, max_seq_length: int | None = None, steps: int = 128,
-                lr: float = 1e-3, batch_size: int = 8, seed: int = 0, device: str = "auto",
+                num_samples: int | None = None, max_seq_length: int | None = None,
+                steps: int = TuneSettings.steps, lr: float = TuneSettings.lr,
+                batch_size: int = TuneSettings.batch_size, seed: int = TuneSettings.seed, device: str = "auto",
                 quiet: bool = False) -> dict[str, Any]:
     """Tune ``folder`` in place and return its ``tuning`` section (also put in report.json and
     the card when the folder has them). ``None`` takes the run's own value from report.json."""
@@ -24,7 +26,6 @@ def tune_folder(folder: str | Path, *, base: str | None = None, source: str | No
     from .model import ModelSource, load_tokenizer, read_config
     from .output_report import add_section, read_report
     from .preflight import resolve_device
-    from .scale_tuning import TuneSettings, packed_bits, tune_checkpoint
 
     name = str(folder)
     folder = Path(folder).expanduser()
@@ -32,9 +33,7 @@ def tune_folder(folder: str | Path, *, base: str | None = None, source: str | No
         raise QuantkitError(f"{folder}: not a checkpoint folder (no config.json)", field="checkpoint",
                             file=folder / "config.json", hint="give the output folder of `quantkit run`")
     packed_bits(read_config(folder / "config.json", quantized_ok=True), name, folder)
-    for value, flag in ((steps, "--steps"), (batch_size, "--batch-size"), (lr, "--lr")):
-        if not value > 0:
-            raise QuantkitError(f"{flag} must be positive, got {value}", field=flag, value=value)
+    settings = TuneSettings(steps, lr, batch_size, seed)
     report = read_report(folder) or {}
     # The run's base at the run's revision; a --base of the user's own at its latest.
     revision = None if base else report.get("revision")
@@ -61,8 +60,8 @@ def tune_folder(folder: str | Path, *, base: str | None = None, source: str | No
     evaluation = load_tokens(TextRequest(ev["source"], ev["num_windows"], ev["seq_len"], True, 0, False,
                                          section="evaluate"), tokenizer, model_dir) if ev.get("source") else None
     result = {"base": base, "revision": revision,
-              **tune_checkpoint(folder, model_dir, calibration, TuneSettings(steps, lr, batch_size, seed), where,
-                                evaluation, name=name, quiet=quiet)}
+              **tune_checkpoint(folder, model_dir, calibration, settings, where, evaluation, name=name,
+                                quiet=quiet)}
     if evaluation:
         result["eval_source"] = ev["source"]
     if report:

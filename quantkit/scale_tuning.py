@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DeviceMemoryError, ExportError, ModelError, NumericsError
+from .errors import DeviceMemoryError, ExportError, ModelError, NumericsError, QuantkitError
 from .formats.packing import unpack_int32
 
 TUNED_SUFFIX = ".tuning"  # a rewritten shard before it replaces the original
@@ -41,6 +41,11 @@ class TuneSettings:
     lr: float = 1e-3
     batch_size: int = 8
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for value, flag in ((self.steps, "--steps"), (self.batch_size, "--batch-size"), (self.lr, "--lr")):
+            if not value > 0:
+                raise QuantkitError(f"{flag} must be positive, got {value}", field=flag, value=value)
 
 
 def scaled_weight(steps: torch.Tensor, scale: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
