@@ -3,7 +3,7 @@ weights) end to end against the float model's next-token distribution bring it t
 best peer's perplexity increase (issue 20)?
 
     python benchmarks/e2e_scales_probe.py --device cuda --seeds 0,1 --calib 256x256 --eval 32x256 \
-        --configs scales:1e-3:128 scales,norms:1e-3:128 [--batch 8] [--out DIR]
+        --configs scales:1e-3:128 scales,norms:3e-3:16:8 [--batch 8] [--out DIR]
 
 Every layer-wise lever measured on the shipped row (``gptq-asym-rot-clip-fb-seq``) stayed inside
 the draws' noise, and the row's error was found to compound from layer to layer (docs/quality.md,
@@ -48,8 +48,9 @@ KEY, BITS = "gptq-asym-rot-clip-fb-seq", 4
 
 
 def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, int], work: Path, device: str,
-          configs: list[tuple[set[str], float, int]], batch: int) -> list[dict]:
-    """One draw: the shipped row quantized once, then each ``(train, lr, steps)`` tuned from it."""
+          configs: list[tuple[set[str], float, int, int | None]], batch: int) -> list[dict]:
+    """One draw: the shipped row quantized once, then each ``(train, lr, steps, batch)`` tuned from
+    it (``batch`` None: the ``batch`` given here)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -81,7 +82,8 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
         p.requires_grad_(False)
     base, other_base = model_perplexity(teacher, ev), model_perplexity(teacher, other)
     results = []
-    for train, lr, steps in configs:
+    for train, lr, steps, config_batch in configs:
+        windows = config_batch or batch
         student = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, device_map={"": device},
                                                        **decompressed_on_load(config)).eval()
         for p in student.parameters():
@@ -94,11 +96,11 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
                 params.append(w)
         start, other_start = model_perplexity(student, ev), model_perplexity(student, other)
         began = time.perf_counter()
-        losses = tune(student, teacher, cal, params, TuneSettings(steps, lr, batch, seed))
+        losses = tune(student, teacher, cal, params, TuneSettings(steps, lr, windows, seed))
         seconds = time.perf_counter() - began
         tuned, other_tuned = model_perplexity(student, ev), model_perplexity(student, other)
         results.append({"seed": seed, "calib": list(calib), "eval": list(evaluation), "steps": steps, "lr": lr,
-                        "batch": batch, "train": sorted(train), "ppl_base": base, "ppl_start": start,
+                        "batch": windows, "train": sorted(train), "ppl_base": base, "ppl_start": start,
                         "ppl_tuned": tuned, "shakespeare_base": other_base, "shakespeare_start": other_start,
                         "shakespeare_tuned": other_tuned, "engine_base": row["ppl_base"], "engine_ppl": row["ppl"],
                         "gptq_s": row["quantize_s"], "tune_s": seconds, "loss_first": sum(losses[:4]) / 4,
@@ -107,13 +109,14 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
     return results
 
 
-def parse_config(text: str) -> tuple[set[str], float, int]:
-    """``scales,norms:1e-3:128`` → what is trained, Adam's learning rate, steps."""
-    train, lr, steps = text.split(":")
+def parse_config(text: str) -> tuple[set[str], float, int, int | None]:
+    """``scales,norms:1e-3:128[:8]`` → what is trained, Adam's learning rate, steps, and windows a
+    step (None: ``--batch``)."""
+    train, lr, steps, *batch = text.split(":")
     parts = set(train.split(","))
-    if not parts <= {"scales", "norms"}:
-        raise argparse.ArgumentTypeError(f"{text!r}: train scales and/or norms")
-    return parts, float(lr), int(steps)
+    if not parts <= {"scales", "norms"} or len(batch) > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: TRAIN:LR:STEPS[:BATCH], TRAIN scales and/or norms")
+    return parts, float(lr), int(steps), int(batch[0]) if batch else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,21 +127,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib", default="32x256")
     ap.add_argument("--eval", default="16x256")
     ap.add_argument("--configs", nargs="+", type=parse_config, default=[parse_config("scales:1e-3:64")],
-                    help="each TRAIN:LR:STEPS, TRAIN being scales, norms or scales,norms")
+                    help="each TRAIN:LR:STEPS[:BATCH], TRAIN being scales, norms or scales,norms")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "e2e")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    print("| draw | tuned | lr | steps | base | shipped row | tuned | Δ shipped | Δ tuned | KL first → last | tune s "
+    print("| draw | tuned | lr | steps | batch | base | shipped row | tuned | Δ shipped | Δ tuned | KL first → last | tune s "
           "| Shakespeare: Δ shipped | Δ tuned |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for seed in (int(s) for s in args.seeds.split(",")):
         for r in probe(args.model, seed, quality._pair(args.calib), quality._pair(args.eval), args.out, args.device,
                        args.configs, args.batch):
             with open(args.out / "e2e.jsonl", "a") as f:
                 f.write(json.dumps(r) + "\n")
             d0, d1 = (100 * (r[k] / r["ppl_base"] - 1) for k in ("ppl_start", "ppl_tuned"))
-            print(f"| {seed} | {'+'.join(r['train'])} | {r['lr']:g} | {r['steps']} | {r['ppl_base']:.3f} | "
+            print(f"| {seed} | {'+'.join(r['train'])} | {r['lr']:g} | {r['steps']} | {r['batch']} | {r['ppl_base']:.3f} | "
                   f"{r['ppl_start']:.3f} | {r['ppl_tuned']:.3f} | {d0:+.2f}% | {d1:+.2f}% | "
                   f"{r['loss_first']:.4f} → {r['loss_last']:.4f} | {r['tune_s']:.0f} | "
                   f"{100 * (r['shakespeare_start'] / r['shakespeare_base'] - 1):+.2f}% | "
