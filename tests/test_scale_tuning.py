@@ -14,19 +14,19 @@ from quantkit import pipeline
 from quantkit.cli import main as cli_main
 from quantkit.errors import ExportError
 from quantkit.recipe import make_recipe
-from quantkit.scale_tuning import TUNED_SUFFIX, next_token_kl, rewrite_shards, scaled_weight
+from quantkit.group_scaled import group_weight
+from quantkit.scale_tuning import TUNED_SUFFIX, next_token_kl, rewrite_shards
 
 
-def test_scaled_weight_matches_float64_reference():
+def test_group_weight_matches_float64_reference():
     g = torch.Generator().manual_seed(0)
-    steps = torch.randint(-8, 8, (6, 32), generator=g).float()
+    steps = torch.randint(-8, 8, (6, 32), generator=g, dtype=torch.int8)
     scale = torch.rand(6, 4, generator=g) + 0.1
-    theta = torch.randn(6, 4, generator=g) * 0.1
     expect = torch.empty(6, 32, dtype=torch.float64)
     for row in range(6):
         for col in range(32):
-            expect[row, col] = steps[row, col].double() * scale[row, col // 8].double() * theta[row, col // 8].double().exp()
-    torch.testing.assert_close(scaled_weight(steps, scale, theta).double(), expect, rtol=1e-6, atol=0)
+            expect[row, col] = float(steps[row, col]) * scale[row, col // 8].double()
+    torch.testing.assert_close(group_weight(steps, scale, torch.float32).double(), expect, rtol=1e-6, atol=0)
 
 
 def test_next_token_kl_matches_float64_reference():
@@ -51,8 +51,9 @@ def test_packed_linears_read_back_what_the_export_wrote(bits, symmetric):
     tensors = CompressedTensorsFormat().weight_tensors("model.layers.0.mlp.up_proj", qw, torch.float32)
     (name, (steps, scale)), = packed_linears(tensors, bits).items()
     assert name == "model.layers.0.mlp.up_proj"
-    torch.testing.assert_close(scaled_weight(steps, scale, torch.zeros_like(scale)).double(),
-                               qw.dequantize(torch.float64), rtol=1e-6, atol=1e-7)
+    assert steps.dtype == (torch.int8 if bits < 8 else torch.int16)
+    torch.testing.assert_close(group_weight(steps, scale, torch.float64), qw.dequantize(torch.float64),
+                               rtol=1e-6, atol=1e-7)
 
 
 def _mean_kl(checkpoint, base, ids) -> float:
@@ -260,5 +261,5 @@ def test_out_of_device_memory_is_one_error_and_writes_nothing(tmp_path, monkeypa
     with pytest.raises(DeviceMemoryError, match="nothing was written") as e:
         tune_checkpoint(folder, tmp_path / "base", [torch.zeros(8, dtype=torch.long)], TuneSettings(),
                         torch.device("cpu"))
-    assert e.value.field == "--batch-size"
+    assert e.value.field == "--batch-size" and "about 5 bytes a parameter" in str(e.value)
     assert {p.name: p.read_bytes() for p in folder.glob("*.safetensors")} == original
