@@ -112,6 +112,71 @@ def test_tune_brings_the_checkpoint_on_disk_closer_to_its_base(tiny_llama, text_
     assert _mean_kl(out, tiny_llama, ids) < 0.9 * _mean_kl(before, tiny_llama, ids)  # 0.72 when written
 
 
+def test_the_int8_student_tunes_as_the_float32_parametrized_one_did(tiny_llama, text_file, tmp_path):
+    """The student tune trains, each quantized Linear swapped for its int8 codes (1 byte a weight
+    and 8 a group: the scale and θ), gives the losses and the tuned tensors of the one it
+    replaced: the float32 model with each Linear's weight parametrized by the float formula."""
+    from torch import nn
+    from torch.nn.utils import parametrize
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.evaluate import load_for_evaluation
+    from quantkit.scale_tuning import TuneSettings, load_student, norm_weights, read_packed, tune, tuned_tensors
+
+    class FloatScaled(nn.Module):  # what tune held before: float32 steps, the weight computed by autograd
+        def __init__(self, steps, scale):
+            super().__init__()
+            self.steps, self.scale, self.stored_dtype = steps.float(), scale.float(), scale.dtype
+            self.theta = nn.Parameter(torch.zeros_like(self.scale))
+
+        def stored_scale(self):
+            return (self.scale * self.theta.exp()).to(self.stored_dtype)
+
+        def forward(self, _weight):
+            group = self.steps.shape[1] // self.scale.shape[1]
+            return self.steps * (self.scale * self.theta.exp()).repeat_interleave(group, dim=1)
+
+    out = tmp_path / "out"
+    pipeline.run(make_recipe({
+        "model": {"id": str(tiny_llama)},
+        "quantization": {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False},
+        "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 32, "batch_size": 4},
+        "export": {"output_dir": str(out)},
+    }), quiet=True)
+    linears, stored = read_packed(out, 4)
+    cpu = torch.device("cpu")
+    new, new_scaled = load_student(out, linears, cpu, "out")
+    old = load_for_evaluation(out, cpu)[0].float().requires_grad_(False)
+    old_scaled = {name: FloatScaled(steps, scale) for name, (steps, scale) in linears.items()}
+    for name, p in old_scaled.items():
+        parametrize.register_parametrization(old.get_submodule(name), "weight", p, unsafe=True)
+
+    held = {name: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+            for name, m in new_scaled.items()}
+    assert held == {name: steps.numel() + 8 * scale.numel() for name, (steps, scale) in linears.items()}
+    assert not new.training
+    assert {id(p) for p in new.parameters() if p.requires_grad} == {id(m.theta) for m in new_scaled.values()}
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval().requires_grad_(False)
+    ids = torch.randint(0, teacher.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for student, scaled in ((new, new_scaled), (old, old_scaled)):
+        norms = norm_weights(student)
+        for w in norms.values():
+            w.requires_grad_(True)
+        losses = tune(student, teacher, ids, [m.theta for m in scaled.values()] + list(norms.values()),
+                      TuneSettings(steps=4, lr=1e-2, batch_size=4))
+        runs.append((losses, tuned_tensors(scaled, norms, stored)))
+    (new_losses, new_tensors), (old_losses, old_tensors) = runs
+    torch.testing.assert_close(new_losses, old_losses, rtol=1e-5, atol=0)
+    assert new_losses[-1] < new_losses[0]
+    assert new_tensors.keys() == old_tensors.keys()
+    for name, tensor in new_tensors.items():
+        torch.testing.assert_close(tensor, old_tensors[name], rtol=1e-5, atol=0)
+    name, (_, scale) = next(iter(linears.items()))
+    assert not torch.equal(new_tensors[f"{name}.weight_scale"], scale)  # the scales moved
+
+
 def _two_shards(folder):
     folder.mkdir()
     save_file({"a.weight_scale": torch.ones(2, 2, dtype=torch.bfloat16)}, str(folder / "model-1.safetensors"),
