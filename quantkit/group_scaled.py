@@ -1,9 +1,9 @@
 """A quantized Linear held as its integer codes with learnable group scales: ``quantkit tune``'s
 student, ``W = (u − z)·s₀·exp(θ)``.
 
-Computing that weight in float32 and letting autograd keep it costs about 16 bytes a parameter
-(the dense weight, the codes as floats, the expanded scale and the weight saved for backward);
-the codes as int8 cost one. So the weight exists only inside one Linear's forward and again in
+Computing that weight in float32 and letting autograd keep it cost about 12 bytes a parameter (the
+dense weight as loaded, the codes as floats and the computed weight saved for backward); the
+codes as int8 cost one. So the weight exists only inside one Linear's forward and again in
 its backward, which recomputes it from the codes instead of saving it.
 """
 

@@ -11,9 +11,9 @@ only each group's ``weight_scale`` (as ``s₀·exp(θ)``) and each norm's weight
 
 Unlike ``run``, this holds the whole model twice on one device: the base in float32 as the target
 (4 bytes a parameter) and the quantized model as its integer codes (1 byte a parameter, 2 at 8
-bits; ``group_scaled``), its scales, embeddings, norms and head in float32, about 5 bytes a
-parameter in all (6 at 8 bits), plus one step's activations. An 8B model fits one 80 GB GPU; the
-70B that ``run`` streams does not.
+bits; ``group_scaled``) with its scales, embeddings, norms and head in float32: about 5 bytes a
+parameter in all (6 at 8 bits), some 45 GB for an 8B model, plus one step's activations. So it
+suits models that fit there, not the 70B that ``run`` streams.
 """
 
 from __future__ import annotations
