@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import quality  # noqa: E402
 from llmcompressor_parity import model_perplexity  # noqa: E402
 
-from quantkit.scale_tuning import TuneSettings, attach, norm_weights, read_packed, tune  # noqa: E402
+from quantkit.scale_tuning import TuneSettings, load_student, norm_weights, read_packed, tune  # noqa: E402
 
 KEY, BITS = "gptq-asym-rot-clip-fb-seq", 4
 
@@ -55,9 +55,7 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantkit.calibration import TextRequest, load_tokens
-
-    from quantkit.evaluate import decompressed_on_load
-    from quantkit.model import ModelSource, read_config
+    from quantkit.model import ModelSource
 
     saved = work / "results" / f"pydoc-{KEY}-{seed}-{calib[0]}x{calib[1]}-{evaluation[0]}x{evaluation[1]}-{device}.json"
     if saved.exists():  # the row quality.py already ran into this --out
@@ -74,7 +72,6 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
     other = torch.stack(load_tokens(TextRequest("shakespeare-eval", evaluation[0], evaluation[1], True, 0, False,
                                                 section="evaluate"), tok, model_dir)).to(device)
     checkpoint = work / "checkpoints" / f"pydoc-{KEY}-{seed}"
-    config = read_config(checkpoint / "config.json", quantized_ok=True)
     linears, _ = read_packed(checkpoint, BITS)
 
     teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
@@ -84,11 +81,7 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
     results = []
     for train, lr, steps, config_batch in configs:
         windows = config_batch or batch
-        student = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, device_map={"": device},
-                                                       **decompressed_on_load(config)).eval()
-        for p in student.parameters():
-            p.requires_grad_(False)
-        scaled = attach(student, linears, torch.device(device), str(checkpoint))
+        student, scaled = load_student(checkpoint, linears, torch.device(device), str(checkpoint))
         params = [p.theta for p in scaled.values()] if "scales" in train else []
         if "norms" in train:
             for w in norm_weights(student).values():

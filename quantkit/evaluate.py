@@ -39,11 +39,13 @@ def evaluate_checkpoint(checkpoint: str | Path, source: str = "shakespeare-eval"
             "dtype": str(dtype).removeprefix("torch.")}
 
 
-def load_for_evaluation(path: Path, device: torch.device, name: str | None = None) -> tuple[Any, torch.dtype]:
+def load_for_evaluation(path: Path, device: torch.device, name: str | None = None,
+                        dtype: torch.dtype | None = None) -> tuple[Any, torch.dtype]:
     """A model folder or quantized checkpoint (``path``, resolved; ``name``, what the user
     called it, names it in errors) as transformers loads it, on ``device``, and the dtype it
     computes in: the checkpoint's own on a GPU (what vLLM serves it in), float32 on a CPU (bf16
-    matmuls are far slower there). Perplexity and lm-eval's tasks load it alike."""
+    matmuls are far slower there), or ``dtype`` (tune loads in the checkpoint's own everywhere
+    and casts after dropping the dense weights). Perplexity and lm-eval's tasks load it alike."""
     from transformers import AutoConfig
 
     from .graph.skeleton import model_class
@@ -73,7 +75,7 @@ def load_for_evaluation(path: Path, device: torch.device, name: str | None = Non
         read_entries(shard)
     # The class config.json names: a multimodal checkpoint (Qwen2.5-VL) has no causal-LM auto class.
     cls = model_class(AutoConfig.from_pretrained(path, trust_remote_code=False), str(checkpoint))
-    dtype = compute_dtype(device, resolve_dtype("auto", config))
+    dtype = dtype or compute_dtype(device, resolve_dtype("auto", config))
     placement = {"device_map": {"": device}} if device.type == "cuda" else {}
     with warnings.catch_warnings():  # the option is there to override the checkpoint's own; transformers says so
         warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)

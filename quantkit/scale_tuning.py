@@ -9,9 +9,11 @@ perplexity increase to none (docs/quality.md, stop 41). The integer codes and ze
 exactly as the quantizer chose them, so the checkpoint keeps its format and vLLM its kernels;
 only each group's ``weight_scale`` (as ``s₀·exp(θ)``) and each norm's weight move.
 
-Unlike ``run``, this holds the whole model twice (the base in float32 as the target, the
-quantized model as float32 weights computed from its codes) on one device, so it suits models
-that fit there, not the 70B that ``run`` streams.
+Unlike ``run``, this holds the whole model twice on one device: the base in float32 as the target
+(4 bytes a parameter) and the quantized model as its integer codes (1 byte a parameter, 2 at 8
+bits; ``group_scaled``) with its scales, embeddings, norms and head in float32: about 5 bytes a
+parameter in all (6 at 8 bits), some 45 GB for an 8B model, plus one step's activations. So it
+suits models that fit there, not the 70B that ``run`` streams.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 
 from .errors import DeviceMemoryError, ExportError, ModelError, NumericsError, QuantkitError
 from .formats.packing import unpack_int32
+from .group_scaled import GroupScaledLinear, group_weight
 
 TUNED_SUFFIX = ".tuning"  # a rewritten shard before it replaces the original
 
@@ -48,57 +51,34 @@ class TuneSettings:
                 raise QuantkitError(f"{flag} must be positive, got {value}", field=flag, value=value)
 
 
-def scaled_weight(steps: torch.Tensor, scale: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """``(u − z)·s₀·exp(θ)``: ``steps`` ``[out, in]`` the codes less their zero points, ``scale``
-    and ``theta`` ``[out, groups]``, each group a run of ``in / groups`` columns."""
-    group = steps.shape[1] // scale.shape[1]
-    return steps * (scale * theta.exp()).repeat_interleave(group, dim=1)
-
-
 def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(teacher ‖ student) of each position's next-token distribution, in nats."""
     target = F.log_softmax(teacher_logits.float(), -1)
     return F.kl_div(F.log_softmax(student_logits.float(), -1), target, log_target=True, reduction="none").sum(-1)
 
 
-class GroupScaled(nn.Module):
-    """A Linear's weight from fixed codes and learned scales (a parametrization of ``weight``).
-
-    Training computes with the float32 scales; evaluation with them rounded to the checkpoint's
-    dtype, so what is measured after tuning is what the rewritten checkpoint holds."""
-
-    def __init__(self, steps: torch.Tensor, scale: torch.Tensor):
-        super().__init__()
-        self.register_buffer("steps", steps.float())
-        self.register_buffer("scale", scale.float())
-        self.stored_dtype = scale.dtype
-        self.theta = nn.Parameter(torch.zeros_like(self.scale))
-
-    def stored_scale(self) -> torch.Tensor:
-        return (self.scale * self.theta.exp()).to(self.stored_dtype)
-
-    def forward(self, _weight: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return scaled_weight(self.steps, self.scale, self.theta)
-        return scaled_weight(self.steps, self.stored_scale().float(), torch.zeros_like(self.theta))
+def steps_dtype(bits: int) -> torch.dtype:
+    """The narrowest integer dtype that holds ``bits``-bit codes less their zero points, which lie
+    in [−(2^bits − 1), 2^bits − 1]: int8 up to 7 bits, int16 at 8."""
+    return torch.int8 if 2 ** bits - 1 <= torch.iinfo(torch.int8).max else torch.int16
 
 
 def packed_linears(tensors: dict[str, torch.Tensor], bits: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``name: (codes less zero points, scale)`` of every pack-quantized Linear in ``tensors``
-    (compressed-tensors' layout: unsigned codes, zero points packed along the rows; without zero
-    points the codes are offset by ``2^(bits−1)``)."""
+    """``name: (codes less zero points, scale)`` of every pack-quantized Linear in ``tensors``, the
+    former as ``steps_dtype(bits)`` (compressed-tensors' layout: unsigned codes, zero points
+    packed along the rows; without zero points the codes are offset by ``2^(bits−1)``)."""
     out = {}
     for key in sorted(k for k in tensors if k.endswith(".weight_packed")):
         name = key[: -len(".weight_packed")]
-        codes = unpack_int32(tensors[key], bits, dim=-1).float()
+        codes = unpack_int32(tensors[key], bits, dim=-1)
         scale = tensors[f"{name}.weight_scale"]
         group = codes.shape[1] // scale.shape[1]
         if f"{name}.weight_zero_point" in tensors:
-            zero = unpack_int32(tensors[f"{name}.weight_zero_point"], bits, dim=-2).float()[: codes.shape[0]]
+            zero = unpack_int32(tensors[f"{name}.weight_zero_point"], bits, dim=-2)[: codes.shape[0]]
             steps = codes - zero.repeat_interleave(group, dim=1)
         else:
             steps = codes - 2 ** (bits - 1)
-        out[name] = (steps, scale)
+        out[name] = (steps.to(steps_dtype(bits)), scale)
     return out
 
 
@@ -124,29 +104,50 @@ def read_packed(checkpoint: Path, bits: int) -> tuple[dict[str, tuple[torch.Tens
 
 
 def attach(model: nn.Module, linears: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-           checkpoint: str) -> dict[str, GroupScaled]:
-    """Parametrize each of ``model``'s quantized Linears from its codes; the weight transformers
-    decompressed must be what the codes give (up to its bf16 rounding), or the layout was misread."""
-    from torch.nn.utils import parametrize
-
-    modules = dict(model.named_modules())
+           checkpoint: str) -> dict[str, GroupScaledLinear]:
+    """Swap each of ``model``'s quantized Linears for a ``GroupScaledLinear`` of its codes, its
+    dense weight dropped with it; that weight, as transformers decompressed it, must be what the
+    codes give (up to its bf16 rounding), or the layout was misread."""
     scaled = {}
     for name, (steps, scale) in linears.items():
-        linear = modules.get(name)
+        # Looked up one at a time: a table of the model's modules would keep every swapped-out
+        # Linear's weight alive until the last one is swapped.
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            linear = None
         if not isinstance(linear, nn.Linear):
             raise ModelError(f"{checkpoint}: {name}.weight_packed has no Linear of that name in the loaded model",
                              field="checkpoint", file=f"{name}.weight_packed")
-        p = GroupScaled(steps.to(device), scale.to(device))
-        dense = scaled_weight(p.steps, p.scale, p.theta.detach())
+        module = GroupScaledLinear(steps.to(device), scale.to(device),
+                                   None if linear.bias is None else linear.bias.detach())
+        dense = group_weight(module.steps, module.scale, torch.float32)
         loaded = linear.weight.detach().float()
         if loaded.shape != dense.shape or ((loaded - dense).abs() - dense.abs() / 128).max().item() > 1e-6:
             raise ModelError(f"{checkpoint}: {name}'s codes times its scales are not the weight transformers "
                              "loads from it", field="checkpoint", file=f"{name}.weight_packed",
                              hint="tune reads compressed-tensors pack-quantized checkpoints with contiguous groups")
-        linear.weight.requires_grad_(False)
-        parametrize.register_parametrization(linear, "weight", p, unsafe=True)
-        scaled[name] = p
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+        scaled[name] = module
     return scaled
+
+
+def load_student(checkpoint: Path, linears: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                 label: str) -> tuple[nn.Module, dict[str, GroupScaledLinear]]:
+    """``checkpoint``'s model as tune trains it, in eval mode, nothing trainable but the scales'
+    ``theta``: its quantized Linears as their codes (``attach``), the rest in float32. It loads in
+    the checkpoint's own dtype and the Linears are swapped before the rest is cast, so the dense
+    model is never held in float32."""
+    from .evaluate import load_for_evaluation
+    from .model import read_config
+    from .preflight import resolve_dtype
+
+    dtype = resolve_dtype("auto", read_config(checkpoint / "config.json", quantized_ok=True))
+    student, _ = load_for_evaluation(checkpoint, device, name=label, dtype=dtype)
+    student.requires_grad_(False)
+    scaled = attach(student, linears, device, label)
+    return student.float().eval(), scaled
 
 
 def norm_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -200,7 +201,7 @@ def mean_kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, batch_siz
     return total / count
 
 
-def tuned_tensors(scaled: dict[str, GroupScaled], norms: dict[str, nn.Parameter],
+def tuned_tensors(scaled: dict[str, GroupScaledLinear], norms: dict[str, nn.Parameter],
                   stored: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
     """The checkpoint tensors tuning changed, in their stored dtypes, on the CPU."""
     out = {f"{name}.weight_scale": p.stored_scale().detach().cpu().contiguous() for name, p in scaled.items()}
@@ -255,14 +256,16 @@ def tune_checkpoint(checkpoint: Path, base_dir: Path, calibration: list[torch.Te
     label = name or str(checkpoint)
     config = read_config(checkpoint / "config.json", quantized_ok=True)
     began = time.perf_counter()
-    linears, stored = read_packed(checkpoint, packed_bits(config, label, checkpoint))
+    bits = packed_bits(config, label, checkpoint)
+    linears, stored = read_packed(checkpoint, bits)
     try:
         report, changed = _tune_in_memory(checkpoint, label, base_dir, linears, stored, calibration, evaluation,
                                           settings, device, quiet)
     except torch.OutOfMemoryError:
         raise DeviceMemoryError(
-            f"{label}: out of memory on {device} holding the base and the quantized model in float32 (about 8 "
-            f"bytes a parameter) and a step of {settings.batch_size} windows; nothing was written",
+            f"{label}: out of memory on {device} holding the base model in float32 and the quantized one as its "
+            f"codes (about {4 + torch.iinfo(steps_dtype(bits)).bits // 8} bytes a parameter) and a step of "
+            f"{settings.batch_size} windows; nothing was written",
             field="--batch-size", value=settings.batch_size,
             hint="lower --batch-size, or tune where both models fit (--device cpu uses host memory)") from None
     rewrite_shards(checkpoint, changed)
@@ -279,13 +282,8 @@ def _tune_in_memory(checkpoint: Path, label: str, base_dir: Path,
     from transformers import AutoModelForCausalLM
 
     from .engine import perplexity
-    from .evaluate import load_for_evaluation
 
-    student, _ = load_for_evaluation(checkpoint, device, name=label)
-    student = student.float().eval()
-    for p in student.parameters():
-        p.requires_grad_(False)
-    scaled = attach(student, linears, device, label)
+    student, scaled = load_student(checkpoint, linears, device, label)
     norms = norm_weights(student)
     missing = sorted(set(norms) - set(stored))
     if missing:

@@ -14,19 +14,19 @@ from quantkit import pipeline
 from quantkit.cli import main as cli_main
 from quantkit.errors import ExportError
 from quantkit.recipe import make_recipe
-from quantkit.scale_tuning import TUNED_SUFFIX, next_token_kl, rewrite_shards, scaled_weight
+from quantkit.group_scaled import group_weight
+from quantkit.scale_tuning import TUNED_SUFFIX, next_token_kl, rewrite_shards
 
 
-def test_scaled_weight_matches_float64_reference():
+def test_group_weight_matches_float64_reference():
     g = torch.Generator().manual_seed(0)
-    steps = torch.randint(-8, 8, (6, 32), generator=g).float()
+    steps = torch.randint(-8, 8, (6, 32), generator=g, dtype=torch.int8)
     scale = torch.rand(6, 4, generator=g) + 0.1
-    theta = torch.randn(6, 4, generator=g) * 0.1
     expect = torch.empty(6, 32, dtype=torch.float64)
     for row in range(6):
         for col in range(32):
-            expect[row, col] = steps[row, col].double() * scale[row, col // 8].double() * theta[row, col // 8].double().exp()
-    torch.testing.assert_close(scaled_weight(steps, scale, theta).double(), expect, rtol=1e-6, atol=0)
+            expect[row, col] = float(steps[row, col]) * scale[row, col // 8].double()
+    torch.testing.assert_close(group_weight(steps, scale, torch.float32).double(), expect, rtol=1e-6, atol=0)
 
 
 def test_next_token_kl_matches_float64_reference():
@@ -51,8 +51,9 @@ def test_packed_linears_read_back_what_the_export_wrote(bits, symmetric):
     tensors = CompressedTensorsFormat().weight_tensors("model.layers.0.mlp.up_proj", qw, torch.float32)
     (name, (steps, scale)), = packed_linears(tensors, bits).items()
     assert name == "model.layers.0.mlp.up_proj"
-    torch.testing.assert_close(scaled_weight(steps, scale, torch.zeros_like(scale)).double(),
-                               qw.dequantize(torch.float64), rtol=1e-6, atol=1e-7)
+    assert steps.dtype == (torch.int8 if bits < 8 else torch.int16)
+    torch.testing.assert_close(group_weight(steps, scale, torch.float64), qw.dequantize(torch.float64),
+                               rtol=1e-6, atol=1e-7)
 
 
 def _mean_kl(checkpoint, base, ids) -> float:
@@ -109,6 +110,71 @@ def test_tune_brings_the_checkpoint_on_disk_closer_to_its_base(tiny_llama, text_
     ids = torch.stack(load_tokens(TextRequest(str(text_file), 16, 64, True, 0, True), load_tokenizer(tiny_llama),
                                   tiny_llama))
     assert _mean_kl(out, tiny_llama, ids) < 0.9 * _mean_kl(before, tiny_llama, ids)  # 0.72 when written
+
+
+def test_the_int8_student_tunes_as_the_float32_parametrized_one_did(tiny_llama, text_file, tmp_path):
+    """The student tune trains, each quantized Linear swapped for its int8 codes (1 byte a weight
+    and 8 a group: the scale and θ), gives the losses and the tuned tensors of the one it
+    replaced: the float32 model with each Linear's weight parametrized by the float formula."""
+    from torch import nn
+    from torch.nn.utils import parametrize
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.evaluate import load_for_evaluation
+    from quantkit.scale_tuning import TuneSettings, load_student, norm_weights, read_packed, tune, tuned_tensors
+
+    class FloatScaled(nn.Module):  # what tune held before: float32 steps, the weight computed by autograd
+        def __init__(self, steps, scale):
+            super().__init__()
+            self.steps, self.scale, self.stored_dtype = steps.float(), scale.float(), scale.dtype
+            self.theta = nn.Parameter(torch.zeros_like(self.scale))
+
+        def stored_scale(self):
+            return (self.scale * self.theta.exp()).to(self.stored_dtype)
+
+        def forward(self, _weight):
+            group = self.steps.shape[1] // self.scale.shape[1]
+            return self.steps * (self.scale * self.theta.exp()).repeat_interleave(group, dim=1)
+
+    out = tmp_path / "out"
+    pipeline.run(make_recipe({
+        "model": {"id": str(tiny_llama)},
+        "quantization": {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False},
+        "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 32, "batch_size": 4},
+        "export": {"output_dir": str(out)},
+    }), quiet=True)
+    linears, stored = read_packed(out, 4)
+    cpu = torch.device("cpu")
+    new, new_scaled = load_student(out, linears, cpu, "out")
+    old = load_for_evaluation(out, cpu)[0].float().requires_grad_(False)
+    old_scaled = {name: FloatScaled(steps, scale) for name, (steps, scale) in linears.items()}
+    for name, p in old_scaled.items():
+        parametrize.register_parametrization(old.get_submodule(name), "weight", p, unsafe=True)
+
+    held = {name: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+            for name, m in new_scaled.items()}
+    assert held == {name: steps.numel() + 8 * scale.numel() for name, (steps, scale) in linears.items()}
+    assert not new.training
+    assert {id(p) for p in new.parameters() if p.requires_grad} == {id(m.theta) for m in new_scaled.values()}
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval().requires_grad_(False)
+    ids = torch.randint(0, teacher.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for student, scaled in ((new, new_scaled), (old, old_scaled)):
+        norms = norm_weights(student)
+        for w in norms.values():
+            w.requires_grad_(True)
+        losses = tune(student, teacher, ids, [m.theta for m in scaled.values()] + list(norms.values()),
+                      TuneSettings(steps=4, lr=1e-2, batch_size=4))
+        runs.append((losses, tuned_tensors(scaled, norms, stored)))
+    (new_losses, new_tensors), (old_losses, old_tensors) = runs
+    torch.testing.assert_close(new_losses, old_losses, rtol=1e-5, atol=0)
+    assert new_losses[-1] < new_losses[0]
+    assert new_tensors.keys() == old_tensors.keys()
+    for name, tensor in new_tensors.items():
+        torch.testing.assert_close(tensor, old_tensors[name], rtol=1e-5, atol=0)
+    name, (_, scale) = next(iter(linears.items()))
+    assert not torch.equal(new_tensors[f"{name}.weight_scale"], scale)  # the scales moved
 
 
 def _two_shards(folder):
@@ -260,5 +326,5 @@ def test_out_of_device_memory_is_one_error_and_writes_nothing(tmp_path, monkeypa
     with pytest.raises(DeviceMemoryError, match="nothing was written") as e:
         tune_checkpoint(folder, tmp_path / "base", [torch.zeros(8, dtype=torch.long)], TuneSettings(),
                         torch.device("cpu"))
-    assert e.value.field == "--batch-size"
+    assert e.value.field == "--batch-size" and "about 5 bytes a parameter" in str(e.value)
     assert {p.name: p.read_bytes() for p in folder.glob("*.safetensors")} == original
