@@ -189,7 +189,9 @@ def check_run(recipe: RecipeBase) -> tuple[RunPlan, ModelView]:
     check_linear_tensors(view, model.headers)
     quantizer = QUANTIZERS[params.method](params, model.config)
     cal, ev = recipe.calibration, recipe.evaluate
-    texts = [("calibration", cal) if quantizer.needs_calibration else None, ("evaluate", ev) if ev.enabled else None]
+    # Tuning reads the calibration windows after the run even where the quantizer does not.
+    texts = [("calibration", cal) if quantizer.needs_calibration or recipe.tune else None,
+             ("evaluate", ev) if ev.enabled else None]
     calibration, evaluate = (None if t is None else _text_plan(*t, shape) for t in texts)
     output_dir = Path(recipe.export.output_dir)
     if not model.remote:
