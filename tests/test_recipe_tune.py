@@ -161,10 +161,13 @@ def _rtn_recipe(tiny_llama, text_file, out, tune, seed=0):
 
 
 def test_rtn_tunes_on_the_calibration_it_did_not_read(tiny_llama, text_file, tmp_path):
-    """RTN reads no text to quantize, yet validation checks the calibration (tuning reads it)
-    and the run tunes on calibration.num_samples windows."""
+    """RTN reads no text to quantize, yet the plan checks the calibration (tuning reads it),
+    lists the tuning, and the run tunes on calibration.num_samples windows."""
     out = tmp_path / "rtn"
-    assert preflight.check(_rtn_recipe(tiny_llama, text_file, out, TUNE)).calibration is not None
+    plan = preflight.check(_rtn_recipe(tiny_llama, text_file, out, TUNE))
+    assert plan.calibration is not None and plan.to_dict()["tune"] == ["--steps", "2", "--lr", "0.01",
+                                                                       "--batch-size", "2"]
+    assert f"tune         then `quantkit tune {out} --steps 2 --lr 0.01 --batch-size 2` on it" in plan.to_text()
 
     report = pipeline.run(_rtn_recipe(tiny_llama, text_file, out, TUNE), quiet=True)
     assert report["calibration"]["num_samples"] == 0
@@ -185,3 +188,9 @@ def test_empty_tune_section_tunes_with_quantkit_tunes_defaults(tiny_llama, text_
     with pytest.raises(RuntimeError, match="recorded"):
         pipeline.run(_rtn_recipe(tiny_llama, text_file, tmp_path / "out", {}, seed=3), quiet=True)
     assert seen == [TuneSettings(seed=3)]
+
+
+def test_a_plan_without_tune_says_nothing_of_it(tiny_llama):
+    plan = preflight.check(make_recipe(recipe(model={"id": str(tiny_llama)}, evaluate={"enabled": False})))
+    assert plan.tune is None and plan.to_dict()["tune"] is None
+    assert "\ntune " not in plan.to_text()
