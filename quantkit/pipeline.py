@@ -37,7 +37,7 @@ from .moe import ExpertCalibration
 from .output_guard import check_output_dir, run_inputs
 from .planner import serve_command
 from .quantizers import QUANTIZERS
-from .recipe import RecipeBase, parse_size
+from .recipe import CalibrationSpec, RecipeBase, TuneSpec, parse_size
 from .rotation.online import DownProjHadamard
 from .rotation.stream import StreamRotation
 from .run_lock import RunLock
@@ -183,6 +183,8 @@ def run(recipe: RecipeBase, quiet: bool = False, on_layer: LayerCallback | None 
             raise failure from None
         workdir.remove()
         log.info("wrote %s", output_dir)
+        if recipe.tune is not None:  # before the push: the tuned checkpoint is the one published
+            report["tuning"] = _tune_published(output_dir, recipe.tune, recipe.calibration, device, quiet)
         if recipe.push is not None:
             _push(output_dir, recipe.push)
     return report
@@ -274,6 +276,30 @@ def _clean_up_after_failure(workdir: WorkDir, writer: CheckpointWriter, failure:
         log.warning("finished layers are kept in %s; run again with --resume to continue", workdir.root)
     else:
         shutil.rmtree(workdir.export, ignore_errors=True)
+
+
+def _tune_published(output_dir: Path, tune: TuneSpec, calibration: CalibrationSpec, device: torch.device,
+                    quiet: bool) -> dict[str, Any]:
+    """The recipe's ``tune:`` run on the published folder as ``quantkit tune`` runs it; returns
+    its report section. The shards are rewritten all or nothing, so a failure leaves the
+    published checkpoint untuned, which the error says, with the command that tunes it as the
+    recipe asked."""
+    from .folder_tuning import tune_folder
+
+    retry = " ".join(["quantkit tune", str(output_dir), "--num-samples", str(calibration.num_samples),
+                      *tune.flags(), "--seed", str(calibration.seed)])
+    untuned = f"{output_dir} holds the untuned quantized checkpoint"
+    try:
+        # report.json counts the windows the quantizer read: none where it reads no text (RTN).
+        return tune_folder(output_dir, num_samples=calibration.num_samples, seed=calibration.seed,
+                           device=str(device), quiet=quiet, **tune.settings())
+    except KeyboardInterrupt as e:
+        raise Interrupted(f"interrupted by {signal_name(e)} while tuning; {untuned}", signal=signal_of(e),
+                          hint=f"tune it with: {retry}") from None
+    except QuantkitError as e:
+        hint = f"{e.hint}, then retry with: {retry}" if e.hint else f"retry with: {retry}"
+        raise type(e)(f"tuning failed: {e.message}; {untuned}", field=e.field, value=e.value, hint=hint,
+                      file=e.file) from e
 
 
 def _push(output_dir: Path, push: Any) -> None:

@@ -103,6 +103,7 @@ class RunPlan:
     groups: tuple[GroupCheck, ...]
     calibration: TextPlan | None
     evaluate: TextPlan | None
+    tune: list[str] | None  # the written checkpoint is tuned afterwards: quantkit tune's options for it
     output_dir: str
     overwrite: bool
     sizes: SizePlan
@@ -140,6 +141,8 @@ class RunPlan:
             if text is not None:
                 lines.append(f"{text.section:<13}{text.source} ({text.kind}): {text.num_samples} x "
                              f"{text.max_seq_length} tokens")
+        if self.tune is not None:
+            lines.append(f"{'tune':<13}then `{' '.join(['quantkit tune', self.output_dir, *self.tune])}` on it")
         lines += [
             f"output       {self.output_dir}" + (" (replaced if it exists)" if self.overwrite else ""),
             f"disk         checkpoint about {_mb(z.checkpoint_bytes)} + work files {_mb(z.work_bytes)} = "
@@ -189,7 +192,9 @@ def check_run(recipe: RecipeBase) -> tuple[RunPlan, ModelView]:
     check_linear_tensors(view, model.headers)
     quantizer = QUANTIZERS[params.method](params, model.config)
     cal, ev = recipe.calibration, recipe.evaluate
-    texts = [("calibration", cal) if quantizer.needs_calibration else None, ("evaluate", ev) if ev.enabled else None]
+    # Tuning reads the calibration windows after the run even where the quantizer does not.
+    texts = [("calibration", cal) if quantizer.needs_calibration or recipe.tune else None,
+             ("evaluate", ev) if ev.enabled else None]
     calibration, evaluate = (None if t is None else _text_plan(*t, shape) for t in texts)
     output_dir = Path(recipe.export.output_dir)
     if not model.remote:
@@ -205,6 +210,7 @@ def check_run(recipe: RecipeBase) -> tuple[RunPlan, ModelView]:
         recipe=where, model=recipe.model.id, model_dir=model.location, shape=shape, method=params.method,
         format=recipe.format_name, scheme=scheme_name(scheme), linears=linears, device=str(device),
         dtype=str(dtype).replace("torch.", ""), groups=groups, calibration=calibration, evaluate=evaluate,
+        tune=None if recipe.tune is None else recipe.tune.flags(),
         output_dir=str(output_dir), overwrite=recipe.export.overwrite, sizes=sizes,
     ), view
 

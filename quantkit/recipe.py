@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from . import shipped
 from .errors import HubError, RecipeError
 from .formats import FORMATS
+from .formats.compressed_tensors import compression_format
 from .quantizers import QUANTIZERS, QuantizerParams
+from .scheme_names import scheme_name
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -135,6 +137,30 @@ class PushSpec(_Strict):
         return v
 
 
+class TuneSpec(_Strict):
+    """After the checkpoint is written, its group scales and norm weights tuned end to end
+    against the base model on the calibration windows, as ``quantkit tune`` tunes it, seeded by
+    ``calibration.seed``.
+
+    A setting left out is ``quantkit tune``'s default (``scale_tuning.TuneSettings``), not a copy
+    of it: the recipe cannot import tuning, which imports the evaluation and through it the recipe."""
+
+    steps: int | None = Field(None, gt=0, description="Adam steps, a minibatch of windows each (default: "
+                              "quantkit tune's)")
+    lr: float | None = Field(None, gt=0, description="Adam's peak learning rate, cosine-decayed (default: "
+                             "quantkit tune's)")
+    batch_size: int | None = Field(None, gt=0, description="Calibration windows a step (default: quantkit tune's)")
+
+    def settings(self) -> dict[str, int | float]:
+        """The settings the recipe gives, as ``tune_folder``'s keyword arguments."""
+        return self.model_dump(exclude_none=True)
+
+    def flags(self) -> list[str]:
+        """The same settings as ``quantkit tune`` options."""
+        return [part for name, value in self.settings().items()
+                for part in (f"--{name.replace('_', '-')}", str(value))]
+
+
 def expand_home(source: str) -> str:
     """``~/...`` text sources are local files; other sources (shipped names, hub ids) stay as given."""
     return str(Path(source).expanduser()) if source.startswith("~") else source
@@ -159,6 +185,7 @@ class RecipeBase(_Strict):
     export: ExportSpec
     evaluate: EvaluateSpec = EvaluateSpec()
     push: PushSpec | None = None
+    tune: TuneSpec | None = Field(None, description="Tune the written checkpoint (quantkit tune); absent: no tuning")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N")
     # Where the recipe came from (its file, or quantize()): errors found later name it too.
     _where: str = PrivateAttr("recipe")
@@ -205,6 +232,7 @@ def make_recipe(data: dict[str, Any], where: str = "recipe") -> RecipeBase:
     except ValidationError as e:
         raise _describe(e, data, where) from None
     _check_format(recipe, where)
+    _check_tune(recipe, where)
     recipe._where = where
     return recipe
 
@@ -264,6 +292,51 @@ def _check_format(recipe: RecipeBase, where: str) -> None:
             raise RecipeError(f"{where}: export.format '{name}' cannot store quantization.method "
                               f"'{recipe.quantization.method}' as configured: {reason}", field="export.format",
                               value=name)
+
+
+# Text settings report.json does not record: tune re-reads the run's windows with their defaults.
+_UNRECORDED_TEXT = {"calibration": ("split", "subset", "text_column", "messages_column"),
+                    "evaluate": ("split", "text_column")}
+
+
+def _check_tune(recipe: RecipeBase, where: str) -> None:
+    """``tune:`` only where ``quantkit tune`` will accept the checkpoint the run writes (the
+    conditions of ``scale_tuning.packed_bits``) and can re-read the run's text, so a run that
+    asks for it does not find out after hours of quantizing."""
+    if recipe.tune is None:
+        return
+    params = recipe.quantization
+    schemes = params.assignment().schemes
+
+    def refuse(problem: str, hint: str, value: Any = None) -> RecipeError:
+        return RecipeError(f"{where}: field 'tune': {problem}", field="tune", value=value, hint=hint)
+
+    if recipe.format_name != "compressed-tensors":
+        raise refuse(f"tune rewrites compressed-tensors checkpoints, not export.format '{recipe.format_name}'",
+                     "set export.format: compressed-tensors, or remove tune", recipe.format_name)
+    if len(schemes) > 1:
+        raise refuse(f"tune handles one scheme; this recipe quantizes with {len(schemes)} "
+                     f"({', '.join(scheme_name(s) for s in schemes)})", "quantize with one scheme, or remove tune",
+                     [scheme_name(s) for s in schemes])
+    if schemes[0].input_activations is not None or compression_format(schemes[0]) != "pack-quantized":
+        raise refuse(f"tune handles weight-only int4/int8 schemes (W4A16, W8A16), not {scheme_name(schemes[0])}",
+                     "quantize weights only (e.g. scheme: W4A16), or remove tune", scheme_name(schemes[0]))
+    if params.online_down_proj:
+        raise refuse("tune trains the model without the Hadamard vLLM applies online to down_proj's input "
+                     "(quantization.online_down_proj)", "remove quantization.online_down_proj, or remove tune", True)
+    if recipe.calibration.source == "self":
+        raise refuse("tune re-reads the calibration windows, and text the model generated "
+                     "(calibration.source 'self') is not generated again", "use a text calibration.source, or remove tune",
+                     "self")
+    for section, names in _UNRECORDED_TEXT.items():
+        spec = getattr(recipe, section)
+        if section == "evaluate" and not spec.enabled:
+            continue
+        for name in names:
+            if getattr(spec, name) != type(spec).model_fields[name].default:
+                raise refuse(f"tune re-reads the run's text from report.json, which does not record "
+                             f"{section}.{name}", f"leave {section}.{name} at its default, or remove tune",
+                             getattr(spec, name))
 
 
 def _describe(e: ValidationError, data: dict[str, Any], where: str) -> RecipeError:
@@ -326,7 +399,7 @@ def recipe_fields_help() -> str:
     """Every recipe field with its description: the epilog of ``run --help``."""
     lines = []
     sections = {"model": ModelSpec, "calibration": CalibrationSpec, "export": ExportSpec,
-                "evaluate": EvaluateSpec, "push": PushSpec}
+                "evaluate": EvaluateSpec, "push": PushSpec, "tune": TuneSpec}
     for section, model in sections.items():
         lines.append(f"{section}:")
         for name, f in model.model_fields.items():

@@ -1,0 +1,196 @@
+"""A recipe's ``tune:`` section: refused at load time where ``quantkit tune`` could not tune what
+the run writes, and otherwise ``run`` ends with the same tuning ``quantkit tune`` gives, or with
+the untuned checkpoint published and an error saying how to tune it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from quantkit import pipeline, preflight
+from quantkit.errors import NumericsError, RecipeError
+from quantkit.folder_tuning import tune_folder
+from quantkit.recipe import make_recipe
+from quantkit.scale_tuning import TUNED_SUFFIX, TuneSettings
+
+GPTQ_W4A16 = {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False}
+TUNE = {"steps": 2, "batch_size": 2, "lr": 1e-2}  # every setting, none its default: each must reach the tuning
+
+
+def recipe(quant: dict | None = None, tune: dict | None = None, **sections) -> dict:
+    data = {"model": {"id": "org/model"}, "quantization": quant or GPTQ_W4A16,
+            "export": {"output_dir": "/tmp/quantkit-never-written"}, "device": "cpu", **sections}
+    if tune is not None:
+        data["tune"] = tune
+    return data
+
+
+def test_tune_is_off_unless_asked_and_keeps_only_the_settings_given():
+    assert make_recipe(recipe()).tune is None
+    assert make_recipe(recipe(tune={})).tune.flags() == []
+    assert make_recipe(recipe(tune={"batch_size": 4})).tune.settings() == {"batch_size": 4}
+    assert make_recipe(recipe(tune=TUNE)).tune.flags() == ["--steps", "2", "--lr", "0.01", "--batch-size", "2"]
+
+
+@pytest.mark.parametrize("quant", [
+    {"method": "rtn", "scheme": "W4A16"},
+    {"method": "rtn", "scheme": "W8A16"},
+    {"method": "awq"},
+    GPTQ_W4A16,
+])
+def test_tune_accepts_weight_only_int_schemes_in_compressed_tensors(quant):
+    assert make_recipe(recipe(quant, tune={"steps": 4}, export={"output_dir": "/tmp/x",
+                                                                "format": "compressed-tensors"})).tune.steps == 4
+
+
+@pytest.mark.parametrize("data,needle", [
+    (recipe(tune={}, export={"output_dir": "/tmp/x", "format": "gptq"}), "export.format 'gptq'"),
+    (recipe({"method": "awq"}, tune={}, export={"output_dir": "/tmp/x", "format": "awq"}), "export.format 'awq'"),
+    (recipe({"method": "rtn", "scheme": "W8A8"}, tune={}), "not W8A8"),
+    (recipe({"method": "rtn", "scheme": "W4AFP8", "group_size": 128}, tune={}), "not W4AFP8"),  # pack-quantized too
+    (recipe({"method": "rtn", "scheme": "NVFP4A16"}, tune={}), "not NVFP4A16"),
+    (recipe({**GPTQ_W4A16, "online_down_proj": True}, tune={}), "online_down_proj"),
+    (recipe({**GPTQ_W4A16, "overrides": [{"targets": ["re:.*down_proj$"], "bits": 8}]}, tune={}), "one scheme"),
+    (recipe(tune={}, calibration={"source": "self"}), "'self'"),
+    (recipe(tune={}, calibration={"text_column": "content"}), "calibration.text_column"),
+    (recipe(tune={}, evaluate={"split": "test"}), "evaluate.split"),
+])
+def test_tune_is_refused_where_quantkit_tune_could_not_tune_the_output(data, needle):
+    with pytest.raises(RecipeError) as e:
+        make_recipe(data)
+    assert e.value.field == "tune"
+    assert "field 'tune'" in str(e.value) and needle in str(e.value)
+
+
+def test_unused_text_fields_do_not_block_tune():
+    """evaluate.split is recorded nowhere, but with evaluation off tune never reads it."""
+    assert make_recipe(recipe(tune={}, evaluate={"enabled": False, "split": "test"})).tune is not None
+
+
+@pytest.mark.parametrize("field,value", [("steps", 0), ("batch_size", -1), ("lr", 0.0)])
+def test_tune_settings_must_be_positive(field, value):
+    with pytest.raises(RecipeError) as e:
+        make_recipe(recipe(tune={field: value}))
+    assert e.value.field == f"tune.{field}" and "greater than 0" in str(e.value)
+
+
+def _run(tiny_llama, text_file, out, quant=GPTQ_W4A16, tune=None):
+    data = recipe(quant, tune, model={"id": str(tiny_llama)},
+                  calibration={"source": str(text_file), "num_samples": 8, "max_seq_length": 32, "batch_size": 4},
+                  evaluate={"source": str(text_file), "num_samples": 2, "max_seq_length": 32},
+                  export={"output_dir": str(out)})
+    return pipeline.run(make_recipe(data), quiet=True)
+
+
+def _tensors(folder):
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
+def _published_bytes(folder):
+    """The shards and JSON files of an output folder, less report.json (which holds timings)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".json")
+            and p.name != "report.json"}
+
+
+@pytest.fixture(scope="module")
+def untuned(tiny_llama, text_file, tmp_path_factory):
+    """The GPTQ W4A16 run without ``tune:``."""
+    out = tmp_path_factory.mktemp("untuned") / "out"
+    _run(tiny_llama, text_file, out)
+    return out
+
+
+def test_run_with_tune_writes_what_quantkit_tune_gives(tiny_llama, text_file, untuned, tmp_path):
+    """The tuned run's shards are the untuned run's tuned by ``tune_folder`` with the same
+    settings, bit for bit; report.json, the returned report and the card say it was tuned."""
+    out = tmp_path / "tuned"
+    report = _run(tiny_llama, text_file, out, tune=TUNE)
+
+    by_hand = tmp_path / "by-hand"
+    shutil.copytree(untuned, by_hand)
+    tune_folder(by_hand, steps=2, lr=1e-2, batch_size=2, seed=0, device="cpu", quiet=True)
+
+    tuned, plain, expect = _tensors(out), _tensors(untuned), _tensors(by_hand)
+    scales = [k for k in tuned if k.endswith(".weight_scale")]
+    assert scales and any(not torch.equal(tuned[k], plain[k]) for k in scales)
+    assert tuned.keys() == expect.keys()
+    assert [k for k in tuned if not torch.equal(tuned[k], expect[k])] == []
+
+    written = json.loads((out / "report.json").read_text())
+    assert written["tuning"]["steps"] == 2 and written["tuning"]["batch_size"] == 2
+    assert written["tuning"]["windows"] == 8
+    assert report["tuning"] == written["tuning"]
+    assert "tuned end to end" in (out / "README.md").read_text()
+    assert not list(out.glob(f"*{TUNED_SUFFIX}"))
+
+
+def test_a_failed_tuning_leaves_the_untuned_checkpoint_published(tiny_llama, text_file, untuned, tmp_path,
+                                                                   monkeypatch):
+    import quantkit.scale_tuning
+
+    def diverge(*args, **kwargs):
+        raise NumericsError("tune: the KL became nan at step 1; nothing was written", field="--lr", value=1e-2,
+                            hint="try a smaller --lr")
+
+    monkeypatch.setattr(quantkit.scale_tuning, "tune", diverge)
+    out = tmp_path / "out"
+    with pytest.raises(NumericsError) as e:
+        _run(tiny_llama, text_file, out, tune=TUNE)
+    message = str(e.value)
+    assert f"{out} holds the untuned quantized checkpoint" in message
+    assert f"quantkit tune {out} --num-samples 8 --steps 2 --lr 0.01 --batch-size 2 --seed 0" in message
+    assert "try a smaller --lr" in message and e.value.field == "--lr"
+    assert _published_bytes(out) == _published_bytes(untuned)
+    assert "tuning" not in json.loads((out / "report.json").read_text())
+    assert not list(out.glob(f"*{TUNED_SUFFIX}"))
+
+
+def _rtn_recipe(tiny_llama, text_file, out, tune, seed=0):
+    return make_recipe(recipe({"method": "rtn", "scheme": "W4A16", "group_size": 64}, tune,
+                              model={"id": str(tiny_llama)}, evaluate={"enabled": False},
+                              calibration={"source": str(text_file), "num_samples": 4, "max_seq_length": 32,
+                                           "seed": seed},
+                              export={"output_dir": str(out)}))
+
+
+def test_rtn_tunes_on_the_calibration_it_did_not_read(tiny_llama, text_file, tmp_path):
+    """RTN reads no text to quantize, yet the plan checks the calibration (tuning reads it),
+    lists the tuning, and the run tunes on calibration.num_samples windows."""
+    out = tmp_path / "rtn"
+    plan = preflight.check(_rtn_recipe(tiny_llama, text_file, out, TUNE))
+    assert plan.calibration is not None and plan.to_dict()["tune"] == ["--steps", "2", "--lr", "0.01",
+                                                                       "--batch-size", "2"]
+    assert f"tune         then `quantkit tune {out} --steps 2 --lr 0.01 --batch-size 2` on it" in plan.to_text()
+
+    report = pipeline.run(_rtn_recipe(tiny_llama, text_file, out, TUNE), quiet=True)
+    assert report["calibration"]["num_samples"] == 0
+    assert report["tuning"]["windows"] == 4
+
+
+def test_empty_tune_section_tunes_with_quantkit_tunes_defaults(tiny_llama, text_file, tmp_path, monkeypatch):
+    """``tune: {}`` tunes with TuneSettings' defaults and the calibration's seed."""
+    from quantkit import folder_tuning
+
+    seen = []
+
+    def record(checkpoint, base_dir, calibration, settings, *args, **kwargs):
+        seen.append(settings)
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(folder_tuning, "tune_checkpoint", record)
+    with pytest.raises(RuntimeError, match="recorded"):
+        pipeline.run(_rtn_recipe(tiny_llama, text_file, tmp_path / "out", {}, seed=3), quiet=True)
+    assert seen == [TuneSettings(seed=3)]
+
+
+def test_a_plan_without_tune_says_nothing_of_it(tiny_llama):
+    plan = preflight.check(make_recipe(recipe(model={"id": str(tiny_llama)}, evaluate={"enabled": False})))
+    assert plan.tune is None and plan.to_dict()["tune"] is None
+    assert "\ntune " not in plan.to_text()
