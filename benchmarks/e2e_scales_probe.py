@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import quality  # noqa: E402
 from llmcompressor_parity import model_perplexity  # noqa: E402
 
-from quantkit.scale_tuning import TuneSettings, load_student, norm_weights, read_packed, tune  # noqa: E402
+from quantkit.scale_tuning import load_student, norm_weights, read_packed, tune  # noqa: E402
+from quantkit.tune_settings import TuneSettings  # noqa: E402
 
 KEY, BITS = "gptq-asym-rot-clip-fb-seq", 4
 

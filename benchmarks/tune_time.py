@@ -40,7 +40,8 @@ def measure(layers: int, work: Path, samples: int, seq_len: int, steps: int, bat
     import quantkit
     from safetensors.torch import load_file
 
-    from quantkit.scale_tuning import TuneSettings, tune_checkpoint
+    from quantkit.scale_tuning import tune_checkpoint
+    from quantkit.tune_settings import TuneSettings
 
     model = bench.build_model("8b", layers, work / f"llama-8b-{layers}")
     vocab = bench.SHAPES["8b"]["config"].get("vocab_size", bench.CALIBRATION_VOCAB)

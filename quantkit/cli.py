@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import DistributedError, Interrupted, PeerLostError, QuantkitError
 from .interrupts import signal_name, signal_of, terminate_as_interrupt
+from .tune_settings import TuneSettings
 from .launch import LAUNCHED_ENV, PEER_LOST_EXIT
 
 log = logging.getLogger("quantkit")
@@ -265,17 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adam on KL(base || quantized) over the calibration windows moves each group's scale and "
                     "each norm's weight; the integer codes stay, so the checkpoint keeps its format and vLLM its "
                     "kernels. Rewrites the folder's shards in place (all or none) and adds a tuning section to "
-                    "report.json and the card. Holds the base model and the quantized one in float32 on one "
-                    "device: for models that fit there.")
+                    "report.json and the card. Holds the base model in float32 and the quantized one as its "
+                    "integer codes on one device (about 5 bytes a parameter): for models that fit there.")
     tune.add_argument("checkpoint", help="output folder written by `quantkit run` (compressed-tensors W4A16/W8A16)")
     tune.add_argument("--base", help="base model (default: the model in report.json)")
     tune.add_argument("--source", help="calibration text, as calibration.source (default: the run's)")
     tune.add_argument("--num-samples", type=positive_int, help="calibration windows (default: the run's)")
     tune.add_argument("--max-seq-length", type=positive_int, help="tokens per window (default: the run's)")
-    tune.add_argument("--steps", type=positive_int, default=128, help="Adam steps (default 128)")
-    tune.add_argument("--lr", type=float, default=1e-3, help="Adam's peak learning rate, cosine-decayed (default 1e-3)")
-    tune.add_argument("--batch-size", type=positive_int, default=8, help="windows a step (default 8)")
-    tune.add_argument("--seed", type=int, default=0, help="order of the windows (default 0)")
+    d = TuneSettings()
+    tune.add_argument("--steps", type=positive_int, default=d.steps, help=f"Adam steps (default {d.steps})")
+    tune.add_argument("--lr", type=float, default=d.lr,
+                      help=f"Adam's peak learning rate, cosine-decayed (default {d.lr:g})")
+    tune.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                      help=f"windows a step (default {d.batch_size})")
+    tune.add_argument("--seed", type=int, default=d.seed, help=f"order of the windows (default {d.seed})")
     tune.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     tune.set_defaults(func=_tune)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QuantkitError
-from .scale_tuning import TuneSettings, packed_bits, tune_checkpoint
+from .scale_tuning import packed_bits, tune_checkpoint
+from .tune_settings import TuneSettings
 
 
 def tune_folder(folder: str | Path, *, base: str | None = None, source: str | None = None,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,27 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DeviceMemoryError, ExportError, ModelError, NumericsError, QuantkitError
+from .errors import DeviceMemoryError, ExportError, ModelError, NumericsError
 from .formats.packing import unpack_int32
 from .group_scaled import GroupScaledLinear, group_weight
+from .tune_settings import TuneSettings
 
 TUNED_SUFFIX = ".tuning"  # a rewritten shard before it replaces the original
-
-
-@dataclass(frozen=True)
-class TuneSettings:
-    """Adam's schedule: ``steps`` minibatches of ``batch_size`` windows at a cosine-decayed ``lr``
-    (the setting measured on SmolLM2: 1e-3, 128 steps of 8 windows of 256 tokens)."""
-
-    steps: int = 128
-    lr: float = 1e-3
-    batch_size: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for value, flag in ((self.steps, "--steps"), (self.batch_size, "--batch-size"), (self.lr, "--lr")):
-            if not value > 0:
-                raise QuantkitError(f"{flag} must be positive, got {value}", field=flag, value=value)
 
 
 def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

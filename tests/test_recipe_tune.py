@@ -15,7 +15,8 @@ from quantkit import pipeline, preflight
 from quantkit.errors import NumericsError, RecipeError
 from quantkit.folder_tuning import tune_folder
 from quantkit.recipe import make_recipe
-from quantkit.scale_tuning import TUNED_SUFFIX, TuneSettings
+from quantkit.scale_tuning import TUNED_SUFFIX
+from quantkit.tune_settings import TuneSettings
 
 GPTQ_W4A16 = {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False}
 TUNE = {"steps": 2, "batch_size": 2, "lr": 1e-2}  # every setting, none its default: each must reach the tuning

@@ -121,7 +121,8 @@ def test_the_int8_student_tunes_as_the_float32_parametrized_one_did(tiny_llama, 
     from transformers import AutoModelForCausalLM
 
     from quantkit.evaluate import load_for_evaluation
-    from quantkit.scale_tuning import TuneSettings, load_student, norm_weights, read_packed, tune, tuned_tensors
+    from quantkit.scale_tuning import load_student, norm_weights, read_packed, tune, tuned_tensors
+    from quantkit.tune_settings import TuneSettings
 
     class FloatScaled(nn.Module):  # what tune held before: float32 steps, the weight computed by autograd
         def __init__(self, steps, scale):
@@ -269,7 +270,8 @@ def test_tune_stops_on_a_diverging_kl_and_names_the_learning_rate():
     from torch import nn
 
     from quantkit.errors import QuantkitError
-    from quantkit.scale_tuning import TuneSettings, tune
+    from quantkit.scale_tuning import tune
+    from quantkit.tune_settings import TuneSettings
 
     class Logits(nn.Module):
         def __init__(self, seed: int):
@@ -313,7 +315,8 @@ def test_out_of_device_memory_is_one_error_and_writes_nothing(tmp_path, monkeypa
     folder's shards as they were."""
     import quantkit.evaluate
     from quantkit.errors import DeviceMemoryError
-    from quantkit.scale_tuning import TuneSettings, tune_checkpoint
+    from quantkit.scale_tuning import tune_checkpoint
+    from quantkit.tune_settings import TuneSettings
 
     folder = _w4a16_folder(tmp_path)
     save_file({"model.norm.weight": torch.ones(4, dtype=torch.bfloat16)}, str(folder / "model.safetensors"))
