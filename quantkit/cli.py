@@ -15,8 +15,8 @@ from pathlib import Path
 
 from .errors import DistributedError, Interrupted, PeerLostError, QuantkitError
 from .interrupts import signal_name, signal_of, terminate_as_interrupt
-from .tune_settings import TuneSettings
 from .launch import LAUNCHED_ENV, PEER_LOST_EXIT
+from .tune_settings import TuneSettings
 
 log = logging.getLogger("quantkit")
 

@@ -142,8 +142,8 @@ class TuneSpec(_Strict):
     against the base model on the calibration windows, as ``quantkit tune`` tunes it, seeded by
     ``calibration.seed``.
 
-    A setting left out is ``quantkit tune``'s default (``scale_tuning.TuneSettings``), not a copy
-    of it: the recipe cannot import tuning, which imports the evaluation and through it the recipe."""
+    A setting left out is ``quantkit tune``'s default (``tune_settings.TuneSettings``), and is
+    left out of the plan's and the retry message's command too, which show what the recipe set."""
 
     steps: int | None = Field(None, gt=0, description="Adam steps, a minibatch of windows each (default: "
                               "quantkit tune's)")
