@@ -193,7 +193,7 @@ def check_run(recipe: RecipeBase) -> tuple[RunPlan, ModelView]:
     quantizer = QUANTIZERS[params.method](params, model.config)
     cal, ev = recipe.calibration, recipe.evaluate
     # Tuning reads the calibration windows after the run even where the quantizer does not.
-    texts = [("calibration", cal) if quantizer.needs_calibration or recipe.tune else None,
+    texts = [("calibration", cal) if quantizer.needs_calibration or recipe.tune is not None else None,
              ("evaluate", ev) if ev.enabled else None]
     calibration, evaluate = (None if t is None else _text_plan(*t, shape) for t in texts)
     output_dir = Path(recipe.export.output_dir)
