@@ -140,15 +140,19 @@ def _experts_section(experts: dict[str, Any] | None) -> list[str]:
 
 
 def _tuning_lines(tuning: dict[str, Any] | None) -> list[str]:
-    """What ``quantkit tune`` changed after the run, and what it measured (float32)."""
+    """What ``quantkit tune`` changed after the run, and what it measured."""
     if not tuning:
         return []
+    # A report without kl_windows predates scoring the KL on a subset: it was scored on all windows.
+    scored = tuning.get("kl_windows", tuning["windows"])
     lines = [
         f"The group scales and norm weights were then tuned end to end against `{tuning['base']}` "
         f"(`quantkit tune`, {tuning['steps']} steps on {tuning['windows']} windows of {tuning['seq_len']} tokens): "
-        f"next-token KL on those windows {tuning['kl_before']:.4f} -> {tuning['kl_after']:.4f} nats.", "",
+        f"next-token KL on {scored} of those windows {tuning['kl_before']:.4f} -> {tuning['kl_after']:.4f} nats.", "",
     ]
     if "perplexity_tuned" in tuning:
-        lines += [f"Perplexity in float32 on the evaluation windows above: base {tuning['perplexity_base']:.3f}, "
+        # A report without base_dtype predates holding the base in bf16 on a GPU: it was float32.
+        lines += [f"Perplexity on the evaluation windows above (base in {tuning.get('base_dtype', 'float32')}, "
+                  f"the others in float32): base {tuning['perplexity_base']:.3f}, "
                   f"quantized {tuning['perplexity_before']:.3f}, tuned {tuning['perplexity_tuned']:.3f}.", ""]
     return lines

@@ -140,10 +140,11 @@ def _tune(args: argparse.Namespace) -> int:
     result = tune_folder(args.checkpoint, base=args.base, source=args.source, num_samples=args.num_samples,
                          max_seq_length=args.max_seq_length, steps=args.steps, lr=args.lr,
                          batch_size=args.batch_size, seed=args.seed, device=args.device, quiet=args.quiet)
-    print(f"KL from base on the calibration windows: {result['kl_before']:.4f} -> {result['kl_after']:.4f} nats "
-          f"({result['steps']} steps, {result['seconds']:.0f} s)")
+    print(f"KL from base on {result['kl_windows']} calibration windows: {result['kl_before']:.4f} -> "
+          f"{result['kl_after']:.4f} nats ({result['steps']} steps, {result['seconds']:.0f} s)")
     if "perplexity_tuned" in result:
-        print(f"perplexity (float32): base {result['perplexity_base']:.3f}, quantized "
+        print(f"perplexity (base in {result['base_dtype']}, the others in float32): base "
+              f"{result['perplexity_base']:.3f}, quantized "
               f"{result['perplexity_before']:.3f} -> tuned {result['perplexity_tuned']:.3f} on "
               f"{result['eval_windows']} windows of {result['eval_source']}")
     print(f"rewrote {args.checkpoint}'s scales and norm weights")
@@ -266,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adam on KL(base || quantized) over the calibration windows moves each group's scale and "
                     "each norm's weight; the integer codes stay, so the checkpoint keeps its format and vLLM its "
                     "kernels. Rewrites the folder's shards in place (all or none) and adds a tuning section to "
-                    "report.json and the card. Holds the base model in float32 and the quantized one as its "
-                    "integer codes on one device (about 5 bytes a parameter): for models that fit there.")
+                    "report.json and the card. Holds the base model (bf16 on a GPU, float32 on the CPU) and the "
+                    "quantized one as its integer codes on one device (about 3 bytes a parameter on a GPU, 5 on "
+                    "the CPU): for models that fit there.")
     tune.add_argument("checkpoint", help="output folder written by `quantkit run` (compressed-tensors W4A16/W8A16)")
     tune.add_argument("--base", help="base model (default: the model in report.json)")
     tune.add_argument("--source", help="calibration text, as calibration.source (default: the run's)")

@@ -10,17 +10,20 @@ stops 41 and 42). The integer codes and zero points stay
 exactly as the quantizer chose them, so the checkpoint keeps its format and vLLM its kernels;
 only each group's ``weight_scale`` (as ``s₀·exp(θ)``) and each norm's weight move.
 
-Unlike ``run``, this holds the whole model twice on one device: the base in float32 as the target
-(4 bytes a parameter) and the quantized model as its integer codes (1 byte a parameter, 2 at 8
-bits; ``group_scaled``) with its scales, embeddings, norms and head in float32: about 5 bytes a
-parameter in all (6 at 8 bits), some 45 GB for an 8B model, plus one step's activations. So it
-suits models that fit there, not the 70B that ``run`` streams.
+Unlike ``run``, this holds the whole model twice on one device: the base as the target (2 bytes a
+parameter on a GPU, 4 on the CPU; ``teacher_dtype``) and the quantized model as its integer codes
+(1 byte a parameter, 2 at 8 bits; ``group_scaled``) with its scales, embeddings, norms and head in
+float32: about 3 bytes a parameter in all on a GPU, plus one step's activations (61 GiB in all at
+Llama-3.1-8B shapes, one window of 2048 tokens a step). So it suits models that fit there, not
+the 70B that ``run`` streams.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,10 @@ from .group_scaled import GroupScaledLinear, group_weight
 from .tune_settings import TuneSettings
 
 TUNED_SUFFIX = ".tuning"  # a rewritten shard before it replaces the original
+# The KL before and after is a report, not a stopping rule, so it is scored on the first windows
+# up to this many tokens: all of the built-in default's 128 x 256, 16 of 2048 tokens. Over all of
+# an 8B run's 128 windows of 2048 tokens the two passes cost four times the 32 steps.
+KL_TOKENS = 32768
 
 
 def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -135,10 +142,42 @@ def load_student(checkpoint: Path, linears: dict[str, tuple[torch.Tensor, torch.
     return student.float().eval(), scaled
 
 
+def teacher_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """The dtype tune holds the base model in: bf16 on a GPU when the base is stored so, which at
+    Llama-3.1-8B shapes takes tune from 77 GiB to 61 (so an 80 GB card holds it) for the same
+    quality (ten SmolLM2 draws, docs/quality.md, stop 43); float32 otherwise, where bf16
+    arithmetic is slow (CPUs) or would round the stored weights."""
+    return torch.bfloat16 if device.type == "cuda" and stored == torch.bfloat16 else torch.float32
+
+
+def load_teacher(base_dir: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The base model as tune's target: frozen, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, trust_remote_code=False)
+    return teacher.requires_grad_(False).to(device).eval()
+
+
 def norm_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every normalization module's weight (``…norm.weight``), by checkpoint name."""
     return {f"{name}.weight": m.weight for name, m in model.named_modules()
             if name.endswith("norm") and isinstance(getattr(m, "weight", None), nn.Parameter)}
+
+
+@contextmanager
+def tensor_core_matmuls(device: torch.device) -> Iterator[None]:
+    """float32 matmuls on a GPU's tensor cores (TF32 inputs, float32 sums) for the steps and the
+    KL report: the steps took a quarter of the time at Llama-3.1-8B shapes on an H200, for the
+    same quality (docs/quality.md, stop 43). Perplexities are scored outside, in full float32."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def tune(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, params: list[nn.Parameter],
@@ -152,25 +191,26 @@ def tune(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, params: list
     losses = []
     student.train()
     try:
-        for _ in range(settings.steps):
-            if len(order) < settings.batch_size:
-                order += torch.randperm(len(ids), generator=gen).tolist()
-            batch = ids[order[: settings.batch_size]]
-            del order[: settings.batch_size]
-            with torch.no_grad():
-                target = teacher(batch).logits[:, :-1]
-            loss = next_token_kl(student(batch).logits[:, :-1], target).mean()
-            if not math.isfinite(loss.item()):
-                raise NumericsError(f"tune: the KL became {loss.item()} at step {len(losses) + 1}; nothing was "
-                                     "written", field="--lr", value=settings.lr, hint="try a smaller --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            schedule.step()
-            losses.append(loss.item())
-            if progress is not None:
-                progress.set_postfix(kl=f"{loss.item():.4f}")
-                progress.update()
+        with tensor_core_matmuls(ids.device):
+            for _ in range(settings.steps):
+                if len(order) < settings.batch_size:
+                    order += torch.randperm(len(ids), generator=gen).tolist()
+                batch = ids[order[: settings.batch_size]]
+                del order[: settings.batch_size]
+                with torch.no_grad():
+                    target = teacher(batch).logits[:, :-1]
+                loss = next_token_kl(student(batch).logits[:, :-1], target).mean()
+                if not math.isfinite(loss.item()):
+                    raise NumericsError(f"tune: the KL became {loss.item()} at step {len(losses) + 1}; nothing was "
+                                         "written", field="--lr", value=settings.lr, hint="try a smaller --lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                schedule.step()
+                losses.append(loss.item())
+                if progress is not None:
+                    progress.set_postfix(kl=f"{loss.item():.4f}")
+                    progress.update()
     finally:
         student.eval()
     return losses
@@ -180,9 +220,10 @@ def tune(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, params: list
 def mean_kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
     """The mean next-token KL(teacher ‖ student) over all of ``ids``' positions."""
     total, count = 0.0, 0
-    for batch in ids.split(batch_size):
-        kl = next_token_kl(student(batch).logits[:, :-1], teacher(batch).logits[:, :-1])
-        total, count = total + kl.sum().item(), count + kl.numel()
+    with tensor_core_matmuls(ids.device):
+        for batch in ids.split(batch_size):
+            kl = next_token_kl(student(batch).logits[:, :-1], teacher(batch).logits[:, :-1])
+            total, count = total + kl.sum().item(), count + kl.numel()
     return total / count
 
 
@@ -234,23 +275,26 @@ def tune_checkpoint(checkpoint: Path, base_dir: Path, calibration: list[torch.Te
     """Tune ``checkpoint`` (a folder ``run`` wrote) against the base model in ``base_dir`` on
     ``calibration``'s windows and rewrite its scales and norm weights in place. Returns what
     report.json records: the settings, the KL before and after on the calibration windows and,
-    with ``evaluation``, the perplexity of base, quantized and tuned there (all float32, which
-    the run's own numbers on a GPU are not)."""
+    with ``evaluation``, the perplexity of base, quantized and tuned there (the quantized and
+    tuned models in float32, which the run's own numbers on a GPU are not; the base in
+    ``base_dtype``)."""
     from .model import read_config
+    from .preflight import resolve_dtype
 
     label = name or str(checkpoint)
     config = read_config(checkpoint / "config.json", quantized_ok=True)
     began = time.perf_counter()
     bits = packed_bits(config, label, checkpoint)
+    base_dtype = teacher_dtype(device, resolve_dtype("auto", read_config(base_dir / "config.json")))
     linears, stored = read_packed(checkpoint, bits)
     try:
-        report, changed = _tune_in_memory(checkpoint, label, base_dir, linears, stored, calibration, evaluation,
-                                          settings, device, quiet)
+        report, changed = _tune_in_memory(checkpoint, label, base_dir, base_dtype, linears, stored, calibration,
+                                          evaluation, settings, device, quiet)
     except torch.OutOfMemoryError:
         raise DeviceMemoryError(
-            f"{label}: out of memory on {device} holding the base model in float32 and the quantized one as its "
-            f"codes (about {4 + torch.iinfo(steps_dtype(bits)).bits // 8} bytes a parameter) and a step of "
-            f"{settings.batch_size} windows; nothing was written",
+            f"{label}: out of memory on {device} holding the base model in {str(base_dtype)[6:]} and the quantized "
+            f"one as its codes (about {base_dtype.itemsize + torch.iinfo(steps_dtype(bits)).bits // 8} bytes a "
+            f"parameter) and a step of {settings.batch_size} windows; nothing was written",
             field="--batch-size", value=settings.batch_size,
             hint="lower --batch-size, or tune where both models fit (--device cpu uses host memory)") from None
     rewrite_shards(checkpoint, changed)
@@ -258,13 +302,12 @@ def tune_checkpoint(checkpoint: Path, base_dir: Path, calibration: list[torch.Te
     return report
 
 
-def _tune_in_memory(checkpoint: Path, label: str, base_dir: Path,
+def _tune_in_memory(checkpoint: Path, label: str, base_dir: Path, base_dtype: torch.dtype,
                     linears: dict[str, tuple[torch.Tensor, torch.Tensor]], stored: dict[str, torch.dtype],
                     calibration: list[torch.Tensor], evaluation: list[torch.Tensor] | None, settings: TuneSettings,
                     device: torch.device, quiet: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The models loaded, tuned and measured: the report and the tensors to write."""
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM
 
     from .engine import perplexity
 
@@ -276,10 +319,7 @@ def _tune_in_memory(checkpoint: Path, label: str, base_dir: Path,
                          file=missing[0])
     for w in norms.values():
         w.requires_grad_(True)
-    teacher = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
-                                                   trust_remote_code=False).to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = load_teacher(base_dir, device, base_dtype)
 
     ppl: dict[str, float] = {}
     ev = None if not evaluation else torch.stack(evaluation).to(device)
@@ -292,15 +332,18 @@ def _tune_in_memory(checkpoint: Path, label: str, base_dir: Path,
     score("perplexity_base", teacher)
     score("perplexity_before", student)
     ids = torch.stack(calibration).to(device)
-    kl_before = mean_kl(student, teacher, ids, settings.batch_size)
+    scored = ids[: max(1, KL_TOKENS // ids.shape[1])]
+    kl_before = mean_kl(student, teacher, scored, settings.batch_size)
     with tqdm(total=settings.steps, desc="tune scales and norms", unit="step", disable=quiet) as bar:
         losses = tune(student, teacher, ids, [p.theta for p in scaled.values()] + list(norms.values()), settings,
                       bar)
-    kl_after = mean_kl(student, teacher, ids, settings.batch_size)
+    kl_after = mean_kl(student, teacher, scored, settings.batch_size)
     report: dict[str, Any] = {
         "steps": settings.steps, "lr": settings.lr, "batch_size": settings.batch_size, "seed": settings.seed,
+        "base_dtype": str(base_dtype)[6:],
         "windows": len(calibration),
-        "seq_len": int(ids.shape[1]), "linears": len(scaled), "norms": len(norms), "kl_before": kl_before,
+        "seq_len": int(ids.shape[1]), "linears": len(scaled), "norms": len(norms), "kl_windows": len(scored),
+        "kl_before": kl_before,
         "kl_after": kl_after, "loss_first_step": losses[0], "loss_last_step": losses[-1],
     }
     score("perplexity_tuned", student)

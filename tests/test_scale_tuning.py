@@ -67,13 +67,21 @@ def _mean_kl(checkpoint, base, ids) -> float:
         return next_token_kl(student(ids).logits[:, :-1], teacher(ids).logits[:, :-1]).mean().item()
 
 
-def test_tune_brings_the_checkpoint_on_disk_closer_to_its_base(tiny_llama, text_file, tmp_path, capsys):
+def test_tune_brings_the_checkpoint_on_disk_closer_to_its_base(tiny_llama, text_file, tmp_path, capsys,
+                                                                monkeypatch):
     """After a GPTQ W4A16 g64 asymmetric run, `tune` rewrites the folder so that the model
     transformers loads from it is closer to the base model (next-token KL on the run's
     calibration windows) than the run's own checkpoint; codes, zero points and every other
-    tensor are byte-identical, and report.json and the card say what was done."""
+    tensor are byte-identical, and report.json and the card say what was done. The KL it
+    reports is scored on the first windows up to KL_TOKENS tokens (here 4 of 16)."""
+    from quantkit import scale_tuning
     from quantkit.calibration import TextRequest, load_tokens
     from quantkit.model import load_tokenizer
+
+    scored, mean_kl = [], scale_tuning.mean_kl
+    monkeypatch.setattr(scale_tuning, "KL_TOKENS", 4 * 64 + 63)
+    monkeypatch.setattr(scale_tuning, "mean_kl", lambda student, teacher, ids, batch: scored.append(ids) or mean_kl(
+        student, teacher, ids, batch))
 
     out = tmp_path / "out"
     pipeline.run(make_recipe({
@@ -88,7 +96,7 @@ def test_tune_brings_the_checkpoint_on_disk_closer_to_its_base(tiny_llama, text_
 
     assert cli_main(["--quiet", "tune", str(out), "--steps", "16", "--batch-size", "4", "--lr", "1e-2",
                      "--device", "cpu"]) == 0
-    assert "KL from base" in capsys.readouterr().out
+    assert "KL from base on 4 calibration windows" in capsys.readouterr().out
 
     old, new = {}, {}
     for folder, into in ((before, old), (out, new)):
@@ -104,11 +112,12 @@ def test_tune_brings_the_checkpoint_on_disk_closer_to_its_base(tiny_llama, text_
 
     report = json.loads((out / "report.json").read_text())
     tuning = report["tuning"]
-    assert tuning["kl_after"] < tuning["kl_before"]
-    assert "tuned end to end" in (out / "README.md").read_text()
+    assert tuning["kl_after"] < tuning["kl_before"] and tuning["kl_windows"] == 4
+    assert "next-token KL on 4 of those windows" in (out / "README.md").read_text()
 
     ids = torch.stack(load_tokens(TextRequest(str(text_file), 16, 64, True, 0, True), load_tokenizer(tiny_llama),
                                   tiny_llama))
+    assert len(scored) == 2 and all(torch.equal(s, ids[:4]) for s in scored)
     assert _mean_kl(out, tiny_llama, ids) < 0.9 * _mean_kl(before, tiny_llama, ids)  # 0.72 when written
 
 
@@ -185,6 +194,30 @@ def _two_shards(folder):
     save_file({"b.weight_scale": torch.ones(3), "b.weight_packed": torch.arange(4, dtype=torch.int32)},
               str(folder / "model-2.safetensors"), metadata={"format": "pt"})
     return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_the_base_is_held_in_bf16_only_on_a_gpu_and_only_when_stored_so():
+    from quantkit.scale_tuning import teacher_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert teacher_dtype(cuda, torch.bfloat16) == torch.bfloat16
+    assert teacher_dtype(cuda, torch.float16) == teacher_dtype(cuda, torch.float32) == torch.float32
+    assert teacher_dtype(cpu, torch.bfloat16) == torch.float32
+
+
+def test_tensor_cores_are_asked_for_on_a_gpu_only_and_given_back():
+    """The steps' float32 matmuls run as TF32 on a GPU; the process's setting is restored after,
+    also when a step fails, and the CPU's is never touched."""
+    from quantkit.scale_tuning import tensor_core_matmuls
+
+    before = torch.get_float32_matmul_precision()
+    with tensor_core_matmuls(torch.device("cpu")):
+        assert torch.get_float32_matmul_precision() == before
+    with pytest.raises(RuntimeError, match="a step failed"):
+        with tensor_core_matmuls(torch.device("cuda")):
+            assert torch.get_float32_matmul_precision() == "high"
+            raise RuntimeError("a step failed")
+    assert torch.get_float32_matmul_precision() == before
 
 
 def test_rewrite_shards_replaces_the_named_tensors_and_keeps_the_rest(tmp_path):
@@ -310,9 +343,10 @@ def test_tune_loads_the_base_at_the_runs_revision(tmp_path, monkeypatch):
         assert opened[-1] == expect
 
 
-def test_out_of_device_memory_is_one_error_and_writes_nothing(tmp_path, monkeypatch):
-    """Running out of memory while the models load or train names --batch-size and leaves the
-    folder's shards as they were."""
+@pytest.mark.parametrize("device,base,per_param", [("cpu", "float32", 5), ("cuda", "bfloat16", 3)])
+def test_out_of_device_memory_is_one_error_and_writes_nothing(tmp_path, monkeypatch, device, base, per_param):
+    """Running out of memory while the models load or train names --batch-size, says what was
+    held (the bf16 base on a GPU, float32 on the CPU) and leaves the folder's shards as they were."""
     import quantkit.evaluate
     from quantkit.errors import DeviceMemoryError
     from quantkit.scale_tuning import tune_checkpoint
@@ -326,8 +360,25 @@ def test_out_of_device_memory_is_one_error_and_writes_nothing(tmp_path, monkeypa
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(quantkit.evaluate, "load_for_evaluation", out_of_memory)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"}))
     with pytest.raises(DeviceMemoryError, match="nothing was written") as e:
         tune_checkpoint(folder, tmp_path / "base", [torch.zeros(8, dtype=torch.long)], TuneSettings(),
-                        torch.device("cpu"))
-    assert e.value.field == "--batch-size" and "about 5 bytes a parameter" in str(e.value)
+                        torch.device(device))
+    assert e.value.field == "--batch-size" and f"about {per_param} bytes a parameter" in str(e.value)
+    assert f"base model in {base}" in str(e.value)
     assert {p.name: p.read_bytes() for p in folder.glob("*.safetensors")} == original
+
+
+@pytest.mark.parametrize("extra,scored,base", [({}, 16, "float32"),
+                                               ({"kl_windows": 4, "base_dtype": "bfloat16"}, 4, "bfloat16")])
+def test_the_card_says_what_the_kl_and_the_base_perplexity_were_measured_on(extra, scored, base):
+    """A report written before the KL was scored on a subset, or the base held in bf16, scored
+    both on all windows and in float32; the card says so instead of failing to render."""
+    from quantkit.card import _tuning_lines
+
+    tuning = {"base": "m", "steps": 32, "windows": 16, "seq_len": 64, "kl_before": 0.2, "kl_after": 0.1,
+              "perplexity_base": 10.0, "perplexity_before": 11.0, "perplexity_tuned": 10.5, **extra}
+    text = "\n".join(_tuning_lines(tuning))
+    assert f"next-token KL on {scored} of those windows 0.2000 -> 0.1000" in text
+    assert f"(base in {base}, the others in float32): base 10.000, quantized 11.000, tuned 10.500" in text
