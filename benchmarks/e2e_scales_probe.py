@@ -42,18 +42,20 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import quality  # noqa: E402
 from llmcompressor_parity import model_perplexity  # noqa: E402
 
-from quantkit.scale_tuning import load_student, norm_weights, read_packed, tune  # noqa: E402
+from quantkit.scale_tuning import (  # noqa: E402
+    load_student, load_teacher, norm_weights, read_packed, teacher_dtype, tune)
 from quantkit.tune_settings import TuneSettings  # noqa: E402
 
 KEY, BITS = "gptq-asym-rot-clip-fb-seq", 4
 
 
 def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, int], work: Path, device: str,
-          configs: list[tuple[set[str], float, int, int | None]], batch: int) -> list[dict]:
+          configs: list[tuple[set[str], float, int, int | None]], batch: int,
+          base_dtype: torch.dtype | None = None) -> list[dict]:
     """One draw: the shipped row quantized once, then each ``(train, lr, steps, batch)`` tuned from
     it (``batch`` None: the ``batch`` given here)."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from quantkit.calibration import TextRequest, load_tokens
     from quantkit.model import ModelSource
@@ -75,9 +77,11 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
     checkpoint = work / "checkpoints" / f"pydoc-{KEY}-{seed}"
     linears, _ = read_packed(checkpoint, BITS)
 
-    teacher = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = load_teacher(model_dir, torch.device(device), torch.float32)
+    # The target the steps see (tune's own choice unless told); perplexities are scored with the
+    # float32 base either way.
+    dtype = base_dtype or teacher_dtype(torch.device(device), torch.bfloat16)
+    target = teacher if dtype == torch.float32 else load_teacher(model_dir, torch.device(device), dtype)
     base, other_base = model_perplexity(teacher, ev), model_perplexity(teacher, other)
     results = []
     for train, lr, steps, config_batch in configs:
@@ -90,7 +94,7 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
                 params.append(w)
         start, other_start = model_perplexity(student, ev), model_perplexity(student, other)
         began = time.perf_counter()
-        losses = tune(student, teacher, cal, params, TuneSettings(steps, lr, windows, seed))
+        losses = tune(student, target, cal, params, TuneSettings(steps, lr, windows, seed))
         seconds = time.perf_counter() - began
         tuned, other_tuned = model_perplexity(student, ev), model_perplexity(student, other)
         results.append({"seed": seed, "calib": list(calib), "eval": list(evaluation), "steps": steps, "lr": lr,
@@ -98,7 +102,9 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
                         "ppl_tuned": tuned, "shakespeare_base": other_base, "shakespeare_start": other_start,
                         "shakespeare_tuned": other_tuned, "engine_base": row["ppl_base"], "engine_ppl": row["ppl"],
                         "gptq_s": row["quantize_s"], "tune_s": seconds, "loss_first": sum(losses[:4]) / 4,
-                        "loss_last": sum(losses[-4:]) / 4, "device": device})
+                        "loss_last": sum(losses[-4:]) / 4, "device": device,
+                        "teacher_dtype": str(dtype).removeprefix("torch."),
+                        "matmul": "tf32" if device == "cuda" else "float32"})  # tune's tensor_core_matmuls
         del student, scaled, params
     return results
 
@@ -123,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--configs", nargs="+", type=parse_config, default=[parse_config("scales:1e-3:64")],
                     help="each TRAIN:LR:STEPS[:BATCH], TRAIN being scales, norms or scales,norms")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--teacher-dtype", choices=("float32", "bfloat16"),
+                    help="the base model the steps distil from (default: tune's choice, bf16 on a GPU; "
+                         "perplexities are scored in float32 either way)")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "e2e")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for seed in (int(s) for s in args.seeds.split(",")):
         for r in probe(args.model, seed, quality._pair(args.calib), quality._pair(args.eval), args.out, args.device,
-                       args.configs, args.batch):
+                       args.configs, args.batch, args.teacher_dtype and getattr(torch, args.teacher_dtype)):
             with open(args.out / "e2e.jsonl", "a") as f:
                 f.write(json.dumps(r) + "\n")
             d0, d1 = (100 * (r[k] / r["ppl_base"] - 1) for k in ("ppl_start", "ppl_tuned"))

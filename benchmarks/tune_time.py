@@ -1,7 +1,8 @@
 """``quantkit tune``'s time and GPU memory at Llama-3.1-8B shapes, beside the shipped GPTQ row and
 plain GPTQ on the same model (issue 20: the best 4-bit recipe within 2x GPTQ's time).
 
-    python benchmarks/tune_time.py --layers 2,4 [--samples 128 --seq-len 2048 --steps 32 --batch 1]
+    python benchmarks/tune_time.py --layers 2,4 [--samples 128 --seq-len 2048 --steps 32 --batch 1] \
+        [--variants bfloat16:tf32,float32:tf32,float32:float32]
     python benchmarks/tune_time.py --tiny        # the script checked on the CPU (not a measurement)
 
 SmolLM2's seconds are overheads, so the time is measured where users pay it: random-weight models
@@ -12,14 +13,24 @@ groups, symmetric) by ``quantkit.quantize``, each end to end (load, calibrate, q
 then ``scale_tuning.tune_checkpoint`` on the shipped row's checkpoint with the given schedule
 (read, load both models, tune, rewrite), after one untimed pass of all three on the smallest model.
 Two layer counts give each cost's per-layer slope, and so
-the full 32-layer model's seconds. Prints one table.
+the full 32-layer model's seconds. Tune's peak GPU memory is its own, above what was held
+before it started. Prints one table, then tune's seconds by stage (loading the
+student and the teacher, the KL before and after, the steps, the rewrite).
+
+Each ``--variants`` entry tunes its own copy of the row's checkpoint: ``bfloat16:tf32`` is what tune
+does on a GPU; ``float32:…`` holds the base in float32, ``…:float32`` runs the steps and the KL
+without tensor cores (``scale_tuning.tensor_core_matmuls``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,36 +42,90 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_vs_llmcompressor as bench  # noqa: E402
 
 GIB = 1024**3
+stages: dict[str, float] = {}  # tune's seconds by stage in the current measurement
 TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
             vocab_size=1024)
 
 
-def measure(layers: int, work: Path, samples: int, seq_len: int, steps: int, batch: int, lr: float) -> dict:
-    """Seconds of the shipped row, plain GPTQ and tune on a model of ``layers`` 8B-shaped layers."""
+STAGES = ("read_packed", "load_student", "load_teacher", "mean_kl", "tune", "rewrite_shards")
+
+
+def timed_stages(seconds: dict[str, float]) -> None:
+    """Wrap ``scale_tuning``'s stages with synchronised timers that add into ``seconds``."""
+    from quantkit import scale_tuning
+
+    def wrap(stage: str):
+        inner = getattr(scale_tuning, stage)
+
+        def call(*args, **kwargs):
+            sync = torch.cuda.synchronize if bench.DEVICE == "cuda" else (lambda: None)
+            sync()
+            began = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                sync()
+                seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - began
+        return call
+
+    for stage in STAGES:
+        setattr(scale_tuning, stage, wrap(stage))
+
+
+@contextlib.contextmanager
+def variant(teacher_dtype: str, matmul: str) -> Iterator[None]:
+    """``scale_tuning`` holding the base in ``teacher_dtype`` and running the steps' float32
+    matmuls as ``matmul`` (``bfloat16:tf32`` is what it does on a GPU with a bf16 base)."""
+    from quantkit import scale_tuning
+
+    load, matmuls = scale_tuning.load_teacher, scale_tuning.tensor_core_matmuls
+    scale_tuning.load_teacher = lambda base_dir, device, dtype: load(base_dir, device, getattr(torch, teacher_dtype))
+    if matmul == "float32":
+        scale_tuning.tensor_core_matmuls = lambda device: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        scale_tuning.load_teacher, scale_tuning.tensor_core_matmuls = load, matmuls
+
+
+def measure(layers: int, work: Path, samples: int, seq_len: int, settings, variants: list[str]) -> list[dict]:
+    """Seconds of the shipped row and plain GPTQ on a model of ``layers`` 8B-shaped layers, then
+    of tune on a fresh copy of the row's checkpoint for each ``teacher:matmul`` variant."""
     import quantkit
     from safetensors.torch import load_file
 
     from quantkit.scale_tuning import tune_checkpoint
-    from quantkit.tune_settings import TuneSettings
 
     model = bench.build_model("8b", layers, work / f"llama-8b-{layers}")
     vocab = bench.SHAPES["8b"]["config"].get("vocab_size", bench.CALIBRATION_VOCAB)
     calib = bench.build_calibration(work / f"calib-{samples}x{seq_len}-{vocab}.safetensors", samples, seq_len,
                                     vocab=vocab)
-    out: dict = {"layers": layers}
+    quantized: dict = {"layers": layers}
     for method in ("shipped-gptq", "gptq"):
         folder = work / f"out-{method}-{layers}"
         began = time.perf_counter()
         quantkit.quantize(**bench._quantkit_recipe(method, model, calib, folder, samples, seq_len, 8), quiet=True)
-        out[method] = time.perf_counter() - began
-    if bench.DEVICE == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+        quantized[method] = time.perf_counter() - began
     windows = list(load_file(str(calib))["input_ids"])
-    report = tune_checkpoint(work / f"out-shipped-gptq-{layers}", model, windows, TuneSettings(steps, lr, batch),
-                             torch.device(bench.DEVICE), quiet=True)
-    out["tune"] = report["seconds"]
-    out["tune_gib"] = torch.cuda.max_memory_allocated() / GIB if bench.DEVICE == "cuda" else 0.0
-    return out
+    rows = []
+    for name in variants:
+        folder = work / f"tune-{layers}"
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(work / f"out-shipped-gptq-{layers}", folder)
+        gc.collect()
+        held = 0
+        if bench.DEVICE == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            held = torch.cuda.memory_allocated()
+        stages.clear()
+        with variant(*name.split(":")):
+            report = tune_checkpoint(folder, model, windows, settings, torch.device(bench.DEVICE), quiet=True)
+        rows.append({**quantized, "variant": name, "tune": report["seconds"], "stages": dict(stages),
+                     "kl_windows": report["kl_windows"], "kl": (report["kl_before"], report["kl_after"]),
+                     "tune_gib": (torch.cuda.max_memory_allocated() - held) / GIB if bench.DEVICE == "cuda" else 0.0,
+                     "held_gib": held / GIB})
+    return rows
 
 
 def at(rows: list[dict], key: str, layers: int) -> float:
@@ -71,6 +136,8 @@ def at(rows: list[dict], key: str, layers: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from quantkit.tune_settings import TuneSettings
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="2,4", help="two or more decoder-layer counts, comma-separated")
     ap.add_argument("--samples", type=int, default=128)
@@ -78,30 +145,49 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1, help="windows a tune step")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--variants", default="bfloat16:tf32",
+                    help="comma-separated TEACHER:MATMUL, TEACHER float32 or bfloat16, MATMUL tf32 or float32")
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantkit-tune-time"))
     ap.add_argument("--tiny", action="store_true", help="the script checked on the CPU at tiny shapes")
     args = ap.parse_args(argv)
+    variants = args.variants.split(",")
+    for name in variants:
+        teacher, _, matmul = name.partition(":")
+        if teacher not in ("float32", "bfloat16") or matmul not in ("tf32", "float32"):
+            ap.error(f"--variants: {name!r} is not TEACHER:MATMUL")
     if args.tiny:
         bench.DEVICE = "cpu"
         bench.SHAPES["8b"]["config"].update(TINY)
         args.work = args.work.with_name(args.work.name + "-tiny")
     args.work.mkdir(parents=True, exist_ok=True)
+    timed_stages(stages)
     counts = sorted(int(n) for n in args.layers.split(","))
     if len(counts) < 2:
         ap.error("--layers: give two counts at least, for the per-layer slope")
+    settings = TuneSettings(args.steps, args.lr, args.batch)
     # Imports, CUDA's start and the kernels' first launches, untimed: the first count pays none of them.
-    measure(counts[0], args.work, args.samples, args.seq_len, 1, args.batch, args.lr)
-    rows = [measure(n, args.work, args.samples, args.seq_len, args.steps, args.batch, args.lr) for n in counts]
+    measure(counts[0], args.work, args.samples, args.seq_len, TuneSettings(1, args.lr, args.batch), variants)
+    rows = [r for n in counts for r in measure(n, args.work, args.samples, args.seq_len, settings, variants)]
     full = bench.SHAPES["8b"]["full_layers"]
     print(f"Llama-3.1-8B shapes on {bench.DEVICE}, calibration {args.samples} x {args.seq_len}; tune {args.steps} "
-          f"steps of {args.batch} window(s), lr {args.lr:g}; seconds end to end")
-    print("| layers | plain GPTQ | shipped row | tune | tune peak GiB | row / GPTQ | (row + tune) / GPTQ |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          f"steps of {args.batch} window(s), lr {args.lr:g}; seconds end to end; tune as teacher:matmuls")
+    print("| layers | tune as | plain GPTQ | shipped row | tune | tune peak GiB | row / GPTQ | (row + tune) / GPTQ |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for name in variants:
+        mine = [r for r in rows if r["variant"] == name]
+        for r in mine:
+            print(f"| {r['layers']} | {name} | {r['gptq']:.1f} | {r['shipped-gptq']:.1f} | {r['tune']:.1f} | "
+                  f"{r['tune_gib']:.1f} | {r['shipped-gptq'] / r['gptq']:.2f} | "
+                  f"{(r['shipped-gptq'] + r['tune']) / r['gptq']:.2f} |")
+        g, s, t, m = (at(mine, k, full) for k in ("gptq", "shipped-gptq", "tune", "tune_gib"))
+        print(f"| {full} (from the slope) | {name} | {g:.1f} | {s:.1f} | {t:.1f} | {m:.1f} | {s / g:.2f} | "
+              f"{(s + t) / g:.2f} |")
+    print()
+    print("| layers | tune as | " + " | ".join(STAGES) + " | KL windows | KL before → after | GiB held before |")
+    print("|---:|---|" + "---:|" * (len(STAGES) + 3))
     for r in rows:
-        print(f"| {r['layers']} | {r['gptq']:.1f} | {r['shipped-gptq']:.1f} | {r['tune']:.1f} | {r['tune_gib']:.1f} | "
-              f"{r['shipped-gptq'] / r['gptq']:.2f} | {(r['shipped-gptq'] + r['tune']) / r['gptq']:.2f} |")
-    g, s, t = (at(rows, k, full) for k in ("gptq", "shipped-gptq", "tune"))
-    print(f"| {full} (from the slope) | {g:.1f} | {s:.1f} | {t:.1f} | – | {s / g:.2f} | {(s + t) / g:.2f} |")
+        print(f"| {r['layers']} | {r['variant']} | " + " | ".join(f"{r['stages'].get(k, 0.0):.1f}" for k in STAGES)
+              + f" | {r['kl_windows']} | {r['kl'][0]:.4f} → {r['kl'][1]:.4f} | {r['held_gib']:.1f} |")
     return 0
 
 
