@@ -78,15 +78,19 @@ def library_steps(device: torch.device, gptq_asym: bool | None) -> list[Step]:
             a = torch.ones(64, 64, device=device, dtype=dtype)
             a @ a
 
+    # Every tensor's dtype is given: transformers sets the process's default dtype to the model's
+    # while it builds one, which the main thread may be doing meanwhile. A bf16 block turned the
+    # column kernel off for the whole process, and its torch loop rounds differently, so a run's
+    # codes depended on the two threads' timing.
     def inverse_factor() -> None:
-        h = torch.eye(64, device=device).unsqueeze(0) * 2
+        h = torch.eye(64, device=device, dtype=torch.float32).unsqueeze(0) * 2
         upper_inverse_factor(h)
 
     steps: list[Step] = [products, inverse_factor]
     if gptq_asym is not None and gptq_block_kernel.available(device):
         def column_kernel() -> None:
-            w = torch.zeros(1, gptq_block_kernel.ROWS_PER_PROGRAM, 128, device=device)
-            hinv = torch.eye(128, device=device).unsqueeze(0)
+            w = torch.zeros(1, gptq_block_kernel.ROWS_PER_PROGRAM, 128, device=device, dtype=torch.float32)
+            hinv = torch.eye(128, device=device, dtype=torch.float32).unsqueeze(0)
             scale = torch.ones_like(w)
             gptq_block_kernel.quantize_block(w, hinv, scale, torch.zeros_like(w) if gptq_asym else None, 0.0, 15.0)
 

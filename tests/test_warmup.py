@@ -81,6 +81,28 @@ def test_each_step_makes_its_call_on_the_gpu(asym, monkeypatch):
 
 @pytest.mark.gpu
 @cuda
+def test_the_steps_warm_float32_kernels_while_another_thread_builds_a_bf16_model(monkeypatch):
+    """transformers sets the process's default dtype to bf16 while it builds a model; the steps
+    still hand float32 blocks to the GPTQ kernel, which would otherwise fail to compile and turn
+    itself off for the process (its torch loop rounds differently: codes depending on timing)."""
+    device = torch.device("cuda")
+    launches = []
+    real = warmup.gptq_block_kernel.quantize_block
+    monkeypatch.setattr(warmup.gptq_block_kernel, "quantize_block", lambda *a: launches.append(a) or real(*a))
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        for step in warmup.library_steps(device, True):
+            step()
+    finally:
+        torch.set_default_dtype(before)
+    torch.cuda.synchronize()
+    assert launches and all(t.dtype == torch.float32 for t in launches[0][:4])
+    assert warmup.gptq_block_kernel.available(device)
+
+
+@pytest.mark.gpu
+@cuda
 def test_the_warm_up_leaves_the_checkpoint_byte_for_byte(tiny_llama, tmp_path, monkeypatch):
     ids = tmp_path / "ids.safetensors"
     save_file({"input_ids": torch.randint(3, 300, (16, 64), generator=torch.Generator().manual_seed(0))}, str(ids))
