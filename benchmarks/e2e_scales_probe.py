@@ -75,7 +75,7 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
     other = torch.stack(load_tokens(TextRequest("shakespeare-eval", evaluation[0], evaluation[1], True, 0, False,
                                                 section="evaluate"), tok, model_dir)).to(device)
     checkpoint = work / "checkpoints" / f"pydoc-{KEY}-{seed}"
-    linears, _ = read_packed(checkpoint, BITS)
+    linears, _ = read_packed(checkpoint, BITS, torch.device(device))
 
     teacher = load_teacher(model_dir, torch.device(device), torch.float32)
     # The target the steps see (tune's own choice unless told); perplexities are scored with the

@@ -74,11 +74,12 @@ def packed_linears(tensors: dict[str, torch.Tensor], bits: int) -> dict[str, tup
     return out
 
 
-def read_packed(checkpoint: Path, bits: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
-                                                      dict[str, torch.dtype]]:
-    """``packed_linears`` of ``checkpoint`` and every tensor's stored dtype. Only the packed
-    Linears' tensors are read; the others' dtypes come from the shards' headers (the cached
-    reader the evaluation load validates them with)."""
+def read_packed(checkpoint: Path, bits: int, device: torch.device
+                ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.dtype]]:
+    """``packed_linears`` of ``checkpoint`` on ``device`` and every tensor's stored dtype. Only
+    the packed Linears' tensors are read; the others' dtypes come from the shards' headers (the
+    cached reader the evaluation load validates them with). The words are unpacked where the
+    student will be: on the CPU that took about 1 s a Llama-3.1-8B layer, half of tune's time."""
     from safetensors import safe_open
 
     from .safetensors_dtypes import TORCH_DTYPES
@@ -90,7 +91,7 @@ def read_packed(checkpoint: Path, bits: int) -> tuple[dict[str, tuple[torch.Tens
         entries = read_entries(shard)
         stored.update({name: TORCH_DTYPES[e.dtype] for name, e in entries.items()})
         with safe_open(str(shard), "pt") as f:
-            packed.update({name: f.get_tensor(name) for name in entries
+            packed.update({name: f.get_tensor(name).to(device) for name in entries
                            if name.endswith((".weight_packed", ".weight_scale", ".weight_zero_point"))})
     return packed_linears(packed, bits), stored
 
@@ -286,8 +287,8 @@ def tune_checkpoint(checkpoint: Path, base_dir: Path, calibration: list[torch.Te
     began = time.perf_counter()
     bits = packed_bits(config, label, checkpoint)
     base_dtype = teacher_dtype(device, resolve_dtype("auto", read_config(base_dir / "config.json")))
-    linears, stored = read_packed(checkpoint, bits)
     try:
+        linears, stored = read_packed(checkpoint, bits, device)
         report, changed = _tune_in_memory(checkpoint, label, base_dir, base_dtype, linears, stored, calibration,
                                           evaluation, settings, device, quiet)
     except torch.OutOfMemoryError:

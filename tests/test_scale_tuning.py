@@ -153,7 +153,7 @@ def test_the_int8_student_tunes_as_the_float32_parametrized_one_did(tiny_llama, 
         "calibration": {"source": str(text_file), "num_samples": 4, "max_seq_length": 32, "batch_size": 4},
         "export": {"output_dir": str(out)},
     }), quiet=True)
-    linears, stored = read_packed(out, 4)
+    linears, stored = read_packed(out, 4, torch.device("cpu"))
     cpu = torch.device("cpu")
     new, new_scaled = load_student(out, linears, cpu, "out")
     old = load_for_evaluation(out, cpu)[0].float().requires_grad_(False)
