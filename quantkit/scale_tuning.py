@@ -79,7 +79,8 @@ def read_packed(checkpoint: Path, bits: int, device: torch.device
     """``packed_linears`` of ``checkpoint`` on ``device`` and every tensor's stored dtype. Only
     the packed Linears' tensors are read; the others' dtypes come from the shards' headers (the
     cached reader the evaluation load validates them with). The words are unpacked where the
-    student will be: on the CPU that took about 1 s a Llama-3.1-8B layer, half of tune's time."""
+    student will be: on the CPU that took about 1 s a Llama-3.1-8B layer, nearly half of tune's
+    time on an H200."""
     from safetensors import safe_open
 
     from .safetensors_dtypes import TORCH_DTYPES
@@ -292,8 +293,9 @@ def tune_checkpoint(checkpoint: Path, base_dir: Path, calibration: list[torch.Te
         report, changed = _tune_in_memory(checkpoint, label, base_dir, base_dtype, linears, stored, calibration,
                                           evaluation, settings, device, quiet)
     except torch.OutOfMemoryError:
+        held = str(base_dtype).removeprefix("torch.")
         raise DeviceMemoryError(
-            f"{label}: out of memory on {device} holding the base model in {str(base_dtype)[6:]} and the quantized "
+            f"{label}: out of memory on {device} holding the base model in {held} and the quantized "
             f"one as its codes (about {base_dtype.itemsize + torch.iinfo(steps_dtype(bits)).bits // 8} bytes a "
             f"parameter) and a step of {settings.batch_size} windows; nothing was written",
             field="--batch-size", value=settings.batch_size,
@@ -341,10 +343,8 @@ def _tune_in_memory(checkpoint: Path, label: str, base_dir: Path, base_dtype: to
     kl_after = mean_kl(student, teacher, scored, settings.batch_size)
     report: dict[str, Any] = {
         "steps": settings.steps, "lr": settings.lr, "batch_size": settings.batch_size, "seed": settings.seed,
-        "base_dtype": str(base_dtype)[6:],
-        "windows": len(calibration),
-        "seq_len": int(ids.shape[1]), "linears": len(scaled), "norms": len(norms), "kl_windows": len(scored),
-        "kl_before": kl_before,
+        "base_dtype": str(base_dtype).removeprefix("torch."), "windows": len(calibration),
+        "seq_len": int(ids.shape[1]), "linears": len(scaled), "norms": len(norms), "kl_windows": len(scored), "kl_before": kl_before,
         "kl_after": kl_after, "loss_first_step": losses[0], "loss_last_step": losses[-1],
     }
     score("perplexity_tuned", student)
