@@ -55,11 +55,17 @@ def tune_folder(folder: str | Path, *, base: str | None = None, source: str | No
     where = resolve_device(device, field="--device")
     model_dir = ModelSource.open(base, revision).path
     tokenizer = load_tokenizer(model_dir)
-    calibration = load_tokens(TextRequest(source, num, seq, cal.get("packing", True), cal.get("seed", 0), True),
-                              tokenizer, model_dir)
+    # The run's text fields, read as it read them; a report.json without them is from a run
+    # before they were recorded, which a tune: section required to leave at their defaults.
+    calibration = load_tokens(TextRequest(
+        source, num, seq, cal.get("packing", True), cal.get("seed", 0), True, cal.get("split", TextRequest.split),
+        cal.get("subset"), cal.get("text_column", TextRequest.text_column), cal.get("messages_column")),
+        tokenizer, model_dir)
     ev = report.get("evaluation") or {}
-    evaluation = load_tokens(TextRequest(ev["source"], ev["num_windows"], ev["seq_len"], True, 0, False,
-                                         section="evaluate"), tokenizer, model_dir) if ev.get("source") else None
+    evaluation = load_tokens(TextRequest(
+        ev["source"], ev["num_windows"], ev["seq_len"], True, 0, False, ev.get("split", TextRequest.split), None,
+        ev.get("text_column", TextRequest.text_column), section="evaluate"), tokenizer, model_dir) \
+        if ev.get("source") else None
     result = {"base": base, "revision": revision,
               **tune_checkpoint(folder, model_dir, calibration, settings, where, evaluation, name=name,
                                 quiet=quiet)}

@@ -329,7 +329,8 @@ def _report(recipe: RecipeBase, source: ModelSource, scheme: Scheme, device: tor
     evaluation_report = None
     if evaluation:
         evaluation_report = {
-            "source": ev.source, "num_windows": len(evaluation), "seq_len": ev.max_seq_length,
+            "source": ev.source, "split": ev.split, "text_column": ev.text_column,
+            "num_windows": len(evaluation), "seq_len": ev.max_seq_length,
             "perplexity_base": result.perplexity_base, "perplexity_quantized": result.perplexity_quantized,
             **(result.divergence or {}),
         }
@@ -347,7 +348,9 @@ def _report(recipe: RecipeBase, source: ModelSource, scheme: Scheme, device: tor
         "format": recipe.format_name,
         "output_dir": str(recipe.export.output_dir),
         "device": str(device),
-        "calibration": {"source": cal.source, "num_samples": len(calib), "max_seq_length": cal.max_seq_length,
+        "calibration": {"source": cal.source, "split": cal.split, "subset": cal.subset,
+                        "text_column": cal.text_column, "messages_column": cal.messages_column,
+                        "num_samples": len(calib), "max_seq_length": cal.max_seq_length,
                         "packing": cal.packing, "seed": cal.seed},
         "evaluation": evaluation_report,
         "size_bytes": {"base": base_bytes, "quantized": writer.total_bytes},

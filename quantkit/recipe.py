@@ -294,15 +294,11 @@ def _check_format(recipe: RecipeBase, where: str) -> None:
                               value=name)
 
 
-# Text settings report.json does not record: tune re-reads the run's windows with their defaults.
-_UNRECORDED_TEXT = {"calibration": ("split", "subset", "text_column", "messages_column"),
-                    "evaluate": ("split", "text_column")}
-
-
 def _check_tune(recipe: RecipeBase, where: str) -> None:
     """``tune:`` only where ``quantkit tune`` will accept the checkpoint the run writes (the
-    conditions of ``scale_tuning.packed_bits``) and can re-read the run's text, so a run that
-    asks for it does not find out after hours of quantizing."""
+    conditions of ``scale_tuning.packed_bits``) and can re-read the run's text (report.json
+    records its fields; not text the model generated), so a run that asks for it does not find
+    out after hours of quantizing."""
     if recipe.tune is None:
         return
     params = recipe.quantization
@@ -328,15 +324,6 @@ def _check_tune(recipe: RecipeBase, where: str) -> None:
         raise refuse("tune re-reads the calibration windows, and text the model generated "
                      "(calibration.source 'self') is not generated again", "use a text calibration.source, or remove tune",
                      "self")
-    for section, names in _UNRECORDED_TEXT.items():
-        spec = getattr(recipe, section)
-        if section == "evaluate" and not spec.enabled:
-            continue
-        for name in names:
-            if getattr(spec, name) != type(spec).model_fields[name].default:
-                raise refuse(f"tune re-reads the run's text from report.json, which does not record "
-                             f"{section}.{name}", f"leave {section}.{name} at its default, or remove tune",
-                             getattr(spec, name))
 
 
 def _describe(e: ValidationError, data: dict[str, Any], where: str) -> RecipeError:

@@ -57,19 +57,12 @@ def test_tune_accepts_weight_only_int_schemes_in_compressed_tensors(quant):
     (recipe({**GPTQ_W4A16, "online_down_proj": True}, tune={}), "online_down_proj"),
     (recipe({**GPTQ_W4A16, "overrides": [{"targets": ["re:.*down_proj$"], "bits": 8}]}, tune={}), "one scheme"),
     (recipe(tune={}, calibration={"source": "self"}), "'self'"),
-    (recipe(tune={}, calibration={"text_column": "content"}), "calibration.text_column"),
-    (recipe(tune={}, evaluate={"split": "test"}), "evaluate.split"),
 ])
 def test_tune_is_refused_where_quantkit_tune_could_not_tune_the_output(data, needle):
     with pytest.raises(RecipeError) as e:
         make_recipe(data)
     assert e.value.field == "tune"
     assert "field 'tune'" in str(e.value) and needle in str(e.value)
-
-
-def test_unused_text_fields_do_not_block_tune():
-    """evaluate.split is recorded nowhere, but with evaluation off tune never reads it."""
-    assert make_recipe(recipe(tune={}, evaluate={"enabled": False, "split": "test"})).tune is not None
 
 
 @pytest.mark.parametrize("field,value", [("steps", 0), ("batch_size", -1), ("lr", 0.0)])
@@ -195,3 +188,44 @@ def test_a_plan_without_tune_says_nothing_of_it(tiny_llama):
     plan = preflight.check(make_recipe(recipe(model={"id": str(tiny_llama)}, evaluate={"enabled": False})))
     assert plan.tune is None and plan.to_dict()["tune"] is None
     assert "\ntune " not in plan.to_text()
+
+
+def test_tune_rereads_text_from_the_runs_own_columns(tiny_llama, text_file, tmp_path, monkeypatch):
+    """A run whose calibration and evaluation text sit in a column not named ``text`` records
+    the column in report.json, and its tuning (in the run, or `quantkit tune` later) reads the
+    very windows the run read."""
+    from quantkit import folder_tuning
+    from quantkit.calibration import TextRequest, load_tokens
+    from quantkit.model import load_tokenizer
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"content": line}) + "\n"
+                            for line in text_file.read_text().splitlines() if line.strip()))
+    seen = []
+
+    def record(checkpoint, base_dir, calibration, settings, device, evaluation=None, **kwargs):
+        seen.append((calibration, evaluation))
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(folder_tuning, "tune_checkpoint", record)
+    out = tmp_path / "out"
+    data = recipe(GPTQ_W4A16, TUNE, model={"id": str(tiny_llama)},
+                  calibration={"source": str(rows), "text_column": "content", "num_samples": 8,
+                               "max_seq_length": 32, "batch_size": 4},
+                  evaluate={"source": str(rows), "text_column": "content", "num_samples": 2, "max_seq_length": 32},
+                  export={"output_dir": str(out)})
+    with pytest.raises(RuntimeError, match="recorded"):
+        pipeline.run(make_recipe(data), quiet=True)
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration"]["text_column"] == report["evaluation"]["text_column"] == "content"
+    with pytest.raises(RuntimeError, match="recorded"):
+        tune_folder(out, device="cpu", quiet=True)
+
+    tok = load_tokenizer(tiny_llama)
+    cal = load_tokens(TextRequest(str(rows), 8, 32, text_column="content"), tok, tiny_llama)
+    ev = load_tokens(TextRequest(str(rows), 2, 32, True, 0, False, text_column="content", section="evaluate"),
+                     tok, tiny_llama)
+    assert len(seen) == 2
+    for calibration, evaluation in seen:
+        assert [t.tolist() for t in calibration] == [t.tolist() for t in cal]
+        assert [t.tolist() for t in evaluation] == [t.tolist() for t in ev]
