@@ -104,6 +104,7 @@ class RunPlan:
     calibration: TextPlan | None
     evaluate: TextPlan | None
     tune: list[str] | None  # the written checkpoint is tuned afterwards: quantkit tune's options for it
+    tune_bytes: int | None  # about the device memory that tuning holds (``scale_tuning.tune_bytes``)
     output_dir: str
     overwrite: bool
     sizes: SizePlan
@@ -142,7 +143,8 @@ class RunPlan:
                 lines.append(f"{text.section:<13}{text.source} ({text.kind}): {text.num_samples} x "
                              f"{text.max_seq_length} tokens")
         if self.tune is not None:
-            lines.append(f"{'tune':<13}then `{' '.join(['quantkit tune', self.output_dir, *self.tune])}` on it")
+            lines.append(f"{'tune':<13}then `{' '.join(['quantkit tune', self.output_dir, *self.tune])}` on it, "
+                         f"holding about {_mb(self.tune_bytes or 0)} on {self.device}")
         lines += [
             f"output       {self.output_dir}" + (" (replaced if it exists)" if self.overwrite else ""),
             f"disk         checkpoint about {_mb(z.checkpoint_bytes)} + work files {_mb(z.work_bytes)} = "
@@ -211,8 +213,38 @@ def check_run(recipe: RecipeBase) -> tuple[RunPlan, ModelView]:
         format=recipe.format_name, scheme=scheme_name(scheme), linears=linears, device=str(device),
         dtype=str(dtype).replace("torch.", ""), groups=groups, calibration=calibration, evaluate=evaluate,
         tune=None if recipe.tune is None else recipe.tune.flags(),
+        tune_bytes=None if recipe.tune is None else _tune_bytes(recipe, shape, sizes, scheme, device, model.config),
         output_dir=str(output_dir), overwrite=recipe.export.overwrite, sizes=sizes,
     ), view
+
+
+def _tune_bytes(recipe: RecipeBase, shape: ModelShape, sizes: SizePlan, scheme: Scheme, device: torch.device,
+                config: dict[str, Any]) -> int:
+    """About the memory tuning will hold on ``device``; refused on a GPU it exceeds, before
+    the run spends its time (on the CPU the host's swap and other processes decide)."""
+    from .scale_tuning import teacher_dtype, tune_bytes
+    from .tune_settings import TuneSettings
+
+    ws = scheme.weights
+    group = ws.group_size if ws.group_size and ws.group_size > 0 else shape.hidden_size
+    windows = recipe.tune.batch_size or TuneSettings.batch_size
+    need = tune_bytes(sizes.parameters, sizes.quantized_parameters, sizes.quantized_parameters // group, ws.num_bits,
+                      teacher_dtype(device, resolve_dtype("auto", config)).itemsize, shape.num_layers,
+                      shape.hidden_size + shape.intermediate_size, shape.vocab_size,
+                      windows * recipe.calibration.max_seq_length)
+    if device.type == "cuda":
+        check_tune_fits(need, torch.cuda.mem_get_info(device)[1], str(device), windows)
+    return need
+
+
+def check_tune_fits(need: int, total: int, device: str, windows: int) -> None:
+    """Refuse a tuning estimated above the device's whole memory: it would fail after the run."""
+    if need > total:
+        raise RecipeError(f"recipe: field 'tune': tuning would hold about {need / 1e9:.0f} GB on {device}, which has "
+                          f"{total / 1e9:.0f} GB (the base and the quantized model together, and {windows} "
+                          "calibration windows a step)", field="tune", value=need,
+                          hint="lower tune.batch_size, or remove tune and run `quantkit tune OUTPUT_DIR --device cpu` "
+                               "after the run")
 
 
 def text_sources(recipe: RecipeBase) -> dict[str, str]:

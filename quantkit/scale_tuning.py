@@ -43,6 +43,25 @@ TUNED_SUFFIX = ".tuning"  # a rewritten shard before it replaces the original
 KL_TOKENS = 32768
 
 
+# One step's activations and logits, fitted to tune's own peak at Llama-3.1-8B shapes on an H200
+# (2 and 4 layers, one window of 2048 tokens, docs/quality.md, stop 43): per token, this many
+# float32 vectors of hidden + intermediate size in each decoder layer, and of the vocabulary's
+# size for the logits. The same fit gives the 32-layer runs' 61.4 and 76.9 GiB to within 2%.
+LAYER_VECTORS, VOCAB_VECTORS = 5.8, 8.3
+
+
+def tune_bytes(parameters: int, quantized: int, groups: int, bits: int, base_itemsize: int, layers: int,
+               width: int, vocab: int, tokens: int) -> int:
+    """About the device memory tune holds for a model of ``parameters`` (``quantized`` of them in
+    ``groups`` scale groups of ``bits``-bit codes; ``width``: hidden plus intermediate size) at
+    ``tokens`` a step: the base in ``base_itemsize`` bytes a parameter, the quantized model as its
+    codes with the rest in float32, each group's scale, θ and Adam's two moments, and one step's
+    activations and logits."""
+    code_bytes = torch.iinfo(steps_dtype(bits)).bits // 8
+    held = parameters * base_itemsize + quantized * code_bytes + (parameters - quantized) * 4 + groups * 16
+    return int(held + tokens * 4 * (layers * LAYER_VECTORS * width + VOCAB_VECTORS * vocab))
+
+
 def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(teacher ‖ student) of each position's next-token distribution, in nats."""
     target = F.log_softmax(teacher_logits.float(), -1)

@@ -229,3 +229,34 @@ def test_tune_rereads_text_from_the_runs_own_columns(tiny_llama, text_file, tmp_
     for calibration, evaluation in seen:
         assert [t.tolist() for t in calibration] == [t.tolist() for t in cal]
         assert [t.tolist() for t in evaluation] == [t.tolist() for t in ev]
+
+
+def test_the_memory_estimate_meets_what_tune_held_at_8b_shapes():
+    """tune_bytes against tune's own peak measured on an H200 at Llama-3.1-8B shapes (32 layers
+    from 2 and 4, one 2048-token window a step; docs/quality.md, stop 43): 61.4 GiB with the base
+    in bf16 (the fit's own run) and 76.9 GiB with it in float32 (not used by the fit)."""
+    from quantkit.scale_tuning import tune_bytes
+
+    layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336
+    quantized, parameters = 32 * layer, 32 * layer + 2 * 128256 * 4096 + 65 * 4096
+    for itemsize, measured in ((2, 61.4), (4, 76.9)):
+        estimate = tune_bytes(parameters, quantized, quantized // 128, 4, itemsize, 32, 4096 + 14336, 128256,
+                              2048) / 2**30
+        assert abs(estimate - measured) < 0.05 * measured, (itemsize, estimate)
+
+
+def test_a_tuning_that_cannot_fit_the_gpu_is_refused_before_the_run():
+    from quantkit.preflight import check_tune_fits
+
+    check_tune_fits(60 * 10**9, 85 * 10**9, "cuda:0", 1)
+    with pytest.raises(RecipeError) as e:
+        check_tune_fits(66 * 10**9, 25 * 10**9, "cuda:0", 8)
+    assert e.value.field == "tune" and "about 66 GB on cuda:0, which has 25 GB" in str(e.value)
+    assert "tune.batch_size" in e.value.hint and "--device cpu" in e.value.hint
+
+
+def test_the_plan_says_what_tuning_will_hold(tiny_llama, text_file, tmp_path):
+    """On the CPU the base is held in float32 beside the codes: at least 4 bytes a parameter."""
+    plan = preflight.check(_rtn_recipe(tiny_llama, text_file, tmp_path / "rtn", TUNE))
+    assert plan.tune_bytes > 4 * plan.sizes.parameters
+    assert f"holding about {plan.tune_bytes / 1e6:.1f} MB on cpu" in plan.to_text()
