@@ -233,14 +233,14 @@ def _tune_bytes(recipe: RecipeBase, shape: ModelShape, sizes: SizePlan, scheme: 
                       shape.hidden_size + shape.intermediate_size, shape.vocab_size,
                       windows * recipe.calibration.max_seq_length)
     if device.type == "cuda":
-        check_tune_fits(need, torch.cuda.mem_get_info(device)[1], str(device), windows)
+        check_tune_fits(need, torch.cuda.mem_get_info(device)[1], str(device), windows, recipe.where)
     return need
 
 
-def check_tune_fits(need: int, total: int, device: str, windows: int) -> None:
+def check_tune_fits(need: int, total: int, device: str, windows: int, where: str) -> None:
     """Refuse a tuning estimated above the device's whole memory: it would fail after the run."""
     if need > total:
-        raise RecipeError(f"recipe: field 'tune': tuning would hold about {need / 1e9:.0f} GB on {device}, which has "
+        raise RecipeError(f"{where}: field 'tune': tuning would hold about {need / 1e9:.0f} GB on {device}, which has "
                           f"{total / 1e9:.0f} GB (the base and the quantized model together, and {windows} "
                           "calibration windows a step)", field="tune", value=need,
                           hint="lower tune.batch_size, or remove tune and run `quantkit tune OUTPUT_DIR --device cpu` "

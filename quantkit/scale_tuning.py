@@ -46,7 +46,8 @@ KL_TOKENS = 32768
 # One step's activations and logits, fitted to tune's own peak at Llama-3.1-8B shapes on an H200
 # (2 and 4 layers, one window of 2048 tokens, docs/quality.md, stop 43): per token, this many
 # float32 vectors of hidden + intermediate size in each decoder layer, and of the vocabulary's
-# size for the logits. The same fit gives the 32-layer runs' 61.4 and 76.9 GiB to within 2%.
+# size for the logits. It gives the 32-layer peaks extrapolated from those runs (61.4 GiB with the base
+# in bf16, 76.9 with it in float32) to within 2%.
 LAYER_VECTORS, VOCAB_VECTORS = 5.8, 8.3
 
 

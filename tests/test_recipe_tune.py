@@ -248,10 +248,11 @@ def test_the_memory_estimate_meets_what_tune_held_at_8b_shapes():
 def test_a_tuning_that_cannot_fit_the_gpu_is_refused_before_the_run():
     from quantkit.preflight import check_tune_fits
 
-    check_tune_fits(60 * 10**9, 85 * 10**9, "cuda:0", 1)
+    check_tune_fits(60 * 10**9, 85 * 10**9, "cuda:0", 1, "r.yaml")
     with pytest.raises(RecipeError) as e:
-        check_tune_fits(66 * 10**9, 25 * 10**9, "cuda:0", 8)
-    assert e.value.field == "tune" and "about 66 GB on cuda:0, which has 25 GB" in str(e.value)
+        check_tune_fits(66 * 10**9, 25 * 10**9, "cuda:0", 8, "r.yaml")
+    assert e.value.field == "tune" and "r.yaml: field 'tune': tuning would hold about 66 GB on cuda:0, which has " \
+        "25 GB" in str(e.value)
     assert "tune.batch_size" in e.value.hint and "--device cpu" in e.value.hint
 
 
