@@ -58,7 +58,8 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
     from transformers import AutoTokenizer
 
     from quantkit.calibration import TextRequest, load_tokens
-    from quantkit.model import ModelSource
+    from quantkit.model import ModelSource, read_config
+    from quantkit.preflight import resolve_dtype
 
     saved = work / "results" / f"pydoc-{KEY}-{seed}-{calib[0]}x{calib[1]}-{evaluation[0]}x{evaluation[1]}-{device}.json"
     if saved.exists():  # the row quality.py already ran into this --out
@@ -80,7 +81,8 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
     teacher = load_teacher(model_dir, torch.device(device), torch.float32)
     # The target the steps see (tune's own choice unless told); perplexities are scored with the
     # float32 base either way.
-    dtype = base_dtype or teacher_dtype(torch.device(device), torch.bfloat16)
+    stored = resolve_dtype("auto", read_config(model_dir / "config.json"))
+    dtype = base_dtype or teacher_dtype(torch.device(device), stored)
     target = teacher if dtype == torch.float32 else load_teacher(model_dir, torch.device(device), dtype)
     base, other_base = model_perplexity(teacher, ev), model_perplexity(teacher, other)
     results = []
