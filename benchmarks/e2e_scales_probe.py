@@ -43,7 +43,8 @@ import quality  # noqa: E402
 from llmcompressor_parity import model_perplexity  # noqa: E402
 
 from quantkit.scale_tuning import (  # noqa: E402
-    load_student, load_teacher, norm_weights, read_packed, teacher_dtype, tune)
+    load_student, load_teacher, norm_weights, read_packed, tune)
+from quantkit.tune_memory import teacher_dtype  # noqa: E402
 from quantkit.tune_settings import TuneSettings  # noqa: E402
 
 KEY, BITS = "gptq-asym-rot-clip-fb-seq", 4

@@ -104,7 +104,7 @@ class RunPlan:
     calibration: TextPlan | None
     evaluate: TextPlan | None
     tune: list[str] | None  # the written checkpoint is tuned afterwards: quantkit tune's options for it
-    tune_bytes: int | None  # about the device memory that tuning holds (``scale_tuning.tune_bytes``)
+    tune_bytes: int | None  # about the device memory that tuning holds (``tune_memory.tune_bytes``)
     output_dir: str
     overwrite: bool
     sizes: SizePlan
@@ -222,7 +222,7 @@ def _tune_bytes(recipe: RecipeBase, shape: ModelShape, sizes: SizePlan, scheme: 
                 config: dict[str, Any]) -> int:
     """About the memory tuning will hold on ``device``; refused on a GPU it exceeds, before
     the run spends its time (on the CPU the host's swap and other processes decide)."""
-    from .scale_tuning import teacher_dtype, tune_bytes
+    from .tune_memory import teacher_dtype, tune_bytes
     from .tune_settings import TuneSettings
 
     ws = scheme.weights

@@ -34,6 +34,7 @@ from torch import nn
 from .errors import DeviceMemoryError, ExportError, ModelError, NumericsError
 from .formats.packing import unpack_int32
 from .group_scaled import GroupScaledLinear, group_weight
+from .tune_memory import steps_dtype, teacher_dtype
 from .tune_settings import TuneSettings
 
 TUNED_SUFFIX = ".tuning"  # a rewritten shard before it replaces the original
@@ -43,36 +44,10 @@ TUNED_SUFFIX = ".tuning"  # a rewritten shard before it replaces the original
 KL_TOKENS = 32768
 
 
-# One step's activations and logits, fitted to tune's own peak at Llama-3.1-8B shapes on an H200
-# (2 and 4 layers, one window of 2048 tokens, docs/quality.md, stop 43): per token, this many
-# float32 vectors of hidden + intermediate size in each decoder layer, and of the vocabulary's
-# size for the logits. It gives the 32-layer peaks extrapolated from those runs (61.4 GiB with the base
-# in bf16, 76.9 with it in float32) to within 2%.
-LAYER_VECTORS, VOCAB_VECTORS = 5.8, 8.3
-
-
-def tune_bytes(parameters: int, quantized: int, groups: int, bits: int, base_itemsize: int, layers: int,
-               width: int, vocab: int, tokens: int) -> int:
-    """About the device memory tune holds for a model of ``parameters`` (``quantized`` of them in
-    ``groups`` scale groups of ``bits``-bit codes; ``width``: hidden plus intermediate size) at
-    ``tokens`` a step: the base in ``base_itemsize`` bytes a parameter, the quantized model as its
-    codes with the rest in float32, each group's scale, θ and Adam's two moments, and one step's
-    activations and logits."""
-    code_bytes = torch.iinfo(steps_dtype(bits)).bits // 8
-    held = parameters * base_itemsize + quantized * code_bytes + (parameters - quantized) * 4 + groups * 16
-    return int(held + tokens * 4 * (layers * LAYER_VECTORS * width + VOCAB_VECTORS * vocab))
-
-
 def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """KL(teacher ‖ student) of each position's next-token distribution, in nats."""
     target = F.log_softmax(teacher_logits.float(), -1)
     return F.kl_div(F.log_softmax(student_logits.float(), -1), target, log_target=True, reduction="none").sum(-1)
-
-
-def steps_dtype(bits: int) -> torch.dtype:
-    """The narrowest integer dtype that holds ``bits``-bit codes less their zero points, which lie
-    in [−(2^bits − 1), 2^bits − 1]: int8 up to 7 bits, int16 at 8."""
-    return torch.int8 if 2 ** bits - 1 <= torch.iinfo(torch.int8).max else torch.int16
 
 
 def packed_linears(tensors: dict[str, torch.Tensor], bits: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -162,14 +137,6 @@ def load_student(checkpoint: Path, linears: dict[str, tuple[torch.Tensor, torch.
     student.requires_grad_(False)
     scaled = attach(student, linears, device, label)
     return student.float().eval(), scaled
-
-
-def teacher_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
-    """The dtype tune holds the base model in: bf16 on a GPU when the base is stored so, which at
-    Llama-3.1-8B shapes takes tune from 77 GiB to 61 (so an 80 GB card holds it) for the same
-    quality (ten SmolLM2 draws, docs/quality.md, stop 43); float32 otherwise, where bf16
-    arithmetic is slow (CPUs) or would round the stored weights."""
-    return torch.bfloat16 if device.type == "cuda" and stored == torch.bfloat16 else torch.float32
 
 
 def load_teacher(base_dir: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:

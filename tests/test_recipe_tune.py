@@ -235,7 +235,7 @@ def test_the_memory_estimate_meets_what_tune_held_at_8b_shapes():
     """tune_bytes against tune's own peak measured on an H200 at Llama-3.1-8B shapes (32 layers
     from 2 and 4, one 2048-token window a step; docs/quality.md, stop 43): 61.4 GiB with the base
     in bf16 (the fit's own run) and 76.9 GiB with it in float32 (not used by the fit)."""
-    from quantkit.scale_tuning import tune_bytes
+    from quantkit.tune_memory import tune_bytes
 
     layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336
     quantized, parameters = 32 * layer, 32 * layer + 2 * 128256 * 4096 + 65 * 4096

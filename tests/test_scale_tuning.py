@@ -197,7 +197,7 @@ def _two_shards(folder):
 
 
 def test_the_base_is_held_in_bf16_only_on_a_gpu_and_only_when_stored_so():
-    from quantkit.scale_tuning import teacher_dtype
+    from quantkit.tune_memory import teacher_dtype
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert teacher_dtype(cuda, torch.bfloat16) == torch.bfloat16
