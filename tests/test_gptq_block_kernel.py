@@ -121,6 +121,26 @@ def test_a_failing_kernel_falls_back_to_the_torch_loop(monkeypatch, caplog):
         assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
 
 
+def test_a_block_not_in_float32_is_refused_and_leaves_the_kernel_on(monkeypatch):
+    """A caller's bf16 block (the warm-up's, built while transformers had made bf16 the default
+    dtype) is refused before any launch; the kernel is not turned off for the process."""
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(grid)
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(gptq_block_kernel._state, "kernel", Kernel())
+    w = torch.zeros(1, gptq_block_kernel.ROWS_PER_PROGRAM, 128, dtype=torch.bfloat16)
+    hinv = torch.eye(128).unsqueeze(0)
+    with pytest.raises(TypeError, match="float32 blocks.*'w': torch.bfloat16"):
+        gptq_block_kernel.quantize_block(w, hinv, torch.ones_like(w), None, 0.0, 15.0)
+    assert not launched and gptq_block_kernel.available(w.device)
+    assert gptq_block_kernel.quantize_block(w.float(), hinv, torch.ones_like(w.float()), None, 0.0, 15.0) is not None
+    assert len(launched) == 1
+
+
 def test_not_taken_on_cpu_without_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not gptq_block_kernel.available(torch.device("cpu"))

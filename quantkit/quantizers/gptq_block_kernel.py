@@ -64,7 +64,15 @@ def quantize_block(w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, zer
     ``zero`` (None: symmetric) ``[E, rows, n]`` each column's effective scale and zero point
     (views of one layout: the kernel reads both with ``scale``'s strides).
     None when the kernel failed (logged once; the caller runs the torch loop).
+
+    Blocks not in float32 are a caller's mistake, not the kernel's: refused with a TypeError
+    before the launch, so the kernel stays on for the process's real (float32) solves. A bf16
+    warm-up block once turned it off for a whole run, and the torch loop rounds differently.
     """
+    given = {"w": w, "hinv": hinv, "scale": scale, "zero": zero}
+    wrong = {name: t.dtype for name, t in given.items() if t is not None and t.dtype != torch.float32}
+    if wrong:
+        raise TypeError(f"GPTQ's column kernel takes float32 blocks; got {wrong}")
     kernel = _kernel()
     n_w, rows, n = w.shape
     codes = torch.empty(n_w, rows, n, device=w.device, dtype=torch.float32)
