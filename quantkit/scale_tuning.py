@@ -283,7 +283,7 @@ def tune_checkpoint(checkpoint: Path, base_dir: Path, calibration: list[torch.Te
         held = str(base_dtype).removeprefix("torch.")
         raise DeviceMemoryError(
             f"{label}: out of memory on {device} holding the base model in {held} and the quantized "
-            f"one as its codes (about {base_dtype.itemsize + torch.iinfo(steps_dtype(bits)).bits // 8} bytes a "
+            f"one as its codes (about {base_dtype.itemsize + steps_dtype(bits).itemsize} bytes a "
             f"parameter) and a step of {settings.batch_size} windows; nothing was written",
             field="--batch-size", value=settings.batch_size,
             hint="lower --batch-size, or tune where both models fit (--device cpu uses host memory)") from None
@@ -331,8 +331,8 @@ def _tune_in_memory(checkpoint: Path, label: str, base_dir: Path, base_dtype: to
     report: dict[str, Any] = {
         "steps": settings.steps, "lr": settings.lr, "batch_size": settings.batch_size, "seed": settings.seed,
         "base_dtype": str(base_dtype).removeprefix("torch."), "windows": len(calibration),
-        "seq_len": int(ids.shape[1]), "linears": len(scaled), "norms": len(norms), "kl_windows": len(scored), "kl_before": kl_before,
-        "kl_after": kl_after, "loss_first_step": losses[0], "loss_last_step": losses[-1],
+        "seq_len": int(ids.shape[1]), "linears": len(scaled), "norms": len(norms), "kl_windows": len(scored),
+        "kl_before": kl_before, "kl_after": kl_after, "loss_first_step": losses[0], "loss_last_step": losses[-1],
     }
     score("perplexity_tuned", student)
     if ev is not None:

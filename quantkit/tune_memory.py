@@ -36,6 +36,6 @@ def tune_bytes(parameters: int, quantized: int, groups: int, bits: int, base_ite
     ``tokens`` a step: the base in ``base_itemsize`` bytes a parameter, the quantized model as its
     codes with the rest in float32, each group's scale, θ and Adam's two moments, and one step's
     activations and logits."""
-    code_bytes = torch.iinfo(steps_dtype(bits)).bits // 8
-    held = parameters * base_itemsize + quantized * code_bytes + (parameters - quantized) * 4 + groups * 16
+    held = (parameters * base_itemsize + quantized * steps_dtype(bits).itemsize + (parameters - quantized) * 4
+            + groups * 16)
     return int(held + tokens * 4 * (layers * LAYER_VECTORS * width + VOCAB_VECTORS * vocab))
