@@ -226,7 +226,7 @@ def _tune_bytes(recipe: RecipeBase, shape: ModelShape, sizes: SizePlan, scheme: 
     from .tune_settings import TuneSettings
 
     ws = scheme.weights
-    group = ws.group_size if ws.group_size and ws.group_size > 0 else shape.hidden_size
+    group = _group_size(scheme) or shape.hidden_size  # per-channel scales: about one per row
     windows = recipe.tune.batch_size or TuneSettings.batch_size
     need = tune_bytes(sizes.parameters, sizes.quantized_parameters, sizes.quantized_parameters // group, ws.num_bits,
                       teacher_dtype(device, resolve_dtype("auto", config)).itemsize, shape.num_layers,
