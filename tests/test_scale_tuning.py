@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from quantkit import pipeline
@@ -15,7 +16,7 @@ from quantkit.cli import main as cli_main
 from quantkit.errors import ExportError
 from quantkit.recipe import make_recipe
 from quantkit.group_scaled import group_weight
-from quantkit.scale_tuning import TUNED_SUFFIX, next_token_kl, rewrite_shards
+from quantkit.scale_tuning import TUNED_SUFFIX, next_token_kl, rewrite_shards, shard_copies
 
 
 def test_group_weight_matches_float64_reference():
@@ -187,6 +188,12 @@ def test_the_int8_student_tunes_as_the_float32_parametrized_one_did(tiny_llama, 
     assert not torch.equal(new_tensors[f"{name}.weight_scale"], scale)  # the scales moved
 
 
+def _rewrite(folder, changed):
+    """What tune_checkpoint does around its tuning: the copies, then the rewrite into them."""
+    with shard_copies(folder) as copies:
+        return rewrite_shards(copies, changed)
+
+
 def _two_shards(folder):
     folder.mkdir()
     save_file({"a.weight_scale": torch.ones(2, 2, dtype=torch.bfloat16)}, str(folder / "model-1.safetensors"),
@@ -223,7 +230,7 @@ def test_tensor_cores_are_asked_for_on_a_gpu_only_and_given_back():
 def test_rewrite_shards_replaces_the_named_tensors_and_keeps_the_rest(tmp_path):
     folder = tmp_path / "ckpt"
     _two_shards(folder)
-    rewritten = rewrite_shards(folder, {"a.weight_scale": torch.full((2, 2), 2.0, dtype=torch.bfloat16),
+    rewritten = _rewrite(folder, {"a.weight_scale": torch.full((2, 2), 2.0, dtype=torch.bfloat16),
                                         "b.weight_scale": torch.full((3,), 3.0)})
     assert rewritten == ["model-1.safetensors", "model-2.safetensors"]
     b = load_file(str(folder / "model-2.safetensors"))
@@ -234,30 +241,56 @@ def test_rewrite_shards_replaces_the_named_tensors_and_keeps_the_rest(tmp_path):
 
 
 def test_a_failed_rewrite_leaves_every_shard_as_it_was(tmp_path, monkeypatch):
-    """The second shard's write fails after the first was written: nothing is replaced and the
-    first's rewritten copy is gone; a tensor no shard holds is refused the same way."""
-    import safetensors.torch
-
+    """The second shard's copy fails after the first was written: nothing is replaced and the
+    first's rewritten copy is gone; a tensor no shard holds, or one whose dtype or shape differs
+    from the stored one (its bytes would not fit the place), is refused the same way."""
     folder = tmp_path / "ckpt"
     original = _two_shards(folder)
-    real_save, calls = safetensors.torch.save_file, []
+    real_copy, calls = shutil.copyfile, []
 
-    def failing_save(tensors, path, metadata=None):
-        calls.append(path)
+    def failing_copy(src, dst):
+        calls.append(dst)
         if len(calls) == 2:
             raise OSError("disk full")
-        real_save(tensors, path, metadata=metadata)
+        return real_copy(src, dst)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    monkeypatch.setattr(shutil, "copyfile", failing_copy)
     changed = {"a.weight_scale": torch.zeros(2, 2, dtype=torch.bfloat16), "b.weight_scale": torch.zeros(3)}
     with pytest.raises(OSError, match="disk full"):
-        rewrite_shards(folder, changed)
+        _rewrite(folder, changed)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == original
 
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    monkeypatch.setattr(shutil, "copyfile", real_copy)
     with pytest.raises(ExportError, match="no shard holds c.weight_scale"):
-        rewrite_shards(folder, {**changed, "c.weight_scale": torch.zeros(1)})
+        _rewrite(folder, {**changed, "c.weight_scale": torch.zeros(1)})
+    for wrong in (torch.zeros(3, dtype=torch.bfloat16), torch.zeros(4)):
+        with pytest.raises(ExportError, match="b.weight_scale is F32 \\[3\\] there"):
+            _rewrite(folder, {**changed, "b.weight_scale": wrong})
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == original
+    # The tuning itself fails while the copies are being written: they go too.
+    with pytest.raises(RuntimeError, match="tuning failed"):
+        with shard_copies(folder):
+            raise RuntimeError("tuning failed")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == original
+
+
+def test_a_rewrite_changes_only_the_tuned_tensors_bytes(tmp_path):
+    """Everything but the tuned tensor's byte range, header and metadata included, is the file
+    as it was."""
+    from quantkit.shard_check import read_entries
+
+    folder = tmp_path / "ckpt"
+    before = _two_shards(folder)["model-2.safetensors"]
+    entry = read_entries(folder / "model-2.safetensors")["b.weight_scale"]
+    assert _rewrite(folder, {"b.weight_scale": torch.tensor([1.5, -2.0, 7.25])}) == ["model-2.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["model-1.safetensors", "model-2.safetensors"]
+    after = (folder / "model-2.safetensors").read_bytes()
+    assert len(after) == len(before)
+    assert after[:entry.begin] == before[:entry.begin] and after[entry.end:] == before[entry.end:]
+    assert after[entry.begin:entry.end] != before[entry.begin:entry.end]
+    with safe_open(str(folder / "model-2.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert torch.equal(f.get_tensor("b.weight_scale"), torch.tensor([1.5, -2.0, 7.25]))
 
 
 def _w4a16_folder(tmp_path):
