@@ -44,7 +44,7 @@ class _GroupScaledMatmul(torch.autograd.Function):
             # ∂L/∂W = gᵀx, and W[o, i] = steps[o, i]·s[o, k] for i in group k, so
             # ∂L/∂θ[o, k] = s[o, k]·Σ_{i in k} (gᵀx)[o, i]·steps[o, i].
             out, groups = s.shape
-            grad_w = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(grad.dtype)
+            grad_w = (grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(grad.dtype)).float()
             grad_w = grad_w.view(out, groups, -1).mul_(steps.view(out, groups, -1))
             grad_theta = (grad_w.sum(-1) * s).to(theta.dtype)
         return grad_x, None, None, grad_theta, None
@@ -60,15 +60,19 @@ def group_scaled_linear(x: torch.Tensor, steps: torch.Tensor, scale: torch.Tenso
 class GroupScaledLinear(nn.Module):
     """A Linear from fixed codes and learned scales.
 
-    Training computes with the float32 scales; evaluation with them rounded to the checkpoint's
-    dtype, so what is measured after tuning is what the rewritten checkpoint holds."""
+    Training computes with the float32 scales, its product in ``products_dtype`` (its output
+    back in the input's dtype, the scales' gradient summed in float32); evaluation in the
+    input's dtype with the scales rounded to the checkpoint's, so what is measured after tuning
+    is what the rewritten checkpoint holds."""
 
-    def __init__(self, steps: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, steps: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 products_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.register_buffer("steps", steps)
         self.register_buffer("scale", scale.float())
         self.register_buffer("bias", bias)
         self.stored_dtype = scale.dtype
+        self.products_dtype = products_dtype
         self.theta = nn.Parameter(torch.zeros_like(self.scale))
 
     def stored_scale(self) -> torch.Tensor:
@@ -76,5 +80,7 @@ class GroupScaledLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            return group_scaled_linear(x, self.steps, self.scale, self.theta, self.bias)
+            pd = self.products_dtype
+            bias = None if self.bias is None else self.bias.to(pd)
+            return group_scaled_linear(x.to(pd), self.steps, self.scale, self.theta, bias).to(x.dtype)
         return F.linear(x, group_weight(self.steps, self.stored_scale(), x.dtype), self.bias)

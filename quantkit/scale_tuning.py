@@ -35,7 +35,7 @@ from torch import nn
 from .errors import DeviceMemoryError, ExportError, ModelError, NumericsError
 from .formats.packing import unpack_int32
 from .group_scaled import GroupScaledLinear, group_weight
-from .tune_memory import steps_dtype, teacher_dtype
+from .tune_memory import products_dtype, steps_dtype, teacher_dtype
 from .tune_settings import TuneSettings
 
 TUNED_SUFFIX = ".tuning"  # a rewritten shard before it replaces the original
@@ -95,7 +95,7 @@ def read_packed(checkpoint: Path, bits: int, device: torch.device
 
 
 def attach(model: nn.Module, linears: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-           checkpoint: str) -> dict[str, GroupScaledLinear]:
+           checkpoint: str, products: torch.dtype = torch.float32) -> dict[str, GroupScaledLinear]:
     """Swap each of ``model``'s quantized Linears for a ``GroupScaledLinear`` of its codes, its
     dense weight dropped with it; that weight, as transformers decompressed it, must be what the
     codes give (up to its bf16 rounding), or the layout was misread."""
@@ -111,7 +111,7 @@ def attach(model: nn.Module, linears: dict[str, tuple[torch.Tensor, torch.Tensor
             raise ModelError(f"{checkpoint}: {name}.weight_packed has no Linear of that name in the loaded model",
                              field="checkpoint", file=f"{name}.weight_packed")
         module = GroupScaledLinear(steps.to(device), scale.to(device),
-                                   None if linear.bias is None else linear.bias.detach())
+                                   None if linear.bias is None else linear.bias.detach(), products)
         dense = group_weight(module.steps, module.scale, torch.float32)
         loaded = linear.weight.detach().float()
         if loaded.shape != dense.shape or ((loaded - dense).abs() - dense.abs() / 128).max().item() > 1e-6:
@@ -127,7 +127,8 @@ def attach(model: nn.Module, linears: dict[str, tuple[torch.Tensor, torch.Tensor
 def load_student(checkpoint: Path, linears: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device,
                  label: str) -> tuple[nn.Module, dict[str, GroupScaledLinear]]:
     """``checkpoint``'s model as tune trains it, in eval mode, nothing trainable but the scales'
-    ``theta``: its quantized Linears as their codes (``attach``), the rest in float32. It loads in
+    ``theta``: its quantized Linears as their codes (``attach``, their training products in
+    ``products_dtype``), the rest in float32. It loads in
     the checkpoint's own dtype and the Linears are swapped before the rest is cast, so the dense
     model is never held in float32."""
     from .evaluate import load_for_evaluation
@@ -137,7 +138,7 @@ def load_student(checkpoint: Path, linears: dict[str, tuple[torch.Tensor, torch.
     dtype = resolve_dtype("auto", read_config(checkpoint / "config.json", quantized_ok=True))
     student, _ = load_for_evaluation(checkpoint, device, name=label, dtype=dtype)
     student.requires_grad_(False)
-    scaled = attach(student, linears, device, label)
+    scaled = attach(student, linears, device, label, products_dtype(device))
     return student.float().eval(), scaled
 
 

@@ -76,3 +76,32 @@ def test_evaluation_uses_the_scales_as_stored_and_training_the_float32_ones():
     torch.testing.assert_close(evaluated, expect_stored, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(trained, expect_tuned, rtol=1e-5, atol=1e-5)
     assert (expect_tuned - expect_stored).abs().max() > 1e-3  # the two cases differ here
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bf16_products_stay_within_bf16_rounding_of_float64_and_hand_back_float32(with_bias):
+    """Training with ``products_dtype=bfloat16`` (tune on a GPU): the output comes back in the
+    input's float32 and θ's gradient in float32, each within bf16's rounding (2⁻⁸) of the float64
+    reference; the float32 path on the same inputs is a thousand times closer, so the tolerance
+    is about the product's dtype, not the test's slack."""
+    g = torch.Generator().manual_seed(11 + with_bias)
+    out, inputs, group = 32, 256, 64
+    steps = torch.randint(-15, 16, (out, inputs), generator=g).to(torch.int8)
+    scale = torch.rand(out, inputs // group, generator=g) / 15 + 1e-3
+    bias = torch.randn(out, generator=g) if with_bias else None
+    x = torch.randn(4, 8, inputs, generator=g)
+    upstream = torch.randn(4, 8, out, generator=g)
+    theta64 = torch.zeros(out, inputs // group, dtype=torch.float64, requires_grad=True)
+    y64 = _reference(x.double(), steps.double(), scale.double(), theta64, None if bias is None else bias.double())
+    (grad64,) = torch.autograd.grad(y64, theta64, upstream.double())
+
+    errors = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        module = GroupScaledLinear(steps, scale, bias, products_dtype=dtype).train()
+        y = module(x)
+        (grad,) = torch.autograd.grad(y, module.theta, upstream)
+        assert y.dtype == grad.dtype == torch.float32
+        errors[dtype] = max(((y.double() - y64).abs().max() / y64.abs().max()).item(),
+                            ((grad.double() - grad64).abs().max() / grad64.abs().max()).item())
+    assert errors[torch.bfloat16] < 2 ** -6
+    assert errors[torch.float32] < errors[torch.bfloat16] / 1000
