@@ -13,9 +13,9 @@ only each group's ``weight_scale`` (as ``s₀·exp(θ)``) and each norm's weight
 Unlike ``run``, this holds the whole model twice on one device: the base as the target (2 bytes a
 parameter on a GPU, 4 on the CPU; ``teacher_dtype``) and the quantized model as its integer codes
 (1 byte a parameter, 2 at 8 bits; ``group_scaled``) with its scales, embeddings, norms and head in
-float32: about 3 bytes a parameter in all on a GPU, plus one step's activations (61 GiB in all at
-Llama-3.1-8B shapes, one window of 2048 tokens a step). So it suits models that fit there, not
-the 70B that ``run`` streams.
+float32: about 3 bytes a parameter in all on a GPU, plus one step's activations (84 GiB in all at
+Llama-3.1-8B shapes, one window of 2048 tokens a step, measured). So it suits models that fit
+there, not the 70B that ``run`` streams.
 """
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ def steps_dtype(bits: int) -> torch.dtype:
 
 
 def teacher_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
-    """The dtype tune holds the base model in: bf16 on a GPU when the base is stored so, which at
-    Llama-3.1-8B shapes takes tune from 77 GiB to 61 (so an 80 GB card holds it) for the same
-    quality (ten SmolLM2 draws, docs/quality.md, stop 43); float32 otherwise, where bf16
-    arithmetic is slow (CPUs) or would round the stored weights."""
+    """The dtype tune holds the base model in: bf16 on a GPU when the base is stored so, which
+    saves 2 bytes a parameter (15 GiB at Llama-3.1-8B shapes) for the same quality (ten SmolLM2
+    draws, docs/quality.md, stop 43); float32 otherwise, where bf16 arithmetic is slow (CPUs) or
+    would round the stored weights."""
     return torch.bfloat16 if device.type == "cuda" and stored == torch.bfloat16 else torch.float32
 
 
@@ -30,11 +30,12 @@ def products_dtype(device: torch.device) -> torch.dtype:
 
 
 # One step's activations and logits, fitted to tune's own peak at Llama-3.1-8B shapes on an H200
-# (2 and 4 layers, one window of 2048 tokens, docs/quality.md, stop 43): per token, this many
+# (one window of 2048 tokens, base in bf16, docs/quality.md, stop 44): per token, this many
 # float32 vectors of hidden + intermediate size in each decoder layer, and of the vocabulary's
-# size for the logits. It gives the 32-layer peaks extrapolated from those runs (61.4 GiB with
-# the base in bf16, 76.9 with it in float32) to within 2%.
-LAYER_VECTORS, VOCAB_VECTORS = 5.8, 8.3
+# size for the logits. It gives the whole 32-layer model's measured 84.3 GiB. Short models hold
+# less a layer (2 and 4 layers: 5.8 vectors fit both, and the estimate is 10–15% above them), so
+# stop 43's extrapolation from those (61 GiB) was too low; the refusal errs on the safe side.
+LAYER_VECTORS, VOCAB_VECTORS = 11.1, 8.3
 
 
 def tune_bytes(parameters: int, quantized: int, groups: int, bits: int, base_itemsize: int, layers: int,
