@@ -3,7 +3,7 @@ weights) end to end against the float model's next-token distribution bring it t
 best peer's perplexity increase (issue 20)?
 
     python benchmarks/e2e_scales_probe.py --device cuda --seeds 0,1 --calib 256x256 --eval 32x256 \
-        --configs scales:1e-3:128 scales,norms:3e-3:16:8 [--batch 8] [--out DIR]
+        --configs scales:1e-3:128 scales,norms:3e-3:16:8 [--batch 8] [--row gptq-asym-rot] [--out DIR]
 
 Every layer-wise lever measured on the shipped row (``gptq-asym-rot-clip-fb-seq``) stayed inside
 the draws' noise, and the row's error was found to compound from layer to layer (docs/quality.md,
@@ -14,8 +14,9 @@ weight move. They move by Adam (cosine-decayed learning rate) on KL(float ‖ qu
 calibration windows, the float model being the original (the rotation leaves its function
 unchanged).
 
-Per draw: ``quality.run_one`` quantizes and exports the shipped row; its codes, zero points and
-scales are read back from the checkpoint and tuned by ``quantkit.scale_tuning`` (what ``quantkit
+Per draw: ``quality.run_one`` quantizes and exports the shipped row (or ``--row``, another of
+``quality.py``'s GPTQ rows: is the shipped row's cost still worth it once tuned?); its codes,
+zero points and scales are read back from the checkpoint and tuned by ``quantkit.scale_tuning`` (what ``quantkit
 tune`` runs; before that module existed this probe held the same code, and the two gave the same
 perplexity to 14 digits on the CPU); base, start and tuned perplexity are scored in float32
 on ``quality.py``'s evaluation ids by ``llmcompressor_parity.model_perplexity`` (the peers'
@@ -44,17 +45,17 @@ from llmcompressor_parity import model_perplexity  # noqa: E402
 
 from quantkit.scale_tuning import (  # noqa: E402
     load_student, load_teacher, norm_weights, read_packed, tune)
-from quantkit.tune_memory import teacher_dtype  # noqa: E402
+from quantkit.tune_memory import products_dtype, teacher_dtype  # noqa: E402
 from quantkit.tune_settings import TuneSettings  # noqa: E402
 
-KEY, BITS = "gptq-asym-rot-clip-fb-seq", 4
+SHIPPED, BITS = "gptq-asym-rot-clip-fb-seq", 4
 
 
-def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, int], work: Path, device: str,
-          configs: list[tuple[set[str], float, int, int | None]], batch: int,
+def probe(key: str, model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, int], work: Path,
+          device: str, configs: list[tuple[set[str], float, int, int | None]], batch: int,
           base_dtype: torch.dtype | None = None) -> list[dict]:
-    """One draw: the shipped row quantized once, then each ``(train, lr, steps, batch)`` tuned from
-    it (``batch`` None: the ``batch`` given here)."""
+    """One draw: the 4-bit row ``key`` of ``quality.ROWS`` quantized once, then each ``(train, lr,
+    steps, batch)`` tuned from it (``batch`` None: the ``batch`` given here)."""
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
@@ -62,11 +63,11 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
     from quantkit.model import ModelSource, read_config
     from quantkit.preflight import resolve_dtype
 
-    saved = work / "results" / f"pydoc-{KEY}-{seed}-{calib[0]}x{calib[1]}-{evaluation[0]}x{evaluation[1]}-{device}.json"
+    saved = work / "results" / f"pydoc-{key}-{seed}-{calib[0]}x{calib[1]}-{evaluation[0]}x{evaluation[1]}-{device}.json"
     if saved.exists():  # the row quality.py already ran into this --out
         row = json.loads(saved.read_text())
     else:
-        row = quality.run_one(KEY, "pydoc", seed, calib, evaluation, work, device, model)
+        row = quality.run_one(key, "pydoc", seed, calib, evaluation, work, device, model)
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(row))
     model_dir = ModelSource.open(model).path
@@ -76,7 +77,7 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
     tok = AutoTokenizer.from_pretrained(model_dir)
     other = torch.stack(load_tokens(TextRequest("shakespeare-eval", evaluation[0], evaluation[1], True, 0, False,
                                                 section="evaluate"), tok, model_dir)).to(device)
-    checkpoint = work / "checkpoints" / f"pydoc-{KEY}-{seed}"
+    checkpoint = work / "checkpoints" / f"pydoc-{key}-{seed}"
     linears, _ = read_packed(checkpoint, BITS, torch.device(device))
 
     teacher = load_teacher(model_dir, torch.device(device), torch.float32)
@@ -100,14 +101,15 @@ def probe(model: str, seed: int, calib: tuple[int, int], evaluation: tuple[int, 
         losses = tune(student, target, cal, params, TuneSettings(steps, lr, windows, seed))
         seconds = time.perf_counter() - began
         tuned, other_tuned = model_perplexity(student, ev), model_perplexity(student, other)
-        results.append({"seed": seed, "calib": list(calib), "eval": list(evaluation), "steps": steps, "lr": lr,
-                        "batch": windows, "train": sorted(train), "ppl_base": base, "ppl_start": start,
+        results.append({"row": key, "seed": seed, "calib": list(calib), "eval": list(evaluation), "steps": steps,
+                        "lr": lr, "batch": windows, "train": sorted(train), "ppl_base": base, "ppl_start": start,
                         "ppl_tuned": tuned, "shakespeare_base": other_base, "shakespeare_start": other_start,
                         "shakespeare_tuned": other_tuned, "engine_base": row["ppl_base"], "engine_ppl": row["ppl"],
                         "gptq_s": row["quantize_s"], "tune_s": seconds, "loss_first": sum(losses[:4]) / 4,
                         "loss_last": sum(losses[-4:]) / 4, "device": device,
                         "teacher_dtype": str(dtype).removeprefix("torch."),
-                        "matmul": "tf32" if device == "cuda" else "float32"})  # tune's tensor_core_matmuls
+                        "matmul": "tf32" if device == "cuda" else "float32",  # tune's tensor_core_matmuls
+                        "products": str(products_dtype(torch.device(device))).removeprefix("torch.")})
         del student, scaled, params
     return results
 
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval", default="16x256")
     ap.add_argument("--configs", nargs="+", type=parse_config, default=[parse_config("scales:1e-3:64")],
                     help="each TRAIN:LR:STEPS[:BATCH], TRAIN being scales, norms or scales,norms")
+    ap.add_argument("--row", default=SHIPPED, choices=[k for k in quality.ROWS if k.startswith("gptq")],
+                    help="the 4-bit row tuned (quality.py's key; default: the shipped one)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--teacher-dtype", choices=("float32", "bfloat16"),
                     help="the base model the steps distil from (default: tune's choice, bf16 on a GPU; "
@@ -138,12 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "e2e")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    print("| draw | tuned | lr | steps | batch | base | shipped row | tuned | Δ shipped | Δ tuned | KL first → last | tune s "
-          "| Shakespeare: Δ shipped | Δ tuned |")
+    print(f"Row: {args.row}")
+    print("| draw | tuned | lr | steps | batch | base | row | tuned | Δ row | Δ tuned | KL first → last | tune s "
+          "| Shakespeare: Δ row | Δ tuned |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    teacher = args.teacher_dtype and getattr(torch, args.teacher_dtype)
     for seed in (int(s) for s in args.seeds.split(",")):
-        for r in probe(args.model, seed, quality._pair(args.calib), quality._pair(args.eval), args.out, args.device,
-                       args.configs, args.batch, args.teacher_dtype and getattr(torch, args.teacher_dtype)):
+        for r in probe(args.row, args.model, seed, quality._pair(args.calib), quality._pair(args.eval), args.out,
+                       args.device, args.configs, args.batch, teacher):
             with open(args.out / "e2e.jsonl", "a") as f:
                 f.write(json.dumps(r) + "\n")
             d0, d1 = (100 * (r[k] / r["ppl_base"] - 1) for k in ("ppl_start", "ppl_tuned"))

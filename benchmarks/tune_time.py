@@ -1,8 +1,9 @@
 """``quantkit tune``'s time and GPU memory at Llama-3.1-8B shapes, beside the shipped GPTQ row and
 plain GPTQ on the same model (issue 20: the best 4-bit recipe within 2x GPTQ's time).
 
-    python benchmarks/tune_time.py --layers 2,4 [--samples 128 --seq-len 2048 --steps 32 --batch 1] \
-        [--variants bfloat16:tf32,float32:tf32,float32:float32]
+    python benchmarks/tune_time.py --layers 2,32 [--samples 128 --seq-len 2048 --steps 32 --batch 1] \
+        [--variants bfloat16:bf16,bfloat16:tf32,float32:tf32,float32:float32,bfloat16:bf16:16]
+    python benchmarks/tune_time.py --layers 2,32 --row-set input_feedback=false --row-set sequential=false
     python benchmarks/tune_time.py --tiny        # the script checked on the CPU (not a measurement)
 
 SmolLM2's seconds are overheads, so the time is measured where users pay it: random-weight models
@@ -13,19 +14,27 @@ groups, symmetric) by ``quantkit.quantize``, each end to end (load, calibrate, q
 then ``scale_tuning.tune_checkpoint`` on the shipped row's checkpoint with the given schedule
 (read, load both models, tune, rewrite), after one untimed pass of all three on the smallest model.
 Two layer counts give each cost's per-layer slope, and so
-the full 32-layer model's seconds. Tune's peak GPU memory is its own, above what was held
-before it started. Prints one table, then tune's seconds by stage (loading the
-student and the teacher, the KL before and after, the steps, the rewrite).
+the full 32-layer model's seconds; give 32 itself (about 230 s on an H200): tune's memory and
+time at 2 and 4 layers extrapolated to 61 GiB and 31-53 s where the 32 layers measured 84 GiB
+and 36 s (stop 44). Tune's peak GPU memory is its own, above what was held before it started.
+Prints one table, then tune's seconds by stage (loading the student and the teacher, the KL
+before and after, the steps, the rewrite).
 
-Each ``--variants`` entry tunes its own copy of the row's checkpoint: ``bfloat16:tf32`` is what tune
-does on a GPU; ``float32:…`` holds the base in float32, ``…:float32`` runs the steps and the KL
-without tensor cores (``scale_tuning.tensor_core_matmuls``).
+``--row-set FIELD=VALUE`` changes a field of the shipped row's ``quantization`` (the value read as
+YAML) for the row quantized and tuned here: is a cheaper row, tuned, within 2x GPTQ's time?
+
+Each ``--variants`` entry tunes its own copy of the row's checkpoint: ``bfloat16:bf16`` is what tune
+does on a GPU; ``float32:…`` holds the base in float32, ``…:tf32`` runs the quantized Linears'
+products in float32 (TF32) as stop 43 did, ``…:float32`` the steps and the KL without tensor
+cores (``scale_tuning.products_dtype``, ``scale_tuning.tensor_core_matmuls``); a third field
+overrides ``--steps`` for that entry.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import shutil
 import sys
@@ -34,6 +43,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -74,23 +84,30 @@ def timed_stages(seconds: dict[str, float]) -> None:
 
 @contextlib.contextmanager
 def variant(teacher_dtype: str, matmul: str) -> Iterator[None]:
-    """``scale_tuning`` holding the base in ``teacher_dtype`` and running the steps' float32
-    matmuls as ``matmul`` (``bfloat16:tf32`` is what it does on a GPU with a bf16 base)."""
+    """``scale_tuning`` holding the base in ``teacher_dtype`` and running the steps' products as
+    ``matmul``: ``bf16`` the quantized Linears' in bf16 and the other float32 ones as TF32
+    (``bfloat16:bf16`` is what it does on a GPU with a bf16 base), ``tf32`` all float32 as TF32
+    (stop 43), ``float32`` none on tensor cores (stop 42)."""
     from quantkit import scale_tuning
 
-    load, matmuls = scale_tuning.load_teacher, scale_tuning.tensor_core_matmuls
+    load, matmuls, products = scale_tuning.load_teacher, scale_tuning.tensor_core_matmuls, scale_tuning.products_dtype
     scale_tuning.load_teacher = lambda base_dir, device, dtype: load(base_dir, device, getattr(torch, teacher_dtype))
+    if matmul != "bf16":
+        scale_tuning.products_dtype = lambda device: torch.float32
     if matmul == "float32":
         scale_tuning.tensor_core_matmuls = lambda device: contextlib.nullcontext()
     try:
         yield
     finally:
         scale_tuning.load_teacher, scale_tuning.tensor_core_matmuls = load, matmuls
+        scale_tuning.products_dtype = products
 
 
-def measure(layers: int, work: Path, samples: int, seq_len: int, settings, variants: list[str]) -> list[dict]:
-    """Seconds of the shipped row and plain GPTQ on a model of ``layers`` 8B-shaped layers, then
-    of tune on a fresh copy of the row's checkpoint for each ``teacher:matmul`` variant."""
+def measure(layers: int, work: Path, samples: int, seq_len: int, settings, variants: list[str],
+            row_set: dict) -> list[dict]:
+    """Seconds of the shipped row (its fields changed by ``row_set``) and plain GPTQ on a model of
+    ``layers`` 8B-shaped layers, then of tune on a fresh copy of the row's checkpoint for each
+    ``teacher:matmul`` variant."""
     import quantkit
     from safetensors.torch import load_file
 
@@ -103,8 +120,11 @@ def measure(layers: int, work: Path, samples: int, seq_len: int, settings, varia
     quantized: dict = {"layers": layers}
     for method in ("shipped-gptq", "gptq"):
         folder = work / f"out-{method}-{layers}"
+        recipe = bench._quantkit_recipe(method, model, calib, folder, samples, seq_len, 8)
+        if method == "shipped-gptq":
+            recipe["quantization"].update(row_set)
         began = time.perf_counter()
-        quantkit.quantize(**bench._quantkit_recipe(method, model, calib, folder, samples, seq_len, 8), quiet=True)
+        quantkit.quantize(**recipe, quiet=True)
         quantized[method] = time.perf_counter() - began
     windows = list(load_file(str(calib))["input_ids"])
     rows = []
@@ -119,8 +139,10 @@ def measure(layers: int, work: Path, samples: int, seq_len: int, settings, varia
             torch.cuda.reset_peak_memory_stats()
             held = torch.cuda.memory_allocated()
         stages.clear()
-        with variant(*name.split(":")):
-            report = tune_checkpoint(folder, model, windows, settings, torch.device(bench.DEVICE), quiet=True)
+        teacher, matmul, *steps = name.split(":")
+        mine = dataclasses.replace(settings, steps=int(steps[0])) if steps and settings.steps > 1 else settings
+        with variant(teacher, matmul):
+            report = tune_checkpoint(folder, model, windows, mine, torch.device(bench.DEVICE), quiet=True)
         rows.append({**quantized, "variant": name, "tune": report["seconds"], "stages": dict(stages),
                      "kl_windows": report["kl_windows"], "kl": (report["kl_before"], report["kl_after"]),
                      "tune_gib": (torch.cuda.max_memory_allocated() - held) / GIB if bench.DEVICE == "cuda" else 0.0,
@@ -145,16 +167,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1, help="windows a tune step")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--variants", default="bfloat16:tf32",
-                    help="comma-separated TEACHER:MATMUL, TEACHER float32 or bfloat16, MATMUL tf32 or float32")
+    ap.add_argument("--variants", default="bfloat16:bf16",
+                    help="comma-separated TEACHER:MATMUL[:STEPS], TEACHER float32 or bfloat16, MATMUL bf16, tf32 or "
+                         "float32, STEPS overriding --steps")
+    ap.add_argument("--row-set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a field of the shipped row's quantization changed for the row quantized and tuned")
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantkit-tune-time"))
     ap.add_argument("--tiny", action="store_true", help="the script checked on the CPU at tiny shapes")
     args = ap.parse_args(argv)
     variants = args.variants.split(",")
     for name in variants:
-        teacher, _, matmul = name.partition(":")
-        if teacher not in ("float32", "bfloat16") or matmul not in ("tf32", "float32"):
-            ap.error(f"--variants: {name!r} is not TEACHER:MATMUL")
+        teacher, matmul, *steps = name.split(":")
+        if (teacher not in ("float32", "bfloat16") or matmul not in ("bf16", "tf32", "float32") or len(steps) > 1
+                or not all(n.isdigit() for n in steps)):
+            ap.error(f"--variants: {name!r} is not TEACHER:MATMUL[:STEPS]")
+    row_set = {}
+    for item in args.row_set:
+        field, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--row-set: {item!r} is not FIELD=VALUE")
+        row_set[field] = yaml.safe_load(value)
     if args.tiny:
         bench.DEVICE = "cpu"
         bench.SHAPES["8b"]["config"].update(TINY)
@@ -166,12 +198,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--layers: give two counts at least, for the per-layer slope")
     settings = TuneSettings(args.steps, args.lr, args.batch)
     # Imports, CUDA's start and the kernels' first launches, untimed: the first count pays none of them.
-    measure(counts[0], args.work, args.samples, args.seq_len, TuneSettings(1, args.lr, args.batch), variants)
-    rows = [r for n in counts for r in measure(n, args.work, args.samples, args.seq_len, settings, variants)]
+    measure(counts[0], args.work, args.samples, args.seq_len, TuneSettings(1, args.lr, args.batch), variants,
+            row_set)
+    rows = [r for n in counts for r in measure(n, args.work, args.samples, args.seq_len, settings, variants, row_set)]
     full = bench.SHAPES["8b"]["full_layers"]
     print(f"Llama-3.1-8B shapes on {bench.DEVICE}, calibration {args.samples} x {args.seq_len}; tune {args.steps} "
           f"steps of {args.batch} window(s), lr {args.lr:g}; seconds end to end; tune as teacher:matmuls")
-    print("| layers | tune as | plain GPTQ | shipped row | tune | tune peak GiB | row / GPTQ | (row + tune) / GPTQ |")
+    print(f"Row: the shipped llama8b-gptq quantization{', with ' + str(row_set) if row_set else ''}")
+    print("| layers | tune as | plain GPTQ | row | tune | tune peak GiB | row / GPTQ | (row + tune) / GPTQ |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for name in variants:
         mine = [r for r in rows if r["variant"] == name]
