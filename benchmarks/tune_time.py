@@ -14,9 +14,9 @@ groups, symmetric) by ``quantkit.quantize``, each end to end (load, calibrate, q
 then ``scale_tuning.tune_checkpoint`` on the shipped row's checkpoint with the given schedule
 (read, load both models, tune, rewrite), after one untimed pass of all three on the smallest model.
 Two layer counts give each cost's per-layer slope, and so
-the full 32-layer model's seconds; give 32 itself (about 230 s on an H200): tune's memory and
-time at 2 and 4 layers extrapolated to 61 GiB and 31-53 s where the 32 layers measured 84 GiB
-and 36 s (stop 44). Tune's peak GPU memory is its own, above what was held before it started.
+the full 32-layer model's seconds; give 32 itself (about 230 s on an H200): tune's memory at 2
+and 4 layers extrapolated to 61 GiB where the 32 layers hold 84, and its seconds to 31-53 in
+three calls of the same code (stop 44). Tune's peak GPU memory is its own, above what was held before it started.
 Prints one table, then tune's seconds by stage (loading the student and the teacher, the KL
 before and after, the steps, the rewrite).
 
