@@ -40,9 +40,9 @@ from .tune_settings import TuneSettings
 
 TUNED_SUFFIX = ".tuning"  # a rewritten shard before it replaces the original
 # The KL before and after is a report, not a stopping rule, so it is scored on the first windows
-# up to this many tokens: 32 of the built-in default's 256 tokens, 4 of 2048. Over all of an 8B
-# run's 128 windows of 2048 tokens the two passes cost four times the 32 steps; over 16 of them
-# still half the steps (docs/quality.md, stops 43 and 44).
+# up to this many tokens: 32 of the built-in default's 128 windows of 256 tokens, 4 of an 8B
+# run's windows of 2048. Over all of its 128 windows the two passes cost four times the 32
+# steps; over 16 of them still half the steps (docs/quality.md, stops 43 and 44).
 KL_TOKENS = 8192
 
 
@@ -95,10 +95,11 @@ def read_packed(checkpoint: Path, bits: int, device: torch.device
 
 
 def attach(model: nn.Module, linears: dict[str, tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-           checkpoint: str, products: torch.dtype = torch.float32) -> dict[str, GroupScaledLinear]:
+           checkpoint: str, products: torch.dtype) -> dict[str, GroupScaledLinear]:
     """Swap each of ``model``'s quantized Linears for a ``GroupScaledLinear`` of its codes, its
     dense weight dropped with it; that weight, as transformers decompressed it, must be what the
-    codes give (up to its bf16 rounding), or the layout was misread."""
+    codes give (up to its bf16 rounding), or the layout was misread. ``products``: the dtype
+    of their products in training (``products_dtype``)."""
     scaled = {}
     for name, (steps, scale) in linears.items():
         # Looked up one at a time: a table of the model's modules would keep every swapped-out
