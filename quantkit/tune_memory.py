@@ -24,9 +24,11 @@ def teacher_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
 def products_dtype(device: torch.device) -> torch.dtype:
     """The dtype of the quantized Linears' products in tune's steps: bf16 on a GPU, which took
     the 32 steps from 20.1 to 16.4 s against TF32 at Llama-3.1-8B shapes on an H200, within the
-    draws' noise on SmolLM2 (docs/quality.md, stop 44); float32 on the CPU, where bf16 products
-    are slower. The stream between them, the head and the KL stay float32."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    draws' noise on SmolLM2 (docs/quality.md, stop 44); float32 on the CPU and on GPUs without
+    bf16 tensor cores (before Ampere), where bf16 products are slower. The stream between them,
+    the head and the KL stay float32."""
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if native else torch.float32
 
 
 # One step's activations and logits, fitted to tune's own peak at Llama-3.1-8B shapes on an H200

@@ -203,6 +203,22 @@ def _two_shards(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
+def test_the_products_are_bf16_only_on_a_gpu_with_bf16_tensor_cores(monkeypatch):
+    from quantkit.tune_memory import products_dtype
+
+    asked = []
+
+    def native(including_emulation=True):
+        asked.append(including_emulation)
+        return support
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", native)
+    for support, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        assert products_dtype(torch.device("cuda")) == expected
+    assert asked == [False, False]  # emulated bf16 is not asked for
+    assert products_dtype(torch.device("cpu")) == torch.float32 and len(asked) == 2  # nor CUDA on the CPU
+
+
 def test_the_base_is_held_in_bf16_only_on_a_gpu_and_only_when_stored_so():
     from quantkit.tune_memory import teacher_dtype
 
