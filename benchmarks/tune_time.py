@@ -16,9 +16,9 @@ then ``scale_tuning.tune_checkpoint`` on the shipped row's checkpoint with the g
 Two layer counts give each cost's per-layer slope, and so
 the full 32-layer model's seconds; give 32 itself (about 230 s on an H200): tune's memory at 2
 and 4 layers extrapolated to 61 GiB where the 32 layers hold 84, and its seconds to 31-53 in
-three calls of the same code (stop 44). Tune's peak GPU memory is its own, above what was held before it started.
-Prints one table, then tune's seconds by stage (loading the student and the teacher, the KL
-before and after, the steps, the rewrite).
+three calls of the same code (stop 44). Tune's peak GPU memory is its own, above what was
+held before it started. Prints one table, then tune's seconds by stage (loading the student and
+the teacher, the KL before and after, the steps, the rewrite).
 
 ``--row-set FIELD=VALUE`` changes a field of the shipped row's ``quantization`` (the value read as
 YAML) for the row quantized and tuned here: is a cheaper row, tuned, within 2x GPTQ's time?
@@ -107,7 +107,7 @@ def measure(layers: int, work: Path, samples: int, seq_len: int, settings, varia
             row_set: dict) -> list[dict]:
     """Seconds of the shipped row (its fields changed by ``row_set``) and plain GPTQ on a model of
     ``layers`` 8B-shaped layers, then of tune on a fresh copy of the row's checkpoint for each
-    ``teacher:matmul`` variant."""
+    ``teacher:matmul[:steps]`` variant (its steps, except in the untimed one-step warm-up)."""
     import quantkit
     from safetensors.torch import load_file
 
