@@ -235,9 +235,18 @@ class ShardCopies:
     then writes the tuned bytes into the copies."""
 
     def __init__(self, folder: Path):
+        import shutil
+
         self.folder = folder
         self.pairs = [(shard.with_name(shard.name + TUNED_SUFFIX), shard)
                       for shard in sorted(folder.glob("*.safetensors"))]
+        # Checked before the steps, which take minutes on a CPU: a full disk met by the copy
+        # would otherwise surface only at the rewrite, after them.
+        need, free = sum(shard.stat().st_size for _, shard in self.pairs), shutil.disk_usage(folder).free
+        if need > free:
+            raise ExportError(f"{folder}: tune writes each shard's copy beside it before replacing it, "
+                              f"{need / 1e6:.1f} MB in all, and {free / 1e6:.1f} MB are free there; nothing was "
+                              "written", file=folder, hint="free disk space there, then run quantkit tune again")
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._copy, name="quantkit-tune-copies", daemon=True)

@@ -290,6 +290,22 @@ def test_a_failed_rewrite_leaves_every_shard_as_it_was(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == original
 
 
+def test_a_disk_without_room_for_the_copies_is_refused_before_any_is_written(tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    original = _two_shards(folder)
+    need = sum(len(b) for b in original.values())
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=need - 1))
+    with pytest.raises(ExportError, match=f"{need / 1e6:.1f} MB in all, and {(need - 1) / 1e6:.1f} MB are free"):
+        with shard_copies(folder):
+            pytest.fail("the block ran although the copies cannot fit")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == original
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=need))
+    assert _rewrite(folder, {"b.weight_scale": torch.zeros(3)}) == ["model-2.safetensors"]
+
+
 def test_a_rewrite_changes_only_the_tuned_tensors_bytes(tmp_path):
     """Everything but the tuned tensor's byte range, header and metadata included, is the file
     as it was."""
