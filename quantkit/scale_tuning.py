@@ -295,9 +295,11 @@ def rewrite_shards(copies: ShardCopies, changed: dict[str, torch.Tensor]) -> lis
 
     A tuned tensor keeps its name, dtype and shape, so its bytes take the place of the old ones
     in the copy and nothing else in the file moves (decoding and re-encoding every tensor cost
-    more than the copy). Only when every touched copy is written do they replace the originals
+    more than the copy); each passes the checks the checkpoint writer makes of what it stores.
+    Only when every touched copy is written do they replace the originals
     (renames); an error before that is raised with the originals unchanged, and ``shard_copies``
     removes the copies."""
+    from .finite_check import check_written
     from .safetensors_dtypes import DTYPE_NAMES
     from .shard_check import read_entries
 
@@ -314,6 +316,7 @@ def rewrite_shards(copies: ShardCopies, changed: dict[str, torch.Tensor]) -> lis
             if DTYPE_NAMES.get(t.dtype) != entry.dtype or tuple(t.shape) != entry.shape:
                 raise ExportError(f"{shard}: {name} is {entry.dtype} {list(entry.shape)} there but tuning gave "
                                   f"{t.dtype} {list(t.shape)}; nothing was rewritten", file=shard)
+            check_written(name, t)  # the checkpoint writer's own gate: finite, scales positive
         touched.append((tmp, shard))
         with open(tmp, "r+b") as f:
             for name in sorted(mine, key=lambda n: entries[n].begin):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from quantkit import pipeline
 from quantkit.cli import main as cli_main
-from quantkit.errors import ExportError
+from quantkit.errors import ExportError, NumericsError
 from quantkit.recipe import make_recipe
 from quantkit.group_scaled import group_weight
 from quantkit.scale_tuning import TUNED_SUFFIX, next_token_kl, rewrite_shards, shard_copies
@@ -271,7 +271,7 @@ def test_a_failed_rewrite_leaves_every_shard_as_it_was(tmp_path, monkeypatch):
         return real_copy(src, dst)
 
     monkeypatch.setattr(shutil, "copyfile", failing_copy)
-    changed = {"a.weight_scale": torch.zeros(2, 2, dtype=torch.bfloat16), "b.weight_scale": torch.zeros(3)}
+    changed = {"a.weight_scale": torch.full((2, 2), 2.0, dtype=torch.bfloat16), "b.weight_scale": torch.full((3,), 2.0)}
     with pytest.raises(OSError, match="disk full"):
         _rewrite(folder, changed)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == original
@@ -282,6 +282,10 @@ def test_a_failed_rewrite_leaves_every_shard_as_it_was(tmp_path, monkeypatch):
     for wrong in (torch.zeros(3, dtype=torch.bfloat16), torch.zeros(4)):
         with pytest.raises(ExportError, match="b.weight_scale is F32 \\[3\\] there"):
             _rewrite(folder, {**changed, "b.weight_scale": wrong})
+    # What the checkpoint writer would refuse to store: a scale tuned to Inf, or to zero.
+    for bad, why in ((torch.tensor([1.0, float("inf"), 1.0]), "NaN or Inf"), (torch.zeros(3), "positive")):
+        with pytest.raises(NumericsError, match=f"b.weight_scale.*{why}"):
+            _rewrite(folder, {"a.weight_scale": changed["a.weight_scale"], "b.weight_scale": bad})
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == original
     # The tuning itself fails while the copies are being written: they go too.
     with pytest.raises(RuntimeError, match="tuning failed"):
@@ -303,7 +307,7 @@ def test_a_disk_without_room_for_the_copies_is_refused_before_any_is_written(tmp
             pytest.fail("the block ran although the copies cannot fit")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == original
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=need))
-    assert _rewrite(folder, {"b.weight_scale": torch.zeros(3)}) == ["model-2.safetensors"]
+    assert _rewrite(folder, {"b.weight_scale": torch.full((3,), 2.0)}) == ["model-2.safetensors"]
 
 
 def test_a_rewrite_changes_only_the_tuned_tensors_bytes(tmp_path):
@@ -314,7 +318,7 @@ def test_a_rewrite_changes_only_the_tuned_tensors_bytes(tmp_path):
     folder = tmp_path / "ckpt"
     before = _two_shards(folder)["model-2.safetensors"]
     entry = read_entries(folder / "model-2.safetensors")["b.weight_scale"]
-    assert _rewrite(folder, {"b.weight_scale": torch.tensor([1.5, -2.0, 7.25])}) == ["model-2.safetensors"]
+    assert _rewrite(folder, {"b.weight_scale": torch.tensor([1.5, 2.0, 7.25])}) == ["model-2.safetensors"]
     assert sorted(p.name for p in folder.iterdir()) == ["model-1.safetensors", "model-2.safetensors"]
     after = (folder / "model-2.safetensors").read_bytes()
     assert len(after) == len(before)
@@ -322,7 +326,7 @@ def test_a_rewrite_changes_only_the_tuned_tensors_bytes(tmp_path):
     assert after[entry.begin:entry.end] != before[entry.begin:entry.end]
     with safe_open(str(folder / "model-2.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
-        assert torch.equal(f.get_tensor("b.weight_scale"), torch.tensor([1.5, -2.0, 7.25]))
+        assert torch.equal(f.get_tensor("b.weight_scale"), torch.tensor([1.5, 2.0, 7.25]))
 
 
 def _w4a16_folder(tmp_path):
