@@ -222,7 +222,7 @@ def _tune_bytes(recipe: RecipeBase, shape: ModelShape, sizes: SizePlan, scheme: 
                 config: dict[str, Any]) -> int:
     """About the memory tuning will hold on ``device``; refused on a GPU it exceeds, before
     the run spends its time (on the CPU the host's swap and other processes decide)."""
-    from .tune_memory import teacher_dtype, tune_bytes
+    from .tune_memory import products_dtype, teacher_dtype, tune_bytes
     from .tune_settings import TuneSettings
 
     ws = scheme.weights
@@ -231,7 +231,7 @@ def _tune_bytes(recipe: RecipeBase, shape: ModelShape, sizes: SizePlan, scheme: 
     need = tune_bytes(sizes.parameters, sizes.quantized_parameters, sizes.quantized_parameters // group, ws.num_bits,
                       teacher_dtype(device, resolve_dtype("auto", config)).itemsize, shape.num_layers,
                       shape.hidden_size + shape.intermediate_size, shape.vocab_size,
-                      windows * recipe.calibration.max_seq_length)
+                      windows * recipe.calibration.max_seq_length, products_dtype(device))
     if device.type == "cuda":
         check_tune_fits(need, torch.cuda.mem_get_info(device)[1], str(device), windows, recipe.where)
     return need

@@ -13,9 +13,9 @@ only each group's ``weight_scale`` (as ``s₀·exp(θ)``) and each norm's weight
 Unlike ``run``, this holds the whole model twice on one device: the base as the target (2 bytes a
 parameter on a GPU, 4 on the CPU; ``teacher_dtype``) and the quantized model as its integer codes
 (1 byte a parameter, 2 at 8 bits; ``group_scaled``) with its scales, embeddings, norms and head in
-float32: about 3 bytes a parameter in all on a GPU, plus one step's activations (84 GiB in all at
-Llama-3.1-8B shapes, one window of 2048 tokens a step, measured). So it suits models that fit
-there, not the 70B that ``run`` streams.
+float32: about 3 bytes a parameter in all on a GPU, plus one step's activations (66.6 GiB in all
+at Llama-3.1-8B shapes, one window of 2048 tokens a step, measured: an 80 GB card holds it). So
+it suits models that fit there, not the 70B that ``run`` streams.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from torch import nn
 from .errors import DeviceMemoryError, ExportError, ModelError, NumericsError
 from .formats.packing import unpack_int32
 from .group_scaled import GroupScaledLinear, group_weight
+from .tune_attention import use_training_attention
 from .tune_memory import products_dtype, steps_dtype, teacher_dtype
 from .tune_settings import TuneSettings
 
@@ -129,9 +130,9 @@ def load_student(checkpoint: Path, linears: dict[str, tuple[torch.Tensor, torch.
                  label: str) -> tuple[nn.Module, dict[str, GroupScaledLinear]]:
     """``checkpoint``'s model as tune trains it, in eval mode, nothing trainable but the scales'
     ``theta``: its quantized Linears as their codes (``attach``, their training products in
-    ``products_dtype``), the rest in float32. It loads in
-    the checkpoint's own dtype and the Linears are swapped before the rest is cast, so the dense
-    model is never held in float32."""
+    ``products_dtype``, and its attention in training too, ``tune_attention``), the rest in
+    float32. It loads in the checkpoint's own dtype and the Linears are swapped before the rest
+    is cast, so the dense model is never held in float32."""
     from .evaluate import load_for_evaluation
     from .model import read_config
     from .preflight import resolve_dtype
@@ -139,7 +140,9 @@ def load_student(checkpoint: Path, linears: dict[str, tuple[torch.Tensor, torch.
     dtype = resolve_dtype("auto", read_config(checkpoint / "config.json", quantized_ok=True))
     student, _ = load_for_evaluation(checkpoint, device, name=label, dtype=dtype)
     student.requires_grad_(False)
-    scaled = attach(student, linears, device, label, products_dtype(device))
+    products = products_dtype(device)
+    scaled = attach(student, linears, device, label, products)
+    use_training_attention(student, products)
     return student.float().eval(), scaled
 
 

@@ -31,22 +31,25 @@ def products_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
-# One step's activations and logits, fitted to tune's own peak at Llama-3.1-8B shapes on an H200
-# (one window of 2048 tokens, base in bf16, docs/quality.md, stop 44): per token, this many
-# float32 vectors of hidden + intermediate size in each decoder layer, and of the vocabulary's
-# size for the logits. It gives the whole 32-layer model's measured 84.3 GiB. Short models hold
-# less a layer (2 and 4 layers: 5.8 vectors fit both, and the estimate is 10–15% above them), so
-# stop 43's extrapolation from those (61 GiB) was too low; the refusal errs on the safe side.
-LAYER_VECTORS, VOCAB_VECTORS = 11.1, 8.3
+# One step's activations and logits, fitted to tune's own peaks at Llama-3.1-8B shapes on an H200
+# (one window of 2048 tokens, base in bf16): per token, this many float32 vectors of hidden +
+# intermediate size in each decoder layer, by the products' dtype, and of the vocabulary's size
+# for the logits. With bf16 products the attention trains in bf16 too (``tune_attention``) and
+# the whole 32 layers held 66.6 GiB (stop 45; 7.2 gives 66.6 and is 10% above the 2 layers'
+# 15.7); in float32, sdpa's math kernel keeps each head's [T, T] weights and they held 86.1
+# (stop 44; 11.1 gives 84.3). Stop 43 had extrapolated from 2 and 4 layers to 61 GiB: the short
+# models' peak is mostly the logits, so they do not pin the layers' share.
+LAYER_VECTORS = {torch.bfloat16: 7.2, torch.float32: 11.1}
+VOCAB_VECTORS = 8.3
 
 
 def tune_bytes(parameters: int, quantized: int, groups: int, bits: int, base_itemsize: int, layers: int,
-               width: int, vocab: int, tokens: int) -> int:
+               width: int, vocab: int, tokens: int, products: torch.dtype) -> int:
     """About the device memory tune holds for a model of ``parameters`` (``quantized`` of them in
     ``groups`` scale groups of ``bits``-bit codes; ``width``: hidden plus intermediate size) at
-    ``tokens`` a step: the base in ``base_itemsize`` bytes a parameter, the quantized model as its
-    codes with the rest in float32, each group's scale, θ and Adam's two moments, and one step's
-    activations and logits."""
+    ``tokens`` a step with its products in ``products`` (``products_dtype``): the base in
+    ``base_itemsize`` bytes a parameter, the quantized model as its codes with the rest in float32,
+    each group's scale, θ and Adam's two moments, and one step's activations and logits."""
     held = (parameters * base_itemsize + quantized * steps_dtype(bits).itemsize + (parameters - quantized) * 4
             + groups * 16)
-    return int(held + tokens * 4 * (layers * LAYER_VECTORS * width + VOCAB_VECTORS * vocab))
+    return int(held + tokens * 4 * (layers * LAYER_VECTORS[products] * width + VOCAB_VECTORS * vocab))
