@@ -21,6 +21,7 @@ it suits models that fit there, not the 70B that ``run`` streams.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -263,6 +264,11 @@ class ShardCopies:
                 if self._stop.is_set():
                     return
                 shutil.copyfile(shard, tmp)
+                # Written back now, while the device tunes: left to the kernel, the write-back
+                # starts about 30 s later, near the rewrite, whose writes into pages under
+                # write-back then wait for the disk (half of a rewrite's second at 5 GB, stop 45).
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
         except BaseException as e:  # re-raised in the caller's thread by wait()
             self._error = e
 

@@ -310,6 +310,20 @@ def test_a_disk_without_room_for_the_copies_is_refused_before_any_is_written(tmp
     assert _rewrite(folder, {"b.weight_scale": torch.full((3,), 2.0)}) == ["model-2.safetensors"]
 
 
+def test_each_copy_is_on_disk_before_the_rewrite_writes_into_it(tmp_path, monkeypatch):
+    """The background thread flushes each copy it wrote: written back later, near the rewrite,
+    the rewrite's writes into its pages would wait for the disk."""
+    import os
+
+    folder = tmp_path / "ckpt"
+    _two_shards(folder)
+    flushed, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: flushed.append(os.readlink(f"/proc/self/fd/{fd}")) or fsync(fd))
+    with shard_copies(folder) as copies:
+        copies.wait()
+        assert flushed == [str(tmp) for tmp, _ in copies.pairs]
+
+
 def test_a_rewrite_changes_only_the_tuned_tensors_bytes(tmp_path):
     """Everything but the tuned tensor's byte range, header and metadata included, is the file
     as it was."""
