@@ -42,10 +42,11 @@ from .tune_settings import TuneSettings
 
 TUNED_SUFFIX = ".tuning"  # a rewritten shard before it replaces the original
 # The KL before and after is a report, not a stopping rule, so it is scored on the first windows
-# up to this many tokens: 32 of the built-in default's 128 windows of 256 tokens, 4 of an 8B
+# up to this many tokens: 8 of the built-in default's 128 windows of 256 tokens, one of an 8B
 # run's windows of 2048. Over all of its 128 windows the two passes cost four times the 32
-# steps; over 16 of them still half the steps (docs/quality.md, stops 43 and 44).
-KL_TOKENS = 8192
+# steps; over 4 windows of 2048 still 2.1 s of tune's 28 at Llama-3.1-8B shapes on an H200
+# (docs/quality.md, stops 43 to 45).
+KL_TOKENS = 2048
 
 
 def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
