@@ -109,7 +109,8 @@ def probe(key: str, model: str, seed: int, calib: tuple[int, int], evaluation: t
                         "loss_last": sum(losses[-4:]) / 4, "device": device,
                         "teacher_dtype": str(dtype).removeprefix("torch."),
                         "matmul": "tf32" if device == "cuda" else "float32",  # tune's tensor_core_matmuls
-                        "products": str(products_dtype(torch.device(device))).removeprefix("torch.")})
+                        "products": str(products_dtype(torch.device(device))).removeprefix("torch."),
+                        "attention": student.config._attn_implementation})
         del student, scaled, params
     return results
 

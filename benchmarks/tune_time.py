@@ -18,7 +18,9 @@ the full 32-layer model's seconds; give 32 itself (about 230 s on an H200): tune
 and 4 layers extrapolated to 61 GiB where the 32 layers hold 84, and its seconds to 31-53 in
 three calls of the same code (stop 44). Tune's peak GPU memory is its own, above what was
 held before it started. Prints one table, then tune's seconds by stage (loading the student and
-the teacher, the KL before and after, the steps, the rewrite).
+the teacher, the KL before and after, the steps, the rewrite and, of it, the wait for the
+shards' background copies) and its peak memory by stage. ``--memory-cap-gib 79.1`` holds the
+process to an H100 80GB's memory: does tune fit there?
 
 ``--row-set FIELD=VALUE`` changes a field of the shipped row's ``quantization`` (the value read as
 YAML) for the row quantized and tuned here: is a cheaper row, tuned, within 2x GPTQ's time?
@@ -53,6 +55,7 @@ import gpu_vs_llmcompressor as bench  # noqa: E402
 
 GIB = 1024**3
 stages: dict[str, float] = {}  # tune's seconds by stage in the current measurement
+peaks: dict[str, int] = {}  # its peak GPU bytes by stage ("before": outside the stages, up to the last one)
 TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
             vocab_size=1024)
 
@@ -68,18 +71,32 @@ def timed_stages(seconds: dict[str, float]) -> None:
         inner = getattr(scale_tuning, stage)
 
         def call(*args, **kwargs):
-            sync = torch.cuda.synchronize if bench.DEVICE == "cuda" else (lambda: None)
-            sync()
+            cuda = bench.DEVICE == "cuda"
+            if cuda:
+                torch.cuda.synchronize()
+                peaks["before"] = max(peaks.get("before", 0), torch.cuda.max_memory_allocated())
+                torch.cuda.reset_peak_memory_stats()
             began = time.perf_counter()
             try:
                 return inner(*args, **kwargs)
             finally:
-                sync()
+                if cuda:
+                    torch.cuda.synchronize()
+                    peaks[stage] = max(peaks.get(stage, 0), torch.cuda.max_memory_allocated())
                 seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - began
         return call
 
     for stage in STAGES:
         setattr(scale_tuning, stage, wrap(stage))
+    wait = scale_tuning.ShardCopies.wait
+
+    def waited(self):  # the part of the rewrite spent waiting for the background copies
+        began = time.perf_counter()
+        try:
+            return wait(self)
+        finally:
+            seconds["copies_wait"] = seconds.get("copies_wait", 0.0) + time.perf_counter() - began
+    scale_tuning.ShardCopies.wait = waited
 
 
 @contextlib.contextmanager
@@ -139,13 +156,15 @@ def measure(layers: int, work: Path, samples: int, seq_len: int, settings, varia
             torch.cuda.reset_peak_memory_stats()
             held = torch.cuda.memory_allocated()
         stages.clear()
+        peaks.clear()
         teacher, matmul, *steps = name.split(":")
         mine = dataclasses.replace(settings, steps=int(steps[0])) if steps and settings.steps > 1 else settings
         with variant(teacher, matmul):
             report = tune_checkpoint(folder, model, windows, mine, torch.device(bench.DEVICE), quiet=True)
         rows.append({**quantized, "variant": name, "tune": report["seconds"], "stages": dict(stages),
                      "kl_windows": report["kl_windows"], "kl": (report["kl_before"], report["kl_after"]),
-                     "tune_gib": (torch.cuda.max_memory_allocated() - held) / GIB if bench.DEVICE == "cuda" else 0.0,
+                     "tune_gib": (max(peaks.values(), default=0) - held) / GIB if bench.DEVICE == "cuda" else 0.0,
+                     "peaks": {k: (v - held) / GIB for k, v in peaks.items()},
                      "held_gib": held / GIB})
     return rows
 
@@ -172,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                          "float32, STEPS overriding --steps")
     ap.add_argument("--row-set", action="append", default=[], metavar="FIELD=VALUE",
                     help="a field of the shipped row's quantization changed for the row quantized and tuned")
+    ap.add_argument("--memory-cap-gib", type=float, default=None,
+                    help="hold the process to this much GPU memory, as a smaller card would (an H100 80GB: 79.1)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/quantkit-tune-time"))
     ap.add_argument("--tiny", action="store_true", help="the script checked on the CPU at tiny shapes")
     args = ap.parse_args(argv)
@@ -193,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         args.work = args.work.with_name(args.work.name + "-tiny")
     args.work.mkdir(parents=True, exist_ok=True)
     timed_stages(stages)
+    if args.memory_cap_gib and bench.DEVICE == "cuda":
+        torch.cuda.set_per_process_memory_fraction(
+            args.memory_cap_gib * GIB / torch.cuda.get_device_properties(0).total_memory)
     counts = sorted(int(n) for n in args.layers.split(","))
     if len(counts) < 2:
         ap.error("--layers: give two counts at least, for the per-layer slope")
@@ -205,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Llama-3.1-8B shapes on {bench.DEVICE}, calibration {args.samples} x {args.seq_len}; tune {args.steps} "
           f"steps of {args.batch} window(s), lr {args.lr:g}; seconds end to end; tune as teacher:matmuls")
     print(f"Row: the shipped llama8b-gptq quantization{', with ' + str(row_set) if row_set else ''}")
+    if args.memory_cap_gib:
+        print(f"The process held to {args.memory_cap_gib:g} GiB of GPU memory")
     print("| layers | tune as | plain GPTQ | row | tune | tune peak GiB | row / GPTQ | (row + tune) / GPTQ |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for name in variants:
@@ -217,11 +243,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {full} (from the slope) | {name} | {g:.1f} | {s:.1f} | {t:.1f} | {m:.1f} | {s / g:.2f} | "
               f"{(s + t) / g:.2f} |")
     print()
-    print("| layers | tune as | " + " | ".join(STAGES) + " | KL windows | KL before → after | GiB held before |")
-    print("|---:|---|" + "---:|" * (len(STAGES) + 3))
+    timed = (*STAGES, "copies_wait")
+    print("| layers | tune as | " + " | ".join(timed) + " | KL windows | KL before → after | GiB held before |")
+    print("|---:|---|" + "---:|" * (len(timed) + 3))
     for r in rows:
-        print(f"| {r['layers']} | {r['variant']} | " + " | ".join(f"{r['stages'].get(k, 0.0):.1f}" for k in STAGES)
+        print(f"| {r['layers']} | {r['variant']} | " + " | ".join(f"{r['stages'].get(k, 0.0):.1f}" for k in timed)
               + f" | {r['kl_windows']} | {r['kl'][0]:.4f} → {r['kl'][1]:.4f} | {r['held_gib']:.1f} |")
+    if bench.DEVICE == "cuda":
+        print()
+        print("Peak GiB above what was held before tune, by stage (before: outside the stages):")
+        print("| layers | tune as | before | " + " | ".join(STAGES) + " |")
+        print("|---:|---|---:|" + "---:|" * len(STAGES))
+        for r in rows:
+            print(f"| {r['layers']} | {r['variant']} | {r['peaks'].get('before', 0.0):.1f} | "
+                  + " | ".join(f"{r['peaks'].get(k, 0.0):.1f}" for k in STAGES) + " |")
     return 0
 
 
