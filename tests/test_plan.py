@@ -442,16 +442,21 @@ def test_quantize_line_of_a_recipe_that_calibrates_nothing(tmp_path, capsys):
 
 
 def test_plan_without_a_recipe_counts_the_shipped_4bit_recipes_quantizer():
-    """The default quantize line is the shipped GPTQ recipes' quantizer (input_feedback and
-    sequential on), at 128 x 2048 calibration tokens."""
-    from quantkit.planner.quantize import SHIPPED_4BIT, Calibrating
+    """The default quantize line is the largest need of the shipped GPTQ recipes' quantizers: the
+    built-in default's (input_feedback and sequential on), at 128 x 2048 calibration tokens;
+    llama8b-gptq, which tunes instead, needs less."""
+    from quantkit.planner.quantize import SHIPPED_4BIT, Calibrating, quantize_memory
+    from quantkit.planner.shape import ModelShape
     from quantkit.recipe import load_recipe
 
-    for name in ("smollm2-gptq", "llama8b-gptq"):
-        theirs = Calibrating.of_recipe(load_recipe(name), LLAMA_8B)
-        assert (theirs.method, theirs.statistics, theirs.float_stream, theirs.target_matrices, theirs.sequential) == (
-            SHIPPED_4BIT.method, SHIPPED_4BIT.statistics, SHIPPED_4BIT.float_stream, SHIPPED_4BIT.target_matrices,
-            SHIPPED_4BIT.sequential)
+    theirs = Calibrating.of_recipe(load_recipe("smollm2-gptq"), LLAMA_8B)
+    assert (theirs.method, theirs.statistics, theirs.float_stream, theirs.target_matrices, theirs.sequential) == (
+        SHIPPED_4BIT.method, SHIPPED_4BIT.statistics, SHIPPED_4BIT.float_stream, SHIPPED_4BIT.target_matrices,
+        SHIPPED_4BIT.sequential)
+    tuned = Calibrating.of_recipe(load_recipe("llama8b-gptq"), LLAMA_8B)
+    assert (tuned.method, tuned.float_stream, tuned.sequential) == ("gptq", False, False)
+    shape = ModelShape.from_config(LLAMA_8B)
+    assert quantize_memory(shape, tuned).total < quantize_memory(shape, SHIPPED_4BIT).total
     assert plan_config(LLAMA_8B).quantize_memory.calibrating == SHIPPED_4BIT
     assert (SHIPPED_4BIT.samples, SHIPPED_4BIT.seq_len) == (128, 2048)
 

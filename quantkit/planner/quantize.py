@@ -46,8 +46,8 @@ class Calibrating:
                       cal.batch_size)
 
 
-# GPTQ with input_feedback (GPTAQ), sequential, as the shipped 4-bit recipes set it: the largest need
-# of any shipped method, which a plan without a recipe counts (tests check it against the recipe's quantizer).
+# GPTQ with input_feedback (GPTAQ), sequential, as the built-in default sets it: the largest need of
+# any shipped method, which a plan without a recipe counts (tests check it against the recipe's quantizer).
 SHIPPED_4BIT = Calibrating("the shipped 4-bit recipes", "gptq",
                            ("the quantized inputs' Hessian", "its cross term with the float inputs"), True, 5, True)
 
