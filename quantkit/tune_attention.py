@@ -3,10 +3,10 @@ the quantized Linears' products dtype (bf16 on a GPU) instead of the float32 str
 
 In float32 with grouped key/value heads and no mask, transformers asks sdpa for GQA, which no
 fused float32 kernel gives, so PyTorch falls back to its math kernel: it keeps every head's
-``[T, T]`` attention for the backward, about as much a layer as everything else a layer saves
-(10 float32 vectors of hidden + intermediate size a token instead of 5 at Llama-3.1-8B shapes
-on an H200, docs/quality.md, stop 45). In bf16 the flash kernel keeps only its inputs and
-output. Its inputs are the bf16 products' outputs with RoPE applied and its output goes into
+``[T, T]`` attention for the backward (10–12 float32 vectors of hidden + intermediate size a
+layer a token against 6–8 in bf16, the head's share included, at Llama-3.1-8B shapes on an
+H200; docs/quality.md, stop 45). In bf16 a fused kernel keeps only its inputs and output.
+Its inputs are the bf16 products' outputs with RoPE applied and its output goes into
 o_proj's bf16 product, so what is rounded on the way is little more than those products round.
 Evaluation (``eval()``: the KL report, the perplexities) keeps the float32 attention.
 """
