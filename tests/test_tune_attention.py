@@ -59,3 +59,22 @@ def test_float32_products_and_other_attention_implementations_are_left_alone(pro
     model.set_attn_implementation(implementation)
     use_training_attention(model, products)
     assert model.config._attn_implementation == implementation
+
+
+def test_a_sliding_window_model_keeps_its_window_in_training():
+    """Gemma 3's sliding-window layers get their masks in the bf16 attention too: without them
+    they would attend to every earlier token, far beyond bf16's rounding."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=32, vocab_size=300, num_hidden_layers=2, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"], attn_implementation="sdpa")
+    model = Gemma3ForCausalLM(config).float()
+    ids = torch.randint(0, 300, (2, 40))  # five windows long
+    reference = model.train()(ids).logits
+    use_training_attention(model, torch.bfloat16)
+    assert model.config._attn_implementation == NAME
+    trained = model.train()(ids).logits
+    err = (trained - reference).abs().max() / reference.abs().max()
+    assert 0 < err < 2e-2, err
