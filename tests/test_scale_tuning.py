@@ -122,6 +122,32 @@ def test_tune_brings_the_checkpoint_on_disk_closer_to_its_base(tiny_llama, text_
     assert _mean_kl(out, tiny_llama, ids) < 0.9 * _mean_kl(before, tiny_llama, ids)  # 0.72 when written
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
+def test_tune_brings_other_families_closer_to_their_base(arch, text_file, tmp_path):
+    """Gemma 3 (offset norms, sliding-window layers, a tied head) and Qwen 3 (q_norm/k_norm)
+    tune as Llama does: the checkpoint transformers loads from the folder is closer to its base."""
+    from quantkit import tune
+    from quantkit.calibration import TextRequest, load_tokens
+    from quantkit.model import load_tokenizer
+    from tests.tiny_models import make_tiny_model
+
+    base = make_tiny_model(tmp_path / arch, arch=arch, layers=2, hidden=128, intermediate=256)
+    out = tmp_path / "out"
+    pipeline.run(make_recipe({
+        "model": {"id": str(base)},
+        "quantization": {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False},
+        "calibration": {"source": str(text_file), "num_samples": 16, "max_seq_length": 64, "batch_size": 4},
+        "evaluate": {"enabled": False},
+        "export": {"output_dir": str(out)},
+    }), quiet=True)
+    before = tmp_path / "before"
+    shutil.copytree(out, before)
+    tuning = tune(out, steps=16, batch_size=4, lr=1e-2, device="cpu", quiet=True)
+    assert tuning["kl_after"] < tuning["kl_before"]
+    ids = torch.stack(load_tokens(TextRequest(str(text_file), 16, 64, True, 0, True), load_tokenizer(base), base))
+    assert _mean_kl(out, base, ids) < 0.9 * _mean_kl(before, base, ids)
+
+
 def test_the_int8_student_tunes_as_the_float32_parametrized_one_did(tiny_llama, text_file, tmp_path):
     """The student tune trains, each quantized Linear swapped for its int8 codes (1 byte a weight
     and 8 a group: the scale and θ), gives the losses and the tuned tensors of the one it
