@@ -32,6 +32,8 @@ def _recipe(args: argparse.Namespace):
         recipe.export.output_dir = Path(args.output_dir).expanduser()
     if args.overwrite:
         recipe.export.overwrite = True
+    if args.no_tune:
+        recipe.tune = None
     return recipe
 
 
@@ -72,7 +74,7 @@ def _launch(args: argparse.Namespace, recipe) -> int:
     output = recipe.export.output_dir
     flags = ["--quiet"] * args.quiet + ["--debug"] * bool(getattr(args, "debug", False))
     ranks = ["run", args.recipe, "--output-dir", str(output)] + (["--model", args.model] if args.model else [])
-    ranks += ["--overwrite"] * args.overwrite + ["--resume"] * args.resume
+    ranks += ["--overwrite"] * args.overwrite + ["--resume"] * args.resume + ["--no-tune"] * args.no_tune
     return run_ranks(args.gpus, flags + ranks, str(work_dir_for(output)))
 
 
@@ -210,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", help="override model.id (a local folder or hub id; the recipe's revision is dropped)")
         p.add_argument("--output-dir", help="override export.output_dir")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+        p.add_argument("--no-tune", action="store_true",
+                       help="leave out the recipe's tune: section (tune later: quantkit tune OUTPUT_DIR)")
     run.add_argument("--resume", action="store_true",
                      help="continue a killed run from its last finished layer (same recipe)")
     run.add_argument("--gpus", type=int, default=1, metavar="N",

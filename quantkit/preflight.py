@@ -243,8 +243,8 @@ def check_tune_fits(need: int, total: int, device: str, windows: int, where: str
         raise RecipeError(f"{where}: field 'tune': tuning would hold about {need / 1e9:.0f} GB on {device}, which has "
                           f"{total / 1e9:.0f} GB (the base and the quantized model together, and {windows} "
                           "calibration windows a step)", field="tune", value=need,
-                          hint="lower tune.batch_size, or remove tune and run `quantkit tune OUTPUT_DIR --device cpu` "
-                               "after the run")
+                          hint="lower tune.batch_size, or run with --no-tune and then `quantkit tune OUTPUT_DIR "
+                               "--device cpu`")
 
 
 def text_sources(recipe: RecipeBase) -> dict[str, str]:

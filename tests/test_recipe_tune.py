@@ -271,3 +271,24 @@ def test_the_plan_says_what_tuning_will_hold(tiny_llama, text_file, tmp_path):
     plan = preflight.check(_rtn_recipe(tiny_llama, text_file, tmp_path / "rtn", TUNE))
     assert plan.tune_bytes > 4 * plan.sizes.parameters
     assert f"holding about {plan.tune_bytes / 1e6:.1f} MB on cpu" in plan.to_text()
+
+
+def test_no_tune_leaves_out_the_recipes_tuning(tiny_llama, text_file, tmp_path, capsys):
+    """``--no-tune`` (validate and run): the plan lists no tuning and the run publishes the
+    untuned checkpoint without a tuning section, as a recipe without ``tune:`` would."""
+    import yaml
+
+    from quantkit.cli import main as cli_main
+
+    out = tmp_path / "rtn"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe({"method": "rtn", "scheme": "W4A16", "group_size": 64}, TUNE,
+                                          model={"id": str(tiny_llama)}, evaluate={"enabled": False},
+                                          calibration={"source": str(text_file), "num_samples": 4,
+                                                       "max_seq_length": 32},
+                                          export={"output_dir": str(out)})))
+    for flags, tuned in (([], True), (["--no-tune"], False)):
+        assert cli_main(["validate", str(path), "--json", *flags]) == 0
+        assert bool(json.loads(capsys.readouterr().out)["plan"].get("tune")) is tuned
+    assert cli_main(["--quiet", "run", str(path), "--no-tune"]) == 0
+    assert "tuning" not in json.loads((out / "report.json").read_text())
