@@ -331,7 +331,7 @@ def rewrite_shards(copies: ShardCopies, changed: dict[str, torch.Tensor]) -> lis
         with open(tmp, "r+b") as f:
             for name in sorted(mine, key=lambda n: entries[n].begin):
                 f.seek(entries[name].begin)
-                f.write(mine[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                f.write(mine[name].contiguous().view(-1).view(torch.uint8).numpy())  # its bytes, not a copy
     if remaining:
         raise ExportError(f"{copies.folder}: no shard holds {sorted(remaining)[0]}; nothing was rewritten",
                           file=sorted(remaining)[0])
