@@ -3,7 +3,7 @@ plain GPTQ on the same model (issue 20: the best 4-bit recipe within 2x GPTQ's t
 
     python benchmarks/tune_time.py --layers 2,32 [--samples 128 --seq-len 2048 --steps 32 --batch 1] \
         [--variants bfloat16:bf16,bfloat16:tf32,float32:tf32,float32:float32,bfloat16:bf16:16]
-    python benchmarks/tune_time.py --layers 2,32 --row-set input_feedback=false --row-set sequential=false
+    python benchmarks/tune_time.py --layers 2,32 --row-set input_feedback=true --row-set sequential=true
     python benchmarks/tune_time.py --tiny        # the script checked on the CPU (not a measurement)
 
 SmolLM2's seconds are overheads, so the time is measured where users pay it: random-weight models
@@ -23,7 +23,8 @@ shards' background copies) and its peak memory by stage. ``--memory-cap-gib 79.1
 process to an H100 80GB's memory: does tune fit there?
 
 ``--row-set FIELD=VALUE`` changes a field of the shipped row's ``quantization`` (the value read as
-YAML) for the row quantized and tuned here: is a cheaper row, tuned, within 2x GPTQ's time?
+YAML) for the row quantized and tuned here: what does another row cost, tuned? (``llama8b-gptq``
+has left out ``input_feedback`` and ``sequential`` since stop 45; the example puts them back.)
 
 Each ``--variants`` entry tunes its own copy of the row's checkpoint: ``bfloat16:bf16`` is what tune
 does on a GPU; ``float32:…`` holds the base in float32, ``…:tf32`` runs the quantized Linears'
